@@ -1,0 +1,57 @@
+"""`lantern` command line: gateway, sim, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lantern", description="Lantern streetlight sensing network")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    gw = sub.add_parser("gateway", help="the gateway service").add_subparsers(dest="action",
+                                                                              required=True)
+    run = gw.add_parser("run", help="run the gateway")
+    run.add_argument("--config", type=Path, required=True)
+    chk = gw.add_parser("check-config", help="validate a config and its key file, then exit")
+    chk.add_argument("--config", type=Path, required=True)
+
+    demo = sub.add_parser("demo", help="simulated nodes on MicroPython → gateway → upstream")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+    demo.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
+    demo.add_argument("--dir", type=Path, default=Path(".build/demo"))
+
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "gateway" and args.action == "run":
+            from .gateway import main as gateway_main
+
+            gateway_main(args.config)
+        elif args.cmd == "gateway" and args.action == "check-config":
+            from .config import load_config, load_keys
+
+            cfg = load_config(args.config)
+            keys = load_keys(cfg.keys_file)
+            print(f"{args.config}: OK ({len(cfg.serial)} serial links, {len(keys)} node keys)")
+        elif args.cmd == "demo":
+            from tools.demo import main as demo_main
+
+            return demo_main(args.nodes, args.interval, args.seconds, args.dir)
+    except ConfigError as e:
+        print(f"lantern: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

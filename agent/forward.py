@@ -1,0 +1,79 @@
+"""Batches readings out of the queue to a sink; rows leave the queue only after a 2xx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Protocol
+
+from .metrics import Metrics
+from .sinks.http import DeliveryError
+from .store import Batch, Store
+
+log = logging.getLogger("lantern.forward")
+
+
+class Sink(Protocol):
+    name: str
+
+    async def send(self, batch: Batch) -> None: ...
+
+
+class Forwarder:
+    def __init__(self, store: Store, sink: Sink, metrics: Metrics, new_data: asyncio.Event,
+                 max_records: int, max_age_s: float,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 60.0) -> None:
+        self.store = store
+        self.sink = sink
+        self.metrics = metrics
+        self.new_data = new_data
+        self.max_records = max_records
+        self.max_age_s = max_age_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.upstream_ok: bool | None = None
+
+    async def _wait_new(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.new_data.wait(), timeout)
+        self.new_data.clear()
+
+    async def run(self) -> None:
+        while True:
+            batch = await self.store.next_batch(self.max_records)
+            if batch is None:
+                await self._wait_new(None)
+                continue
+            age = time.time() - batch.first_received
+            if len(batch.rids) < self.max_records and age < self.max_age_s:
+                await self._wait_new(self.max_age_s - age)
+                continue
+            await self._deliver(batch)
+
+    async def _deliver(self, batch: Batch) -> None:
+        failures = 0
+        while True:
+            try:
+                await self.sink.send(batch)
+            except DeliveryError as e:
+                failures += 1
+                self.metrics.upstream_failures += 1
+                # full jitter (AWS architecture blog): spreads a fleet's retries apart
+                cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 20))
+                delay = e.retry_after if e.retry_after is not None else random.uniform(0, cap)
+                if failures == 1 or self.upstream_ok:
+                    log.warning("%s: %s; %d readings kept, retrying in %.1fs",
+                                self.sink.name, e, len(batch.rids), delay)
+                self.upstream_ok = False
+                await asyncio.sleep(delay)
+                continue
+            break
+        if self.upstream_ok is False:
+            log.info("%s: upstream accepts again after %d failed attempts", self.sink.name,
+                     failures)
+        self.upstream_ok = True
+        await self.store.delivered(batch)
+        self.metrics.readings_delivered += len(batch.rids)

@@ -1,0 +1,146 @@
+"""From link bytes to committed, acknowledged frames.
+
+chunk → frame (COBS, CRC) → COSE_Mac0 (known node, MAC) → replay window → SenML → group
+commit to SQLite → ACK. A frame is acknowledged only after the transaction holding it
+commits; anything malformed or forged is counted by kind and logged once per source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Protocol
+
+from . import protocol
+from .errors import AuthError, FrameError
+from .metrics import Metrics
+from .store import Accepted, Store, Window
+
+log = logging.getLogger("lantern.ingest")
+
+MAX_SEQS_PER_ACK = 32
+
+
+class Link(Protocol):
+    name: str
+
+    def send(self, data: bytes) -> None: ...
+
+
+class Ingest:
+    def __init__(self, store: Store, keys: dict[bytes, bytes], metrics: Metrics) -> None:
+        self.store = store
+        self.keys = keys
+        self.metrics = metrics
+        self.windows: dict[str, Window] = {}
+        self._pending: list[tuple[Link, Accepted]] = []
+        self._pending_ids: set[tuple[str, int]] = set()
+        self._wake = asyncio.Event()
+        self._deframers: dict[str, protocol.Deframer] = {}
+        self._logged: set[tuple[str, str]] = set()
+        self.committed = asyncio.Event()  # set after each commit, for the forwarder
+
+    async def start(self) -> None:
+        self.windows = await self.store.windows()
+
+    def _reject(self, source: str, kind: str, detail: str) -> None:
+        self.metrics.frames_rejected[kind] += 1
+        if (source, kind) not in self._logged:
+            self._logged.add((source, kind))
+            log.warning("%s: rejected frame (%s): %s; further ones are only counted",
+                        source, kind, detail)
+
+    def on_data(self, link: Link, data: bytes) -> None:
+        """Feed bytes from a link; called on the event loop, never blocks."""
+        deframer = self._deframers.setdefault(link.name, protocol.Deframer())
+        for chunk in deframer.feed(data):
+            if chunk is None:
+                self._reject(link.name, "oversize", "no delimiter within the frame limit")
+                continue
+            try:
+                self._on_chunk(link, chunk)
+            except AuthError as e:
+                self._reject(link.name, e.kind, str(e))
+            except FrameError as e:
+                self._reject(link.name, e.kind, str(e))
+
+    def _on_chunk(self, link: Link, chunk: bytes) -> None:
+        ftype, body = protocol.decode_frame(chunk)
+        if ftype != protocol.DATA:
+            raise FrameError("unexpected", f"frame type 0x{ftype:02x} from a node")
+        m = protocol.parse_mac0(body)
+        key = self.keys.get(m.kid)
+        node = m.kid.decode("utf-8", "replace")
+        if key is None:
+            raise AuthError("unknown_node", f"no key for node {node!r}")
+        protocol.verify_mac0(key, m)
+        seq = m.seq
+        source = f"{link.name} node {node}"
+        self.metrics.frames_received[node] += 1
+        if (node, seq) in self._pending_ids:
+            return  # its ACK goes out with the commit already under way
+        seen = self.windows.setdefault(node, Window()).seen(seq)
+        if seen is None:
+            raise FrameError("replay", f"{source}: seq {seq} is older than the replay window")
+        if seen:
+            # Committed before and the node did not hear our ACK: acknowledge again.
+            self.metrics.duplicates[node] += 1
+            self._ack(link, node, [seq])
+            return
+        try:
+            records = protocol.resolve_pack(m.payload)
+        except FrameError as e:
+            # Authentic but unusable: keep it as a dead letter and acknowledge it, or the
+            # node would resend it forever and block its outbox.
+            self._reject(source, e.kind, str(e))
+            self.metrics.dead_letters += 1
+            acc = Accepted(node, seq, body, None, f"{e.kind}: {e}")
+        else:
+            for i, r in enumerate(records):
+                r["id"] = f"{node}:{seq}:{i}"
+            acc = Accepted(node, seq, body, records)
+        self._pending.append((link, acc))
+        self._pending_ids.add((node, seq))
+        self._wake.set()
+
+    def _ack(self, link: Link, node: str, seqs: list[int]) -> None:
+        key = self.keys[node.encode()]
+        now_ms = time.time_ns() // 1_000_000
+        for i in range(0, len(seqs), MAX_SEQS_PER_ACK):
+            link.send(protocol.encode_ack(key, node.encode(), seqs[i:i + MAX_SEQS_PER_ACK], now_ms))
+            self.metrics.acks_sent += 1
+
+    async def run(self) -> None:
+        """Group-commit whatever is pending, then acknowledge it."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            windows = {n: Window(w.high, w.bits) for n, w in self.windows.items()}
+            for _, acc in batch:
+                windows.setdefault(acc.node, Window()).mark(acc.seq)
+            try:
+                await self.store.commit([acc for _, acc in batch], windows)
+            except Exception as e:
+                self.metrics.store_errors += 1
+                log.error("store: commit of %d frames failed (%s); not acknowledged, nodes will "
+                          "resend", len(batch), e)
+                for _, acc in batch:
+                    self._pending_ids.discard((acc.node, acc.seq))
+                await asyncio.sleep(1.0)
+                continue
+            self.metrics.commits += 1
+            self.windows.update(windows)
+            by_link: dict[int, Link] = {}
+            grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)
+            for link, acc in batch:
+                self._pending_ids.discard((acc.node, acc.seq))
+                if acc.records is not None:
+                    self.metrics.readings_stored += len(acc.records)
+                by_link[id(link)] = link
+                grouped[(id(link), acc.node)].append(acc.seq)
+            for (lid, node), seqs in grouped.items():
+                self._ack(by_link[lid], node, seqs)
+            self.committed.set()

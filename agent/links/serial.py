@@ -1,0 +1,131 @@
+"""Serial link (USB-UART or pty): pyserial opens and configures, the event loop does the I/O.
+
+Reads come through loop.add_reader on the non-blocking descriptor and writes through
+add_writer when the kernel buffer is full, so the event loop never blocks on the line.
+A vanished device (unplugged adapter, closed pty) is reopened with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable
+
+import serial
+
+log = logging.getLogger("lantern.link.serial")
+
+ChunkHandler = Callable[["SerialLink", bytes], None]
+
+
+class SerialLink:
+    def __init__(self, port: str, baud: int, on_data: ChunkHandler) -> None:
+        self.name = f"serial:{port}"
+        self.port = port
+        self.baud = baud
+        self._on_data = on_data
+        self._ser: serial.Serial | None = None
+        self._out = bytearray()
+        self._closed = asyncio.Event()
+        self.connected = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def _open(self) -> None:
+        ser = serial.Serial()
+        ser.port = self.port
+        ser.baudrate = self.baud
+        ser.timeout = 0
+        ser.write_timeout = 0
+        ser.exclusive = True
+        ser.open()
+        self._ser = ser
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ser.fileno(), self._readable)
+        self.connected = True
+        self._closed.clear()
+
+    def _drop(self, why: str) -> None:
+        if self._ser is None:
+            return
+        loop = asyncio.get_running_loop()
+        fd = self._ser.fileno()
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+        with contextlib.suppress(OSError):
+            self._ser.close()
+        self._ser = None
+        self._out.clear()
+        self.connected = False
+        log.warning("%s: link lost (%s); reopening", self.name, why)
+        self._closed.set()
+
+    def _readable(self) -> None:
+        assert self._ser is not None
+        try:
+            data = os.read(self._ser.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop(e.strerror or str(e))
+            return
+        if not data:
+            self._drop("end of file")
+            return
+        self.bytes_in += len(data)
+        self._on_data(self, data)
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the line; written as soon as the kernel takes them."""
+        if self._ser is None:
+            return  # the node retransmits whatever an ACK lost here would have confirmed
+        was_empty = not self._out
+        self._out += data
+        if was_empty:
+            self._writable()
+
+    def _writable(self) -> None:
+        if self._ser is None:
+            return
+        fd = self._ser.fileno()
+        loop = asyncio.get_running_loop()
+        try:
+            n = os.write(fd, self._out)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                n = 0
+            else:
+                self._drop(e.strerror or str(e))
+                return
+        self.bytes_out += n
+        del self._out[:n]
+        if self._out:
+            loop.add_writer(fd, self._writable)
+        else:
+            loop.remove_writer(fd)
+
+    async def run(self) -> None:
+        """Keep the device open for as long as the gateway runs."""
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    self._open()
+                    log.info("%s: open at %d baud", self.name, self.baud)
+                    delay = 0.5
+                    await self._closed.wait()
+                except (serial.SerialException, OSError) as e:
+                    log.warning("%s: cannot open (%s); retrying in %.1fs", self.name, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        finally:
+            if self._ser is not None:
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._ser.fileno())
+                loop.remove_writer(self._ser.fileno())
+                self._ser.close()

@@ -1,0 +1,137 @@
+"""The node's main program: sample on an interval, seal each pack, keep it until acknowledged."""
+
+import gc
+import json
+import os
+import time
+
+import asyncio
+
+from . import cbor, cose, senml
+from .clock import Clock
+from .outbox import Outbox
+
+FIRMWARE_VERSION = "0.1.0"
+
+# Canonical measurement names and their SenML units (docs/measurements.md)
+UNITS = {
+    "temperature": "Cel",
+    "humidity": "%RH",
+    "uptime": "s",
+    "heap_free": "B",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_key(path):
+    """The 256-bit node key from a hex file; refuses a file other users can read."""
+    try:
+        mode = os.stat(path)[0]
+    except OSError:
+        raise ConfigError("key file %s: not found" % path)
+    if mode & 0o077:
+        raise ConfigError("key file %s: mode %o lets other users read it; chmod 600 it" % (path, mode & 0o777))
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError("key file %s: expected 64 hex digits (a 256-bit key)" % path)
+    return key
+
+
+def load_config(path):
+    with open(path) as f:
+        cfg = json.load(f)
+    for k in ("id", "key_file", "board", "state_dir", "link"):
+        if k not in cfg:
+            raise ConfigError("%s: missing key '%s'" % (path, k))
+    return cfg
+
+
+class Node:
+    def __init__(self, cfg, hal, board):
+        self.cfg = cfg
+        self.hal = hal
+        self.node_id = cfg["id"]
+        self.kid = self.node_id.encode()
+        self.key = load_key(cfg["key_file"])
+        self.interval_ms = cfg.get("interval_ms", 60000)
+        self.outbox = Outbox(cfg["state_dir"], cfg.get("max_frames", 1000))
+        self.clock = Clock()
+        self.sensors = hal.sensors(board, self.node_id)
+        self.bn = senml.base_name(self.node_id)
+        self.boot_ms = time.ticks_ms()
+        self.link = None
+
+    def sample(self):
+        """Read every sensor; one failing sensor never stops the others."""
+        now = self.clock.now()
+        values = {}
+        for s in self.sensors:
+            try:
+                values.update(s.read(now))
+            except Exception as e:  # noqa: BLE001 - a sensor fault must not stop the node
+                print("sensor %s failed: %r" % (type(s).__name__, e))
+        values["uptime"] = time.ticks_diff(time.ticks_ms(), self.boot_ms) // 1000
+        values["heap_free"] = self.hal.heap_free()
+        return now, values
+
+    def seal(self, now, values):
+        """Encode, MAC and store one pack; returns its sequence number."""
+        records = [senml.record(name, values[name], UNITS.get(name)) for name in sorted(values)]
+        payload = cbor.dumps(senml.pack(self.bn, now, records))
+        seq = self.outbox.next_seq()
+        protected = {cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: self.kid, cose.H_PIV: cose.piv(seq)}
+        self.outbox.put(seq, cose.mac0_create(self.key, payload, protected))
+        return seq
+
+    async def sampler(self):
+        due = time.ticks_ms()
+        # sample_limit: stop sampling after that many packs (tests, demos); the link keeps going
+        limit = self.cfg.get("sample_limit", 0)
+        taken = 0
+        while not limit or taken < limit:
+            taken += 1
+            now, values = self.sample()
+            seq = self.seal(now, values)
+            print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
+            if self.link:
+                self.link.kick()
+            gc.collect()
+            due = time.ticks_add(due, self.interval_ms)
+            wait = time.ticks_diff(due, time.ticks_ms())
+            if wait < 0:
+                due = time.ticks_ms()
+                wait = 0
+            await asyncio.sleep_ms(wait)
+
+    async def run(self):
+        from .link_uart import UartLink
+
+        link_cfg = self.cfg["link"]
+        stream = self.hal.open_uart(link_cfg["port"], link_cfg.get("baud", 115200))
+        self.link = UartLink(
+            stream, self.node_id, self.key, self.outbox, self.clock,
+            window=link_cfg.get("window", 4), rto_ms=link_cfg.get("rto_ms", 1000),
+        )
+        print("lantern node %s firmware %s: %d frames waiting, next seq %d" % (
+            self.node_id, FIRMWARE_VERSION, len(self.outbox), self.outbox._next))
+        asyncio.create_task(self.sampler())
+        await self.link.run()
+
+
+def main(config_path):
+    cfg = load_config(config_path)
+    with open(cfg["board"]) as f:
+        board = json.load(f)
+    if board["hal"] == "unix":
+        from .hal import unix as hal
+    else:
+        raise ConfigError("board %s: unknown hal '%s'" % (cfg["board"], board["hal"]))
+    asyncio.run(Node(cfg, hal, board).run())

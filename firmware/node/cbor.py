@@ -1,0 +1,327 @@
+"""Small CBOR (RFC 8949) codec with deterministic encoding, for MicroPython and CPython."""
+
+import struct
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):
+        """Stand-in for MicroPython's const() under CPython."""
+        return x
+
+
+_MAX_DEPTH = const(32)  # nesting limit; also bounds Python recursion (small C stack on ESP32)
+_UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
+_BREAK = const(0xFF)
+_ARG_FMT = (">B", ">H", ">I", ">Q")  # additional info 24..27
+
+
+class CBORDecodeError(ValueError):
+    """Malformed, truncated or unsupported CBOR input."""
+
+
+class CBOREncodeError(ValueError):
+    """Value that cannot be represented in CBOR by this codec."""
+
+
+class Tag:
+    """A tagged data item; no tag number is interpreted."""
+
+    def __init__(self, tag, value):
+        self.tag = tag
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, Tag) and self.tag == other.tag and self.value == other.value
+
+    def __hash__(self):
+        # Explicit: CPython drops __hash__ when __eq__ is defined; tags may be map keys.
+        return hash((self.tag, self.value))
+
+    def __repr__(self):
+        return "Tag(%r, %r)" % (self.tag, self.value)
+
+
+def _half(h):
+    """Decode an IEEE 754 binary16 bit pattern by hand (struct 'e' is not on every port)."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = m * 2.0**-24
+    elif e == 31:
+        v = float("nan") if m else float("inf")
+    else:
+        v = (m + 1024) * 2.0 ** (e - 25)
+    return -v if h & 0x8000 else v
+
+
+# MicroPython's str() only checks sequence shape (accepts surrogates, overlongs): detect that.
+try:
+    str(b"\xed\xa0\x80", "utf-8")
+    _LAX_UTF8 = True
+except UnicodeError:
+    _LAX_UTF8 = False
+
+
+def _utf8_ok(b):
+    """Strict RFC 3629 well-formedness check of a bytes-like object."""
+    i = 0
+    n = len(b)
+    while i < n:
+        c = b[i]
+        if c < 0x80:
+            i += 1
+            continue
+        lo, hi = 0x80, 0xBF
+        if 0xC2 <= c <= 0xDF:
+            k = 1
+        elif 0xE0 <= c <= 0xEF:
+            k = 2
+            if c == 0xE0:
+                lo = 0xA0  # overlong
+            elif c == 0xED:
+                hi = 0x9F  # UTF-16 surrogates
+        elif 0xF0 <= c <= 0xF4:
+            k = 3
+            if c == 0xF0:
+                lo = 0x90  # overlong
+            elif c == 0xF4:
+                hi = 0x8F  # above U+10FFFF
+        else:
+            return False
+        if i + k >= n or not lo <= b[i + 1] <= hi:
+            return False
+        for j in range(i + 2, i + k + 1):
+            if not 0x80 <= b[j] <= 0xBF:
+                return False
+        i += k + 1
+    return True
+
+
+def _head(buf, major, n):
+    """Append a head with the shortest argument encoding (RFC 8949 §4.2.1)."""
+    mt = major << 5
+    if n < 24:
+        buf.append(mt | n)
+        return
+    ai = 24
+    while n >> (8 << (ai - 24)):  # widths 1, 2, 4, 8 bytes
+        ai += 1
+    buf.append(mt | ai)
+    buf.extend(struct.pack(_ARG_FMT[ai - 24], n))
+
+
+def _float(buf, x):
+    """Append x in preferred serialization: shortest width that round-trips exactly."""
+    if x != x:
+        buf.extend(b"\xf9\x7e\x00")  # one canonical NaN, payload and sign dropped
+        return
+    for fmt, ib in ((">e", 0xF9), (">f", 0xFA)):
+        try:
+            b = struct.pack(fmt, x)
+        except (OverflowError, ValueError):  # CPython refuses out-of-range; 'e' may be missing
+            continue
+        # Halves checked with our own decoder: MicroPython packs some out-of-range ones as NaN.
+        y = _half(b[0] << 8 | b[1]) if ib == 0xF9 else struct.unpack(fmt, b)[0]
+        if y == x:
+            buf.append(ib)
+            buf.extend(b)
+            return
+    buf.append(0xFB)
+    buf.extend(struct.pack(">d", x))
+
+
+def _enc(buf, obj, depth):
+    """Append the deterministic encoding of obj to buf."""
+    if obj is None:
+        buf.append(0xF6)
+    elif obj is True or obj is False:  # before int: bool subclasses int
+        buf.append(0xF5 if obj else 0xF4)
+    elif isinstance(obj, int):
+        if obj > _UINT64_MAX or obj < -_UINT64_MAX - 1:
+            raise CBOREncodeError("int out of 64-bit range")
+        if obj >= 0:
+            _head(buf, 0, obj)
+        else:
+            _head(buf, 1, -1 - obj)
+    elif isinstance(obj, float):
+        _float(buf, obj)
+    elif isinstance(obj, str):
+        try:
+            b = obj.encode("utf-8")
+        except UnicodeError:  # lone surrogates on CPython
+            raise CBOREncodeError("str is not valid Unicode") from None
+        _head(buf, 3, len(b))
+        buf.extend(b)
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        if getattr(obj, "itemsize", 1) != 1 or getattr(obj, "ndim", 1) != 1:
+            obj = bytes(obj)  # CPython views of non-byte items: len() would count items
+        _head(buf, 2, len(obj))
+        buf.extend(obj)
+    else:
+        if depth >= _MAX_DEPTH:
+            raise CBOREncodeError("nesting too deep")  # also stops reference cycles
+        depth += 1
+        if isinstance(obj, (list, tuple)):
+            _head(buf, 4, len(obj))
+            for v in obj:
+                _enc(buf, v, depth)
+        elif isinstance(obj, dict):
+            # Only keys get temporary buffers (sorting needs their bytes); values go straight in.
+            items = []
+            for k in obj:
+                kb = bytearray()
+                _enc(kb, k, depth)
+                items.append((bytes(kb), k))
+            items.sort(key=lambda it: it[0])
+            _head(buf, 5, len(items))
+            prev = None
+            for kb, k in items:
+                if kb == prev:  # e.g. two distinct NaN objects as keys
+                    raise CBOREncodeError("map keys with equal encodings")
+                prev = kb
+                buf.extend(kb)
+                _enc(buf, obj[k], depth)
+        elif isinstance(obj, Tag):
+            t = obj.tag
+            if not isinstance(t, int) or t is True or t is False or not 0 <= t <= _UINT64_MAX:
+                raise CBOREncodeError("bad tag number")
+            _head(buf, 6, t)
+            _enc(buf, obj.value, depth)
+        else:
+            raise CBOREncodeError("unsupported type: %s" % type(obj).__name__)
+
+
+def dumps(obj):
+    """Encode obj as deterministic CBOR (RFC 8949 §4.2.1) and return bytes."""
+    buf = bytearray()
+    _enc(buf, obj, 0)
+    return bytes(buf)
+
+
+class _Decoder:
+    """Cursor over a memoryview of the input, so strings are sliced without extra copies."""
+
+    def __init__(self, data):
+        self.d = memoryview(data)
+        self.n = len(self.d)
+        self.p = 0
+
+    def take(self, k):
+        """Reserve k bytes and return their offset."""
+        p = self.p
+        if k > self.n - p:
+            raise CBORDecodeError("truncated input")
+        self.p = p + k
+        return p
+
+    def at_break(self):
+        """Consume a break code if it is next."""
+        if self.d[self.take(1)] == _BREAK:
+            return True
+        self.p -= 1
+        return False
+
+    def arg(self, ai):
+        """Read the argument for additional info ai."""
+        if ai < 24:
+            return ai
+        if ai > 27:
+            raise CBORDecodeError("reserved additional information")
+        return struct.unpack_from(_ARG_FMT[ai - 24], self.d, self.take(1 << (ai - 24)))[0]
+
+    def chunk(self, major, k):
+        """Read one definite-length byte or text string."""
+        p = self.take(k)
+        raw = self.d[p : p + k]
+        if major == 2:
+            return bytes(raw)
+        try:
+            s = str(raw, "utf-8")
+        except UnicodeError:
+            raise CBORDecodeError("invalid UTF-8") from None
+        if _LAX_UTF8 and len(s) != k and not _utf8_ok(raw):  # len differs only if non-ASCII
+            raise CBORDecodeError("invalid UTF-8")
+        return s
+
+    def simple(self, ai):
+        """Major type 7: simple values and floats."""
+        if 20 <= ai <= 23:
+            return (False, True, None, None)[ai - 20]  # undefined has no Python counterpart
+        if ai == 25:
+            return _half(self.arg(25))
+        if ai == 26:
+            return struct.unpack_from(">f", self.d, self.take(4))[0]
+        if ai == 27:
+            return struct.unpack_from(">d", self.d, self.take(8))[0]
+        if ai == 31:
+            raise CBORDecodeError("unexpected break")
+        raise CBORDecodeError("unsupported simple value")
+
+    def item(self, depth):
+        """Decode one data item."""
+        ib = self.d[self.take(1)]
+        major = ib >> 5
+        ai = ib & 0x1F
+        if major == 7:
+            return self.simple(ai)
+        if ai == 31:
+            if major < 2 or major == 6:
+                raise CBORDecodeError("indefinite length not allowed here")
+            k = -1
+        else:
+            k = self.arg(ai)
+        if major == 0:
+            return k
+        if major == 1:
+            return -1 - k
+        if major < 4:
+            if k >= 0:
+                return self.chunk(major, k)
+            parts = []
+            while not self.at_break():
+                ib = self.d[self.take(1)]
+                if ib >> 5 != major or ib & 0x1F == 31:
+                    raise CBORDecodeError("bad chunk in indefinite-length string")
+                parts.append(self.chunk(major, self.arg(ib & 0x1F)))
+            return (b"" if major == 2 else "").join(parts)
+        if depth >= _MAX_DEPTH:
+            raise CBORDecodeError("nesting too deep")
+        depth += 1
+        if major == 6:
+            return Tag(k, self.item(depth))
+        # Each item takes >= 1 byte: reject absurd counts before looping or allocating.
+        if k > (self.n - self.p) // (major - 3):
+            raise CBORDecodeError("truncated input")
+        if major == 4:
+            out = []
+            while not self.at_break() if k < 0 else len(out) < k:
+                out.append(self.item(depth))
+            return out
+        out = {}
+        i = 0
+        while not self.at_break() if k < 0 else i < k:
+            i += 1
+            key = self.item(depth)
+            val = self.item(depth)
+            try:
+                hash(key)  # MicroPython skips hashing when probing an empty dict
+            except TypeError:
+                raise CBORDecodeError("unhashable map key") from None
+            dup = key in out
+            if isinstance(key, float) and key != key:  # NaN != NaN slips past `in`
+                dup = any(isinstance(x, float) and x != x for x in out)
+            if dup:
+                raise CBORDecodeError("duplicate map key")
+            out[key] = val
+        return out
+
+
+def loads(data):
+    """Decode exactly one CBOR data item from a bytes-like object."""
+    dec = _Decoder(data)
+    obj = dec.item(0)
+    if dec.p != dec.n:
+        raise CBORDecodeError("trailing bytes")
+    return obj

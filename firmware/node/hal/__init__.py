@@ -1,0 +1,1 @@
+"""Board HALs: the only modules that touch port-specific hardware APIs."""

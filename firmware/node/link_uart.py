@@ -1,0 +1,127 @@
+"""The node's UART link: DATA frames out of the outbox, authenticated ACKs back.
+
+Up to `window` frames are in flight; each is retransmitted with exponential backoff and
+jitter until an ACK names its sequence number. Only the gateway (holding the node key) can
+make the node forget a frame, and only an ACK for a frame in flight may set the clock.
+"""
+
+import random
+import time
+
+import asyncio
+
+from . import cbor, cose, frame
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+ACK_SEQS = const(1)
+ACK_TIME = const(2)
+RTO_MAX_MS = const(30000)
+
+
+class LinkStats:
+    def __init__(self):
+        self.sent = 0
+        self.retransmits = 0
+        self.acked = 0
+        self.rx_errors = 0
+        self.bad_acks = 0
+
+
+class UartLink:
+    def __init__(self, stream, node_id, key, outbox, clock, window=4, rto_ms=1000):
+        self._reader = asyncio.StreamReader(stream)
+        self._writer = asyncio.StreamWriter(stream, {})
+        self._kid = node_id.encode()
+        self._key = key
+        self._outbox = outbox
+        self._clock = clock
+        self._window = window
+        self._rto = rto_ms
+        self._inflight = {}  # seq -> (due ticks_ms, attempts)
+        self._wake = asyncio.Event()
+        self.stats = LinkStats()
+
+    def kick(self):
+        """A new frame is in the outbox."""
+        self._wake.set()
+
+    async def run(self):
+        asyncio.create_task(self._rx())
+        await self._tx()
+
+    def _backoff(self, attempts):
+        rto = self._rto << min(attempts, 5)
+        if rto > RTO_MAX_MS:
+            rto = RTO_MAX_MS
+        return rto + random.getrandbits(8) * rto // 1024
+
+    async def _tx(self):
+        while True:
+            now = time.ticks_ms()
+            wait = RTO_MAX_MS
+            for seq in self._outbox.seqs()[: self._window]:
+                due, attempts = self._inflight.get(seq, (now, 0))
+                left = time.ticks_diff(due, now)
+                if left <= 0:
+                    data = self._outbox.get(seq)
+                    self._writer.write(frame.encode(frame.DATA, data))
+                    await self._writer.drain()
+                    self.stats.sent += 1
+                    if attempts:
+                        self.stats.retransmits += 1
+                    left = self._backoff(attempts)
+                    self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
+                if left < wait:
+                    wait = left
+            self._wake.clear()
+            try:
+                await asyncio.wait_for_ms(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _rx(self):
+        deframer = frame.Deframer()
+        while True:
+            data = await self._reader.read(256)
+            if not data:
+                await asyncio.sleep_ms(20)
+                continue
+            for chunk in deframer.feed(data):
+                if chunk is None:
+                    self.stats.rx_errors += 1
+                    continue
+                try:
+                    ftype, body = frame.decode(chunk)
+                except frame.FrameError:
+                    self.stats.rx_errors += 1
+                    continue
+                if ftype == frame.ACK:
+                    self._on_ack(body)
+
+    def _on_ack(self, body):
+        try:
+            protected, _, payload = cose.mac0_verify(self._key, body)
+            if protected.get(cose.H_KID) != self._kid:
+                raise cose.CoseError("ack for another node")
+            ack = cbor.loads(payload)
+            seqs = ack[ACK_SEQS]
+            gw_ms = ack.get(ACK_TIME)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.stats.bad_acks += 1
+            return
+        fresh = False
+        for seq in seqs:
+            if self._inflight.pop(seq, None) is not None:
+                fresh = True
+            if self._outbox.remove(seq):
+                self.stats.acked += 1
+        if fresh and isinstance(gw_ms, int):
+            self._clock.set_ms(gw_ms)
+        self._wake.set()

@@ -1,0 +1,192 @@
+"""Simulated streetlight nodes on the MicroPython unix port, each on its own pty.
+
+Every node's UART is one pty and the gateway's serial port is another; a relay in this
+process copies bytes between the two masters. The relay is where tests tap the wire and
+(later) inject faults, and it holds both slaves open so that a node or a gateway can die
+and restart without the other side seeing a hang-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import pty
+import secrets
+import signal
+import subprocess
+import tty
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import write_secret
+
+ROOT = Path(__file__).resolve().parents[1]
+MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
+MP_EXTMOD = ROOT / ".build/micropython/extmod"
+FIRMWARE = ROOT / "firmware"
+BOARDS = ROOT / "boards"
+LINE_BUFFER = 4096  # bytes a stalled side may owe before further bytes are dropped, like a FIFO
+
+Tap = Callable[[str, bytes], None]
+
+
+def _open_pty() -> tuple[int, int, str]:
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    return master, slave, os.ttyname(slave)
+
+
+class Relay:
+    """Copies bytes between a node's pty and the gateway's pty."""
+
+    def __init__(self, name: str, tap: Tap | None = None) -> None:
+        self.name = name
+        self._tap = tap
+        self.node_master, self._node_slave, self.node_port = _open_pty()
+        self.gw_master, self._gw_slave, self.gateway_port = _open_pty()
+        self._pending: dict[int, bytearray] = {self.node_master: bytearray(),
+                                               self.gw_master: bytearray()}
+        self.dropped = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.node_master, self._pump, self.node_master, self.gw_master, "up")
+        loop.add_reader(self.gw_master, self._pump, self.gw_master, self.node_master, "down")
+
+    def _pump(self, src: int, dst: int, direction: str) -> None:
+        try:
+            data = os.read(src, 65536)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EIO):
+                return
+            raise
+        if self._tap:
+            self._tap(direction, data)
+        self._write(dst, data)
+
+    def _write(self, dst: int, data: bytes) -> None:
+        buf = self._pending[dst]
+        buf += data
+        try:
+            n = os.write(dst, buf)
+        except BlockingIOError:
+            n = 0
+        del buf[:n]
+        if len(buf) > LINE_BUFFER:
+            self.dropped += len(buf) - LINE_BUFFER
+            del buf[: len(buf) - LINE_BUFFER]
+        loop = asyncio.get_running_loop()
+        if buf:
+            loop.add_writer(dst, self._flush, dst)
+        else:
+            loop.remove_writer(dst)
+
+    def _flush(self, dst: int) -> None:
+        self._write(dst, b"")
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in (self.node_master, self.gw_master):
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+        for fd in (self.node_master, self._node_slave, self.gw_master, self._gw_slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass
+class SimNode:
+    """One node's identity, key and state on disk, and its MicroPython process."""
+
+    node_id: str
+    workdir: Path
+    port: str = ""
+    interval_ms: int = 2000
+    board: str = "unix-sim"
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    extra: dict[str, object] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.workdir / self.node_id
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    def write_config(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.dir / "node.key"
+        if key_file.exists():
+            self.key = bytes.fromhex(key_file.read_text().strip())
+        else:
+            write_secret(key_file, self.key.hex() + "\n")
+        cfg = {
+            "id": self.node_id,
+            "key_file": str(key_file),
+            "board": str(BOARDS / f"{self.board}.json"),
+            "state_dir": str(self.state_dir),
+            "interval_ms": self.interval_ms,
+            "link": {"port": self.port, "baud": 115200, "rto_ms": 500},
+            **self.extra,
+        }
+        path = self.dir / "node.json"
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+        return path
+
+    def start(self, stdout: int | None = None, heap: str = "110K") -> subprocess.Popen[bytes]:
+        if not MICROPYTHON.exists():
+            raise FileNotFoundError(f"{MICROPYTHON} is missing: run `make micropython` first")
+        if self.proc is not None:
+            self.close()
+        cfg = self.write_config()
+        env = {"MICROPYPATH": f"{FIRMWARE}:{MP_EXTMOD}", "PATH": os.environ.get("PATH", "")}
+        self.proc = subprocess.Popen(
+            [str(MICROPYTHON), "-X", f"heapsize={heap}", str(FIRMWARE / "main.py"), str(cfg)],
+            env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.proc
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop by the PID we started (a power cut, with SIGKILL)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=5)
+
+    def close(self) -> None:
+        """Kill and release the output pipe (after the caller has read what it wants)."""
+        self.kill()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def keys_toml(nodes: list[SimNode]) -> str:
+    lines = ["# Node keys: node id = 256-bit key as 64 hex digits. Keep this file mode 0600.",
+             "[nodes]"]
+    lines += [f'"{n.node_id}" = "{n.key.hex()}"' for n in nodes]
+    return "\n".join(lines) + "\n"
+
+
+def gateway_toml(state_dir: Path, keys_file: Path, ports: list[str], upstream_url: str,
+                 max_age_s: float = 1.0, max_records: int = 500) -> str:
+    out = [
+        "[gateway]",
+        f'state_dir = "{state_dir}"',
+        f'keys_file = "{keys_file}"',
+        "",
+        "[batch]",
+        f"max_records = {max_records}",
+        f"max_age_s = {max_age_s}",
+        "",
+        "[sinks.http]",
+        f'url = "{upstream_url}"',
+        "timeout_s = 5",
+    ]
+    for p in ports:
+        out += ["", "[[links.serial]]", f'port = "{p}"', "baud = 115200"]
+    return "\n".join(out) + "\n"
