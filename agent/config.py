@@ -77,7 +77,8 @@ class _Doc:
             return default
         value = table[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            kinds = (kind,) if isinstance(kind, type) else kind
+            names = " or ".join(k.__name__ for k in kinds)
             raise self.error(dotted, f"expected {names}, got {value!r}")
         if check is not None:
             problem = check(value)
@@ -161,7 +162,8 @@ def load_keys(path: Path) -> dict[bytes, bytes]:
     """Node keys (kid bytes → 32-byte key) from a 0600 TOML file: [nodes] "SL-0001" = "hex"."""
     check_secret_file(path, "node key file")
     doc = _Doc(path)
-    nodes = doc.get(doc.data, "nodes", "nodes", dict, fix='add a [nodes] table: "SL-0001" = "<64 hex digits>"')
+    nodes = doc.get(doc.data, "nodes", "nodes", dict,
+                    fix='add a [nodes] table: "SL-0001" = "<64 hex digits>"')
     keys: dict[bytes, bytes] = {}
     for node, hexkey in nodes.items():
         if not NODE_ID.match(node):

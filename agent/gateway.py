@@ -53,14 +53,16 @@ async def run(cfg: Config) -> None:
             *((link.name, link.run()) for link in links))]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        for t in done:
-            if t is not stopper and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+        failed = [t for t in tasks if t in done and not t.cancelled() and t.exception()]
+        if failed:
+            name, exc = failed[0].get_name(), failed[0].exception()
+            raise RuntimeError(f"gateway task {name} died: {exc!r}") from exc
         log.info("gateway stopped: %s", json.dumps(metrics.snapshot()))
 
 

@@ -41,7 +41,7 @@ def crc16(data: bytes) -> int:
 def encode_frame(ftype: int, body: bytes) -> bytes:
     raw = bytes((ftype,)) + body
     raw += crc16(raw).to_bytes(2, "big")
-    return b"\x00" + cobs.encode(raw) + b"\x00"
+    return b"\x00" + bytes(cobs.encode(raw)) + b"\x00"
 
 
 def decode_frame(chunk: bytes) -> tuple[int, bytes]:

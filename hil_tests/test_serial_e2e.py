@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
 import struct
+import subprocess
 
 import cbor2
 from pycose.headers import KID, PartialIV

@@ -1,11 +1,10 @@
 """The node's main program: sample on an interval, seal each pack, keep it until acknowledged."""
 
+import asyncio
 import gc
 import json
 import os
 import time
-
-import asyncio
 
 from . import cbor, cose, senml
 from .clock import Clock
@@ -33,7 +32,8 @@ def load_key(path):
     except OSError:
         raise ConfigError("key file %s: not found" % path)
     if mode & 0o077:
-        raise ConfigError("key file %s: mode %o lets other users read it; chmod 600 it" % (path, mode & 0o777))
+        raise ConfigError(
+            "key file %s: mode %o lets other users read it; chmod 600 it" % (path, mode & 0o777))
     with open(path) as f:
         text = f.read().strip()
     try:
@@ -87,7 +87,8 @@ class Node:
         records = [senml.record(name, values[name], UNITS.get(name)) for name in sorted(values)]
         payload = cbor.dumps(senml.pack(self.bn, now, records))
         seq = self.outbox.next_seq()
-        protected = {cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: self.kid, cose.H_PIV: cose.piv(seq)}
+        protected = {
+            cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: self.kid, cose.H_PIV: cose.piv(seq)}
         self.outbox.put(seq, cose.mac0_create(self.key, payload, protected))
         return seq
 

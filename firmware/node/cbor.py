@@ -7,7 +7,6 @@ try:
 except ImportError:
 
     def const(x):
-        """Stand-in for MicroPython's const() under CPython."""
         return x
 
 
@@ -300,9 +299,7 @@ class _Decoder:
                 out.append(self.item(depth))
             return out
         out = {}
-        i = 0
-        while not self.at_break() if k < 0 else i < k:
-            i += 1
+        while not self.at_break() if k < 0 else len(out) < k:  # duplicates raise, so len counts
             key = self.item(depth)
             val = self.item(depth)
             try:

@@ -2,7 +2,6 @@
 
 import time
 
-
 # Ports whose epoch is 2000-01-01 (older esp32 builds) are shifted to the Unix epoch.
 _EPOCH_MS = 946684800000 if time.gmtime(0)[0] == 2000 else 0
 

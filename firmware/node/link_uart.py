@@ -5,10 +5,9 @@ jitter until an ACK names its sequence number. Only the gateway (holding the nod
 make the node forget a frame, and only an ACK for a frame in flight may set the clock.
 """
 
+import asyncio
 import random
 import time
-
-import asyncio
 
 from . import cbor, cose, frame
 
