@@ -80,6 +80,7 @@ class Ingest:
         source = f"{link.name} node {node}"
         self.metrics.frames_received[node] += 1
         if (node, seq) in self._pending_ids:
+            self.metrics.duplicates[node] += 1
             return  # its ACK goes out with the commit already under way
         seen = self.windows.setdefault(node, Window()).seen(seq)
         if seen is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import struct
@@ -11,6 +12,8 @@ import cbor2
 from pycose.headers import KID, PartialIV
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
+
+from agent import protocol
 
 from .topology import Topology
 
@@ -123,3 +126,71 @@ async def test_gateway_sigkill_mid_stream_loses_nothing(topology: Topology) -> N
                                                        for n in topology.nodes),
         timeout=15, what="all readings upstream")
     check_delivery(topology)
+
+
+def _gateway_metrics(topo: Topology) -> dict[str, object]:
+    line = [ln for ln in topo.gateway_log().splitlines() if "gateway stopped:" in ln][-1]
+    return json.loads(line.split("gateway stopped:", 1)[1])  # type: ignore[no-any-return]
+
+
+async def test_hostile_line_is_counted_and_survived(topology: Topology) -> None:
+    """Noise, forgeries and replays on a live line: each counted by kind, real data unharmed."""
+    topology.n_nodes = 1
+    topology.sample_limit = 10
+    topology.interval_ms = 150
+    await topology.start()
+    node, relay = topology.nodes[0], topology.relays[0]
+    # inject only once seq 0 is committed, so the copy below is a replay and not the first copy
+    await topology.wait_for(lambda: f"{node.node_id}:1:0" in topology.upstream.readings, 20,
+                            "first frames delivered")
+    genuine = topology.wires[node.node_id].data_frames[0]
+    m = protocol.parse_mac0(genuine)
+    forged = protocol.create_mac0(b"\x01" * 32, m.kid, 10_000, m.payload)
+    unknown = protocol.create_mac0(node.key, b"SL-9999", 1, m.payload)
+    bad_crc = bytearray(protocol.encode_frame(protocol.DATA, genuine))
+    bad_crc[10] ^= 0x01
+    hostile = [
+        b"\x00\xff\xfe garbage \x13\x37\x00",                       # noise between frames
+        protocol.encode_frame(protocol.DATA, genuine)[:-40] + b"\x00",  # truncated
+        bytes(bad_crc),                                             # line noise in a frame
+        protocol.encode_frame(protocol.DATA, b"\xd1\x84\xff"),      # not CBOR
+        protocol.encode_frame(protocol.DATA, forged),               # wrong key
+        protocol.encode_frame(protocol.DATA, unknown),              # unknown node
+        protocol.encode_frame(protocol.DATA, genuine),              # replay of seq 0 (duplicate)
+    ]
+    for blob in hostile:
+        relay.inject("up", blob)
+    await topology.wait_for(
+        lambda: len(topology.sampled(node)) == 10 and not topology.outbox(node), 30, "drain")
+    await topology.wait_for(
+        lambda: len(topology.upstream.readings) >= sum(topology.sampled(node).values()), 15,
+        "all readings upstream")
+    topology.kill_gateway(signal.SIGTERM)
+    metrics = _gateway_metrics(topology)
+    rejected = metrics["frames_rejected"]
+    assert isinstance(rejected, dict)
+    for kind in ("crc", "cbor", "mac", "unknown_node"):
+        assert rejected.get(kind, 0) >= 1, f"{kind} not counted: {rejected}"
+    assert rejected.get("cobs", 0) + rejected.get("short", 0) >= 2  # noise, truncated
+    assert metrics["duplicates"][node.node_id] >= 1  # type: ignore[index]
+    check_delivery(topology)
+    assert topology.gateway.returncode == 0  # type: ignore[union-attr]
+    log = topology.gateway_log()
+    assert "SL-9999" in log and log.count("rejected frame (mac)") == 1
+
+
+async def test_upstream_503_and_429_with_retry_after(topology: Topology) -> None:
+    topology.n_nodes = 1
+    topology.sample_limit = 6
+    topology.upstream.fail_next = [503, 429, 503]
+    topology.upstream.retry_after = "1"
+    await topology.start()
+    node = topology.nodes[0]
+    await topology.wait_for(lambda: len(topology.sampled(node)) == 6 and not topology.outbox(node),
+                            30, "samples acknowledged while upstream refuses")
+    await topology.wait_for(
+        lambda: len(topology.upstream.readings) >= sum(topology.sampled(node).values()), 20,
+        "delivery once upstream accepts")
+    assert topology.upstream.fail_next == []
+    check_delivery(topology)
+    assert "HTTP 503" in topology.gateway_log()

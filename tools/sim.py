@@ -52,6 +52,8 @@ class Relay:
         self._pending: dict[int, bytearray] = {self.node_master: bytearray(),
                                                self.gw_master: bytearray()}
         self.dropped = 0
+        self._injections: dict[str, list[bytes]] = {"up": [], "down": []}
+        self._at_boundary = {"up": True, "down": True}
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -68,6 +70,23 @@ class Relay:
         if self._tap:
             self._tap(direction, data)
         self._write(dst, data)
+        self._at_boundary[direction] = data.endswith(b"\x00")
+        self._flush_injections(direction)
+
+    def inject(self, direction: str, data: bytes) -> None:
+        """Put bytes on the line as if they came from the node ("up") or the gateway ("down").
+
+        Held until the line is between frames (after a 0x00), so the injected bytes never
+        split one of the real frames in two.
+        """
+        self._injections[direction].append(data)
+        self._flush_injections(direction)
+
+    def _flush_injections(self, direction: str) -> None:
+        if self._at_boundary[direction]:
+            dst = self.gw_master if direction == "up" else self.node_master
+            while self._injections[direction]:
+                self._write(dst, self._injections[direction].pop(0))
 
     def _write(self, dst: int, data: bytes) -> None:
         buf = self._pending[dst]
