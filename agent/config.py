@@ -57,11 +57,38 @@ class _Doc:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
-    def line_of(self, key: str) -> int | None:
-        leaf = key.rsplit(".", 1)[-1].split("[")[0]
+    def _lines(self) -> dict[str, int]:
+        """Dotted path (tables of arrays indexed, like links.serial[1].baud) → its line."""
+        where: dict[str, int] = {}
+        table = ""
+        counts: dict[str, int] = {}
         for i, line in enumerate(self.text.splitlines(), 1):
-            if re.match(rf'\s*"?{re.escape(leaf)}"?\s*=', line):
-                return i
+            m = re.match(r"\s*\[\[\s*([^\]]+?)\s*\]\]", line)
+            if m:
+                name = m.group(1)
+                counts[name] = counts.get(name, -1) + 1
+                table = f"{name}[{counts[name]}]"
+                where.setdefault(name, i)
+                where[table] = i
+                continue
+            m = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
+            if m:
+                table = m.group(1).replace('"', "")
+                where.setdefault(table, i)
+                continue
+            m = re.match(r'\s*(?:"([^"]*)"|([A-Za-z0-9_-]+))\s*=', line)
+            if m:
+                key = m.group(1) if m.group(1) is not None else m.group(2)
+                where.setdefault(f"{table}.{key}" if table else key, i)
+        return where
+
+    def line_of(self, key: str) -> int | None:
+        """The key's line, or else the line of the nearest table that holds it."""
+        where = self._lines()
+        while key:
+            if key in where:
+                return where[key]
+            key = key.rsplit(".", 1)[0] if "." in key else ""
         return None
 
     def error(self, key: str, msg: str) -> ConfigError:
@@ -181,7 +208,9 @@ def load_keys(path: Path) -> dict[bytes, bytes]:
 def write_secret(path: Path, text: str) -> None:
     """Create or replace a secret file with mode 0600 from the start (no window at 0644)."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # a stale temp file would keep its old mode: O_EXCL after removing it guarantees 0600
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)

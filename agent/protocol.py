@@ -9,6 +9,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,8 @@ def decode_frame(chunk: bytes) -> tuple[int, bytes]:
         raw = cobs.decode(chunk)
     except cobs.DecodeError as e:
         raise FrameError("cobs", str(e)) from None
+    if len(raw) > MAX_FRAME:
+        raise FrameError("oversize", f"{len(raw)} bytes decoded")
     if len(raw) < 3:
         raise FrameError("short", f"{len(raw)} bytes")
     if crc16(raw[:-2]) != int.from_bytes(raw[-2:], "big"):
@@ -98,7 +101,8 @@ def piv(seq: int) -> bytes:
 
 
 def piv_int(b: bytes) -> int:
-    if not b or (len(b) > 1 and b[0] == 0) or len(b) > 8:
+    """A frame sequence number: shortest big-endian form, below 2**63 (SQLite's integer)."""
+    if not b or (len(b) > 1 and b[0] == 0) or len(b) > 8 or (b[0] & 0x80 and len(b) == 8):
         raise FrameError("cose", "bad partial IV")
     return int.from_bytes(b, "big")
 
@@ -121,10 +125,17 @@ class Mac0:
 
 
 def _loads(data: bytes) -> Any:
+    """Exactly one CBOR item: cbor2.loads alone would ignore trailing bytes."""
+    fp = io.BytesIO(data)
     try:
-        return cbor2.loads(data)
+        obj = cbor2.CBORDecoder(fp).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as e:
         raise FrameError("cbor", str(e)) from None
+    if fp.tell() != len(data):
+        raise FrameError("cbor", f"{len(data) - fp.tell()} trailing bytes")
+    if obj is cbor2.break_marker or obj is cbor2.undefined:  # type: ignore[attr-defined]
+        raise FrameError("cbor", "a lone break or undefined is not a value")
+    return obj
 
 
 def parse_mac0(data: bytes) -> Mac0:
@@ -141,7 +152,7 @@ def parse_mac0(data: bytes) -> Mac0:
     if not isinstance(protected, dict):
         raise FrameError("cose", "protected header is not a map")
     alg = protected.get(H_ALG)
-    if alg not in TAG_LENGTHS or len(v[3]) != TAG_LENGTHS[alg]:
+    if type(alg) is not int or alg not in TAG_LENGTHS or len(v[3]) != TAG_LENGTHS[alg]:
         raise FrameError("cose", f"unsupported alg {alg!r} or tag length {len(v[3])}")
     if not isinstance(protected.get(H_KID), bytes) or not isinstance(protected.get(H_PIV), bytes):
         raise FrameError("cose", "protected header needs kid and Partial IV")
@@ -170,37 +181,54 @@ def encode_ack(key: bytes, kid: bytes, seqs: list[int], now_ms: int) -> bytes:
     return encode_frame(ACK, create_mac0(key, kid, max(seqs), payload))
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# value label → the Python type its value must have
+_VALUE_TYPES: dict[int, type | tuple[type, ...]] = {2: (int, float), 3: str, 4: bool, 8: bytes}
+
+
 def resolve_pack(payload: bytes) -> list[dict[str, Any]]:
-    """A SenML CBOR pack → resolved SenML-JSON records (absolute n and t, RFC 8428 §4.6)."""
+    """A SenML CBOR pack → resolved SenML-JSON records (absolute n and t, RFC 8428 §4.6).
+
+    Every field is type-checked here, so whatever passes can be stored as JSON.
+    """
     pack = _loads(payload)
     if not isinstance(pack, list) or not pack:
         raise FrameError("senml", "pack is not a non-empty array")
     out: list[dict[str, Any]] = []
-    bn, bt, bu = "", 0.0, None
+    bn: Any = ""
+    bt: Any = 0
+    bu: Any = None
     for rec in pack:
         if not isinstance(rec, dict) or any(k not in SENML_LABELS for k in rec):
             raise FrameError("senml", "record is not a map of known labels")
         bn = rec.get(-2, bn)
         bt = rec.get(-3, bt)
         bu = rec.get(-4, bu)
-        name = bn + rec.get(0, "")
-        if not isinstance(name, str) or not name:
-            raise FrameError("senml", "record without a name")
+        n = rec.get(0, "")
+        if not isinstance(bn, str) or not isinstance(n, str) or not bn + n:
+            raise FrameError("senml", "name and base name must be text, and not both empty")
+        name = bn + n
         t = rec.get(6, 0)
-        if not isinstance(bt, int | float) or not isinstance(t, int | float):
-            raise FrameError("senml", "time is not a number")
+        if not _number(bt) or not _number(t):
+            raise FrameError("senml", f"{name}: time is not a number")
         r: dict[str, Any] = {"n": name, "t": bt + t}
         unit = rec.get(1, bu)
         if unit is not None:
+            if not isinstance(unit, str):
+                raise FrameError("senml", f"{name}: unit is not text")
             r["u"] = unit
         values = [lbl for lbl in (2, 3, 4, 8) if lbl in rec]
         if len(values) != 1:
             raise FrameError("senml", f"{name}: a record needs exactly one value")
         lbl = values[0]
-        val = rec[lbl]
-        if lbl == 2 and (not isinstance(val, int | float) or isinstance(val, bool)
-                         or math.isnan(val) or math.isinf(val)):
-            raise FrameError("senml", f"{name}: v is not a finite number")
+        val: Any = rec[lbl]
+        if not isinstance(val, _VALUE_TYPES[lbl]) or (lbl == 2 and (
+                isinstance(val, bool) or not math.isfinite(val))):
+            raise FrameError("senml", f"{name}: {SENML_LABELS[lbl]} has the wrong type or is "
+                             "not finite")
         if lbl == 8:
             val = base64.urlsafe_b64encode(val).rstrip(b"=").decode()
         r[SENML_LABELS[lbl]] = val

@@ -81,6 +81,15 @@ class Window:
             self.bits |= 1 << (self.high - seq)
 
 
+def _to_sql(bits: int) -> int:
+    """SQLite integers are signed 64-bit: store the bitmap's top bit as the sign."""
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
+def _from_sql(v: int) -> int:
+    return v + (1 << 64) if v < 0 else v
+
+
 @dataclass(frozen=True)
 class Batch:
     first_id: int
@@ -133,7 +142,7 @@ class Store:
 
     def _windows(self) -> dict[str, Window]:
         rows = self.db.execute("SELECT node, high, window FROM nodes").fetchall()
-        return {node: Window(high, bits) for node, high, bits in rows}
+        return {node: Window(high, _from_sql(bits)) for node, high, bits in rows}
 
     async def commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> None:
         await self._run(self._commit, frames, windows)
@@ -163,7 +172,7 @@ class Store:
                     "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
                     " high=excluded.high, window=excluded.window,"
                     " last_seen=excluded.last_seen, frames=frames + excluded.frames",
-                    (node, w.high, w.bits, now, n))
+                    (node, w.high, _to_sql(w.bits), now, n))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

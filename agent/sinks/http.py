@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import logging
+import re
 import time
 
 import aiohttp
@@ -30,7 +31,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]+", value):
         return min(float(value), RETRY_AFTER_MAX_S)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()

@@ -41,11 +41,13 @@ def crc16(data, crc=0xFFFF):
 
 def cobs_encode(data):
     """Consistent Overhead Byte Stuffing: the result contains no 0x00 byte."""
-    out = bytearray(len(data) + len(data) // 254 + 2)
+    n = len(data)
+    out = bytearray(n + n // 254 + 2)
     code_at = 0
     o = 1
     code = 1
-    for b in data:
+    for i in range(n):
+        b = data[i]
         if b == 0:
             out[code_at] = code
             code_at = o
@@ -55,7 +57,9 @@ def cobs_encode(data):
             out[o] = b
             o += 1
             code += 1
-            if code == 0xFF:
+            # a full block of 254 ends without an implied zero; open the next one only if
+            # more data follows (as the reference encoder and the `cobs` package do)
+            if code == 0xFF and i + 1 < n:
                 out[code_at] = code
                 code_at = o
                 o += 1
@@ -76,7 +80,10 @@ def cobs_decode(data):
         end = i + code
         if end > n:
             raise FrameError("cobs", "block runs past end")
-        out.extend(data[i + 1 : end])
+        block = data[i + 1 : end]
+        if 0 in block:
+            raise FrameError("cobs", "zero byte inside frame")
+        out.extend(block)
         i = end
         if code != 0xFF and i < n:
             out.append(0)
@@ -103,6 +110,8 @@ def decode(wire):
     if len(wire) > MAX_FRAME + MAX_FRAME // 254 + 2:
         raise FrameError("oversize", "%d bytes" % len(wire))
     raw = cobs_decode(wire)
+    if len(raw) > MAX_FRAME:
+        raise FrameError("oversize", "%d bytes decoded" % len(raw))
     if len(raw) < 3:
         raise FrameError("short", "%d bytes" % len(raw))
     if crc16(memoryview(raw)[:-2]) != (raw[-2] << 8) | raw[-1]:
