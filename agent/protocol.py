@@ -186,7 +186,7 @@ def _number(v: Any) -> bool:
 
 
 # value label → the Python type its value must have
-_VALUE_TYPES: dict[int, type | tuple[type, ...]] = {2: (int, float), 3: str, 4: bool, 8: bytes}
+_VALUE_TYPES: dict[int, type] = {3: str, 4: bool, 8: bytes}
 
 
 def resolve_pack(payload: bytes) -> list[dict[str, Any]]:
@@ -224,13 +224,12 @@ def resolve_pack(payload: bytes) -> list[dict[str, Any]]:
         if len(values) != 1:
             raise FrameError("senml", f"{name}: a record needs exactly one value")
         lbl = values[0]
-        val: Any = rec[lbl]
-        if not isinstance(val, _VALUE_TYPES[lbl]) or (lbl == 2 and (
-                isinstance(val, bool) or not math.isfinite(val))):
+        val = rec[lbl]
+        ok = _number(val) if lbl == 2 else isinstance(val, _VALUE_TYPES[lbl])
+        if not ok:
             raise FrameError("senml", f"{name}: {SENML_LABELS[lbl]} has the wrong type or is "
                              "not finite")
-        if lbl == 8:
-            val = base64.urlsafe_b64encode(val).rstrip(b"=").decode()
-        r[SENML_LABELS[lbl]] = val
+        r[SENML_LABELS[lbl]] = (base64.urlsafe_b64encode(val).rstrip(b"=").decode()
+                                if lbl == 8 else val)
         out.append(r)
     return out
