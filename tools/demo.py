@@ -28,10 +28,12 @@ def _show(records: list[dict[str, Any]]) -> None:
         parts = []
         for r in recs:
             name = r["n"].rsplit(":", 1)[-1]
-            parts.append(f"{name}={r.get('v', r.get('vs', r.get('vb')))}{r.get('u', '')}")
-        lag = time.time() - t
+            unit = f" {r['u']}" if "u" in r else ""
+            parts.append(f"{name} {r.get('v', r.get('vs', r.get('vb')))}{unit}")
         stamp = time.strftime("%H:%M:%S", time.localtime(t))
-        print(f"{stamp}  {key:<18} {' '.join(parts)}   (upstream {lag:.1f}s after sampling)",
+        now = time.time()
+        arrived = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+        print(f"sampled {stamp}  {key:<16} {' | '.join(parts)}   (upstream {arrived})",
               flush=True)
 
 
