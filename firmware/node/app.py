@@ -18,6 +18,8 @@ UNITS = {
     "humidity": "%RH",
     "uptime": "s",
     "heap_free": "B",
+    "heap_peak": "B",
+    "cycle_ms": "ms",
 }
 
 
@@ -68,6 +70,8 @@ class Node:
         self.bn = senml.base_name(self.node_id)
         self.boot_ms = time.ticks_ms()
         self.link = None
+        self.heap_peak = 0  # most heap in use seen just before a collection (high-water)
+        self.cycle_ms = 0  # how long the previous sample → seal → store cycle took
 
     def sample(self):
         """Read every sensor; one failing sensor never stops the others."""
@@ -80,6 +84,9 @@ class Node:
                 print("sensor %s failed: %r" % (type(s).__name__, e))
         values["uptime"] = time.ticks_diff(time.ticks_ms(), self.boot_ms) // 1000
         values["heap_free"] = self.hal.heap_free()
+        values["heap_peak"] = self.heap_peak
+        values["cycle_ms"] = self.cycle_ms
+        values["outbox"] = len(self.outbox)
         return now, values
 
     def seal(self, now, values):
@@ -99,8 +106,13 @@ class Node:
         taken = 0
         while not limit or taken < limit:
             taken += 1
+            t0 = time.ticks_ms()
             now, values = self.sample()
             seq = self.seal(now, values)
+            self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
+            used = gc.mem_alloc()
+            if used > self.heap_peak:
+                self.heap_peak = used
             print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
             if self.link:
                 self.link.kick()
