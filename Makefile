@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 BUILD := .build
 MP := $(BUILD)/micropython/unix/micropython
 APT_PACKAGES := build-essential pkg-config libffi-dev libmbedtls-dev patch xz-utils ca-certificates \
-                python3-venv python3-dev
+                python3-venv python3-dev mosquitto
 
 .PHONY: all demo test test-unit test-hil lint micropython deps venv clean distclean
 
@@ -42,8 +42,8 @@ $(BUILD)/stamp-apt:
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages: $$missing"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq $$missing >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq $$missing; }; \
+	    apt-get install -y -qq -o DPkg::Lock::Timeout=300 $$missing >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 $$missing; }; \
 	fi
 	@touch $@
 

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
+
+
+def describe(cfg: Any) -> str:
+    """What a checked config will do, in a few lines for the operator."""
+    sinks = [f"{name} → {getattr(s, 'url', None) or getattr(s, 'host', '')}"
+             for name in ("http", "ngsi_ld", "mqtt") if (s := getattr(cfg, name, None))]
+    api = cfg.api
+    where = (f"http://{api.host}:{api.port}/" if api.enabled else "disabled")
+    lines = [f"  state:   {cfg.state_dir}", f"  keys:    {cfg.keys_file}",
+             f"  links:   {', '.join(s.port for s in cfg.serial)}",
+             f"  sinks:   {'; '.join(sinks)}",
+             f"  status page and API: {where}"
+             + (f" (bearer token from {api.token_file})" if api.token_file else ""),
+             f"  history: {cfg.history.keep_hours:g} h, at most {cfg.history.max_readings} "
+             "readings"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dir", type=Path, default=Path(".build/demo"))
 
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logsetup import setup as setup_logging
+
+    setup_logging("INFO")  # journald-style lines under systemd, timestamps from a shell
     try:
         if args.cmd == "gateway" and args.action == "run":
             from .gateway import main as gateway_main
@@ -41,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config)
             keys = load_keys(cfg.keys_file)
             print(f"{args.config}: OK ({len(cfg.serial)} serial links, {len(keys)} node keys)")
+            print(describe(cfg))
         elif args.cmd == "demo":
             from tools.demo import main as demo_main
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -12,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError
+from .ngsi import MAX_BATCH, NodeMeta
 
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 
@@ -32,6 +34,48 @@ class HttpSinkConfig:
 
 
 @dataclass(frozen=True)
+class NgsiLdSinkConfig:
+    url: str  # broker base URL, e.g. http://orion:1026
+    tenant: str | None = None
+    token_file: Path | None = None
+    timeout_s: float = 10.0
+    batch_entities: int = MAX_BATCH
+    partial_retries: int = 5
+
+
+@dataclass(frozen=True)
+class MqttSinkConfig:
+    host: str
+    port: int = 1883
+    client_id: str = "lantern-gateway"
+    topic: str = "lantern/{node}/{measurement}"
+    payload: str = "senml+json"  # or "senml+cbor"
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local API and status page ([api])."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8470
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """Delivered readings kept for the status page and /api ([history])."""
+
+    keep_hours: float = 24.0
+    max_readings: int = 200_000
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -41,6 +85,11 @@ class Config:
     batch_max_records: int = 500
     batch_max_age_s: float = 1.0
     log_level: str = "info"
+    ngsi_ld: NgsiLdSinkConfig | None = None
+    mqtt: MqttSinkConfig | None = None
+    nodes: dict[str, NodeMeta] = field(default_factory=dict)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
 
 
 class _Doc:
@@ -129,7 +178,7 @@ def load_config(path: Path | str) -> Config:
     path = Path(path)
     doc = _Doc(path)
     d = doc.data
-    known = {"gateway", "links", "batch", "sinks"}
+    known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history"}
     for k in d:
         if k not in known:
             raise doc.error(k, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -166,11 +215,145 @@ def load_config(path: Path | str) -> Config:
             token_file=base / token if token else None)
         if http.token_file:
             check_secret_file(http.token_file, "sinks.http.token_file")
+    ngsi_ld = _ngsi_ld(doc, sinks, base)
+    mqtt = _mqtt(doc, sinks, base)
+    for k in sinks:
+        if k not in ("http", "ngsi_ld", "mqtt"):
+            raise doc.error(f"sinks.{k}", "unknown sink; expected http, ngsi_ld or mqtt")
+    nodes = _nodes(doc, doc.get(d, "nodes", "nodes", dict, {}))
+    api, history = _api(doc, d, base), _history(doc, d)
     if not serial:
         raise doc.error("links", "no link configured; add a [[links.serial]] table with a port")
-    if http is None:
-        raise doc.error("sinks", "no sink configured; add [sinks.http] with a url")
-    return Config(path, state_dir, keys_file, serial, http, max_records, max_age, log_level)
+    if http is None and ngsi_ld is None and mqtt is None:
+        raise doc.error("sinks", "no sink configured; add [sinks.http] with a url "
+                        "(or [sinks.ngsi_ld], [sinks.mqtt])")
+    return Config(path, state_dir, keys_file, serial, http, max_records, max_age, log_level,
+                  ngsi_ld, mqtt, nodes, api=api, history=history)
+
+
+def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
+    a = doc.get(d, "api", "api", dict, {})
+    for k in a:
+        if k not in ("enabled", "host", "port", "token_file"):
+            raise doc.error(f"api.{k}", "unknown key; expected enabled, host, port or token_file")
+    token = doc.get(a, "token_file", "api.token_file", str, None)
+    cfg = ApiConfig(
+        enabled=doc.get(a, "enabled", "api.enabled", bool, True),
+        host=doc.get(a, "host", "api.host", str, "127.0.0.1", _host),
+        port=doc.get(a, "port", "api.port", int, 8470,
+                     lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
+        token_file=base / token if token else None)
+    if cfg.token_file:
+        check_secret_file(cfg.token_file, "api.token_file")
+        if not cfg.token_file.read_text().strip():
+            raise doc.error("api.token_file", f"{cfg.token_file} is empty; put a long random "
+                            "token in it (e.g. `openssl rand -hex 32`)")
+    elif cfg.enabled and not _loopback(cfg.host):
+        raise doc.error("api.host", f"{cfg.host!r} exposes node data beyond this machine "
+                        "without a token; set api.token_file, or bind 127.0.0.1")
+    return cfg
+
+
+def _history(doc: _Doc, d: dict[str, Any]) -> HistoryConfig:
+    h = doc.get(d, "history", "history", dict, {})
+    for k in h:
+        if k not in ("keep_hours", "max_readings"):
+            raise doc.error(f"history.{k}", "unknown key; expected keep_hours or max_readings")
+    return HistoryConfig(
+        keep_hours=float(doc.get(h, "keep_hours", "history.keep_hours", (int, float), 24.0,
+                                 lambda v: None if 0 < v <= 24 * 366 else
+                                 f"must be > 0 and at most a year of hours, got {v}")),
+        max_readings=doc.get(h, "max_readings", "history.max_readings", int, 200_000,
+                             lambda v: None if 100 <= v <= 100_000_000
+                             else f"must be 100..100000000, got {v}"))
+
+
+def _host(v: str) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        if v != "localhost":
+            return f"expected an IP address to bind (e.g. \"127.0.0.1\" or \"::1\"), got {v!r}"
+    return None
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def _ngsi_ld(doc: _Doc, sinks: dict[str, Any], base: Path) -> NgsiLdSinkConfig | None:
+    if "ngsi_ld" not in sinks:
+        return None
+    n = doc.get(sinks, "ngsi_ld", "sinks.ngsi_ld", dict)
+    token = doc.get(n, "token_file", "sinks.ngsi_ld.token_file", str, None)
+    cfg = NgsiLdSinkConfig(
+        url=doc.get(n, "url", "sinks.ngsi_ld.url", str, check=_url,
+                    fix='the broker base URL, e.g. "http://orion-ld:1026"'),
+        tenant=doc.get(n, "tenant", "sinks.ngsi_ld.tenant", str, None),
+        token_file=base / token if token else None,
+        timeout_s=float(doc.get(n, "timeout_s", "sinks.ngsi_ld.timeout_s", (int, float), 10.0,
+                                _positive)),
+        batch_entities=doc.get(n, "batch_entities", "sinks.ngsi_ld.batch_entities", int,
+                               MAX_BATCH, lambda v: None if 1 <= v <= MAX_BATCH
+                               else f"must be 1..{MAX_BATCH}"))
+    if cfg.token_file:
+        check_secret_file(cfg.token_file, "sinks.ngsi_ld.token_file")
+    return cfg
+
+
+def _mqtt(doc: _Doc, sinks: dict[str, Any], base: Path) -> MqttSinkConfig | None:
+    if "mqtt" not in sinks:
+        return None
+    m = doc.get(sinks, "mqtt", "sinks.mqtt", dict)
+    pw = doc.get(m, "password_file", "sinks.mqtt.password_file", str, None)
+    ca = doc.get(m, "ca_file", "sinks.mqtt.ca_file", str, None)
+
+    def topic_ok(v: str) -> str | None:
+        try:
+            v.format(node="n", measurement="m")
+        except (KeyError, IndexError, ValueError):
+            return "may only use {node} and {measurement}"
+        return None
+
+    cfg = MqttSinkConfig(
+        host=doc.get(m, "host", "sinks.mqtt.host", str, fix='the broker, e.g. "localhost"'),
+        port=doc.get(m, "port", "sinks.mqtt.port", int, 1883,
+                     lambda v: None if 0 < v < 65536 else "must be 1..65535"),
+        client_id=doc.get(m, "client_id", "sinks.mqtt.client_id", str, "lantern-gateway"),
+        topic=doc.get(m, "topic", "sinks.mqtt.topic", str, "lantern/{node}/{measurement}",
+                      topic_ok),
+        payload=doc.get(m, "payload", "sinks.mqtt.payload", str, "senml+json",
+                        lambda v: None if v in ("senml+json", "senml+cbor")
+                        else "expected senml+json or senml+cbor"),
+        username=doc.get(m, "username", "sinks.mqtt.username", str, None),
+        password_file=base / pw if pw else None,
+        tls=doc.get(m, "tls", "sinks.mqtt.tls", bool, False),
+        ca_file=base / ca if ca else None,
+        timeout_s=float(doc.get(m, "timeout_s", "sinks.mqtt.timeout_s", (int, float), 10.0,
+                                _positive)))
+    if cfg.password_file:
+        check_secret_file(cfg.password_file, "sinks.mqtt.password_file")
+    return cfg
+
+
+def _nodes(doc: _Doc, nodes: dict[str, Any]) -> dict[str, NodeMeta]:
+    """Where each node stands: [nodes."SL-0042"] pole = "42", location = [lat, lon]."""
+    out = {}
+    for node, t in nodes.items():
+        key = f"nodes.{node}"
+        if not isinstance(t, dict):
+            raise doc.error(key, 'expected a table: [nodes."SL-0042"]')
+        loc = doc.get(t, "location", f"{key}.location", list, None,
+                      lambda v: None if len(v) == 2 and all(
+                          isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+                      and -90 <= v[0] <= 90 and -180 <= v[1] <= 180
+                      else "expected [latitude, longitude] in degrees")
+        out[node] = NodeMeta(
+            pole=str(doc.get(t, "pole", f"{key}.pole", (str, int), "")),
+            lat=float(loc[0]) if loc else None, lon=float(loc[1]) if loc else None,
+            interval_s=float(doc.get(t, "interval_s", f"{key}.interval_s", (int, float), 60.0,
+                                     _positive)))
+    return out
 
 
 def check_secret_file(path: Path, what: str) -> None:

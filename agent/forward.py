@@ -1,4 +1,8 @@
-"""Batches readings out of the queue to a sink; rows leave the queue only after a 2xx."""
+"""Batches readings out of the queue to a sink; rows leave the queue only after a 2xx.
+
+Each sink has its own forwarder and its own cursor over the queue, so a slow or dead sink
+never blocks another; a reading is deleted once every configured sink has confirmed it.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ class Sink(Protocol):
 class Forwarder:
     def __init__(self, store: Store, sink: Sink, metrics: Metrics, new_data: asyncio.Event,
                  max_records: int, max_age_s: float,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 60.0) -> None:
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 60.0,
+                 all_sinks: list[str] | None = None) -> None:
         self.store = store
         self.sink = sink
         self.metrics = metrics
@@ -35,6 +40,8 @@ class Forwarder:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.upstream_ok: bool | None = None
+        self.all_sinks = all_sinks or [sink.name]
+        self.delivered = 0
 
     async def _wait_new(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):
@@ -42,8 +49,9 @@ class Forwarder:
         self.new_data.clear()
 
     async def run(self) -> None:
+        cursor = await self.store.cursor(self.sink.name)
         while True:
-            batch = await self.store.next_batch(self.max_records)
+            batch = await self.store.next_batch(self.max_records, cursor)
             if batch is None:
                 await self._wait_new(None)
                 continue
@@ -52,6 +60,7 @@ class Forwarder:
                 await self._wait_new(self.max_age_s - age)
                 continue
             await self._deliver(batch)
+            cursor = batch.last_id
 
     async def _deliver(self, batch: Batch) -> None:
         failures = 0
@@ -75,5 +84,6 @@ class Forwarder:
             log.info("%s: upstream accepts again after %d failed attempts", self.sink.name,
                      failures)
         self.upstream_ok = True
-        await self.store.delivered(batch)
+        await self.store.delivered_to(self.sink.name, batch, self.all_sinks)
+        self.delivered += len(batch.rids)
         self.metrics.readings_delivered += len(batch.rids)

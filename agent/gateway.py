@@ -8,13 +8,18 @@ import json
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
+from .api import ApiServer, GatewayView
 from .config import Config, load_config, load_keys
 from .forward import Forwarder
 from .ingest import Ingest
 from .links.serial import SerialLink
-from .metrics import Metrics
+from .metrics import Metrics, TimedSink
+from .sdnotify import Notifier, supervise
 from .sinks.http import HttpSink
+from .sinks.mqtt import MqttSink
+from .sinks.ngsi_ld import NgsiLdSink
 from .store import Store
 
 log = logging.getLogger("lantern.gateway")
@@ -30,29 +35,61 @@ async def _summaries(metrics: Metrics, store: Store) -> None:
                  f"{oldest:.1f}s" if oldest is not None else "-")
 
 
+async def _line(view: GatewayView) -> str:
+    """The one-line summary, or why there is none (never raises: used while stopping)."""
+    try:
+        return await asyncio.wait_for(view.summary(), 5.0)
+    except Exception as e:
+        return f"store not answering ({e!r})"
+
+
 async def run(cfg: Config) -> None:
     keys = load_keys(cfg.keys_file)
     metrics = Metrics()
-    assert cfg.http is not None
-    async with Store(cfg.state_dir / "queue.sqlite") as store, HttpSink(cfg.http) as sink:
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(Store(cfg.state_dir / "queue.sqlite"))
+        store.history.keep_s = cfg.history.keep_hours * 3600.0
+        store.history.max_rows = cfg.history.max_readings
+        sinks: list[Any] = []
+        if cfg.http:
+            sinks.append(await stack.enter_async_context(HttpSink(cfg.http)))
+        if cfg.ngsi_ld:
+            sinks.append(await stack.enter_async_context(NgsiLdSink(cfg.ngsi_ld, cfg.nodes)))
+        if cfg.mqtt:
+            sinks.append(await stack.enter_async_context(MqttSink(cfg.mqtt)))
+        sinks = [TimedSink(s, metrics) for s in sinks]  # upstream latency histogram
         ingest = Ingest(store, keys, metrics)
         await ingest.start()
         links = [SerialLink(s.port, s.baud, ingest.on_data) for s in cfg.serial]
-        forwarder = Forwarder(store, sink, metrics, ingest.committed, cfg.batch_max_records,
-                              cfg.batch_max_age_s, cfg.http.backoff_initial_s,
-                              cfg.http.backoff_max_s)
+        forwarders = []
+        for sink in sinks:
+            ev = asyncio.Event()
+            ingest.listeners.append(ev)
+            forwarders.append(Forwarder(store, sink, metrics, ev, cfg.batch_max_records,
+                                        cfg.batch_max_age_s,
+                                        all_sinks=[s.name for s in sinks]))
+        view = GatewayView(metrics, store, [k.decode() for k in keys], links, forwarders,
+                           [store.path, store.path.with_name(store.path.name + "-wal")])
+        api = await stack.enter_async_context(ApiServer(cfg.api, view))
+        notifier = Notifier()
+        stack.callback(notifier.close)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("gateway up: %d node keys, links %s, sink %s", len(keys),
-                 ", ".join(link.name for link in links), cfg.http.url)
+        log.info("gateway up: %d node keys, links %s, sinks %s", len(keys),
+                 ", ".join(link.name for link in links), ", ".join(s.name for s in sinks))
         tasks = [asyncio.create_task(c, name=n) for n, c in (
-            ("ingest", ingest.run()), ("forward", forwarder.run()),
+            ("ingest", ingest.run()),
+            *((f"forward-{f.sink.name}", f.run()) for f in forwarders),
             ("summary", _summaries(metrics, store)),
+            ("supervise", supervise(notifier, view.summary)),
             *((link.name, link.run()) for link in links))]
+        notifier.ready(("status page " + api.url + "; " if api.url else "")
+                       + (api.error + "; " if api.error else "") + await _line(view))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        notifier.stopping("stopping: " + await _line(view))
         stopper.cancel()
         for t in tasks:
             t.cancel()

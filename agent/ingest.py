@@ -41,6 +41,7 @@ class Ingest:
         self._deframers: dict[str, protocol.Deframer] = {}
         self._logged: set[tuple[str, str]] = set()
         self.committed = asyncio.Event()  # set after each commit, for the forwarder
+        self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
 
     async def start(self) -> None:
         self.windows = await self.store.windows()
@@ -79,6 +80,7 @@ class Ingest:
         seq = m.seq
         source = f"{link.name} node {node}"
         self.metrics.frames_received[node] += 1
+        self.metrics.seen(node, link.name, seq)
         if (node, seq) in self._pending_ids:
             self.metrics.duplicates[node] += 1
             return  # its ACK goes out with the commit already under way
@@ -145,3 +147,5 @@ class Ingest:
             for (lid, node), seqs in grouped.items():
                 self._ack(by_link[lid], node, seqs)
             self.committed.set()
+            for ev in self.listeners:
+                ev.set()

@@ -1,8 +1,62 @@
-"""Counters the gateway keeps; exported by the local API (and logged in summaries)."""
+"""Counters the gateway keeps, and their Prometheus export (text format via prometheus_client).
+
+The hot path only bumps plain integers and dicts; Prometheus families are built from them
+at scrape time by a custom collector, so there is one source of truth and no double count.
+"""
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+# Every reason a frame can be refused (agent/protocol.py, agent/ingest.py); exported at 0
+# before the first one so that rate() and alerts work from the start.
+REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
+                  "unknown_node", "replay", "senml", "unexpected")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class NodeSeen:
+    """Where and when a node's last authentic frame arrived."""
+
+    last_seen: float
+    link: str
+    seq: int
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.total += v
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(acc)))
+        return out
 
 
 class Metrics:
@@ -17,6 +71,18 @@ class Metrics:
         self.store_errors = 0
         self.upstream_failures = 0
         self.dead_letters = 0
+        self.evictions = 0  # readings dropped by the disk cap's evict-oldest policy
+        self.nodes: dict[str, NodeSeen] = {}
+        self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
+        self.started = time.time()
+
+    def seen(self, node: str, link: str, seq: int) -> None:
+        """An authentic frame from `node` arrived on `link`."""
+        self.nodes[node] = NodeSeen(time.time(), link, seq)
+
+    def upstream_request(self, sink: str, ok: bool, seconds: float) -> None:
+        key = (sink, "ok" if ok else "error")
+        self.upstream_latency.setdefault(key, Histogram()).observe(seconds)
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -30,4 +96,147 @@ class Metrics:
             "store_errors": self.store_errors,
             "upstream_failures": self.upstream_failures,
             "dead_letters": self.dead_letters,
+            "evictions": self.evictions,
         }
+
+
+@dataclass
+class Gauges:
+    """Values read from the store and the links just before a scrape."""
+
+    queue_readings: int = 0
+    queue_bytes: int = 0
+    oldest_age_s: float | None = None
+    store_file_bytes: int = 0
+    recent_rows: int = 0
+    links_up: dict[str, bool] = field(default_factory=dict)
+    link_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # in, out
+    upstream_up: dict[str, bool | None] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)  # node → unix time
+    nodes_configured: int = 0
+
+
+class LanternCollector(Collector):
+    """Builds the `lantern_*` families from Metrics and the latest Gauges."""
+
+    def __init__(self, metrics: Metrics, gauges: Callable[[], Gauges], version: str) -> None:
+        self.metrics = metrics
+        self.gauges = gauges
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        m, g = self.metrics, self.gauges()
+        yield _gauge("lantern_build_info", "Gateway version", [("version", self.version)], 1)
+        yield _gauge("lantern_start_time_seconds", "When the gateway started (unix time)",
+                     [], m.started)
+        c = CounterMetricFamily("lantern_frames_received", "Authentic frames received",
+                                labels=["node"])
+        for node, n in sorted(m.frames_received.items()):
+            c.add_metric([node], n)
+        yield c
+        c = CounterMetricFamily("lantern_frames_rejected", "Frames refused, by reason",
+                                labels=["reason"])
+        for reason in sorted(set(REJECT_REASONS) | set(m.frames_rejected)):
+            c.add_metric([reason], m.frames_rejected.get(reason, 0))
+        yield c
+        c = CounterMetricFamily("lantern_frames_duplicate", "Frames received again (already "
+                                "stored or pending), by node", labels=["node"])
+        for node, n in sorted(m.duplicates.items()):
+            c.add_metric([node], n)
+        yield c
+        for name, doc, value in (
+            ("readings_stored", "Readings committed to the queue", m.readings_stored),
+            ("readings_delivered", "Readings confirmed by a sink", m.readings_delivered),
+            ("acks_sent", "ACK frames sent to nodes", m.acks_sent),
+            ("commits", "Queue transactions committed", m.commits),
+            ("store_errors", "Queue commits that failed (frames not acknowledged)",
+             m.store_errors),
+            ("upstream_failures", "Upstream deliveries that failed (retried)",
+             m.upstream_failures),
+            ("dead_letters", "Authentic frames whose payload could not be decoded",
+             m.dead_letters),
+            ("evictions", "Readings evicted by the disk cap before delivery", m.evictions),
+        ):
+            yield CounterMetricFamily(f"lantern_{name}", doc, value=value)
+        yield _gauge("lantern_queue_readings", "Readings waiting for upstream", [],
+                     g.queue_readings)
+        yield _gauge("lantern_queue_bytes", "Bytes of readings waiting for upstream", [],
+                     g.queue_bytes)
+        yield _gauge("lantern_queue_oldest_age_seconds",
+                     "Age of the oldest undelivered reading (0 when none waits)", [],
+                     g.oldest_age_s or 0.0)
+        yield _gauge("lantern_store_file_bytes", "Size of the queue database and its WAL", [],
+                     g.store_file_bytes)
+        yield _gauge("lantern_recent_readings", "Delivered readings kept for the status page",
+                     [], g.recent_rows)
+        yield _gauge("lantern_nodes_configured", "Nodes with a key", [], g.nodes_configured)
+        lu = GaugeMetricFamily("lantern_link_up", "1 if the link's device is open",
+                               labels=["link"])
+        for link, up in sorted(g.links_up.items()):
+            lu.add_metric([link], 1.0 if up else 0.0)
+        yield lu
+        for i, (name, doc) in enumerate((("lantern_link_received_bytes", "Bytes read from a link"),
+                                         ("lantern_link_sent_bytes", "Bytes written to a link"))):
+            c = CounterMetricFamily(name, doc, labels=["link"])
+            for link, pair in sorted(g.link_bytes.items()):
+                c.add_metric([link], pair[i])
+            yield c
+        uu = GaugeMetricFamily("lantern_upstream_up", "1 if the sink's last delivery succeeded, "
+                               "0 if it failed (absent before the first)", labels=["sink"])
+        for sink, ok in sorted(g.upstream_up.items()):
+            if ok is not None:
+                uu.add_metric([sink], 1.0 if ok else 0.0)
+        yield uu
+        h = HistogramMetricFamily("lantern_upstream_request_duration_seconds",
+                                  "Time for one batch POST upstream, by sink and outcome",
+                                  labels=["sink", "outcome"])
+        for (sink, outcome), hist in sorted(m.upstream_latency.items()):
+            h.add_metric([sink, outcome], hist.cumulative(), hist.total)
+        yield h
+        ls = GaugeMetricFamily("lantern_node_last_seen_timestamp_seconds",
+                               "When the node's last authentic frame arrived (unix time)",
+                               labels=["node"])
+        for node, t in sorted(g.last_seen.items()):
+            ls.add_metric([node], t)
+        yield ls
+
+
+def _gauge(name: str, doc: str, labels: list[tuple[str, str]], value: float) -> Metric:
+    g = GaugeMetricFamily(name, doc, labels=[k for k, _ in labels])
+    g.add_metric([v for _, v in labels], value)
+    return g
+
+
+def registry(metrics: Metrics, gauges: Callable[[], Gauges], version: str) -> CollectorRegistry:
+    """A registry of our own (never the global one): the gateway's families plus process stats."""
+    from prometheus_client import ProcessCollector
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(LanternCollector(metrics, gauges, version))
+    ProcessCollector(registry=reg)
+    return reg
+
+
+def as_dict(g: Gauges) -> dict[str, Any]:
+    return {k: getattr(g, k) for k in g.__dataclass_fields__}
+
+
+class TimedSink:
+    """Wraps a sink so that every send() lands in the upstream latency histogram."""
+
+    def __init__(self, sink: Any, metrics: Metrics) -> None:
+        self._sink = sink
+        self._metrics = metrics
+        self.name: str = sink.name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._sink, attr)
+
+    async def send(self, batch: Any) -> None:
+        t0 = time.monotonic()
+        try:
+            await self._sink.send(batch)
+        except Exception:
+            self._metrics.upstream_request(self.name, False, time.monotonic() - t0)
+            raise
+        self._metrics.upstream_request(self.name, True, time.monotonic() - t0)

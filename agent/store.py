@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .history import History, typical_interval
+
 WINDOW = 64
 
 SCHEMA = """
@@ -35,6 +37,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     received_at REAL NOT NULL,
     cose BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    -- each sink's last delivered reading id: a slow sink never holds back another
+    sink TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY,
@@ -106,6 +113,7 @@ class Store:
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lantern-store")
         self._db: sqlite3.Connection | None = None
+        self.history = History()  # recent readings kept after delivery (local API)
 
     async def __aenter__(self) -> Store:
         await self._run(self._open)
@@ -125,6 +133,7 @@ class Store:
         # FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
+        self.history.create(db)
         self._db = db
 
     def _close(self) -> None:
@@ -165,6 +174,7 @@ class Store:
                         " VALUES (?, ?, ?, ?)",
                         [(r["id"], f.node, now, json.dumps(r, separators=(",", ":")))
                          for r in f.records])
+                    self.history.add(db, f.node, f.records, now)
                 touched[f.node] = touched.get(f.node, 0) + 1
             for node, n in touched.items():
                 w = windows[node]
@@ -173,18 +183,20 @@ class Store:
                     " high=excluded.high, window=excluded.window,"
                     " last_seen=excluded.last_seen, frames=frames + excluded.frames",
                     (node, w.high, _to_sql(w.bits), now, n))
+            self.history.trim(db, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def next_batch(self, max_records: int) -> Batch | None:
-        return await self._run(self._next_batch, max_records)  # type: ignore[no-any-return]
+    async def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
+        return await self._run(  # type: ignore[no-any-return]
+            self._next_batch, max_records, after_id)
 
-    def _next_batch(self, max_records: int) -> Batch | None:
+    def _next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
         rows = self.db.execute(
-            "SELECT id, received_at, rid, record FROM readings ORDER BY id LIMIT ?",
-            (max_records,)).fetchall()
+            "SELECT id, received_at, rid, record FROM readings WHERE id > ? ORDER BY id"
+            " LIMIT ?", (after_id, max_records)).fetchall()
         if not rows:
             return None
         return Batch(rows[0][0], rows[-1][0], rows[0][1],
@@ -204,6 +216,32 @@ class Store:
             db.execute("ROLLBACK")
             raise
 
+    async def cursor(self, sink: str) -> int:
+        """The last reading id this sink has confirmed (0: none yet)."""
+        return await self._run(self._cursor, sink)  # type: ignore[no-any-return]
+
+    def _cursor(self, sink: str) -> int:
+        row = self.db.execute("SELECT last_id FROM sink_cursors WHERE sink = ?",
+                              (sink,)).fetchone()
+        return int(row[0]) if row else 0
+
+    async def delivered_to(self, sink: str, batch: Batch, sinks: Sequence[str]) -> None:
+        """Advance one sink's cursor; readings every configured sink has leave the queue."""
+        await self._run(self._delivered_to, sink, batch, tuple(sinks))
+
+    def _delivered_to(self, sink: str, batch: Batch, sinks: tuple[str, ...]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT INTO sink_cursors VALUES (?, ?) ON CONFLICT(sink) DO UPDATE"
+                       " SET last_id = max(last_id, excluded.last_id)", (sink, batch.last_id))
+            marks = [self._cursor(s) for s in sinks]
+            db.execute("DELETE FROM readings WHERE id <= ?", (min(marks),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     async def depth(self) -> tuple[int, float | None]:
         """Readings waiting, and the age in seconds of the oldest one."""
         return await self._run(self._depth)  # type: ignore[no-any-return]
@@ -214,3 +252,32 @@ class Store:
             "SELECT received_at FROM readings ORDER BY id LIMIT 1").fetchone()
         oldest = oldest[0] if oldest else None
         return n, (time.time() - oldest) if oldest is not None else None
+
+    # ---- read-only views for the local API (history.py holds the SQL of the recent table)
+
+    async def recent(self, node: str, since: float, limit: int, name: str | None = None
+                     ) -> tuple[list[dict[str, Any]], bool, list[float]]:
+        """A node's recent readings after `since`, whether more remain, and its sample times."""
+        def q() -> tuple[list[dict[str, Any]], bool, list[float]]:
+            rows, more = self.history.readings(self.db, node, since, limit, name)
+            return rows, more, self.history.sample_times(self.db, node, since)
+        return await self._run(q)  # type: ignore[no-any-return]
+
+    async def overview(self) -> dict[str, Any]:
+        """Queue depth and bytes, oldest age, per-node last seen and newest values."""
+        return await self._run(self._overview)  # type: ignore[no-any-return]
+
+    def _overview(self) -> dict[str, Any]:
+        db = self.db
+        n, size = db.execute("SELECT count(*), coalesce(sum(length(record)), 0)"
+                             " FROM readings").fetchone()
+        _, oldest = self._depth()
+        nodes = {node: {"last_seen": last, "frames": frames} for node, last, frames in
+                 db.execute("SELECT node, last_seen, frames FROM nodes")}
+        return {"queue_readings": n, "queue_bytes": size, "oldest_age_s": oldest,
+                "nodes": nodes, "latest": self.history.latest(db),
+                "intervals": {node: typical_interval(self.history.last_times(db, node))
+                              for node in nodes},
+                "dead_letters": db.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
+                "recent_rows": self.history.rows(db)}
+

@@ -54,6 +54,7 @@ class Topology:
     wires: dict[str, Wire] = field(default_factory=dict)
     gateway: subprocess.Popen[bytes] | None = None
     gw_config: Path | None = None
+    gateway_extra: str = ""  # TOML appended to the gateway config (more sinks, [nodes])
 
     async def start(self, gateway: bool = True) -> None:
         await self.upstream.start()
@@ -76,7 +77,8 @@ class Topology:
         self.gw_config = self.workdir / "gateway.toml"
         self.gw_config.write_text(gateway_toml(self.workdir / "gw-state", keys,
                                                [r.gateway_port for r in self.relays],
-                                               self.upstream.url, max_age_s=0.2))
+                                               self.upstream.url, max_age_s=0.2,
+                                               extra=self.gateway_extra))
         if gateway:
             self.start_gateway()
         for n in self.nodes:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import write_secret
+from tools.faults import Faults
 
 ROOT = Path(__file__).resolve().parents[1]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
@@ -54,6 +55,7 @@ class Relay:
         self.dropped = 0
         self._injections: dict[str, list[bytes]] = {"up": [], "down": []}
         self._at_boundary = {"up": True, "down": True}
+        self.faults: Faults | None = None  # tools/faults.py: a seeded faulty line, if set
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -69,7 +71,10 @@ class Relay:
             raise
         if self._tap:
             self._tap(direction, data)
-        self._write(dst, data)
+        if self.faults is not None:  # the tap saw the true bytes; the far side gets the faults
+            self.faults.feed(direction, data, lambda d: self._write(dst, d))
+        else:
+            self._write(dst, data)
         self._at_boundary[direction] = data.endswith(b"\x00")
         self._flush_injections(direction)
 
@@ -110,6 +115,8 @@ class Relay:
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.faults is not None:
+            self.faults.close()
         for fd in (self.node_master, self.gw_master):
             loop.remove_reader(fd)
             loop.remove_writer(fd)
@@ -192,7 +199,8 @@ def keys_toml(nodes: list[SimNode]) -> str:
 
 
 def gateway_toml(state_dir: Path, keys_file: Path, ports: list[str], upstream_url: str,
-                 max_age_s: float = 1.0, max_records: int = 500) -> str:
+                 max_age_s: float = 1.0, max_records: int = 500, extra: str = "") -> str:
+    """A gateway config for simulated nodes; `extra` is appended (more sinks, [nodes])."""
     out = [
         "[gateway]",
         f'state_dir = "{state_dir}"',
@@ -208,4 +216,4 @@ def gateway_toml(state_dir: Path, keys_file: Path, ports: list[str], upstream_ur
     ]
     for p in ports:
         out += ["", "[[links.serial]]", f'port = "{p}"', "baud = 115200"]
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + extra

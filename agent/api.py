@@ -1,0 +1,354 @@
+"""The gateway's local HTTP API and status page (aiohttp), on 127.0.0.1 unless configured.
+
+/healthz (open), /metrics (Prometheus text), /api/status, /api/nodes, /api/nodes/{id},
+/api/nodes/{id}/readings?since=&name=&limit=, and the status page at / (static files from
+agent/status/, no CDN). With [api] token_file set, /metrics and /api/* want
+`Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hmac
+import importlib.resources
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import exposition
+
+from .config import ApiConfig
+from .history import find_gaps, typical_interval
+from .metrics import Gauges, Metrics, registry
+from .store import Store
+
+log = logging.getLogger("lantern.api")
+
+VERSION = "0.1.0"
+OVERVIEW_TTL_S = 1.0
+DEFAULT_WINDOW_S = 3600.0
+STATIC = ("index.html", "status.js", "status.css")
+BATTERY = ("battery", "battery_pct", "battery_v", "supply_v")  # first one a node reports
+OUTBOX_DEEP = 20  # frames waiting on a node before the table flags it
+
+
+class Named(Protocol):
+    name: str
+
+
+class Upstream(Protocol):
+    """A forwarder: the sink it feeds and whether its last delivery worked."""
+
+    sink: Any
+    upstream_ok: bool | None
+
+
+@dataclass
+class GatewayView:
+    """What the API may read of a running gateway."""
+
+    metrics: Metrics
+    store: Store
+    node_ids: Sequence[str]
+    links: Sequence[Named]
+    upstreams: Sequence[Upstream]
+    store_files: Sequence[Path] = ()
+    _cache: tuple[float, dict[str, Any]] | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def overview(self) -> dict[str, Any]:
+        """The store's view, at most OVERVIEW_TTL_S old, one query however many clients ask."""
+        async with self._lock:
+            if self._cache and time.monotonic() - self._cache[0] < OVERVIEW_TTL_S:
+                return self._cache[1]
+            ov = await self.store.overview()
+            self._cache = (time.monotonic(), ov)
+            return ov
+
+    def links_up(self) -> dict[str, bool]:
+        return {link.name: bool(getattr(link, "connected", False)) for link in self.links}
+
+    def upstream(self) -> dict[str, bool | None]:
+        return {str(getattr(u.sink, "name", "?")): u.upstream_ok for u in self.upstreams}
+
+    def gauges(self, ov: dict[str, Any]) -> Gauges:
+        files = 0
+        for p in self.store_files:
+            with contextlib.suppress(OSError):
+                files += p.stat().st_size
+        return Gauges(
+            queue_readings=ov["queue_readings"], queue_bytes=ov["queue_bytes"],
+            oldest_age_s=ov["oldest_age_s"], store_file_bytes=files,
+            recent_rows=ov["recent_rows"], links_up=self.links_up(),
+            link_bytes={link.name: (int(getattr(link, "bytes_in", 0)),
+                                    int(getattr(link, "bytes_out", 0))) for link in self.links},
+            upstream_up=self.upstream(), last_seen=self.last_seen(ov),
+            nodes_configured=len(self.node_ids))
+
+    def last_seen(self, ov: dict[str, Any]) -> dict[str, float]:
+        """Newest of what this run saw and what the store remembers from earlier runs."""
+        seen = {n: float(v["last_seen"]) for n, v in ov["nodes"].items()}
+        for n, s in self.metrics.nodes.items():
+            seen[n] = max(seen.get(n, 0.0), s.last_seen)
+        return seen
+
+    async def summary(self) -> str:
+        """One line for systemd's STATUS= and the page header."""
+        ov = await self.overview()
+        seen = self.last_seen(ov)
+        links = self.links_up()
+        up = self.upstream()
+        sinks = ", ".join(f"{s} {'ok' if ok else 'unknown' if ok is None else 'FAILING'}"
+                          for s, ok in up.items()) or "none"
+        oldest = ov["oldest_age_s"]
+        return (f"{sum(1 for n in self.node_ids if n in seen)}/{len(self.node_ids)} nodes seen, "
+                f"{sum(links.values())}/{len(links)} links up, queue {ov['queue_readings']}"
+                + (f" (oldest {oldest:.0f}s)" if oldest is not None else "")
+                + f", upstream {sinks}, {self.metrics.readings_delivered} delivered")
+
+
+def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> dict[str, Any]:
+    """One row of the node table: identity, last seen, link, battery, outbox, flags, values."""
+    m = view.metrics
+    seen = view.last_seen(ov).get(node)
+    latest = ov["latest"].get(node, {})
+    interval = ov["intervals"].get(node)
+    live = m.nodes.get(node)
+    flags = []
+    if node not in view.node_ids:
+        flags.append("no key")
+    if seen is None:
+        flags.append("never seen")
+    elif now - seen > 3 * (interval or 60.0):
+        flags.append("stale")
+    battery = next((dict(latest[k], n=k) for k in BATTERY if k in latest), None)
+    outbox = latest.get("outbox", {}).get("v")
+    if isinstance(outbox, int | float) and outbox >= OUTBOX_DEEP:
+        flags.append("backlog")
+    if m.duplicates.get(node):
+        flags.append("duplicates")
+    # quality flags ride in the pack as text or boolean records (docs/gateway.md)
+    for name, r in sorted(latest.items()):
+        if "vs" in r and r["vs"] not in ("", "ok"):
+            flags.append(f"{name}: {r['vs']}")
+        elif r.get("vb") is True:
+            flags.append(name)
+    return {
+        "id": node,
+        "configured": node in view.node_ids,
+        "last_seen": seen,
+        "age_s": None if seen is None else round(now - seen, 3),
+        "link": live.link if live else None,
+        "last_seq": live.seq if live else None,
+        "frames_received": m.frames_received.get(node, 0),
+        "frames_total": ov["nodes"].get(node, {}).get("frames", 0),
+        "duplicates": m.duplicates.get(node, 0),
+        "interval_s": interval,
+        "battery": battery,
+        "outbox": outbox,
+        "flags": flags,
+        "latest": latest,
+    }
+
+
+def parse_since(text: str | None, now: float) -> float:
+    """`since` as unix seconds, ISO 8601, or a negative offset from now (-900)."""
+    if text is None or text == "":
+        return now - DEFAULT_WINDOW_S
+    try:
+        v = float(text)
+    except ValueError:
+        try:
+            dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text=f"since={text!r}: expected unix seconds, ISO 8601 or a negative offset"
+            ) from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.UTC)
+        return dt.timestamp()
+    return now + v if v < 0 else v
+
+
+def _bearer(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request,
+                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                   ) -> web.StreamResponse:
+        if request.path.startswith(("/api/", "/metrics")):
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                raise web.HTTPUnauthorized(
+                    text="a bearer token is required (see [api] token_file)",
+                    headers={"WWW-Authenticate": 'Bearer realm="lantern"'})
+        return await handler(request)
+
+    return auth
+
+
+class Api:
+    def __init__(self, view: GatewayView, token: str | None = None) -> None:
+        self.view = view
+        self.registry = registry(view.metrics, self._gauges_for_scrape, VERSION)
+        self._scrape_gauges = Gauges()
+        self.app = web.Application(middlewares=[_bearer(token)] if token else [])
+        r = self.app.router
+        r.add_get("/", self.page)
+        for name in STATIC:
+            r.add_get(f"/{name}", self.static)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/api/status", self.status)
+        r.add_get("/api/nodes", self.nodes)
+        r.add_get("/api/nodes/{id}", self.node)
+        r.add_get("/api/nodes/{id}/readings", self.readings)
+
+    def _gauges_for_scrape(self) -> Gauges:
+        return self._scrape_gauges
+
+    async def page(self, request: web.Request) -> web.Response:
+        return self._file("index.html")
+
+    async def static(self, request: web.Request) -> web.Response:
+        return self._file(request.path.lstrip("/"))
+
+    @staticmethod
+    def _file(name: str) -> web.Response:
+        body = importlib.resources.files("agent").joinpath("status", name).read_bytes()
+        kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
+        return web.Response(body=body, content_type=kind[name.rsplit(".", 1)[1]],
+                            charset="utf-8", headers={"Cache-Control": "no-cache"})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness (we answer at all) and readiness (store answers, a link is up)."""
+        store_ok = True
+        try:
+            ov = await asyncio.wait_for(self.view.overview(), 5.0)
+        except Exception as e:  # any store failure makes us unready, never a 500
+            store_ok, ov = False, None
+            log.warning("healthz: store did not answer: %r", e)
+        links = self.view.links_up()
+        up = self.view.upstream()
+        ready = store_ok and any(links.values())
+        degraded = (not all(links.values())) or any(v is False for v in up.values())
+        body = {
+            "status": "ok" if ready and not degraded else "degraded" if ready else "unready",
+            "live": True, "ready": ready,
+            "links": {"up": sum(links.values()), "total": len(links), "by_link": links},
+            "store": "ok" if store_ok else "not answering",
+            "queue": None if ov is None else {"readings": ov["queue_readings"],
+                                              "oldest_age_s": ov["oldest_age_s"]},
+            "upstream": {s: "unknown" if ok is None else "ok" if ok else "failing"
+                         for s, ok in up.items()},
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self._scrape_gauges = self.view.gauges(await self.view.overview())
+        encoder, ctype = exposition.choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": ctype})
+
+    async def status(self, request: web.Request) -> web.Response:
+        v, m = self.view, self.view.metrics
+        ov = await v.overview()
+        g = v.gauges(ov)
+        latency = {f"{s}:{o}": {"count": h.count, "sum_s": round(h.total, 6)}
+                   for (s, o), h in m.upstream_latency.items()}
+        return web.json_response({
+            "version": VERSION, "now": time.time(), "started": m.started,
+            "summary": await v.summary(),
+            "queue": {"readings": g.queue_readings, "bytes": g.queue_bytes,
+                      "oldest_age_s": g.oldest_age_s, "store_file_bytes": g.store_file_bytes,
+                      "dead_letters": ov["dead_letters"], "evictions": m.evictions},
+            "upstream": {s: {"state": "unknown" if ok is None else "ok" if ok else "failing"}
+                         for s, ok in g.upstream_up.items()},
+            "upstream_latency": latency,
+            "links": [{"name": n, "up": up, "bytes_in": g.link_bytes[n][0],
+                       "bytes_out": g.link_bytes[n][1]} for n, up in g.links_up.items()],
+            "counters": m.snapshot(),
+        })
+
+    def _all_nodes(self, ov: dict[str, Any]) -> list[str]:
+        return sorted(set(self.view.node_ids) | set(ov["nodes"]) | set(self.view.metrics.nodes))
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        ov = await self.view.overview()
+        now = time.time()
+        return web.json_response({"now": now, "nodes": [
+            node_entry(self.view, ov, n, now) for n in self._all_nodes(ov)]})
+
+    async def node(self, request: web.Request) -> web.Response:
+        ov = await self.view.overview()
+        node = request.match_info["id"]
+        if node not in self._all_nodes(ov):
+            raise web.HTTPNotFound(text=f"no node {node!r} (not configured, never seen)")
+        return web.json_response(node_entry(self.view, ov, node, time.time()))
+
+    async def readings(self, request: web.Request) -> web.Response:
+        node = request.match_info["id"]
+        ov = await self.view.overview()
+        if node not in self._all_nodes(ov):
+            raise web.HTTPNotFound(text=f"no node {node!r} (not configured, never seen)")
+        now = time.time()
+        since = parse_since(request.query.get("since"), now)
+        try:
+            limit = int(request.query.get("limit", "5000"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit: expected an integer") from None
+        name = request.query.get("name") or None
+        rows, more, times = await self.view.store.recent(node, since, limit, name)
+        interval = ov["intervals"].get(node) or typical_interval(times)
+        gaps: list[list[float | None]] = [[a, b] for a, b in find_gaps(times, interval)]
+        if not more and times and interval and now - times[-1] > max(2.5 * interval,
+                                                                      interval + 2):
+            gaps.append([times[-1], None])  # still missing: nothing since the last sample
+        return web.json_response({
+            "node": node, "since": since, "now": now, "interval_s": interval,
+            "readings": rows, "more": more,
+            "next_since": rows[-1]["t"] if rows else since, "gaps": gaps})
+
+
+class ApiServer:
+    """Serves Api while the gateway runs; a port in use is logged, never fatal."""
+
+    def __init__(self, cfg: ApiConfig, view: GatewayView) -> None:
+        self.cfg = cfg
+        token = cfg.token_file.read_text().strip() if cfg.token_file else None
+        self.api = Api(view, token)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+        self.error: str | None = None
+
+    async def __aenter__(self) -> ApiServer:
+        if not self.cfg.enabled:
+            return self
+        self._runner = web.AppRunner(self.api.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        try:
+            await site.start()
+        except OSError as e:
+            # The data path matters more than the page: keep ingesting, say so loudly.
+            await self._runner.cleanup()
+            self._runner = None
+            self.error = (f"API not listening: {self.cfg.host}:{self.cfg.port}: "
+                          f"{e.strerror or e}; set another [api] port")
+            log.error("%s", self.error)
+            return self
+        port = self._runner.addresses[0][1]
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        self.url = f"http://{host}:{port}/"
+        log.info("status page and API at %s", self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,190 @@
+"""Readings → FIWARE Smart Data Models entities, in NGSI-LD normalized form.
+
+One entity per (node, model), upserted with `options=update` so the broker keeps the latest
+value while every attribute carries its own `observedAt` (a backfilled reading keeps its
+time). Values follow the models' conventions: relative humidity as 0-1, pressure in hPa.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+CORE_CONTEXT = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context.jsonld"
+CONTEXTS = [
+    "https://raw.githubusercontent.com/smart-data-models/dataModel.Environment/master/context.jsonld",
+    "https://raw.githubusercontent.com/smart-data-models/dataModel.Weather/master/context.jsonld",
+    "https://raw.githubusercontent.com/smart-data-models/dataModel.Streetlighting/master/context.jsonld",
+    "https://raw.githubusercontent.com/smart-data-models/dataModel.Device/master/context.jsonld",
+    CORE_CONTEXT,
+]
+MAX_BATCH = 500
+LAMP_ON_W = 1.0  # lamp power above this counts as switched on
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """What the gateway knows of a node's place: its pole and coordinates."""
+
+    pole: str = ""
+    lat: float | None = None
+    lon: float | None = None
+    interval_s: float = 60.0  # sampling interval: the span a LAeq/LAmax value covers
+
+
+@dataclass(frozen=True)
+class Attr:
+    model: str
+    name: str
+    unit_code: str | None
+    convert: Callable[[float], float] = lambda v: v
+
+
+# canonical measurement → model attribute (UN/CEFACT common codes for unitCode)
+ATTRS: dict[str, Attr] = {
+    "temperature": Attr("WeatherObserved", "temperature", "CEL"),
+    "humidity": Attr("WeatherObserved", "relativeHumidity", "C62", lambda v: v / 100.0),
+    "pressure": Attr("WeatherObserved", "atmosphericPressure", "A97", lambda v: v / 100.0),
+    "illuminance": Attr("WeatherObserved", "illuminance", "LUX"),
+    "pm1": Attr("AirQualityObserved", "pm1", "GQ"),
+    "pm2_5": Attr("AirQualityObserved", "pm25", "GQ"),
+    "pm4": Attr("AirQualityObserved", "pm4", "GQ"),
+    "pm10": Attr("AirQualityObserved", "pm10", "GQ"),
+    "co2": Attr("AirQualityObserved", "co2", "59"),
+    "LAeq": Attr("NoiseLevelObserved", "LAeq", "2N"),
+    "LAmax": Attr("NoiseLevelObserved", "LAmax", "2N"),
+    "lamp_power": Attr("Streetlight", "powerConsumption", "WTT"),
+    "lamp_voltage": Attr("Streetlight", "voltage", "VLT"),
+    "lamp_current": Attr("Streetlight", "current", "AMP"),
+}
+# the Device model's controlledProperty vocabulary
+CONTROLLED = {"temperature": "temperature", "humidity": "humidity",
+              "pressure": "atmosphericPressure", "illuminance": "light", "pm1": "airPollution",
+              "pm2_5": "airPollution", "pm4": "airPollution", "pm10": "airPollution",
+              "co2": "airPollution", "LAeq": "noiseLevel", "LAmax": "noiseLevel",
+              "lamp_power": "power", "lamp_voltage": "power", "lamp_current": "power",
+              "battery": "batterySupply"}
+# node health goes on the Device entity under these names
+HEALTH = {"battery": ("batteryVoltage", "VLT"), "uptime": ("uptime", "SEC"),
+          "heap_free": ("heapFree", "AD"), "outbox": ("outboxDepth", None)}
+
+
+def iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _datetime(t: float) -> dict[str, str]:
+    return {"@type": "DateTime", "@value": iso(t)}
+
+
+def _prop(value: Any, t: float, unit: str | None = None) -> dict[str, Any]:
+    p: dict[str, Any] = {"type": "Property", "value": value, "observedAt": iso(t)}
+    if unit:
+        p["unitCode"] = unit
+    return p
+
+
+def entity_id(model: str, node: str, meta: NodeMeta) -> str:
+    if model == "Streetlight" and meta.pole:
+        return f"urn:ngsi-ld:Streetlight:lantern:pole-{meta.pole}"
+    return f"urn:ngsi-ld:{model}:lantern:{node}"
+
+
+def split_name(n: str) -> tuple[str, str]:
+    """(node id, measurement) of a resolved SenML name urn:dev:lantern:<node>:<measurement>."""
+    prefix = "urn:dev:lantern:"
+    if not n.startswith(prefix) or n.count(":") < 4:
+        raise ValueError(f"not a Lantern reading name: {n!r}")
+    node, measurement = n[len(prefix):].split(":", 1)
+    return node, measurement
+
+
+def entities(records: Iterable[dict[str, Any]],
+             nodes: dict[str, NodeMeta]) -> list[dict[str, Any]]:
+    """Entities for resolved SenML records; one per (node, model, observation time)."""
+    groups: defaultdict[tuple[str, str, float], dict[str, Any]] = defaultdict(dict)
+    controlled: defaultdict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if "v" not in r:
+            continue
+        node, measurement = split_name(r["n"])
+        if measurement in CONTROLLED:
+            controlled[node].add(CONTROLLED[measurement])
+        t = float(r["t"])
+        attr = ATTRS.get(measurement)
+        if attr is not None:
+            group = groups[(node, attr.model, t)]
+            group[attr.name] = _prop(attr.convert(r["v"]), t, attr.unit_code)
+            if attr.model == "Streetlight" and measurement == "lamp_power":
+                group["powerState"] = _prop("on" if r["v"] > LAMP_ON_W else "off", t)
+        elif measurement in HEALTH:
+            name, unit = HEALTH[measurement]
+            groups[(node, "Device", t)][name] = _prop(r["v"], t, unit)
+    out = []
+    for (node, model, t), attrs in sorted(groups.items(), key=lambda kv: kv[0][2]):
+        meta = nodes.get(node, NodeMeta())
+        e: dict[str, Any] = {"id": entity_id(model, node, meta), "type": model, **attrs}
+        if meta.lat is not None and meta.lon is not None:
+            e["location"] = {"type": "GeoProperty",
+                             "value": {"type": "Point", "coordinates": [meta.lon, meta.lat]}}
+        if model == "NoiseLevelObserved":
+            e["dateObservedFrom"] = _prop(_datetime(t - meta.interval_s), t)
+            e["dateObservedTo"] = _prop(_datetime(t), t)
+        elif model == "Streetlight":
+            e["status"] = _prop("ok", t)
+            if meta.pole:
+                e["streetPoleNum"] = _prop(meta.pole, t)
+        elif model == "Device":
+            e["controlledProperty"] = _prop(sorted(controlled[node]) or ["temperature"], t)
+            e["dateLastValueReported"] = _prop(_datetime(t), t)
+            e["deviceState"] = _prop("ok", t)
+        if model != "Device":
+            # Streetlight names its observation time differently from the observed models
+            e["observationDateTime" if model == "Streetlight" else "dateObserved"] = _prop(
+                _datetime(t), t)
+            device = f"urn:ngsi-ld:Device:lantern:{node}"
+            # Streetlight's model takes a list of devices; the observed models take one
+            e["refDevice"] = {"type": "Relationship",
+                              "object": [device] if model == "Streetlight" else device}
+        e["@context"] = CONTEXTS
+        out.append(e)
+    return out
+
+
+def rounds(ents: list[dict[str, Any]], max_batch: int = MAX_BATCH) -> list[list[dict[str, Any]]]:
+    """Upsert requests in time order, each holding an entity id at most once and ≤ max_batch.
+
+    Two observations of one entity in one request would leave their order to the broker.
+    """
+    out: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    ids: set[str] = set()
+    for e in ents:
+        if e["id"] in ids or len(current) >= max_batch:
+            out.append(current)
+            current, ids = [], set()
+        current.append(e)
+        ids.add(e["id"])
+    if current:
+        out.append(current)
+    return out
+
+
+def key_values(entity: dict[str, Any]) -> dict[str, Any]:
+    """The key-values form the Smart Data Models schemas validate (their README's recipe)."""
+    kv: dict[str, Any] = {}
+    for k, v in entity.items():
+        if k == "@context":
+            continue
+        if isinstance(v, dict) and v.get("type") in ("Property", "GeoProperty"):
+            val = v["value"]
+            kv[k] = val["@value"] if isinstance(val, dict) and "@value" in val else val
+        elif isinstance(v, dict) and v.get("type") == "Relationship":
+            kv[k] = v["object"]
+        else:
+            kv[k] = v
+    return kv

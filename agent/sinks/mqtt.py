@@ -1,0 +1,105 @@
+"""MQTT sink: one message per reading, QoS 1, persistent session, clean reconnects.
+
+Topic from a template per node and measurement; payload SenML-JSON or SenML-CBOR (a
+one-record pack with the reading's id). A batch counts as delivered only when the broker
+has acknowledged (PUBACK) every message in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from typing import Any
+
+import aiomqtt
+import cbor2
+
+from ..config import MqttSinkConfig
+from ..ngsi import split_name
+from ..store import Batch
+from .http import DeliveryError
+
+log = logging.getLogger("lantern.sink.mqtt")
+
+# SenML CBOR labels for the one-record packs (RFC 8428 §6)
+_CBOR_LABELS = {"n": 0, "u": 1, "v": 2, "vs": 3, "vb": 4, "t": 6}
+
+
+def payload(record: dict[str, Any], kind: str) -> bytes:
+    """One reading as a SenML pack of one record, keeping its stable id."""
+    if kind == "senml+cbor":
+        rec: dict[Any, Any] = {_CBOR_LABELS[k]: v for k, v in record.items()
+                               if k in _CBOR_LABELS}
+        # the id rides as a string extension label; SenML-CBOR has no label for it
+        rec["id"] = record["id"]
+        return bytes(cbor2.dumps([rec], canonical=True))
+    return json.dumps([record], separators=(",", ":")).encode()
+
+
+class MqttSink:
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttSinkConfig) -> None:
+        self.cfg = cfg
+        self._client: aiomqtt.Client | None = None
+        self._password = cfg.password_file.read_text().strip() if cfg.password_file else None
+        self.last_latency_s: float | None = None
+        self.connects = 0
+
+    async def __aenter__(self) -> MqttSink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._disconnect()
+
+    def _new_client(self) -> aiomqtt.Client:
+        tls = None
+        if self.cfg.tls:
+            tls = ssl.create_default_context(cafile=str(self.cfg.ca_file) if self.cfg.ca_file
+                                             else None)
+        # persistent session (clean_session False + a stable client id): the broker keeps
+        # our QoS 1 state across reconnects
+        return aiomqtt.Client(self.cfg.host, self.cfg.port, identifier=self.cfg.client_id,
+                              username=self.cfg.username, password=self._password,
+                              clean_session=False, tls_context=tls,
+                              timeout=self.cfg.timeout_s, keepalive=30)
+
+    async def _connect(self) -> aiomqtt.Client:
+        if self._client is None:
+            client = self._new_client()
+            try:
+                await client.__aenter__()
+            except aiomqtt.MqttError as e:
+                raise DeliveryError(f"MQTT connect to {self.cfg.host}:{self.cfg.port}: {e}") \
+                    from None
+            self._client = client
+            self.connects += 1
+        return self._client
+
+    async def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await client.__aexit__(None, None, None)
+
+    async def send(self, batch: Batch) -> None:
+        client = await self._connect()
+        t0 = time.monotonic()
+        try:
+            pubs = []
+            for raw in batch.records:
+                record = json.loads(raw)
+                node, measurement = split_name(record["n"])
+                topic = self.cfg.topic.format(node=node, measurement=measurement)
+                pubs.append(client.publish(topic, payload(record, self.cfg.payload), qos=1,
+                                           timeout=self.cfg.timeout_s))
+            await asyncio.gather(*pubs)
+        except (aiomqtt.MqttError, TimeoutError) as e:
+            await self._disconnect()
+            raise DeliveryError(f"MQTT publish to {self.cfg.host}:{self.cfg.port}: {e}") \
+                from None
+        self.last_latency_s = time.monotonic() - t0

@@ -1,0 +1,285 @@
+// Lantern status page: polls the gateway's own API, draws everything itself (no libraries,
+// no CDN: the cabinet may have no internet). Readings are fetched incrementally per node
+// (?since= the last sample time seen), so a refresh costs only what is new.
+"use strict";
+
+const REFRESH_MS = 2000;
+const DIAGNOSTIC = ["uptime", "heap_free", "heap_peak", "cycle_ms", "outbox"];
+const state = {
+  window: 900,
+  nodes: new Map(),  // id → {series: Map(name → [{t, v}]), unit: Map, text: Map, since, gaps, open, interval}
+  refreshes: 0,
+};
+
+function token() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) sessionStorage.setItem("lantern-token", decodeURIComponent(m[1]));
+  return sessionStorage.getItem("lantern-token");
+}
+
+async function get(path) {
+  const headers = {};
+  const t = token();
+  if (t) headers.Authorization = "Bearer " + t;
+  const r = await fetch(path, {headers, cache: "no-store"});
+  if (r.status === 401) throw new Error("this gateway wants a token: open this page as …/#token=YOUR_TOKEN");
+  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+  return r.json();
+}
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) if (c != null) e.append(c);
+  return e;
+}
+
+function svg(tag, attrs) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  return e;
+}
+
+function ago(s) {
+  if (s == null) return "never";
+  if (s < 1) return "just now";
+  if (s < 90) return s.toFixed(0) + " s ago";
+  if (s < 5400) return (s / 60).toFixed(0) + " min ago";
+  if (s < 172800) return (s / 3600).toFixed(1) + " h ago";
+  return (s / 86400).toFixed(0) + " d ago";
+}
+
+function bytes(n) {
+  if (n < 1024) return n + " B";
+  if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+  return (n / 1048576).toFixed(1) + " MiB";
+}
+
+function fmt(v) {
+  if (typeof v !== "number") return String(v);
+  const a = Math.abs(v);
+  return Number.isInteger(v) ? String(v) : a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(2);
+}
+
+function dl(target, rows) {
+  const d = document.getElementById(target);
+  d.replaceChildren();
+  for (const [label, value, cls, field] of rows) {
+    d.append(el("dt", {text: label}), el("dd", {text: value, class: cls || "", "data-field": field || ""}));
+  }
+}
+
+function renderHealth(st) {
+  document.getElementById("summary").textContent = st.summary;
+  const q = st.queue;
+  const age = q.oldest_age_s;
+  dl("queue", [
+    ["waiting", String(q.readings), q.readings > 0 && age > 60 ? "warn" : "", "readings"],
+    ["bytes", bytes(q.bytes), "", "bytes"],
+    ["oldest", age == null ? "—" : ago(age).replace(" ago", ""), age > 300 ? "bad" : age > 60 ? "warn" : "ok", "oldest"],
+    ["on disk", bytes(q.store_file_bytes), "", "disk"],
+    ["evicted", String(q.evictions), q.evictions ? "bad" : "", "evictions"],
+    ["dead letters", String(q.dead_letters), q.dead_letters ? "warn" : "", "dead-letters"],
+  ]);
+  const up = [];
+  for (const [sink, s] of Object.entries(st.upstream)) {
+    up.push([sink, s.state, s.state === "ok" ? "ok" : s.state === "failing" ? "bad" : "", "sink-" + sink]);
+    for (const outcome of ["ok", "error"]) {
+      const l = st.upstream_latency[sink + ":" + outcome];
+      if (l && l.count) up.push([outcome === "ok" ? "mean latency" : "failed attempts",
+        outcome === "ok" ? (1000 * l.sum_s / l.count).toFixed(0) + " ms" : String(l.count),
+        outcome === "ok" ? "" : "warn", "latency-" + sink + "-" + outcome]);
+    }
+  }
+  up.push(["delivered", String(st.counters.readings_delivered), "", "delivered"]);
+  dl("upstream", up);
+  dl("links", st.links.map((l) => [l.name, (l.up ? "up" : "DOWN") + " · " + bytes(l.bytes_in) + " in",
+    l.up ? "ok" : "bad", "link"]));
+  const c = st.counters;
+  const received = Object.values(c.frames_received).reduce((a, b) => a + b, 0);
+  const rejected = Object.entries(c.frames_rejected);
+  const rows = [["received", String(received), "", "received"]];
+  rows.push(["rejected", String(rejected.reduce((a, [, n]) => a + n, 0)), rejected.length ? "warn" : "", "rejected"]);
+  for (const [why, n] of rejected) rows.push(["  " + why, String(n), "warn", "rejected-" + why]);
+  rows.push(["duplicates", String(Object.values(c.duplicates).reduce((a, b) => a + b, 0)), "", "duplicates"]);
+  dl("frames", rows);
+}
+
+function nodeState(id) {
+  if (!state.nodes.has(id)) {
+    state.nodes.set(id, {series: new Map(), unit: new Map(), text: new Map(), since: null,
+      gaps: new Map(), open: null, interval: null});
+  }
+  return state.nodes.get(id);
+}
+
+function flagsOf(n, ns) {
+  const out = [...n.flags];
+  if (ns.gaps.size || ns.open) out.push("gap");
+  return out;
+}
+
+function flagClass(f) {
+  if (f === "never seen") return "flag never";
+  return "flag " + f.split(/[ :]/)[0];
+}
+
+function renderNodes(data) {
+  const body = document.querySelector("#nodes tbody");
+  body.replaceChildren();
+  for (const n of data.nodes) {
+    const ns = nodeState(n.id);
+    const flags = flagsOf(n, ns);
+    const bat = n.battery ? fmt(n.battery.v) + (n.battery.u ? " " + n.battery.u : "") : "—";
+    const tr = el("tr", {"data-node": n.id, "data-flagged": flags.length ? "1" : "0"},
+      el("td", {text: n.id, "data-field": "id"}),
+      el("td", {text: ago(n.age_s), "data-field": "last-seen", "data-age": n.age_s == null ? "" : String(n.age_s),
+        title: n.last_seen ? new Date(n.last_seen * 1000).toLocaleString() : "never"}),
+      el("td", {text: n.link || "—", "data-field": "link"}),
+      el("td", {text: bat, class: "num", "data-field": "battery"}),
+      el("td", {text: n.outbox == null ? "—" : String(n.outbox), class: "num", "data-field": "outbox"}),
+      el("td", {text: String(n.frames_received), class: "num", "data-field": "frames"}),
+      el("td", {"data-field": "flags"}, ...(flags.length ? flags.map((f) => el("span", {class: flagClass(f), text: f}))
+        : [el("span", {class: "flag none", text: "ok"})])));
+    body.append(tr);
+  }
+}
+
+function merge(id, r, now) {
+  const ns = nodeState(id);
+  for (const x of r.readings) {
+    if (typeof x.v === "number") {
+      if (!ns.series.has(x.n)) ns.series.set(x.n, []);
+      ns.series.get(x.n).push({t: x.t, v: x.v});
+      if (x.u) ns.unit.set(x.n, x.u);
+    } else {
+      ns.text.set(x.n, x.vs ?? x.vb ?? x.vd);
+    }
+  }
+  ns.since = r.next_since;
+  ns.interval = r.interval_s;
+  ns.open = null;
+  for (const [a, b] of r.gaps) {
+    if (b == null) ns.open = a; else ns.gaps.set(a, b);
+  }
+  const horizon = now - state.window;
+  for (const [name, pts] of ns.series) {
+    const keep = pts.filter((p) => p.t >= horizon);
+    if (keep.length) ns.series.set(name, keep); else ns.series.delete(name);
+  }
+  for (const [a, b] of ns.gaps) if (b < horizon) ns.gaps.delete(a);
+}
+
+function spark(id, name, pts, ns, now) {
+  const W = 200, H = 34, P = 3;
+  const t0 = now - state.window;
+  const vs = pts.map((p) => p.v);
+  let lo = Math.min(...vs), hi = Math.max(...vs);
+  if (hi === lo) { hi += 0.5; lo -= 0.5; }
+  const x = (t) => ((t - t0) / state.window) * W;
+  const y = (v) => H - P - ((v - lo) / (hi - lo)) * (H - 2 * P);
+  const s = svg("svg", {class: "spark", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
+    "data-node": id, "data-name": name, "data-points": String(pts.length)});
+  const gaps = [...ns.gaps].map(([a, b]) => [a, b]);
+  if (ns.open != null) gaps.push([ns.open, now]);
+  for (const [a, b] of gaps) {
+    const r = svg("rect", {class: "gap", x: Math.max(0, x(a)).toFixed(1), y: 0,
+      width: Math.max(2, x(b) - Math.max(0, x(a))).toFixed(1), height: H,
+      "data-from": String(a), "data-to": String(b)});
+    const title = svg("title");
+    title.textContent = `no readings for ${Math.round(b - a)} s from ${new Date(a * 1000).toLocaleTimeString()}`;
+    r.append(title);
+    s.append(r);
+  }
+  // one polyline per stretch without a gap: a line across a gap would invent readings
+  let seg = [];
+  const flush = () => {
+    if (seg.length > 1) s.append(svg("polyline", {points: seg.join(" ")}));
+    else if (seg.length === 1) { const [cx, cy] = seg[0].split(","); s.append(svg("circle", {cx, cy, r: 1.5})); }
+    seg = [];
+  };
+  let prev = null;
+  for (const p of pts) {
+    if (prev && gaps.some(([a, b]) => prev.t <= a && p.t >= b)) flush();
+    seg.push(x(p.t).toFixed(1) + "," + y(p.v).toFixed(1));
+    prev = p;
+  }
+  flush();
+  return s;
+}
+
+function order(names) {
+  const main = names.filter((n) => !DIAGNOSTIC.includes(n)).sort();
+  return main.concat(DIAGNOSTIC.filter((n) => names.includes(n)));
+}
+
+function renderSparks(data, now) {
+  const box = document.getElementById("sparks");
+  box.replaceChildren();
+  for (const n of data.nodes) {
+    const ns = nodeState(n.id);
+    const card = el("div", {class: "node-card", "data-node": n.id},
+      el("h3", {}, n.id, el("span", {class: "muted small", text: ns.interval ? `every ${fmt(ns.interval)} s` : ""}),
+        ...flagsOf(n, ns).map((f) => el("span", {class: flagClass(f), text: f}))));
+    for (const name of order([...ns.series.keys()])) {
+      const pts = ns.series.get(name);
+      const last = pts[pts.length - 1];
+      const vs = pts.map((p) => p.v);
+      const unit = ns.unit.get(name) || "";
+      card.append(el("div", {class: "meas", "data-name": name},
+        el("span", {class: "name", text: name, title: name}),
+        spark(n.id, name, pts, ns, now),
+        el("span", {class: "value", "data-field": "value", "data-value": String(last.v)},
+          fmt(last.v) + (unit ? " " + unit : ""),
+          el("span", {class: "range", text: `${fmt(Math.min(...vs))} – ${fmt(Math.max(...vs))}`}))));
+    }
+    for (const [name, v] of ns.text) {
+      card.append(el("div", {class: "meas", "data-name": name}, el("span", {class: "name", text: name}),
+        el("span", {}), el("span", {class: "value", text: String(v)})));
+    }
+    if (!ns.series.size && !ns.text.size) card.append(el("p", {class: "muted small", text: "no readings in this window"}));
+    box.append(card);
+  }
+}
+
+async function refresh() {
+  const live = document.getElementById("live");
+  const problem = document.getElementById("problem");
+  try {
+    const [st, nodes] = await Promise.all([get("api/status"), get("api/nodes")]);
+    const now = nodes.now;
+    await Promise.all(nodes.nodes.map(async (n) => {
+      const ns = nodeState(n.id);
+      const since = ns.since ?? now - state.window;
+      let r;
+      do {  // page on while the gateway says more remain
+        r = await get(`api/nodes/${encodeURIComponent(n.id)}/readings?since=${ns.since ?? since}&limit=5000`);
+        merge(n.id, r, now);
+      } while (r.more);
+    }));
+    renderHealth(st);
+    renderNodes(nodes);
+    renderSparks(nodes, now);
+    state.refreshes += 1;
+    live.dataset.state = "live";
+    live.dataset.refreshes = String(state.refreshes);
+    live.textContent = "live";
+    document.getElementById("updated").textContent = "updated " + new Date(now * 1000).toLocaleTimeString();
+    problem.hidden = true;
+  } catch (e) {
+    live.dataset.state = "offline";
+    live.textContent = "gateway not answering";
+    problem.textContent = e.message;
+    problem.hidden = false;
+  }
+  setTimeout(refresh, REFRESH_MS);
+}
+
+document.getElementById("window").addEventListener("change", (ev) => {
+  state.window = Number(ev.target.value);
+  state.nodes.clear();  // refetch the whole new window
+});
+state.window = Number(document.getElementById("window").value);
+refresh();
