@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -18,16 +19,46 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None,
+                 tls_user: tuple[str, str] | None = None) -> None:
+        """A broker; with tls_user=(user, password) it takes only TLS and that login."""
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         # persistence on: the broker keeps persistent sessions across its own restarts
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n")
+        # `user root`: as root mosquitto would switch to its own user, who cannot read the
+        # test's private temp dirs
+        conf = (f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\npersistence true\n"
+                f"persistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n")
+        if tls_user:
+            self._make_certs()
+            pw = workdir / "passwd"
+            subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), *tls_user], check=True,
+                           capture_output=True)
+            conf += (f"allow_anonymous false\npassword_file {pw}\ncafile {self.ca}\n"
+                     f"certfile {workdir}/server.pem\nkeyfile {workdir}/server.key\n")
+        else:
+            conf += "allow_anonymous true\n"
+        self.conf.write_text(conf)
+
+    def _make_certs(self) -> None:
+        """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+        d = self.workdir
+        self.ca = d / "ca.pem"
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=lantern-test-ca", "-keyout", str(d / "ca.key"), "-out", str(self.ca))
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(self.ca), "-CAkey",
+            str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(d / "san.ext"),
+            "-out", str(d / "server.pem"))
 
     def start(self) -> None:
         assert Path(MOSQUITTO).exists(), "mosquitto missing: `make test` installs it"

@@ -116,3 +116,30 @@ async def test_broker_down_is_a_delivery_error_then_reconnects(tmp_path: Path) -
             assert sink.connects == 2
         finally:
             m.stop()
+
+
+async def test_tls_and_credentials(tmp_path: Path) -> None:
+    m = Mosquitto(tmp_path / "tls", tls_user=("lantern", "pa55word"))
+    m.start()
+    try:
+        pw = tmp_path / "mqtt.password"
+        pw.write_text("pa55word\n")
+        pw.chmod(0o600)
+        ok = MqttSinkConfig(host="127.0.0.1", port=m.port, tls=True, ca_file=m.ca,
+                            username="lantern", password_file=pw, timeout_s=5)
+        async with MqttSink(ok) as sink:
+            await sink.send(batch(records()))
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("nope\n")
+        bad = MqttSinkConfig(host="127.0.0.1", port=m.port, tls=True, ca_file=m.ca,
+                             username="lantern", password_file=wrong, timeout_s=5)
+        async with MqttSink(bad) as sink:
+            with pytest.raises(DeliveryError):
+                await sink.send(batch(records()))
+        no_tls = MqttSinkConfig(host="127.0.0.1", port=m.port, username="lantern",
+                                password_file=pw, timeout_s=2)
+        async with MqttSink(no_tls) as sink:
+            with pytest.raises(DeliveryError):
+                await sink.send(batch(records()))
+    finally:
+        m.stop()
