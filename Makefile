@@ -7,8 +7,13 @@ BUILD := .build
 MP := $(BUILD)/micropython/unix/micropython
 APT_PACKAGES := build-essential pkg-config libffi-dev libmbedtls-dev patch xz-utils ca-certificates \
                 python3-venv python3-dev mosquitto
+# status page tests drive Debian's headless Chromium; the unit is checked by systemd-analyze
+APT_PACKAGES += chromium systemd
 
 .PHONY: all demo test test-unit test-hil lint micropython deps venv clean distclean
+.PHONY: install
+.PHONY: bench node-red
+.PHONY: qemu-image soak
 
 all: test
 
@@ -17,8 +22,13 @@ demo: venv micropython
 	$(BIN)/lantern demo --nodes $(or $(NODES),3)
 
 ## test: install everything the tests need, then run every tier that can run here
-test: venv micropython lint
+test: venv micropython node-red qemu-image lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## install: the gateway as a systemd service, as root (docs/gateway.md): /opt/lantern,
+## /etc/lantern/{gateway,keys}.toml, user lantern, lantern-gateway.service
+install:
+	packaging/install.sh
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests
@@ -26,9 +36,78 @@ test-unit: venv
 test-hil: venv micropython
 	$(BIN)/python -m pytest -q hil_tests
 
-lint: venv
+## bench: throughput, latency, memory and bytes on the wire, side by side with Node-RED and
+## the line rate (docs/benchmarks.md); prints one JSON object, writes bench/results.json
+bench: venv micropython node-red
+	@$(BIN)/python -m bench.run --out bench/results.json
+
+## node-red: the benchmark's peer, from npm with the machine's Node.js, cached in .build/node-red
+NODE_RED := $(BUILD)/node-red/node_modules/node-red/red.js
+node-red: $(NODE_RED)
+$(NODE_RED): bench/node-red/package.json $(BUILD)/stamp-apt
+	@command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq -o DPkg::Lock::Timeout=300 nodejs npm >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 nodejs npm; }; }
+	mkdir -p $(BUILD)/node-red
+	cp bench/node-red/package.json $(BUILD)/node-red/package.json
+	cd $(BUILD)/node-red && npm install --no-audit --no-fund --omit=dev --loglevel=error
+	@touch $@
+
+## the firmware against the ESP32 port's API: micropython-esp32-stubs (the MicroPython release
+## we build) over micropython-stdlib-stubs, assembled as a typeshed so CPython's stdlib stays out
+## (an import of a CPython-only module fails). The unix and qemu HALs are the simulated boards':
+## they are followed silently. [misc] is off for the `const` fallback every module defines.
+MPY_TYPESHED := $(BUILD)/mpy-typeshed
+FIRMWARE_TYPED = firmware/main.py $(filter-out firmware/node/hal/unix.py firmware/node/hal/qemu.py,\
+                 $(shell find firmware/node -name '*.py'))
+$(MPY_TYPESHED)/.stamp: $(BIN)/.stamp
+	rm -rf $(MPY_TYPESHED) && mkdir -p $(MPY_TYPESHED)/stubs
+	sp=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	cp -r $$sp/stdlib $(MPY_TYPESHED)/stdlib && \
+	cp -r $$sp/mypy/typeshed/stubs/mypy-extensions $(MPY_TYPESHED)/stubs/ && \
+	record=$$(ls $$sp/micropython_esp32_stubs-*.dist-info/RECORD) && \
+	for f in $$(grep -o '^[^,]*\.pyi' $$record); do \
+	    mkdir -p $(MPY_TYPESHED)/stdlib/$$(dirname $$f) && cp $$sp/$$f $(MPY_TYPESHED)/stdlib/$$f; \
+	done && \
+	for m in $$(grep -o '^[^,]*\.pyi' $$record | sed 's#/.*##; s#\.pyi$$##' | sort -u); do \
+	    grep -q "^$$m:" $(MPY_TYPESHED)/stdlib/VERSIONS || echo "$$m: 3.0-" >> $(MPY_TYPESHED)/stdlib/VERSIONS; \
+	done
+	@touch $@
+
+lint: venv $(MPY_TYPESHED)/.stamp
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy --config-file= --custom-typeshed-dir $(MPY_TYPESHED) --python-version 3.11 \
+	    --no-site-packages --follow-imports=silent --disable-error-code misc $(FIRMWARE_TYPED)
+
+## qemu-image: the node firmware frozen into MicroPython's qemu port (mps2-an385, Cortex-M3,
+## ESP32-sized heap), .build/qemu/firmware.elf (docs/qemu.md)
+qemu-image: $(MP) $(BUILD)/stamp-apt-qemu
+	@if [ -e $(QEMU_UNAVAILABLE) ]; then \
+	    echo "!!!!!! qemu-image NOT BUILT, THE QEMU TIER WILL BE SKIPPED: $$(cat $(QEMU_UNAVAILABLE))"; \
+	else scripts/build-qemu-image.sh; fi
+
+## soak: 30 minutes of compressed operation on the QEMU board (slow: not part of `make test`)
+soak: venv qemu-image
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -rP hil_tests/test_qemu.py
+
+# The QEMU tier's tools, apart from APT_PACKAGES: where apt cannot provide them, every other
+# tier still runs, and the QEMU tier is skipped saying why (hil_tests/test_qemu.py).
+QEMU_APT_PACKAGES := qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi
+QEMU_UNAVAILABLE := $(BUILD)/qemu/UNAVAILABLE
+$(BUILD)/stamp-apt-qemu: $(BUILD)/stamp-apt
+	@mkdir -p $(BUILD)/qemu
+	@missing=$$(for p in $(QEMU_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq -o DPkg::Lock::Timeout=300 $$missing >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 $$missing; } || \
+	    { echo "apt-get could not install $$missing" > $(QEMU_UNAVAILABLE); \
+	      echo "!!!!!! apt-get could not install $$missing: THE QEMU TIER WILL BE SKIPPED"; \
+	      exit 0; }; \
+	fi; rm -f $(QEMU_UNAVAILABLE); touch $@
 
 micropython: $(MP)
 $(MP): scripts/build-micropython.sh $(BUILD)/stamp-apt

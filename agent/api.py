@@ -36,6 +36,9 @@ DEFAULT_WINDOW_S = 3600.0
 STATIC = ("index.html", "status.js", "status.css")
 BATTERY = ("battery", "battery_pct", "battery_v", "supply_v")  # first one a node reports
 OUTBOX_DEEP = 20  # frames waiting on a node before the table flags it
+# "<name>.q" records carry a reading's quality bits (firmware/node/sampler.py); "stale" (the
+# chip's cadence is slower than the interval) is normal and not raised as a flag
+QUALITY_BITS = ("warmup", "range", None, "stuck", "crc", "nack", "timeout", "failed", "absent")
 
 
 class Named(Protocol):
@@ -59,16 +62,20 @@ class GatewayView:
     links: Sequence[Named]
     upstreams: Sequence[Upstream]
     store_files: Sequence[Path] = ()
-    _cache: tuple[float, dict[str, Any]] | None = None
+    _cache: tuple[float, dict[str, Any]] | None = None  # (valid until, overview)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def overview(self) -> dict[str, Any]:
         """The store's view, at most OVERVIEW_TTL_S old, one query however many clients ask."""
         async with self._lock:
-            if self._cache and time.monotonic() - self._cache[0] < OVERVIEW_TTL_S:
+            if self._cache and time.monotonic() < self._cache[0]:
                 return self._cache[1]
+            t0 = time.monotonic()
             ov = await self.store.overview()
-            self._cache = (time.monotonic(), ov)
+            # a long backlog makes the queue scan slow: then ask less often, so that the
+            # store's thread stays free for commits (at most ~5% of it goes to this)
+            took = time.monotonic() - t0
+            self._cache = (time.monotonic() + max(OVERVIEW_TTL_S, 20 * took), ov)
             return ov
 
     def links_up(self) -> dict[str, bool]:
@@ -79,6 +86,7 @@ class GatewayView:
 
     def gauges(self, ov: dict[str, Any]) -> Gauges:
         files = 0
+        cap = getattr(self.store, "cap", None)  # the disk cap, when the store has one
         for p in self.store_files:
             with contextlib.suppress(OSError):
                 files += p.stat().st_size
@@ -89,7 +97,11 @@ class GatewayView:
             link_bytes={link.name: (int(getattr(link, "bytes_in", 0)),
                                     int(getattr(link, "bytes_out", 0))) for link in self.links},
             upstream_up=self.upstream(), last_seen=self.last_seen(ov),
-            nodes_configured=len(self.node_ids))
+            nodes_configured=len(self.node_ids),
+            evictions=int(getattr(cap, "evicted", 0)),
+            history_trimmed=int(getattr(cap, "history_trimmed", 0)),
+            paused=bool(getattr(cap, "paused", False)),
+            cap_bytes=int(getattr(cap, "max_bytes", 0)))
 
     def last_seen(self, ov: dict[str, Any]) -> dict[str, float]:
         """Newest of what this run saw and what the store remembers from earlier runs."""
@@ -133,9 +145,15 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
         flags.append("backlog")
     if m.duplicates.get(node):
         flags.append("duplicates")
-    # quality flags ride in the pack as text or boolean records (docs/gateway.md)
+    # quality flags ride in the pack: "<name>.q" bit masks, text or boolean records
+    newest = max((r["t"] for r in latest.values()), default=None)
     for name, r in sorted(latest.items()):
-        if "vs" in r and r["vs"] not in ("", "ok"):
+        if name.endswith(".q"):
+            if r["t"] == newest and isinstance(r.get("v"), int | float):
+                bits = [b for i, b in enumerate(QUALITY_BITS) if b and int(r["v"]) >> i & 1]
+                if bits:
+                    flags.append(f"{name[:-2]}: {', '.join(bits)}")
+        elif "vs" in r and r["vs"] not in ("", "ok"):
             flags.append(f"{name}: {r['vs']}")
         elif r.get("vb") is True:
             flags.append(name)
@@ -238,12 +256,15 @@ class Api:
         links = self.view.links_up()
         up = self.view.upstream()
         ready = store_ok and any(links.values())
-        degraded = (not all(links.values())) or any(v is False for v in up.values())
+        paused = bool(getattr(getattr(self.view.store, "cap", None), "paused", False))
+        degraded = (not all(links.values()) or any(v is False for v in up.values())
+                    or paused)
         body = {
             "status": "ok" if ready and not degraded else "degraded" if ready else "unready",
             "live": True, "ready": ready,
             "links": {"up": sum(links.values()), "total": len(links), "by_link": links},
             "store": "ok" if store_ok else "not answering",
+            "intake": "paused (queue at its disk cap)" if paused else "open",
             "queue": None if ov is None else {"readings": ov["queue_readings"],
                                               "oldest_age_s": ov["oldest_age_s"]},
             "upstream": {s: "unknown" if ok is None else "ok" if ok else "failing"
@@ -267,7 +288,8 @@ class Api:
             "summary": await v.summary(),
             "queue": {"readings": g.queue_readings, "bytes": g.queue_bytes,
                       "oldest_age_s": g.oldest_age_s, "store_file_bytes": g.store_file_bytes,
-                      "dead_letters": ov["dead_letters"], "evictions": m.evictions},
+                      "dead_letters": ov["dead_letters"], "evictions": g.evictions,
+                      "paused": g.paused, "cap_bytes": g.cap_bytes},
             "upstream": {s: {"state": "unknown" if ok is None else "ok" if ok else "failing"}
                          for s, ok in g.upstream_up.items()},
             "upstream_latency": latency,

@@ -23,6 +23,8 @@ def describe(cfg: Any) -> str:
              + (f" (bearer token from {api.token_file})" if api.token_file else ""),
              f"  history: {cfg.history.keep_hours:g} h, at most {cfg.history.max_readings} "
              "readings"]
+    if (q := getattr(cfg, "queue", None)) is not None:
+        lines.insert(4, f"  queue:   at most {q.max_mb:g} MiB on disk, then {q.policy}")
     return "\n".join(lines)
 
 
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
     demo.add_argument("--dir", type=Path, default=Path(".build/demo"))
 
+    from tools import diag, provision  # field tools (docs/field-tools.md)
+
+    diag.add_parser(sub)
+    provision.add_parser(sub)
+
     args = p.parse_args(argv)
     from .logsetup import setup as setup_logging
 
@@ -59,12 +66,19 @@ def main(argv: list[str] | None = None) -> int:
             keys = load_keys(cfg.keys_file)
             print(f"{args.config}: OK ({len(cfg.serial)} serial links, {len(keys)} node keys)")
             print(describe(cfg))
+        elif args.cmd == "diag":
+            return diag.main(args)
+        elif args.cmd == "provision":
+            return provision.main(args)
         elif args.cmd == "demo":
             from tools.demo import main as demo_main
 
             return demo_main(args.nodes, args.interval, args.seconds, args.dir)
     except ConfigError as e:
-        print(f"lantern: {e}", file=sys.stderr)
+        from .logsetup import under_journald
+
+        # under systemd the journal files it as an error (<3>), like every other line
+        print(("<3>" if under_journald() else "") + f"lantern: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -25,6 +25,33 @@ class SerialLinkConfig:
 
 
 @dataclass(frozen=True)
+class BleDeviceConfig:
+    """A third-party BTHome sensor whose adverts become readings ([[links.ble.devices]])."""
+
+    address: str
+    name: str
+    bindkey: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BleLinkConfig:
+    """One Bluetooth adapter ([[links.ble]]); docs/ble.md explains each setting."""
+
+    adapter: str = "hci0"
+    max_connections: int = 3
+    scanning_mode: str = "passive"
+    connect_timeout_s: float = 15.0
+    idle_timeout_s: float = 10.0
+    max_session_s: float = 120.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 120.0
+    scan_stall_s: float = 60.0
+    require_encrypted_adverts: bool = True
+    repeat_s: float = 60.0
+    devices: tuple[BleDeviceConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class HttpSinkConfig:
     url: str
     timeout_s: float = 10.0
@@ -68,6 +95,18 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    """The queue's disk cap ([queue]): bytes on disk, and what happens when they run out."""
+
+    max_mb: float = 1024.0
+    policy: str = "pause_intake"  # or "evict_oldest"
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * (1 << 20))
+
+
+@dataclass(frozen=True)
 class HistoryConfig:
     """Delivered readings kept for the status page and /api ([history])."""
 
@@ -90,6 +129,8 @@ class Config:
     nodes: dict[str, NodeMeta] = field(default_factory=dict)
     api: ApiConfig = field(default_factory=ApiConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    ble: tuple[BleLinkConfig, ...] = ()
 
 
 class _Doc:
@@ -178,7 +219,7 @@ def load_config(path: Path | str) -> Config:
     path = Path(path)
     doc = _Doc(path)
     d = doc.data
-    known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history"}
+    known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history", "queue"}
     for k in d:
         if k not in known:
             raise doc.error(k, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -212,7 +253,11 @@ def load_config(path: Path | str) -> Config:
             url=doc.get(h, "url", "sinks.http.url", str, check=_url),
             timeout_s=float(doc.get(h, "timeout_s", "sinks.http.timeout_s", (int, float), 10.0,
                                     _positive)),
-            token_file=base / token if token else None)
+            token_file=base / token if token else None,
+            backoff_initial_s=float(doc.get(h, "backoff_initial_s", "sinks.http.backoff_initial_s",
+                                            (int, float), 0.5, _positive)),
+            backoff_max_s=float(doc.get(h, "backoff_max_s", "sinks.http.backoff_max_s",
+                                        (int, float), 60.0, _positive)))
         if http.token_file:
             check_secret_file(http.token_file, "sinks.http.token_file")
     ngsi_ld = _ngsi_ld(doc, sinks, base)
@@ -222,13 +267,87 @@ def load_config(path: Path | str) -> Config:
             raise doc.error(f"sinks.{k}", "unknown sink; expected http, ngsi_ld or mqtt")
     nodes = _nodes(doc, doc.get(d, "nodes", "nodes", dict, {}))
     api, history = _api(doc, d, base), _history(doc, d)
-    if not serial:
-        raise doc.error("links", "no link configured; add a [[links.serial]] table with a port")
+    ble = _ble(doc, links, base)
+    if not serial and not ble:
+        raise doc.error("links", "no link configured; add a [[links.serial]] table with a port "
+                        "(or [[links.ble]])")
     if http is None and ngsi_ld is None and mqtt is None:
         raise doc.error("sinks", "no sink configured; add [sinks.http] with a url "
                         "(or [sinks.ngsi_ld], [sinks.mqtt])")
     return Config(path, state_dir, keys_file, serial, http, max_records, max_age, log_level,
-                  ngsi_ld, mqtt, nodes, api=api, history=history)
+                  ngsi_ld, mqtt, nodes, api=api, history=history, queue=_queue(doc, d), ble=ble)
+
+
+_BLE_ADDRESS = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+_BLE_FLOATS = ("connect_timeout_s", "idle_timeout_s", "max_session_s", "backoff_initial_s",
+               "backoff_max_s", "scan_stall_s", "repeat_s")
+
+
+def _ble(doc: _Doc, links: dict[str, Any], base: Path) -> tuple[BleLinkConfig, ...]:
+    """[[links.ble]] tables, each with optional [[links.ble.devices]] (third-party BTHome)."""
+    out = []
+    ndev = 0  # device tables are numbered across all [[links.ble]] tables, as in the file
+    for i, b in enumerate(doc.get(links, "ble", "links.ble", list, [])):
+        key = f"links.ble[{i}]"
+        if not isinstance(b, dict):
+            raise doc.error(key, "expected a table ([[links.ble]])")
+        known = {"adapter", "max_connections", "scanning_mode", "require_encrypted_adverts",
+                 "devices", *_BLE_FLOATS}
+        for k in b:
+            if k not in known:
+                raise doc.error(f"{key}.{k}", f"unknown key; expected one of "
+                                f"{', '.join(sorted(known))}")
+        floats = {k: float(doc.get(b, k, f"{key}.{k}", (int, float), getattr(BleLinkConfig, k),
+                                   _positive)) for k in _BLE_FLOATS}
+        devices = []
+        for dv in doc.get(b, "devices", f"{key}.devices", list, []):
+            dkey = f"links.ble.devices[{ndev}]"
+            ndev += 1
+            if not isinstance(dv, dict):
+                raise doc.error(dkey, "expected a table ([[links.ble.devices]])")
+            addr = doc.get(dv, "address", f"{dkey}.address", str,
+                           check=lambda v: None if _BLE_ADDRESS.match(v)
+                           else f"expected an address like \"A4:C1:38:00:11:22\", got {v!r}")
+            name = doc.get(dv, "name", f"{dkey}.name", str,
+                           check=lambda v: None if NODE_ID.match(v)
+                           else "1-32 letters, digits, '.', '_' or '-'")
+            kf = doc.get(dv, "bindkey_file", f"{dkey}.bindkey_file", str, None)
+            bindkey = None
+            if kf:
+                check_secret_file(base / kf, f"{dkey}.bindkey_file")
+                try:
+                    bindkey = bytes.fromhex((base / kf).read_text().strip())
+                except ValueError:
+                    bindkey = b""
+                if len(bindkey) != 16:
+                    raise doc.error(f"{dkey}.bindkey_file",
+                                    f"{base / kf}: expected 32 hex digits (a BTHome bindkey)")
+            devices.append(BleDeviceConfig(addr.upper(), name, bindkey))
+        out.append(BleLinkConfig(
+            adapter=doc.get(b, "adapter", f"{key}.adapter", str, "hci0"),
+            max_connections=doc.get(b, "max_connections", f"{key}.max_connections", int, 3,
+                                    lambda v: None if 1 <= v <= 16 else "must be 1..16"),
+            scanning_mode=doc.get(b, "scanning_mode", f"{key}.scanning_mode", str, "passive",
+                                  lambda v: None if v in ("passive", "active")
+                                  else f"expected \"passive\" or \"active\", got {v!r}"),
+            require_encrypted_adverts=doc.get(b, "require_encrypted_adverts",
+                                              f"{key}.require_encrypted_adverts", bool, True),
+            devices=tuple(devices), **floats))
+    return tuple(out)
+
+
+def _queue(doc: _Doc, d: dict[str, Any]) -> QueueConfig:
+    q = doc.get(d, "queue", "queue", dict, {})
+    for k in q:
+        if k not in ("max_mb", "policy"):
+            raise doc.error(f"queue.{k}", "unknown key; expected max_mb or policy")
+    return QueueConfig(
+        max_mb=float(doc.get(q, "max_mb", "queue.max_mb", (int, float), 1024.0,
+                             lambda v: None if 1 <= v <= 1 << 20
+                             else f"must be 1..1048576 (MiB), got {v}")),
+        policy=doc.get(q, "policy", "queue.policy", str, "pause_intake",
+                       lambda v: None if v in ("pause_intake", "evict_oldest")
+                       else f"expected \"pause_intake\" or \"evict_oldest\", got {v!r}"))
 
 
 def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .api import ApiServer, GatewayView
 from .config import Config, load_config, load_keys
@@ -21,6 +21,9 @@ from .sinks.http import HttpSink
 from .sinks.mqtt import MqttSink
 from .sinks.ngsi_ld import NgsiLdSink
 from .store import Store
+
+if TYPE_CHECKING:
+    from .links.ble import BleBackend
 
 log = logging.getLogger("lantern.gateway")
 
@@ -43,13 +46,15 @@ async def _line(view: GatewayView) -> str:
         return f"store not answering ({e!r})"
 
 
-async def run(cfg: Config) -> None:
+async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
+    """ble_backend: bleak backend classes for [[links.ble]] (tests: a virtual radio)."""
     keys = load_keys(cfg.keys_file)
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store(cfg.state_dir / "queue.sqlite"))
         store.history.keep_s = cfg.history.keep_hours * 3600.0
         store.history.max_rows = cfg.history.max_readings
+        await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
         sinks: list[Any] = []
         if cfg.http:
             sinks.append(await stack.enter_async_context(HttpSink(cfg.http)))
@@ -60,13 +65,20 @@ async def run(cfg: Config) -> None:
         sinks = [TimedSink(s, metrics) for s in sinks]  # upstream latency histogram
         ingest = Ingest(store, keys, metrics)
         await ingest.start()
-        links = [SerialLink(s.port, s.baud, ingest.on_data) for s in cfg.serial]
+        links: list[Any] = [SerialLink(s.port, s.baud, ingest.on_data) for s in cfg.serial]
+        if cfg.ble:
+            from .links.ble import BleLink
+
+            links += [BleLink(b, ingest, keys, store, cfg.state_dir, ble_backend)
+                      for b in cfg.ble]
         forwarders = []
         for sink in sinks:
             ev = asyncio.Event()
             ingest.listeners.append(ev)
+            backoff = ((cfg.http.backoff_initial_s, cfg.http.backoff_max_s)
+                       if cfg.http and sink.name == "http" else (0.5, 60.0))
             forwarders.append(Forwarder(store, sink, metrics, ev, cfg.batch_max_records,
-                                        cfg.batch_max_age_s,
+                                        cfg.batch_max_age_s, *backoff,
                                         all_sinks=[s.name for s in sinks]))
         view = GatewayView(metrics, store, [k.decode() for k in keys], links, forwarders,
                            [store.path, store.path.with_name(store.path.name + "-wal")])

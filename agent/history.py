@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS recent (
     name TEXT NOT NULL,
     t REAL NOT NULL,
     u TEXT,
-    v REAL,
+    v,  -- no declared type: an int stays an int, a float a float
     vs TEXT,
     vb INTEGER,
     vd TEXT,
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS recent_latest (
     name TEXT NOT NULL,
     t REAL NOT NULL,
     u TEXT,
-    v REAL,
+    v,  -- no declared type: an int stays an int, a float a float
     vs TEXT,
     vb INTEGER,
     vd TEXT,
@@ -91,6 +91,10 @@ class History:
             vals = [r.get(k) for k in VALUE_KEYS]
             if vals[2] is not None:
                 vals[2] = int(vals[2])
+            if isinstance(vals[0], int) and not -(1 << 63) <= vals[0] < 1 << 63:
+                # SQLite integers are 64-bit signed; one uint64 value used to fail the whole
+                # group commit (the queue keeps it exact as JSON; this copy is for display)
+                vals[0] = float(vals[0])
             rows.append((node, short_name(node, r["n"]), float(r["t"]), r.get("u"), *vals))
         db.executemany("INSERT INTO recent (node, name, t, u, v, vs, vb, vd, received_at)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*x, now) for x in rows])

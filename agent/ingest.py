@@ -41,6 +41,7 @@ class Ingest:
         self._deframers: dict[str, protocol.Deframer] = {}
         self._logged: set[tuple[str, str]] = set()
         self.committed = asyncio.Event()  # set after each commit, for the forwarder
+        self._store_failing = 0  # commits failed in a row (disk full, read-only): logged once
         self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
 
     async def start(self) -> None:
@@ -67,8 +68,18 @@ class Ingest:
             except FrameError as e:
                 self._reject(link.name, e.kind, str(e))
 
+    def on_frame(self, link: Link, ftype: int, body: bytes) -> None:
+        """Feed one frame (type, body) from a link that frames by itself (BLE: no COBS/CRC)."""
+        try:
+            self._on_frame(link, ftype, body)
+        except FrameError as e:  # AuthError included
+            self._reject(link.name, e.kind, str(e))
+
     def _on_chunk(self, link: Link, chunk: bytes) -> None:
         ftype, body = protocol.decode_frame(chunk)
+        self._on_frame(link, ftype, body)
+
+    def _on_frame(self, link: Link, ftype: int, body: bytes) -> None:
         if ftype != protocol.DATA:
             raise FrameError("unexpected", f"frame type 0x{ftype:02x} from a node")
         m = protocol.parse_mac0(body)
@@ -92,6 +103,10 @@ class Ingest:
             self.metrics.duplicates[node] += 1
             self._ack(link, node, [seq])
             return
+        if self.store.cap.paused:
+            # Not acknowledged, so the node keeps the frame and sends it again later.
+            raise FrameError("queue_full", f"{source}: seq {seq} not taken, the queue is at its "
+                             "disk cap (policy pause_intake)")
         try:
             records = protocol.resolve_pack(m.payload)
         except FrameError as e:
@@ -128,13 +143,22 @@ class Ingest:
                 await self.store.commit([acc for _, acc in batch], windows)
             except Exception as e:
                 self.metrics.store_errors += 1
-                log.error("store: commit of %d frames failed (%s); not acknowledged, nodes will "
-                          "resend", len(batch), e)
+                if self._store_failing == 0:
+                    log.error("store %s: commit failed (%s); frames are not acknowledged, so the "
+                              "nodes keep them and resend; check free space and that the state "
+                              "directory is writable (retrying every second)",
+                              self.store.path, e)
+                self._store_failing += 1
                 for _, acc in batch:
                     self._pending_ids.discard((acc.node, acc.seq))
                 await asyncio.sleep(1.0)
                 continue
             self.metrics.commits += 1
+            self.metrics.evictions = self.store.cap.evicted
+            if self._store_failing:
+                log.warning("store %s: commits work again after %d failed attempts",
+                            self.store.path, self._store_failing)
+                self._store_failing = 0
             self.windows.update(windows)
             by_link: dict[int, Link] = {}
             grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)

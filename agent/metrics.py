@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # Every reason a frame can be refused (agent/protocol.py, agent/ingest.py); exported at 0
 # before the first one so that rate() and alerts work from the start.
 REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
-                  "unknown_node", "replay", "senml", "unexpected")
+                  "unknown_node", "replay", "senml", "unexpected", "queue_full")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -71,7 +71,7 @@ class Metrics:
         self.store_errors = 0
         self.upstream_failures = 0
         self.dead_letters = 0
-        self.evictions = 0  # readings dropped by the disk cap's evict-oldest policy
+        self.evictions = 0  # mirrors store.cap.evicted (agent/diskcap.py) for summaries
         self.nodes: dict[str, NodeSeen] = {}
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
         self.started = time.time()
@@ -114,6 +114,10 @@ class Gauges:
     upstream_up: dict[str, bool | None] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)  # node → unix time
     nodes_configured: int = 0
+    evictions: int = 0  # the disk cap's counters (agent/diskcap.py)
+    history_trimmed: int = 0
+    paused: bool = False
+    cap_bytes: int = 0
 
 
 class LanternCollector(Collector):
@@ -155,9 +159,15 @@ class LanternCollector(Collector):
              m.upstream_failures),
             ("dead_letters", "Authentic frames whose payload could not be decoded",
              m.dead_letters),
-            ("evictions", "Readings evicted by the disk cap before delivery", m.evictions),
         ):
             yield CounterMetricFamily(f"lantern_{name}", doc, value=value)
+        yield CounterMetricFamily("lantern_evictions", "Undelivered readings evicted by the "
+                                  "disk cap (policy evict_oldest)", value=g.evictions)
+        yield CounterMetricFamily("lantern_history_trimmed", "Recent-readings rows dropped to "
+                                  "make room under the disk cap", value=g.history_trimmed)
+        yield _gauge("lantern_queue_paused", "1 while intake is paused at the disk cap "
+                     "(policy pause_intake)", [], 1.0 if g.paused else 0.0)
+        yield _gauge("lantern_queue_cap_bytes", "The disk cap (0: none)", [], g.cap_bytes)
         yield _gauge("lantern_queue_readings", "Readings waiting for upstream", [],
                      g.queue_readings)
         yield _gauge("lantern_queue_bytes", "Bytes of readings waiting for upstream", [],

@@ -182,7 +182,10 @@ def encode_ack(key: bytes, kid: bytes, seqs: list[int], now_ms: int) -> bytes:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    # CBOR's own integer range; bignums (tags 2/3) beyond it are not SenML numbers
+    if isinstance(v, int) and not isinstance(v, bool):
+        return -(1 << 64) <= v < 1 << 64
+    return isinstance(v, float) and math.isfinite(v)
 
 
 # value label → the Python type its value must have

@@ -102,6 +102,8 @@ async def supervise(notifier: Notifier, health: Callable[[], Awaitable[str]],
     `health` must go through the event loop and the store's thread (it reads the queue), so
     a wedged store or a blocked loop stops the pings and systemd restarts us.
     """
+    if not notifier.enabled:
+        await asyncio.Event().wait()  # no service manager: nothing to tell, run until cancelled
     interval = notifier.watchdog_interval_s
     period = min(interval, status_every_s) if interval else status_every_s
     missed = 0

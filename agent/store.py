@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .diskcap import DiskCap
 from .history import History, typical_interval
 
 WINDOW = 64
@@ -114,6 +115,7 @@ class Store:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lantern-store")
         self._db: sqlite3.Connection | None = None
         self.history = History()  # recent readings kept after delivery (local API)
+        self.cap = DiskCap()  # [queue] max_mb and policy; set by limit()
 
     async def __aenter__(self) -> Store:
         await self._run(self._open)
@@ -159,6 +161,7 @@ class Store:
     def _commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> None:
         now = time.time()
         db = self.db
+        self.cap.make_room(db)  # before inserting, so freed pages are reused, not added
         db.execute("BEGIN IMMEDIATE")
         try:
             touched: dict[str, int] = {}
@@ -199,6 +202,7 @@ class Store:
             " LIMIT ?", (after_id, max_records)).fetchall()
         if not rows:
             return None
+        self.cap.lease(rows[0][0], rows[-1][0])
         return Batch(rows[0][0], rows[-1][0], rows[0][1],
                      [r[2] for r in rows], [r[3] for r in rows])
 
@@ -215,6 +219,8 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.cap.release(batch.first_id)
+        self.cap.update(db)
 
     async def cursor(self, sink: str) -> int:
         """The last reading id this sink has confirmed (0: none yet)."""
@@ -241,6 +247,12 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.cap.release(batch.first_id)
+        self.cap.update(db)
+
+    async def limit(self, max_bytes: int, policy: str) -> None:
+        """Cap the queue's bytes on disk (0: no cap); policy pause_intake or evict_oldest."""
+        await self._run(self.cap.configure, self.db, max_bytes, policy)
 
     async def depth(self) -> tuple[int, float | None]:
         """Readings waiting, and the age in seconds of the oldest one."""

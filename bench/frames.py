@@ -1,9 +1,10 @@
 """Bench traffic: DATA frames shaped like the firmware's packs, and their SenML-JSON twins.
 
-The pack mirrors what firmware/node/app.py seals today (climate readings plus the node's
-health records, names sorted, bn and bt on the first record); values vary from frame to
-frame like a real sensor's. Frames are made with the gateway's own encoders (cbor2, hmac),
-which the vector tests prove byte-equal to the firmware's.
+The pack is the one the firmware seals: bench/run.py hands over the pack that node_cycle
+got from the real firmware on MicroPython (use_template), and frames vary its values from
+frame to frame like a real sensor's. Without one, a built-in pack shaped like the walking
+skeleton's is used. Frames are made with the gateway's own encoders (cbor2, hmac), which
+the vector tests prove byte-equal to the firmware's.
 """
 
 from __future__ import annotations
@@ -49,18 +50,38 @@ def _values(seq: int) -> dict[str, Any]:
             "outbox": seq % 5, "temperature": round(14.0 + 5.0 * wave, 2), "uptime": 60 + seq}
 
 
+# records of the firmware's pack (without bn/bt), set by use_template
+_template: list[dict[int, Any]] = []
+
+
+def use_template(payload: bytes) -> None:
+    """Make packs like this one (a pack the firmware sealed); its names, units and values."""
+    recs = cbor2.loads(payload)
+    _template[:] = [{k: v for k, v in r.items() if k not in (-2, -3)} for r in recs]
+
+
+def _vary(v: Any, seq: int) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return v
+    if isinstance(v, int):
+        return v + seq % 7
+    return round(v + (seq % 13) * 0.01, 2)
+
+
 def pack(node: str, seq: int) -> bytes:
     """One SenML CBOR pack (integer labels, deterministic encoding)."""
-    vals = _values(seq)
     recs: list[dict[int, Any]] = []
-    for i, (name, unit) in enumerate(READINGS):
-        r: dict[int, Any] = {0: name, 2: vals[name]}
-        if unit:
-            r[1] = unit
-        if i == 0:
-            r[-2] = f"urn:dev:lantern:{node}:"
-            r[-3] = BT0 + seq
-        recs.append(r)
+    if _template:
+        recs = [{k: (_vary(v, seq) if k == 2 else v) for k, v in r.items()} for r in _template]
+    else:
+        vals = _values(seq)
+        for name, unit in READINGS:
+            r: dict[int, Any] = {0: name, 2: vals[name]}
+            if unit:
+                r[1] = unit
+            recs.append(r)
+    recs[0][-2] = f"urn:dev:lantern:{node}:"
+    recs[0][-3] = BT0 + seq
     return bytes(cbor2.dumps(recs, canonical=True))
 
 
@@ -84,5 +105,9 @@ def senml_json(payload: bytes) -> bytes:
     return json.dumps(out, separators=(",", ":")).encode()
 
 
+def pack_source() -> str:
+    return "the firmware's pack (node_cycle)" if _template else "built-in pack"
+
+
 def readings_per_frame() -> int:
-    return len(READINGS)
+    return len(_template) if _template else len(READINGS)

@@ -63,7 +63,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.store import Store
 
     nodes = frames.node_ids(args.nodes)
-    per_frame = frames.readings_per_frame()
+    per_frame = args.readings
     total = args.frames
     max_inflight = args.nodes * args.window
     metrics = Metrics()
@@ -121,6 +121,7 @@ def child_main() -> None:
     p.add_argument("--frames", type=int, required=True)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--window", type=int, default=4)
+    p.add_argument("--readings", type=int, required=True, help="readings per frame")
     p.add_argument("--cpu", type=int, default=-1)
     p.add_argument("--profile", default="")
     args = p.parse_args()
@@ -152,7 +153,7 @@ def run(workdir: Path, n_frames: int, n_nodes: int = 64, window: int = 4,
     cpu = max(os.sched_getaffinity(0))
     cmd = [sys.executable, "-m", "bench.ingest", "--input", str(src), "--state", str(state),
            "--frames", str(len(wire)), "--nodes", str(n_nodes), "--window", str(window),
-           "--cpu", str(cpu)]
+           "--readings", str(frames.readings_per_frame()), "--cpu", str(cpu)]
     if profile:
         cmd += ["--profile", profile]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
@@ -161,6 +162,7 @@ def run(workdir: Path, n_frames: int, n_nodes: int = 64, window: int = 4,
     res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     res["wire_bytes_per_frame"] = round(sum(map(len, wire)) / len(wire), 1)
     res["pinned_cpu"] = cpu
+    res["pack"] = frames.pack_source()
     src.unlink()
     shutil.rmtree(state, ignore_errors=True)
     return res

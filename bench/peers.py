@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from agent.config import write_secret
+
 from . import frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,12 @@ def rss_mb(pid: int, field: str = "VmHWM") -> float:
     raise RuntimeError(f"no {field} for pid {pid}")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start a new VmHWM period (proc(5): writing 5 to clear_refs resets the peak RSS)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 class Peer:
     """A system under test: a child process, its log, and readiness by a log line."""
 
@@ -46,7 +54,7 @@ class Peer:
     ready_text = ""
 
     def __init__(self, workdir: Path, port: str, url: str, nodes: list[str], cpu: int) -> None:
-        self.workdir = workdir / self.name
+        self.workdir = workdir.resolve() / self.name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port, self.url, self.nodes, self.cpu = port, url, nodes, cpu
         self.log = self.workdir / "log.txt"
@@ -93,11 +101,13 @@ class Peer:
 class LanternPeer(Peer):
     name = "lantern"
     ready_text = "open at"
+    baud = 115200
+    keys_toml = ""  # default: the bench keys of self.nodes
+    more_ports: tuple[str, ...] = ()
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         keys = self.workdir / "keys.toml"
-        keys.write_text(frames.keys_toml(self.nodes))
-        keys.chmod(0o600)
+        write_secret(keys, self.keys_toml or frames.keys_toml(self.nodes))
         state = self.workdir / "state"
         if state.exists():
             for p in state.iterdir():
@@ -107,7 +117,10 @@ class LanternPeer(Peer):
             "[gateway]", f'state_dir = "{state}"', f'keys_file = "{keys}"', "",
             "[batch]", "max_records = 500", "max_age_s = 1.0", "",
             "[sinks.http]", f'url = "{self.url}"', "timeout_s = 10", "",
-            "[[links.serial]]", f'port = "{self.port}"', "baud = 115200", ""]))
+            # the local API as deployed, on a free port (several gateways may run at once)
+            "[api]", "port = 0", "",
+            *(line for port in [self.port, *self.more_ports] for line in (
+                "[[links.serial]]", f'port = "{port}"', f"baud = {self.baud}", ""))]))
         return [sys.executable, "-m", "agent.cli", "gateway", "run", "--config", str(cfg)], {}
 
 

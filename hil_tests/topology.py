@@ -13,12 +13,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cbor2
+
 from agent import protocol
 from agent.config import write_secret
+from agent.errors import FrameError
+from tools.faults import Faults, FaultSpec
 from tools.sim import Relay, SimNode, gateway_toml, keys_toml
 from tools.upstream import Upstream
 
 SAMPLE_LINE = re.compile(rb"sample seq=(\d+) readings=(\d+)")
+
+
+def _ack_seqs(chunk: bytes) -> list[int]:
+    """The sequence numbers an ACK frame names (its MAC is the node's business)."""
+    payload = protocol.parse_mac0(protocol.decode_frame(chunk)[1]).payload
+    try:
+        ack = cbor2.loads(payload)
+    except ValueError:  # CBORDecodeError
+        return []
+    return [s for s in ack.get(1, []) if isinstance(s, int)] if isinstance(ack, dict) else []
 
 
 @dataclass
@@ -28,15 +42,29 @@ class Wire:
     deframer: protocol.Deframer = field(default_factory=protocol.Deframer)
     data_frames: list[bytes] = field(default_factory=list)
     acks: int = 0
+    bad_frames: int = 0  # chunks from the node that are not frames (a node bug: counted)
+    down: protocol.Deframer = field(default_factory=protocol.Deframer)
+    ack_frames: int = 0  # exact: ACK frames the gateway sent (as sent, before any line fault)
+    acked: set[int] = field(default_factory=set)  # sequence numbers those ACKs named
 
     def tap(self, direction: str, data: bytes) -> None:
         if direction != "up":
             self.acks += data.count(b"\x00") // 2  # rough: frames are 00 COBS 00
+            for chunk in self.down.feed(data):
+                with contextlib.suppress(FrameError):
+                    if chunk is not None and protocol.decode_frame(chunk)[0] == protocol.ACK:
+                        self.ack_frames += 1
+                        self.acked.update(_ack_seqs(chunk))
             return
         for chunk in self.deframer.feed(data):
             if chunk is None:
+                self.bad_frames += 1
                 continue
-            ftype, body = protocol.decode_frame(chunk)
+            try:
+                ftype, body = protocol.decode_frame(chunk)
+            except FrameError:
+                self.bad_frames += 1
+                continue
             if ftype == protocol.DATA:
                 self.data_frames.append(body)
 
@@ -55,6 +83,10 @@ class Topology:
     gateway: subprocess.Popen[bytes] | None = None
     gw_config: Path | None = None
     gateway_extra: str = ""  # TOML appended to the gateway config (more sinks, [nodes])
+    faults: FaultSpec | None = None  # a seeded faulty line on every relay (tools/faults.py)
+    fault_seed: int = 0
+    gateway_wrapper: list[str] = field(default_factory=list)  # command run before the gateway
+    node_class: type[SimNode] = SimNode  # QEMU boards: hil_tests/qemu.py
 
     async def start(self, gateway: bool = True) -> None:
         await self.upstream.start()
@@ -63,13 +95,16 @@ class Topology:
             wire = Wire()
             self.wires[node_id] = wire
             relay = Relay(node_id, tap=wire.tap)
+            if self.faults is not None:
+                relay.faults = Faults(self.faults, self.fault_seed + i)
             relay.start()
             self.relays.append(relay)
             extra = dict(self.node_extra)
             if self.sample_limit:
                 extra["sample_limit"] = self.sample_limit
-            self.nodes.append(SimNode(node_id, self.workdir / "nodes", port=relay.node_port,
-                                      interval_ms=self.interval_ms, extra=extra))
+            self.nodes.append(self.node_class(node_id, self.workdir / "nodes",
+                                              port=relay.node_port,
+                                              interval_ms=self.interval_ms, extra=extra))
         for n in self.nodes:
             n.write_config()
         keys = self.workdir / "keys.toml"
@@ -88,7 +123,8 @@ class Topology:
         assert self.gw_config is not None
         log = open(self.workdir / "gateway.log", "ab")  # noqa: SIM115 - closed by the child
         self.gateway = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "gateway", "run", "--config", str(self.gw_config)],
+            [*self.gateway_wrapper, sys.executable, "-m", "agent.cli", "gateway", "run",
+             "--config", str(self.gw_config)],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,8 +51,10 @@ async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> 
     keys_file = workdir / "keys.toml"
     write_secret(keys_file, keys_toml(nodes))
     gw_cfg = workdir / "gateway.toml"
+    api_port = _api_port()
     gw_cfg.write_text(gateway_toml(workdir / "gateway-state", keys_file,
-                                   [r.gateway_port for r in relays], url))
+                                   [r.gateway_port for r in relays], url)
+                      + f"\n[api]\nport = {api_port}\n")
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     for r in relays:
@@ -69,6 +72,8 @@ async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> 
           f"every {interval:g}s → gateway → upstream {url}", flush=True)
     print(f"  logs: {logs}/   gateway config: {gw_cfg}   queue: "
           f"{workdir / 'gateway-state' / 'queue.sqlite'}", flush=True)
+    print(f"  status page: http://127.0.0.1:{api_port}/  (nodes, live values, queue, upstream)",
+          flush=True)
     print("  Ctrl-C stops everything.\n", flush=True)
 
     stop = asyncio.Event()
@@ -111,6 +116,16 @@ async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> 
     if not upstream.readings:
         code = 1
     return code
+
+
+def _api_port(preferred: int = 8470) -> int:
+    """The gateway's usual API port, or any free one if something else holds it."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def main(n_nodes: int, interval: float, seconds: float, workdir: Path) -> int:

@@ -16,7 +16,9 @@ import os
 import pty
 import secrets
 import signal
+import socket
 import subprocess
+import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,42 @@ MP_EXTMOD = ROOT / ".build/micropython/extmod"
 FIRMWARE = ROOT / "firmware"
 BOARDS = ROOT / "boards"
 LINE_BUFFER = 4096  # bytes a stalled side may owe before further bytes are dropped, like a FIFO
+MPY_CROSS = ROOT / ".build/micropython/mpy-cross"
+COMPILED = ROOT / ".build/mpy"  # firmware/ as .mpy, as it is deployed to a board
+
+
+def compiled_firmware() -> Path:
+    """firmware/node (and asyncio) as .mpy files (mpy-cross), rebuilt where a source is newer.
+
+    A board runs precompiled bytecode (DESIGN.md: provision compiles to .mpy); compiling .py on
+    the node itself needs tens of KB of transient heap that a 110 KB ESP32 heap cannot spare.
+    Each file is written under a temporary name and renamed, so concurrent runs never see a
+    torn .mpy.
+    """
+    # asyncio too: a board has it frozen into the firmware image
+    for package, root in (("node", FIRMWARE), ("asyncio", MP_EXTMOD)):
+        out = COMPILED / package
+        sources = {p.relative_to(root / package).with_suffix(".mpy"): p
+                   for p in (root / package).rglob("*.py") if p.name != "manifest.py"}
+        for rel, src in sources.items():
+            dst = out / rel
+            if dst.exists() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+            subprocess.run([str(MPY_CROSS), "-o", str(tmp), "-s",
+                            f"{package}/{rel.with_suffix('.py')}", str(src)], check=True)
+            os.replace(tmp, dst)
+        for stale in out.rglob("*.mpy"):  # a module whose source is gone must not import
+            if stale.relative_to(out) not in sources:
+                stale.unlink(missing_ok=True)
+    # the entry script's directory comes first on MicroPython's path: keep it beside the .mpy
+    entry = COMPILED / "main.py"
+    if not entry.exists() or entry.read_bytes() != (FIRMWARE / "main.py").read_bytes():
+        tmp = entry.with_name(f"main.py.{os.getpid()}.tmp")
+        tmp.write_bytes((FIRMWARE / "main.py").read_bytes())
+        os.replace(tmp, entry)
+    return COMPILED
 
 Tap = Callable[[str, bytes], None]
 
@@ -137,6 +175,11 @@ class SimNode:
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     extra: dict[str, object] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    entry: Path | None = None  # another entry script (a test's slow flash); else firmware/main.py
+    # the simulated street (firmware/sim): scenario options for node.json's "sim" block, and
+    # the process that runs the chip models outside the node's heap (unix boards)
+    scenario: dict[str, object] = field(default_factory=dict)
+    street: subprocess.Popen[bytes] | None = None
 
     @property
     def dir(self) -> Path:
@@ -160,21 +203,56 @@ class SimNode:
             "state_dir": str(self.state_dir),
             "interval_ms": self.interval_ms,
             "link": {"port": self.port, "baud": 115200, "rto_ms": 500},
+            "sim": {**self.scenario, "socket": self.street_name},
             **self.extra,
         }
         path = self.dir / "node.json"
         path.write_text(json.dumps(cfg, indent=2) + "\n")
         return path
 
-    def start(self, stdout: int | None = None, heap: str = "110K") -> subprocess.Popen[bytes]:
+    @property
+    def street_name(self) -> str:
+        """The street process's abstract Unix socket (unique per node directory)."""
+        return f"lantern-street-{os.getpid()}-{abs(hash(str(self.dir))):x}"
+
+    def start_street(self, cfg: Path, env: dict[str, str]) -> None:
+        """Run the node's chip models in their own MicroPython process; wait until it listens."""
+        if self.street is not None and self.street.poll() is None:
+            return
+        log = open(self.dir / "street.log", "ab")  # noqa: SIM115 - closed right after the fork
+        self.street = subprocess.Popen(
+            [str(MICROPYTHON), "-X", "heapsize=4M", str(FIRMWARE / "sim/serve.py"), str(cfg)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect("\0" + self.street_name)
+                    return
+                except OSError:
+                    if self.street.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"street for {self.node_id} did not start; see "
+                                           f"{self.dir / 'street.log'}") from None
+            time.sleep(0.02)
+
+    def start(self, stdout: int | None = None, heap: str | None = None) -> subprocess.Popen[bytes]:
         if not MICROPYTHON.exists():
             raise FileNotFoundError(f"{MICROPYTHON} is missing: run `make micropython` first")
         if self.proc is not None:
             self.close()
+        if heap is None:  # the simulated board's heap (boards/*.json "heap_kb"), else ESP32-like
+            board = json.loads((BOARDS / f"{self.board}.json").read_text())
+            heap = f"{board.get('heap_kb', 110)}K"
         cfg = self.write_config()
         env = {"MICROPYPATH": f"{FIRMWARE}:{MP_EXTMOD}", "PATH": os.environ.get("PATH", "")}
+        self.start_street(cfg, env)
+        # the node runs bytecode, as on a board (sim/, for a street in this VM, stays source)
+        compiled = compiled_firmware()
+        env["MICROPYPATH"] = f"{compiled}:{FIRMWARE}:{MP_EXTMOD}"
         self.proc = subprocess.Popen(
-            [str(MICROPYTHON), "-X", f"heapsize={heap}", str(FIRMWARE / "main.py"), str(cfg)],
+            [str(MICROPYTHON), "-X", f"heapsize={heap}", str(self.entry or compiled / "main.py"),
+             str(cfg)],
             env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc
 
@@ -189,6 +267,9 @@ class SimNode:
         self.kill()
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
+        if self.street and self.street.poll() is None:
+            self.street.kill()
+            self.street.wait(timeout=5)
 
 
 def keys_toml(nodes: list[SimNode]) -> str:

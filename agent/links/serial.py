@@ -112,15 +112,20 @@ class SerialLink:
     async def run(self) -> None:
         """Keep the device open for as long as the gateway runs."""
         delay = 0.5
+        failures = 0
         try:
             while True:
                 try:
                     self._open()
                     log.info("%s: open at %d baud", self.name, self.baud)
-                    delay = 0.5
+                    delay, failures = 0.5, 0
                     await self._closed.wait()
                 except (serial.SerialException, OSError) as e:
-                    log.warning("%s: cannot open (%s); retrying in %.1fs", self.name, e, delay)
+                    failures += 1
+                    # once at warning; a device that stays away is not news every 30 s
+                    log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                            "%s: cannot open (%s); retrying with backoff up to 30 s",
+                            self.name, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         finally:

@@ -79,8 +79,9 @@ function renderHealth(st) {
     ["waiting", String(q.readings), q.readings > 0 && age > 60 ? "warn" : "", "readings"],
     ["bytes", bytes(q.bytes), "", "bytes"],
     ["oldest", age == null ? "—" : ago(age).replace(" ago", ""), age > 300 ? "bad" : age > 60 ? "warn" : "ok", "oldest"],
-    ["on disk", bytes(q.store_file_bytes), "", "disk"],
+    ["on disk", bytes(q.store_file_bytes) + (q.cap_bytes ? " of " + bytes(q.cap_bytes) : ""), "", "disk"],
     ["evicted", String(q.evictions), q.evictions ? "bad" : "", "evictions"],
+    ["intake", q.paused ? "PAUSED (queue at its cap)" : "open", q.paused ? "bad" : "ok", "intake"],
     ["dead letters", String(q.dead_letters), q.dead_letters ? "warn" : "", "dead-letters"],
   ]);
   const up = [];
@@ -123,6 +124,7 @@ function flagsOf(n, ns) {
 
 function flagClass(f) {
   if (f === "never seen") return "flag never";
+  if (f.includes(": ")) return "flag quality";  // a sensor's quality bits or status
   return "flag " + f.split(/[ :]/)[0];
 }
 
@@ -172,22 +174,22 @@ function merge(id, r, now) {
   for (const [a, b] of ns.gaps) if (b < horizon) ns.gaps.delete(a);
 }
 
-function spark(id, name, pts, ns, now) {
+function spark(id, name, pts, ns, now, t0) {
   const W = 200, H = 34, P = 3;
-  const t0 = now - state.window;
+  const span = Math.max(now - t0, 1);
   const vs = pts.map((p) => p.v);
   let lo = Math.min(...vs), hi = Math.max(...vs);
   if (hi === lo) { hi += 0.5; lo -= 0.5; }
-  const x = (t) => ((t - t0) / state.window) * W;
+  const x = (t) => ((t - t0) / span) * W;
   const y = (v) => H - P - ((v - lo) / (hi - lo)) * (H - 2 * P);
   const s = svg("svg", {class: "spark", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
     "data-node": id, "data-name": name, "data-points": String(pts.length)});
-  const gaps = [...ns.gaps].map(([a, b]) => [a, b]);
-  if (ns.open != null) gaps.push([ns.open, now]);
-  for (const [a, b] of gaps) {
+  const gaps = [...ns.gaps].map(([a, b]) => [a, b, false]);
+  if (ns.open != null) gaps.push([ns.open, now, true]);  // still missing: up to now
+  for (const [a, b, open] of gaps) {
     const r = svg("rect", {class: "gap", x: Math.max(0, x(a)).toFixed(1), y: 0,
       width: Math.max(2, x(b) - Math.max(0, x(a))).toFixed(1), height: H,
-      "data-from": String(a), "data-to": String(b)});
+      "data-from": String(a), "data-to": String(b), "data-open": open ? "1" : "0"});
     const title = svg("title");
     title.textContent = `no readings for ${Math.round(b - a)} s from ${new Date(a * 1000).toLocaleTimeString()}`;
     r.append(title);
@@ -211,7 +213,9 @@ function spark(id, name, pts, ns, now) {
 }
 
 function order(names) {
-  const main = names.filter((n) => !DIAGNOSTIC.includes(n)).sort();
+  // "<name>.q" records are quality bits, shown as flags, not as lines
+  const main = names.filter((n) => !DIAGNOSTIC.includes(n) && !n.endsWith(".q"))
+    .sort((a, b) => a.localeCompare(b, "en", {sensitivity: "base"}));
   return main.concat(DIAGNOSTIC.filter((n) => names.includes(n)));
 }
 
@@ -220,8 +224,13 @@ function renderSparks(data, now) {
   box.replaceChildren();
   for (const n of data.nodes) {
     const ns = nodeState(n.id);
+    // the x axis spans the window, or only the data there is while the window fills up
+    let first = now;
+    for (const pts of ns.series.values()) first = Math.min(first, pts[0].t);
+    for (const a of ns.gaps.keys()) first = Math.min(first, a);
+    const t0 = Math.max(now - state.window, Math.min(first, now - 10));
     const card = el("div", {class: "node-card", "data-node": n.id},
-      el("h3", {}, n.id, el("span", {class: "muted small", text: ns.interval ? `every ${fmt(ns.interval)} s` : ""}),
+      el("h3", {}, el("span", {class: "id", text: n.id}), el("span", {class: "muted small", text: ns.interval ? `every ${fmt(ns.interval)} s` : ""}),
         ...flagsOf(n, ns).map((f) => el("span", {class: flagClass(f), text: f}))));
     for (const name of order([...ns.series.keys()])) {
       const pts = ns.series.get(name);
@@ -230,7 +239,7 @@ function renderSparks(data, now) {
       const unit = ns.unit.get(name) || "";
       card.append(el("div", {class: "meas", "data-name": name},
         el("span", {class: "name", text: name, title: name}),
-        spark(n.id, name, pts, ns, now),
+        spark(n.id, name, pts, ns, now, t0),
         el("span", {class: "value", "data-field": "value", "data-value": String(last.v)},
           fmt(last.v) + (unit ? " " + unit : ""),
           el("span", {class: "range", text: `${fmt(Math.min(...vs))} – ${fmt(Math.max(...vs))}`}))));

@@ -12,7 +12,8 @@ for (const [node, hex] of Object.entries(JSON.parse(process.env.LANTERN_NR_KEYS 
 module.exports = {
     flowFile: process.env.LANTERN_NR_FLOW,
     userDir: process.env.LANTERN_NR_USERDIR,
-    httpRoot: false,
+    httpAdminRoot: false,
+    httpNodeRoot: false,
     credentialSecret: false,
     telemetry: {enabled: false, updateNotification: false},
     diagnostics: {enabled: false, ui: false},

@@ -12,10 +12,24 @@ from .outbox import Outbox
 
 FIRMWARE_VERSION = "0.1.0"
 
-# Canonical measurement names and their SenML units (docs/measurements.md)
+# Canonical measurement names and their SenML units (docs/measurements.md); a reading's quality
+# flags travel as "<name>.q" with no unit (node/sampler.py)
 UNITS = {
     "temperature": "Cel",
     "humidity": "%RH",
+    "pressure": "Pa",
+    "pm1": "ug/m3",
+    "pm2_5": "ug/m3",
+    "pm4": "ug/m3",
+    "pm10": "ug/m3",
+    "co2": "ppm",
+    "illuminance": "lx",
+    "LAeq": "dB",
+    "LAmax": "dB",
+    "lamp_voltage": "V",
+    "lamp_current": "A",
+    "lamp_power": "W",
+    "battery": "V",
     "uptime": "s",
     "heap_free": "B",
     "heap_peak": "B",
@@ -66,28 +80,43 @@ class Node:
         self.interval_ms = cfg.get("interval_ms", 60000)
         self.outbox = Outbox(cfg["state_dir"], cfg.get("max_frames", 1000))
         self.clock = Clock()
-        self.sensors = hal.sensors(board, self.node_id)
+        self.sensors = open_sensors(hal, board, cfg)
         self.bn = senml.base_name(self.node_id)
         self.boot_ms = time.ticks_ms()
         self.link = None
         self.heap_peak = 0  # most heap in use seen just before a collection (high-water)
         self.cycle_ms = 0  # how long the previous sample → seal → store cycle took
+        self.board = board
+        self.faults = {}  # latched faults for diagnostics: name -> [count, detail]
 
     def sample(self):
-        """Read every sensor; one failing sensor never stops the others."""
+        """Read every sensor (blocking); one failing sensor never stops the others."""
         now = self.clock.now()
         values = {}
-        for s in self.sensors:
-            try:
-                values.update(s.read(now))
-            except Exception as e:  # noqa: BLE001 - a sensor fault must not stop the node
-                print("sensor %s failed: %r" % (type(s).__name__, e))
+        if isinstance(self.sensors, list):  # a HAL from before sensor_buses()
+            for s in self.sensors:
+                try:
+                    values.update(s.read(now))
+                except Exception as e:  # noqa: BLE001 - a sensor fault must not stop the node
+                    print("sensor %s failed: %r" % (type(s).__name__, e))
+        else:
+            values = self.sensors.sample_blocking()
+        return now, self._health(values)
+
+    async def sample_async(self):
+        """Read every sensor without blocking the link between oversampled readings."""
+        if isinstance(self.sensors, list):
+            return self.sample()
+        now = self.clock.now()
+        return now, self._health(await self.sensors.sample())
+
+    def _health(self, values):
         values["uptime"] = time.ticks_diff(time.ticks_ms(), self.boot_ms) // 1000
         values["heap_free"] = self.hal.heap_free()
         values["heap_peak"] = self.heap_peak
         values["cycle_ms"] = self.cycle_ms
         values["outbox"] = len(self.outbox)
-        return now, values
+        return values
 
     def seal(self, now, values):
         """Encode, MAC and store one pack; returns its sequence number."""
@@ -107,7 +136,7 @@ class Node:
         while not limit or taken < limit:
             taken += 1
             t0 = time.ticks_ms()
-            now, values = self.sample()
+            now, values = await self.sample_async()
             seq = self.seal(now, values)
             self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
             used = gc.mem_alloc()
@@ -125,18 +154,86 @@ class Node:
             await asyncio.sleep_ms(wait)
 
     async def run(self):
-        from .link_uart import UartLink
-
         link_cfg = self.cfg["link"]
-        stream = self.hal.open_uart(link_cfg["port"], link_cfg.get("baud", 115200))
-        self.link = UartLink(
-            stream, self.node_id, self.key, self.outbox, self.clock,
-            window=link_cfg.get("window", 4), rto_ms=link_cfg.get("rto_ms", 1000),
-        )
+        if link_cfg.get("type", "uart") == "ble":
+            from .link_ble import BleLink
+
+            if not hasattr(self.hal, "bluetooth"):
+                raise ConfigError("board %s: its HAL has no BLE radio" % self.cfg["board"])
+            self.link = BleLink(self.hal.bluetooth(), self.node_id, self.key, self.outbox,
+                                self.clock, self.cfg["state_dir"], link_cfg)
+        else:
+            from .link_uart import UartLink
+
+            stream = self.hal.open_uart(link_cfg["port"], link_cfg.get("baud", 115200))
+            self.link = UartLink(
+                stream, self.node_id, self.key, self.outbox, self.clock,
+                window=link_cfg.get("window", 4), rto_ms=link_cfg.get("rto_ms", 1000),
+            )
+        self.attach_diagnostics(self.link)
         print("lantern node %s firmware %s: %d frames waiting, next seq %d" % (
             self.node_id, FIRMWARE_VERSION, len(self.outbox), self.outbox._next))
         asyncio.create_task(self.sampler())
         await self.link.run()
+
+    # --- diagnostics: node/commands.py, loaded on the first COMMAND (docs/protocol.md) ---
+
+    def attach_diagnostics(self, link):
+        """Let `link` answer COMMAND frames; adopt a sampling interval set by an earlier one."""
+        try:
+            with open(self.cfg["state_dir"] + "/interval_ms") as f:
+                self.interval_ms = int(f.read())
+        except (OSError, ValueError):
+            pass
+        self._commands = None
+        link.commands = self
+
+    def handle(self, body):
+        """A COMMAND frame from the link: [(frame type, body, after)] to send back."""
+        if self._commands is None:
+            # Loaded on demand: most nodes never meet a technician, and RAM is scarce.
+            try:
+                from .commands import Commands, NodeActions
+
+                self._commands = Commands(self.node_id, self.key, self.cfg["state_dir"],
+                                          NodeActions(self))
+            except MemoryError:
+                print("diagnostics: not enough RAM to load them")
+                return []
+        return self._commands.handle(body)
+
+    def fault(self, name, detail=""):
+        """Latch a fault for `lantern diag` until a technician clears it."""
+        f = self.faults.get(name)
+        if f is None:
+            self.faults[name] = [1, detail]
+        else:
+            f[0] += 1
+            f[1] = detail
+
+
+def open_sensors(hal, board, cfg):
+    """The board's sensors behind the sampler (node/sampler.py), on the buses the HAL gives.
+
+    A HAL without sensor_buses() still hands over its own list of sensor objects.
+    """
+    import sys
+
+    if not hasattr(hal, "sensor_buses"):
+        return hal.sensors(board, cfg["id"])
+    from . import board as boards
+
+    for w in boards.validate(board, cfg["board"]):
+        print("warning:", w)
+    # validation is needed once: give its code back before the drivers load
+    del boards
+    sys.modules.pop("node.board", None)
+    delattr(sys.modules["node"], "board")
+    gc.collect()
+    from .sampler import Sampler
+
+    buses, time_scale = hal.sensor_buses(board, cfg)
+    return Sampler(board, buses, time_scale)
 
 
 def main(config_path):
@@ -145,6 +242,10 @@ def main(config_path):
         board = json.load(f)
     if board["hal"] == "unix":
         from .hal import unix as hal
+    elif board["hal"] == "qemu":
+        from .hal import qemu as hal
+    elif board["hal"] == "esp32":
+        from .hal import esp32 as hal
     else:
         raise ConfigError("board %s: unknown hal '%s'" % (cfg["board"], board["hal"]))
     asyncio.run(Node(cfg, hal, board).run())

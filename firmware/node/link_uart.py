@@ -22,6 +22,10 @@ except ImportError:  # CPython
 ACK_SEQS = const(1)
 ACK_TIME = const(2)
 RTO_MAX_MS = const(30000)
+# The gateway remembers 64 sequence numbers below the highest it took (docs/protocol.md).
+# Frames in flight never span more, or an old one whose ACK was lost would come back
+# below the window, be refused as a replay and stay in the outbox, and its slot, forever.
+REPLAY_WINDOW = const(64)
 
 
 class LinkStats:
@@ -31,6 +35,8 @@ class LinkStats:
         self.acked = 0
         self.rx_errors = 0
         self.bad_acks = 0
+        self.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
+        self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
 
 
 class UartLink:
@@ -46,6 +52,8 @@ class UartLink:
         self._inflight = {}  # seq -> (due ticks_ms, attempts)
         self._wake = asyncio.Event()
         self.stats = LinkStats()
+        self.commands = None  # node.commands.Commands, set by the node to answer diagnostics
+        self._answers = []  # (frame type, body, after) from commands, sent by _tx
 
     def kick(self):
         """A new frame is in the outbox."""
@@ -63,9 +71,19 @@ class UartLink:
 
     async def _tx(self):
         while True:
+            # diagnostic answers go out first and from this task only, so frames never interleave
+            while self._answers:
+                ftype, body, after = self._answers.pop(0)
+                self._writer.write(frame.encode(ftype, body))
+                await self._writer.drain()
+                if after:
+                    after()
             now = time.ticks_ms()
             wait = RTO_MAX_MS
-            for seq in self._outbox.seqs()[: self._window]:
+            seqs = self._outbox.seqs()
+            for seq in seqs[: self._window]:
+                if seq - seqs[0] >= REPLAY_WINDOW:
+                    break  # the gateway would take the oldest, resent later, for a replay
                 due, attempts = self._inflight.get(seq, (now, 0))
                 left = time.ticks_diff(due, now)
                 if left <= 0:
@@ -79,6 +97,8 @@ class UartLink:
                     self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
                 if left < wait:
                     wait = left
+            if self._answers:
+                continue  # a command arrived while frames were going out: answer it now
             self._wake.clear()
             try:
                 await asyncio.wait_for_ms(self._wake.wait(), wait)
@@ -98,11 +118,16 @@ class UartLink:
                     continue
                 try:
                     ftype, body = frame.decode(chunk)
-                except frame.FrameError:
+                except frame.FrameError as e:
                     self.stats.rx_errors += 1
+                    if e.kind == "crc":
+                        self.stats.crc_errors += 1
                     continue
                 if ftype == frame.ACK:
                     self._on_ack(body)
+                elif ftype == frame.COMMAND and self.commands is not None:
+                    self._answers.extend(self.commands.handle(body))
+                    self._wake.set()
 
     def _on_ack(self, body):
         try:
@@ -112,9 +137,14 @@ class UartLink:
             ack = cbor.loads(payload)
             seqs = ack[ACK_SEQS]
             gw_ms = ack.get(ACK_TIME)
-        except (ValueError, KeyError, TypeError, AttributeError):
+            # Check the shape before acting on it: an exception escaping here would end
+            # the receive task, and the node would never hear another ACK.
+            if not isinstance(seqs, list) or [s for s in seqs if not isinstance(s, int)]:
+                raise TypeError("ack seqs must be a list of ints")
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             self.stats.bad_acks += 1
             return
+        self.stats.last_ack_ms = time.ticks_ms()
         fresh = False
         for seq in seqs:
             if self._inflight.pop(seq, None) is not None:

@@ -1,6 +1,8 @@
-"""HAL of the simulated board on MicroPython's unix port: a pty as the UART, files as flash."""
+"""HAL of the simulated board on MicroPython's unix port: a pty as the UART, files as flash,
+the sensors on a simulated street (firmware/sim)."""
 
 import gc
+import struct
 
 # Linux termios c_cc indices (MicroPython's termios module does not export them)
 _VTIME = 5
@@ -26,15 +28,124 @@ def heap_free():
     return gc.mem_free()
 
 
-def sensors(board, node_id):
-    """Driver instances for the board's sensors, by name."""
-    out = []
-    for spec in board.get("sensors", []):
-        if spec["driver"] == "sim_climate":
-            from node.drivers.sim_climate import SimClimate
+class _Street:
+    """The simulated street process's end of the sensor buses (sim/wire.py)."""
 
-            seed = 0
-            for ch in node_id:
-                seed = (seed * 31 + ord(ch)) & 0xFFFF
-            out.append(SimClimate(seed))
-    return out
+    def __init__(self, name):
+        import socket
+
+        from sim import wire
+
+        self.wire = wire
+        self.sock = socket.socket(wire.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(wire.sockaddr(name))
+        self._head = struct.calcsize(wire.REPLY)
+
+    def call(self, op, bus, addr=0, mem=0, nread=0, data=b""):
+        s = self.sock
+        s.write(struct.pack(self.wire.REQUEST, op, bus, addr, mem, nread, len(data)))
+        if data:
+            s.write(data)
+        err, n = struct.unpack(self.wire.REPLY, s.read(self._head))
+        out = s.read(n) if n else b""
+        if err:
+            raise OSError(err)
+        return out
+
+
+class I2C:
+    """machine.I2C's controller methods, carried to the chips in the street process."""
+
+    def __init__(self, street, index):
+        self._s = street
+        self._i = index
+
+    def scan(self):
+        return list(self._s.call(9, self._i))
+
+    def writeto(self, addr, buf, stop=True):
+        self._s.call(1, self._i, addr, 0, 0, bytes(buf))
+        return len(buf)
+
+    def readfrom_into(self, addr, buf, stop=True):
+        buf[:] = self._s.call(2, self._i, addr, 0, len(buf))
+
+    def readfrom(self, addr, nbytes, stop=True):
+        return self._s.call(2, self._i, addr, 0, nbytes)
+
+    def writeto_mem(self, addr, memaddr, buf, addrsize=8):
+        self._s.call(3, self._i, addr, memaddr, 0, bytes(buf))
+
+    def readfrom_mem_into(self, addr, memaddr, buf, addrsize=8):
+        buf[:] = self._s.call(4, self._i, addr, memaddr, len(buf))
+
+    def readfrom_mem(self, addr, memaddr, nbytes, addrsize=8):
+        return self._s.call(4, self._i, addr, memaddr, nbytes)
+
+
+class UART:
+    """machine.UART's byte-stream methods for a sensor on a simulated UART."""
+
+    def __init__(self, street, index):
+        self._s = street
+        self._i = index
+
+    def write(self, buf):
+        self._s.call(5, self._i, 0, 0, 0, bytes(buf))
+        return len(buf)
+
+    def any(self):
+        return struct.unpack("<H", self._s.call(7, self._i))[0]
+
+    def read(self, nbytes=256):
+        return self._s.call(6, self._i, 0, 0, nbytes) or None
+
+    def readinto(self, buf, nbytes=None):
+        data = self.read(len(buf) if nbytes is None else nbytes)
+        if not data:
+            return None
+        buf[: len(data)] = data
+        return len(data)
+
+
+class ADC:
+    """machine.ADC.read_uv for a simulated analogue input."""
+
+    def __init__(self, street, index):
+        self._s = street
+        self._i = index
+
+    def read_uv(self):
+        return struct.unpack("<i", self._s.call(8, self._i))[0]
+
+
+def sensor_buses(board, cfg):
+    """The board's buses with the simulated street's chips on them: (buses by name, time scale).
+
+    cfg["sim"] holds the scenario (docs/sensors.md). With sim.socket the chips run in their own
+    process (tools/sim.py starts it) and cost this heap nothing; without it they run here.
+    """
+    sim = cfg.get("sim") or {}
+    scale = sim.get("chip_speed", 1)
+    if sim.get("socket"):
+        from sim import wire
+
+        try:
+            street = _Street(sim["socket"])
+        except OSError as e:
+            print("sim: no street process at @%s (%r); sensors run in this VM" % (
+                sim["socket"], e))
+        else:
+            buses = {}
+            for i, name in enumerate(wire.bus_names(board)):
+                kind = UART if name in board.get("uart", {}) else (
+                    ADC if name in board.get("adc", {}) else I2C)
+                buses[name] = kind(street, i)
+            return buses, scale
+    try:
+        from sim import street as local
+
+        return local.build(board, sim, cfg["id"])[:2]
+    except MemoryError:
+        print("sim: no room for the chip models in this heap; no sensors")
+        return {}, scale

@@ -1,0 +1,148 @@
+"""The queue's disk cap ([queue] max_mb, policy): a bound on the state's bytes on disk.
+
+What the cap bounds is the database file plus its WAL. The WAL gets a fixed budget (an
+eighth of the cap, at most 4 MiB: `wal_autocheckpoint` and `journal_size_limit` keep it
+there); the database's live pages (page_count - freelist_count) get the rest, less a margin
+for one group commit. Deleted rows leave free pages that SQLite reuses, so the file only
+grows when live data does.
+
+At the high mark, room is made in this order:
+1. the recent-readings history (a copy of readings for the status page) gives way first;
+2. then the policy: `evict_oldest` deletes the oldest undelivered readings (never those in a
+   batch a sink is sending), counted in `evicted`; `pause_intake` sets `paused`, and the
+   ingest stops acknowledging new frames, so the nodes keep them until the queue drains to
+   the low mark.
+Every function runs on the store's thread; make_room runs its own small transactions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("lantern.store")
+
+POLICIES = ("pause_intake", "evict_oldest")
+WAL_BUDGET_MAX = 4 << 20
+WAL_FRAME_HEADER = 24
+CHUNK_ROWS = 128  # rows deleted per transaction while making room
+
+
+@dataclass
+class DiskCap:
+    max_bytes: int = 0  # 0: no cap
+    policy: str = "pause_intake"
+    paused: bool = False
+    evicted: int = 0  # undelivered readings deleted by evict_oldest
+    history_trimmed: int = 0  # history rows deleted to make room
+    live_bytes: int = 0
+    high: int = 0
+    low: int = 0
+    leases: dict[int, int] = field(default_factory=dict)  # batches out at a sink: first → last
+
+    def configure(self, db: sqlite3.Connection, max_bytes: int, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown queue policy {policy!r}")
+        self.max_bytes, self.policy = max_bytes, policy
+        if not max_bytes:
+            return
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        frame = page + WAL_FRAME_HEADER
+        wal_budget = min(WAL_BUDGET_MAX, max(16 * frame, max_bytes // 8))
+        # the WAL peaks near the checkpoint threshold plus one transaction, then is cut back
+        db.execute(f"PRAGMA wal_autocheckpoint={max(8, wal_budget // (2 * frame))}")
+        db.execute(f"PRAGMA journal_size_limit={wal_budget // 2}")
+        margin = max(64 << 10, max_bytes // 50)  # the -shm file and one group commit
+        self.high = max_bytes - wal_budget - margin
+        self.low = self.high - max(16 * page, min(self.high // 10, wal_budget // 4))
+        if self.low <= 0:
+            raise ValueError(f"queue cap of {max_bytes} bytes is too small to hold anything")
+        self.update(db)
+
+    def live(self, db: sqlite3.Connection) -> int:
+        """Bytes in use by the database (pages that are not free)."""
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        count = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(page * (count - free))
+
+    def update(self, db: sqlite3.Connection) -> None:
+        """Re-measure after rows left the queue; intake resumes at the low mark."""
+        if not self.max_bytes:
+            return
+        self.live_bytes = self.live(db)
+        if self.paused and self.live_bytes <= self.low:
+            self.paused = False
+            log.info("queue below its cap again (%.2f of %.2f MB): intake resumed, nodes are "
+                     "acknowledged again", self.live_bytes / 1e6, self.max_bytes / 1e6)
+
+    def make_room(self, db: sqlite3.Connection) -> None:
+        """Before a commit: bring live data under the high mark, or pause intake.
+
+        Rows are deleted in small transactions of their own, so each one's pages fit the WAL
+        budget and the checkpoint after it can recycle them.
+        """
+        if not self.max_bytes:
+            return
+        live = self.live(db)
+        if live > self.high:
+            live = self._shed(db, live, "recent", "history")
+            if live > self.low and self.policy == "evict_oldest":
+                live = self._shed(db, live, "readings", "evict")
+        if live > self.high and self.policy == "pause_intake" and not self.paused:
+            self.paused = True
+            log.warning("queue at its cap (%.2f of %.2f MB): intake paused - new frames are not "
+                        "acknowledged, so nodes keep them until upstream drains the queue",
+                        live / 1e6, self.max_bytes / 1e6)
+        self.live_bytes = live
+
+    def _shed(self, db: sqlite3.Connection, live: int, table: str, what: str) -> int:
+        """Delete the oldest rows of a table in steps until under the low mark; live bytes."""
+        cond = "1"
+        args: tuple[int, ...] = ()
+        if table == "readings" and self.leases:
+            cond = " AND ".join("NOT (id BETWEEN ? AND ?)" for _ in self.leases)
+            args = tuple(x for pair in self.leases.items() for x in pair)
+        while live > self.low:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
+                                  f"WHERE {cond} ORDER BY id LIMIT ?)",
+                                  (*args, CHUNK_ROWS)).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            if gone <= 0:
+                break
+            if what == "evict":
+                if not self.evicted:
+                    log.warning("queue at its cap (%.2f MB): evicting the oldest undelivered "
+                                "readings (policy evict_oldest); each one is counted in "
+                                "lantern_evictions", self.max_bytes / 1e6)
+                self.evicted += gone
+            else:
+                self.history_trimmed += gone
+            live = self.live(db)
+        return live
+
+    def lease(self, first_id: int, last_id: int) -> None:
+        """A sink holds these readings in a batch: eviction leaves them alone."""
+        self.leases[first_id] = last_id
+
+    def release(self, first_id: int) -> None:
+        self.leases.pop(first_id, None)
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes the queue takes on disk: the database, its WAL and its shared-memory index."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(f"{path}{suffix}").st_size
+    return total

@@ -1,0 +1,183 @@
+"""One GATT connection to a Lantern node: start its drain, feed its frames to ingest, write ACKs.
+
+The Lantern service (docs/ble.md): DATA notifies node → gateway messages, CTRL takes
+gateway → node writes, STATE (read/notify) holds the node's backlog. A message is
+`type | body` as on the UART, without COBS or CRC, cut into segments that fit the ATT MTU,
+each behind a header byte (bit 7: more follow; bits 0-6: index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+from bleak import BleakClient
+from bleak.backends.characteristic import BleakGATTCharacteristic
+
+from .. import protocol
+from ..errors import FrameError
+
+log = logging.getLogger("lantern.link.ble")
+
+SERVICE_UUID = "9f1c0001-6c61-6e74-6572-6e2d626c6501"
+DATA_UUID = "9f1c0002-6c61-6e74-6572-6e2d626c6501"
+CTRL_UUID = "9f1c0003-6c61-6e74-6572-6e2d626c6501"
+STATE_UUID = "9f1c0004-6c61-6e74-6572-6e2d626c6501"
+SEG_MORE = 0x80
+MAX_SEGMENTS = 128
+
+
+def segments(msg: bytes, size: int) -> list[bytes]:
+    """A message as segments of at most `size` bytes, header byte included."""
+    step = size - 1
+    parts = [msg[i:i + step] for i in range(0, len(msg), step)] or [b""]
+    if len(parts) > MAX_SEGMENTS:
+        raise ValueError(f"message of {len(msg)} bytes needs more than {MAX_SEGMENTS} segments")
+    last = len(parts) - 1
+    return [bytes((i | (SEG_MORE if i < last else 0),)) + p for i, p in enumerate(parts)]
+
+
+class Reassembler:
+    """Joins segments into messages; a gap, a bad index or an overlong message is a FrameError."""
+
+    def __init__(self, limit: int = protocol.MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._next = 0
+        self._limit = limit
+
+    def feed(self, seg: bytes) -> bytes | None:
+        if not seg:
+            raise FrameError("segment", "empty segment")
+        idx, expected = seg[0] & 0x7F, self._next
+        if idx != expected:
+            self._buf.clear()
+            self._next = 0
+            if idx:
+                raise FrameError("segment", f"segment {idx}, expected {expected}")
+        self._buf += seg[1:]
+        if len(self._buf) > self._limit:
+            self._buf.clear()
+            self._next = 0
+            raise FrameError("oversize", f"message over {self._limit} bytes")
+        if seg[0] & SEG_MORE:
+            self._next = idx + 1
+            return None
+        msg = bytes(self._buf)
+        self._buf.clear()
+        self._next = 0
+        return msg
+
+
+def start_message(key: bytes, node: str) -> bytes:
+    """An ACK naming no frame: authenticated, so only the key holder can start a drain."""
+    payload = cbor2.dumps({protocol.ACK_SEQS: [], protocol.ACK_TIME: time.time_ns() // 1_000_000},
+                          canonical=True)
+    return bytes((protocol.ACK,)) + protocol.create_mac0(key, node.encode(), 0, payload)
+
+
+class NodeSession:
+    """The link object ingest sees for one connection (`name`, `send`)."""
+
+    def __init__(self, name: str, node: str, key: bytes,
+                 on_frame: Callable[[NodeSession, int, bytes], None],
+                 on_reject: Callable[[str, FrameError], None]) -> None:
+        self.name = name
+        self.node = node
+        self._key = key
+        self._on_frame = on_frame
+        self._on_reject = on_reject
+        self._rx = Reassembler()
+        self._out: asyncio.Queue[bytes] = asyncio.Queue()
+        self._progress = asyncio.Event()
+        self._error: BaseException | None = None
+        self.backlog: int | None = None
+        self.open = False
+        self.frames = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def send(self, data: bytes) -> None:
+        """Take an ACK framed for the UART (what ingest writes) and queue it for CTRL."""
+        if not self.open:
+            return  # the node keeps the frames and resends them on the next connection
+        for chunk in data.split(b"\x00"):
+            if chunk:
+                ftype, body = protocol.decode_frame(chunk)
+                self._out.put_nowait(bytes((ftype,)) + body)
+
+    def _on_data(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
+        self.bytes_in += len(data)
+        try:
+            msg = self._rx.feed(bytes(data))
+            if msg is None:
+                return
+            if not msg:
+                raise FrameError("short", "empty message")
+        except FrameError as e:
+            self._on_reject(self.name, e)
+            return
+        self.frames += 1
+        self._on_frame(self, msg[0], msg[1:])
+        self._progress.set()
+
+    def _on_state(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
+        if len(data) >= 3 and data[0] == 1:
+            self.backlog = int.from_bytes(data[1:3], "little")
+            self._progress.set()
+
+    async def _writer(self, client: BleakClient, ctrl: BleakGATTCharacteristic) -> None:
+        try:
+            while True:
+                msg = await self._out.get()
+                # write with response: the node's stack has taken each segment when it returns
+                size = max(20, ctrl.max_write_without_response_size)
+                for seg in segments(msg, size):
+                    await client.write_gatt_char(ctrl, seg, response=True)
+                    self.bytes_out += len(seg)
+                self._progress.set()
+        except Exception as e:
+            self._error = e
+            self._progress.set()
+
+    async def run(self, client: BleakClient, idle_s: float, max_s: float) -> bool:
+        """Drain the node; True when it reports an empty backlog, False on a stall or timeout."""
+        services = client.services
+        chars: dict[str, Any] = {u: services.get_characteristic(u)
+                                 for u in (DATA_UUID, CTRL_UUID, STATE_UUID)}
+        missing = [u for u, c in chars.items() if c is None]
+        if missing:
+            raise FrameError("gatt", f"no Lantern characteristic {', '.join(missing)}")
+        self.open = True
+        writer = asyncio.create_task(self._writer(client, chars[CTRL_UUID]))
+        try:
+            await client.start_notify(chars[DATA_UUID], self._on_data)
+            await client.start_notify(chars[STATE_UUID], self._on_state)
+            self._out.put_nowait(start_message(self._key, self.node))
+            deadline = time.monotonic() + max_s
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self.backlog == 0 and self._out.empty():
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.info("%s: session limit %.0fs reached with backlog %s; yielding",
+                             self.name, max_s, self.backlog)
+                    return False
+                self._progress.clear()
+                try:
+                    await asyncio.wait_for(self._progress.wait(), min(idle_s, left))
+                except TimeoutError:
+                    log.warning("%s: no progress for %.0fs (backlog %s); disconnecting",
+                                self.name, idle_s, self.backlog)
+                    return False
+        finally:
+            self.open = False
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer

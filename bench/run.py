@@ -1,0 +1,174 @@
+"""`make bench`: every benchmark in one run; prints one JSON object and writes it to a file.
+
+  python -m bench.run [--out bench/results.json] [--smoke] [--only NAME ...]
+
+--smoke runs every code path with tiny sizes in seconds (tests/test_bench_smoke.py); its
+figures mean nothing. docs/benchmarks.md explains each figure and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import e2e, frames, ingest, link, node_cycle, throughput
+from .peers import NODE_RED_HOME
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKDIR = ROOT / ".build/bench"
+
+FULL: dict[str, dict[str, Any]] = {
+    "gateway_ingest": {"n_frames": 100_000},
+    "vs_node_red": {"duration_s": 5.0, "start": 500, "cap": 64_000, "steps": 4},
+    "link_utilisation": {"seconds": 8.0},
+    "node_cycle": {"cycles": 500},
+    "e2e_latency_ms": {"nodes": 6, "interval_ms": 500, "seconds": 30.0},
+}
+SMOKE: dict[str, dict[str, Any]] = {
+    "gateway_ingest": {"n_frames": 400, "n_nodes": 8},
+    "vs_node_red": {"duration_s": 0.5, "start": 40, "cap": 40, "steps": 0},
+    "link_utilisation": {"seconds": 0.3},
+    "node_cycle": {"cycles": 10},
+    "e2e_latency_ms": {"nodes": 2, "interval_ms": 250, "seconds": 2.0},
+}
+
+
+def _loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unavailable"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    nr_pkg = NODE_RED_HOME / "node_modules/node-red/package.json"
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "micropython": _version([str(ROOT / ".build/micropython/unix/micropython"), "-c",
+                                 "import sys; print(sys.implementation.version)"]),
+        "node": _version(["node", "--version"]),
+        "node_red": json.loads(nr_pkg.read_text())["version"] if nr_pkg.exists() else "missing",
+    }
+
+
+def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[], Any]]:
+    # node_cycle first: the pack the firmware really seals becomes the gateway benches' traffic
+    return {
+        "node_cycle": lambda: _node_cycle(w, **sizes["node_cycle"]),
+        "gateway_ingest": lambda: ingest.run(w, **sizes["gateway_ingest"]),
+        "vs_node_red": lambda: asyncio.run(throughput.run(w, **sizes["vs_node_red"])),
+        "link_utilisation": lambda: asyncio.run(link.run(
+            w, frame_bytes=_measured.get("wire_bytes", 205), **sizes["link_utilisation"])),
+        "e2e_latency_ms": lambda: asyncio.run(e2e.run(w, **sizes["e2e_latency_ms"])),
+    }
+
+
+_measured: dict[str, Any] = {}
+
+
+def _node_cycle(w: Path, cycles: int) -> dict[str, Any]:
+    res = node_cycle.run(w, cycles)
+    frames.use_template(bytes.fromhex(res["pack_cbor_hex"]))
+    _measured["wire_bytes"] = res["wire_bytes"]
+    return res
+
+
+def _target(measured: Any, ok: bool, target: str) -> dict[str, Any]:
+    return {"target": target, "measured": measured, "met": ok}
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets against what was measured (a section that failed is skipped)."""
+    out: dict[str, Any] = {}
+    gi = r.get("gateway_ingest", {})
+    if "frames_per_s" in gi:
+        out["ingest_frames_per_s"] = _target(gi["frames_per_s"], gi["frames_per_s"] >= 20000,
+                                             ">= 20000 with durability on")
+    vs = r.get("vs_node_red", {})
+    if "throughput_ratio" in vs:
+        tr, rr = vs["throughput_ratio"], vs.get("rss_ratio")
+        out["vs_node_red_throughput"] = _target(tr, tr is not None and tr >= 5, ">= 5x")
+        out["vs_node_red_rss"] = _target(rr, rr is not None and rr <= 1 / 3, "<= 1/3")
+    lu = r.get("link_utilisation", {})
+    for baud, res in lu.items():
+        if isinstance(res, dict) and "utilisation" in res:
+            out[f"link_{baud}"] = _target(
+                res["utilisation"], res["utilisation"] >= 0.9 and res["readings_lost"] == 0,
+                ">= 0.90 of line rate, nothing lost")
+    nc = r.get("node_cycle", {})
+    if "wire_vs_senml_json" in nc:
+        out["wire_vs_senml_json"] = _target(nc["wire_vs_senml_json"],
+                                            nc["wire_vs_senml_json"] <= 0.5, "<= 0.5")
+    e = r.get("e2e_latency_ms", {})
+    if "p99" in e:
+        out["e2e_p99_ms"] = _target(e["p99"], e["p99"] <= 1500, "<= 1500 with a 1 s window")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "bench/results.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths")
+    p.add_argument("--only", nargs="*", help="run only these sections")
+    p.add_argument("--workdir", default=str(WORKDIR),
+                   help="state, logs and ptys' configs of this run (one run per directory)")
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    result: dict[str, Any] = {"kind": "smoke (figures meaningless)" if args.smoke else "full",
+                              "machine": machine(), "load_at_start": _loadavg()}
+    failed = False
+    for name, fn in sections(SMOKE if args.smoke else FULL, workdir).items():
+        if args.only and name not in args.only:
+            continue
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        load = _loadavg()
+        try:
+            res = fn()
+        except Exception as e:  # one broken section must not hide the others
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {e}"}
+            failed = True
+        res["load_1m_before_after"] = [load[0], _loadavg()[0]]
+        res["took_s"] = round(time.monotonic() - started, 1)
+        result[name] = res
+    result["targets"] = targets(result)
+    result["took_s"] = round(time.monotonic() - t0, 1)
+    text = json.dumps(result, indent=2)
+    Path(args.out).write_text(text + "\n")
+    print(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Diagnostics on the link: verify a COMMAND, run it, answer with a REPLY or a STATUS.
+
+The normative description is docs/protocol.md, "Diagnostics". A COMMAND is a COSE_Mac0 under
+the node key whose Partial IV is a counter the node requires to increase (kept in flash, so a
+recorded command cannot be replayed, not even across a reboot). External AAD = the frame
+type byte keeps the three kinds apart from each other and from DATA and ACK.
+"""
+
+import os
+import time
+
+from . import cbor, cose, frame
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+PROTOCOL = const(1)
+
+# operations (COMMAND payload key 1)
+OP_STATUS = const(1)
+OP_SELF_TEST = const(2)
+OP_SET_INTERVAL = const(3)
+OP_SYNC_TIME = const(4)
+OP_REBOOT = const(5)
+OP_CLEAR_FAULTS = const(6)
+OP_IDENTIFY = const(7)
+OP_LATEST = const(8)
+
+# result codes (REPLY payload key 2)
+OK = const(0)
+E_OP = const(1)  # unknown operation
+E_ARG = const(2)  # missing or out-of-range argument
+E_FAIL = const(3)  # the action raised; result {"error": text}
+E_BIG = const(4)  # the result does not fit in one frame
+
+# why a STATUS was sent instead of a REPLY (STATUS payload key 5)
+R_PROBE = const(0)
+R_MALFORMED = const(1)
+R_BAD_MAC = const(2)
+R_REPLAY = const(3)
+
+INTERVAL_MIN_MS = const(1000)
+INTERVAL_MAX_MS = const(86400000)
+IDENTIFY_MAX_S = const(600)
+STATUS_GAP_MS = const(100)  # unauthenticated probes cannot make the node talk faster than this
+
+_ALG = cose.ALG_HMAC_256_64
+_TAG = const(8)
+
+
+def aad(ftype):
+    """External AAD of a diagnostic frame: its type byte, so no kind can pose as another."""
+    return bytes((ftype,))
+
+
+def seal(key, kid, counter, payload, ftype):
+    """Tagged COSE_Mac0 bytes of one diagnostic frame body."""
+    pbstr = cbor.dumps({cose.H_ALG: _ALG, cose.H_KID: kid, cose.H_PIV: cose.piv(counter)})
+    tag = cose.hmac_sha256(key, cbor.dumps(["MAC0", pbstr, aad(ftype), payload]))[:_TAG]
+    return cbor.dumps(cbor.Tag(cose.TAG_MAC0, [pbstr, {}, payload, tag]))
+
+
+def unseal(key, body, ftype):
+    """(kid, counter, payload) of a diagnostic frame body; CoseError if forged or malformed.
+
+    With key None only the structure is checked (kid and counter are then unverified).
+    """
+    try:
+        msg = cbor.loads(body)
+    except (ValueError, TypeError, IndexError) as e:
+        raise cose.CoseError("bad CBOR: %s" % e)
+    if not isinstance(msg, cbor.Tag) or msg.tag != cose.TAG_MAC0:
+        raise cose.CoseError("not a tagged COSE_Mac0")
+    v = msg.value
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        raise cose.CoseError("COSE_Mac0 must be a 4-element array")
+    pbstr, unprot, payload, tag = v
+    if not (isinstance(pbstr, bytes) and isinstance(unprot, dict)
+            and isinstance(payload, bytes) and isinstance(tag, bytes)):
+        raise cose.CoseError("COSE_Mac0 must be [bstr, map, bstr, bstr]")
+    try:
+        prot = cbor.loads(pbstr)
+    except (ValueError, TypeError, IndexError):
+        raise cose.CoseError("bad protected header")
+    if not isinstance(prot, dict) or prot.get(cose.H_ALG) != _ALG or len(tag) != _TAG:
+        raise cose.CoseError("only HMAC 256/64 is accepted")
+    kid = prot.get(cose.H_KID)
+    if not isinstance(kid, bytes):
+        raise cose.CoseError("no kid")
+    counter = cose.piv_int(prot.get(cose.H_PIV))
+    if key is not None:
+        want = cose.hmac_sha256(key, cbor.dumps(["MAC0", pbstr, aad(ftype), payload]))
+        diff = 0
+        for i in range(_TAG):  # the whole tag, so timing does not show where it differs
+            diff |= want[i] ^ tag[i]
+        if diff:
+            raise cose.BadTag("MAC mismatch")
+    return kid, counter, payload
+
+
+def _raw(drv):
+    """The bytes a driver last read from its chip, as far as it lets us see them."""
+    raw = getattr(drv, "raw", None)
+    if callable(raw):
+        raw = raw()
+    if raw is None:
+        # the drivers read into preallocated buffers (STYLE.md): their last contents
+        for name in ("_data", "_buf", "_frame"):
+            buf = getattr(drv, name, None)
+            if isinstance(buf, (bytes, bytearray)):
+                return bytes(buf)
+    return raw
+
+
+def check_sensor(name, drv, now):
+    """Self-test of one sensor: read it once; pass if it answers with values inside its ranges."""
+    t0 = time.ticks_ms()
+    r = {"name": name, "ok": False, "values": None, "raw": None, "error": None}
+    try:
+        try:
+            values = drv.read()
+        except TypeError:  # the simulated climate sensor takes the time
+            values = drv.read(now)
+        # no new conversion yet (the sampler took the last one): wait up to one period
+        deadline = time.ticks_add(t0, min(getattr(drv, "PERIOD_MS", 100), 5000) + 200)
+        while values is None and time.ticks_diff(deadline, time.ticks_ms()) > 0:
+            time.sleep_ms(100)
+            values = drv.read()
+        r["values"] = values
+        if values is None:
+            r["error"] = "no data yet (warming up?)"
+        else:
+            ranges = getattr(drv, "RANGES", {})
+            bad = [k for k in sorted(values) if k in ranges
+                   and not ranges[k][0] <= values[k] <= ranges[k][1]]
+            if bad:
+                r["error"] = "out of range: " + ", ".join(bad)
+            r["ok"] = not bad
+    except Exception as e:  # noqa: BLE001 - one failing sensor is a result, not a crash
+        r["error"] = "%s: %s" % (type(e).__name__, e)
+    r["raw"] = _raw(drv)
+    r["ms"] = time.ticks_diff(time.ticks_ms(), t0)
+    return r
+
+
+def _write_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+class Commands:
+    """The node's side of COMMAND / REPLY / STATUS.
+
+    `actions` is the node: identity() → {"id","fw","board"}, status() → dict,
+    self_test(index or None) → list, set_interval(ms), sync_time(ms) → the clock it replaced
+    (Unix ms), clear_faults() → int,
+    identify(seconds), latest() → DATA body or None, reboot() (called once the REPLY is out).
+    """
+
+    def __init__(self, node_id, key, state_dir, actions):
+        self._kid = node_id.encode()
+        self._key = key
+        self._path = state_dir + "/cmd_counter"
+        self._actions = actions
+        self.floor = 0  # highest counter accepted so far; only larger ones are obeyed
+        try:
+            with open(self._path, "rb") as f:
+                self.floor = int(f.read())
+        except (OSError, ValueError):
+            self.floor = 0
+        self.accepted = 0
+        self.refused = 0
+        self.other_node = 0
+        self._last_status = None
+
+    def counters(self):
+        return {"accepted": self.accepted, "refused": self.refused, "floor": self.floor}
+
+    def handle(self, body):
+        """Answer one COMMAND body: [(frame type, body, after or None)], possibly empty.
+
+        The link frames each answer its own way (COBS on the UART, segments on BLE) and calls
+        `after` once the answer is on its way. Never raises: the link's receive task must live.
+        """
+        try:
+            return self._handle(body)
+        except Exception as e:  # noqa: BLE001 - e.g. flash full while saving the counter
+            self.refused += 1
+            print("command failed: %r" % (e,))
+            return []
+
+    def _handle(self, body):
+        if not body:
+            return self._status(R_PROBE)
+        try:
+            kid, counter, payload = unseal(None, body, frame.COMMAND)
+        except (cose.CoseError, ValueError):
+            self.refused += 1
+            return self._status(R_MALFORMED)
+        if kid != self._kid:
+            # addressed to another node (a shared bus, or the wrong one plugged in): stay quiet
+            self.other_node += 1
+            return []
+        try:
+            unseal(self._key, body, frame.COMMAND)
+        except (cose.CoseError, ValueError):
+            self.refused += 1
+            return self._status(R_BAD_MAC)
+        if counter <= self.floor:
+            self.refused += 1
+            return self._status(R_REPLAY)
+        # Persist before acting: a reboot or power cut right after cannot reopen the window.
+        _write_atomic(self._path, b"%d" % counter)
+        self.floor = counter
+        self.accepted += 1
+        try:
+            msg = cbor.loads(payload)
+            op = msg[1]
+            args = msg.get(2, {})
+            if not isinstance(args, dict):
+                raise TypeError
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            body = self._reply(counter, 0, E_ARG, {"error": "payload must be {1: op, 2: {}}"})
+            return [(frame.REPLY, body, None)]
+        after = None
+        try:
+            code, result, after = self._run(op, args)
+        except Exception as e:  # noqa: BLE001 - a failing action is reported, never fatal
+            code, result = E_FAIL, {"error": "%s: %s" % (type(e).__name__, e)}
+        body = self._reply(counter, op, code, result)
+        if len(body) + 3 > frame.MAX_FRAME:  # type byte + body + CRC must fit one frame
+            body = self._reply(counter, op, E_BIG, {"bytes": len(body)})
+            after = None
+        return [(frame.REPLY, body, after)]
+
+    def _run(self, op, args):
+        a = self._actions
+        if op == OP_STATUS:
+            st = a.status()
+            st["cmd"] = self.counters()
+            return OK, st, None
+        if op == OP_SELF_TEST:
+            index = args.get(1)
+            if index is not None and not isinstance(index, int):
+                return E_ARG, {"error": "sensor index must be an integer"}, None
+            return OK, {"sensors": a.self_test(index)}, None
+        if op == OP_SET_INTERVAL:
+            ms = args.get(1)
+            if not isinstance(ms, int) or not INTERVAL_MIN_MS <= ms <= INTERVAL_MAX_MS:
+                return E_ARG, {"error": "interval must be %d..%d ms" % (
+                    INTERVAL_MIN_MS, INTERVAL_MAX_MS)}, None
+            a.set_interval(ms)
+            return OK, {"interval_ms": ms}, None
+        if op == OP_SYNC_TIME:
+            ms = args.get(1)
+            if not isinstance(ms, int) or ms < 0:
+                return E_ARG, {"error": "time must be Unix milliseconds"}, None
+            return OK, {"was_ms": a.sync_time(ms), "now_ms": ms}, None
+        if op == OP_REBOOT:
+            return OK, {"rebooting": True}, a.reboot
+        if op == OP_CLEAR_FAULTS:
+            return OK, {"cleared": a.clear_faults()}, None
+        if op == OP_IDENTIFY:
+            s = args.get(1, 10)
+            if not isinstance(s, int) or not 0 < s <= IDENTIFY_MAX_S:
+                return E_ARG, {"error": "identify for 1..%d s" % IDENTIFY_MAX_S}, None
+            return OK, {"identify_s": s, "how": a.identify(s)}, None
+        if op == OP_LATEST:
+            return OK, {"data": a.latest()}, None
+        return E_OP, {"error": "unknown operation %r" % (op,)}, None
+
+    def _reply(self, counter, op, code, result):
+        payload = cbor.dumps({1: op, 2: code, 3: result})
+        return seal(self._key, self._kid, counter, payload, frame.REPLY)
+
+    def _status(self, reason):
+        now = time.ticks_ms()
+        last = self._last_status
+        if last is not None and time.ticks_diff(now, last) < STATUS_GAP_MS:
+            return []
+        self._last_status = now
+        ident = self._actions.identity()
+        payload = cbor.dumps({1: ident["id"], 2: ident["fw"], 3: ident["board"], 5: reason,
+                              6: PROTOCOL})
+        body = seal(self._key, self._kid, self.floor, payload, frame.STATUS)
+        return [(frame.STATUS, body, None)]
+
+
+REBOOT_EXIT = const(75)  # the unix board's "reset": the process ends, its supervisor restarts it
+
+
+class NodeActions:
+    """The actions a COMMAND can ask of a node.Node (node/app.py), read from its parts."""
+
+    def __init__(self, node):
+        self.n = node
+        self._evicted_seen = 0
+
+    def identity(self):
+        n = self.n
+        return {"id": n.node_id, "fw": _fw(), "board": n.board.get("name", "?")}
+
+    def _sensors(self):
+        """(label, driver or None while absent, errors since boot) per sensor."""
+        sensors = self.n.sensors
+        slots = getattr(sensors, "slots", None)
+        if slots is not None:
+            return [(s.label, s.driver, s.errors) for s in slots]
+        return [(getattr(s, "name", None) or type(s).__name__.lower(), s, 0) for s in sensors]
+
+    def status(self):
+        import sys
+
+        n = self.n
+        new = n.outbox.evicted - self._evicted_seen
+        if new > 0:  # evictions lose data: latch them (the total stays in "evicted")
+            self._evicted_seen = n.outbox.evicted
+            n.fault("outbox_full", "%d oldest frames dropped" % new)
+        stats = getattr(n.link, "stats", None)
+        link = {"window": n.cfg["link"].get("window", 4), "baud": n.cfg["link"].get("baud")}
+        for k in ("sent", "retransmits", "acked", "rx_errors", "crc_errors", "bad_acks", "rssi"):
+            link[k] = getattr(stats, k, None)
+        last_ack = getattr(stats, "last_ack_ms", None)
+        link["last_ack_age_ms"] = (
+            None if last_ack is None else time.ticks_diff(time.ticks_ms(), last_ack))
+        battery = getattr(n.hal, "battery", None)
+        st = self.identity()
+        st.update({
+            "mpy": ".".join(str(v) for v in sys.implementation.version[:3]),
+            "platform": sys.platform,
+            "fw_file": __file__,  # .mpy deployed by `lantern provision`; .py frozen or source
+            "cfg": {"interval_ms": n.interval_ms, "max_frames": n.outbox.max_frames,
+                    "pole": n.cfg.get("pole"), "location": n.cfg.get("location")},
+            "outbox": len(n.outbox), "evicted": n.outbox.evicted,
+            "next_seq": n.outbox._next,
+            "clock": {"now_ms": n.clock.now_ms(), "synced": n.clock.synced},
+            "link": link,
+            "battery": battery() if battery else None,
+            "heap": {"free": n.hal.heap_free(), "peak": n.heap_peak},
+            "uptime_s": time.ticks_diff(time.ticks_ms(), n.boot_ms) // 1000,
+            "cycle_ms": n.cycle_ms,
+            "sensors": [[name, d is not None, e] for name, d, e in self._sensors()],
+            "faults": [[k, v[0], v[1]] for k, v in sorted(n.faults.items())],
+        })
+        return st
+
+    def self_test(self, index=None):
+        out = []
+        for i, (name, drv, _) in enumerate(self._sensors()):
+            if index is not None and i != index:
+                continue
+            if drv is None:
+                r = {"name": name, "ok": False, "error": "not answering (probed every interval)"}
+            else:
+                r = check_sensor(name, drv, self.n.clock.now())
+            r["i"] = i
+            if not r["ok"]:
+                self.n.fault("sensor:" + name, r["error"])
+            out.append(r)
+        return out
+
+    def set_interval(self, ms):
+        path = self.n.cfg["state_dir"] + "/interval_ms"  # node/app.py reads it at boot
+        _write_atomic(path, b"%d" % ms)
+        self.n.interval_ms = ms
+
+    def sync_time(self, ms):
+        was = self.n.clock.now_ms()
+        self.n.clock.set_ms(ms)
+        return was
+
+    def clear_faults(self):
+        k = len(self.n.faults)
+        self.n.faults = {}
+        return k
+
+    def identify(self, seconds):
+        """Blink the board's LED through the HAL; a board without one says so on its console."""
+        blink = getattr(self.n.hal, "identify", None)
+        if blink:
+            blink(seconds)
+            return "led"
+        print("identify: node %s is here (%d s)" % (self.n.node_id, seconds))
+        return "console"
+
+    def latest(self):
+        """The newest sealed DATA body still in the outbox, or None."""
+        seqs = self.n.outbox.seqs()
+        return self.n.outbox.get(seqs[-1]) if seqs else None
+
+    def reboot(self):
+        print("reboot requested over the link")
+        reset = getattr(self.n.hal, "reset", None)
+        if reset:
+            reset()
+        raise SystemExit(REBOOT_EXIT)
+
+
+def _fw():
+    from .app import FIRMWARE_VERSION
+
+    return FIRMWARE_VERSION

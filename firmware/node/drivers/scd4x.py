@@ -1,0 +1,94 @@
+"""Sensirion SCD40/SCD41 CO2 sensor (photoacoustic NDIR) on I2C, periodic measurement mode.
+
+Commands are 16-bit words; every 16-bit word the chip sends is followed by its CRC-8
+(Sensirion datasheet "SCD4x" §3.11). In periodic mode the chip produces one measurement every
+5 s; reading before the next one is ready returns None (the sampler flags the reading stale).
+"""
+
+import time
+
+from . import SensorTimeout, bus_error, check_words, word
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+_CMD_START_PERIODIC = const(0x21B1)
+_CMD_READ_MEASUREMENT = const(0xEC05)
+_CMD_STOP_PERIODIC = const(0x3F86)
+_CMD_DATA_READY = const(0xE4B8)
+_CMD_SERIAL = const(0x3682)
+_STOP_MS = const(500)  # stop_periodic_measurement execution time
+_EXEC_MS = const(1)  # execution time of the read commands
+_SERIAL_MS = const(1)
+
+
+def convert(co2, t_raw, rh_raw):
+    """Datasheet §3.6.2: T = -45 + 175 * word / (2^16 - 1), RH = 100 * word / (2^16 - 1)."""
+    return {"co2": co2, "temperature": round(-45 + 175 * t_raw / 65535, 2),
+            "humidity": round(100 * rh_raw / 65535, 2)}
+
+
+class SCD4X:
+    WARMUP_MS = 5000  # the first measurement is ready 5 s after start_periodic_measurement
+    PERIOD_MS = 5000
+    OVERSAMPLE = 1
+    # SCD41's specified range is 400-5000 ppm (SCD40: 400-2000); the output goes to 40000
+    RANGES = {"co2": (400, 5000), "temperature": (-10, 60), "humidity": (0, 100)}
+    STUCK = ("co2", "temperature", "humidity")
+
+    def __init__(self, i2c, address=0x62):
+        self.i2c = i2c
+        self.address = address
+        self._where = "scd4x@0x%02x" % address
+        self._cmd = bytearray(2)
+        self._buf = bytearray(9)
+        # A node reboot leaves the chip measuring, and in periodic mode it ignores everything
+        # but a few commands: stop first, then identify it and start again.
+        self._command(_CMD_STOP_PERIODIC)
+        time.sleep_ms(_STOP_MS)
+        self.serial = self._query(_CMD_SERIAL, 3, _SERIAL_MS)
+        self._command(_CMD_START_PERIODIC)
+        self._last_data = time.ticks_ms()
+
+    def _command(self, cmd):
+        c = self._cmd
+        c[0] = cmd >> 8
+        c[1] = cmd & 0xFF
+        try:
+            self.i2c.writeto(self.address, c)
+        except OSError as e:
+            raise bus_error(e, self._where)
+
+    def _query(self, cmd, n_words, wait_ms):
+        """Send a command, wait its execution time, read n CRC-checked words."""
+        self._command(cmd)
+        time.sleep_ms(wait_ms)
+        buf = memoryview(self._buf)[: 3 * n_words]
+        try:
+            self.i2c.readfrom_into(self.address, buf)
+        except OSError as e:
+            raise bus_error(e, self._where)
+        check_words(buf, n_words, self._where)
+        out = 0
+        for i in range(n_words):
+            out = (out << 16) | word(buf, i)
+        return out
+
+    def read(self):
+        """CO2 (ppm), temperature (Cel), humidity (%RH); None until a new measurement is ready."""
+        ready = self._query(_CMD_DATA_READY, 1, _EXEC_MS)
+        if not ready & 0x07FF:  # the 11 least significant bits are 0 when no data is ready
+            # three missed periods mean the chip has stopped measuring (brown-out, reset)
+            if time.ticks_diff(time.ticks_ms(), self._last_data) > 3 * self.PERIOD_MS:
+                raise SensorTimeout("%s: no measurement for %d ms" % (
+                    self._where, 3 * self.PERIOD_MS))
+            return None
+        self._query(_CMD_READ_MEASUREMENT, 3, _EXEC_MS)
+        self._last_data = time.ticks_ms()
+        b = self._buf
+        return convert(word(b, 0), word(b, 1), word(b, 2))

@@ -1,0 +1,123 @@
+# mypy: check-untyped-defs
+"""HAL of ESP32 boards (ESP32, ESP32-C3, ESP32-S3) on MicroPython's esp32 port.
+
+Buses come from the board file: machine.I2C (or SoftI2C with "soft": true), UART and ADC; the
+gateway link is the board UART that node.json's link.port names. Power: deep sleep with small
+counters kept in RTC memory (it survives deep sleep, not a power cut) and settings in NVS; the
+outbox stays in flash (littlefs). Type-checked against micropython-esp32-stubs (`make lint`); it
+needs a board to run.
+"""
+
+import gc
+import struct
+
+try:
+    from typing import Any  # noqa: F401 - for the type comments; not on the board
+except ImportError:
+    pass
+
+import esp32
+import machine
+
+_board = {}  # type: dict[str, Any]
+_link_port = None
+_ATTEN = (machine.ADC.ATTN_0DB, machine.ADC.ATTN_2_5DB, machine.ADC.ATTN_6DB,
+          machine.ADC.ATTN_11DB)
+_RTC_MAGIC = 0x4C4E  # "LN": RTC memory holds our counters, not leftovers of another firmware
+_RTC_FMT = "<HIII"  # magic, wake-ups, awake ms (total), energy mJ (total)
+
+
+def _pin(n):
+    return machine.Pin(n)
+
+
+def sensor_buses(board, cfg):
+    """The board's sensor buses: (buses by name, chip time scale 1)."""
+    global _board, _link_port
+    _board = board
+    _link_port = cfg.get("link", {}).get("port")
+    buses = {}  # type: dict[str, object]
+    for name, spec in board.get("i2c", {}).items():
+        freq = spec.get("freq", 100000)
+        timeout = spec.get("timeout_us", 50000)
+        if spec.get("soft"):
+            buses[name] = machine.SoftI2C(scl=_pin(spec["scl"]), sda=_pin(spec["sda"]),
+                                          freq=freq, timeout=timeout)
+        else:  # the hardware controller's own timeout: 50 ms
+            buses[name] = machine.I2C(spec.get("id", 0), scl=_pin(spec["scl"]),
+                                      sda=_pin(spec["sda"]), freq=freq)
+    for name, spec in board.get("uart", {}).items():
+        if name == _link_port:
+            continue  # the gateway link: open_uart()
+        buses[name] = machine.UART(spec["id"], baudrate=spec.get("baud", 9600), tx=spec["tx"],
+                                   rx=spec["rx"], rxbuf=spec.get("rxbuf", 256), timeout=0)
+    for name, spec in board.get("adc", {}).items():
+        adc = machine.ADC(_pin(spec["pin"]))
+        adc.atten(_ATTEN[spec.get("atten", 3)])  # 11 dB: the full 0-3.1 V range by default
+        buses[name] = adc
+    return buses, 1
+
+
+def open_uart(port, baud):
+    """The gateway link: the board UART named `port`, non-blocking for asyncio streams."""
+    spec = _board.get("uart", {}).get(port)
+    if spec is None:
+        raise ValueError("board %s: no UART %r (have %s)" % (
+            _board.get("name"), port, ", ".join(sorted(_board.get("uart", {})))))
+    return machine.UART(spec["id"], baudrate=baud, tx=spec["tx"], rx=spec["rx"],
+                        rxbuf=spec.get("rxbuf", 2048), timeout=0)
+
+
+def heap_free():
+    gc.collect()
+    return gc.mem_free()
+
+
+def reset():
+    machine.reset()
+
+
+# ------------------------------------------------------------------ power
+
+
+def woke_from_deepsleep():
+    return machine.reset_cause() == machine.DEEPSLEEP_RESET
+
+
+def rtc_counters():
+    """(wake-ups, awake ms, energy mJ) kept in RTC memory across deep sleep; zeros after a cut."""
+    raw = machine.RTC().memory()
+    if len(raw) == struct.calcsize(_RTC_FMT):
+        magic, wakes, awake_ms, mj = struct.unpack(_RTC_FMT, raw)
+        if magic == _RTC_MAGIC:
+            return wakes, awake_ms, mj
+    return 0, 0, 0
+
+
+def energy_mj(awake_ms, sleep_ms=0):
+    """The board file's current model: awake time at active_ma, sleep at sleep_ua (mJ)."""
+    p = _board.get("power") or {}
+    v = p.get("supply_v", 3.3)
+    return (awake_ms * p.get("active_ma", 100) + sleep_ms * p.get("sleep_ua", 10) / 1000) * v / 1000
+
+
+def deepsleep(ms, awake_ms):
+    """Record this cycle in RTC memory, then sleep; the board wakes through a reset."""
+    wakes, total_ms, mj = rtc_counters()
+    mj += int(energy_mj(awake_ms, ms))
+    machine.RTC().memory(struct.pack(_RTC_FMT, _RTC_MAGIC, wakes + 1, total_ms + awake_ms, mj))
+    machine.deepsleep(ms)
+
+
+def nvs_get(key, default=0):
+    """A small integer setting from NVS (survives reflashing the filesystem)."""
+    try:
+        return esp32.NVS("lantern").get_i32(key)
+    except OSError:
+        return default
+
+
+def nvs_set(key, value):
+    nvs = esp32.NVS("lantern")
+    nvs.set_i32(key, value)
+    nvs.commit()

@@ -1,0 +1,371 @@
+"""The node's BLE link: BTHome adverts with the latest values, and the Lantern GATT service.
+
+On air, two adverts take turns: BTHome v2 (any receiver shows the values) and the Lantern
+advert (service data under the Lantern UUID: backlog count and a 4-byte node tag), which tells
+a gateway that this node has frames waiting. The gateway connects, subscribes, and writes an
+authenticated ACK (possibly acknowledging nothing) to start the drain; DATA frames then go out
+as notifications, up to `window` in flight, until ACKs written back name their sequence
+numbers. Frames stay in the outbox until then, so a drain cut by a lost connection resumes
+with the next one. Messages are `type | body` as on the UART (docs/protocol.md), without COBS
+or CRC (the BLE link layer checks its own), split into segments that fit the ATT MTU.
+"""
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+
+from . import bthome, cbor, cose, frame
+from .ble import CONNECT, DISCONNECT, FLAG_NOTIFY, FLAG_READ, FLAG_WRITE, WRITE, Peripheral
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+SERVICE_UUID = "9f1c0001-6c61-6e74-6572-6e2d626c6501"
+DATA_UUID = "9f1c0002-6c61-6e74-6572-6e2d626c6501"  # notify: node -> gateway messages
+CTRL_UUID = "9f1c0003-6c61-6e74-6572-6e2d626c6501"  # write: gateway -> node messages
+STATE_UUID = "9f1c0004-6c61-6e74-6572-6e2d626c6501"  # read/notify: version, backlog (u16 LE)
+VERSION = const(1)
+
+SEG_MORE = const(0x80)  # segment header: bit 7 = more segments follow, bits 0-6 = index
+ACK_SEQS = const(1)
+ACK_TIME = const(2)
+RTO_MAX_MS = const(30000)
+REPLAY_WINDOW = const(64)  # the gateway's replay window (docs/protocol.md)
+_CTRL_BUFFER = const(512)
+_COUNTER_BLOCK = const(256)
+
+
+def node_tag(node_id):
+    """4 bytes that name the node in its Lantern advert: SHA-256(node id)[:4]."""
+    return hashlib.sha256(node_id.encode()).digest()[:4]
+
+
+def uuid_le(uuid):
+    """A 128-bit UUID string as the 16 little-endian bytes adverts carry."""
+    b = bytes.fromhex(uuid.replace("-", ""))
+    return bytes(b[15 - i] for i in range(16))
+
+
+def lantern_advert(tag, backlog):
+    """Flags + service data for the Lantern UUID: version, backlog (u16 LE), node tag."""
+    n = backlog if backlog < 0xFFFF else 0xFFFF
+    data = uuid_le(SERVICE_UUID) + bytes((VERSION, n & 0xFF, n >> 8)) + tag
+    return b"\x02\x01\x06" + bytes((len(data) + 1, 0x21)) + data
+
+
+class Reassembler:
+    """Joins the segments of one message; any gap or overflow drops the message."""
+
+    def __init__(self, limit=frame.MAX_FRAME):
+        self._buf = bytearray()
+        self._next = 0
+        self._limit = limit
+
+    def feed(self, seg):
+        """The complete message, None while more is to come; ValueError on a broken sequence."""
+        if not seg:
+            raise ValueError("empty segment")
+        idx = seg[0] & 0x7F
+        if idx != self._next:
+            expected = self._next
+            self._buf = bytearray()
+            self._next = 0
+            if idx:
+                raise ValueError("segment %d, expected %d" % (idx, expected))
+        self._buf.extend(seg[1:])
+        if len(self._buf) > self._limit:
+            self._buf = bytearray()
+            self._next = 0
+            raise ValueError("message over %d bytes" % self._limit)
+        if seg[0] & SEG_MORE:
+            self._next = idx + 1
+            return None
+        msg = bytes(self._buf)
+        self._buf = bytearray()
+        self._next = 0
+        return msg
+
+
+class Counter:
+    """The BTHome encryption counter: never reused (a reused CCM nonce leaks plaintext).
+
+    Reserved in blocks in a file replaced atomically, like the frame sequence; a reboot or a
+    battery swap skips at most the rest of a block.
+    """
+
+    def __init__(self, path):
+        self._path = path
+        try:
+            with open(path, "rb") as f:
+                self._next = int(f.read())
+        except (OSError, ValueError):
+            self._next = 0
+        self._reserved = self._next
+
+    def next(self):
+        if self._next >= self._reserved:
+            self._reserved = self._next + _COUNTER_BLOCK
+            tmp = self._path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(b"%d" % self._reserved)
+            os.rename(tmp, self._path)
+        c = self._next
+        self._next += 1
+        return c
+
+
+class LinkStats:
+    def __init__(self):
+        self.sent = 0
+        self.retransmits = 0
+        self.acked = 0
+        self.bad_acks = 0
+        self.rx_errors = 0
+        self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
+        self.adverts = 0
+        self.connects = 0
+
+
+class BleLink:
+    def __init__(self, bt, node_id, key, outbox, clock, state_dir, cfg):
+        self._p = Peripheral(bt, cfg.get("mtu", 247), node_id)
+        self._h_data, self._h_ctrl, self._h_state = self._p.register(SERVICE_UUID, (
+            (DATA_UUID, FLAG_NOTIFY), (CTRL_UUID, FLAG_WRITE), (STATE_UUID, FLAG_READ | FLAG_NOTIFY)))
+        self._p.set_buffer(self._h_ctrl, _CTRL_BUFFER)
+        self._kid = node_id.encode()
+        self._key = key
+        self._outbox = outbox
+        self._clock = clock
+        self._window = cfg.get("window", 8)
+        self._rto = cfg.get("rto_ms", 3000)
+        self._adv_us = cfg.get("adv_interval_ms", 100) * 1000
+        self._rotate_ms = cfg.get("rotate_ms", 1000)
+        self._pull_timeout = cfg.get("pull_timeout_ms", 10000)
+        mode = cfg.get("bthome", "encrypted")
+        if mode not in ("encrypted", "plain", "off"):
+            raise ValueError("link.bthome: expected encrypted, plain or off, got %r" % mode)
+        self._bthome = mode != "off"
+        self._bindkey = bthome.derive_bindkey(key) if mode == "encrypted" else None
+        self._counter = Counter(state_dir + "/bthome_counter")
+        self._mac = self._p.mac()
+        self._tag = node_tag(node_id)
+        self._packet_id = 0
+        self._latest = {}
+        self._pull = None  # the connection draining the outbox
+        self._since = {}  # connection handle -> ticks_ms when it connected
+        self._rx = {}  # connection handle -> Reassembler
+        self._inflight = {}  # seq -> (due ticks_ms, attempts)
+        self._state = None  # last STATE value written
+        self._wake = asyncio.Event()
+        self._readv = asyncio.Event()
+        self.stats = LinkStats()
+        self.commands = None  # node.commands.Commands, set by the node to answer diagnostics
+        self._answers = []  # (connection, frame type, body, after), sent by _tx
+        self._refresh_latest()
+
+    def kick(self):
+        """A new frame is in the outbox: its values go on air, and to the gateway if pulling."""
+        self._refresh_latest()
+        self._wake.set()
+
+    def _refresh_latest(self):
+        seqs = self._outbox.seqs()
+        if not seqs:
+            return
+        try:
+            payload = cose.mac0_parse(self._outbox.get(seqs[-1]))[2]
+            latest = {}
+            for rec in cbor.loads(payload):
+                if 0 in rec and 2 in rec:
+                    latest[rec[0]] = rec[2]
+        except (OSError, ValueError, TypeError, KeyError):
+            return
+        self._latest = latest
+
+    async def run(self):
+        asyncio.create_task(self._advertiser())
+        asyncio.create_task(self._events())
+        await self._tx()
+
+    # -- adverts ------------------------------------------------------------------------
+
+    def _bthome_adv(self):
+        pid = self._packet_id
+        self._packet_id = (pid + 1) & 0xFF
+        if self._bindkey is None:
+            return bthome.advert(bthome.encode(self._latest, pid))
+        sd = bthome.encode(self._latest, pid, self._bindkey, self._mac, self._counter.next())
+        return bthome.advert(sd)
+
+    async def _advertiser(self):
+        turn = 0
+        while True:
+            now = time.ticks_ms()
+            for h, t in list(self._since.items()):
+                # a central that never starts a drain must not keep the node to itself
+                pulling = self._pull is not None and self._pull.handle == h
+                if not pulling and time.ticks_diff(now, t) > self._pull_timeout:
+                    self._p.disconnect(h)
+                    del self._since[h]
+            if turn == 0 and self._bthome and self._latest:
+                adv = self._bthome_adv()
+            else:
+                adv = lantern_advert(self._tag, len(self._outbox))
+            turn ^= 1
+            # one central at a time: while connected, adverts only carry values
+            self._p.advertise(adv, self._adv_us, not self._p.connections)
+            self.stats.adverts += 1
+            self._readv.clear()
+            try:
+                await asyncio.wait_for_ms(self._readv.wait(), self._rotate_ms)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- connection events and writes ---------------------------------------------------
+
+    async def _events(self):
+        while True:
+            for kind, conn, detail in await self._p.events():
+                if kind == CONNECT:
+                    self.stats.connects += 1
+                    self._rx[conn.handle] = Reassembler()
+                    self._since[conn.handle] = time.ticks_ms()
+                elif kind == DISCONNECT:
+                    self._rx.pop(conn.handle, None)
+                    self._since.pop(conn.handle, None)
+                    if conn is self._pull:
+                        # unacknowledged frames stay in the outbox: the next drain resends them
+                        self._pull = None
+                        self._inflight = {}
+                    self._readv.set()
+                    self._wake.set()
+                elif kind == WRITE and detail[0] == self._h_ctrl:
+                    self._on_segment(conn, detail[1])
+
+    def _on_segment(self, conn, seg):
+        rx = self._rx.get(conn.handle)
+        if rx is None:
+            return
+        try:
+            msg = rx.feed(seg)
+        except ValueError:
+            self.stats.rx_errors += 1
+            return
+        if msg is None:
+            return
+        if len(msg) >= 1 and msg[0] == frame.ACK:
+            self._on_ack(conn, msg[1:])
+        elif len(msg) >= 1 and msg[0] == frame.COMMAND and self.commands is not None:
+            for ftype, body, after in self.commands.handle(msg[1:]):
+                self._answers.append((conn, ftype, body, after))
+            self._wake.set()
+        else:
+            self.stats.rx_errors += 1
+
+    def _on_ack(self, conn, body):
+        try:
+            protected, _, payload = cose.mac0_verify(self._key, body)
+            if protected.get(cose.H_KID) != self._kid:
+                raise cose.CoseError("ack for another node")
+            ack = cbor.loads(payload)
+            seqs = ack[ACK_SEQS]
+            gw_ms = ack.get(ACK_TIME)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.stats.bad_acks += 1
+            return
+        self.stats.last_ack_ms = time.ticks_ms()
+        if self._pull is not conn:
+            # only the gateway holds the key: its ACK, even an empty one, starts the drain
+            self._pull = conn
+            self._inflight = {}
+            self._state = None
+        fresh = False
+        for seq in seqs:
+            if self._inflight.pop(seq, None) is not None:
+                fresh = True
+            if self._outbox.remove(seq):
+                self.stats.acked += 1
+        if fresh and isinstance(gw_ms, int):
+            self._clock.set_ms(gw_ms)
+        self._wake.set()
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _backoff(self, attempts):
+        rto = self._rto << min(attempts, 5)
+        if rto > RTO_MAX_MS:
+            rto = RTO_MAX_MS
+        return rto + random.getrandbits(8) * rto // 1024
+
+    async def _send(self, conn, ftype, body):
+        """One message as notifications of at most MTU - 3 bytes; False if the link dropped."""
+        msg = bytes((ftype,)) + body
+        size = conn.mtu - 4  # 3 bytes of ATT header, 1 of segment header
+        off = 0
+        idx = 0
+        while True:
+            chunk = msg[off : off + size]
+            off += size
+            more = off < len(msg)
+            seg = bytes((idx | (SEG_MORE if more else 0),)) + chunk
+            if not await self._p.notify(conn, self._h_data, seg):
+                return False
+            if not more:
+                return True
+            idx += 1
+
+    async def _publish_state(self, conn):
+        n = len(self._outbox)
+        n = n if n < 0xFFFF else 0xFFFF
+        state = bytes((VERSION, n & 0xFF, n >> 8))
+        if state != self._state:
+            self._p.write_local(self._h_state, state)
+            if conn is None or await self._p.notify(conn, self._h_state, state):
+                self._state = state
+
+    async def _tx(self):
+        while True:
+            self._wake.clear()
+            # diagnostic answers first, from this task only, so messages never interleave
+            while self._answers:
+                to, ftype, body, after = self._answers.pop(0)
+                if await self._send(to, ftype, body) and after:
+                    after()
+            conn = self._pull
+            wait = RTO_MAX_MS
+            if conn is not None and conn.connected:
+                now = time.ticks_ms()
+                seqs = self._outbox.seqs()
+                for seq in seqs[: self._window]:
+                    if seq - seqs[0] >= REPLAY_WINDOW:
+                        break  # see link_uart: a resent old frame must stay in the window
+                    due, attempts = self._inflight.get(seq, (now, 0))
+                    left = time.ticks_diff(due, now)
+                    if left <= 0:
+                        if seq not in self._outbox:
+                            continue  # acknowledged while we were sending the previous one
+                        if not await self._send(conn, frame.DATA, self._outbox.get(seq)):
+                            break
+                        self.stats.sent += 1
+                        if attempts:
+                            self.stats.retransmits += 1
+                        left = self._backoff(attempts)
+                        self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
+                    if left < wait:
+                        wait = left
+                await self._publish_state(conn)
+            else:
+                await self._publish_state(None)
+            if self._wake.is_set():
+                continue
+            try:
+                await asyncio.wait_for_ms(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,57 @@
+"""MicroPython entry for power-cut tests: the unchanged firmware on a slow simulated flash.
+
+Files the outbox opens for writing take their data in small pieces with a pause after each,
+as a flash chip programs page by page, so a SIGKILL sent while a `.tmp` file exists lands
+inside the write, as a power cut would. Settings come from node.json:
+"slow_flash": {"piece": bytes per step, "delay_ms": pause per step}.
+Run as `micropython hil_tests/slow_flash.py node.json` with firmware/ on MICROPYPATH.
+"""
+
+import json
+import sys
+import time
+
+from node import app, outbox
+
+_open = open
+
+
+class _SlowFile:
+    def __init__(self, f, piece, delay_ms):
+        self._f = f
+        self._piece = piece
+        self._delay = delay_ms
+
+    def write(self, data):
+        mv = memoryview(data)
+        for i in range(0, len(data), self._piece):
+            self._f.write(mv[i : i + self._piece])
+            time.sleep_ms(self._delay)
+        return len(data)
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def run(path):
+    with _open(path) as f:
+        flash = json.load(f).get("slow_flash", {})
+    piece = flash.get("piece", 16)
+    delay_ms = flash.get("delay_ms", 1)
+
+    def slow_open(name, mode="r"):
+        f = _open(name, mode)
+        return _SlowFile(f, piece, delay_ms) if "w" in mode else f
+
+    # The outbox module looks `open` up in its own globals first: only its writes slow down.
+    outbox.open = slow_open
+    app.main(path)
+
+
+run(sys.argv[1])

@@ -1,0 +1,364 @@
+"""Reliability scenarios on the real MicroPython node and the real gateway process.
+
+Scaled down here (`make test`); `make reliability` (tools/reliability.py) runs the same
+tests at full size and publishes their figures in docs/reliability.md. Every test records
+its row before asserting, so a failure still shows in the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from agent import protocol
+from agent.diskcap import disk_bytes
+from agent.errors import FrameError
+from tools.faults import FaultSpec
+from tools.reliability import record, size
+
+from .scenarios import all_sampled, drained, sealed_seqs, stop_gateway, tally, upstream_has_all
+from .topology import Topology
+
+READINGS_PER_PACK = 20  # about what a unix-sim pack holds today; the tally counts the real number
+SLOW_FLASH = Path(__file__).with_name("slow_flash.py")
+
+
+def packs_for(readings: int, nodes: int) -> int:
+    return -(-readings // (READINGS_PER_PACK * nodes))
+
+
+async def settle(topo: Topology, cond: Callable[[], bool], timeout: float, what: str
+                 ) -> str | None:
+    """Wait for cond; the timeout message instead of raising, so the row is still recorded."""
+    try:
+        await topo.wait_for(cond, timeout, what)
+    except AssertionError as e:
+        return str(e)[:3000]
+    return None
+
+
+def fault_totals(topo: Topology) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter[str]] = {"up": Counter(), "down": Counter()}
+    for r in topo.relays:
+        if r.faults is not None:
+            for direction, c in r.faults.stats.items():
+                out[direction].update(c)
+    return {d: dict(sorted(c.items())) for d, c in out.items()}
+
+
+# ------------------------------------------------------------------ 1: a bad serial line
+
+# 1% of the bytes corrupted, in bursts of 32 bytes on average (2.8 ms of noise at 115,200
+# baud): independent 1% byte errors would spoil 99% of 440-byte frames and test only backoff.
+LINES = {
+    "1 line: 1% of bytes corrupted (bursts), 5% of frames lost": FaultSpec(
+        flip=0.01, burst=32, lose=0.05),
+    "1b line: every fault (drops, flips, dup, truncation, delay, disconnects)": FaultSpec(
+        drop=0.0002, flip=0.002, burst=16, lose=0.02, duplicate=0.02, truncate=0.02,
+        delay=0.05, delay_max_s=0.2, disconnect=0.002, disconnect_s=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(LINES))
+async def test_faulty_line_loses_nothing_accepts_nothing_corrupt(tmp_path: Path,
+                                                                 name: str) -> None:
+    nodes = size(2, 4)
+    readings = size(1_500, 10_000)
+    packs = packs_for(readings, nodes)
+    topo = Topology(tmp_path, n_nodes=nodes, interval_ms=size(60, 60), sample_limit=packs,
+                    faults=LINES[name], fault_seed=1)
+    t0 = time.monotonic()
+    try:
+        await topo.start()
+        problem = await settle(topo, lambda: all_sampled(topo, packs) and drained(topo)
+                               and upstream_has_all(topo), size(180, 900), "all delivered")
+        metrics = stop_gateway(topo)
+        t = tally(topo)
+        record({"scenario": name, **t.row(), "accepted_forged": None,
+                "seconds": round(time.monotonic() - t0, 1), "nodes": nodes,
+                "line_faults": fault_totals(topo), "gateway_rejected": metrics["frames_rejected"],
+                "conflicting_duplicates": t.conflicting_duplicates,
+                "out_of_order": t.out_of_order})
+        assert problem is None, problem
+        assert t.sent >= readings
+        assert (t.lost, t.accepted_corrupt, t.conflicting_duplicates) == (0, 0, 0), t
+        assert t.delivered == t.sent
+        st = fault_totals(topo)
+        # the line really was bad: frames were damaged and lost, and the gateway saw it
+        assert st["up"].get("frames_damaged", 0) + st["up"].get("frames_truncated", 0) > 0
+        assert sum(metrics["frames_rejected"].values()) > 0
+    finally:
+        await topo.stop()
+
+
+# ------------------------------------------------------------------ 2: gateway SIGKILLed
+
+
+async def test_gateway_sigkilled_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+    kills = size(3, 20)
+    nodes = size(2, 4)
+    readings = size(800, 10_000)
+    packs = packs_for(readings, nodes)
+    rng = random.Random(2)
+    # sampling spans the kills: about 1.7 s of gateway life per kill
+    interval = max(20, int(1700 * kills / packs))
+    topo = Topology(tmp_path, n_nodes=nodes, interval_ms=interval, sample_limit=packs)
+    t0 = time.monotonic()
+    try:
+        await topo.start()
+        uptimes = []
+        for _ in range(kills):
+            up = rng.uniform(0.2, 2.5)  # a random moment: starting, committing, posting...
+            uptimes.append(round(up, 2))
+            await asyncio.sleep(up)
+            topo.kill_gateway(signal.SIGKILL)
+            await asyncio.sleep(rng.uniform(0.0, 0.5))
+            topo.start_gateway()
+        problem = await settle(topo, lambda: all_sampled(topo, packs) and drained(topo)
+                               and upstream_has_all(topo), size(180, 900), "all delivered")
+        stop_gateway(topo)
+        t = tally(topo)
+        record({"scenario": "2 gateway SIGKILLed at random moments", **t.row(),
+                "accepted_forged": None, "kills": kills, "seconds": round(time.monotonic() - t0, 1),
+                "conflicting_duplicates": t.conflicting_duplicates, "nodes": nodes})
+        assert problem is None, problem
+        assert t.sent >= readings
+        assert (t.lost, t.accepted_corrupt) == (0, 0), t
+        assert t.conflicting_duplicates == 0  # a repeat upstream is always the same reading
+        assert len(uptimes) == kills
+    finally:
+        await topo.stop()
+
+
+# ------------------------------------------------------------------ 3: a day without upstream
+
+
+def _queue_rows(db: Path) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("policy", ["pause_intake", "evict_oldest"])
+async def test_day_long_upstream_outage_under_a_disk_cap(tmp_path: Path, policy: str) -> None:
+    """A compressed clock: one simulated minute is `interval` ms of wall time, for everything.
+
+    Nodes sample once a (simulated) minute; the outage lasts `day` samples (1440 = 24 h);
+    the gateway's upstream backoff cap, 60 s in the field, is scaled by the same factor.
+    Node retransmission timers are not scaled: they only make the final drain slower.
+    """
+    nodes = 2
+    day = size(300, 1440)
+    interval = 20
+    k = 60_000 / interval  # simulated seconds per wall second
+    cap_mb = size(1, 4)
+    topo = Topology(tmp_path, n_nodes=nodes, interval_ms=interval, sample_limit=day,
+                    node_extra={"max_frames": day + 100},
+                    gateway_extra=f'\n[queue]\nmax_mb = {cap_mb}\npolicy = "{policy}"\n')
+    t0 = time.monotonic()
+    db = tmp_path / "gw-state" / "queue.sqlite"
+    most = {"disk": 0, "outbox": 0}
+
+    async def watch() -> None:
+        while True:
+            most["disk"] = max(most["disk"], disk_bytes(db))
+            most["outbox"] = max([most["outbox"], *(len(topo.outbox(n)) for n in topo.nodes)])
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await topo.start(gateway=False)
+        assert topo.gw_config is not None
+        text = topo.gw_config.read_text()
+        topo.gw_config.write_text(text.replace(
+            "[sinks.http]\n", f"[sinks.http]\nbackoff_initial_s = {0.5 * 60 / k:.4f}\n"
+                              f"backoff_max_s = {60 / k:.4f}\n"))
+        port = int(topo.upstream.url.rsplit(":", 1)[1].split("/")[0])
+        await topo.upstream.stop()  # down from before the first sample to after the last
+        topo.start_gateway()
+        problem = await settle(topo, lambda: all_sampled(topo, day), size(120, 400),
+                               "a day of samples")
+        outage_s = time.monotonic() - t0
+        await topo.upstream.start(port=port)
+        problem = problem or await settle(
+            topo, lambda: drained(topo) and _queue_rows(db) == 0, size(180, 600),
+            "backlog delivered after the outage")
+        metrics = stop_gateway(topo)
+        t = tally(topo, evicted=int(metrics.get("evictions", 0)))
+        cap = int(cap_mb * (1 << 20))
+        missing = sum(len(v) for v in t.missing.values())
+        record({"scenario": f"3 upstream down 24 h (compressed clock), disk cap, {policy}",
+                **t.row(), "accepted_forged": None, "evicted": t.evicted,
+                "cap_bytes": cap, "max_disk_bytes": most["disk"],
+                "max_node_outbox": most["outbox"], "out_of_order": t.out_of_order,
+                "queue_full_refusals": metrics["frames_rejected"].get("queue_full", 0),
+                "simulated_hours": round(day / 60, 1), "time_compression": int(k),
+                "outage_wall_s": round(outage_s, 1), "seconds": round(time.monotonic() - t0, 1)})
+        assert problem is None, problem
+        assert most["disk"] <= cap, f"queue files reached {most['disk']} bytes, cap {cap}"
+        assert t.accepted_corrupt == 0 and t.lost == 0, t
+        if policy == "evict_oldest":
+            assert t.evicted > 0 and missing == t.evicted  # each gap counted, no more, no less
+            for rids in t.missing.values():  # the oldest went: one run of readings per node
+                seqs = sorted({int(r.split(":")[1]) for r in rids})
+                assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        else:
+            assert missing == 0 and t.evicted == 0
+            assert metrics["frames_rejected"].get("queue_full", 0) > 0  # the cap was reached
+            assert most["outbox"] > 100  # and the nodes held the rest meanwhile
+        assert t.out_of_order == 0, f"{t.out_of_order} packs overtook an older one"
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await topo.stop()
+
+
+# ------------------------------------------------------------------ 4: node power cuts
+
+
+def _outbox_check(state: Path, key: bytes, node_id: str) -> tuple[int, int, int]:
+    """(frames readable and authentic, corrupt ones, the reserved sequence on flash)."""
+    good = bad = 0
+    for p in (state / "outbox").iterdir():
+        if p.name.endswith(".tmp"):
+            continue
+        try:
+            m = protocol.parse_mac0(p.read_bytes())
+            protocol.verify_mac0(key, m)
+            protocol.resolve_pack(m.payload)
+            ok = m.seq == int(p.name) and m.kid == node_id.encode()
+        except (FrameError, ValueError):
+            ok = False
+        good, bad = (good + 1, bad) if ok else (good, bad + 1)
+    return good, bad, int((state / "seq").read_bytes())
+
+
+async def test_node_power_cut_during_outbox_writes(tmp_path: Path) -> None:
+    cuts = size(8, 100)
+    rng = random.Random(4)
+    topo = Topology(tmp_path, n_nodes=1, interval_ms=40,
+                    node_extra={"slow_flash": {"piece": 16, "delay_ms": 2}})
+    t0 = time.monotonic()
+    landed: Counter[str] = Counter()
+    attempts = checked = corrupt_files = reserve_behind = 0
+    try:
+        await topo.start()
+        node = topo.nodes[0]
+        state = node.state_dir
+        node.kill()
+        node.entry = SLOW_FLASH  # from here on the node writes its flash slowly
+        while sum(landed.values()) < cuts and attempts < cuts * 4:
+            attempts += 1
+            boot_ns = time.time_ns()
+            node.start(stdout=subprocess.PIPE)
+            target = "frame" if rng.random() < 0.75 else "seq"
+            # skip a few writes at random so cuts land at every stage of a run
+            await asyncio.sleep(rng.uniform(0.0, 0.4))
+
+            def writing(target: str = target, boot_ns: int = boot_ns) -> bool:
+                if target == "seq":
+                    with contextlib.suppress(FileNotFoundError):
+                        return (state / "seq.tmp").stat().st_mtime_ns >= boot_ns
+                    return False
+                return any(p.name.endswith(".tmp") for p in (state / "outbox").iterdir())
+
+            problem = await settle(topo, lambda w=writing: w(), 20, f"a {target} write")
+            assert problem is None, problem
+            # a random moment inside the write: a frame takes ~30 ms here, a seq file 2 ms
+            await asyncio.sleep(rng.uniform(0.0, 0.025 if target == "frame" else 0.0015))
+            node.kill(signal.SIGKILL)
+            topo.collect_output()
+            if writing():
+                landed[target] += 1
+            good, bad, reserved = _outbox_check(state, node.key, node.node_id)
+            checked += good + bad
+            corrupt_files += bad
+            used = sealed_seqs(topo, node.node_id) + [protocol.parse_mac0(b).seq
+                                                      for b in topo.wires[node.node_id].data_frames]
+            if used and reserved <= max(used):
+                reserve_behind += 1  # the flash would hand out a number already used
+        # last boot: the normal entry, a few samples, then everything must drain
+        node.entry = None
+        node.extra["sample_limit"] = 3
+        node.start(stdout=subprocess.PIPE)
+        problem = await settle(topo, lambda: drained(topo) and upstream_has_all(topo)
+                               and len(sealed_seqs(topo, node.node_id)) >= 3, 60, "drain")
+        stop_gateway(topo)
+        t = tally(topo)
+        record({"scenario": "4 node power-cut during outbox writes", **t.row(),
+                "accepted_forged": None, "cuts_landed_in_writes": dict(landed),
+                "attempts": attempts, "outbox_files_checked": checked,
+                "corrupt_outbox_files": corrupt_files, "corrupt_frames_sent": t.corrupt_frames_sent,
+                "seq_reused": t.seq_reused, "seq_reservation_behind": reserve_behind,
+                "seconds": round(time.monotonic() - t0, 1)})
+        assert problem is None, problem
+        assert sum(landed.values()) == cuts, f"only {dict(landed)} of {attempts} cuts landed"
+        assert landed["frame"] and landed["seq"]
+        assert corrupt_files == 0 and t.corrupt_frames_sent == 0
+        assert t.seq_reused == 0 and reserve_behind == 0
+        assert (t.lost, t.accepted_corrupt) == (0, 0), t
+        assert t.sent > 0 and checked > 0
+    finally:
+        await topo.stop()
+
+
+# ------------------------------------------------------------------ found by scenario 1
+
+
+class DropAcksFor:
+    """A line that loses the first `times` ACKs naming one sequence number, nothing else."""
+
+    def __init__(self, seq: int, times: int) -> None:
+        self.seq, self.left = seq, times
+        self.deframer = protocol.Deframer()
+
+    def feed(self, direction: str, data: bytes, deliver: Callable[[bytes], None]) -> None:
+        if direction == "up":
+            deliver(data)
+            return
+        for chunk in self.deframer.feed(data):
+            if chunk is None:
+                continue
+            body = protocol.decode_frame(chunk)[1]
+            seqs = cbor2.loads(protocol.parse_mac0(body).payload)[1]
+            if self.seq in seqs and self.left > 0:
+                self.left -= 1
+                continue
+            deliver(b"\x00" + chunk + b"\x00")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_frame_whose_ack_was_lost_is_never_stranded(tmp_path: Path) -> None:
+    """Regression: the frame's ACK is lost while newer frames keep flowing; when it is resent,
+    the gateway must still recognise it (and acknowledge it again) rather than call it a
+    replay, or the node keeps it, and a window slot, forever."""
+    topo = Topology(tmp_path, n_nodes=1, interval_ms=20, sample_limit=150)
+    try:
+        await topo.start(gateway=False)
+        topo.relays[0].faults = DropAcksFor(2, times=3)  # type: ignore[assignment]
+        topo.start_gateway()
+        problem = await settle(topo, lambda: all_sampled(topo, 150) and drained(topo)
+                               and upstream_has_all(topo), 90, "drain with three ACKs lost")
+        metrics = stop_gateway(topo)
+        assert problem is None, problem
+        assert metrics["frames_rejected"].get("replay", 0) == 0
+        assert metrics["duplicates"].get("SL-0001", 0) >= 1  # seq 2 came again, re-ACKed
+        assert tally(topo).lost == 0
+    finally:
+        await topo.stop()

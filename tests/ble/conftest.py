@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.links import ble as ble_link
+
+from .harness import World
+
+
+@pytest.fixture
+async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    init = ble_link.BleLink.__init__
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        w.links.append(self)
+
+    monkeypatch.setattr(ble_link.BleLink, "__init__", capture)
+    yield w
+    await w.close()

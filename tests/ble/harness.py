@@ -1,0 +1,231 @@
+"""The BLE tier's world: nodes (the real firmware, on CPython) and the real gateway on one radio.
+
+Each node is `node.app.Node` with its BLE link, on its own virtual controller (fake
+`bluetooth` module, tests/ble/upy); the gateway is `agent.gateway.run` with bleak on the
+bumble backend (tests/ble/bleak_bumble.py); upstream is the project's HTTP receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bumble.link import LocalLink
+
+from agent import gateway
+from agent.config import load_config, write_secret
+from agent.links.ble import BleBackend
+from tools.upstream import Upstream
+
+from . import mpcompat
+from .bleak_bumble import Adapter
+
+mpcompat.install()
+
+import bluetooth  # noqa: E402 - tests/ble/upy, on sys.path after install()
+from node import app  # noqa: E402
+from node.hal import unix as unix_hal  # noqa: E402
+
+app.gc = mpcompat.MicroGC()  # type: ignore[assignment]
+
+BOARD = Path(__file__).resolve().parents[2] / "boards" / "unix-sim.json"
+
+
+class SimHal:
+    """The unix simulated board's HAL plus a radio (the fake `bluetooth` module).
+
+    street=True: the sensors are the real drivers on the simulated street's register-level
+    chips (node/hal/unix.py sensor_buses). street=False: the simple climate model, which
+    samples instantly, for tests about moving many frames.
+    """
+
+    def __init__(self, street: bool) -> None:
+        self.street = street
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sensor_buses" and not self.street:
+            raise AttributeError(name)
+        return getattr(unix_hal, name)
+
+    @staticmethod
+    def heap_free() -> int:
+        return 100_000  # CPython's heap says nothing about an ESP32's
+
+    @staticmethod
+    def bluetooth() -> Any:
+        return bluetooth
+
+    @staticmethod
+    def sensors(board: dict[str, Any], node_id: str) -> list[Any]:
+        from node.drivers.sim_climate import SimClimate
+
+        return [SimClimate(sum(node_id.encode()))]
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str,
+                every: float = 0.02) -> None:
+    """Wait for a condition, failing with `what` after `timeout` seconds (CPU is shared)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+@dataclass
+class BleNode:
+    node_id: str
+    address: str
+    root: Path
+    link_cfg: dict[str, Any]
+    interval_ms: int = 20
+    sample_limit: int = 0
+    street: bool = False
+    sim: dict[str, Any] = field(default_factory=dict)
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    chip: Any = None
+    node: Any = None
+    task: asyncio.Task[Any] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / self.node_id
+
+    def write_config(self) -> Path:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.state_dir / "node.key"
+        write_secret(key_file, self.key.hex())
+        cfg = {"id": self.node_id, "key_file": str(key_file), "board": str(BOARD),
+               "state_dir": str(self.state_dir / "flash"), "interval_ms": self.interval_ms,
+               "sample_limit": self.sample_limit, "link": {"type": "ble", **self.link_cfg}}
+        if self.sim:
+            cfg["sim"] = self.sim
+        path = self.state_dir / "node.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    async def start(self, link: LocalLink) -> None:
+        """Boot the node: a fresh controller at the node's address, the firmware from flash."""
+        self.chip = bluetooth.Chip(link, self.address)
+        await self.chip.power_on()
+        cfg = app.load_config(str(self.write_config()))
+        board = json.loads(BOARD.read_text())
+
+        async def boot() -> None:
+            self.node = app.Node(cfg, SimHal(self.street), board)
+            await self.node.run()
+
+        self.task = self.chip.start(boot, name=self.node_id)
+        await until(lambda: self.node is not None and self.node.link is not None, 10,
+                    f"{self.node_id} to boot")
+
+    async def stop(self) -> None:
+        """Power cut: the task stops wherever it is and the controller leaves the air."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        if self.chip is not None:
+            with contextlib.suppress(Exception):
+                await self.chip.device.power_off()
+            self.chip.unplug()
+
+    @property
+    def outbox(self) -> Any:
+        return self.node.outbox
+
+
+@dataclass
+class World:
+    """Nodes, the gateway (in this process, on the same radio) and an HTTP upstream."""
+
+    workdir: Path
+    link: LocalLink = field(default_factory=LocalLink)
+    nodes: list[BleNode] = field(default_factory=list)
+    upstream: Upstream = field(default_factory=Upstream)
+    adapter: Adapter | None = None
+    gw_task: asyncio.Task[None] | None = None
+    gw_extra: str = ""
+    ble_extra: str = ""
+    links: list[Any] = field(default_factory=list)  # every BleLink the gateway built
+
+    def add_nodes(self, n: int, **kw: Any) -> list[BleNode]:
+        link_cfg = kw.pop("link_cfg", {"adv_interval_ms": 50, "rotate_ms": 100})
+        out = []
+        for _ in range(n):
+            i = len(self.nodes) + 1
+            node = BleNode(f"SL-{i:04d}", f"F0:00:00:00:01:{i:02X}", self.workdir / "nodes",
+                           dict(link_cfg), **kw)
+            self.nodes.append(node)
+            out.append(node)
+        return out
+
+    def gateway_toml(self) -> Path:
+        keys = self.workdir / "keys.toml"
+        write_secret(keys, "[nodes]\n" + "".join(
+            f'"{n.node_id}" = "{n.key.hex()}"\n' for n in self.nodes))
+        path = self.workdir / "gateway.toml"
+        path.write_text(
+            f'[gateway]\nstate_dir = "{self.workdir / "gw-state"}"\nkeys_file = "{keys}"\n\n'
+            f'[batch]\nmax_records = 500\nmax_age_s = 0.2\n\n[api]\nenabled = false\n\n'
+            f'[sinks.http]\nurl = "{self.upstream.url}"\ntimeout_s = 5\n\n'
+            f'[[links.ble]]\nmax_connections = 3\nscan_stall_s = 5\nbackoff_initial_s = 0.2\n'
+            f'backoff_max_s = 2\nconnect_timeout_s = 5\nidle_timeout_s = 5\n'
+            f'{self.ble_extra}\n{self.gw_extra}')
+        return path
+
+    async def start_gateway(self) -> None:
+        if not self.upstream.url:
+            await self.upstream.start()
+        cfg = load_config(self.gateway_toml())
+        if self.adapter is None:
+            self.adapter = Adapter(self.link)
+        scanner, client = self.adapter.backend()
+        self.gw_task = asyncio.create_task(gateway.run(cfg, BleBackend(scanner, client)))
+        adapter = self.adapter
+        await until(lambda: adapter.scan_starts > 0 or self.gw_task.done(), 20,
+                    "the gateway to scan")
+        if self.gw_task.done():
+            self.gw_task.result()
+
+    async def stop_gateway(self) -> None:
+        """SIGTERM, as systemd would: the gateway's own handler stops it cleanly."""
+        if self.gw_task is None:
+            return
+        if not self.gw_task.done():
+            signal.raise_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.gw_task, 30)
+        finally:
+            self.gw_task = None
+
+    @property
+    def ble(self) -> Any:
+        """The gateway's BleLink (the latest one built), for its counters."""
+        assert self.links, "no BLE link built yet"
+        return self.links[-1]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stop_gateway()
+        for n in self.nodes:
+            await n.stop()
+        await self.upstream.stop()
+
+
+def senml_seqs(upstream: Upstream) -> dict[str, set[int]]:
+    """node → the sequence numbers whose readings reached upstream."""
+    out: dict[str, set[int]] = {}
+    for rid in upstream.readings:
+        node, seq, _ = rid.rsplit(":", 2)
+        out.setdefault(node, set()).add(int(seq))
+    return out
+

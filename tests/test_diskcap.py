@@ -1,0 +1,225 @@
+"""The queue's disk cap (agent/diskcap.py through agent/store.py and agent/ingest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from agent import protocol
+from agent.config import load_config
+from agent.diskcap import disk_bytes
+from agent.errors import ConfigError
+from agent.ingest import Ingest
+from agent.metrics import Metrics
+from agent.store import Accepted, Store, Window
+
+CAP = 1 << 20
+KEY = bytes(range(32))
+NODE = "SL-0001"
+
+
+def frame(seq: int, n: int = 7) -> Accepted:
+    recs = [{"id": f"{NODE}:{seq}:{i}", "n": f"urn:dev:lantern:{NODE}:m{i}", "t": 1.7e9 + seq,
+             "u": "Cel", "v": 20.125 + i} for i in range(n)]
+    return Accepted(NODE, seq, b"cose", recs)
+
+
+def queued(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT rid FROM readings ORDER BY id")]
+    finally:
+        db.close()
+
+
+@contextlib.asynccontextmanager
+async def capped(tmp_path: Path, policy: str) -> AsyncIterator[Store]:
+    async with Store(tmp_path / "queue.sqlite") as s:
+        await s.limit(CAP, policy)
+        yield s
+
+
+async def fill(store: Store, seqs: range, stop_when_paused: bool = False) -> int:
+    """Commit frames one by one; the largest size the queue reached on disk."""
+    w = {NODE: Window()}
+    most = 0
+    for seq in seqs:
+        w[NODE].mark(seq)
+        await store.commit([frame(seq)], {NODE: Window(w[NODE].high, w[NODE].bits)})
+        most = max(most, disk_bytes(store.path))
+        if stop_when_paused and store.cap.paused:
+            break
+    return most
+
+
+async def test_evict_oldest_holds_the_cap_and_counts_every_reading(tmp_path: Path) -> None:
+    async with capped(tmp_path, "evict_oldest") as store:
+        most = await fill(store, range(1500))
+        assert most <= CAP
+        assert store.cap.evicted > 0 and store.cap.history_trimmed > 0
+        left = queued(store.path)
+        total = 1500 * 7
+        assert len(left) + store.cap.evicted == total  # every reading kept or counted
+        everything = [f"{NODE}:{s}:{i}" for s in range(1500) for i in range(7)]
+        assert left == everything[-len(left):]  # the oldest went first, the newest stayed
+        assert not store.cap.paused
+
+
+async def test_history_gives_way_before_any_reading(tmp_path: Path) -> None:
+    async with capped(tmp_path, "evict_oldest") as store:
+        seq = 0
+        while not store.cap.history_trimmed:
+            await fill(store, range(seq, seq + 1))
+            seq += 1
+        assert store.cap.evicted == 0
+        assert len(queued(store.path)) == seq * 7
+
+
+async def test_eviction_spares_a_batch_a_sink_is_sending(tmp_path: Path) -> None:
+    async with capped(tmp_path, "evict_oldest") as store:
+        await fill(store, range(100))
+        batch = await store.next_batch(70)  # out at the sink, upstream not answering yet
+        assert batch is not None and batch.rids[0] == f"{NODE}:0:0"
+        await fill(store, range(100, 1500))
+        left = queued(store.path)
+        assert left[:70] == batch.rids  # still there, so what the sink confirms is not lost
+        assert f"{NODE}:10:0" not in left  # the rows right after the batch were evicted
+        await store.delivered_to("http", batch, ["http"])
+        assert store.cap.leases == {}
+        assert len(queued(store.path)) + 70 + store.cap.evicted == 1500 * 7
+
+
+async def test_pause_intake_then_resume_as_upstream_drains(tmp_path: Path) -> None:
+    async with capped(tmp_path, "pause_intake") as store:
+        most = await fill(store, range(5000), stop_when_paused=True)
+        assert store.cap.paused and store.cap.evicted == 0
+        assert most <= CAP
+        before = queued(store.path)
+        assert before[0] == f"{NODE}:0:0"  # nothing of the queue was given up
+        cursor = 0
+        while store.cap.paused:
+            batch = await store.next_batch(100, cursor)
+            assert batch is not None
+            await store.delivered_to("http", batch, ["http"])
+            cursor = batch.last_id
+        assert store.cap.live_bytes <= store.cap.low
+        assert len(queued(store.path)) < len(before)
+
+
+async def test_no_cap_changes_nothing(tmp_path: Path) -> None:
+    async with Store(tmp_path / "q.sqlite") as store:
+        await store.limit(0, "pause_intake")
+        await fill(store, range(50))
+        assert not store.cap.paused and store.cap.evicted == 0
+        assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+
+
+async def test_too_small_a_cap_is_refused(tmp_path: Path) -> None:
+    async with Store(tmp_path / "q.sqlite") as store:
+        with pytest.raises(ValueError, match="too small"):
+            await store.limit(100_000, "pause_intake")
+        with pytest.raises(ValueError, match="policy"):
+            await store.limit(CAP, "drop_newest")
+
+
+# ---------------------------------------------------------------- ingest while paused
+
+
+class Link:
+    name = "ttyTEST"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def wire(seq: int) -> bytes:
+    pack = cbor2.dumps([{-2: f"urn:dev:lantern:{NODE}:", -3: 1700000000, 0: "t", 2: 1.5}])
+    return protocol.encode_frame(protocol.DATA, protocol.create_mac0(KEY, NODE.encode(), seq,
+                                                                     pack))
+
+
+def acked(link: Link) -> list[int]:
+    out = []
+    for data in link.sent:
+        chunk = protocol.Deframer().feed(data)[0]
+        assert chunk is not None
+        m = protocol.parse_mac0(protocol.decode_frame(chunk)[1])
+        out += cbor2.loads(m.payload)[1]
+    return out
+
+
+async def test_paused_ingest_refuses_new_frames_but_reacks_old_ones(tmp_path: Path) -> None:
+    async with Store(tmp_path / "q.sqlite") as store:
+        ing = Ingest(store, {NODE.encode(): KEY}, Metrics())
+        await ing.start()
+        task = asyncio.create_task(ing.run())
+        try:
+            link = Link()
+            ing.on_data(link, wire(1))
+            for _ in range(200):
+                if acked(link):
+                    break
+                await asyncio.sleep(0.01)
+            assert acked(link) == [1]
+            store.cap.paused = True  # as make_room sets it at the cap
+            ing.on_data(link, wire(2) + wire(1))
+            await asyncio.sleep(0.1)
+            assert acked(link) == [1, 1]  # seq 1 again (already safe), seq 2 not: node keeps it
+            assert ing.metrics.frames_rejected["queue_full"] == 1
+            store.cap.paused = False
+            ing.on_data(link, wire(2))
+            for _ in range(200):
+                if len(acked(link)) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert acked(link) == [1, 1, 2]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# ---------------------------------------------------------------- config
+
+BASE = """\
+[gateway]
+keys_file = "keys.toml"
+
+[[links.serial]]
+port = "/dev/ttyUSB0"
+
+[sinks.http]
+url = "http://127.0.0.1:8080/senml"
+"""
+
+
+def test_queue_config_defaults_and_values(tmp_path: Path) -> None:
+    p = tmp_path / "g.toml"
+    p.write_text(BASE)
+    q = load_config(p).queue
+    assert (q.max_mb, q.policy, q.max_bytes) == (1024.0, "pause_intake", 1 << 30)
+    p.write_text(BASE + '\n[queue]\nmax_mb = 2.5\npolicy = "evict_oldest"\n')
+    q = load_config(p).queue
+    assert (q.max_bytes, q.policy) == (int(2.5 * (1 << 20)), "evict_oldest")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("max_mb = 0.5", r"line 11: queue.max_mb: must be 1..1048576"),
+    ('policy = "drop"', r"line 11: queue.policy: expected \"pause_intake\" or \"evict_oldest\""),
+    ("max_bytes = 5", r"line 11: queue.max_bytes: unknown key"),
+    ('max_mb = "big"', r"line 11: queue.max_mb: expected int or float"),
+])
+def test_queue_config_errors_name_line_and_key(tmp_path: Path, extra: str, message: str) -> None:
+    p = tmp_path / "g.toml"
+    p.write_text(BASE + "\n[queue]\n" + extra + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)

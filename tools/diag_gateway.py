@@ -1,0 +1,176 @@
+"""`lantern diag gateway`: a gateway's health from its local API, for a technician or a script.
+
+Exit status: 0 healthy, 1 degraded (the report says why), 2 unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
+STATES = {HEALTHY: "healthy", DEGRADED: "degraded", UNREACHABLE: "unreachable"}
+DEFAULT_URL = "http://127.0.0.1:8470/"
+GAP_WINDOW_S = 3600.0
+QUEUE_OLD_S = 600.0  # readings older than this still waiting for upstream: a stuck sink
+SECURITY_KINDS = ("mac", "unknown_node", "replay")  # rejections a technician must look into
+
+
+class Unreachable(Exception):
+    """The API did not answer: the message says what was tried."""
+
+
+def url_from_config(path: Path) -> tuple[str, Path | None]:
+    """The API's URL and bearer-token file, read from the gateway's own config."""
+    from agent.config import load_config
+
+    cfg = load_config(path)
+    host = f"[{cfg.api.host}]" if ":" in cfg.api.host else cfg.api.host
+    return f"http://{host}:{cfg.api.port}/", cfg.api.token_file
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url) as r:
+        if r.status == 401:
+            raise Unreachable(f"{url}: the API wants a bearer token: pass --token-file (the "
+                              "file named by [api] token_file) or --config gateway.toml")
+        if r.content_type != "application/json":
+            raise Unreachable(f"{url}: HTTP {r.status}, not the Lantern API "
+                              f"({r.content_type}): check --url")
+        return r.status, await r.json()
+
+
+async def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """Everything the report needs, in parallel where it can be."""
+    base = url if url.endswith("/") else url + "/"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    t = aiohttp.ClientTimeout(total=timeout)
+    try:
+        async with aiohttp.ClientSession(timeout=t, headers=headers) as s:
+            (_, health), (_, status), (_, nodes) = await asyncio.gather(
+                _get(s, base + "healthz"), _get(s, base + "api/status"),
+                _get(s, base + "api/nodes"))
+            gaps = await asyncio.gather(*(
+                _get(s, f"{base}api/nodes/{n['id']}/readings?since=-{GAP_WINDOW_S:.0f}&limit=1")
+                for n in nodes["nodes"] if n.get("last_seen") is not None))
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise Unreachable(f"no gateway API at {base} ({type(e).__name__}: {e}): is "
+                          "`lantern gateway run` up (systemctl status lantern-gateway)? is "
+                          "[api] enabled, and on this host and port?") from None
+    return {"health": health, "status": status, "nodes": nodes,
+            "readings": {g[1]["node"]: g[1] for g in gaps}}
+
+
+def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The technician's view of what the API said, with the problems spelled out."""
+    health, status, now = raw["health"], raw["status"], raw["nodes"]["now"]
+    problems: list[str] = []
+    notes: list[str] = []
+    nodes = []
+    for n in raw["nodes"]["nodes"]:
+        r = raw["readings"].get(n["id"], {})
+        gaps = [g for g in r.get("gaps", []) if g[1] is not None]
+        nodes.append({
+            "id": n["id"], "configured": n["configured"], "last_seen": n["last_seen"],
+            "age_s": n["age_s"], "interval_s": n["interval_s"], "link": n["link"],
+            "last_seq": n["last_seq"], "outbox": n["outbox"], "battery": n["battery"],
+            "duplicates": n["duplicates"], "flags": n["flags"],
+            "gaps": len(gaps), "gap_s": round(sum(b - a for a, b in gaps), 1),
+            "missing_since": n["last_seen"] if "stale" in n["flags"] else None})
+        for flag in n["flags"]:
+            if flag in ("stale", "never seen", "no key", "backlog"):
+                problems.append(f"node {n['id']}: {flag}"
+                                + (f" (last seen {_ago(n['age_s'])})" if flag == "stale" else ""))
+            elif flag != "duplicates":
+                notes.append(f"node {n['id']}: {flag}")
+        if gaps:
+            notes.append(f"node {n['id']}: {len(gaps)} gap(s) in the last hour, "
+                         f"{sum(b - a for a, b in gaps):.0f} s without readings")
+    q = status["queue"]
+    if q.get("oldest_age_s") is not None and q["oldest_age_s"] > QUEUE_OLD_S:
+        problems.append(f"queue: the oldest reading has waited {_dur(q['oldest_age_s'])} for "
+                        "upstream")
+    for sink, st in status["upstream"].items():
+        if st["state"] == "failing":
+            problems.append(f"upstream {sink}: failing")
+    for link in status["links"]:
+        if not link["up"]:
+            problems.append(f"link {link['name']}: down")
+    if health.get("status") != "ok":
+        problems.append(f"gateway reports itself {health.get('status')}")
+    rejected = status["counters"].get("frames_rejected", {})
+    for kind in SECURITY_KINDS:
+        if rejected.get(kind):
+            notes.append(f"{rejected[kind]} frames rejected as {kind}: a node with a wrong key, "
+                         "or someone replaying or forging frames")
+    state = DEGRADED if problems else HEALTHY
+    return {
+        "url": url, "state": STATES[state], "exit": state, "checked_at": now,
+        "version": status.get("version"), "summary": status.get("summary"),
+        "health": health, "nodes": nodes,
+        "stale": [n["id"] for n in nodes if "stale" in n["flags"]],
+        "never_seen": [n["id"] for n in nodes if "never seen" in n["flags"]],
+        "queue": q, "upstream": status["upstream"], "links": status["links"],
+        "rejections": rejected, "counters": status["counters"],
+        "problems": problems, "notes": notes,
+    }
+
+
+def unreachable(url: str, why: str) -> dict[str, Any]:
+    return {"url": url, "state": STATES[UNREACHABLE], "exit": UNREACHABLE,
+            "checked_at": time.time(), "problems": [why], "notes": []}
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _ago(s: float | None) -> str:
+    return "never" if s is None else _dur(s) + " ago"
+
+
+def render(rep: dict[str, Any], console: Any) -> None:
+    """The readable view: a verdict, then nodes, queue, upstream, links, rejections."""
+    from rich.table import Table
+
+    colour = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}[rep["state"]]
+    console.print(f"[bold {colour}]gateway {rep['state'].upper()}[/] at {rep['url']}")
+    for p in rep["problems"]:
+        console.print(f"  [{colour}]✗[/] {p}")
+    if rep["state"] == "unreachable":
+        return
+    console.print(f"  {rep['summary']}")
+    t = Table(title="nodes", title_justify="left")
+    for col in ("node", "last seen", "link", "seq", "outbox", "battery", "gaps (1 h)", "flags"):
+        t.add_column(col)
+    for n in rep["nodes"]:
+        bat = n["battery"]
+        t.add_row(n["id"], _ago(n["age_s"]), n["link"] or "-", str(n["last_seq"] or "-"),
+                  "-" if n["outbox"] is None else str(n["outbox"]),
+                  f"{bat['v']:g} {bat.get('u', '')}" if bat and "v" in bat else "-",
+                  f"{n['gaps']} ({n['gap_s']:.0f} s)" if n["gaps"] else "0",
+                  ", ".join(n["flags"]) or "ok")
+    console.print(t)
+    q = rep["queue"]
+    console.print(f"queue: {q['readings']} readings, {q['bytes']} bytes, oldest "
+                  f"{_ago(q['oldest_age_s']) if q['oldest_age_s'] is not None else '-'}, "
+                  f"{q.get('dead_letters', 0)} dead letters, {q.get('evictions', 0)} evicted")
+    up = ", ".join(f"{k} {v['state']}" for k, v in rep["upstream"].items()) or "no sinks"
+    console.print(f"upstream: {up}")
+    links = ", ".join(f"{li['name']} {'up' if li['up'] else 'DOWN'}" for li in rep["links"])
+    console.print(f"links: {links or 'none'}")
+    rej = ", ".join(f"{k} {v}" for k, v in sorted(rep["rejections"].items()) if v)
+    console.print(f"rejected frames: {rej or 'none'}")
+    for n in rep["notes"]:
+        console.print(f"  [dim]•[/] {n}")
+
+
+async def diagnose(url: str, token: str | None, timeout: float) -> dict[str, Any]:
+    try:
+        return report(url, await fetch(url, token, timeout))
+    except Unreachable as e:
+        return unreachable(url, str(e))

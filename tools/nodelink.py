@@ -1,0 +1,371 @@
+"""The tool's side of node diagnostics: COMMAND out, REPLY / STATUS back.
+
+docs/protocol.md ("Diagnostics") is the normative description.
+
+A session never acknowledges DATA: frames the gateway has not stored stay in the node's
+outbox however long a technician looks at them. It only decodes them to show live readings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cbor2
+
+from agent import protocol
+from agent.errors import FrameError
+
+PROTOCOL = 1
+OP_STATUS, OP_SELF_TEST, OP_SET_INTERVAL, OP_SYNC_TIME = 1, 2, 3, 4
+OP_REBOOT, OP_CLEAR_FAULTS, OP_IDENTIFY, OP_LATEST = 5, 6, 7, 8
+OPS = {"status": OP_STATUS, "self-test": OP_SELF_TEST, "set-interval": OP_SET_INTERVAL,
+       "sync-time": OP_SYNC_TIME, "reboot": OP_REBOOT, "clear-faults": OP_CLEAR_FAULTS,
+       "identify": OP_IDENTIFY, "latest": OP_LATEST}
+CODES = {0: "ok", 1: "unknown operation", 2: "bad argument", 3: "the action failed",
+         4: "answer too large for one frame"}
+E_BIG = 4
+REASONS = {0: "probe", 1: "malformed command", 2: "bad MAC: the key does not match this node",
+           3: "replayed command counter"}
+R_PROBE, R_MALFORMED, R_BAD_MAC, R_REPLAY = 0, 1, 2, 3
+ALG = 4  # HMAC 256/64
+TAG_LEN = 8
+
+
+class DiagError(Exception):
+    """The node did not answer, or not in a way we can use; the message says what to try."""
+
+
+class Refused(DiagError):
+    """The node answered a COMMAND with a STATUS: it did not accept it (reason code)."""
+
+    def __init__(self, reason: int, msg: str) -> None:
+        super().__init__(msg)
+        self.reason = reason
+
+
+def aad(ftype: int) -> bytes:
+    return bytes((ftype,))
+
+
+def seal(key: bytes, kid: bytes, counter: int, payload: bytes, ftype: int) -> bytes:
+    """COSE_Mac0 with external AAD = the frame type byte (a COMMAND, REPLY or STATUS body)."""
+    pbstr = cbor2.dumps({1: ALG, 4: kid, 6: protocol.piv(counter)}, canonical=True)
+    structure = cbor2.dumps(["MAC0", pbstr, aad(ftype), payload])
+    tag = hmac.new(key, structure, hashlib.sha256).digest()[:TAG_LEN]
+    return bytes(cbor2.dumps(cbor2.CBORTag(17, [pbstr, {}, payload, tag])))
+
+
+def unseal(key: bytes | None, body: bytes, ftype: int) -> tuple[str, int, Any]:
+    """(node id, counter, decoded payload); with key None nothing is verified."""
+    m = protocol.parse_mac0(body)
+    if m.protected.get(1) != ALG or len(m.tag) != TAG_LEN:
+        raise FrameError("cose", "diagnostic frames use HMAC 256/64 only")
+    if key is not None:
+        structure = cbor2.dumps(["MAC0", m.protected_bytes, aad(ftype), m.payload])
+        want = hmac.new(key, structure, hashlib.sha256).digest()[:TAG_LEN]
+        if not hmac.compare_digest(want, m.tag):
+            raise FrameError("mac", "bad tag")
+    return m.kid.decode("utf-8", "replace"), m.seq, protocol._loads(m.payload)
+
+
+def command_frame(key: bytes, node_id: str, counter: int, op: int,
+                  args: dict[int, Any] | None = None) -> bytes:
+    payload = cbor2.dumps({1: op, 2: args or {}}, canonical=True)
+    return protocol.encode_frame(protocol.COMMAND,
+                                 seal(key, node_id.encode(), counter, payload, protocol.COMMAND))
+
+
+PROBE = protocol.encode_frame(protocol.COMMAND, b"")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a node's STATUS says about it (verified only when we hold its key)."""
+
+    node_id: str
+    firmware: str
+    board: str
+    floor: int
+    reason: int
+    protocol: int
+    verified: bool
+
+
+def parse_status(body: bytes, key: bytes | None) -> Identity:
+    node, floor, p = unseal(None, body, protocol.STATUS)
+    verified = False
+    if key is not None:
+        unseal(key, body, protocol.STATUS)  # raises FrameError("mac") on the wrong key
+        verified = True
+    if not isinstance(p, dict):
+        raise FrameError("cbor", "STATUS payload is not a map")
+    return Identity(str(p.get(1, node)), str(p.get(2, "?")), str(p.get(3, "?")), floor,
+                    int(p.get(5, 0)), int(p.get(6, 0)), verified)
+
+
+@dataclass
+class Reading:
+    """One DATA frame seen on the line, decoded (never acknowledged)."""
+
+    node_id: str
+    seq: int
+    verified: bool
+    records: list[dict[str, Any]]
+    seen: float = field(default_factory=time.time)
+
+
+def decode_data(body: bytes, keys: dict[str, bytes]) -> Reading:
+    m = protocol.parse_mac0(body)
+    node = m.kid.decode("utf-8", "replace")
+    key = keys.get(node)
+    if key is not None:
+        protocol.verify_mac0(key, m)
+    return Reading(node, m.seq, key is not None, protocol.resolve_pack(m.payload))
+
+
+class Transport(Protocol):
+    """A byte link to one node: the serial line here; BLE when its link carries diagnostics."""
+
+    name: str
+
+    async def open(self) -> None: ...
+    def send(self, data: bytes) -> None: ...
+    async def recv(self, timeout: float) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class SerialTransport:
+    """A USB-UART (or pty) opened raw and exclusive; reads through the event loop."""
+
+    def __init__(self, port: str, baud: int) -> None:
+        self.name = f"{port} at {baud} baud"
+        self.port, self.baud = port, baud
+        self._ser: Any = None
+        self._q: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def open(self) -> None:
+        import serial
+
+        ser = serial.Serial()
+        ser.port, ser.baudrate, ser.timeout, ser.write_timeout = self.port, self.baud, 0, 2
+        ser.exclusive = True
+        try:
+            ser.open()
+        except (serial.SerialException, OSError) as e:
+            busy = "busy" in str(e).lower() or "lock" in str(e).lower()
+            raise DiagError(
+                f"cannot open {self.port}: {e}" + (
+                    "; another program (the gateway, a terminal, mpremote) holds the port: "
+                    "stop it first" if busy else
+                    "; is the cable plugged in? list ports with `ls /dev/ttyUSB* /dev/ttyACM*`")
+            ) from None
+        self._ser = ser
+        asyncio.get_running_loop().add_reader(ser.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._ser.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._q.put_nowait(data)
+
+    def send(self, data: bytes) -> None:
+        self._ser.write(data)
+
+    async def recv(self, timeout: float) -> bytes:
+        return await asyncio.wait_for(self._q.get(), timeout)
+
+    def close(self) -> None:
+        if self._ser is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._ser.fileno())
+            self._ser.close()
+            self._ser = None
+
+
+@dataclass
+class LineStats:
+    """What the tool itself saw on the line."""
+
+    frames: int = 0
+    bad_frames: int = 0
+    data_frames: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+
+
+class NodeSession:
+    """Talks to one node over a transport: probe, authenticated commands, DATA watching."""
+
+    def __init__(self, transport: Transport, keys: dict[str, bytes], node_id: str | None = None,
+                 timeout: float = 2.0, retries: int = 3,
+                 on_reading: Callable[[Reading], None] | None = None) -> None:
+        self.t = transport
+        self.keys = keys
+        self.node_id = node_id
+        self.timeout = timeout
+        self.retries = retries
+        self.on_reading = on_reading
+        self.identity: Identity | None = None
+        self.readings: list[Reading] = []
+        self.line = LineStats()
+        self._deframer = protocol.Deframer()
+        self._frames: list[tuple[int, bytes]] = []
+        self._last_counter = 0
+
+    @property
+    def key(self) -> bytes | None:
+        return self.keys.get(self.node_id) if self.node_id else None
+
+    async def _next_frame(self, deadline: float) -> tuple[int, bytes] | None:
+        while not self._frames:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                data = await self.t.recv(left)
+            except TimeoutError:
+                return None
+            for chunk in self._deframer.feed(data):
+                try:
+                    if chunk is None:
+                        raise FrameError("oversize")
+                    self._frames.append(protocol.decode_frame(chunk))
+                    self.line.frames += 1
+                except FrameError:
+                    self.line.bad_frames += 1
+        return self._frames.pop(0)
+
+    def _on_data(self, body: bytes) -> None:
+        self.line.data_frames += 1
+        try:
+            r = decode_data(body, self.keys)
+        except FrameError as e:
+            self.line.other[f"data {e.kind}"] = self.line.other.get(f"data {e.kind}", 0) + 1
+            return
+        self.readings.append(r)
+        del self.readings[:-50]
+        if self.on_reading:
+            self.on_reading(r)
+
+    async def _wait(self, want: Callable[[int, bytes], bool], seconds: float
+                    ) -> tuple[int, bytes] | None:
+        deadline = time.monotonic() + seconds
+        while (f := await self._next_frame(deadline)) is not None:
+            ftype, body = f
+            if ftype == protocol.DATA:
+                self._on_data(body)  # shown, never acknowledged
+            if want(ftype, body):
+                return f
+        return None
+
+    async def wait_for_frame(self, types: tuple[int, ...], seconds: float
+                             ) -> tuple[int, bytes] | None:
+        """The next frame of one of `types` (DATA seen meanwhile is decoded, as always)."""
+        return await self._wait(lambda t, b: t in types, seconds)
+
+    async def watch(self, seconds: float) -> None:
+        """Only listen (DATA frames go to on_reading)."""
+        await self._wait(lambda t, b: False, seconds)
+
+    async def probe(self) -> Identity:
+        """Ask the node who it is; learns the node id when none was given."""
+        for _ in range(self.retries):
+            self.t.send(PROBE)
+            f = await self._wait(lambda t, b: t == protocol.STATUS, self.timeout)
+            if f is None:
+                continue
+            ident = parse_status(f[1], None)
+            if self.node_id is None:
+                self.node_id = ident.node_id
+            elif ident.node_id != self.node_id:
+                raise DiagError(f"the node on {self.t.name} is {ident.node_id}, not "
+                                f"{self.node_id}: check the cable, or drop --id")
+            key = self.key
+            if key is not None:
+                try:
+                    ident = parse_status(f[1], key)
+                except FrameError:
+                    raise Refused(
+                        R_BAD_MAC,
+                        f"node {ident.node_id} answered, but its STATUS does not verify under "
+                        "the key we hold for it: wrong key file, or the node was provisioned "
+                        "again with a new key") from None
+            self.identity = ident
+            self._last_counter = max(self._last_counter, ident.floor)
+            return ident
+        raise DiagError(no_answer(self.t.name))
+
+    def _counter(self) -> int:
+        # Unix milliseconds need no coordination between tools; the node only wants "larger".
+        c = max(time.time_ns() // 1_000_000, self._last_counter + 1)
+        self._last_counter = c
+        return c
+
+    async def command(self, op: int, args: dict[int, Any] | None = None,
+                      timeout: float | None = None, retries: int | None = None
+                      ) -> tuple[int, Any, float]:
+        """(result code, result, round trip s) of one authenticated command."""
+        if self.identity is None:
+            await self.probe()
+        key = self.key
+        if key is None or self.node_id is None:
+            raise DiagError(f"no key for node {self.node_id}: pass --keys (the gateway's "
+                            "keys.toml) or --key-file (the node's node.key)")
+        node_id = self.node_id
+        tries = retries or self.retries
+        for _ in range(tries):
+            counter = self._counter()
+            t0 = time.monotonic()
+            self.t.send(command_frame(key, node_id, counter, op, args))
+
+            def answer(t: int, b: bytes, counter: int = counter) -> bool:
+                if t not in (protocol.STATUS, protocol.REPLY):
+                    return False
+                try:
+                    if t == protocol.REPLY:
+                        return unseal(key, b, t)[1] == counter
+                    ident = parse_status(b, None)
+                    # a forged STATUS must not stop us; a node holding another key cannot
+                    # sign one we can check, and says so with R_BAD_MAC
+                    return ident.reason == R_BAD_MAC or bool(parse_status(b, key))
+                except FrameError as e:
+                    self.line.other[f"answer {e.kind}"] = self.line.other.get(
+                        f"answer {e.kind}", 0) + 1
+                    return False
+
+            f = await self._wait(answer, timeout or self.timeout)
+            if f is None:
+                continue  # lost on the line: a fresh counter, so the node will accept it
+            rtt = time.monotonic() - t0
+            ftype, body = f
+            if ftype == protocol.STATUS:
+                ident = parse_status(body, None)
+                if ident.reason == R_REPLAY:
+                    self._last_counter = max(self._last_counter, ident.floor)
+                    continue  # its counter was ahead of our clock: now we know the floor
+                raise Refused(ident.reason, f"node {node_id} refused the command: "
+                              f"{REASONS.get(ident.reason, ident.reason)}")
+            _, _, payload = unseal(key, body, protocol.REPLY)
+            if not isinstance(payload, dict):
+                raise DiagError("REPLY payload is not a map")
+            return int(payload.get(2, -1)), payload.get(3), rtt
+        raise DiagError(f"node {node_id} on {self.t.name} did not answer the command "
+                        f"({tries} tries, {timeout or self.timeout:g} s each)")
+
+
+def no_answer(where: str) -> str:
+    fast = "115200" in where
+    return (f"no node answered on {where}: is it powered? is another program holding the port? "
+            + ("try --baud 921600" if fast else "try --baud 115200")
+            + "; a node with older firmware (before diagnostics) stays silent too")

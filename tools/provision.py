@@ -1,0 +1,353 @@
+"""`lantern provision node`: key, config, firmware, flash, deploy, verify, tell the gateway.
+
+Every step says what it does (`--dry-run` prints them all, commands included, and touches
+nothing). A failed step says what went wrong and how to resume (`--from STEP`); every step can
+be run again safely: an existing key is reused, files are replaced whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import NODE_ID, load_keys, write_secret
+from agent.errors import ConfigError
+from tools import provision_steps as ps
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRMWARE = ROOT / "firmware"
+BOARDS = ROOT / "boards"
+STEPS = ("check", "key", "config", "flash", "device", "compile", "deploy", "reset", "verify",
+         "gateway")
+
+
+class StepError(Exception):
+    """A step failed: `what` went wrong, `fix` is what the installer can do about it."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what, self.fix = what, fix
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("provision", help="prepare a node: key, config, firmware, flash, deploy")
+    ps_ = p.add_subparsers(dest="target", required=True)
+    n = ps_.add_parser("node", help="provision one node over USB",
+                       description="Create the node's key (added to the gateway's key file), "
+                       "write its config, compile the firmware with mpy-cross, optionally flash "
+                       "MicroPython with esptool, deploy with mpremote, reset, and verify over "
+                       "the node's link.")
+    n.add_argument("--board", required=True, help="board name (boards/NAME.json) or a path")
+    n.add_argument("--id", required=True, help="node id, e.g. SL-0042")
+    n.add_argument("--pole", default="", help="lamp post number")
+    n.add_argument("--location", help="LAT,LON in degrees")
+    n.add_argument("--port", help="the board's USB serial port (REPL), e.g. /dev/ttyUSB0")
+    n.add_argument("--link-port", help="the node's link UART as seen from here (to verify); "
+                   "default: skip verification unless the link is the USB port")
+    n.add_argument("--keys", type=Path, default=Path("keys.toml"),
+                   help="the gateway's key file to add the key to (created 0600 if missing)")
+    n.add_argument("--new-key", action="store_true",
+                   help="replace an existing key (old unsent frames on the node are dropped)")
+    n.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
+    n.add_argument("--flash", type=Path, metavar="IMAGE", help="flash this MicroPython image")
+    n.add_argument("--erase", action="store_true", help="with --flash: erase the flash first")
+    n.add_argument("--firmware", choices=("mpy", "frozen"),
+                   help="deploy compiled .mpy files (default), or rely on a firmware frozen "
+                   "into the image (default for the qemu board)")
+    n.add_argument("--mpy-cross", help="the mpy-cross to use (must match the node's MicroPython)")
+    n.add_argument("--out", type=Path, help="where to stage the files (default "
+                   ".build/provision/ID)")
+    n.add_argument("--from", dest="start", choices=STEPS, help="resume at this step")
+    n.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node")
+    n.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+
+
+@dataclass
+class Plan:
+    args: argparse.Namespace
+    board: dict[str, Any]
+    board_path: Path
+    stage: Path
+    location: tuple[float, float] | None
+    firmware: str
+    key: bytes | None = None
+    device: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+
+
+def board_module() -> Any:
+    """firmware/node/board.py: the same validation the node runs."""
+    if str(FIRMWARE) not in sys.path:
+        sys.path.append(str(FIRMWARE))
+    return importlib.import_module("node.board")
+
+
+def _board(spec: str) -> tuple[Path, dict[str, Any]]:
+    path = Path(spec) if spec.endswith(".json") else BOARDS / f"{spec}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in BOARDS.glob("*.json")))
+        raise StepError(f"no board {spec!r}", f"use one of: {known} (or a path to a board file)")
+    bm = board_module()
+    try:
+        board, warnings = bm.load(str(path))
+    except bm.BoardError as e:
+        raise StepError(str(e), "fix the board file") from None
+    for w in warnings:
+        print(f"  warning: {w}")
+    return path, board
+
+
+def _location(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        lat, lon = (float(x) for x in text.split(","))
+    except ValueError:
+        raise StepError(f"--location {text!r}: expected LAT,LON", "e.g. --location 52.37,4.89"
+                        ) from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise StepError(f"--location {text!r}: out of range", "latitude first, then longitude")
+    return lat, lon
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    if not NODE_ID.match(args.id):
+        raise StepError(f"--id {args.id!r}: a node id is 1-32 letters, digits, '.', '_' or '-'",
+                        "e.g. --id SL-0042")
+    path, board = _board(args.board)
+    firmware = args.firmware or ("frozen" if board["hal"] == "qemu" else "mpy")
+    if args.flash and board.get("hal") != "esp32":
+        raise StepError(f"--flash: board {board['name']} is not flashed with esptool",
+                        "drop --flash")
+    if args.flash and not args.flash.exists() and not args.dry_run:
+        raise StepError(f"--flash {args.flash}: no such file", "download the MicroPython image "
+                        "for this board (micropython.org/download) and give its path")
+    stage = args.out or ROOT / ".build/provision" / args.id
+    return Plan(args, board, path, stage, _location(args.location), firmware)
+
+
+# ---- steps ----
+
+def step_key(p: Plan, dry: bool) -> list[str]:
+    keys_file: Path = p.args.keys
+    existing: dict[bytes, bytes] = {}
+    if keys_file.exists():
+        try:
+            existing = load_keys(keys_file)
+        except ConfigError as e:
+            raise StepError(str(e), "fix or move the key file, then resume with --from key"
+                            ) from None
+    old = existing.get(p.args.id.encode())
+    if old is not None and not p.args.new_key:
+        p.key = old
+        return [f"reuse the key of {p.args.id} already in {keys_file} (--new-key replaces it)"]
+    if dry:
+        return [f"create a 256-bit key for {p.args.id} and add it to {keys_file} (mode 0600)"]
+    p.key = os.urandom(32)
+    write_secret(keys_file, ps.keys_text(keys_file, p.args.id, p.key))
+    load_keys(keys_file)  # what the gateway will read: check it now, not in the field
+    return [f"{'replaced' if old else 'added'} the key of {p.args.id} in {keys_file} (mode 0600)"]
+
+
+def node_config(p: Plan) -> dict[str, Any]:
+    link = ps.link_for(p.board)
+    cfg: dict[str, Any] = {"id": p.args.id, "key_file": "node.key", "board": "board.json",
+                           "state_dir": "state", "interval_ms": round(p.args.interval * 1000),
+                           "link": link}
+    if p.args.pole:
+        cfg["pole"] = str(p.args.pole)
+    if p.location:
+        cfg["location"] = list(p.location)
+    return cfg
+
+
+def step_config(p: Plan, dry: bool) -> list[str]:
+    files = ["node.json", "node.key (0600)", "board.json"]
+    if dry:
+        return [f"write {', '.join(files)} to {p.stage}", json.dumps(node_config(p))]
+    p.stage.mkdir(parents=True, exist_ok=True)
+    (p.stage / "node.json").write_text(json.dumps(node_config(p), indent=2) + "\n")
+    assert p.key is not None
+    write_secret(p.stage / "node.key", p.key.hex() + "\n")
+    shutil.copyfile(p.board_path, p.stage / "board.json")
+    return [f"wrote {', '.join(files)} to {p.stage}"]
+
+
+def _run(argv: list[str], what: str, fix: str, timeout: float = 300) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise StepError(f"{what}: {argv[0]} not found", fix) from None
+    except subprocess.TimeoutExpired:
+        raise StepError(f"{what}: no answer within {timeout:g} s", fix) from None
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-6:])
+        raise StepError(f"{what} failed (exit {r.returncode}):\n{tail}", fix)
+    return r.stdout
+
+
+def step_flash(p: Plan, dry: bool) -> list[str]:
+    if not p.args.flash:
+        return ["skipped: no --flash IMAGE (the board keeps the MicroPython it has)"]
+    cmds = ps.esptool_commands(p.board, _port(p), p.args.flash, p.args.erase)
+    lines = [" ".join(c) for c in cmds]
+    if not dry:
+        for c in cmds:
+            _run(c, "esptool", "hold BOOT while pressing EN to enter the bootloader, check the "
+                 "cable and --port, then resume with --from flash")
+    return lines
+
+
+def _port(p: Plan) -> str:
+    if not p.args.port:
+        raise StepError("this step needs the board's USB port", "pass --port /dev/ttyUSB0")
+    return str(p.args.port)
+
+
+def step_device(p: Plan, dry: bool) -> list[str]:
+    argv = ps.mpremote(_port(p), "exec", ps.PROBE_SCRIPT)
+    if dry:
+        return [ps.shown(argv)]
+    out = _run(argv, f"mpremote on {p.args.port}", "is the board plugged in and not running "
+               "a program that holds the REPL? close other terminals on the port; press EN "
+               "(reset) and resume with --from device", timeout=60)
+    p.device = ps.parse_probe(out)
+    d = p.device
+    return [f"MicroPython {d['version']} on {d['platform']} (mpy {d['mpy'][0]}.{d['mpy'][1]}), "
+            f"{d['free_kb']} KB free on its filesystem"]
+
+
+def step_compile(p: Plan, dry: bool) -> list[str]:
+    if p.firmware == "frozen":
+        return ["skipped: the firmware is frozen into this board's image"]
+    tool = p.args.mpy_cross or ps.find_mpy_cross()
+    version = ps.mpy_cross_version(tool) if not dry else None
+    if version and p.device and tuple(p.device["mpy"]) != version[1]:
+        raise StepError(
+            f"the node runs MicroPython {p.device['version']} (mpy "
+            f"{p.device['mpy'][0]}.{p.device['mpy'][1]}) but {tool} is {version[0]} (mpy "
+            f"{version[1][0]}.{version[1][1]})",
+            "pass --mpy-cross of the node's version, or --flash a matching image")
+    sources = ps.firmware_sources(FIRMWARE)
+    if dry:
+        return [f"{tool} -O2 -o {p.stage}/node/<module>.mpy firmware/node/<module>.py "
+                f"({len(sources)} modules)", f"copy firmware/main.py to {p.stage}/main.py"]
+    shutil.rmtree(p.stage / "node", ignore_errors=True)  # no module deleted since may linger
+    for src in sources:
+        rel = src.relative_to(FIRMWARE).with_suffix(".mpy")
+        dst = p.stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _run([tool, "-O2", "-o", str(dst), "-s", str(src.relative_to(FIRMWARE)), str(src)],
+             f"mpy-cross {src.name}", "fix the module (it does not compile)")
+    shutil.copyfile(FIRMWARE / "main.py", p.stage / "main.py")
+    return [f"compiled {len(sources)} modules with {tool} ({version[0] if version else '?'})"]
+
+
+def step_deploy(p: Plan, dry: bool) -> list[str]:
+    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", p.args.new_key)
+    if not dry:
+        _run(argv, f"mpremote cp to {p.args.port}", "check the port and that the board's "
+             "filesystem has room (`mpremote df`), then resume with --from deploy", timeout=600)
+    return [ps.shown(argv)]
+
+
+def step_reset(p: Plan, dry: bool) -> list[str]:
+    what = f"soft reset at the REPL of {p.args.port} (Ctrl-C, Ctrl-B, Ctrl-D): main.py starts"
+    if not dry:
+        ps.soft_reset(_port(p))
+    return [what]
+
+
+def step_verify(p: Plan, dry: bool) -> list[str]:
+    link = p.args.link_port or (p.args.port if ps.link_is_console(p.board) else None)
+    if link is None:
+        return [f"skipped: the node's link is on {ps.link_where(p.board)}; to check it, connect "
+                f"a USB-UART there and run `lantern diag node --port <that port> --keys "
+                f"{p.args.keys} --id {p.args.id}`"]
+    if dry:
+        return [f"probe the node on {link} and read its status (COMMAND/REPLY, node key)"]
+    assert p.key is not None
+    try:
+        p.status = asyncio.run(ps.read_status(link, p.args.id, p.key, p.args.timeout))
+    except Exception as e:  # the message below says what to check
+        raise StepError(f"the node did not answer on {link}: {e}",
+                        "watch its console (`mpremote connect PORT repl`) for errors, then "
+                        "resume with --from reset") from None
+    st = p.status
+    return [f"node {st['id']} answers: firmware {st['fw']}, board {st['board']}, MicroPython "
+            f"{st.get('mpy')}, every {st['cfg']['interval_ms'] / 1000:g} s, heap "
+            f"{st['heap']['free']} B free"]
+
+
+def step_gateway(p: Plan, dry: bool) -> list[str]:
+    return ps.gateway_snippet(p.args.id, p.args.keys, p.args.pole, p.location,
+                              p.args.interval).splitlines()
+
+
+RUNNERS = {"key": step_key, "config": step_config, "flash": step_flash,
+           "device": step_device, "compile": step_compile, "deploy": step_deploy,
+           "reset": step_reset, "verify": step_verify, "gateway": step_gateway}
+
+
+def main(args: argparse.Namespace) -> int:
+    dry = args.dry_run
+    t0 = time.monotonic()
+    print(f"provisioning {args.id}" + (" (dry run: nothing is changed)" if dry else ""))
+    try:
+        p = plan(args)
+    except StepError as e:
+        return _failed("check", e, args)
+    print(f"[1/{len(STEPS)}] check: board {p.board['name']} ({p.board['hal']}), firmware "
+          f"{p.firmware}, staging in {p.stage}")
+    start = STEPS.index(args.start) if args.start else 1
+    if start > STEPS.index("key"):
+        args.new_key = False  # the key made by the interrupted run is the one to keep
+    for i, name in enumerate(STEPS[1:], start=2):
+        if i - 1 < start and name != "key":  # the key is needed by every later step
+            print(f"[{i}/{len(STEPS)}] {name}: skipped (--from {args.start})")
+            continue
+        try:
+            lines = RUNNERS[name](p, dry)
+        except StepError as e:
+            return _failed(name, e, args)
+        print(f"[{i}/{len(STEPS)}] {name}: {lines[0] if lines else ''}")
+        for line in lines[1:]:
+            print(f"      {line}")
+    print(f"done in {time.monotonic() - t0:.1f} s" if not dry else "dry run: nothing changed")
+    return 0
+
+
+def _failed(step: str, e: StepError, args: argparse.Namespace) -> int:
+    print(f"lantern provision: step {step} failed: {e.what}", file=sys.stderr)
+    print(f"  what to do: {e.fix}", file=sys.stderr)
+    if step != "check":
+        print(f"  resume with: lantern {resume_command(sys.argv[1:], step)}", file=sys.stderr)
+    return 1
+
+
+def resume_command(argv: list[str], step: str) -> str:
+    """The same command line, resuming at `step` (never creating a second new key)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--from":
+            skip = True
+            continue
+        if a.startswith("--from=") or (a == "--new-key" and step != "key"):
+            continue
+        out.append(a)
+    return shlex.join([*out, "--from", step])

