@@ -21,8 +21,8 @@ def describe(cfg: Any) -> str:
              f"  sinks:   {'; '.join(sinks)}",
              f"  status page and API: {where}"
              + (f" (bearer token from {api.token_file})" if api.token_file else ""),
-             f"  history: {cfg.history.keep_hours:g} h, at most {cfg.history.max_readings} "
-             "readings"]
+             f"  history: {cfg.history.keep_hours:g} h, at most {cfg.history.max_samples} "
+             "samples"]
     if (q := getattr(cfg, "queue", None)) is not None:
         lines.insert(4, f"  queue:   at most {q.max_mb:g} MiB on disk, then {q.policy}")
     return "\n".join(lines)

@@ -111,7 +111,7 @@ class HistoryConfig:
     """Delivered readings kept for the status page and /api ([history])."""
 
     keep_hours: float = 24.0
-    max_readings: int = 200_000
+    max_samples: int = 50_000  # one sample: a node's readings at one time (one frame)
 
 
 @dataclass(frozen=True)
@@ -376,15 +376,15 @@ def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
 def _history(doc: _Doc, d: dict[str, Any]) -> HistoryConfig:
     h = doc.get(d, "history", "history", dict, {})
     for k in h:
-        if k not in ("keep_hours", "max_readings"):
-            raise doc.error(f"history.{k}", "unknown key; expected keep_hours or max_readings")
+        if k not in ("keep_hours", "max_samples"):
+            raise doc.error(f"history.{k}", "unknown key; expected keep_hours or max_samples")
     return HistoryConfig(
         keep_hours=float(doc.get(h, "keep_hours", "history.keep_hours", (int, float), 24.0,
                                  lambda v: None if 0 < v <= 24 * 366 else
                                  f"must be > 0 and at most a year of hours, got {v}")),
-        max_readings=doc.get(h, "max_readings", "history.max_readings", int, 200_000,
-                             lambda v: None if 100 <= v <= 100_000_000
-                             else f"must be 100..100000000, got {v}"))
+        max_samples=doc.get(h, "max_samples", "history.max_samples", int, 50_000,
+                            lambda v: None if 100 <= v <= 10_000_000
+                            else f"must be 100..10000000, got {v}"))
 
 
 def _host(v: str) -> str | None:

@@ -56,7 +56,7 @@ class DiskCap:
         # the WAL peaks near the checkpoint threshold plus one transaction, then is cut back
         db.execute(f"PRAGMA wal_autocheckpoint={max(8, wal_budget // (2 * frame))}")
         db.execute(f"PRAGMA journal_size_limit={wal_budget // 2}")
-        margin = max(64 << 10, max_bytes // 50)  # the -shm file and one group commit
+        margin = max(128 << 10, max_bytes // 16)  # the -shm file and a group commit or two
         self.high = max_bytes - wal_budget - margin
         self.low = self.high - max(16 * page, min(self.high // 10, wal_budget // 4))
         if self.low <= 0:
@@ -81,7 +81,7 @@ class DiskCap:
                      "acknowledged again", self.live_bytes / 1e6, self.max_bytes / 1e6)
 
     def make_room(self, db: sqlite3.Connection) -> None:
-        """Before a commit: bring live data under the high mark, or pause intake.
+        """Around a commit: bring live data under the high mark, or pause intake.
 
         Rows are deleted in small transactions of their own, so each one's pages fit the WAL
         budget and the checkpoint after it can recycle them.
@@ -93,12 +93,15 @@ class DiskCap:
             live = self._shed(db, live, "recent", "history")
             if live > self.low and self.policy == "evict_oldest":
                 live = self._shed(db, live, "readings", "evict")
-        if live > self.high and self.policy == "pause_intake" and not self.paused:
-            self.paused = True
-            log.warning("queue at its cap (%.2f of %.2f MB): intake paused - new frames are not "
-                        "acknowledged, so nodes keep them until upstream drains the queue",
-                        live / 1e6, self.max_bytes / 1e6)
         self.live_bytes = live
+        if live > self.high and self.policy == "pause_intake" and not self.paused:
+            self._pause()
+
+    def _pause(self) -> None:
+        self.paused = True
+        log.warning("queue at its cap (%.2f of %.2f MB): intake paused - new frames are not "
+                    "acknowledged, so nodes keep them until upstream drains the queue",
+                    self.live_bytes / 1e6, self.max_bytes / 1e6)
 
     def _shed(self, db: sqlite3.Connection, live: int, table: str, what: str) -> int:
         """Delete the oldest rows of a table in steps until under the low mark; live bytes."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from typing import Protocol
 
@@ -51,7 +52,14 @@ class Forwarder:
     async def run(self) -> None:
         cursor = await self.store.cursor(self.sink.name)
         while True:
-            batch = await self.store.next_batch(self.max_records, cursor)
+            try:
+                batch = await self.store.next_batch(self.max_records, cursor)
+            except sqlite3.Error as e:
+                self.metrics.store_errors += 1
+                log.error("%s: store %s: cannot read the queue (%s); retrying in 1 s",
+                          self.sink.name, self.store.path, e)
+                await asyncio.sleep(1.0)
+                continue
             if batch is None:
                 await self._wait_new(None)
                 continue
@@ -84,6 +92,19 @@ class Forwarder:
             log.info("%s: upstream accepts again after %d failed attempts", self.sink.name,
                      failures)
         self.upstream_ok = True
-        await self.store.delivered_to(self.sink.name, batch, self.all_sinks)
+        failures = 0
+        while True:
+            try:
+                await self.store.delivered_to(self.sink.name, batch, self.all_sinks)
+                break
+            except sqlite3.Error as e:
+                # disk full or read-only: the sink has the batch, the queue cannot note it; keep
+                # trying (a restart would resend it: a duplicate upstream, same reading ids)
+                failures += 1
+                self.metrics.store_errors += 1
+                if failures == 1:
+                    log.error("%s: store %s: cannot record a delivered batch (%s); retrying "
+                              "every second", self.sink.name, self.store.path, e)
+                await asyncio.sleep(1.0)
         self.delivered += len(batch.rids)
         self.metrics.readings_delivered += len(batch.rids)

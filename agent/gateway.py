@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import signal
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,11 @@ SUMMARY_EVERY_S = 60.0
 async def _summaries(metrics: Metrics, store: Store) -> None:
     while True:
         await asyncio.sleep(SUMMARY_EVERY_S)
-        depth, oldest = await store.depth()
+        try:
+            depth, oldest = await store.depth()
+        except sqlite3.Error as e:  # a failing store is reported where it fails; keep running
+            log.warning("summary: store not readable (%s)", e)
+            continue
         log.info("summary: %s queue=%d oldest=%s", json.dumps(metrics.snapshot()), depth,
                  f"{oldest:.1f}s" if oldest is not None else "-")
 
@@ -53,7 +58,7 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
     async with contextlib.AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store(cfg.state_dir / "queue.sqlite"))
         store.history.keep_s = cfg.history.keep_hours * 3600.0
-        store.history.max_rows = cfg.history.max_readings
+        store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
         sinks: list[Any] = []
         if cfg.http:
@@ -103,8 +108,13 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         notifier.stopping("stopping: " + await _line(view))
         stopper.cancel()
-        for t in tasks:
-            t.cancel()
+        pending = set(tasks)
+        while pending:
+            # Cancel again until all have ended: a gateway once stayed up after SIGTERM with a
+            # forwarder back in its retry loop, its cancellation lost inside a failing POST.
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t

@@ -2,13 +2,17 @@
 
 The queue forgets a reading once upstream confirms it; the status page still wants the
 last hours. This bounded table is written in the same transaction as the queue (so it
-never shows a reading the queue lost) and trimmed by age and row count. All functions take
-the store's connection and run on the store's thread.
+never shows a reading the queue lost) and trimmed by age and row count. One row holds one
+sample of one node (all its readings with the same time, as compact JSON): a commit then
+adds one row and one index entry per frame, not per reading, which keeps the pages written
+per commit few (the queue's disk cap budgets for them). All functions take the store's
+connection and run on the store's thread.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import sqlite3
 import statistics
 from collections.abc import Iterable
@@ -19,35 +23,30 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS recent (
     id INTEGER PRIMARY KEY,
     node TEXT NOT NULL,
-    name TEXT NOT NULL,
     t REAL NOT NULL,
-    u TEXT,
-    v,  -- no declared type: an int stays an int, a float a float
-    vs TEXT,
-    vb INTEGER,
-    vd TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    records TEXT NOT NULL  -- JSON: [{"n": "temperature", "u": "Cel", "v": 12.5}, ...]
 );
 CREATE INDEX IF NOT EXISTS recent_node_t ON recent (node, t);
-CREATE INDEX IF NOT EXISTS recent_received ON recent (received_at);
 -- the newest value of every measurement of every node, kept apart so that the node table
 -- never scans hours of history
 CREATE TABLE IF NOT EXISTS recent_latest (
     node TEXT NOT NULL,
     name TEXT NOT NULL,
+    record TEXT NOT NULL,  -- JSON, as in recent.records, with its "t"
     t REAL NOT NULL,
-    u TEXT,
-    v,  -- no declared type: an int stays an int, a float a float
-    vs TEXT,
-    vb INTEGER,
-    vd TEXT,
     PRIMARY KEY (node, name)
-);
+) WITHOUT ROWID;
 """
 
 VALUE_KEYS = ("v", "vs", "vb", "vd")
 TRIM_EVERY_S = 30.0
+TRIM_CHUNK = 1000  # ids per DELETE while trimming by age
 MAX_LIMIT = 10000
+
+
+def _dumps(x: Any) -> str:
+    return json.dumps(x, separators=(",", ":"))
 
 
 def short_name(node: str, n: str) -> str:
@@ -56,59 +55,61 @@ def short_name(node: str, n: str) -> str:
     return n[len(prefix):] if n.startswith(prefix) and len(n) > len(prefix) else n
 
 
-def _row(r: tuple[Any, ...]) -> dict[str, Any]:
-    name, t, u, v, vs, vb, vd = r
-    out: dict[str, Any] = {"n": name, "t": t}
-    if u is not None:
-        out["u"] = u
-    if v is not None:
-        out["v"] = v
-    elif vs is not None:
-        out["vs"] = vs
-    elif vb is not None:
-        out["vb"] = bool(vb)
-    elif vd is not None:
-        out["vd"] = vd
+def _compact(node: str, r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": short_name(node, r["n"])}
+    if "u" in r:
+        out["u"] = r["u"]
+    for k in VALUE_KEYS:
+        if k in r:
+            out[k] = r[k]
+            break
     return out
 
 
 @dataclass
 class History:
-    """Bounded by age (keep_s) and by rows (max_rows); oldest rows go first."""
+    """Bounded by age (keep_s) and by rows, one per sample (max_rows); oldest go first."""
 
     keep_s: float = 24 * 3600.0
-    max_rows: int = 200_000
+    max_rows: int = 50_000
     _last_trim: float = 0.0
 
     def create(self, db: sqlite3.Connection) -> None:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(recent)")}
+        if cols and "records" not in cols:
+            # an older layout (a row per reading): the history is a cache, start it afresh
+            db.executescript("DROP TABLE recent; DROP TABLE IF EXISTS recent_latest;")
         db.executescript(SCHEMA)
 
     def add(self, db: sqlite3.Connection, node: str, records: Iterable[dict[str, Any]],
             now: float) -> None:
         """Insert one frame's records; the caller's transaction makes it atomic with the queue."""
-        rows = []
+        by_t: dict[float, list[dict[str, Any]]] = {}
+        latest = []
         for r in records:
-            vals = [r.get(k) for k in VALUE_KEYS]
-            if vals[2] is not None:
-                vals[2] = int(vals[2])
-            if isinstance(vals[0], int) and not -(1 << 63) <= vals[0] < 1 << 63:
-                # SQLite integers are 64-bit signed; one uint64 value used to fail the whole
-                # group commit (the queue keeps it exact as JSON; this copy is for display)
-                vals[0] = float(vals[0])
-            rows.append((node, short_name(node, r["n"]), float(r["t"]), r.get("u"), *vals))
-        db.executemany("INSERT INTO recent (node, name, t, u, v, vs, vb, vd, received_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*x, now) for x in rows])
+            c = _compact(node, r)
+            t = float(r["t"])
+            by_t.setdefault(t, []).append(c)
+            latest.append((node, c["n"], _dumps(dict(c, t=t)), t))
+        db.executemany("INSERT INTO recent (node, t, received_at, records) VALUES (?, ?, ?, ?)",
+                       [(node, t, now, _dumps(rs)) for t, rs in by_t.items()])
         db.executemany(
-            "INSERT INTO recent_latest VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(node, name) DO UPDATE SET t=excluded.t, u=excluded.u, v=excluded.v,"
-            " vs=excluded.vs, vb=excluded.vb, vd=excluded.vd WHERE excluded.t >= t", rows)
+            "INSERT INTO recent_latest VALUES (?, ?, ?, ?) ON CONFLICT(node, name) DO UPDATE"
+            " SET record=excluded.record, t=excluded.t WHERE excluded.t >= t", latest)
 
     def trim(self, db: sqlite3.Connection, now: float, force: bool = False) -> int:
         """Drop rows past the age or count bound; cheap enough to run inside a commit."""
         if not force and now - self._last_trim < TRIM_EVERY_S:
             return 0
         self._last_trim = now
-        n = db.execute("DELETE FROM recent WHERE received_at < ?", (now - self.keep_s,)).rowcount
+        n = 0
+        cutoff = now - self.keep_s
+        while True:  # oldest first, a chunk at a time, until the oldest row is young enough
+            row = db.execute("SELECT id, received_at FROM recent ORDER BY id LIMIT 1").fetchone()
+            if row is None or row[1] >= cutoff:
+                break
+            n += db.execute("DELETE FROM recent WHERE id < ? AND received_at < ?",
+                            (row[0] + TRIM_CHUNK, cutoff)).rowcount
         top = db.execute("SELECT max(id) FROM recent").fetchone()[0]
         if top is not None:
             n += db.execute("DELETE FROM recent WHERE id <= ?", (top - self.max_rows,)).rowcount
@@ -116,28 +117,29 @@ class History:
 
     def readings(self, db: sqlite3.Connection, node: str, since: float, limit: int,
                  name: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """Readings with t > since, oldest first; True if more remain (page on with since)."""
+        """Readings with t > since, oldest first; True if more remain (page on with since).
+
+        A page never ends inside one sample time, so `since` = its last t loses nothing.
+        """
         limit = max(1, min(limit, MAX_LIMIT))
-        sql = ("SELECT name, t, u, v, vs, vb, vd FROM recent WHERE node = ? AND t > ?"
-               + (" AND name = ?" if name else "") + " ORDER BY t, id LIMIT ?")
-        args: tuple[Any, ...] = (node, since, name, limit + 1) if name else (node, since,
-                                                                            limit + 1)
-        rows = db.execute(sql, args).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        if more:
-            # never end a page inside one sample time: the next page starts after it
-            last_t = rows[-1][1]
-            whole = [r for r in rows if r[1] < last_t]
-            rows = whole or rows
-        return [_row(r) for r in rows], more
+        out: list[dict[str, Any]] = []
+        cur = db.execute("SELECT t, records FROM recent WHERE node = ? AND t > ? ORDER BY t, id",
+                         (node, since))
+        last_t = None
+        for t, text in cur:
+            recs = [r for r in json.loads(text) if name is None or r["n"] == name]
+            if out and len(out) + len(recs) > limit and t != last_t:
+                return out, True
+            last_t = t
+            out += [{"n": r["n"], "t": t, **{k: v for k, v in r.items() if k != "n"}}
+                    for r in recs]
+        return out, False
 
     def latest(self, db: sqlite3.Connection) -> dict[str, dict[str, dict[str, Any]]]:
         """node → measurement → its newest reading."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        for node, *rest in db.execute(
-                "SELECT node, name, t, u, v, vs, vb, vd FROM recent_latest ORDER BY node, name"):
-            out.setdefault(node, {})[rest[0]] = _row(tuple(rest))
+        for node, name, text in db.execute("SELECT node, name, record FROM recent_latest"):
+            out.setdefault(node, {})[name] = json.loads(text)
         return out
 
     def sample_times(self, db: sqlite3.Connection, node: str, since: float) -> list[float]:

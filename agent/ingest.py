@@ -21,6 +21,9 @@ from .store import Accepted, Store, Window
 log = logging.getLogger("lantern.ingest")
 
 MAX_SEQS_PER_ACK = 32
+# How long frames wait behind an older one refused at the disk cap: a node resends within
+# 30 s (its longest backoff) plus jitter; one that never does (evicted it) must not block.
+HOLD_MAX_S = 75.0
 
 
 class Link(Protocol):
@@ -42,6 +45,7 @@ class Ingest:
         self._logged: set[tuple[str, str]] = set()
         self.committed = asyncio.Event()  # set after each commit, for the forwarder
         self._store_failing = 0  # commits failed in a row (disk full, read-only): logged once
+        self._held: dict[str, tuple[set[int], float]] = {}  # node → (refused seqs, when last)
         self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
 
     async def start(self) -> None:
@@ -103,10 +107,7 @@ class Ingest:
             self.metrics.duplicates[node] += 1
             self._ack(link, node, [seq])
             return
-        if self.store.cap.paused:
-            # Not acknowledged, so the node keeps the frame and sends it again later.
-            raise FrameError("queue_full", f"{source}: seq {seq} not taken, the queue is at its "
-                             "disk cap (policy pause_intake)")
+        self._hold(source, node, seq)
         try:
             records = protocol.resolve_pack(m.payload)
         except FrameError as e:
@@ -122,6 +123,34 @@ class Ingest:
         self._pending.append((link, acc))
         self._pending_ids.add((node, seq))
         self._wake.set()
+
+    def _hold(self, source: str, node: str, seq: int) -> None:
+        """Refuse new frames while the queue is at its cap (policy pause_intake).
+
+        Not acknowledged, the node keeps them and resends. Once refused, a frame must come
+        back before anything newer from its node is taken (for HOLD_MAX_S at most), so the
+        node's readings still reach the queue, and upstream, in order.
+        """
+        held, since = self._held.get(node, (set(), 0.0))
+        if self.store.cap.paused:
+            held.add(seq)
+            self._held[node] = (held, time.monotonic())
+            raise FrameError("queue_full", f"{source}: seq {seq} not taken, the queue is at its "
+                             "disk cap (policy pause_intake)")
+        if not held:
+            return
+        if time.monotonic() - since > HOLD_MAX_S:
+            del self._held[node]  # never came back (the node gave them up): stop waiting
+            return
+        older = min(held)
+        if older < seq:
+            held.add(seq)  # (waiting for order does not extend the wait)
+            raise FrameError("queue_full", f"{source}: seq {seq} waits for seq {older}, "
+                             "refused while the queue was full, to keep readings in order")
+        held.discard(seq)
+        self._held[node] = (held, time.monotonic())  # progress: the wait starts again
+        if not held:
+            del self._held[node]
 
     def _ack(self, link: Link, node: str, seqs: list[int]) -> None:
         key = self.keys[node.encode()]

@@ -177,8 +177,8 @@ class LanternCollector(Collector):
                      g.oldest_age_s or 0.0)
         yield _gauge("lantern_store_file_bytes", "Size of the queue database and its WAL", [],
                      g.store_file_bytes)
-        yield _gauge("lantern_recent_readings", "Delivered readings kept for the status page",
-                     [], g.recent_rows)
+        yield _gauge("lantern_history_samples", "Samples (a node's readings at one time) kept "
+                     "for the status page", [], g.recent_rows)
         yield _gauge("lantern_nodes_configured", "Nodes with a key", [], g.nodes_configured)
         lu = GaugeMetricFamily("lantern_link_up", "1 if the link's device is open",
                                labels=["link"])

@@ -189,8 +189,12 @@ class Store:
             self.history.trim(db, now)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK
+            # would fail and hide the real error
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        self.cap.make_room(db)  # at the high mark now: pause before more frames are taken
 
     async def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
         return await self._run(  # type: ignore[no-any-return]
@@ -217,7 +221,10 @@ class Store:
                        (batch.first_id, batch.last_id))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK
+            # would fail and hide the real error
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self.cap.release(batch.first_id)
         self.cap.update(db)
@@ -245,7 +252,10 @@ class Store:
             db.execute("DELETE FROM readings WHERE id <= ?", (min(marks),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK
+            # would fail and hide the real error
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self.cap.release(batch.first_id)
         self.cap.update(db)

@@ -1,9 +1,10 @@
 """MicroPython entry for power-cut tests: the unchanged firmware on a slow simulated flash.
 
-Files the outbox opens for writing take their data in small pieces with a pause after each,
-as a flash chip programs page by page, so a SIGKILL sent while a `.tmp` file exists lands
-inside the write, as a power cut would. Settings come from node.json:
-"slow_flash": {"piece": bytes per step, "delay_ms": pause per step}.
+Files the outbox opens for writing first wait as a flash chip erases a sector, then take
+their data in small pieces with a pause after each, as it programs page by page; so a
+SIGKILL sent while a `.tmp` file exists lands inside the write, as a power cut would.
+Settings come from node.json: "slow_flash": {"erase_ms": pause after opening,
+"piece": bytes per step, "delay_ms": pause per step}.
 Run as `micropython hil_tests/slow_flash.py node.json` with firmware/ on MICROPYPATH.
 """
 
@@ -44,10 +45,14 @@ def run(path):
         flash = json.load(f).get("slow_flash", {})
     piece = flash.get("piece", 16)
     delay_ms = flash.get("delay_ms", 1)
+    erase_ms = flash.get("erase_ms", 0)
 
     def slow_open(name, mode="r"):
         f = _open(name, mode)
-        return _SlowFile(f, piece, delay_ms) if "w" in mode else f
+        if "w" not in mode:
+            return f
+        time.sleep_ms(erase_ms)
+        return _SlowFile(f, piece, delay_ms)
 
     # The outbox module looks `open` up in its own globals first: only its writes slow down.
     outbox.open = slow_open

@@ -235,7 +235,7 @@ async def test_metrics_in_prometheus_text_format(rig: Rig) -> None:
     assert abs(seen - rig.metrics.nodes["SL-0001"].last_seen) < 1e-3
     assert ("lantern_node_last_seen_timestamp_seconds", (("node", "SL-0003"),)) not in s
     assert s[("lantern_nodes_configured", ())] == 2
-    assert s[("lantern_recent_readings", ())] == 33
+    assert s[("lantern_history_samples", ())] == 11  # 10 of SL-0001, 1 of SL-0002
     assert ("process_resident_memory_bytes", ()) in s
 
 
@@ -404,13 +404,13 @@ async def test_recent_rows_are_written_in_the_commit_transaction(rig: Rig) -> No
     assert _raw(rig.store.path, "SELECT count(*) FROM recent") == [(0,)]
     assert _raw(rig.store.path, "SELECT count(*) FROM recent_latest") == [(0,)]
     await commit(rig.store, [f])
-    assert _raw(rig.store.path, "SELECT node, name, t, v FROM recent") == [
-        ("SL-0001", "temperature", T0, 1.0)]
+    assert _raw(rig.store.path, "SELECT node, t, records FROM recent") == [
+        ("SL-0001", T0, '[{"n":"temperature","u":"Cel","v":1.0}]')]
 
 
 async def test_recent_survives_delivery_and_is_trimmed(tmp_path: Path) -> None:
     async with Store(tmp_path / "q.sqlite") as store:
-        store.history = History(keep_s=3600, max_rows=50)
+        store.history = History(keep_s=3600, max_rows=25)  # rows: samples, 2 readings each
         await commit(store, [pack("SL-0001", i, T0 + i, {"a": i, "b": i}) for i in range(20)])
         batch = await store.next_batch(1000)
         assert batch is not None
@@ -418,7 +418,7 @@ async def test_recent_survives_delivery_and_is_trimmed(tmp_path: Path) -> None:
         assert (await store.overview())["queue_readings"] == 0
         rows, more, _ = await store.recent("SL-0001", 0, 1000)
         assert len(rows) == 40 and not more  # delivered, still shown
-        # the count bound: 30 more rows → only the newest 50 stay (trim runs in commit)
+        # the count bound: 15 more samples → only the newest 25 stay (trim runs in commit)
         store.history._last_trim = 0
         await commit(store, [pack("SL-0001", 20 + i, T0 + 20 + i, {"a": i, "b": i})
                              for i in range(15)])

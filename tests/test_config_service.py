@@ -53,7 +53,7 @@ def test_api_defaults_to_loopback(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""))
     assert (cfg.api.enabled, cfg.api.host, cfg.api.port, cfg.api.token_file) == (
         True, "127.0.0.1", 8470, None)
-    assert (cfg.history.keep_hours, cfg.history.max_readings) == (24.0, 200_000)
+    assert (cfg.history.keep_hours, cfg.history.max_samples) == (24.0, 50_000)
 
 
 def test_api_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_api_empty_token_is_refused(tmp_path: Path) -> None:
     ("[api]\nprot = 8470\n", "api.prot", 11, "unknown key"),
     ('[api]\nenabled = "yes"\n', "api.enabled", 11, "expected bool"),
     ("[history]\nkeep_hours = 0\n", "history.keep_hours", 11, "> 0"),
-    ("[history]\nmax_readings = 5\n", "history.max_readings", 11, "100.."),
+    ("[history]\nmax_samples = 5\n", "history.max_samples", 11, "100.."),
     ("[history]\nkeep = 3\n", "history.keep", 11, "unknown key"),
 ])
 def test_bad_service_settings_name_line_key_and_fix(tmp_path: Path, extra: str, key: str,

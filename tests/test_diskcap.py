@@ -171,17 +171,21 @@ async def test_paused_ingest_refuses_new_frames_but_reacks_old_ones(tmp_path: Pa
                 await asyncio.sleep(0.01)
             assert acked(link) == [1]
             store.cap.paused = True  # as make_room sets it at the cap
-            ing.on_data(link, wire(2) + wire(1))
+            ing.on_data(link, wire(2) + wire(1) + wire(3))
             await asyncio.sleep(0.1)
-            assert acked(link) == [1, 1]  # seq 1 again (already safe), seq 2 not: node keeps it
-            assert ing.metrics.frames_rejected["queue_full"] == 1
+            assert acked(link) == [1, 1]  # seq 1 again (already safe), 2 and 3 not: node keeps them
+            assert ing.metrics.frames_rejected["queue_full"] == 2
             store.cap.paused = False
-            ing.on_data(link, wire(2))
-            for _ in range(200):
-                if len(acked(link)) == 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert acked(link) == [1, 1, 2]
+            ing.on_data(link, wire(3))  # the newer one first: it waits for seq 2 (order)
+            await asyncio.sleep(0.1)
+            assert acked(link) == [1, 1] and ing.metrics.frames_rejected["queue_full"] == 3
+            for s in (2, 3):
+                ing.on_data(link, wire(s))
+                for _ in range(200):
+                    if acked(link)[-1] == s:
+                        break
+                    await asyncio.sleep(0.01)
+            assert acked(link) == [1, 1, 2, 3]
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -223,3 +227,34 @@ def test_queue_config_errors_name_line_and_key(tmp_path: Path, extra: str, messa
     p.write_text(BASE + "\n[queue]\n" + extra + "\n")
     with pytest.raises(ConfigError, match=message):
         load_config(p)
+
+
+async def test_a_refused_frame_that_never_returns_stops_holding_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node may have given the old frame up (its outbox was full): do not wait forever."""
+    monkeypatch.setattr("agent.ingest.HOLD_MAX_S", 0.2)
+    async with Store(tmp_path / "q.sqlite") as store:
+        ing = Ingest(store, {NODE.encode(): KEY}, Metrics())
+        await ing.start()
+        task = asyncio.create_task(ing.run())
+        try:
+            link = Link()
+            store.cap.paused = True
+            ing.on_data(link, wire(5))  # refused, then never seen again
+            store.cap.paused = False
+            ing.on_data(link, wire(6))
+            assert ing.metrics.frames_rejected["queue_full"] == 2  # 6 waits for 5
+            await asyncio.sleep(0.1)
+            ing.on_data(link, wire(6))  # still waiting: resends do not extend the wait...
+            assert ing.metrics.frames_rejected["queue_full"] == 3
+            await asyncio.sleep(0.15)
+            ing.on_data(link, wire(6))  # ...which ends HOLD_MAX_S after the last progress
+            for _ in range(200):
+                if acked(link):
+                    break
+                await asyncio.sleep(0.01)
+            assert acked(link) == [6]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

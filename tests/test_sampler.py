@@ -253,5 +253,5 @@ def test_slots_answer_self_tests(clock: VirtualClock) -> None:
     assert names[0] == "bme280@0x76" and len(s) == 7
     first = next(iter(s))
     assert first.RANGES["temperature"] == (-40, 85)
-    assert "temperature" in first.read() and first.raw() and len(first.raw()) == 8
+    assert "temperature" in first.read() and first.raw() and len(first.raw()) == 8  # BME280 data
     assert sampler.STUCK_AFTER == 6

@@ -122,9 +122,9 @@ def load_node_keys(args: argparse.Namespace) -> dict[str, bytes]:
 
 def transport(args: argparse.Namespace) -> nl.Transport:
     if args.ble:
-        raise nl.DiagError("--ble: not available yet: the node answers COMMANDs over its GATT "
-                           "service, but this tool's BLE transport is not written "
-                           "(docs/field-tools.md); plug into the node's link UART and use --port")
+        from tools.diag_ble import BleTransport
+
+        return BleTransport(args.ble)
     if not args.port:
         raise nl.DiagError("say where the node is: --port /dev/ttyUSB0 (its link UART)")
     return nl.SerialTransport(args.port, args.baud)
@@ -156,7 +156,7 @@ async def node_main(args: argparse.Namespace) -> int:
     except FrameError as e:
         return out.fail(PROBLEMS, f"the node's answer was malformed: {e}")
     finally:
-        t.close()
+        await t.close()
 
 
 class _Out:
@@ -200,28 +200,37 @@ async def snapshot(s: nl.NodeSession, tests: list[dict[str, Any]] | None = None
     if latest is None and s.readings:
         latest = s.readings[-1]  # seen on the line while we asked
     port = getattr(s.t, "name", "?")
-    return node_report(port, s.identity, st, rtt, offset, latest, tests)
+    rep = node_report(port, s.identity, st, rtt, offset, latest, tests)
+    rssi = getattr(s.t, "rssi", None)  # BLE: as heard in the node's advert
+    if rssi is not None:
+        rep["status"]["link"]["rssi"] = rssi
+    return rep
 
 
 SELF_TEST_S = 30.0  # a slow sensor holds the node up to one conversion period (SCD4x: 5 s)
 
 
 async def self_test(s: nl.NodeSession) -> list[dict[str, Any]]:
-    # one try: a repeat would only queue a second full self-test behind the first
-    code, res, _ = await s.command(nl.OP_SELF_TEST, timeout=max(s.timeout, SELF_TEST_S),
-                                   retries=1)
-    if code == nl.E_BIG:  # too many sensors for one frame: one at a time
-        _, st, _ = await s.command(nl.OP_STATUS)
-        tests = []
-        for i in range(len(st.get("sensors") or [])):
+    """One sensor per command: small answers for a node short of RAM, and progress to show."""
+    code, st, _ = await s.command(nl.OP_STATUS)
+    if code != 0:
+        raise nl.DiagError(f"status failed: {nl.CODES.get(code, code)}: {st}")
+    tests: list[dict[str, Any]] = []
+    for i, sensor in enumerate(st.get("sensors") or []):
+        name = sensor[0] if isinstance(sensor, list) else str(sensor)
+        for _ in range(2):  # once more if the node was short of memory mid-cycle
+            # one try each: a repeat would only queue a second test behind the first
             code, res, _ = await s.command(nl.OP_SELF_TEST, {1: i}, timeout=SELF_TEST_S,
                                            retries=1)
-            if code == 0:
-                tests += res["sensors"]
-        return tests
-    if code != 0:
-        raise nl.DiagError(f"self-test failed: {nl.CODES.get(code, code)}: {res}")
-    return list(res["sensors"])
+            if code == 0 or "MemoryError" not in str(res):
+                break
+        if code == 0:
+            tests += res["sensors"]
+        else:
+            tests.append({"i": i, "name": name, "ok": False, "values": None, "raw": None,
+                          "ms": None, "error": f"not tested: {nl.CODES.get(code, code)}: "
+                          f"{(res or {}).get('error', res)}"})
+    return tests
 
 
 async def run_action(s: nl.NodeSession, args: argparse.Namespace, out: _Out) -> int:

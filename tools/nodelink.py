@@ -132,14 +132,14 @@ def decode_data(body: bytes, keys: dict[str, bytes]) -> Reading:
 
 
 class Transport(Protocol):
-    """A byte link to one node: the serial line here; BLE when its link carries diagnostics."""
+    """A byte link to one node, UART-framed both ways: serial here, BLE in tools/diag_ble.py."""
 
     name: str
 
     async def open(self) -> None: ...
     def send(self, data: bytes) -> None: ...
     async def recv(self, timeout: float) -> bytes: ...
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class SerialTransport:
@@ -186,7 +186,7 @@ class SerialTransport:
     async def recv(self, timeout: float) -> bytes:
         return await asyncio.wait_for(self._q.get(), timeout)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._ser is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._ser.fileno())

@@ -175,7 +175,7 @@ async def read_status(link_port: str, node_id: str, key: bytes, timeout: float
         except nl.DiagError as e:
             last = e
         finally:
-            t.close()
+            await t.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.5)
     raise TimeoutError(f"no status within {timeout:g} s ({last})")

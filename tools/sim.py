@@ -203,7 +203,9 @@ class SimNode:
             "state_dir": str(self.state_dir),
             "interval_ms": self.interval_ms,
             "link": {"port": self.port, "baud": 115200, "rto_ms": 500},
-            "sim": {**self.scenario, "socket": self.street_name},
+            # chips 10x faster than real by default: simulated nodes sample every few hundred
+            # ms, not every minute, and should still see a fresh conversion most intervals
+            "sim": {"chip_speed": 10, **self.scenario, "socket": self.street_name},
             **self.extra,
         }
         path = self.dir / "node.json"

@@ -6,6 +6,7 @@ recorded command cannot be replayed, not even across a reboot). External AAD = t
 type byte keeps the three kinds apart from each other and from DATA and ACK.
 """
 
+import gc
 import os
 import time
 
@@ -232,9 +233,12 @@ class Commands:
         after = None
         try:
             code, result, after = self._run(op, args)
+            body = self._reply(counter, op, code, result)
         except Exception as e:  # noqa: BLE001 - a failing action is reported, never fatal
-            code, result = E_FAIL, {"error": "%s: %s" % (type(e).__name__, e)}
-        body = self._reply(counter, op, code, result)
+            result = None  # a MemoryError leaves little room: free what we can first
+            gc.collect()
+            body = self._reply(counter, op, E_FAIL, {"error": "%s: %s" % (type(e).__name__, e)})
+            after = None
         if len(body) + 3 > frame.MAX_FRAME:  # type byte + body + CRC must fit one frame
             body = self._reply(counter, op, E_BIG, {"bytes": len(body)})
             after = None

@@ -81,11 +81,18 @@ class UartLink:
             now = time.ticks_ms()
             wait = RTO_MAX_MS
             seqs = self._outbox.seqs()
+            held = False
             for seq in seqs[: self._window]:
                 if seq - seqs[0] >= REPLAY_WINDOW:
                     break  # the gateway would take the oldest, resent later, for a replay
                 due, attempts = self._inflight.get(seq, (now, 0))
                 left = time.ticks_diff(due, now)
+                if held:
+                    continue
+                if left > 0 and attempts > 1:
+                    # this one timed out before and waits to be resent: nothing newer goes
+                    # first, so the gateway takes each node's frames in order
+                    held = True
                 if left <= 0:
                     data = self._outbox.get(seq)
                     self._writer.write(frame.encode(frame.DATA, data))

@@ -36,6 +36,7 @@ FLAG_NAMES = ("warmup", "range", "stale", "stuck", "crc", "nack", "timeout", "fa
 STUCK_AFTER = const(6)
 ABSENT_AFTER = const(3)
 _FAIL = "fail"  # sentinel: every attempt of a read failed
+_RAW_MAX = const(12)
 
 
 def flag_names(bits):
@@ -98,11 +99,11 @@ class Slot:
         return self.driver.read()
 
     def raw(self):
-        """The bytes the driver last read from the chip."""
-        for name in ("_data", "_buf", "_frame", "_hist"):
+        """The first bytes the driver last read from the chip (a REPLY frame is small)."""
+        for name in ("_data", "_buf", "_frame", "_one"):
             buf = getattr(self.driver, name, None)
             if buf is not None:
-                return bytes(buf)
+                return bytes(buf[:_RAW_MAX])
         return None
 
 

@@ -114,6 +114,7 @@ class BleNode:
 
     async def start(self, link: LocalLink) -> None:
         """Boot the node: a fresh controller at the node's address, the firmware from flash."""
+        bluetooth.track_tasks(asyncio.get_running_loop())
         self.chip = bluetooth.Chip(link, self.address)
         await self.chip.power_on()
         cfg = app.load_config(str(self.write_config()))
@@ -128,15 +129,14 @@ class BleNode:
                     f"{self.node_id} to boot")
 
     async def stop(self) -> None:
-        """Power cut: the task stops wherever it is and the controller leaves the air."""
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+        """Power cut: the firmware stops wherever it is and the radio goes silent."""
         if self.chip is not None:
-            with contextlib.suppress(Exception):
-                await self.chip.device.power_off()
-            self.chip.unplug()
+            tasks = list(self.chip.tasks)
+            self.chip.power_cut()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(t, 5)
+        self.node = None
 
     @property
     def outbox(self) -> Any:
@@ -154,7 +154,8 @@ class World:
     adapter: Adapter | None = None
     gw_task: asyncio.Task[None] | None = None
     gw_extra: str = ""
-    ble_extra: str = ""
+    ble_opts: dict[str, Any] = field(default_factory=dict)  # [[links.ble]] settings
+    ble_extra: str = ""  # appended after them ([[links.ble.devices]] tables)
     links: list[Any] = field(default_factory=list)  # every BleLink the gateway built
 
     def add_nodes(self, n: int, **kw: Any) -> list[BleNode]:
@@ -173,13 +174,14 @@ class World:
         write_secret(keys, "[nodes]\n" + "".join(
             f'"{n.node_id}" = "{n.key.hex()}"\n' for n in self.nodes))
         path = self.workdir / "gateway.toml"
+        ble = {"max_connections": 3, "scan_stall_s": 5, "backoff_initial_s": 0.2,
+               "backoff_max_s": 2, "connect_timeout_s": 5, "idle_timeout_s": 5, **self.ble_opts}
         path.write_text(
             f'[gateway]\nstate_dir = "{self.workdir / "gw-state"}"\nkeys_file = "{keys}"\n\n'
             f'[batch]\nmax_records = 500\nmax_age_s = 0.2\n\n[api]\nenabled = false\n\n'
             f'[sinks.http]\nurl = "{self.upstream.url}"\ntimeout_s = 5\n\n'
-            f'[[links.ble]]\nmax_connections = 3\nscan_stall_s = 5\nbackoff_initial_s = 0.2\n'
-            f'backoff_max_s = 2\nconnect_timeout_s = 5\nidle_timeout_s = 5\n'
-            f'{self.ble_extra}\n{self.gw_extra}')
+            "[[links.ble]]\n" + "".join(f"{k} = {v}\n" for k, v in ble.items())
+            + f"{self.ble_extra}\n{self.gw_extra}")
         return path
 
     async def start_gateway(self) -> None:
@@ -190,8 +192,8 @@ class World:
             self.adapter = Adapter(self.link)
         scanner, client = self.adapter.backend()
         self.gw_task = asyncio.create_task(gateway.run(cfg, BleBackend(scanner, client)))
-        adapter = self.adapter
-        await until(lambda: adapter.scan_starts > 0 or self.gw_task.done(), 20,
+        adapter, starts = self.adapter, self.adapter.scan_starts
+        await until(lambda: adapter.scan_starts > starts or self.gw_task.done(), 20,
                     "the gateway to scan")
         if self.gw_task.done():
             self.gw_task.result()

@@ -75,6 +75,7 @@ class Chip:
                              host=Host(self.controller, AsyncPipeSink(self.controller)))
         self.ble: BLE | None = None
         self.link = link
+        self.tasks: set[asyncio.Task[Any]] = set()  # everything the firmware runs on this chip
 
     async def power_on(self) -> None:
         await self.device.power_on()
@@ -86,10 +87,36 @@ class Chip:
         ctx.run(_current.set, self)
         return asyncio.get_running_loop().create_task(coro_fn(), name=name, context=ctx)
 
-    def unplug(self) -> None:
-        """The node loses power: its controller leaves the air (connections just vanish)."""
-        if self.controller in self.link.controllers:
-            self.link.remove_controller(self.controller)
+    def power_cut(self) -> None:
+        """The node loses power: its code stops wherever it is and its radio goes silent.
+
+        Connections are not closed: the peer finds out by its own timeouts, as on air.
+        """
+        for t in list(self.tasks):
+            t.cancel()
+        c = self.controller
+        c.le_legacy_advertiser.stop()
+        for adv in c.advertising_sets.values():
+            adv.stop()
+        c.send_advertising_pdu = lambda _packet: None  # type: ignore[method-assign]
+        if c in self.link.controllers:
+            self.link.remove_controller(c)
+
+
+def track_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make every task created by firmware code (or by the stack on its behalf) belong to its
+    chip, so a power cut can stop them all. Chip.start's context names the chip."""
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any,
+                context: contextvars.Context | None = None) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, context=context)
+        chip = (context.get(_current) if context is not None else _current.get(None))
+        if chip is not None:
+            chip.tasks.add(task)
+            task.add_done_callback(chip.tasks.discard)
+        return task
+
+    loop.set_task_factory(factory)
 
 
 class BLE:
@@ -127,12 +154,16 @@ class BLE:
         self._ops.put_nowait(coro)
 
     async def _work(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while True:
             coro = await self._ops.get()
             try:
                 await coro
             except Exception as e:  # noqa: BLE001 - a real stack reports these as events too
                 log.debug("%s: stack operation failed: %r", self._chip.address, e)
+            if me.cancelling():
+                return  # some bumble operations swallow the cancellation: honour it here
 
     def _irq(self, event: int, data: tuple[Any, ...]) -> None:
         if self._handler is not None:

@@ -1,0 +1,73 @@
+"""The gateway's BLE link under load and faults: connection limit, retries, adapter trouble."""
+
+from __future__ import annotations
+
+import pytest
+
+from .bleak_bumble import Adapter
+from .harness import World, senml_seqs, until
+
+pytestmark = pytest.mark.ble_virtual
+
+
+def all_delivered(world: World, frames: int) -> bool:
+    want = {n.node_id: set(range(frames)) for n in world.nodes}
+    return senml_seqs(world.upstream) == want and all(
+        n.node is not None and len(n.outbox) == 0 for n in world.nodes)
+
+
+async def backlog(world: World, n: int, frames: int, **link: int) -> None:
+    await world.upstream.start()
+    link_cfg = {"adv_interval_ms": 50, "rotate_ms": 100, **link}
+    for node in world.add_nodes(n, sample_limit=frames, interval_ms=5, link_cfg=link_cfg):
+        await node.start(world.link)
+    await until(lambda: all(len(x.outbox) == frames for x in world.nodes), 60, "the backlogs")
+
+
+async def test_connection_limit_is_kept(world: World) -> None:
+    world.ble_opts = {"max_connections": 2}
+    await backlog(world, 4, 60)
+    await world.start_gateway()
+    await until(lambda: all_delivered(world, 60), 120, "every backlog drained")
+    assert world.adapter is not None and world.adapter.max_concurrent == 2
+    assert world.upstream.duplicates == 0
+
+
+async def test_refused_connects_are_retried_with_backoff(world: World) -> None:
+    await backlog(world, 2, 30)
+    world.adapter = adapter = Adapter(world.link)
+    adapter.fail_connects = 4
+    await world.start_gateway()
+    await until(lambda: all_delivered(world, 30), 120, "every backlog drained despite refusals")
+    ble = world.ble
+    assert ble.stats["session_failures"] == 4 and adapter.fail_connects == 0
+    assert ble.stats["drains"] >= 2 and world.upstream.duplicates == 0
+
+
+async def test_scanner_that_will_not_start_is_retried(world: World) -> None:
+    await backlog(world, 1, 20)
+    world.adapter = adapter = Adapter(world.link)
+    adapter.fail_scan_starts = 3
+    await world.start_gateway()
+    await until(lambda: all_delivered(world, 20), 120, "the backlog drained")
+    assert world.ble.stats["scanner_start_failures"] == 3
+    assert adapter.scan_starts == 1
+
+
+async def test_adapter_that_vanishes_mid_drain_is_recovered(world: World) -> None:
+    world.ble_opts = {"scan_stall_s": 1, "idle_timeout_s": 2}
+    # one frame in flight, 20-byte segments: a drain slow enough to pull the plug on
+    await backlog(world, 2, 150, window=1, mtu=23)
+    await world.start_gateway()
+    ble = world.ble
+    gateway = world.gw_task
+    await until(lambda: len(world.upstream.readings) > 0, 60, "the drain to begin")
+    assert world.adapter is not None and not all_delivered(world, 150)
+    world.adapter.vanish()  # USB adapter unplugged: no adverts, connections dead
+    await until(lambda: ble.stats["scanner_restarts"] >= 1, 30, "the stall to be noticed")
+    await until(lambda: ble.stats["scanner_start_failures"] >= 1, 30,
+                "a failed restart while the adapter is gone")
+    world.adapter.come_back()
+    await until(lambda: all_delivered(world, 150), 180, "every backlog drained after recovery")
+    assert gateway is world.gw_task and not gateway.done()  # the same process carried on
+    assert world.upstream.duplicates == 0

@@ -1,0 +1,127 @@
+"""`lantern diag node --ble`: COMMAND / REPLY / STATUS frames over the Lantern GATT service.
+
+The node's CTRL characteristic takes `type | body` messages cut into segments, its DATA
+characteristic notifies answers the same way (docs/ble.md). This transport turns them into
+the UART's framing and back, so a NodeSession works unchanged over either link. It never
+writes an ACK: the node only drains its outbox to a key holder that asks with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from typing import Any
+
+from bleak import BleakClient, BleakScanner
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
+
+from agent import protocol
+from agent.errors import FrameError
+from agent.links.ble import node_tag
+from agent.links.ble_session import CTRL_UUID, DATA_UUID, SERVICE_UUID, Reassembler, segments
+from tools.nodelink import DiagError
+
+ADDRESS = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+
+
+class BleTransport:
+    """One GATT connection to the node named by address or node id (its advert's tag)."""
+
+    def __init__(self, target: str, scan_s: float = 15.0, backend: tuple[Any, Any] | None = None
+                 ) -> None:
+        self.target = target
+        self.name = f"BLE {target}"
+        self.scan_s = scan_s
+        self.rssi: int | None = None
+        self.address: str | None = None
+        self._scanner_backend: Any = backend[0] if backend else None
+        self._client_backend: Any = backend[1] if backend else None
+        self._client: BleakClient | None = None
+        self._q: asyncio.Queue[bytes] = asyncio.Queue()
+        self._rx = Reassembler()
+        self._deframer = protocol.Deframer()
+        self._writes: asyncio.Queue[bytes] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    def _matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
+        if ADDRESS.match(self.target):
+            return device.address.upper() == self.target.upper()
+        data = adv.service_data.get(SERVICE_UUID)
+        return data is not None and len(data) >= 7 and bytes(data[3:7]) == node_tag(self.target)
+
+    async def open(self) -> None:
+        found: asyncio.Future[BLEDevice] = asyncio.get_running_loop().create_future()
+
+        def seen(device: BLEDevice, adv: AdvertisementData) -> None:
+            if not found.done() and self._matches(device, adv):
+                self.rssi = adv.rssi
+                found.set_result(device)
+
+        kw = {"backend": self._scanner_backend} if self._scanner_backend else {}
+        scanner = BleakScanner(detection_callback=seen, **kw)
+        await scanner.start()
+        try:
+            device = await asyncio.wait_for(found, self.scan_s)
+        except TimeoutError:
+            raise DiagError(f"no Lantern node {self.target} heard over BLE in {self.scan_s:g} s: "
+                            "is it powered and within range? is its link configured for BLE? "
+                            "is Bluetooth on here (`bluetoothctl show`)?") from None
+        finally:
+            await scanner.stop()
+        self.address = device.address
+        self.name = f"BLE {self.target} ({device.address}, RSSI {self.rssi} dBm)"
+        kw = {"backend": self._client_backend} if self._client_backend else {}
+        client = BleakClient(device, **kw)
+        try:
+            # bumble (tests) can hang on a vanished peer: always bound the connect
+            await asyncio.wait_for(client.connect(), 20)
+            await client.start_notify(DATA_UUID, self._notified)
+        except (TimeoutError, OSError, Exception) as e:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+            raise DiagError(f"{self.name}: could not connect ({type(e).__name__}: {e}); "
+                            "another central (the gateway) may hold its only connection") from None
+        self._client = client
+        self._writer = asyncio.create_task(self._write_loop())
+
+    def _notified(self, _char: Any, seg: bytearray) -> None:
+        try:
+            msg = self._rx.feed(bytes(seg))
+        except FrameError:
+            return  # a broken message: the session times out and asks again
+        if msg:
+            self._q.put_nowait(protocol.encode_frame(msg[0], msg[1:]))
+
+    def send(self, data: bytes) -> None:
+        """UART-framed bytes from the session: each frame becomes one segmented message."""
+        for chunk in self._deframer.feed(data):
+            if chunk is None:
+                continue
+            ftype, body = protocol.decode_frame(chunk)
+            if ftype == protocol.ACK:
+                raise DiagError("a diagnostic tool never acknowledges")  # see module docstring
+            self._writes.put_nowait(bytes((ftype,)) + body)
+
+    async def _write_loop(self) -> None:
+        assert self._client is not None
+        size = max(self._client.mtu_size - 3, 20)
+        while True:
+            msg = await self._writes.get()
+            with contextlib.suppress(Exception):  # a lost write is a lost frame: retried
+                for seg in segments(msg, size):
+                    await self._client.write_gatt_char(CTRL_UUID, seg, response=True)
+
+    async def recv(self, timeout: float) -> bytes:
+        return await asyncio.wait_for(self._q.get(), timeout)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.disconnect(), 10)
+            self._client = None
