@@ -9,11 +9,14 @@ APT_PACKAGES := build-essential pkg-config libffi-dev libmbedtls-dev patch xz-ut
                 python3-venv python3-dev mosquitto
 # status page tests drive Debian's headless Chromium; the unit is checked by systemd-analyze
 APT_PACKAGES += chromium systemd
+# reliability scenario 6: the gateway's state on a small ext4 image (mkfs.ext4, e2fsck; unshare)
+APT_PACKAGES += e2fsprogs util-linux
 
 .PHONY: all demo test test-unit test-hil lint micropython deps venv clean distclean
 .PHONY: install
 .PHONY: bench node-red
 .PHONY: qemu-image soak
+.PHONY: reliability
 
 all: test
 
@@ -35,6 +38,12 @@ test-unit: venv
 
 test-hil: venv micropython
 	$(BIN)/python -m pytest -q hil_tests
+
+## reliability: every reliability scenario at full size (lossy line, gateway SIGKILLs, a day
+## without upstream under a disk cap, node power cuts, 200,000 fuzz cases, disk full and
+## read-only); prints a JSON table and writes it into docs/reliability.md
+reliability: venv micropython
+	$(BIN)/python -m tools.reliability
 
 ## bench: throughput, latency, memory and bytes on the wire, side by side with Node-RED and
 ## the line rate (docs/benchmarks.md); prints one JSON object, writes bench/results.json

@@ -42,10 +42,11 @@ QEMU_BOARD = "qemu-mps2-an385"
 QEMU_TOOLS = ("qemu-system-arm", "arm-none-eabi-gcc")
 UNAVAILABLE = ROOT / ".build/qemu/UNAVAILABLE"  # written by `make` when apt could not install
 PROMPT = b"\r\n>>> "
-# Board time is instructions x 8 ns (a 125 MIPS core) while it computes, and host time while it
-# sleeps (WFI). Cycle times are then the firmware's work, not the host's; with shift=auto QEMU
-# rescales instruction time to follow the host clock and the same cycle read 12 ms to 1 s.
-ICOUNT = "shift=3,sleep=on"
+# Board time is instructions x 8 ns (a 125 MIPS core) while it computes, host time while it
+# sleeps (WFI); align=on holds the board back when it computes faster than that, so its clock
+# keeps pace with the host's. Cycle times are then the firmware's work, not the host's load;
+# with shift=auto QEMU rescales instruction time with the host's speed (docs/qemu.md).
+ICOUNT = "shift=3,sleep=on,align=on"
 
 
 def missing_tools() -> list[str]:

@@ -176,7 +176,8 @@ async def test_provisioned_node_reaches_the_gateway_under_its_new_key(
         gw.terminate()
         gw.wait(20)
         await upstream.stop()
-    print(f"provisioning took {took:.1f} s")
+    print(f"provisioning took {took:.1f} s;",
+          next(line for line in out.splitlines() if "verify:" in line))
 
 
 async def test_compiled_firmware_runs_on_the_board(board: Board, tmp_path: Path) -> None:
@@ -186,6 +187,7 @@ async def test_compiled_firmware_runs_on_the_board(board: Board, tmp_path: Path)
     m = re.search(r"compile: compiled (\d+) modules with (\S+) \((\S+)\)", out)
     assert m and int(m.group(1)) >= 10 and m.group(3).startswith("1.25"), out
     assert (tmp_path / "stage/node/commands.mpy").exists()
+    print(next(line for line in out.splitlines() if "verify:" in line))
     code, out, err = await lantern("diag", "node", "--port", board.link.gateway_port, "--keys",
                                    str(tmp_path / "keys.toml"), "--json", "--timeout", "5")
     rep = json.loads(out)

@@ -91,6 +91,8 @@ async def test_faulty_line_loses_nothing_accepts_nothing_corrupt(tmp_path: Path,
         record({"scenario": name, **t.row(), "accepted_forged": None,
                 "seconds": round(time.monotonic() - t0, 1), "nodes": nodes,
                 "line_faults": fault_totals(topo), "gateway_rejected": metrics["frames_rejected"],
+                "frames_per_commit": round(sum(metrics["frames_received"].values())
+                                           / max(1, metrics["commits"]), 2),
                 "conflicting_duplicates": t.conflicting_duplicates,
                 "out_of_order": t.out_of_order})
         assert problem is None, problem

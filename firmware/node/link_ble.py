@@ -137,7 +137,8 @@ class BleLink:
     def __init__(self, bt, node_id, key, outbox, clock, state_dir, cfg):
         self._p = Peripheral(bt, cfg.get("mtu", 247), node_id)
         self._h_data, self._h_ctrl, self._h_state = self._p.register(SERVICE_UUID, (
-            (DATA_UUID, FLAG_NOTIFY), (CTRL_UUID, FLAG_WRITE), (STATE_UUID, FLAG_READ | FLAG_NOTIFY)))
+            (DATA_UUID, FLAG_NOTIFY), (CTRL_UUID, FLAG_WRITE),
+            (STATE_UUID, FLAG_READ | FLAG_NOTIFY)))
         self._p.set_buffer(self._h_ctrl, _CTRL_BUFFER)
         self._kid = node_id.encode()
         self._key = key
@@ -343,11 +344,18 @@ class BleLink:
             if conn is not None and conn.connected:
                 now = time.ticks_ms()
                 seqs = self._outbox.seqs()
+                held = False
                 for seq in seqs[: self._window]:
                     if seq - seqs[0] >= REPLAY_WINDOW:
                         break  # see link_uart: a resent old frame must stay in the window
                     due, attempts = self._inflight.get(seq, (now, 0))
                     left = time.ticks_diff(due, now)
+                    if held:
+                        continue
+                    if left > 0 and attempts > 1:
+                        # resent before and waiting to go again: nothing newer overtakes it,
+                        # so the gateway takes each node's frames in order (docs/protocol.md)
+                        held = True
                     if left <= 0:
                         if seq not in self._outbox:
                             continue  # acknowledged while we were sending the previous one

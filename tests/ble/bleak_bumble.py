@@ -1,4 +1,4 @@
-"""A bleak backend on bumble, for tests: the gateway's bleak code runs unchanged on the virtual radio.
+"""A bleak backend on bumble, for tests: the gateway's bleak code unchanged on a virtual radio.
 
 `Adapter` is the gateway's HCI adapter: one bumble controller + host on the LocalLink.
 `adapter.backend()` gives the (scanner, client) backend classes bound to it, for
@@ -11,6 +11,7 @@ starts and connects, and the adapter vanishing (no adverts, no connections) and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid as uuidlib
 from typing import Any
 
@@ -224,10 +225,8 @@ class BumbleClient(BaseBleakClient):
         if conn is None:
             return
         self._disconnected_callback = None  # bleak calls it for unsolicited disconnects only
-        try:
+        with contextlib.suppress(core.BaseBumbleError, TimeoutError):
             await asyncio.wait_for(conn.disconnect(), 5.0)
-        except (core.BaseBumbleError, TimeoutError):
-            pass
         self.adapter._open.discard(id(conn))
         self._conn = None
 

@@ -22,7 +22,7 @@ from .harness import BleNode, World, until
 pytestmark = pytest.mark.ble_virtual
 
 BTHOME = gw_bthome.UUID
-# canonical name → (bthome-ble entity key prefix, its value × factor = ours, our resolution)
+# canonical name → (bthome-ble entity key prefix, factor from its unit to ours, our resolution)
 HA_NAMES = {"temperature": ("temperature", 1, 0.01), "humidity": ("humidity", 1, 0.01),
             "pressure": ("pressure", 100, 1), "illuminance": ("illuminance", 1, 0.01),
             "lamp_power": ("power", 1, 0.01), "battery": ("voltage", 1, 0.001),

@@ -21,13 +21,11 @@ async def test_five_nodes_backlog_delivered_exactly_once(world: World) -> None:
                 f"{FRAMES} frames in every outbox")
     per_pack = {n.node_id: len(n.node.sample()[1]) for n in nodes}
 
-    import time; t0 = time.monotonic(); print('filled', flush=True)
     await world.start_gateway()
     want = {n.node_id: set(range(FRAMES)) for n in nodes}
     await until(lambda: senml_seqs(world.upstream) == want and all(
         len(n.outbox) == 0 for n in nodes), 240, "every frame upstream and acknowledged")
 
-    print('drained in', time.monotonic() - t0, flush=True)
     ble = world.ble
     await until(lambda: not ble.sessions, 30, "the last session to end")
     up = world.upstream

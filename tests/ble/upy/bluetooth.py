@@ -160,7 +160,7 @@ class BLE:
             coro = await self._ops.get()
             try:
                 await coro
-            except Exception as e:  # noqa: BLE001 - a real stack reports these as events too
+            except Exception as e:  # a real stack reports these as events too
                 log.debug("%s: stack operation failed: %r", self._chip.address, e)
             if me.cancelling():
                 return  # some bumble operations swallow the cancellation: honour it here
@@ -269,9 +269,10 @@ class BLE:
             return
         kind = (AdvertisingType.UNDIRECTED_CONNECTABLE_SCANNABLE if connectable
                 else AdvertisingType.UNDIRECTED)
+        ms = interval_us / 1000
         self._submit(self._dev.start_advertising(
             advertising_type=kind, advertising_data=adv_data, scan_response_data=resp_data,
-            advertising_interval_min=interval_us / 1000, advertising_interval_max=interval_us / 1000))
+            advertising_interval_min=ms, advertising_interval_max=ms))
 
     def gap_disconnect(self, conn_handle: int) -> bool:
         conn = self._conns.get(conn_handle)

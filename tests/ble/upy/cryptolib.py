@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 MODE_ECB = 1
 
 
-class aes:  # noqa: N801 - MicroPython's name
+class aes:  # MicroPython's name
     def __init__(self, key: bytes, mode: int, iv: bytes | None = None) -> None:
         if mode != MODE_ECB:
             raise ValueError("mode")  # the unix port here only has ECB, like the firmware needs

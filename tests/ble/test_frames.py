@@ -1,0 +1,131 @@
+"""Frames over GATT: drains that break and resume, and frames played back by a spoofer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from bumble import gatt
+from bumble.device import Connection
+
+from agent.links.ble import node_tag
+from agent.links.ble_session import (
+    CTRL_UUID,
+    DATA_UUID,
+    SERVICE_UUID,
+    STATE_UUID,
+    segments,
+)
+
+from .harness import World, senml_seqs, until
+
+pytestmark = pytest.mark.ble_virtual
+
+
+def delivered(world: World, frames: int, extra: dict[str, set[int]] | None = None) -> bool:
+    want = {n.node_id: set(range(frames)) | (extra or {}).get(n.node_id, set())
+            for n in world.nodes}
+    return senml_seqs(world.upstream) == want and all(
+        n.node is not None and len(n.outbox) == 0 for n in world.nodes)
+
+
+async def backlog(world: World, n: int, frames: int, **link: Any) -> None:
+    await world.upstream.start()
+    link_cfg = {"adv_interval_ms": 50, "rotate_ms": 100, **link}
+    for node in world.add_nodes(n, sample_limit=frames, interval_ms=5, link_cfg=link_cfg):
+        await node.start(world.link)
+    await until(lambda: all(len(x.outbox) == frames for x in world.nodes), 60, "the backlogs")
+
+
+async def test_short_sessions_and_the_smallest_mtu_still_deliver_once(world: World) -> None:
+    # sessions cut after 0.3 s; 23-byte ATT MTU: every frame in ~10 segments each way
+    world.ble_opts = {"max_session_s": 0.3, "backoff_initial_s": 0.05}
+    await backlog(world, 2, 80, mtu=23)
+    await world.start_gateway()
+    await until(lambda: delivered(world, 80), 180, "every frame, across many sessions")
+    ble = world.ble
+    assert ble.stats["connects"] > 2 * 2  # the drain resumed on later connections
+    assert world.upstream.duplicates == 0
+
+
+async def test_power_cut_and_gateway_restart_mid_drain(world: World) -> None:
+    world.ble_opts = {"idle_timeout_s": 1}
+    await backlog(world, 2, 120, window=2, mtu=40)
+    first, _ = world.nodes
+    await world.start_gateway()
+    await until(lambda: 0 < len(first.outbox) < 100, 60, "the first node's drain to be under way")
+    await first.stop()  # power cut mid-drain: its unacknowledged frames stay in flash
+    await asyncio.sleep(0.5)
+    first.sample_limit, first.interval_ms = 1, 3_600_000  # one more pack after the reboot
+    await first.start(world.link)  # reboot: the outbox comes back from flash
+    await until(lambda: first.node.outbox._next > 120, 30, "the pack sampled at boot")
+    extra = {first.node_id: {first.node.outbox._next - 1}}  # sequence numbers skip ahead
+    await until(lambda: not delivered(world, 120, extra), 1, "the drain to go on")
+    await world.stop_gateway()  # gateway restart mid-drain (the replay window is on disk)
+    await world.start_gateway()
+    await until(lambda: delivered(world, 120, extra), 180, "every frame after both interruptions")
+    assert world.upstream.duplicates == 0
+
+
+class Spoofer:
+    """A device that claims to be a Lantern node and plays back frames it recorded on air."""
+
+    def __init__(self, chip: Any, node: str, frames: list[bytes]) -> None:
+        self.chip = chip
+        self.node = node
+        self.frames = frames
+        self.sent = 0
+        self.writes = 0
+        props = gatt.Characteristic.Properties
+        self.data = gatt.Characteristic(DATA_UUID, props.NOTIFY, gatt.Characteristic.READABLE,
+                                        b"")
+        ctrl = gatt.Characteristic(CTRL_UUID, props.WRITE, gatt.Characteristic.WRITEABLE,
+                                   gatt.CharacteristicValue(write=self._on_write))
+        state = gatt.Characteristic(STATE_UUID, props.READ | props.NOTIFY,
+                                    gatt.Characteristic.READABLE,
+                                    bytes((1, len(frames) & 0xFF, len(frames) >> 8)))
+        chip.device.add_service(gatt.Service(SERVICE_UUID, [self.data, ctrl, state]))
+
+    def _on_write(self, conn: Connection, _value: bytes) -> None:
+        self.writes += 1
+        if self.writes == 1:
+            asyncio.get_running_loop().create_task(self._play(conn))
+
+    async def _play(self, conn: Connection) -> None:
+        for body in self.frames:
+            for seg in segments(bytes((1,)) + body, conn.att_mtu - 3):
+                await self.chip.device.notify_subscriber(conn, self.data, seg, force=True)
+            self.sent += 1
+
+    async def advertise(self) -> None:
+        n = len(self.frames)
+        data = (bytes.fromhex(SERVICE_UUID.replace("-", ""))[::-1]
+                + bytes((1, n & 0xFF, n >> 8)) + node_tag(self.node))
+        ad = b"\x02\x01\x06" + bytes((len(data) + 1, 0x21)) + data
+        await self.chip.device.start_advertising(advertising_data=ad, advertising_interval_min=50,
+                                                 advertising_interval_max=50)
+
+
+async def test_replayed_frames_are_rejected_and_counted(world: World) -> None:
+    await backlog(world, 1, 100)
+    (node,) = world.nodes
+    recorded = [node.outbox.get(s) for s in node.outbox.seqs()]  # what went on air
+    await world.start_gateway()
+    await until(lambda: delivered(world, 100), 120, "the real node's frames")
+    ble = world.ble
+    metrics = ble.ingest.metrics
+    readings = len(world.upstream.readings)
+
+    from bluetooth import Chip
+
+    chip = Chip(world.link, "F0:00:00:00:02:01")
+    await chip.power_on()
+    spoofer = Spoofer(chip, node.node_id, recorded)
+    await spoofer.advertise()
+    # seq 0..35 lie below the 64-frame window under seq 99: replays; 36..99: duplicates
+    await until(lambda: metrics.frames_rejected["replay"] == 36, 60, "36 replays refused")
+    await until(lambda: metrics.duplicates[node.node_id] >= 64, 30, "64 duplicates seen")
+    chip.power_cut()
+    assert spoofer.sent == 100
+    assert len(world.upstream.readings) == readings and world.upstream.duplicates == 0
