@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "firmware"))
@@ -361,9 +361,28 @@ def test_cbor2_canonical_is_length_first():
     assert cbor.dumps(value) == rfc8949(value)
 
 
+def _hits_cbor2_half_bug(x):
+    """cbor2 5.x writes half-representable floats from 32768 to 65504 as singles."""
+    if isinstance(x, float):
+        return 32768.0 <= abs(x) <= 65504.0 and struct.unpack(">e", struct.pack(">e", x))[0] == x
+    if isinstance(x, list):
+        return any(_hits_cbor2_half_bug(v) for v in x)
+    if isinstance(x, dict):
+        return any(_hits_cbor2_half_bug(v) for v in x.values())
+    return False
+
+
+def test_cbor2_canonical_misses_large_halves():
+    # both fit a half exactly, so preferred serialization (RFC 8949 §4.1) is 3 bytes
+    assert cbor.dumps(32768.0) == h("f9 7800")
+    assert cbor2.dumps(32768.0, canonical=True) == h("fa 47000000")
+    assert cbor.dumps(65504.0) == h("f9 7bff")
+
+
 @settings(max_examples=400, deadline=None)
 @given(STR_KEYED)
 def test_bytes_equal_cbor2_canonical_for_text_keys(x):
+    assume(not _hits_cbor2_half_bug(x))
     assert cbor.dumps(x) == cbor2.dumps(x, canonical=True)
 
 
