@@ -86,6 +86,7 @@ class Node:
         self.link = None
         self.heap_peak = 0  # most heap in use seen just before a collection (high-water)
         self.cycle_ms = 0  # how long the previous sample → seal → store cycle took
+        self.seal_errors = 0  # sample cycles that failed (e.g. out of memory): packs not taken
         self.board = board
         self.faults = {}  # latched faults for diagnostics: name -> [count, detail]
 
@@ -136,15 +137,23 @@ class Node:
         while not limit or taken < limit:
             taken += 1
             t0 = time.ticks_ms()
-            now, values = await self.sample_async()
-            seq = self.seal(now, values)
-            self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
-            used = gc.mem_alloc()
-            if used > self.heap_peak:
-                self.heap_peak = used
-            print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
-            if self.link:
-                self.link.kick()
+            try:
+                now, values = await self.sample_async()
+                seq = self.seal(now, values)
+            except Exception as e:  # noqa: BLE001 - one lost pack, not the end of sampling
+                # (a MemoryError here once ended this task: the node went silent for good)
+                gc.collect()
+                self.seal_errors += 1
+                print("sample failed (%d so far): %r" % (self.seal_errors, e))
+                seq = None
+            if seq is not None:
+                self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
+                used = gc.mem_alloc()
+                if used > self.heap_peak:
+                    self.heap_peak = used
+                print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
+                if self.link:
+                    self.link.kick()
             gc.collect()
             due = time.ticks_add(due, self.interval_ms)
             wait = time.ticks_diff(due, time.ticks_ms())

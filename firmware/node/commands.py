@@ -396,8 +396,8 @@ class NodeActions:
 
     def latest(self):
         """The newest sealed DATA body still in the outbox, or None."""
-        seqs = self.n.outbox.seqs()
-        return self.n.outbox.get(seqs[-1]) if seqs else None
+        newest = self.n.outbox.newest()
+        return self.n.outbox.get(newest) if newest is not None else None
 
     def reboot(self):
         print("reboot requested over the link")

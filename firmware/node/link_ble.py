@@ -177,11 +177,11 @@ class BleLink:
         self._wake.set()
 
     def _refresh_latest(self):
-        seqs = self._outbox.seqs()
-        if not seqs:
+        newest = self._outbox.newest()
+        if newest is None:
             return
         try:
-            payload = cose.mac0_parse(self._outbox.get(seqs[-1]))[2]
+            payload = cose.mac0_parse(self._outbox.get(newest))[2]
             latest = {}
             for rec in cbor.loads(payload):
                 if 0 in rec and 2 in rec:
@@ -343,9 +343,9 @@ class BleLink:
             wait = RTO_MAX_MS
             if conn is not None and conn.connected:
                 now = time.ticks_ms()
-                seqs = self._outbox.seqs()
+                seqs = self._outbox.oldest(self._window)
                 held = False
-                for seq in seqs[: self._window]:
+                for seq in seqs:
                     if seq - seqs[0] >= REPLAY_WINDOW:
                         break  # see link_uart: a resent old frame must stay in the window
                     due, attempts = self._inflight.get(seq, (now, 0))

@@ -80,9 +80,9 @@ class UartLink:
                     after()
             now = time.ticks_ms()
             wait = RTO_MAX_MS
-            seqs = self._outbox.seqs()
+            seqs = self._outbox.oldest(self._window)
             held = False
-            for seq in seqs[: self._window]:
+            for seq in seqs:
                 if seq - seqs[0] >= REPLAY_WINDOW:
                     break  # the gateway would take the oldest, resent later, for a replay
                 due, attempts = self._inflight.get(seq, (now, 0))
@@ -94,6 +94,8 @@ class UartLink:
                     # first, so the gateway takes each node's frames in order
                     held = True
                 if left <= 0:
+                    if seq not in self._outbox:
+                        continue  # acknowledged while the previous one was going out
                     data = self._outbox.get(seq)
                     self._writer.write(frame.encode(frame.DATA, data))
                     await self._writer.drain()

@@ -17,6 +17,8 @@ except ImportError:  # CPython
 # Sequence numbers are reserved in blocks so flash sees one write per block, not per frame;
 # a power cut skips at most the rest of the block and never reuses a number.
 SEQ_BLOCK = const(32)
+# Sequence numbers of the oldest waiting frames kept in RAM: more than any transmit window.
+HEAD = const(16)
 
 
 def _exists(path):
@@ -34,6 +36,15 @@ def _write_atomic(path, data):
     os.rename(tmp, path)
 
 
+def _names(path):
+    """File names in a directory, one at a time where the port allows (no list of them all)."""
+    if hasattr(os, "ilistdir"):
+        for entry in os.ilistdir(path):
+            yield entry[0]
+    else:  # CPython
+        yield from os.listdir(path)
+
+
 def _makedirs(path):
     cur = ""
     for part in path.split("/"):
@@ -43,7 +54,13 @@ def _makedirs(path):
 
 
 class Outbox:
-    """Frames waiting for an ACK, one file each, oldest first; also hands out sequence numbers."""
+    """Frames waiting for an ACK, one file each, oldest first; also hands out sequence numbers.
+
+    The directory is the index: RAM holds only the count, the newest sequence number and the
+    oldest few (HEAD, enough for any transmit window), refilled from the directory as they
+    are acknowledged. A list of every waiting number once outgrew the heap a few hundred
+    frames in (MemoryError while the gateway was away), long before max_frames.
+    """
 
     def __init__(self, root, max_frames=1000):
         self.dir = root + "/outbox"
@@ -51,29 +68,50 @@ class Outbox:
         self.max_frames = max_frames
         self.evicted = 0
         _makedirs(self.dir)
-        seqs = []
-        for name in os.listdir(self.dir):
-            if name.endswith(".tmp"):
-                # a write interrupted by a power cut: the frame was never complete
-                os.remove(self.dir + "/" + name)
-                continue
-            try:
-                seqs.append(int(name))
-            except ValueError:
-                pass
-        seqs.sort()
-        self._seqs = seqs
+        self._head = []  # the oldest waiting sequence numbers, sorted, at most HEAD
+        self._count = 0
+        self._newest = -1
+        self._scan(boot=True)
         reserved = 0
         try:
             with open(self._seq_path, "rb") as f:
                 reserved = int(f.read())
         except (OSError, ValueError):
             reserved = 0
-        if seqs and seqs[-1] >= reserved:
-            reserved = seqs[-1] + 1
+        if self._count and self._newest >= reserved:
+            reserved = self._newest + 1
         self._next = reserved
         self._reserved = reserved
         self._reserve()
+
+    def _scan(self, boot=False):
+        """Count the frames on flash and keep the oldest HEAD of them, one name at a time."""
+        head = []
+        count = 0
+        newest = -1
+        for name in _names(self.dir):
+            if name.endswith(".tmp"):
+                if boot:
+                    # a write interrupted by a power cut: the frame was never complete
+                    os.remove(self.dir + "/" + name)
+                continue
+            try:
+                seq = int(name)
+            except ValueError:
+                continue
+            count += 1
+            if seq > newest:
+                newest = seq
+            if len(head) < HEAD or seq < head[-1]:
+                i = len(head)
+                while i and head[i - 1] > seq:
+                    i -= 1
+                head.insert(i, seq)
+                if len(head) > HEAD:
+                    head.pop()
+        self._head = head
+        self._count = count
+        self._newest = newest
 
     def _reserve(self):
         self._reserved = self._next + SEQ_BLOCK
@@ -92,11 +130,14 @@ class Outbox:
 
     def put(self, seq, data):
         """Store one frame durably; evicts (and counts) the oldest when full."""
-        while len(self._seqs) >= self.max_frames:
-            self.remove(self._seqs[0])
+        while self._count >= self.max_frames:
+            self.remove(self._head[0])
             self.evicted += 1
         _write_atomic(self._path(seq), data)
-        self._seqs.append(seq)
+        if len(self._head) == self._count and len(self._head) < HEAD:
+            self._head.append(seq)  # the head held every frame: this one joins it
+        self._count += 1
+        self._newest = seq
 
     def get(self, seq):
         with open(self._path(seq), "rb") as f:
@@ -104,21 +145,50 @@ class Outbox:
 
     def remove(self, seq):
         """Forget an acknowledged frame; unknown sequence numbers are ignored."""
-        try:
-            self._seqs.remove(seq)
-        except ValueError:
+        if seq in self._head:
+            self._head.remove(seq)
+        elif not self._maybe_on_flash(seq) or not _exists(self._path(seq)):
             return False
         try:
             os.remove(self._path(seq))
         except OSError:
             pass
+        self._count -= 1
+        if len(self._head) < self._count and (len(self._head) <= HEAD // 2
+                                              or seq == self._newest):
+            self._scan()  # refill before the transmit window could run short
+        elif seq == self._newest and self._head:
+            self._newest = self._head[-1]  # the head holds every frame
         return True
 
+    def _maybe_on_flash(self, seq):
+        """Not in the head, but perhaps beyond it (the head holds only the oldest)."""
+        return len(self._head) < self._count and self._head and seq > self._head[-1]
+
+    def oldest(self, n):
+        """The n oldest waiting sequence numbers (n at most HEAD)."""
+        return self._head[:n]
+
+    def newest(self):
+        """The newest waiting sequence number, or None."""
+        return self._newest if self._count else None
+
     def seqs(self):
-        return self._seqs
+        """Every waiting sequence number, oldest first: reads the directory (tests, diagnostics)."""
+        if len(self._head) == self._count:
+            return list(self._head)
+        out = []
+        for name in _names(self.dir):
+            if not name.endswith(".tmp"):
+                try:
+                    out.append(int(name))
+                except ValueError:
+                    pass
+        out.sort()
+        return out
 
     def __len__(self):
-        return len(self._seqs)
+        return self._count
 
     def __contains__(self, seq):
-        return seq in self._seqs
+        return seq in self._head or (self._maybe_on_flash(seq) and _exists(self._path(seq)))
