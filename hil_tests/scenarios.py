@@ -124,6 +124,12 @@ def stop_gateway(topo: Topology) -> dict[str, Any]:
     return json.loads(lines[-1].split("gateway stopped:", 1)[1])  # type: ignore[no-any-return]
 
 
+def counters_of_every_run(topo: Topology) -> list[dict[str, Any]]:
+    """The counters each gateway process logged when it stopped, oldest first."""
+    return [json.loads(ln.split("gateway stopped:", 1)[1])
+            for ln in topo.gateway_log().splitlines() if "gateway stopped:" in ln]
+
+
 def all_sampled(topo: Topology, limit: int) -> bool:
     return all(len(topo.sampled(n)) >= limit for n in topo.nodes)
 

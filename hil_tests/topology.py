@@ -32,7 +32,8 @@ def _ack_seqs(chunk: bytes) -> list[int]:
         ack = cbor2.loads(payload)
     except ValueError:  # CBORDecodeError
         return []
-    return [s for s in ack.get(1, []) if isinstance(s, int)] if isinstance(ack, dict) else []
+    seqs = ack.get(1) if isinstance(ack, dict) else None
+    return [s for s in seqs if isinstance(s, int)] if isinstance(seqs, list) else []
 
 
 @dataclass

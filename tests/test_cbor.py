@@ -327,6 +327,16 @@ def rfc8949(x):
     if isinstance(x, dict):
         pairs = sorted((rfc8949(k), rfc8949(v)) for k, v in x.items())
         return _head(5, len(x)) + b"".join(k + v for k, v in pairs)
+    if isinstance(x, float) and not math.isnan(x):
+        # preferred serialization done here: cbor2 writes halves from 32768 up as singles
+        for fmt, ai in ((">e", 0xF9), (">f", 0xFA)):
+            try:
+                packed = struct.pack(fmt, x)
+            except (OverflowError, struct.error):
+                continue
+            if struct.unpack(fmt, packed)[0] == x:
+                return bytes((ai,)) + packed
+        return b"\xfb" + struct.pack(">d", x)
     return cbor2.dumps(x, canonical=True)
 
 
