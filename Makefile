@@ -46,7 +46,7 @@ reliability: venv micropython
 	$(BIN)/python -m tools.reliability
 
 ## bench: throughput, latency, memory and bytes on the wire, side by side with Node-RED and
-## the line rate (docs/benchmarks.md); prints one JSON object, writes bench/results.json
+## the line rate (docs/performance.md); prints one JSON object, writes bench/results.json
 bench: venv micropython node-red
 	@$(BIN)/python -m bench.run --out bench/results.json
 

@@ -3,7 +3,7 @@
   python -m bench.run [--out bench/results.json] [--smoke] [--only NAME ...]
 
 --smoke runs every code path with tiny sizes in seconds (tests/test_bench_smoke.py); its
-figures mean nothing. docs/benchmarks.md explains each figure and the targets.
+figures mean nothing. docs/performance.md explains each figure and the targets.
 """
 
 from __future__ import annotations

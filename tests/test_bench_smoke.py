@@ -1,7 +1,7 @@
 """`make bench` keeps working: every benchmark's code path with tiny sizes, results well-formed.
 
 Figures from this run mean nothing (seconds-long, on a busy CI machine) and nothing here
-depends on speed; the numbers come only from `make bench` (docs/benchmarks.md).
+depends on speed; the numbers come only from `make bench` (docs/performance.md).
 """
 
 from __future__ import annotations
