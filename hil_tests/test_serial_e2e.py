@@ -75,6 +75,12 @@ async def test_every_reading_arrives_once_bit_exact(topology: Topology) -> None:
         timeout=15, what="all readings upstream")
     total = check_delivery(topology)
     assert total >= SAMPLES * 4 * len(topology.nodes)
+    # every pack after the first carries the interval's energy estimate (board power model)
+    energy = [r["v"] for rid, r in topology.upstream.readings.items()
+              if r["n"].endswith(":energy")]
+    ceiling = 3.7 * 120e-3 * topology.interval_ms / 1000  # all awake at active_ma, in J
+    assert len(energy) >= (SAMPLES - 1) * len(topology.nodes)
+    assert all(0 < e <= ceiling for e in energy), (min(energy), max(energy), ceiling)
     assert topology.upstream.duplicates == 0
     assert all(k for k in topology.upstream.idempotency_keys)
 

@@ -34,6 +34,7 @@ UNITS = {
     "heap_free": "B",
     "heap_peak": "B",
     "cycle_ms": "ms",
+    "energy": "J",
 }
 
 
@@ -117,7 +118,24 @@ class Node:
         values["heap_peak"] = self.heap_peak
         values["cycle_ms"] = self.cycle_ms
         values["outbox"] = len(self.outbox)
+        energy = self._energy()
+        if energy is not None:
+            values["energy"] = energy
         return values
+
+    def _energy(self):
+        """Estimated energy of the last interval in J: awake at active_ma, asleep at sleep_ua.
+
+        Awake time is the previous sample → seal → store cycle; the board file's current
+        model ("power": active_ma, sleep_ua, supply_v) turns times into charge.
+        """
+        power = self.board.get("power") if isinstance(self.board, dict) else None
+        if not power or not self.cycle_ms:
+            return None
+        awake = self.cycle_ms
+        asleep = self.interval_ms - awake if self.interval_ms > awake else 0
+        uj = power["supply_v"] * (power["active_ma"] * awake + power["sleep_ua"] * asleep / 1000)
+        return round(uj / 1000000, 6)
 
     def seal(self, now, values):
         """Encode, MAC and store one pack; returns its sequence number."""
