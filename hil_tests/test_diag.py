@@ -109,6 +109,7 @@ async def test_commands_change_the_node(tmp_path: Path) -> None:
     try:
         await topo.wait_for(lambda: len(topo.sampled(node)) >= 6, 60, "six samples")
         _, rep = await diag_json(topo, "status")
+        assert "status" in rep, rep
         assert rep["status"]["evicted"] == 3
         assert ["outbox_full", 1, "3 oldest frames dropped"] in rep["status"]["faults"]
 
