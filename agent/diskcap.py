@@ -8,10 +8,10 @@ grows when live data does.
 
 At the high mark, room is made in this order:
 1. the recent-readings history (a copy of readings for the status page) gives way first;
-2. then the policy: `evict_oldest` deletes the oldest undelivered readings (never those in a
-   batch a sink is sending), counted in `evicted`; `pause_intake` sets `paused`, and the
-   ingest stops acknowledging new frames, so the nodes keep them until the queue drains to
-   the low mark.
+2. then the policy: `evict_oldest` deletes the oldest undelivered frames (never those in a
+   batch a sink is sending), their readings counted in `evicted`; `pause_intake` sets
+   `paused`, and the ingest stops acknowledging new frames, so the nodes keep them until the
+   queue drains to the low mark.
 Every function runs on the store's thread; make_room runs its own small transactions.
 """
 
@@ -37,12 +37,13 @@ class DiskCap:
     max_bytes: int = 0  # 0: no cap
     policy: str = "pause_intake"
     paused: bool = False
-    evicted: int = 0  # undelivered readings deleted by evict_oldest
+    evicted: int = 0  # undelivered readings deleted (in whole frames) by evict_oldest
     history_trimmed: int = 0  # history rows deleted to make room
     live_bytes: int = 0
     high: int = 0
     low: int = 0
     leases: dict[int, int] = field(default_factory=dict)  # batches out at a sink: first → last
+    _page: int = 0
 
     def configure(self, db: sqlite3.Connection, max_bytes: int, policy: str) -> None:
         if policy not in POLICIES:
@@ -65,16 +66,22 @@ class DiskCap:
 
     def live(self, db: sqlite3.Connection) -> int:
         """Bytes in use by the database (pages that are not free)."""
-        page = db.execute("PRAGMA page_size").fetchone()[0]
+        if not self._page:  # fixed once the database exists (runs around every commit)
+            self._page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        page = self._page
         count = db.execute("PRAGMA page_count").fetchone()[0]
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         return int(page * (count - free))
 
     def update(self, db: sqlite3.Connection) -> None:
-        """Re-measure after rows left the queue; intake resumes at the low mark."""
+        """Re-measure after frames left the queue; intake resumes at the low mark."""
         if not self.max_bytes:
             return
         self.live_bytes = self.live(db)
+        if self.paused and self.live_bytes > self.low:
+            # the history rows written with a delivery take the room its frames left: the
+            # history gives way first here too, or the queue would drain and stay paused
+            self.live_bytes = self._shed(db, self.live_bytes, "recent", "history")
         if self.paused and self.live_bytes <= self.low:
             self.paused = False
             log.info("queue below its cap again (%.2f of %.2f MB): intake resumed, nodes are "
@@ -92,7 +99,7 @@ class DiskCap:
         if live > self.high:
             live = self._shed(db, live, "recent", "history")
             if live > self.low and self.policy == "evict_oldest":
-                live = self._shed(db, live, "readings", "evict")
+                live = self._shed(db, live, "frames", "evict")
         self.live_bytes = live
         if live > self.high and self.policy == "pause_intake" and not self.paused:
             self._pause()
@@ -107,22 +114,25 @@ class DiskCap:
         """Delete the oldest rows of a table in steps until under the low mark; live bytes."""
         cond = "1"
         args: tuple[int, ...] = ()
-        if table == "readings" and self.leases:
+        if table == "frames" and self.leases:
             cond = " AND ".join("NOT (id BETWEEN ? AND ?)" for _ in self.leases)
             args = tuple(x for pair in self.leases.items() for x in pair)
         while live > self.low:
+            # RETURNING: an evicted frame counts as the readings it held
+            returning = " RETURNING readings" if table == "frames" else " RETURNING 1"
             db.execute("BEGIN IMMEDIATE")
             try:
-                gone = db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
-                                  f"WHERE {cond} ORDER BY id LIMIT ?)",
-                                  (*args, CHUNK_ROWS)).rowcount
+                rows = db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
+                                  f"WHERE {cond} ORDER BY id LIMIT ?){returning}",
+                                  (*args, CHUNK_ROWS)).fetchall()
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            if gone <= 0:
+            if not rows:
                 break
+            gone = sum(r[0] for r in rows)
             if what == "evict":
                 if not self.evicted:
                     log.warning("queue at its cap (%.2f MB): evicting the oldest undelivered "
@@ -135,7 +145,7 @@ class DiskCap:
         return live
 
     def lease(self, first_id: int, last_id: int) -> None:
-        """A sink holds these readings in a batch: eviction leaves them alone."""
+        """A sink holds these frames in a batch: eviction leaves them alone."""
         self.leases[first_id] = last_id
 
     def release(self, first_id: int) -> None:

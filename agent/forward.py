@@ -1,7 +1,9 @@
-"""Batches readings out of the queue to a sink; rows leave the queue only after a 2xx.
+"""Batches readings out of the queue to a sink; frames leave the queue only after a 2xx.
 
 Each sink has its own forwarder and its own cursor over the queue, so a slow or dead sink
-never blocks another; a reading is deleted once every configured sink has confirmed it.
+never blocks another; a frame is deleted once every configured sink has confirmed it. A batch
+holds whole frames, up to max_records readings; it goes when the next frame would not fit,
+or when its oldest frame is max_age_s old.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import time
 from typing import Protocol
 
 from .metrics import Metrics
+from .resolved import Batch
 from .sinks.http import DeliveryError
-from .store import Batch, Store
+from .store import Store
 
 log = logging.getLogger("lantern.forward")
 
@@ -64,7 +67,7 @@ class Forwarder:
                 await self._wait_new(None)
                 continue
             age = time.time() - batch.first_received
-            if len(batch.rids) < self.max_records and age < self.max_age_s:
+            if not batch.full and age < self.max_age_s:
                 await self._wait_new(self.max_age_s - age)
                 continue
             await self._deliver(batch)

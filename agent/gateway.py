@@ -70,7 +70,8 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
         sinks = [TimedSink(s, metrics) for s in sinks]  # upstream latency histogram
         ingest = Ingest(store, keys, metrics)
         await ingest.start()
-        links: list[Any] = [SerialLink(s.port, s.baud, ingest.on_data) for s in cfg.serial]
+        links: list[Any] = [SerialLink(s.port, s.baud, ingest.on_data, ingest.intake)
+                            for s in cfg.serial]
         if cfg.ble:
             from .links.ble import BleLink
 

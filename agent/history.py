@@ -1,23 +1,30 @@
 """Recent readings kept after delivery, for the local API and the status page.
 
-The queue forgets a reading once upstream confirms it; the status page still wants the
-last hours. This bounded table is written in the same transaction as the queue (so it
-never shows a reading the queue lost) and trimmed by age and row count. One row holds one
-sample of one node (all its readings with the same time, as compact JSON): a commit then
-adds one row and one index entry per frame, not per reading, which keeps the pages written
-per commit few (the queue's disk cap budgets for them). All functions take the store's
-connection and run on the store's thread.
+The queue forgets a frame once every sink has it; the status page still wants the last
+hours. Frames enter this bounded table once they are resolved (agent/resolved.py) — when a
+sink takes them, or when the API asks first — never on the ACK path. One row holds one
+sample of one node (all its readings with the same time): the node's pack itself when the
+frame is one sample (resolved again when the row is read, which is rare: writing is what
+happens for every frame), compact JSON otherwise; the table is trimmed by age and row count.
+The newest value of every measurement is kept in memory and
+saved with the rows every TRIM_EVERY_S. Rows wait in memory until the store's next write
+(`flush`, in the caller's transaction); `upto` is the last frame id they cover, saved with
+them, so frames a crash kept out of the history are resolved into it again after a restart.
+All functions that take a connection run on the store's thread.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sqlite3
 import statistics
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from . import protocol
+from .errors import FrameError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS recent (
@@ -25,24 +32,28 @@ CREATE TABLE IF NOT EXISTS recent (
     node TEXT NOT NULL,
     t REAL NOT NULL,
     received_at REAL NOT NULL,
-    records TEXT NOT NULL  -- JSON: [{"n": "temperature", "u": "Cel", "v": 12.5}, ...]
+    format INTEGER NOT NULL,  -- 0: the frame's SenML CBOR pack, every reading at time t;
+    body BLOB NOT NULL        -- 1: JSON [{"n": "temperature", "u": "Cel", "v": 12.5}, ...]
 );
 CREATE INDEX IF NOT EXISTS recent_node_t ON recent (node, t);
--- the newest value of every measurement of every node, kept apart so that the node table
--- never scans hours of history
+-- the newest value of every measurement of every node as of `latest_rows` in history_meta
 CREATE TABLE IF NOT EXISTS recent_latest (
     node TEXT NOT NULL,
     name TEXT NOT NULL,
-    record TEXT NOT NULL,  -- JSON, as in recent.records, with its "t"
+    record TEXT NOT NULL,  -- JSON, as in recent (format 1), with its "t"
     t REAL NOT NULL,
     PRIMARY KEY (node, name)
 ) WITHOUT ROWID;
+-- upto: the last frame id in the history; latest_rows: recent.id the snapshot includes
+CREATE TABLE IF NOT EXISTS history_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-VALUE_KEYS = ("v", "vs", "vb", "vd")
+PACK_ROW, JSON_ROW = 0, 1
 TRIM_EVERY_S = 30.0
 TRIM_CHUNK = 1000  # ids per DELETE while trimming by age
 MAX_LIMIT = 10000
+
+log = logging.getLogger("lantern.history")
 
 
 def _dumps(x: Any) -> str:
@@ -56,13 +67,21 @@ def short_name(node: str, n: str) -> str:
 
 
 def _compact(node: str, r: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n": short_name(node, r["n"])}
-    if "u" in r:
-        out["u"] = r["u"]
-    for k in VALUE_KEYS:
-        if k in r:
-            out[k] = r[k]
-            break
+    """A record as the history shows it: short name, without its time and id."""
+    return {"n": short_name(node, r["n"]), **{k: v for k, v in r.items()
+                                               if k not in ("n", "t", "id")}}
+
+
+def _view(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    return {**_compact("", r), "n": name, "t": r["t"]}
+
+
+def row_records(node: str, fmt: int, body: bytes | str) -> list[dict[str, Any]]:
+    """A history row's readings, compact (a pack is resolved again as it is read)."""
+    if fmt == PACK_ROW:
+        assert isinstance(body, bytes)
+        return [_compact(node, r) for r in protocol.resolve_pack(body, node=node)]
+    out: list[dict[str, Any]] = json.loads(body)
     return out
 
 
@@ -72,36 +91,115 @@ class History:
 
     keep_s: float = 24 * 3600.0
     max_rows: int = 50_000
+    upto: int = 0  # frames up to this id are in the history (written, or in _pending)
+    _saved: int = 0  # upto as written
     _last_trim: float = 0.0
+    _pending: list[tuple[str, float, float, int, bytes | str]] = field(default_factory=list)
+    _latest: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    _newest: dict[str, float] = field(default_factory=dict)  # node → newest sample time
+    _unreadable: int = 0  # rows a later resolve_pack refuses (logged once)
 
     def create(self, db: sqlite3.Connection) -> None:
-        cols = {r[1] for r in db.execute("PRAGMA table_info(recent)")}
-        if cols and "records" not in cols:
-            # an older layout (a row per reading): the history is a cache, start it afresh
-            db.executescript("DROP TABLE recent; DROP TABLE IF EXISTS recent_latest;")
         db.executescript(SCHEMA)
+        self.upto = self._saved = self._meta(db, "upto")
+        for node, name, text in db.execute("SELECT node, name, record FROM recent_latest"):
+            self._latest.setdefault(node, {})[name] = json.loads(text)
+        # rows written after the snapshot (a crash came before the next one)
+        for node, t, fmt, body in db.execute(
+                "SELECT node, t, format, body FROM recent WHERE id > ? ORDER BY id",
+                (self._meta(db, "latest_rows"),)):
+            for r in self._records(node, fmt, body):
+                self._keep(node, r["n"], {**r, "t": t})
+        for node, lat in self._latest.items():
+            self._newest[node] = max((r["t"] for r in lat.values()), default=float("-inf"))
 
-    def add(self, db: sqlite3.Connection, node: str, records: Iterable[dict[str, Any]],
-            now: float) -> None:
-        """Insert one frame's records; the caller's transaction makes it atomic with the queue."""
-        by_t: dict[float, list[dict[str, Any]]] = {}
-        latest = []
+    @staticmethod
+    def _meta(db: sqlite3.Connection, key: str) -> int:
+        row = db.execute("SELECT value FROM history_meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _records(self, node: str, fmt: int, body: bytes | str) -> list[dict[str, Any]]:
+        try:
+            return row_records(node, fmt, body)
+        except FrameError as e:
+            # (only if an upgrade made resolve_pack stricter than the one that took the frame)
+            self._unreadable += 1
+            if self._unreadable == 1:
+                log.warning("history: a sample of node %s no longer resolves (%s); such rows "
+                            "are left out of the history", node, e)
+            return []
+
+    def _keep(self, node: str, name: str, r: dict[str, Any]) -> None:
+        lat = self._latest.setdefault(node, {})
+        old = lat.get(name)
+        if old is None or r["t"] >= old["t"]:
+            lat[name] = r
+
+    def add(self, frame_id: int, node: str, received_at: float,
+            records: list[dict[str, Any]], pack: bytes | None) -> None:
+        """One resolved frame; `pack`: its SenML CBOR pack, if it came as one."""
+        self.upto = max(self.upto, frame_id)
+        if not records:
+            return
+        t0 = records[0]["t"]
+        if pack is None or not all(r["t"] == t0 for r in records):
+            by_t: dict[float, list[dict[str, Any]]] = {}
+            for r in records:
+                by_t.setdefault(float(r["t"]), []).append(_compact(node, r))
+            self._pending += [(node, t, received_at, JSON_ROW, _dumps(rs))
+                              for t, rs in by_t.items()]
+            self._keep_all(node, records)
+            return
+        # the common case: one sample, kept as the pack (resolved again only if it is read)
+        self._pending.append((node, float(t0), received_at, PACK_ROW, pack))
+        if t0 < self._newest.get(node, float("-inf")):
+            self._keep_all(node, records)  # an older sample: value by value
+            return
+        prefix = f"urn:dev:lantern:{node}:"  # short_name, inlined: this runs for every frame
+        plen = len(prefix)
+        self._latest.setdefault(node, {}).update(zip(
+            [n[plen:] if n.startswith(prefix) and len(n) > plen else n
+             for n in [r["n"] for r in records]], records, strict=True))
+        self._newest[node] = t0
+
+    def _keep_all(self, node: str, records: list[dict[str, Any]]) -> None:
         for r in records:
-            c = _compact(node, r)
-            t = float(r["t"])
-            by_t.setdefault(t, []).append(c)
-            latest.append((node, c["n"], _dumps(dict(c, t=t)), t))
-        db.executemany("INSERT INTO recent (node, t, received_at, records) VALUES (?, ?, ?, ?)",
-                       [(node, t, now, _dumps(rs)) for t, rs in by_t.items()])
-        db.executemany(
-            "INSERT INTO recent_latest VALUES (?, ?, ?, ?) ON CONFLICT(node, name) DO UPDATE"
-            " SET record=excluded.record, t=excluded.t WHERE excluded.t >= t", latest)
+            self._keep(node, short_name(node, r["n"]), r)
+        self._newest[node] = max(self._newest.get(node, float("-inf")),
+                                 max(r["t"] for r in records))
 
-    def trim(self, db: sqlite3.Connection, now: float, force: bool = False) -> int:
-        """Drop rows past the age or count bound; cheap enough to run inside a commit."""
-        if not force and now - self._last_trim < TRIM_EVERY_S:
-            return 0
-        self._last_trim = now
+    def skip(self, frame_id: int) -> None:
+        """A frame that will never be in the history (a dead letter)."""
+        self.upto = max(self.upto, frame_id)
+
+    def flush(self, db: sqlite3.Connection, now: float, force: bool = False) -> None:
+        """Write waiting rows and `upto` (in the caller's transaction); trim and save the
+        newest values every TRIM_EVERY_S. Call `written` once the transaction commits."""
+        if self._pending:
+            db.executemany("INSERT INTO recent (node, t, received_at, format, body)"
+                           " VALUES (?, ?, ?, ?, ?)", self._pending)
+        db.execute("INSERT OR REPLACE INTO history_meta VALUES ('upto', ?)", (self.upto,))
+        if force or now - self._last_trim >= TRIM_EVERY_S:
+            self._last_trim = now
+            self.trim(db, now)
+            db.execute("DELETE FROM recent_latest")
+            db.executemany("INSERT INTO recent_latest VALUES (?, ?, ?, ?)", [
+                (node, name, _dumps(_view(name, r)), r["t"])
+                for node, lat in self._latest.items() for name, r in lat.items()])
+            db.execute("INSERT OR REPLACE INTO history_meta SELECT 'latest_rows',"
+                       " coalesce(max(id), 0) FROM recent")
+
+    def written(self) -> None:
+        """The transaction holding `flush` committed: its rows are on disk."""
+        self._pending = []
+        self._saved = self.upto
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending) or self._saved != self.upto
+
+    def trim(self, db: sqlite3.Connection, now: float) -> int:
+        """Drop rows past the age or count bound."""
         n = 0
         cutoff = now - self.keep_s
         while True:  # oldest first, a chunk at a time, until the oldest row is young enough
@@ -123,24 +221,22 @@ class History:
         """
         limit = max(1, min(limit, MAX_LIMIT))
         out: list[dict[str, Any]] = []
-        cur = db.execute("SELECT t, records FROM recent WHERE node = ? AND t > ? ORDER BY t, id",
-                         (node, since))
+        cur = db.execute("SELECT t, format, body FROM recent WHERE node = ? AND t > ?"
+                         " ORDER BY t, id", (node, since))
         last_t = None
-        for t, text in cur:
-            recs = [r for r in json.loads(text) if name is None or r["n"] == name]
+        for t, fmt, body in cur:
+            recs = [r for r in self._records(node, fmt, body) if name is None or r["n"] == name]
             if out and len(out) + len(recs) > limit and t != last_t:
                 return out, True
             last_t = t
-            out += [{"n": r["n"], "t": t, **{k: v for k, v in r.items() if k != "n"}}
+            out += [{"n": r["n"], "t": t, **{k: v for k, v in r.items() if k not in ("n", "t")}}
                     for r in recs]
         return out, False
 
-    def latest(self, db: sqlite3.Connection) -> dict[str, dict[str, dict[str, Any]]]:
+    def latest(self) -> dict[str, dict[str, dict[str, Any]]]:
         """node → measurement → its newest reading."""
-        out: dict[str, dict[str, dict[str, Any]]] = {}
-        for node, name, text in db.execute("SELECT node, name, record FROM recent_latest"):
-            out.setdefault(node, {})[name] = json.loads(text)
-        return out
+        return {node: {name: _view(name, r) for name, r in lat.items()}
+                for node, lat in self._latest.items()}
 
     def sample_times(self, db: sqlite3.Connection, node: str, since: float) -> list[float]:
         """Distinct sample times of a node after `since`, oldest first, led by the last one

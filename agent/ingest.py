@@ -1,8 +1,11 @@
 """From link bytes to committed, acknowledged frames.
 
-chunk → frame (COBS, CRC) → COSE_Mac0 (known node, MAC) → replay window → SenML → group
-commit to SQLite → ACK. A frame is acknowledged only after the transaction holding it
-commits; anything malformed or forged is counted by kind and logged once per source.
+chunk → frame (COBS, CRC) → COSE_Mac0 (known node, MAC) → replay window → the pack's array
+head → group commit to SQLite → ACK. A frame is acknowledged only after the transaction
+holding it commits; anything malformed or forged is counted by kind and logged once per
+source. The pack is resolved into SenML on its way upstream (agent/resolved.py), off this
+path: one that does not resolve then becomes a dead letter, counted and logged here too.
+While too many frames wait for a commit, `intake` is cleared and links stop reading.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from .store import Accepted, Store, Window
 log = logging.getLogger("lantern.ingest")
 
 MAX_SEQS_PER_ACK = 32
+# Frames waiting for a commit (queued and in the running one) at which links stop reading,
+# and below which they read again: a burst is bounded in memory, and the line pushes back.
+INTAKE_HIGH = 1024
+INTAKE_LOW = 256
 # How long frames wait behind an older one refused at the disk cap: a node resends within
 # 30 s (its longest backoff) plus jitter; one that never does (evicted it) must not block.
 HOLD_MAX_S = 75.0
@@ -47,9 +54,29 @@ class Ingest:
         self._store_failing = 0  # commits failed in a row (disk full, read-only): logged once
         self._held: dict[str, tuple[set[int], float]] = {}  # node → (refused seqs, when last)
         self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
+        self._node_keys: dict[bytes, protocol.NodeKey] = {}
+        self._committing = 0  # frames in the commit under way
+        self.intake = asyncio.Event()  # set: links may read; cleared at INTAKE_HIGH
+        self.intake.set()
 
     async def start(self) -> None:
         self.windows = await self.store.windows()
+        self.store.on_dead_letter = self._dead_letter
+
+    def _dead_letter(self, node: str, seq: int, kind: str, detail: str) -> None:
+        """A committed pack that did not resolve: kept as a dead letter by the store."""
+        self.metrics.dead_letters += 1
+        self._reject(f"node {node}", kind, f"seq {seq} (acknowledged, kept as a dead letter): "
+                     f"{detail}")
+
+    def _node_key(self, kid: bytes) -> protocol.NodeKey | None:
+        nk = self._node_keys.get(kid)
+        if nk is None:
+            key = self.keys.get(kid)
+            if key is None:
+                return None
+            nk = self._node_keys[kid] = protocol.NodeKey(key, kid)
+        return nk
 
     def _reject(self, source: str, kind: str, detail: str) -> None:
         self.metrics.frames_rejected[kind] += 1
@@ -87,42 +114,47 @@ class Ingest:
         if ftype != protocol.DATA:
             raise FrameError("unexpected", f"frame type 0x{ftype:02x} from a node")
         m = protocol.parse_mac0(body)
-        key = self.keys.get(m.kid)
-        node = m.kid.decode("utf-8", "replace")
-        if key is None:
-            raise AuthError("unknown_node", f"no key for node {node!r}")
-        protocol.verify_mac0(key, m)
+        nk = self._node_key(m.kid)
+        if nk is None:
+            raise AuthError("unknown_node", f"no key for node {m.kid.decode('utf-8', 'replace')!r}")
+        nk.verify(m)
+        node = nk.node
         seq = m.seq
-        source = f"{link.name} node {node}"
-        self.metrics.frames_received[node] += 1
-        self.metrics.seen(node, link.name, seq)
+        metrics = self.metrics
+        metrics.frames_received[node] += 1
+        metrics.seen(node, link.name, seq)
         if (node, seq) in self._pending_ids:
-            self.metrics.duplicates[node] += 1
+            metrics.duplicates[node] += 1
             return  # its ACK goes out with the commit already under way
-        seen = self.windows.setdefault(node, Window()).seen(seq)
+        window = self.windows.get(node)
+        if window is None:
+            window = self.windows[node] = Window()
+        seen = window.seen(seq)
         if seen is None:
-            raise FrameError("replay", f"{source}: seq {seq} is older than the replay window")
+            raise FrameError("replay", f"{link.name} node {node}: seq {seq} is older than the "
+                             "replay window")
         if seen:
             # Committed before and the node did not hear our ACK: acknowledge again.
-            self.metrics.duplicates[node] += 1
+            metrics.duplicates[node] += 1
             self._ack(link, node, [seq])
             return
-        self._hold(source, node, seq)
+        if self._held or self.store.cap.paused:
+            self._hold(f"{link.name} node {node}", node, seq)
         try:
-            records = protocol.resolve_pack(m.payload)
+            n = protocol.pack_size(m.payload)
         except FrameError as e:
             # Authentic but unusable: keep it as a dead letter and acknowledge it, or the
             # node would resend it forever and block its outbox.
-            self._reject(source, e.kind, str(e))
+            self._reject(f"{link.name} node {node}", e.kind, str(e))
             self.metrics.dead_letters += 1
-            acc = Accepted(node, seq, body, None, f"{e.kind}: {e}")
+            acc = Accepted(node, seq, body, None, str(e))  # "kind: detail"
         else:
-            for i, r in enumerate(records):
-                r["id"] = f"{node}:{seq}:{i}"
-            acc = Accepted(node, seq, body, records)
+            acc = Accepted(node, seq, body, None, pack=m.payload, n=n)
         self._pending.append((link, acc))
         self._pending_ids.add((node, seq))
         self._wake.set()
+        if len(self._pending) + self._committing >= INTAKE_HIGH:
+            self.intake.clear()
 
     def _hold(self, source: str, node: str, seq: int) -> None:
         """Refuse new frames while the queue is at its cap (policy pause_intake).
@@ -153,10 +185,11 @@ class Ingest:
             del self._held[node]
 
     def _ack(self, link: Link, node: str, seqs: list[int]) -> None:
-        key = self.keys[node.encode()]
+        nk = self._node_key(node.encode())
+        assert nk is not None  # only frames verified with its key are acknowledged
         now_ms = time.time_ns() // 1_000_000
         for i in range(0, len(seqs), MAX_SEQS_PER_ACK):
-            link.send(protocol.encode_ack(key, node.encode(), seqs[i:i + MAX_SEQS_PER_ACK], now_ms))
+            link.send(nk.ack(seqs[i:i + MAX_SEQS_PER_ACK], now_ms))
             self.metrics.acks_sent += 1
 
     async def run(self) -> None:
@@ -165,12 +198,15 @@ class Ingest:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
+            self._committing = len(batch)
             windows = {n: Window(w.high, w.bits) for n, w in self.windows.items()}
             for _, acc in batch:
                 windows.setdefault(acc.node, Window()).mark(acc.seq)
             try:
                 await self.store.commit([acc for _, acc in batch], windows)
             except Exception as e:
+                self._committing = 0
+                self._open_intake()
                 self.metrics.store_errors += 1
                 if self._store_failing == 0:
                     log.error("store %s: commit failed (%s); frames are not acknowledged, so the "
@@ -182,6 +218,8 @@ class Ingest:
                     self._pending_ids.discard((acc.node, acc.seq))
                 await asyncio.sleep(1.0)
                 continue
+            self._committing = 0
+            self._open_intake()
             self.metrics.commits += 1
             self.metrics.evictions = self.store.cap.evicted
             if self._store_failing:
@@ -193,8 +231,7 @@ class Ingest:
             grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)
             for link, acc in batch:
                 self._pending_ids.discard((acc.node, acc.seq))
-                if acc.records is not None:
-                    self.metrics.readings_stored += len(acc.records)
+                self.metrics.readings_stored += acc.readings
                 by_link[id(link)] = link
                 grouped[(id(link), acc.node)].append(acc.seq)
             for (lid, node), seqs in grouped.items():
@@ -202,3 +239,7 @@ class Ingest:
             self.committed.set()
             for ev in self.listeners:
                 ev.set()
+
+    def _open_intake(self) -> None:
+        if not self.intake.is_set() and len(self._pending) < INTAKE_LOW:
+            self.intake.set()

@@ -25,6 +25,26 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # before the first one so that rate() and alerts work from the start.
 REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
                   "unknown_node", "replay", "senml", "unexpected", "queue_full")
+# A BLE link's counters (agent/links/ble.py, BleLink.stats) exported as lantern_ble_<key>
+BLE_COUNTERS = (
+    ("connects", "GATT connections attempted to nodes"),
+    ("session_failures", "GATT sessions that failed (connect refused, GATT error)"),
+    ("drains", "GATT sessions that emptied a node's backlog"),
+    ("frames", "Frames received over GATT, before verification"),
+    ("adverts", "Adverts received"),
+    ("adverts_accepted", "BTHome adverts of our nodes accepted"),
+    ("advert_duplicates", "BTHome adverts seen again (the radio repeating one), ignored"),
+    ("adverts_foreign", "BTHome adverts of devices that are not ours"),
+    ("advert_empty", "Third-party BTHome adverts that carried no reading"),
+    ("third_party_readings", "Readings taken from third-party BTHome sensors"),
+    ("store_errors", "Third-party readings whose commit failed"),
+    ("scanner_starts", "Scanner starts"),
+    ("scanner_start_failures", "Scanner starts that failed (retried with backoff)"),
+    ("scanner_restarts", "Scanner restarts after no advert for scan_stall_s"),
+)
+# What a BLE link refuses, by kind (its stats' rejected_<kind>); exported at 0 from the start
+BLE_REJECTS = ("advert_replay", "advert_plain", "bthome", "bthome_key", "bthome_mic",
+               "unknown_node", "lantern_advert", "segment", "oversize", "short")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -74,6 +94,7 @@ class Metrics:
         self.evictions = 0  # mirrors store.cap.evicted (agent/diskcap.py) for summaries
         self.nodes: dict[str, NodeSeen] = {}
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
+        self.ble_links: dict[str, Counter[str]] = {}  # BLE link name → its stats (links/ble.py)
         self.started = time.time()
 
     def seen(self, node: str, link: str, seq: int) -> None:
@@ -191,6 +212,7 @@ class LanternCollector(Collector):
             for link, pair in sorted(g.link_bytes.items()):
                 c.add_metric([link], pair[i])
             yield c
+        yield from _ble_families(m.ble_links)
         uu = GaugeMetricFamily("lantern_upstream_up", "1 if the sink's last delivery succeeded, "
                                "0 if it failed (absent before the first)", labels=["sink"])
         for sink, ok in sorted(g.upstream_up.items()):
@@ -209,6 +231,24 @@ class LanternCollector(Collector):
         for node, t in sorted(g.last_seen.items()):
             ls.add_metric([node], t)
         yield ls
+
+
+def _ble_families(links: dict[str, Counter[str]]) -> Iterator[Metric]:
+    """lantern_ble_* by link, from each BLE link's own counters (read, never copied)."""
+    if not links:
+        return
+    for key, doc in BLE_COUNTERS:
+        c = CounterMetricFamily(f"lantern_ble_{key}", doc, labels=["link"])
+        for link, stats in sorted(links.items()):
+            c.add_metric([link], stats.get(key, 0))
+        yield c
+    c = CounterMetricFamily("lantern_ble_rejected", "Adverts and GATT segments a BLE link "
+                            "refused, by kind", labels=["link", "kind"])
+    for link, stats in sorted(links.items()):
+        kinds = set(BLE_REJECTS) | {k[9:] for k in stats if k.startswith("rejected_")}
+        for kind in sorted(kinds):
+            c.add_metric([link, kind], stats.get(f"rejected_{kind}", 0))
+    yield c
 
 
 def _gauge(name: str, doc: str, labels: list[tuple[str, str]], value: float) -> Metric:

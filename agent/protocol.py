@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import io
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import cbor2
 from cobs import cobs
 
 from .errors import AuthError, FrameError
+from .units import UNITS
 
 DATA, ACK, STATUS, COMMAND, REPLY = 0x01, 0x02, 0x03, 0x04, 0x05
 FRAME_TYPES = frozenset((DATA, ACK, STATUS, COMMAND, REPLY))
@@ -138,8 +140,58 @@ def _loads(data: bytes) -> Any:
     return obj
 
 
+def _bstr_at(data: bytes, i: int) -> tuple[int, int] | None:
+    """(start, end) of the byte string whose head is at i, if it has a definite length."""
+    if i >= len(data):
+        return None
+    b = data[i]
+    if 0x40 <= b <= 0x57:
+        start, n = i + 1, b - 0x40
+    elif 0x58 <= b <= 0x5A:
+        size = 1 << (b - 0x58)
+        start = i + 1 + size
+        n = int.from_bytes(data[i + 1:start], "big")
+    else:
+        return None
+    return (start, start + n) if start + n <= len(data) else None
+
+
+def _parse_mac0_usual(data: bytes) -> Mac0 | None:
+    """parse_mac0 for the layout the firmware sends (empty unprotected header, protected
+    {1: alg, 4: kid, 6: piv} in that order), by hand; None for anything else."""
+    data = bytes(data)  # (a bytearray from a link: kid and payload must be bytes, as cbor2's)
+    if data[:2] != b"\xd1\x84":
+        return None
+    prot = _bstr_at(data, 2)
+    if prot is None or prot[1] >= len(data) or data[prot[1]] != 0xA0:
+        return None
+    pay = _bstr_at(data, prot[1] + 1)
+    if pay is None:
+        return None
+    tag = _bstr_at(data, pay[1])
+    if tag is None or tag[1] != len(data):
+        return None
+    p = data[prot[0]:prot[1]]
+    if p[:2] != b"\xa3\x01" or len(p) < 4 or p[2] not in TAG_LENGTHS or p[3] != H_KID:
+        return None
+    alg = p[2]
+    kid = _bstr_at(p, 4)
+    if kid is None or kid[1] >= len(p) or p[kid[1]] != H_PIV:
+        return None
+    iv = _bstr_at(p, kid[1] + 1)
+    if iv is None or iv[1] != len(p) or tag[1] - tag[0] != TAG_LENGTHS[alg]:
+        return None
+    return Mac0({H_ALG: alg, H_KID: p[kid[0]:kid[1]], H_PIV: p[iv[0]:iv[1]]}, p, {},
+                data[pay[0]:pay[1]], data[tag[0]:tag[1]])
+
+
 def parse_mac0(data: bytes) -> Mac0:
     """Structure of a tagged COSE_Mac0 with alg, kid and Partial IV; no MAC check yet."""
+    usual = _parse_mac0_usual(data)
+    return usual if usual is not None else _parse_mac0_any(data)
+
+
+def _parse_mac0_any(data: bytes) -> Mac0:
     msg = _loads(data)
     if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_MAC0_TAG:
         raise FrameError("cose", "not a tagged COSE_Mac0")
@@ -181,6 +233,96 @@ def encode_ack(key: bytes, kid: bytes, seqs: list[int], now_ms: int) -> bytes:
     return encode_frame(ACK, create_mac0(key, kid, max(seqs), payload))
 
 
+# ---- the gateway's hot path: the same bytes as above, built by hand (tests/test_cose_lean.py
+# proves them equal to cbor2's and pycose's for many inputs)
+
+
+def cbor_head(major: int, n: int) -> bytes:
+    """A CBOR head in its shortest form (RFC 8949 §3, §4.2.1): major type and argument."""
+    mt = major << 5
+    if n < 24:
+        return bytes((mt | n,))
+    if n < 0x100:
+        return bytes((mt | 24, n))
+    if n < 0x10000:
+        return bytes((mt | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((mt | 26,)) + n.to_bytes(4, "big")
+    return bytes((mt | 27,)) + n.to_bytes(8, "big")
+
+
+def mac_structure_head(protected: bytes, payload_len: int) -> bytes:
+    """MAC_structure (RFC 9052 §6.3) up to the payload: ["MAC0", protected, h'', payload]."""
+    return (b"\x84\x64MAC0" + cbor_head(2, len(protected)) + protected + b"\x40"
+            + cbor_head(2, payload_len))
+
+
+class NodeKey:
+    """One node's key, keyed into HMAC-SHA-256 once; every message MACs on a copy of it.
+
+    Keying costs two SHA-256 blocks and a Python object; a copy of the keyed state is cheaper.
+    """
+
+    __slots__ = ("_ack_head", "_h", "kid", "node")
+
+    def __init__(self, key: bytes, kid: bytes) -> None:
+        self._h = hmac.new(key, digestmod=hashlib.sha256)
+        self.kid = kid
+        self.node = kid.decode("utf-8", "replace")
+        # an ACK's protected header up to its Partial IV: {1: 4, 4: kid, 6: ...} (1 < 4 < 6)
+        self._ack_head = b"\xa3\x01\x04\x04" + cbor_head(2, len(kid)) + kid + b"\x06"
+
+    def tag(self, protected: bytes, payload: bytes, alg: int = 4) -> bytes:
+        h = self._h.copy()
+        h.update(mac_structure_head(protected, len(payload)))
+        h.update(payload)
+        return h.digest()[: TAG_LENGTHS[alg]]
+
+    def verify(self, m: Mac0) -> None:
+        if not hmac.compare_digest(self.tag(m.protected_bytes, m.payload, m.protected[H_ALG]),
+                                   m.tag):
+            raise AuthError("mac", f"bad tag from {m.kid!r}")
+
+    def ack(self, seqs: list[int], now_ms: int) -> bytes:
+        """encode_ack(key, kid, seqs, now_ms), byte for byte."""
+        p = piv(max(seqs))
+        protected = self._ack_head + cbor_head(2, len(p)) + p
+        payload = b"".join((b"\xa2\x01", cbor_head(4, len(seqs)),
+                            *(cbor_head(0, s) for s in seqs), b"\x02", cbor_head(0, now_ms)))
+        body = b"".join((b"\xd1\x84", cbor_head(2, len(protected)), protected, b"\xa0",
+                         cbor_head(2, len(payload)), payload, b"\x48",
+                         self.tag(protected, payload)))
+        return encode_frame(ACK, body)
+
+
+def pack_size(payload: bytes) -> int:
+    """Records in a SenML pack, read from its array head: all the ACK path looks at.
+
+    A pack that is not an array whose first item is a map is refused here (FrameError
+    "senml"); everything else is checked when the pack is resolved on its way upstream.
+    """
+    if len(payload) < 2 or payload[0] >> 5 != 4:
+        raise FrameError("senml", "pack is not an array")
+    info = payload[0] & 0x1F
+    if info < 24:
+        n, i = info, 1
+    elif info < 28:
+        i = 1 + (1 << (info - 24))
+        n = int.from_bytes(payload[1:i], "big")
+    elif info == 31:  # indefinite length: valid CBOR, never sent by the firmware; count it
+        pack = _loads(payload)
+        if not isinstance(pack, list) or not pack or not isinstance(pack[0], dict):
+            raise FrameError("senml", "pack is not a non-empty array of maps")
+        return len(pack)
+    else:
+        raise FrameError("senml", "pack is not an array")
+    if n == 0 or i >= len(payload) or payload[i] >> 5 != 5:
+        raise FrameError("senml", "pack is not a non-empty array of maps")
+    if n > len(payload) - i:  # every record takes a byte at least
+        raise FrameError("senml", f"pack announces {n} records in {len(payload)} bytes")
+    return n
+
+
 def _number(v: Any) -> bool:
     # CBOR's own integer range; bignums (tags 2/3) beyond it are not SenML numbers
     if isinstance(v, int) and not isinstance(v, bool):
@@ -190,49 +332,124 @@ def _number(v: Any) -> bool:
 
 # value label → the Python type its value must have
 _VALUE_TYPES: dict[int, type] = {3: str, 4: bool, 8: bytes}
+_LABELS = frozenset(SENML_LABELS)
+_F32 = struct.Struct(">f")
 
 
-def resolve_pack(payload: bytes) -> list[dict[str, Any]]:
+def f32_decimal(v: float) -> float:
+    """A single-precision value as the shortest decimal that reads back to the same float32.
+
+    Nodes send readings as float32 (docs/protocol.md §4: an ESP32's floats are single), so
+    21.37 °C arrives as 21.3700008392334; a city platform should see the 21.37 the sensor
+    measured. Nothing is lost: float32(result) is the wire value, bit for bit. A value that
+    needs double precision was sent as one and is returned unchanged.
+    """
+    try:
+        wire = _F32.pack(v)
+    except OverflowError:
+        return v
+    if _F32.unpack(wire)[0] != v:
+        return v
+    # A normal float32 holds 7+ digits, so a decimal of 6 or fewer that reads back to it is what
+    # rounding it to 6 gives; subnormals (below 2**-126) hold fewer: try every length.
+    for digits in (6, 7, 8) if abs(v) >= 1.1754943508222875e-38 else range(1, 9):
+        d = float(f"{v:.{digits}g}")
+        try:
+            if _F32.pack(d) == wire:
+                return d
+        except OverflowError:  # rounded past float32's largest value
+            continue
+    return float(f"{v:.9g}")
+
+
+LANTERN_URN = "urn:dev:lantern:"
+
+
+def base_name(node: str) -> str:
+    """The base name of a node's readings, urn:dev:lantern:<node id>: (RFC 9039 style)."""
+    return f"{LANTERN_URN}{node}:"
+
+
+def _canonical_unit(name: str, prefix: str | None) -> str | None:
+    """The unit agent/units.py gives the measurement a resolved Lantern name ends in."""
+    if prefix is not None:
+        return UNITS.get(name[len(prefix):])
+    if name.startswith(LANTERN_URN):
+        return UNITS.get(name[len(LANTERN_URN):].partition(":")[2])
+    return None
+
+
+def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, Any]]:
     """A SenML CBOR pack → resolved SenML-JSON records (absolute n and t, RFC 8428 §4.6).
 
-    Every field is type-checked here, so whatever passes can be stored as JSON.
+    node is the sender's id from the verified COSE kid (docs/protocol.md §1): a pack without
+    bn gets base_name(node), every resolved name must lie under it (one node cannot speak for
+    another), and a canonical name without u gets its unit from agent/units.py. Without node
+    the pack must carry its bn. Every field is type-checked here, so whatever passes can be
+    stored as JSON.
     """
     pack = _loads(payload)
-    if not isinstance(pack, list) or not pack:
+    if type(pack) is not list or not pack:
         raise FrameError("senml", "pack is not a non-empty array")
+    # One pass, plain type checks: this runs for every frame on its way out (docs/performance.md)
+    labels, units, isfinite, f32 = _LABELS, UNITS, math.isfinite, f32_decimal
     out: list[dict[str, Any]] = []
-    bn: Any = ""
+    prefix = None if node is None else base_name(node)
+    plen = 0 if prefix is None else len(prefix)
+    bn: Any = prefix
     bt: Any = 0
     bu: Any = None
     for rec in pack:
-        if not isinstance(rec, dict) or any(k not in SENML_LABELS for k in rec):
+        if type(rec) is not dict or not labels.issuperset(rec):
             raise FrameError("senml", "record is not a map of known labels")
-        bn = rec.get(-2, bn)
-        bt = rec.get(-3, bt)
-        bu = rec.get(-4, bu)
+        if -2 in rec:
+            bn = rec[-2]
+        if -3 in rec:
+            bt = rec[-3]
+        if -4 in rec:
+            bu = rec[-4]
         n = rec.get(0, "")
-        if not isinstance(bn, str) or not isinstance(n, str) or not bn + n:
+        if bn is None:
+            raise FrameError("senml", "no base name, and no node id (COSE kid) to imply one")
+        if type(bn) is not str or type(n) is not str or not bn + n:
             raise FrameError("senml", "name and base name must be text, and not both empty")
         name = bn + n
+        if prefix is not None and (len(name) <= plen or not name.startswith(prefix)):
+            raise FrameError("senml", f"{name!r} is not a reading of node {node!r} (the COSE "
+                             f"kid): names must start with {prefix!r}")
         t = rec.get(6, 0)
-        if not _number(bt) or not _number(t):
+        if not (_number(bt) and _number(t)):
             raise FrameError("senml", f"{name}: time is not a number")
         r: dict[str, Any] = {"n": name, "t": bt + t}
         unit = rec.get(1, bu)
+        if unit is None:
+            unit = units.get(name[plen:]) if prefix is not None else _canonical_unit(name, None)
         if unit is not None:
-            if not isinstance(unit, str):
+            if type(unit) is not str:
                 raise FrameError("senml", f"{name}: unit is not text")
             r["u"] = unit
+        val: Any
+        if 2 in rec and not (3 in rec or 4 in rec or 8 in rec):  # the common case: a number
+            val = rec[2]
+            tv = type(val)
+            if tv is float and isfinite(val):
+                r["v"] = f32(val)
+            elif tv is int and -(1 << 64) <= val < 1 << 64:
+                r["v"] = val
+            else:
+                raise FrameError("senml", f"{name}: v has the wrong type or is not finite")
+            out.append(r)
+            continue
         values = [lbl for lbl in (2, 3, 4, 8) if lbl in rec]
         if len(values) != 1:
             raise FrameError("senml", f"{name}: a record needs exactly one value")
         lbl = values[0]
         val = rec[lbl]
-        ok = _number(val) if lbl == 2 else isinstance(val, _VALUE_TYPES[lbl])
-        if not ok:
+        if not isinstance(val, _VALUE_TYPES[lbl]):
             raise FrameError("senml", f"{name}: {SENML_LABELS[lbl]} has the wrong type or is "
                              "not finite")
-        r[SENML_LABELS[lbl]] = (base64.urlsafe_b64encode(val).rstrip(b"=").decode()
-                                if lbl == 8 else val)
+        if lbl == 8:
+            val = base64.urlsafe_b64encode(rec[8]).rstrip(b"=").decode()
+        r[SENML_LABELS[lbl]] = val
         out.append(r)
     return out

@@ -1,35 +1,48 @@
 """The durable queue: SQLite in WAL mode, driven from one worker thread.
 
-Frames are committed in groups (everything that arrived while the previous commit ran),
-which keeps fsyncs per frame low without delaying any single ACK by more than one commit.
-The replay window of every node is updated in the same transaction as its readings.
+What an ACK waits for is small: one row per frame (node, sequence, the pack as the node
+sealed it) and the node's replay window, in the same transaction, committed in groups
+(everything that arrived while the previous commit ran) with synchronous=FULL. Packs are
+resolved into SenML-JSON (agent/resolved.py), and enter the history (agent/history.py),
+when a sink takes them in a batch or the local API asks — never while a node waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .diskcap import DiskCap
+from .errors import ConfigError
 from .history import History, typical_interval
+from .outbound import Outbound
+from .resolved import PACK, RECORDS, Batch, Cache, dumps
+
+__all__ = ["WINDOW", "Accepted", "Batch", "Store", "Window"]
+
+log = logging.getLogger("lantern.store")
 
 WINDOW = 64
+SCHEMA_VERSION = 2  # PRAGMA user_version; 1 (never numbered): a row per reading
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (
-    -- AUTOINCREMENT: ids are never reused, so a delivery cursor can never skip a reading
+CREATE TABLE IF NOT EXISTS frames (
+    -- AUTOINCREMENT: ids are never reused, so a delivery cursor can never skip a frame
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rid TEXT NOT NULL UNIQUE,
     node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    record TEXT NOT NULL
+    readings INTEGER NOT NULL,  -- records in it
+    format INTEGER NOT NULL,  -- 0: SenML CBOR pack, MAC checked; 1: SenML-JSON records
+    body BLOB NOT NULL,
+    UNIQUE (node, seq)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
@@ -37,10 +50,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER NOT NULL,
     reason TEXT NOT NULL,
     received_at REAL NOT NULL,
-    cose BLOB NOT NULL
+    kind TEXT NOT NULL,  -- body is the 'cose' message (refused on arrival) or its 'pack'
+    body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sink_cursors (
-    -- each sink's last delivered reading id: a slow sink never holds back another
+    -- each sink's last delivered frame id: a slow sink never holds back another
     sink TEXT PRIMARY KEY,
     last_id INTEGER NOT NULL
 );
@@ -56,13 +70,19 @@ CREATE TABLE IF NOT EXISTS nodes (
 
 @dataclass
 class Accepted:
-    """A verified frame on its way to disk."""
+    """A verified frame on its way to disk: a pack (resolved later), records, or neither."""
 
     node: str
     seq: int
-    cose: bytes
-    records: list[dict[str, Any]] | None  # None: authentic but undecodable (dead letter)
-    reason: str = ""
+    cose: bytes  # the verified message, kept if it is a dead letter
+    records: list[dict[str, Any]] | None  # made by the gateway (third-party adverts)
+    reason: str = ""  # why it is a dead letter (no pack and no records)
+    pack: bytes | None = None  # the SenML CBOR pack, as the node sealed it
+    n: int = 0  # records in the pack (protocol.pack_size)
+
+    @property
+    def readings(self) -> int:
+        return self.n if self.pack is not None else len(self.records or ())
 
 
 @dataclass
@@ -98,13 +118,7 @@ def _from_sql(v: int) -> int:
     return v + (1 << 64) if v < 0 else v
 
 
-@dataclass(frozen=True)
-class Batch:
-    first_id: int
-    last_id: int
-    first_received: float
-    rids: list[str]
-    records: list[str]
+DeadLetterHook = Callable[[str, int, str, str], None]  # node, seq, kind, detail
 
 
 class Store:
@@ -116,6 +130,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self.history = History()  # recent readings kept after delivery (local API)
         self.cap = DiskCap()  # [queue] max_mb and policy; set by limit()
+        self.out = Outbound(self)  # batches for sinks, the history's feed (store thread)
+        self.on_dead_letter: DeadLetterHook | None = None  # called on the event loop
 
     async def __aenter__(self) -> Store:
         await self._run(self._open)
@@ -126,20 +142,50 @@ class Store:
         self._pool.shutdown(wait=True)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            while self.out.reports:
+                report = self.out.reports.popleft()
+                if self.on_dead_letter is not None:
+                    self.on_dead_letter(*report)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
-        self.history.create(db)
+        try:
+            self._check_schema(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.history.create(db)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == SCHEMA_VERSION or (version == 0 and "readings" not in tables):
+            return
+        made_by = ("an earlier Lantern (a row per reading)" if version == 0
+                   else f"a newer Lantern (layout {version})" if version > SCHEMA_VERSION
+                   else f"an unknown layout {version}")
+        raise ConfigError(
+            f"{self.path}: this queue was written by {made_by}; this gateway keeps layout "
+            f"{SCHEMA_VERSION} (a row per frame) and does not convert it. Nothing was changed. "
+            "Let the version that wrote it deliver its queue first, then move the file away "
+            "(or move it away now: the readings still queued in it are then not sent)")
 
     def _close(self) -> None:
         if self._db is not None:
+            try:
+                self.out.write_history(force=True)
+            except sqlite3.Error as e:  # (disk full): the frames are resolved again next time
+                log.warning("store %s: history not saved at close (%s)", self.path, e)
             self._db.close()
             self._db = None
 
@@ -148,6 +194,33 @@ class Store:
         assert self._db is not None, "store is not open"
         return self._db
 
+    @property
+    def cache(self) -> Cache:
+        return self.out.cache
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], None],
+                     durable: bool = True) -> None:
+        """fn in one transaction. Not durable (synchronous=NORMAL, no fsync of its own): for
+        what a power cut may undo harmlessly — the WAL is written in order, so the next
+        durable commit (a frame's) makes it durable too."""
+        db = self.db
+        if not durable:
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back (disk full, I/O error): a second
+                # ROLLBACK would fail and hide the real error
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if not durable:
+                db.execute("PRAGMA synchronous=FULL")
+
     async def windows(self) -> dict[str, Window]:
         return await self._run(self._windows)  # type: ignore[no-any-return]
 
@@ -155,110 +228,61 @@ class Store:
         rows = self.db.execute("SELECT node, high, window FROM nodes").fetchall()
         return {node: Window(high, _from_sql(bits)) for node, high, bits in rows}
 
+    # ---- the ACK path
+
     async def commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> None:
         await self._run(self._commit, frames, windows)
 
     def _commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> None:
         now = time.time()
-        db = self.db
-        self.cap.make_room(db)  # before inserting, so freed pages are reused, not added
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        self.cap.make_room(self.db)  # before inserting, so freed pages are reused, not added
+
+        def work(db: sqlite3.Connection) -> None:
+            rows = []
+            dead = []
             touched: dict[str, int] = {}
             for f in frames:
-                if f.records is None:
-                    db.execute(
-                        "INSERT INTO dead_letters (node, seq, reason, received_at, cose)"
-                        " VALUES (?, ?, ?, ?, ?)", (f.node, f.seq, f.reason, now, f.cose))
+                if f.pack is not None:
+                    rows.append((f.node, f.seq, now, f.n, PACK, f.pack))
+                elif f.records is not None:
+                    rows.append((f.node, f.seq, now, len(f.records), RECORDS,
+                                 dumps(f.records)[1:-1].encode()))
                 else:
-                    # OR IGNORE: a reading id already queued is the same reading again
-                    db.executemany(
-                        "INSERT OR IGNORE INTO readings (rid, node, received_at, record)"
-                        " VALUES (?, ?, ?, ?)",
-                        [(r["id"], f.node, now, json.dumps(r, separators=(",", ":")))
-                         for r in f.records])
-                    self.history.add(db, f.node, f.records, now)
+                    dead.append((f.node, f.seq, f.reason, now, "cose", f.cose))
                 touched[f.node] = touched.get(f.node, 0) + 1
-            for node, n in touched.items():
-                w = windows[node]
-                db.execute(
-                    "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
-                    " high=excluded.high, window=excluded.window,"
-                    " last_seen=excluded.last_seen, frames=frames + excluded.frames",
-                    (node, w.high, _to_sql(w.bits), now, n))
-            self.history.trim(db, now)
-            db.execute("COMMIT")
-        except BaseException:
-            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK
-            # would fail and hide the real error
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self.cap.make_room(db)  # at the high mark now: pause before more frames are taken
+            # OR IGNORE: a frame already queued is the same frame again
+            db.executemany("INSERT OR IGNORE INTO frames (node, seq, received_at, readings,"
+                           " format, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if dead:
+                db.executemany("INSERT INTO dead_letters (node, seq, reason, received_at, kind,"
+                               " body) VALUES (?, ?, ?, ?, ?, ?)", dead)
+            db.executemany(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
+                " high=excluded.high, window=excluded.window,"
+                " last_seen=excluded.last_seen, frames=frames + excluded.frames",
+                [(node, windows[node].high, _to_sql(windows[node].bits), now, n)
+                 for node, n in touched.items()])
+
+        self.transaction(work)
+        self.cap.make_room(self.db)  # at the high mark now: pause before more frames are taken
+
+    # ---- the way out (agent/outbound.py, on this thread)
 
     async def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
+        """Whole frames after `after_id`, up to max_records readings (None: nothing waits)."""
         return await self._run(  # type: ignore[no-any-return]
-            self._next_batch, max_records, after_id)
-
-    def _next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
-        rows = self.db.execute(
-            "SELECT id, received_at, rid, record FROM readings WHERE id > ? ORDER BY id"
-            " LIMIT ?", (after_id, max_records)).fetchall()
-        if not rows:
-            return None
-        self.cap.lease(rows[0][0], rows[-1][0])
-        return Batch(rows[0][0], rows[-1][0], rows[0][1],
-                     [r[2] for r in rows], [r[3] for r in rows])
+            self.out.next_batch, max_records, after_id)
 
     async def delivered(self, batch: Batch) -> None:
-        await self._run(self._delivered, batch)
-
-    def _delivered(self, batch: Batch) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ?",
-                       (batch.first_id, batch.last_id))
-            db.execute("COMMIT")
-        except BaseException:
-            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK
-            # would fail and hide the real error
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self.cap.release(batch.first_id)
-        self.cap.update(db)
+        await self._run(self.out.delivered, batch)
 
     async def cursor(self, sink: str) -> int:
-        """The last reading id this sink has confirmed (0: none yet)."""
-        return await self._run(self._cursor, sink)  # type: ignore[no-any-return]
-
-    def _cursor(self, sink: str) -> int:
-        row = self.db.execute("SELECT last_id FROM sink_cursors WHERE sink = ?",
-                              (sink,)).fetchone()
-        return int(row[0]) if row else 0
+        """The last frame id this sink has confirmed (0: none yet)."""
+        return await self._run(self.out.cursor, sink)  # type: ignore[no-any-return]
 
     async def delivered_to(self, sink: str, batch: Batch, sinks: Sequence[str]) -> None:
-        """Advance one sink's cursor; readings every configured sink has leave the queue."""
-        await self._run(self._delivered_to, sink, batch, tuple(sinks))
-
-    def _delivered_to(self, sink: str, batch: Batch, sinks: tuple[str, ...]) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("INSERT INTO sink_cursors VALUES (?, ?) ON CONFLICT(sink) DO UPDATE"
-                       " SET last_id = max(last_id, excluded.last_id)", (sink, batch.last_id))
-            marks = [self._cursor(s) for s in sinks]
-            db.execute("DELETE FROM readings WHERE id <= ?", (min(marks),))
-            db.execute("COMMIT")
-        except BaseException:
-            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK
-            # would fail and hide the real error
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self.cap.release(batch.first_id)
-        self.cap.update(db)
+        """Advance one sink's cursor; frames every configured sink has leave the queue."""
+        await self._run(self.out.delivered_to, sink, batch, tuple(sinks))
 
     async def limit(self, max_bytes: int, policy: str) -> None:
         """Cap the queue's bytes on disk (0: no cap); policy pause_intake or evict_oldest."""
@@ -269,11 +293,11 @@ class Store:
         return await self._run(self._depth)  # type: ignore[no-any-return]
 
     def _depth(self) -> tuple[int, float | None]:
-        n = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        n = self.db.execute("SELECT coalesce(sum(readings), 0) FROM frames").fetchone()[0]
         oldest = self.db.execute(
-            "SELECT received_at FROM readings ORDER BY id LIMIT 1").fetchone()
+            "SELECT received_at FROM frames ORDER BY id LIMIT 1").fetchone()
         oldest = oldest[0] if oldest else None
-        return n, (time.time() - oldest) if oldest is not None else None
+        return int(n), (time.time() - oldest) if oldest is not None else None
 
     # ---- read-only views for the local API (history.py holds the SQL of the recent table)
 
@@ -281,6 +305,7 @@ class Store:
                      ) -> tuple[list[dict[str, Any]], bool, list[float]]:
         """A node's recent readings after `since`, whether more remain, and its sample times."""
         def q() -> tuple[list[dict[str, Any]], bool, list[float]]:
+            self.out.history_now()
             rows, more = self.history.readings(self.db, node, since, limit, name)
             return rows, more, self.history.sample_times(self.db, node, since)
         return await self._run(q)  # type: ignore[no-any-return]
@@ -290,16 +315,16 @@ class Store:
         return await self._run(self._overview)  # type: ignore[no-any-return]
 
     def _overview(self) -> dict[str, Any]:
+        self.out.history_now()
         db = self.db
-        n, size = db.execute("SELECT count(*), coalesce(sum(length(record)), 0)"
-                             " FROM readings").fetchone()
+        n, size = db.execute("SELECT coalesce(sum(readings), 0), coalesce(sum(length(body)), 0)"
+                             " FROM frames").fetchone()
         _, oldest = self._depth()
         nodes = {node: {"last_seen": last, "frames": frames} for node, last, frames in
                  db.execute("SELECT node, last_seen, frames FROM nodes")}
         return {"queue_readings": n, "queue_bytes": size, "oldest_age_s": oldest,
-                "nodes": nodes, "latest": self.history.latest(db),
+                "nodes": nodes, "latest": self.history.latest(),
                 "intervals": {node: typical_interval(self.history.last_times(db, node))
                               for node in nodes},
                 "dead_letters": db.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
                 "recent_rows": self.history.rows(db)}
-

@@ -52,12 +52,16 @@ def _values(seq: int) -> dict[str, Any]:
 
 # records of the firmware's pack (without bn/bt), set by use_template
 _template: list[dict[int, Any]] = []
+_with_bn = [True]  # whether the template's pack carried its base name (else the kid implies it)
+_source = ["built-in pack"]
 
 
-def use_template(payload: bytes) -> None:
+def use_template(payload: bytes, source: str = "the firmware's pack (node_cycle)") -> None:
     """Make packs like this one (a pack the firmware sealed); its names, units and values."""
+    _source[0] = source
     recs = cbor2.loads(payload)
     _template[:] = [{k: v for k, v in r.items() if k not in (-2, -3)} for r in recs]
+    _with_bn[0] = -2 in recs[0]
 
 
 def _vary(v: Any, seq: int) -> Any:
@@ -80,7 +84,8 @@ def pack(node: str, seq: int) -> bytes:
             if unit:
                 r[1] = unit
             recs.append(r)
-    recs[0][-2] = f"urn:dev:lantern:{node}:"
+    if _with_bn[0] or not _template:
+        recs[0][-2] = f"urn:dev:lantern:{node}:"
     recs[0][-3] = BT0 + seq
     return bytes(cbor2.dumps(recs, canonical=True))
 
@@ -106,7 +111,7 @@ def senml_json(payload: bytes) -> bytes:
 
 
 def pack_source() -> str:
-    return "the firmware's pack (node_cycle)" if _template else "built-in pack"
+    return _source[0]
 
 
 def readings_per_frame() -> int:

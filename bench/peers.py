@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from agent.config import write_secret
+from agent.units import UNITS
 
 from . import frames
 
@@ -151,6 +152,7 @@ class NodeRedPeer(Peer):
         flow.write_text(render_flow(self.port, self.url, per_batch, 1.0))
         env = {"LANTERN_NR_MODULES": str(NODE_RED_HOME / "node_modules"),
                "LANTERN_NR_FLOW": str(flow), "LANTERN_NR_USERDIR": str(user),
-               "LANTERN_NR_KEYS": json.dumps({n: frames.key_of(n).hex() for n in self.nodes})}
+               "LANTERN_NR_KEYS": json.dumps({n: frames.key_of(n).hex() for n in self.nodes}),
+               "LANTERN_NR_UNITS": json.dumps(dict(UNITS))}
         return ["node", str(NODE_RED_JS), "--settings", str(NODE_RED_SRC / "settings.js"),
                 "--userDir", str(user)], env

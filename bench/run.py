@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in one run; prints one JSON object and writes it to a file.
 
   python -m bench.run [--out bench/results.json] [--smoke] [--only NAME ...]
+                      [--pack-from RESULTS.json]
 
 --smoke runs every code path with tiny sizes in seconds (tests/test_bench_smoke.py); its
 figures mean nothing. docs/performance.md explains each figure and the targets.
@@ -96,7 +97,8 @@ _measured: dict[str, Any] = {}
 
 def _node_cycle(w: Path, cycles: int) -> dict[str, Any]:
     res = node_cycle.run(w, cycles)
-    frames.use_template(bytes.fromhex(res["pack_cbor_hex"]))
+    if "pack_from" not in _measured:
+        frames.use_template(bytes.fromhex(res["pack_cbor_hex"]))
     _measured["wire_bytes"] = res["wire_bytes"]
     return res
 
@@ -140,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="run only these sections")
     p.add_argument("--workdir", default=str(WORKDIR),
                    help="state, logs and ptys' configs of this run (one run per directory)")
+    p.add_argument("--pack-from", help="gateway traffic from the pack node_cycle recorded in "
+                   "this results file (compare runs on the same pack); default: this run's")
     args = p.parse_args(argv)
+    if args.pack_from:
+        nc = json.loads(Path(args.pack_from).read_text())["node_cycle"]
+        frames.use_template(bytes.fromhex(nc["pack_cbor_hex"]),
+                            f"the firmware's pack recorded in {args.pack_from}")
+        _measured["pack_from"] = args.pack_from
+        _measured.setdefault("wire_bytes", nc["wire_bytes"])
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

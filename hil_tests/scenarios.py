@@ -66,7 +66,7 @@ def tally(topo: Topology, evicted: int = 0) -> Tally:
                 protocol.verify_mac0(node.key, m)
                 if m.kid != nid.encode():
                     raise FrameError("cose", "kid of another node")
-                records = protocol.resolve_pack(m.payload)
+                records = protocol.resolve_pack(m.payload, node=nid)
             except FrameError:
                 t.corrupt_frames_sent += 1
                 continue

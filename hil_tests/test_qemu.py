@@ -7,15 +7,18 @@ build can show: heap high-water under 64 KB, the board's flash driven by mpremot
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
+import struct
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.test_quantize import expected_lines, script_text
 from tools.sim import ROOT
 
 from .qemu import QEMU_IMAGE, UNAVAILABLE, QemuTopology, heap_stats, missing_tools
@@ -89,6 +92,49 @@ async def test_every_reading_arrives_once_bit_exact(qemu_topology: QemuTopology)
         assert stats.size in ESP32_HEAP
         assert reported_peak <= stats.high_water < HEAP_LIMIT, stats
         assert stats.live_peak <= stats.high_water
+
+
+# docs/protocol.md §4, built on the board from the readings as its drivers would give them
+DOC_PACK_SCRIPT = """
+import binascii, struct
+from node import cbor, cose, frame, senml
+print("SINGLE", 1.0 + 2.0 ** -30 == 1.0)
+READINGS = %r
+values = {}
+for name, bits, places in READINGS:
+    x = struct.unpack(">d", binascii.unhexlify(bits[1:]))[0] if bits[0] == "d" else int(bits)
+    values[name] = senml.quantize(senml.quantize(x, places))
+recs = [senml.record(n, values[n]) for n in sorted(values)]
+payload = cbor.dumps(senml.pack(None, %d, recs))
+prot = {cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: b"SL-0042", cose.H_PIV: cose.piv(5)}
+wire = frame.encode(frame.DATA, cose.mac0_create(bytes(range(32)), payload, prot))
+print("WIRE", binascii.hexlify(wire).decode())
+"""
+
+
+async def test_same_bytes_on_a_single_precision_vm(qemu_topology: QemuTopology,
+                                                   tmp_path: Path) -> None:
+    """Values on the wire (docs/protocol.md §1): the Cortex-M3 image, single-precision floats
+    as on an ESP32, prints byte for byte what CPython and the unix port print."""
+    topo = qemu_topology
+    topo.n_nodes = 1
+    await topo.start(gateway=False)
+    node = topo.qemu_nodes()[0]
+    vec = json.loads((ROOT / "tests/vectors/frames/sl0042-seq5-v2.json").read_text())
+    readings = [(n, "d" + struct.pack(">d", v).hex() if isinstance(v, float) else str(v), p)
+                for n, v, p in vec["readings"]]
+    doc = tmp_path / "doc_pack.py"
+    doc.write_text(DOC_PACK_SCRIPT % (readings, vec["bt"]))
+    out = await node.mpremote("resume", "run", str(doc), timeout=120)
+    assert "SINGLE True" in out, out  # the VM really has single-precision floats
+    assert f"WIRE {vec['data']['wire']}" in out, out
+    cases = tmp_path / "quantize_cases.py"
+    cases.write_text(script_text())
+    out = await node.mpremote("resume", "run", str(cases), timeout=300)
+    got = [ln.strip() for ln in out.splitlines() if re.match(r"[0-9a-f]{8} ", ln.strip())]
+    want = expected_lines()
+    assert len(got) == len(want), out[-2000:]
+    assert [(a, b) for a, b in zip(got, want, strict=True) if a != b] == []
 
 
 async def test_gateway_sigkill_mid_stream_loses_nothing(qemu_topology: QemuTopology) -> None:

@@ -161,7 +161,7 @@ async def test_gateway_sigkilled_at_random_moments_loses_nothing(tmp_path: Path)
 def _queue_rows(db: Path) -> int:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
+        return int(con.execute("SELECT coalesce(sum(readings), 0) FROM frames").fetchone()[0])
     finally:
         con.close()
 
@@ -175,10 +175,12 @@ async def test_day_long_upstream_outage_under_a_disk_cap(tmp_path: Path, policy:
     Node retransmission timers are not scaled: they only make the final drain slower.
     """
     nodes = 2
-    day = size(200, 1440)
+    # the queue keeps a frame (~450 bytes with its index entry, 21 readings) as one row:
+    # ~1,700 frames pass the smallest cap's high mark (1 MiB less the WAL budget and margin)
+    day = size(1100, 1440)
     interval = 20
     k = 60_000 / interval  # simulated seconds per wall second
-    cap_mb = size(1, 4)
+    cap_mb = 1
     topo = Topology(tmp_path, n_nodes=nodes, interval_ms=interval, sample_limit=day,
                     node_extra={"max_frames": day + 100},
                     gateway_extra=API + f'\n[queue]\nmax_mb = {cap_mb}\npolicy = "{policy}"\n')
@@ -255,7 +257,7 @@ def _outbox_check(state: Path, key: bytes, node_id: str) -> tuple[int, int, int]
         try:
             m = protocol.parse_mac0(p.read_bytes())
             protocol.verify_mac0(key, m)
-            protocol.resolve_pack(m.payload)
+            protocol.resolve_pack(m.payload, node=node_id)
             ok = m.seq == int(p.name) and m.kid == node_id.encode()
         except (FrameError, ValueError):
             ok = False

@@ -14,6 +14,7 @@ from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 
 from agent import protocol
+from agent.units import UNITS
 
 from .topology import Topology
 
@@ -23,6 +24,14 @@ SAMPLES = 12
 def _bits(v: object) -> object:
     """Floats compared by their bits, so 'equal' means bit-exact."""
     return struct.pack(">d", v) if isinstance(v, float) else v
+
+
+def _f32(v: float) -> float:
+    return float(struct.unpack(">f", struct.pack(">f", v))[0])
+
+
+def _is_f32(v: float) -> bool:
+    return bool(struct.unpack(">f", struct.pack(">f", v))[0] == v)
 
 
 def check_delivery(topo: Topology) -> int:
@@ -45,18 +54,26 @@ def check_delivery(topo: Topology) -> int:
         for seq, n_readings in sampled.items():
             pack = packs[seq]
             assert len(pack) == n_readings
-            bn, bt = pack[0][-2], pack[0][-3]
-            assert bn == f"urn:dev:lantern:{node.node_id}:"
+            # docs/protocol.md §1: no bn (the kid names the node) and no unit for a canonical
+            # name; the gateway restores both
+            assert not any(-2 in rec or 1 in rec for rec in pack), pack
+            bn, bt = f"urn:dev:lantern:{node.node_id}:", pack[0][-3]
             for i, rec in enumerate(pack):
                 up = topo.upstream.readings.get(f"{node.node_id}:{seq}:{i}")
                 assert up is not None, f"{node.node_id} seq {seq} reading {i} never arrived"
                 assert up["n"] == bn + rec[0]
                 assert up["t"] == bt
-                assert up.get("u") == rec.get(1)
+                assert up.get("u") == UNITS.get(rec[0])
+                assert rec[0] in UNITS or rec[0] == "outbox" or rec[0].endswith(".q"), rec
                 v = rec[2]
                 assert isinstance(v, int | float) and not math.isnan(v)
-                assert _bits(up["v"]) == _bits(v), f"{up['n']}: {up['v']!r} != {v!r}"
+                assert isinstance(v, int) or _is_f32(v), f"{rec[0]}: {v!r} is not a float32"
                 assert type(up["v"]) is type(v)
+                # upstream shows the float32 as its shortest decimal (21.37, not
+                # 21.3700008392334): the same float32, bit for bit
+                assert _bits(_f32(up["v"]) if isinstance(v, float) else up["v"]) == _bits(v), (
+                    f"{up['n']}: {up['v']!r} != {v!r}")
+                assert up["v"] == protocol.f32_decimal(v)
                 total += 1
     assert len(topo.upstream.readings) == total, "upstream holds readings nobody sampled"
     return total

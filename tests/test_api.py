@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -213,8 +214,8 @@ async def test_metrics_in_prometheus_text_format(rig: Rig) -> None:
     assert s[("lantern_frames_duplicate_total", (("node", "SL-0001"),))] == 4
     assert s[("lantern_evictions_total", ())] == 7
     # the queue as SQLite sees it, read independently
-    n, size, oldest = _raw(rig.store.path, "SELECT count(*), sum(length(record)),"
-                                           " min(received_at) FROM readings")[0]
+    n, size, oldest = _raw(rig.store.path, "SELECT sum(readings), sum(length(body)),"
+                                           " min(received_at) FROM frames")[0]
     assert s[("lantern_queue_readings", ())] == n == 33
     assert s[("lantern_queue_bytes", ())] == size
     age = s[("lantern_queue_oldest_age_seconds", ())]
@@ -395,17 +396,21 @@ def test_gap_finder() -> None:
 # ---------------------------------------------------------------- the recent-readings table
 
 
-async def test_recent_rows_are_written_in_the_commit_transaction(rig: Rig) -> None:
-    """A commit that fails leaves neither queue rows nor history rows."""
+async def test_recent_rows_come_from_committed_frames_only(rig: Rig) -> None:
+    """A commit that fails leaves nothing for the history; one that works, one row per
+    sample once the frame is resolved (here: the API asking), none in the commit itself."""
     f = pack("SL-0001", 0, T0, {"temperature": 1.0})
     with pytest.raises(KeyError):
         await rig.store.commit([f], {})  # no window for the node: fails inside the transaction
-    assert _raw(rig.store.path, "SELECT count(*) FROM readings") == [(0,)]
+    assert _raw(rig.store.path, "SELECT count(*) FROM frames") == [(0,)]
+    await rig.store.overview()
     assert _raw(rig.store.path, "SELECT count(*) FROM recent") == [(0,)]
-    assert _raw(rig.store.path, "SELECT count(*) FROM recent_latest") == [(0,)]
     await commit(rig.store, [f])
-    assert _raw(rig.store.path, "SELECT node, t, records FROM recent") == [
-        ("SL-0001", T0, '[{"n":"temperature","u":"Cel","v":1.0}]')]
+    assert _raw(rig.store.path, "SELECT count(*) FROM recent") == [(0,)]
+    await rig.store.overview()
+    [(node, t, text)] = _raw(rig.store.path, "SELECT node, t, body FROM recent")
+    assert (node, t) == ("SL-0001", T0)
+    assert json.loads(text) == [{"n": "temperature", "u": "Cel", "v": 1.0}]
 
 
 async def test_recent_survives_delivery_and_is_trimmed(tmp_path: Path) -> None:
@@ -418,7 +423,7 @@ async def test_recent_survives_delivery_and_is_trimmed(tmp_path: Path) -> None:
         assert (await store.overview())["queue_readings"] == 0
         rows, more, _ = await store.recent("SL-0001", 0, 1000)
         assert len(rows) == 40 and not more  # delivered, still shown
-        # the count bound: 15 more samples → only the newest 25 stay (trim runs in commit)
+        # the count bound: 15 more samples → only the newest 25 stay (trimmed as rows are written)
         store.history._last_trim = 0
         await commit(store, [pack("SL-0001", 20 + i, T0 + 20 + i, {"a": i, "b": i})
                              for i in range(15)])

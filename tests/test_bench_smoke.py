@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent.units import UNITS
 from tools.sim import MICROPYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,17 @@ def test_node_cycle(results: dict[str, Any]) -> None:
     assert nc["wire_bytes_per_reading"] == pytest.approx(
         nc["wire_bytes"] / nc["records_per_pack"], abs=0.1)
     assert nc["cycle_us"] >= nc["cycle_without_sample_us"]
-    assert json.loads(nc["example_senml_json"])[0]["bn"].startswith("urn:dev:lantern:")
+    # the SenML-JSON twin: the resolved pack with its base name and every unit
+    twin = json.loads(nc["example_senml_json"])
+    assert len(twin) == nc["records_per_pack"]
+    assert twin[0]["bn"] == "urn:dev:lantern:SL-0042:" and "bt" in twin[0]
+    assert twin[0]["u"] and all("u" in r for r in twin if r["n"] in UNITS)
+    assert nc["wire_vs_senml_json"] == pytest.approx(nc["wire_bytes"] / nc["senml_json_bytes"],
+                                                     abs=0.001)
+    # the node sent neither: undoing each convention costs bytes
+    assert nc["wire_bytes"] < nc["wire_bytes_with_bn"] < nc["wire_bytes_with_bn_and_units"]
+    assert nc["wire_bytes"] < nc["wire_bytes_with_units"] < nc["wire_bytes_with_bn_and_units"]
+    assert nc["back_to_back"]["wire_bytes"] > 0
 
 
 def test_e2e_latency(results: dict[str, Any]) -> None:

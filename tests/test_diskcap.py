@@ -31,9 +31,12 @@ def frame(seq: int, n: int = 7) -> Accepted:
 
 
 def queued(path: Path) -> list[str]:
+    """The reading ids of the queued frames."""
     db = sqlite3.connect(path)
     try:
-        return [r[0] for r in db.execute("SELECT rid FROM readings ORDER BY id")]
+        return [f"{node}:{seq}:{i}" for node, seq, n in
+                db.execute("SELECT node, seq, readings FROM frames ORDER BY id")
+                for i in range(n)]
     finally:
         db.close()
 
@@ -45,13 +48,17 @@ async def capped(tmp_path: Path, policy: str) -> AsyncIterator[Store]:
         yield s
 
 
-async def fill(store: Store, seqs: range, stop_when_paused: bool = False) -> int:
-    """Commit frames one by one; the largest size the queue reached on disk."""
+async def fill(store: Store, seqs: range, stop_when_paused: bool = False,
+               page: bool = True) -> int:
+    """Commit frames one by one, with a status page looking every 20 frames (so the history
+    fills: it is written when frames are resolved); the largest size on disk."""
     w = {NODE: Window()}
     most = 0
     for seq in seqs:
         w[NODE].mark(seq)
         await store.commit([frame(seq)], {NODE: Window(w[NODE].high, w[NODE].bits)})
+        if page and seq % 20 == 19:
+            await store.overview()
         most = max(most, disk_bytes(store.path))
         if stop_when_paused and store.cap.paused:
             break
@@ -110,6 +117,22 @@ async def test_pause_intake_then_resume_as_upstream_drains(tmp_path: Path) -> No
             cursor = batch.last_id
         assert store.cap.live_bytes <= store.cap.low
         assert len(queued(store.path)) < len(before)
+
+
+async def test_intake_resumes_while_the_history_fills_from_the_drain(tmp_path: Path) -> None:
+    """Nobody looked during the outage: the history is written as the queue drains, into
+    the room the delivered frames leave; it gives way, and intake resumes before the queue
+    is empty."""
+    async with capped(tmp_path, "pause_intake") as store:
+        await fill(store, range(20000), stop_when_paused=True, page=False)
+        assert store.cap.paused and store.cap.history_trimmed == 0
+        cursor = 0
+        while store.cap.paused:
+            batch = await store.next_batch(70, cursor)
+            assert batch is not None, "queue drained, intake still paused"
+            await store.delivered_to("http", batch, ["http"])
+            cursor = batch.last_id
+        assert store.cap.history_trimmed > 0 and queued(store.path)
 
 
 async def test_no_cap_changes_nothing(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from agent import protocol
+from agent.units import UNITS
+
+from .test_quantize import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
@@ -42,26 +45,40 @@ OTHERS = [("door", True, None, None), ("tilt", False, None, None), ("status", "o
           ("température", 12.5, "Cel", None), ("blob", b"\xfb\xff\x00\x01", None, None),
           ("late", 1.25, "W", -5), ("later", 2, "s", 0.5)]
 
-# name, unit, t offset per value; values are passed to the script as hex bit patterns
+# node, seq, bt, whether the pack carries bn (protocol version 1) and its records: name, value,
+# unit, t offset and how the node rounds the value ("raw": as given; None: to float32; an int:
+# to those decimal places, then float32 - node/senml.py quantize). Values are passed to the
+# script as hex bit patterns.
 PACKS = {
-    "widths": ("SL-0001", 70000, BT,
-               [(f"f{i}", ("f64", struct.pack(">d", v).hex()), "Cel", None)
+    "widths": ("SL-0001", 70000, BT, True,
+               [(f"f{i}", ("f64", struct.pack(">d", v).hex()), "Cel", None, "raw")
                 for i, v in enumerate(FLOATS)]
-               + [(f"i{i}", ("int", str(v)), None, None) for i, v in enumerate(INTS)]
-               + [(n, ("lit", repr(v)), u, t) for n, v, u, t in OTHERS]),
-    # docs/protocol.md §4
-    "doc-vector": ("SL-0042", 5, BT,
-                   [("heap_free", ("int", "98304"), "B", None),
-                    ("humidity", ("f64", struct.pack(">d", 48.25).hex()), "%RH", None),
-                    ("temperature", ("f64", struct.pack(">d", 21.5).hex()), "Cel", None),
-                    ("uptime", ("int", "3600"), "s", None)]),
+               + [(f"i{i}", ("int", str(v)), None, None, "raw") for i, v in enumerate(INTS)]
+               + [(n, ("lit", repr(v)), u, t, "raw") for n, v, u, t in OTHERS]),
+    # docs/protocol.md §4 (tests/vectors/frames/sl0042-seq5-v2.json)
+    "doc-vector": ("SL-0042", 5, BT, False,
+                   [("heap_free", ("int", "98304"), None, None, None),
+                    ("humidity", ("f64", struct.pack(">d", 48.25).hex()), None, None, 2),
+                    ("pressure", ("f64", struct.pack(">d", 101325.31).hex()), None, None, 0),
+                    ("temperature", ("f64", struct.pack(">d", 21.37).hex()), None, None, 2),
+                    ("uptime", ("int", "3600"), None, None, None)]),
+    # a node's pack as the sampler rounds it: what the gateway restores for each record
+    "rounded": ("SL-0007", 9, BT, False,
+                [("LAeq", ("f64", struct.pack(">d", 47.0).hex()), None, None, 1),
+                 ("battery", ("f64", struct.pack(">d", 3.966).hex()), None, None, 3),
+                 ("illuminance", ("f64", struct.pack(">d", 0.0).hex()), None, None, 1),
+                 ("lamp_current", ("f64", struct.pack(">d", 1.5107).hex()), None, None, 4),
+                 ("no2", ("f64", struct.pack(">d", 12.5).hex()), "ppb", None, 1),
+                 ("pm2_5.q", ("int", "1"), None, None, None),
+                 ("pressure", ("f64", struct.pack(">d", 98765.4321).hex()), None, None, 0),
+                 ("temperature", ("f64", struct.pack(">d", -3.14159).hex()), None, None, 2),
+                 ("energy", ("f64", struct.pack(">d", 0.0123456789).hex()), None, None, 6)]),
 }
 DOC_WIRE = bytes.fromhex(
-    "001901d1844fa301040447534c2d30303432064105a0587284a5106968656170"
-    "5f66726565016142021a0301802321781875726e3a6465763a6c616e7465726e"
-    "3a534c2d303034323a221a69298ec0a3146868756d6964697479016325524802"
-    "f95208a3176b74656d7065726174757265016343656c02f94d60a31a66757074"
-    "696d6501617302190e1048941631f2130520a28f3900")
+    "001901d1844fa301040447534c2d30303432064105a0585a85a30d6968656170"
+    "5f66726565021a03018008221a69298ec0a20f6868756d696469747902f95208"
+    "a20c687072657373757265021a05018bcda2146b74656d706572617475726502"
+    "fa41aaf5c3a21766757074696d6502190e10481cb3ff782cb3c1a03a7600")
 
 SCRIPT = '''\
 import binascii
@@ -84,9 +101,16 @@ def hexs(b):
     return binascii.hexlify(b).decode()
 
 
-for label, (node, seq, bt, spec) in PACKS:
-    recs = [senml.record(name, value(*v), unit, t) for name, v, unit, t in spec]
-    payload = cbor.dumps(senml.pack(senml.base_name(node), bt, recs))
+def rounded(x, places):
+    if places == "raw":
+        return x
+    return senml.quantize(senml.quantize(x, places))
+
+
+for label, (node, seq, bt, with_bn, spec) in PACKS:
+    recs = [senml.record(name, rounded(value(*v), places), unit, t)
+            for name, v, unit, t, places in spec]
+    payload = cbor.dumps(senml.pack(senml.base_name(node) if with_bn else None, bt, recs))
     protected = {cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: node.encode(),
                  cose.H_PIV: cose.piv(seq)}
     mac0 = cose.mac0_create(KEY, payload, protected)
@@ -152,6 +176,17 @@ def _spec_value(kind, text):
     return ast.literal_eval(text)
 
 
+def _f32_bits(v: float) -> bytes:
+    return struct.pack(">f", v)
+
+
+def _is_f32(v: float) -> bool:
+    try:
+        return bool(struct.unpack(">f", _f32_bits(v))[0] == v)
+    except OverflowError:
+        return False
+
+
 def _same(a, b):
     if type(a) is not type(b):
         return False
@@ -162,7 +197,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("label", PACKS)
 def test_gateway_accepts_micropython_frame(sealed, label):
-    node, seq, bt, spec = PACKS[label]
+    node, seq, bt, _, spec = PACKS[label]
     payload, mac0, wire = sealed[0][label]
     assert wire[0] == 0 and wire[-1] == 0 and b"\x00" not in wire[1:-1]
     assert protocol.Deframer().feed(wire) == [wire[1:-1]]
@@ -173,11 +208,16 @@ def test_gateway_accepts_micropython_frame(sealed, label):
     protocol.verify_mac0(KEY, m)
     # The gateway's own COSE code produces the very same message.
     assert protocol.create_mac0(KEY, node.encode(), seq, payload) == mac0
-    records = protocol.resolve_pack(m.payload)
+    records = protocol.resolve_pack(m.payload, node=node)
     assert len(records) == len(spec)
     bn = f"urn:dev:lantern:{node}:"
-    for (name, v, unit, t), r in zip(spec, records, strict=True):
+    for (name, v, unit, t, places), r in zip(spec, records, strict=True):
         want = _spec_value(*v)
+        if places != "raw":
+            want = reference(want, places)
+            if isinstance(want, float):
+                want = reference(want, None)
+        unit = unit or UNITS.get(name)
         if isinstance(want, bool):
             field = "vb"
         elif isinstance(want, str):
@@ -189,7 +229,12 @@ def test_gateway_accepts_micropython_frame(sealed, label):
         assert set(r) == {"n", "t", field} | ({"u"} if unit else set())
         assert r["n"] == bn + name
         assert r.get("u") == unit
-        assert _same(r[field], want), (name, r[field], want)
+        if field == "v" and isinstance(want, float) and _is_f32(want):
+            # the gateway shows a float32 as its shortest decimal: the same float32, bit for bit
+            assert type(r[field]) is float and _f32_bits(r[field]) == _f32_bits(want), (
+                name, r[field], want)
+        else:
+            assert _same(r[field], want), (name, r[field], want)
         assert _same(r["t"], bt + t if t else bt)
 
 

@@ -59,10 +59,9 @@ class FakeLink:
         if self.db is not None:
             con = sqlite3.connect(self.db)
             try:
-                rows = con.execute("SELECT rid FROM readings ORDER BY id").fetchall()
+                self.rows_at_send.append(queued_rids(con))
             finally:
                 con.close()
-            self.rows_at_send.append([r[0] for r in rows])
         self.sent.append(data)
 
 
@@ -82,6 +81,20 @@ def acks(link: FakeLink) -> list[tuple[str, list[int], int]]:
         assert m.seq == max(payload[1])
         out.append((node, payload[1], payload[2]))
     return out
+
+
+def queued_rids(con: sqlite3.Connection) -> list[str]:
+    """The reading ids of every queued frame (a frame holds `readings` of them)."""
+    return [f"{node}:{seq}:{i}" for node, seq, n in
+            con.execute("SELECT node, seq, readings FROM frames ORDER BY id") for i in range(n)]
+
+
+def rids(db: Path) -> list[str]:
+    con = sqlite3.connect(db)
+    try:
+        return queued_rids(con)
+    finally:
+        con.close()
 
 
 def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -150,9 +163,12 @@ async def test_valid_frame_is_committed_and_acked_once(ing: Ingest, link: FakeLi
     [(node, seqs, now_ms)] = acks(link)
     assert (node, seqs) == ("SL-0001", [42])
     assert t0 - 1000 <= now_ms <= time.time_ns() // 1_000_000 + 1000
-    stored = rows(db_path, "SELECT rid, node, record FROM readings")
-    assert [(r[0], r[1]) for r in stored] == [("SL-0001:42:0", "SL-0001")]
-    assert '"n":"urn:dev:lantern:SL-0001:temperature"' in stored[0][2]
+    # the pack as the node sealed it; resolved only on its way upstream
+    assert rows(db_path, "SELECT node, seq, readings, body FROM frames") == [
+        ("SL-0001", 42, 1, pack())]
+    batch = await ing.store.next_batch(10)
+    assert batch is not None and batch.rids == ["SL-0001:42:0"]
+    assert batch.records()[0]["n"] == "urn:dev:lantern:SL-0001:temperature"
     assert ing.metrics.frames_received["SL-0001"] == 1
     assert ing.metrics.readings_stored == 1
     assert ing.metrics.acks_sent == 1
@@ -196,7 +212,7 @@ async def test_frame_split_across_many_reads(ing: Ingest, link: FakeLink, db_pat
     await until(lambda: sum(len(s) for _, s, _ in acks(link)) >= 2)
     await quiet(ing)
     assert sorted(s for _, seqs, _ in acks(link) for s in seqs) == [3, 4]
-    assert len(rows(db_path, "SELECT rid FROM readings")) == 2
+    assert len(rids(db_path)) == 2
     assert not ing.metrics.frames_rejected
 
 
@@ -214,7 +230,7 @@ async def test_two_nodes_interleaved(ing: Ingest, link: FakeLink, db_path: Path)
     for node, seqs, _ in acks(link):  # acks() verifies each with its own node's key
         got.setdefault(node, []).extend(seqs)
     assert {n: sorted(s) for n, s in got.items()} == {"SL-0001": [1, 2, 3], "SL-0002": [1, 2, 3]}
-    assert sorted(r[0] for r in rows(db_path, "SELECT rid FROM readings")) == [
+    assert sorted(rids(db_path)) == [
         f"{n}:{s}:0" for n in ("SL-0001", "SL-0002") for s in (1, 2, 3)]
     assert ing.metrics.frames_received == {"SL-0001": 3, "SL-0002": 3}
     assert not ing.metrics.duplicates
@@ -229,7 +245,7 @@ async def test_many_consecutive_frames_from_one_node(ing: Ingest, link: FakeLink
         await until(lambda s=seq: s in {q for _, seqs, _ in acks(link) for q in seqs}
                     or ing.metrics.store_errors > 0, timeout=2.0)
         assert ing.metrics.store_errors == 0, f"commit failed at seq {seq}"
-    assert len(rows(db_path, "SELECT rid FROM readings")) == n
+    assert len(rids(db_path)) == n
 
 
 # ---------------------------------------------------------------- duplicates and replays
@@ -246,7 +262,7 @@ async def test_duplicate_is_reacked_counted_and_stored_once(ing: Ingest, link: F
     await quiet(ing)
     assert [(n, s) for n, s, _ in acks(link)] == [("SL-0001", [10]), ("SL-0001", [10])]
     assert ing.metrics.duplicates["SL-0001"] == 1
-    assert rows(db_path, "SELECT rid FROM readings") == [("SL-0001:10:0",)]
+    assert rids(db_path) == ["SL-0001:10:0"]
     assert rows(db_path, "SELECT frames FROM nodes") == [(1,)]
     assert ing.metrics.readings_stored == 1
 
@@ -257,7 +273,7 @@ async def test_duplicate_while_commit_pending_is_stored_once(ing: Ingest, link: 
     await until(lambda: len(link.sent) >= 1)
     await quiet(ing)
     assert [s for _, s, _ in acks(link)] == [[10]]
-    assert rows(db_path, "SELECT rid FROM readings") == [("SL-0001:10:0",)]
+    assert rids(db_path) == ["SL-0001:10:0"]
 
 
 async def test_replay_older_than_the_window(ing: Ingest, link: FakeLink, db_path: Path) -> None:
@@ -272,7 +288,7 @@ async def test_replay_older_than_the_window(ing: Ingest, link: FakeLink, db_path
     ing.on_data(link, data_frame(100 - WINDOW + 2))
     await until(lambda: len(link.sent) == 2)
     assert acks(link)[1][1] == [100 - WINDOW + 2]
-    assert len(rows(db_path, "SELECT rid FROM readings")) == 2
+    assert len(rids(db_path)) == 2
 
 
 async def test_replay_window_survives_gateway_restart(db_path: Path) -> None:
@@ -286,7 +302,7 @@ async def test_replay_window_survives_gateway_restart(db_path: Path) -> None:
         await quiet(ing)
         assert ing.metrics.duplicates["SL-0001"] == 1
         assert acks(link)[1][1] == [5]
-    assert len(rows(db_path, "SELECT rid FROM readings")) == 2
+    assert len(rids(db_path)) == 2
 
 
 # ---------------------------------------------------------------- rejections
@@ -339,7 +355,7 @@ async def test_bad_input_is_counted_by_kind_and_never_raises(case: str, ing: Ing
     await quiet(ing)
     assert dict(ing.metrics.frames_rejected) == {kind: 1}
     assert link.sent == []
-    assert rows(db_path, "SELECT count(*) FROM readings") == [(0,)]
+    assert rows(db_path, "SELECT count(*) FROM frames") == [(0,)]
     # and the link carries on: the next good frame goes through
     ing.on_data(link, data_frame(77))
     await until(lambda: len(link.sent) == 1)
@@ -396,16 +412,18 @@ async def test_authentic_pack_with_nan_becomes_a_dead_letter(ing: Ingest, link: 
     ing.on_data(link, wire)
     await until(lambda: len(link.sent) == 1)
     await quiet(ing)
-    assert acks(link)[0][1] == [12]
+    assert acks(link)[0][1] == [12]  # the ACK path looks at the pack's array head only
+    assert ing.metrics.dead_letters == 0
+    assert await ing.store.next_batch(10) is None  # resolving it, on its way upstream
     assert ing.metrics.dead_letters == 1
     assert ing.metrics.frames_rejected == {"senml": 1}
     assert ing.metrics.store_errors == 0
-    assert rows(db_path, "SELECT count(*) FROM readings") == [(0,)]
-    [(node, seq, reason, cose_bytes)] = rows(
-        db_path, "SELECT node, seq, reason, cose FROM dead_letters")
-    assert (node, seq) == ("SL-0001", 12)
+    assert rows(db_path, "SELECT count(*) FROM frames") == [(0,)]
+    [(node, seq, reason, kind, body)] = rows(
+        db_path, "SELECT node, seq, reason, kind, body FROM dead_letters")
+    assert (node, seq, kind) == ("SL-0001", 12, "pack")
     assert "senml" in reason
-    assert cose_bytes == protocol.create_mac0(K1, N1, 12, payload)
+    assert body == payload
     # sent again (ACK lost): a duplicate, not a second dead letter
     ing.on_data(link, wire)
     await until(lambda: len(link.sent) == 2)
@@ -443,7 +461,37 @@ async def test_authentic_unusable_pack_is_dead_lettered_and_acked(case: str, ing
     await quiet(ing)
     assert ing.metrics.store_errors == 0
     assert sorted(s for _, seqs, _ in acks(link) for s in seqs) == [20, 21]
-    assert ("SL-0001:21:0",) in rows(db_path, "SELECT rid FROM readings")
-    kept = (rows(db_path, "SELECT count(*) FROM dead_letters WHERE seq = 20")[0][0]
-            + rows(db_path, "SELECT count(*) FROM readings WHERE rid LIKE 'SL-0001:20:%'")[0][0])
-    assert kept >= 1
+    batch = await ing.store.next_batch(100)  # resolved on the way upstream
+    assert batch is not None and "SL-0001:21:0" in batch.rids
+    dead = rows(db_path, "SELECT count(*) FROM dead_letters WHERE seq = 20")[0][0]
+    assert dead + sum(r.startswith("SL-0001:20:") for r in batch.rids) >= 1
+    assert ing.metrics.dead_letters == dead == 1  # each of these is unusable, and counted
+
+
+# ---------------------------------------------------------------- the ACK path's own work
+
+
+async def test_the_ack_path_never_resolves_a_pack(ing: Ingest, link: FakeLink,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def no(payload: bytes) -> list[dict[str, Any]]:
+        raise AssertionError("resolve_pack on the ACK path")
+
+    monkeypatch.setattr(protocol, "resolve_pack", no)
+    ing.on_data(link, b"".join(data_frame(s) for s in range(1, 6)))
+    await until(lambda: sum(len(s) for _, s, _ in acks(link)) == 5)
+    assert ing.metrics.readings_stored == 5 and ing.metrics.store_errors == 0
+
+
+async def test_intake_closes_while_frames_wait_and_opens_after_the_commit(
+        ing: Ingest, link: FakeLink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.ingest.INTAKE_HIGH", 4)
+    monkeypatch.setattr("agent.ingest.INTAKE_LOW", 2)
+    assert ing.intake.is_set()
+    ing.on_data(link, b"".join(data_frame(s) for s in range(1, 4)))
+    assert ing.intake.is_set()  # 3 waiting
+    ing.on_data(link, data_frame(4))
+    assert not ing.intake.is_set()  # 4: links stop reading (the event loop has not run yet)
+    await until(lambda: ing.intake.is_set())
+    await until(lambda: sum(len(s) for _, s, _ in acks(link)) == 4)
+    await quiet(ing)
+    assert ing.intake.is_set()

@@ -4,6 +4,7 @@ sensor's failure isolated from the others, and a sensor found again when plugged
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ class Scripted:
     OVERSAMPLE = 3
     RANGES = {"temperature": (-40, 85)}
     STUCK = ("temperature",)
+    PLACES = {"temperature": 1}
 
     def __init__(self, script: list[Any]) -> None:
         self.script = script
@@ -120,19 +122,36 @@ def t(v: float) -> dict[str, float]:
     return {"temperature": v}
 
 
+def f32(v: float) -> float:
+    """What a value of one decimal place becomes on the wire (docs/protocol.md §1)."""
+    return float(struct.unpack(">f", struct.pack(">f", v))[0])
+
+
 def test_median_of_the_oversampled_readings(clock: VirtualClock,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     s = scripted(monkeypatch, [t(20.0), t(95.5), t(20.2), t(20.4), t(20.1), t(-3.0)])
-    assert s.sample_blocking() == {"temperature": 20.2}  # the spike is out
+    assert s.sample_blocking() == {"temperature": f32(20.2)}  # the spike is out
     assert clock.slept == 2 * Scripted.PERIOD_MS  # readings a conversion apart
-    assert s.sample_blocking() == {"temperature": 20.1}
+    assert s.sample_blocking() == {"temperature": f32(20.1)}
+
+
+def test_values_are_rounded_to_the_drivers_places(clock: VirtualClock,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    s = scripted(monkeypatch, [t(20.26), t(20.24), t(20.25), t(20.96), t(21.04), t(20.98)])
+    v = s.sample_blocking()["temperature"]
+    assert v == f32(20.2) and v != 20.2  # 20.25 to one place, half to even; then float32
+    v = s.sample_blocking()["temperature"]
+    assert v == 21 and type(v) is int  # integral: an int on the wire
+    monkeypatch.setattr(Scripted, "PLACES", {})
+    s = scripted(monkeypatch, [t(20.26)] * 3)
+    assert s.sample_blocking()["temperature"] == f32(20.26)  # no places: float32 only
 
 
 def test_a_retried_crc_or_nack_is_flagged_with_the_value(
         clock: VirtualClock, monkeypatch: pytest.MonkeyPatch) -> None:
     s = scripted(monkeypatch, [drivers.CRCError("x"), t(20.0), t(20.1), drivers.NackError("x"),
                                t(20.2), t(20.3)])
-    assert s.sample_blocking() == {"temperature": 20.1, "temperature.q": CRC | NACK}
+    assert s.sample_blocking() == {"temperature": f32(20.1), "temperature.q": CRC | NACK}
 
 
 def test_failing_intervals_then_absent_then_found_again(

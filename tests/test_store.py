@@ -58,15 +58,27 @@ async def test_commit_then_next_batch_in_order_with_ids(store: Store) -> None:
     assert batch is not None
     expected = [r for f in frames for r in (f.records or [])]
     assert batch.rids == [r["id"] for r in expected]
-    assert [json.loads(r) for r in batch.records] == expected
-    assert batch.last_id - batch.first_id == len(expected) - 1
-    ids = [row[0] for row in raw(store.path, "SELECT id FROM readings ORDER BY id")]
+    assert batch.records() == expected
+    assert json.loads(batch.body()) == expected
+    assert batch.last_id - batch.first_id == len(frames) - 1  # a row per frame
+    ids = [row[0] for row in raw(store.path, "SELECT id FROM frames ORDER BY id")]
     assert (batch.first_id, batch.last_id) == (ids[0], ids[-1])
+    assert not batch.full  # everything there is, and room for more
 
-    first3 = await store.next_batch(3)
-    assert first3 is not None
+    first3 = await store.next_batch(3)  # whole frames: 2 + 1 readings, the next would not fit
+    assert first3 is not None and first3.full
     assert first3.rids == batch.rids[:3]
     assert first3.first_id == batch.first_id
+    two = await store.next_batch(2)
+    assert two is not None and two.full and two.rids == batch.rids[:2]
+
+
+async def test_a_frame_is_never_split_and_a_big_one_goes_alone(store: Store) -> None:
+    frames = [frame("SL-0001", 1, 5), frame("SL-0001", 2, 1)]
+    await store.commit(frames, windows_for(*frames))
+    batch = await store.next_batch(3)
+    assert batch is not None and batch.full and len(batch.rids) == 5
+    assert batch.first_id == batch.last_id
 
 
 async def test_empty_queue_has_no_batch(store: Store) -> None:
@@ -104,8 +116,9 @@ async def test_dead_letter_is_kept_apart_from_readings(store: Store) -> None:
     dead = Accepted("SL-0001", 9, b"\xd1\x84authentic", None, "senml: v is not a finite number")
     await store.commit([dead], windows_for(dead))
     assert await store.next_batch(10) is None
-    rows = raw(store.path, "SELECT node, seq, reason, cose FROM dead_letters")
-    assert rows == [("SL-0001", 9, "senml: v is not a finite number", b"\xd1\x84authentic")]
+    rows = raw(store.path, "SELECT node, seq, reason, kind, body FROM dead_letters")
+    assert rows == [("SL-0001", 9, "senml: v is not a finite number", "cose",
+                     b"\xd1\x84authentic")]
     assert (await store.windows())["SL-0001"].seen(9) is True
 
 
@@ -123,7 +136,7 @@ async def test_rows_survive_close_and_reopen(db_path: Path) -> None:
         assert after == before
         assert (await s.depth())[0] == 30
     # and they are in the file itself, read through an unrelated connection
-    assert len(raw(db_path, "SELECT rid FROM readings")) == 30
+    assert raw(db_path, "SELECT count(*), sum(readings) FROM frames") == [(10, 30)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
 
 

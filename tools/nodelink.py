@@ -128,7 +128,7 @@ def decode_data(body: bytes, keys: dict[str, bytes]) -> Reading:
     key = keys.get(node)
     if key is not None:
         protocol.verify_mac0(key, m)
-    return Reading(node, m.seq, key is not None, protocol.resolve_pack(m.payload))
+    return Reading(node, m.seq, key is not None, protocol.resolve_pack(m.payload, node=node))
 
 
 class Transport(Protocol):

@@ -83,6 +83,7 @@ class BleLink:
         self.keys = keys
         self.backend = backend or BleBackend()
         self.stats: Counter[str] = Counter()
+        ingest.metrics.ble_links[self.name] = self.stats  # exported on /metrics as lantern_ble_*
         self.connected = False  # the scanner is running
         self.bytes_in = 0
         self.bytes_out = 0

@@ -9,7 +9,6 @@ each behind a header byte (bit 7: more follow; bits 0-6: index).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -132,11 +131,13 @@ class NodeSession:
 
     async def _writer(self, client: BleakClient, ctrl: BleakGATTCharacteristic) -> None:
         try:
-            while True:
+            while self.open:
                 msg = await self._out.get()
                 # write with response: the node's stack has taken each segment when it returns
                 size = max(20, ctrl.max_write_without_response_size)
                 for seg in segments(msg, size):
+                    if not self.open:
+                        return  # the session ended (a cancel may have been lost: _stop)
                     await client.write_gatt_char(ctrl, seg, response=True)
                     self.bytes_out += len(seg)
                 self._progress.set()
@@ -173,11 +174,29 @@ class NodeSession:
                 try:
                     await asyncio.wait_for(self._progress.wait(), min(idle_s, left))
                 except TimeoutError:
+                    if left < idle_s:
+                        continue  # the session limit, not a stall: said at the top
                     log.warning("%s: no progress for %.0fs (backlog %s); disconnecting",
                                 self.name, idle_s, self.backlog)
                     return False
         finally:
             self.open = False
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await _stop(writer)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a task and wait until it has ended, cancelling again if a cancel was lost.
+
+    On CPython before 3.12, `asyncio.wait_for` returns the result instead of raising
+    CancelledError when the awaited future completes in the same loop iteration as the
+    cancel (gh-86296, bpo-42130). bumble's GATT write waits that way, so a session ending
+    as a write response arrived left the writer running on, waiting on its queue forever,
+    and the session with it: the node stayed connected to a gateway that drained it no more.
+    """
+    try:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.2)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise

@@ -2,6 +2,8 @@
 
 Reads come through loop.add_reader on the non-blocking descriptor and writes through
 add_writer when the kernel buffer is full, so the event loop never blocks on the line.
+While the ingest's `intake` is cleared (too many frames wait for a commit) the link stops
+reading, so the line pushes back instead of the gateway's memory growing.
 A vanished device (unplugged adapter, closed pty) is reopened with backoff.
 """
 
@@ -22,11 +24,15 @@ ChunkHandler = Callable[["SerialLink", bytes], None]
 
 
 class SerialLink:
-    def __init__(self, port: str, baud: int, on_data: ChunkHandler) -> None:
+    def __init__(self, port: str, baud: int, on_data: ChunkHandler,
+                 intake: asyncio.Event | None = None) -> None:
         self.name = f"serial:{port}"
         self.port = port
         self.baud = baud
         self._on_data = on_data
+        self._intake = intake
+        self._resume: asyncio.Task[None] | None = None
+        self.pauses = 0  # times reading stopped for the ingest to catch up
         self._ser: serial.Serial | None = None
         self._out = bytearray()
         self._closed = asyncio.Event()
@@ -55,6 +61,9 @@ class SerialLink:
         fd = self._ser.fileno()
         loop.remove_reader(fd)
         loop.remove_writer(fd)
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         with contextlib.suppress(OSError):
             self._ser.close()
         self._ser = None
@@ -77,6 +86,18 @@ class SerialLink:
             return
         self.bytes_in += len(data)
         self._on_data(self, data)
+        if self._intake is not None and not self._intake.is_set() and self._ser is not None:
+            asyncio.get_running_loop().remove_reader(self._ser.fileno())
+            self.pauses += 1
+            self._resume = asyncio.get_running_loop().create_task(self._read_again())
+
+    async def _read_again(self) -> None:
+        """Resume reading once the ingest has committed what it holds."""
+        assert self._intake is not None
+        await self._intake.wait()
+        self._resume = None
+        if self._ser is not None:
+            asyncio.get_running_loop().add_reader(self._ser.fileno(), self._readable)
 
     def send(self, data: bytes) -> None:
         """Queue bytes for the line; written as soon as the kernel takes them."""
@@ -85,7 +106,8 @@ class SerialLink:
         was_empty = not self._out
         self._out += data
         if was_empty:
-            self._writable()
+            # on the loop's next turn: the ACKs of one commit leave in one write
+            asyncio.get_running_loop().call_soon(self._writable)
 
     def _writable(self) -> None:
         if self._ser is None:
@@ -129,6 +151,8 @@ class SerialLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         finally:
+            if self._resume is not None:
+                self._resume.cancel()
             if self._ser is not None:
                 loop = asyncio.get_running_loop()
                 loop.remove_reader(self._ser.fileno())

@@ -11,7 +11,7 @@ import time
 import aiohttp
 
 from ..config import HttpSinkConfig
-from ..store import Batch
+from ..resolved import Batch
 
 log = logging.getLogger("lantern.sink.http")
 
@@ -71,7 +71,7 @@ class HttpSink:
 
     async def send(self, batch: Batch) -> None:
         assert self._session is not None
-        body = ("[" + ",".join(batch.records) + "]").encode()
+        body = batch.body()
         headers = dict(self._headers)
         headers["Idempotency-Key"] = idempotency_key(batch)
         t0 = time.monotonic()

@@ -20,7 +20,7 @@ import cbor2
 
 from ..config import MqttSinkConfig
 from ..ngsi import split_name
-from ..store import Batch
+from ..resolved import Batch
 from .http import DeliveryError
 
 log = logging.getLogger("lantern.sink.mqtt")
@@ -91,8 +91,7 @@ class MqttSink:
         t0 = time.monotonic()
         try:
             pubs = []
-            for raw in batch.records:
-                record = json.loads(raw)
+            for record in batch.records():
                 node, measurement = split_name(record["n"])
                 topic = self.cfg.topic.format(node=node, measurement=measurement)
                 pubs.append(client.publish(topic, payload(record, self.cfg.payload), qos=1,

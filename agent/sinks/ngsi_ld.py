@@ -17,7 +17,7 @@ import aiohttp
 
 from ..config import NgsiLdSinkConfig
 from ..ngsi import NodeMeta, entities, rounds
-from ..store import Batch
+from ..resolved import Batch
 from .http import DeliveryError, parse_retry_after
 
 log = logging.getLogger("lantern.sink.ngsi_ld")
@@ -50,7 +50,7 @@ class NgsiLdSink:
             await self._session.close()
 
     async def send(self, batch: Batch) -> None:
-        ents = entities((json.loads(r) for r in batch.records), self.nodes)
+        ents = entities(batch.records(), self.nodes)
         for request in rounds(ents, self.cfg.batch_entities):
             await self._upsert(request)
 

@@ -1,9 +1,11 @@
 // Lantern DATA frame -> resolved SenML records, in a Node-RED function node.
 // Same checks as the gateway: COBS, CRC-16/CCITT-FALSE, COSE_Mac0 (HMAC 256/64) under the
-// node's key, SenML resolution (RFC 8428 section 4.6) with the reading id node:seq:index.
+// node's key, SenML resolution (RFC 8428 section 4.6) with the reading id node:seq:index;
+// a pack without bn gets urn:dev:lantern:<kid>:, a record without u its canonical unit.
 const cbor = global.get("cbor");
 const crypto = global.get("crypto");
 const keys = global.get("keys"); // node id -> key (Buffer)
+const units = global.get("units"); // measurement name -> unit
 const table = context.get("crc");
 
 function reject(kind) {
@@ -60,7 +62,8 @@ const seq = Buffer.from(hdr[6]).readUIntBE(0, hdr[6].length);
 
 const pack = cbor.decode(payload);
 const out = [];
-let bn = "";
+const prefix = "urn:dev:lantern:" + kid + ":";
+let bn = prefix;
 let bt = 0;
 let bu;
 for (let r = 0; r < pack.length; r++) {
@@ -69,7 +72,8 @@ for (let r = 0; r < pack.length; r++) {
     if (rec[-3] !== undefined) bt = rec[-3];
     if (rec[-4] !== undefined) bu = rec[-4];
     const rec_out = {n: bn + (rec[0] || ""), t: bt + (rec[6] || 0)};
-    const u = rec[1] !== undefined ? rec[1] : bu;
+    let u = rec[1] !== undefined ? rec[1] : bu;
+    if (u === undefined && rec_out.n.startsWith(prefix)) u = units[rec_out.n.slice(prefix.length)];
     if (u !== undefined) rec_out.u = u;
     if (rec[2] !== undefined) rec_out.v = rec[2];
     else if (rec[3] !== undefined) rec_out.vs = rec[3];

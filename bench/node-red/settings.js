@@ -22,6 +22,8 @@ module.exports = {
         cbor: require(path.join(modules, "cbor-x")),
         crypto: require("crypto"),
         keys: keys,
+        // agent/units.py: the unit a canonical measurement name implies (docs/protocol.md)
+        units: JSON.parse(process.env.LANTERN_NR_UNITS || "{}"),
     },
     logging: {console: {level: "info", metrics: false, audit: false}},
 };

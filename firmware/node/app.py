@@ -12,30 +12,11 @@ from .outbox import Outbox
 
 FIRMWARE_VERSION = "0.1.0"
 
-# Canonical measurement names and their SenML units (docs/measurements.md); a reading's quality
-# flags travel as "<name>.q" with no unit (node/sampler.py)
-UNITS = {
-    "temperature": "Cel",
-    "humidity": "%RH",
-    "pressure": "Pa",
-    "pm1": "ug/m3",
-    "pm2_5": "ug/m3",
-    "pm4": "ug/m3",
-    "pm10": "ug/m3",
-    "co2": "ppm",
-    "illuminance": "lx",
-    "LAeq": "dB",
-    "LAmax": "dB",
-    "lamp_voltage": "V",
-    "lamp_current": "A",
-    "lamp_power": "W",
-    "battery": "V",
-    "uptime": "s",
-    "heap_free": "B",
-    "heap_peak": "B",
-    "cycle_ms": "ms",
-    "energy": "J",
-}
+# A canonical measurement name (docs/measurements.md) travels without its unit: the gateway
+# restores it from the protocol's table, agent/units.py (docs/protocol.md §1). A measurement
+# outside that table names its unit here and sends it. Quality flags ("<name>.q") and the
+# outbox depth have none.
+EXTRA_UNITS = {}  # type: dict[str, str]
 
 
 class ConfigError(ValueError):
@@ -82,7 +63,6 @@ class Node:
         self.outbox = Outbox(cfg["state_dir"], cfg.get("max_frames", 1000))
         self.clock = Clock()
         self.sensors = open_sensors(hal, board, cfg)
-        self.bn = senml.base_name(self.node_id)
         self.boot_ms = time.ticks_ms()
         self.link = None
         self.heap_peak = 0  # most heap in use seen just before a collection (high-water)
@@ -135,12 +115,14 @@ class Node:
         awake = self.cycle_ms
         asleep = self.interval_ms - awake if self.interval_ms > awake else 0
         uj = power["supply_v"] * (power["active_ma"] * awake + power["sleep_ua"] * asleep / 1000)
-        return round(uj / 1000000, 6)
+        return senml.quantize(uj / 1000000, 6)
 
     def seal(self, now, values):
         """Encode, MAC and store one pack; returns its sequence number."""
-        records = [senml.record(name, values[name], UNITS.get(name)) for name in sorted(values)]
-        payload = cbor.dumps(senml.pack(self.bn, now, records))
+        # no base name (the kid names the node), every number an int or a float32
+        records = [senml.record(name, senml.quantize(values[name]), EXTRA_UNITS.get(name))
+                   for name in sorted(values)]
+        payload = cbor.dumps(senml.pack(None, now, records))
         seq = self.outbox.next_seq()
         protected = {
             cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: self.kid, cose.H_PIV: cose.piv(seq)}

@@ -131,6 +131,7 @@ class LinkStats:
         self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
         self.adverts = 0
         self.connects = 0
+        self.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
 
 
 class BleLink:
@@ -149,6 +150,8 @@ class BleLink:
         self._adv_us = cfg.get("adv_interval_ms", 100) * 1000
         self._rotate_ms = cfg.get("rotate_ms", 1000)
         self._pull_timeout = cfg.get("pull_timeout_ms", 10000)
+        # longer than the longest legitimate gap between ACKs (a resend after RTO_MAX)
+        self._ack_timeout = cfg.get("ack_timeout_ms", 60000)
         mode = cfg.get("bthome", "encrypted")
         if mode not in ("encrypted", "plain", "off"):
             raise ValueError("link.bthome: expected encrypted, plain or off, got %r" % mode)
@@ -210,9 +213,17 @@ class BleLink:
         while True:
             now = time.ticks_ms()
             for h, t in list(self._since.items()):
-                # a central that never starts a drain must not keep the node to itself
-                pulling = self._pull is not None and self._pull.handle == h
-                if not pulling and time.ticks_diff(now, t) > self._pull_timeout:
+                if self._pull is not None and self._pull.handle == h:
+                    # nor one that stopped acknowledging mid-drain (its gateway hung): while
+                    # it holds the connection, no gateway can drain this node
+                    last = self.stats.last_ack_ms
+                    if len(self._outbox) and last is not None and \
+                            time.ticks_diff(now, last) > self._ack_timeout:
+                        self.stats.dropped_pullers += 1
+                        self._p.disconnect(h)
+                        del self._since[h]
+                elif time.ticks_diff(now, t) > self._pull_timeout:
+                    # a central that never starts a drain must not keep the node to itself
                     self._p.disconnect(h)
                     del self._since[h]
             if turn == 0 and self._bthome and self._latest:

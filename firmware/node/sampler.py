@@ -2,7 +2,8 @@
 
 Every sensor entry of the board file becomes a slot. Each interval the sampler reads every
 present sensor OVERSAMPLE times, PERIOD_MS apart (the chip's conversion time), keeps the median
-of each measurement, retries a failed read once, and flags what it saw (docs/measurements.md).
+of each measurement rounded to the chip's PLACES, retries a failed read once, and flags what it
+saw (docs/measurements.md).
 A sensor that fails ABSENT_AFTER intervals in a row is dropped and probed from scratch every
 interval until it answers again (plugged back in, powered up). No sensor can stop another.
 """
@@ -12,6 +13,7 @@ import time
 
 from . import drivers
 from .drivers import CRCError, NackError, SensorError, SensorTimeout
+from .senml import quantize
 
 try:
     from micropython import const
@@ -247,6 +249,7 @@ class Sampler:
         if d is not None and time.ticks_diff(now, slot.started) * self.time_scale < d.WARMUP_MS:
             f |= WARMUP
         ranges = getattr(d, "RANGES", None) or {}
+        places = getattr(d, "PLACES", None) or {}
         if fresh is not None and getattr(d, "STUCK", ()):
             # a frozen chip repeats every output exactly; noise makes that vanishingly rare
             # for a live one, so all watched outputs must repeat, not just one
@@ -265,7 +268,8 @@ class Sampler:
                     lim = ranges.get(name)
                     if lim and not lim[0] <= v <= lim[1]:
                         nf |= RANGE
-                    values[name] = v
+                    # the sensor's resolution, the same number on every VM (docs/protocol.md)
+                    values[name] = quantize(v, places.get(name))
             if nf:
                 values[name + ".q"] = nf
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from agent import api
 from agent.links import ble as ble_link
 
 from .harness import World
@@ -21,5 +22,14 @@ async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         w.links.append(self)
 
     monkeypatch.setattr(ble_link.BleLink, "__init__", capture)
+    enter = api.ApiServer.__aenter__
+
+    async def served(self: api.ApiServer) -> api.ApiServer:
+        out = await enter(self)
+        if self.url:
+            w.api_urls.append(self.url)
+        return out
+
+    monkeypatch.setattr(api.ApiServer, "__aenter__", served)
     yield w
     await w.close()

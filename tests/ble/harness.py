@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from bumble.link import LocalLink
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import gateway
 from agent.config import load_config, write_secret
@@ -94,6 +96,7 @@ class BleNode:
     chip: Any = None
     node: Any = None
     task: asyncio.Task[Any] | None = None
+    sampled: dict[int, int] = field(default_factory=dict)  # seq -> readings in that pack
 
     @property
     def state_dir(self) -> Path:
@@ -121,8 +124,18 @@ class BleNode:
         board = json.loads(BOARD.read_text())
 
         async def boot() -> None:
-            self.node = app.Node(cfg, SimHal(self.street), board)
-            await self.node.run()
+            node = app.Node(cfg, SimHal(self.street), board)
+            seal = node.seal
+
+            def counting_seal(now: Any, values: dict[str, Any]) -> int:
+                # packs differ in size (e.g. energy only once a cycle took >= 1 ms)
+                seq: int = seal(now, values)
+                self.sampled[seq] = len(values)
+                return seq
+
+            node.seal = counting_seal
+            self.node = node
+            await node.run()
 
         self.task = self.chip.start(boot, name=self.node_id)
         await until(lambda: self.node is not None and self.node.link is not None, 10,
@@ -157,6 +170,8 @@ class World:
     ble_opts: dict[str, Any] = field(default_factory=dict)  # [[links.ble]] settings
     ble_extra: str = ""  # appended after them ([[links.ble.devices]] tables)
     links: list[Any] = field(default_factory=list)  # every BleLink the gateway built
+    api: bool = False  # serve the gateway's API (on a free port) for scrapes
+    api_urls: list[str] = field(default_factory=list)  # every API the gateway served
 
     def add_nodes(self, n: int, **kw: Any) -> list[BleNode]:
         link_cfg = kw.pop("link_cfg", {"adv_interval_ms": 50, "rotate_ms": 100})
@@ -178,7 +193,8 @@ class World:
                "backoff_max_s": 2, "connect_timeout_s": 5, "idle_timeout_s": 5, **self.ble_opts}
         path.write_text(
             f'[gateway]\nstate_dir = "{self.workdir / "gw-state"}"\nkeys_file = "{keys}"\n\n'
-            f'[batch]\nmax_records = 500\nmax_age_s = 0.2\n\n[api]\nenabled = false\n\n'
+            f'[batch]\nmax_records = 500\nmax_age_s = 0.2\n\n'
+            f'[api]\nenabled = {"true" if self.api else "false"}\nhost = "127.0.0.1"\nport = 0\n\n'
             f'[sinks.http]\nurl = "{self.upstream.url}"\ntimeout_s = 5\n\n'
             "[[links.ble]]\n" + "".join(f"{k} = {v}\n" for k, v in ble.items())
             + f"{self.ble_extra}\n{self.gw_extra}")
@@ -209,6 +225,14 @@ class World:
         finally:
             self.gw_task = None
 
+    async def scrape(self) -> str:
+        """The running gateway's /metrics, as Prometheus would read it."""
+        assert self.api_urls, "the gateway serves no API (set world.api)"
+        async with aiohttp.ClientSession() as http, \
+                http.get(self.api_urls[-1] + "metrics") as r:
+            assert r.status == 200, r.status
+            return await r.text()
+
     @property
     def ble(self) -> Any:
         """The gateway's BleLink (the latest one built), for its counters."""
@@ -231,3 +255,26 @@ def senml_seqs(upstream: Upstream) -> dict[str, set[int]]:
         out.setdefault(node, set()).add(int(seq))
     return out
 
+
+def ble_metrics(text: str, link: str) -> dict[str, float]:
+    """One link's lantern_ble_* samples in a scrape, keyed as in BleLink.stats."""
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if not s.name.startswith("lantern_ble_") or not s.name.endswith("_total"):
+                continue
+            if s.labels.get("link") != link:
+                continue
+            key = s.name[len("lantern_ble_"):-len("_total")]
+            out[f"rejected_{s.labels['kind']}" if key == "rejected" else key] = s.value
+    return out
+
+
+def check_exported(before: dict[str, int], scraped: dict[str, float],
+                   after: dict[str, int]) -> None:
+    """Every counter the link kept is on /metrics, with a value it had during the scrape."""
+    missing = sorted(set(after) - set(scraped))
+    assert not missing, f"BLE counters not exported: {missing}"
+    for key, value in scraped.items():
+        assert before.get(key, 0) <= value <= after.get(key, 0), (key, before.get(key), value,
+                                                                  after.get(key))

@@ -17,7 +17,7 @@ from agent import bthome as gw_bthome
 from agent import protocol
 
 from .bleak_bumble import Adapter
-from .harness import BleNode, World, until
+from .harness import BleNode, World, ble_metrics, check_exported, until
 
 pytestmark = pytest.mark.ble_virtual
 
@@ -72,7 +72,8 @@ def ha_decode(address: str, data: bytes, bindkey: bytes | None) -> tuple[dict[st
 def sampled(node: BleNode) -> dict[str, float]:
     """What the node measured: the values of its newest sealed pack."""
     seq = node.outbox.seqs()[-1]
-    records = protocol.resolve_pack(protocol.parse_mac0(node.outbox.get(seq)).payload)
+    records = protocol.resolve_pack(protocol.parse_mac0(node.outbox.get(seq)).payload,
+                                     node=node.node_id)
     prefix = f"urn:dev:lantern:{node.node_id}:"
     return {r["n"][len(prefix):]: r["v"] for r in records if "v" in r}
 
@@ -133,6 +134,7 @@ async def test_home_assistant_reads_the_values_the_node_sampled(world: World, mo
 
 
 async def test_replayed_adverts_are_rejected_across_gateway_restarts(world: World) -> None:
+    world.api = True
     node, listener = await sample_once(world, "encrypted")
     await world.start_gateway()
     ble = world.ble
@@ -159,6 +161,10 @@ async def test_replayed_adverts_are_rejected_across_gateway_restarts(world: Worl
     await until(lambda: ble.stats["rejected_advert_replay"] >= 3, 20, "replays to be counted")
     assert ble.counters.high[node.node_id] >= high  # never moved back
     accepted = ble.stats["adverts_accepted"]
+    before = dict(ble.stats)
+    scraped = ble_metrics(await world.scrape(), ble.name)  # on /metrics too
+    check_exported(before, scraped, dict(ble.stats))
+    assert scraped["rejected_advert_replay"] >= 3 and scraped["adverts_accepted"] >= 5
 
     await world.stop_gateway()  # the counters survive a gateway restart
     await world.start_gateway()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .bleak_bumble import Adapter
-from .harness import World, senml_seqs, until
+from .harness import World, ble_metrics, check_exported, senml_seqs, until
 
 pytestmark = pytest.mark.ble_virtual
 
@@ -34,14 +34,24 @@ async def test_connection_limit_is_kept(world: World) -> None:
 
 
 async def test_refused_connects_are_retried_with_backoff(world: World) -> None:
+    world.api = True
     await backlog(world, 2, 30)
     world.adapter = adapter = Adapter(world.link)
     adapter.fail_connects = 4
     await world.start_gateway()
     await until(lambda: all_delivered(world, 30), 120, "every backlog drained despite refusals")
     ble = world.ble
+    await until(lambda: not ble.sessions, 30, "the last session to end")
     assert ble.stats["session_failures"] == 4 and adapter.fail_connects == 0
     assert ble.stats["drains"] >= 2 and world.upstream.duplicates == 0
+    # the same counters on /metrics, as Prometheus reads them
+    before = dict(ble.stats)
+    scraped = ble_metrics(await world.scrape(), ble.name)
+    check_exported(before, scraped, dict(ble.stats))
+    assert scraped["session_failures"] == 4 and scraped["connects"] >= 6
+    assert scraped["drains"] >= 2 and scraped["frames"] >= 60
+    assert scraped["scanner_starts"] >= 1 and "scanner_restarts" in scraped
+    assert scraped["rejected_advert_replay"] == 0  # every kind there from the start
 
 
 async def test_scanner_that_will_not_start_is_retried(world: World) -> None:

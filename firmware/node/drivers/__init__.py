@@ -2,8 +2,11 @@
 
 Every driver follows the same shape: `Chip(bus, address=<datasheet default>, **options)` probes the
 chip and configures it, `read()` returns canonical measurement names (docs/measurements.md) to
-values in SenML units, or None when the chip has no new data yet. Failures raise the specific
-exceptions below, never a bare OSError, so the sampler can flag each reading with its cause.
+values in SenML units, or None when the chip has no new data yet. `PLACES` gives each float
+measurement's resolution as decimal places, from the datasheet's step: the sampler rounds to
+it (node/senml.py quantize) so that a value is the same number on every VM. Failures raise the
+specific exceptions below, never a bare OSError, so the sampler can flag each reading with its
+cause.
 """
 
 import errno
@@ -83,6 +86,15 @@ def put_word(buf, i, value):
     buf[j] = (value >> 8) & 0xFF
     buf[j + 1] = value & 0xFF
     buf[j + 2] = crc8(buf, j, j + 2)
+
+
+def places(step):
+    """Decimal places that write every multiple of `step` (e.g. 0.0002 → 4) exactly, at most 8."""
+    for p in range(8):
+        x = step * 10**p
+        if abs(x - round(x)) < x * 1e-4:  # tolerates the float error of the step itself
+            return p
+    return 8
 
 
 def current_lsb(max_current):

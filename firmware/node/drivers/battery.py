@@ -8,6 +8,7 @@ class Battery:
     PERIOD_MS = 0
     OVERSAMPLE = 5  # single ADC conversions are noisy: the median of five
     RANGES = {"battery": (2.5, 4.35)}  # a 1S lithium cell
+    PLACES = {"battery": 3}  # mV
     STUCK = ()  # a resting cell holds its voltage to the millivolt
 
     def __init__(self, adc, address=None, divider=2.0):

@@ -36,6 +36,7 @@ class BH1750:
     PERIOD_MS = 180  # maximum H-resolution measurement time at MTreg 69
     OVERSAMPLE = 1
     RANGES = {"illuminance": (0, 100000)}
+    PLACES = {"illuminance": 1}  # a count is 0.23-1.85 lx (MTreg 254-31): 0.1 lx
     STUCK = ()  # 0 lx all night is no fault
 
     def __init__(self, i2c, address=0x23, mtreg=31):

@@ -91,6 +91,9 @@ class BME280:
     PERIOD_MS = 10  # one conversion at x1 oversampling takes at most 9.3 ms (datasheet §9.1)
     OVERSAMPLE = 3
     RANGES = {"temperature": (-40, 85), "humidity": (0, 100), "pressure": (30000, 110000)}
+    # at x1 oversampling the ADCs give 16 bits: 0.005 °C and 2.62 Pa steps (datasheet,
+    # oversampling settings); humidity 0.008 %RH
+    PLACES = {"temperature": 2, "humidity": 2, "pressure": 0}
     STUCK = ("humidity", "pressure", "temperature")
 
     def __init__(self, i2c, address=0x76):

@@ -5,7 +5,7 @@ datasheet SBOS448, §8.5.1): Cal = trunc(0.04096 / (Current_LSB * R_shunt)),
 Current = Shunt * Cal / 4096, Power = Current * Bus / 5000, Power_LSB = 20 * Current_LSB.
 """
 
-from . import SensorError, bus_error, current_lsb
+from . import SensorError, bus_error, current_lsb, places
 
 try:
     from micropython import const
@@ -67,6 +67,9 @@ class INA219:
         self.config = config(max_current * shunt_ohms * 1000, bus_max_v)
         self.RANGES = {"lamp_voltage": (0, 26), "lamp_current": (-max_current, max_current),
                        "lamp_power": (0, 26 * max_current)}
+        # bus voltage in 4 mV steps, current in Current_LSB, power in 20 x Current_LSB
+        self.PLACES = {"lamp_voltage": 3, "lamp_current": places(self.lsb),
+                       "lamp_power": places(20 * self.lsb)}
         self._write(_REG_CONFIG, _RESET)
         if self._read(_REG_CONFIG) != _POR_CONFIG:  # probe: only an INA219 resets to this
             raise SensorError("%s: configuration after reset is not 0x%04x" % (

@@ -5,7 +5,7 @@ SBOS547, §6.5.1): CAL = 0.00512 / (Current_LSB * R_shunt), Current = Shunt * CA
 Power = Current * Bus / 20000, Power_LSB = 25 * Current_LSB, bus LSB 1.25 mV.
 """
 
-from . import SensorError, bus_error, current_lsb
+from . import SensorError, bus_error, current_lsb, places
 
 try:
     from micropython import const
@@ -58,6 +58,9 @@ class INA226:
         self.cal = calibration(self.lsb, shunt_ohms)
         self.RANGES = {"lamp_voltage": (0, 36), "lamp_current": (-max_current, max_current),
                        "lamp_power": (0, 36 * max_current)}
+        # bus voltage in 1.25 mV steps, current in Current_LSB, power in 25 x Current_LSB
+        self.PLACES = {"lamp_voltage": 5, "lamp_current": places(self.lsb),
+                       "lamp_power": places(25 * self.lsb)}
         if self._read(_REG_MANUFACTURER) != _MANUFACTURER_TI or self._read(_REG_DIE) != _DIE_ID:
             raise SensorError("%s: not an INA226 (manufacturer/die id)" % self._where)
         self._write(_REG_CONFIG, _RESET)

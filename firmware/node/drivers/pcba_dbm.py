@@ -44,6 +44,7 @@ class PCBADBM:
     PERIOD_MS = 1000
     OVERSAMPLE = 1
     RANGES = {"LAeq": (35, 116), "LAmax": (35, 116)}  # 1 % linearity range, dBA SPL
+    PLACES = {"LAeq": 1, "LAmax": 0}  # the module reports whole dB; the average gets 0.1
     STUCK = ()
 
     def __init__(self, i2c, address=0x48, tavg_ms=1000):

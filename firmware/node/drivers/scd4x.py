@@ -39,6 +39,7 @@ class SCD4X:
     OVERSAMPLE = 1
     # SCD41's specified range is 400-5000 ppm (SCD40: 400-2000); the output goes to 40000
     RANGES = {"co2": (400, 5000), "temperature": (-10, 60), "humidity": (0, 100)}
+    PLACES = {"co2": 0, "temperature": 2, "humidity": 2}  # 1 ppm; 0.0027 °C; 0.0015 %RH
     STUCK = ("co2", "temperature", "humidity")
 
     def __init__(self, i2c, address=0x62):

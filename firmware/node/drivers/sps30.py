@@ -36,6 +36,9 @@ class SPS30:
     PERIOD_MS = 1000
     OVERSAMPLE = 1
     RANGES = {"pm1": (0, 1000), "pm2_5": (0, 1000), "pm4": (0, 1000), "pm10": (0, 1000)}
+    # 1 ug/m3, the chip's own integer output format; its precision is ±10 ug/m3 (datasheet),
+    # so decimals would be noise
+    PLACES = {"pm1": 0, "pm2_5": 0, "pm4": 0, "pm10": 0}
     STUCK = ("pm1", "pm2_5", "pm4", "pm10")
 
     def __init__(self, i2c, address=0x69):

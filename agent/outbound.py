@@ -1,0 +1,177 @@
+"""The way out of the queue: whole frames, resolved, in batches for sinks; the history's feed.
+
+Every function runs on the store's thread (agent/store.py hands them to its executor). A
+frame is resolved (agent/resolved.py) the first time anything needs it — a sink's batch, or
+the local API showing the history — and enters the history (agent/history.py) then, in frame
+order, so `history.upto` says how far it got. A pack that does not resolve moves to the dead
+letters, and is reported to the event loop (`reports`) to be counted and logged there.
+Frames leave the queue once every sink has them and the history has them too.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import FrameError
+from .resolved import PACK, Batch, Cache, Resolved, dumps, resolve
+
+if TYPE_CHECKING:
+    from .store import Store
+
+BATCH_ROWS = 32  # frames read per query while filling a batch
+CATCH_UP_MAX = 5000  # frames resolved into the history per API read, at most
+
+
+class Outbound:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cache = Cache()
+        self._found_dead: list[tuple[int, str, int, float, bytes, FrameError]] = []
+        # dead letters found, for the event loop: (node, seq, kind, detail)
+        self.reports: collections.deque[tuple[str, int, str, str]] = collections.deque()
+
+    def resolved(self, row: tuple[Any, ...]) -> Resolved | None:
+        """A frames row as SenML-JSON (cached); None if its pack is a dead letter."""
+        fid, node, seq, received_at, _, fmt, body = row
+        hit = self.cache.get(fid)
+        if hit is not None:
+            return hit
+        history = self.store.history
+        try:
+            records = resolve(node, seq, fmt, body)
+        except FrameError as e:
+            self._found_dead.append((fid, node, seq, received_at, body, e))
+            if fid > history.upto:
+                history.skip(fid)
+            return None
+        text = dumps(records)[1:-1]
+        res = Resolved(fid, node, seq, received_at, [r["id"] for r in records], text)
+        if fid > history.upto:
+            history.add(fid, node, received_at, records, body if fmt == PACK else None)
+        self.cache.put(res)
+        return res
+
+    def _frames(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:
+        return self.store.db.execute(
+            "SELECT id, node, seq, received_at, readings, format, body FROM frames"
+            " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+
+    def catch_up(self, upto: int | None, budget: int = CATCH_UP_MAX) -> None:
+        """Resolve frames the history does not have yet (in order), up to `upto`."""
+        history = self.store.history
+        while budget > 0 and (upto is None or history.upto < upto):
+            start = history.upto
+            rows = [r for r in self._frames(start, min(budget, 256))
+                    if upto is None or r[0] <= upto]
+            for row in rows:
+                self.resolved(row)
+            if history.upto == start:
+                break
+            budget -= len(rows)
+        self._bury()
+
+    def _bury(self) -> None:
+        """Move packs that did not resolve to the dead letters, and report each one."""
+        if not self._found_dead:
+            return
+        found, self._found_dead = self._found_dead, []
+
+        def work(db: sqlite3.Connection) -> None:
+            for fid, node, seq, received_at, body, e in found:
+                db.execute("INSERT INTO dead_letters (node, seq, reason, received_at, kind, body)"
+                           " VALUES (?, ?, ?, ?, 'pack', ?)",
+                           (node, seq, str(e), received_at, body))
+                db.execute("DELETE FROM frames WHERE id = ?", (fid,))
+
+        self.store.transaction(work)
+        self.reports.extend((node, seq, e.kind, str(e)) for _, node, seq, _, _, e in found)
+
+    def write_history(self, force: bool = False) -> None:
+        """Rows resolved since the last write, in a transaction of their own.
+
+        Not durable: the history is a copy; if a power cut takes these rows, it takes `upto`
+        with them, and the frames are resolved into the history again.
+        """
+        history = self.store.history
+        if not (force or history.dirty):
+            return
+        self.store.transaction(lambda db: history.flush(db, time.time(), force),
+                               durable=False)
+        history.written()
+
+    def history_now(self) -> None:
+        """Bring the history up to the queue before it is shown."""
+        self.catch_up(None)
+        self.write_history()
+
+    def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
+        if self.store.history.upto < after_id:
+            self.catch_up(after_id)  # (only after a crash between two writes)
+        items: list[Resolved] = []
+        total = 0
+        full = False
+        cursor = after_id
+        while not full:
+            rows = self._frames(cursor, BATCH_ROWS)
+            if not rows:
+                break
+            for row in rows:
+                if items and total + row[4] > max_records:
+                    full = True
+                    break
+                cursor = row[0]
+                res = self.resolved(row)
+                if res is not None:
+                    items.append(res)
+                    total += len(res.rids)
+                    if total >= max_records:
+                        full = True
+                        break
+        self._bury()
+        if not items:
+            return None
+        self.store.cap.lease(items[0].id, items[-1].id)
+        return Batch(items[0].id, items[-1].id, items[0].received_at,
+                     [rid for r in items for rid in r.rids], [r.text for r in items], full)
+
+    def delivered(self, batch: Batch) -> None:
+        self._delete(lambda db: db.execute("DELETE FROM frames WHERE id BETWEEN ? AND ?",
+                                           (batch.first_id, batch.last_id)), batch)
+
+    def _delete(self, delete: Callable[[sqlite3.Connection], Any], batch: Batch) -> None:
+        now = time.time()
+        history = self.store.history
+
+        def work(db: sqlite3.Connection) -> None:
+            history.flush(db, now)  # the history has them before the queue lets go
+            delete(db)
+
+        # not durable: a power cut can only undo it, and then the sink gets the batch again
+        # (at least once; the reading ids make the repeat harmless upstream)
+        self.store.transaction(work, durable=False)
+        history.written()
+        self.store.cap.release(batch.first_id)
+        self.store.cap.update(self.store.db)
+
+    def cursor(self, sink: str) -> int:
+        row = self.store.db.execute("SELECT last_id FROM sink_cursors WHERE sink = ?",
+                                    (sink,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def delivered_to(self, sink: str, batch: Batch, sinks: Sequence[str]) -> None:
+        mine = max(self.cursor(sink), batch.last_id)
+        mark = min(mine if s == sink else self.cursor(s) for s in sinks)
+        if self.store.history.upto < mark:
+            self.catch_up(mark)  # (only after a crash between two writes)
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO sink_cursors VALUES (?, ?) ON CONFLICT(sink) DO UPDATE"
+                       " SET last_id = max(last_id, excluded.last_id)", (sink, batch.last_id))
+            db.execute("DELETE FROM frames WHERE id <= ?", (mark,))
+
+        self._delete(delete, batch)
+        self.cache.drop_upto(mark)
