@@ -184,7 +184,7 @@ class History:
             self.trim(db, now)
             db.execute("DELETE FROM recent_latest")
             db.executemany("INSERT INTO recent_latest VALUES (?, ?, ?, ?)", [
-                (node, name, _dumps(_view(name, r)), r["t"])
+                (node, name, _dumps(_view(name, r)), float(r["t"]))
                 for node, lat in self._latest.items() for name, r in lat.items()])
             db.execute("INSERT OR REPLACE INTO history_meta SELECT 'latest_rows',"
                        " coalesce(max(id), 0) FROM recent")

@@ -414,6 +414,29 @@ async def test_a_huge_integer_is_a_dead_letter_not_a_stalled_commit(tmp_path: Pa
         await store.__aexit__()
 
 
+async def test_a_huge_base_time_reaches_the_history_and_its_snapshot(tmp_path: Path) -> None:
+    """Found by the full-size fuzzer: bt = 2**63 + 5 (a valid SenML number) overflowed SQLite's
+    INTEGER when the newest values were saved, and the store could not close."""
+    store, ing, link = await _ingest(tmp_path)
+    task = asyncio.create_task(ing.run())
+    try:
+        bn = "urn:dev:lantern:SL-0001:"
+        p = cbor2.dumps([{-2: bn, -3: 2**63 + 5, 0: "t", 2: 1.5}])
+        ing.on_data(link, protocol.encode_frame(
+            protocol.DATA, protocol.create_mac0(KEYS[b"SL-0001"], b"SL-0001", 1, p)))
+        while ing._pending or ing._pending_ids:
+            await asyncio.sleep(0.005)
+        batch = await store.next_batch(100)
+        assert batch is not None and batch.records()[0]["t"] == 2**63 + 5
+        ov = await store.overview()  # brings the history up to the queue
+        assert ov["latest"]["SL-0001"]["t"]["t"] == 2**63 + 5
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.__aexit__()  # saves the newest values: the write that overflowed
+
+
 # ------------------------------------------------------------------ properties
 
 
