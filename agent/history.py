@@ -62,7 +62,7 @@ def _dumps(x: Any) -> str:
 
 def short_name(node: str, n: str) -> str:
     """`urn:dev:lantern:SL-0001:temperature` → `temperature` (other names stay whole)."""
-    prefix = f"urn:dev:lantern:{node}:"
+    prefix = protocol.base_name(node)
     return n[len(prefix):] if n.startswith(prefix) and len(n) > len(prefix) else n
 
 
@@ -155,7 +155,7 @@ class History:
         if t0 < self._newest.get(node, float("-inf")):
             self._keep_all(node, records)  # an older sample: value by value
             return
-        prefix = f"urn:dev:lantern:{node}:"  # short_name, inlined: this runs for every frame
+        prefix = protocol.base_name(node)  # short_name, inlined: this runs for every frame
         plen = len(prefix)
         self._latest.setdefault(node, {}).update(zip(
             [n[plen:] if n.startswith(prefix) and len(n) > plen else n

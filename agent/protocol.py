@@ -233,7 +233,7 @@ def encode_ack(key: bytes, kid: bytes, seqs: list[int], now_ms: int) -> bytes:
     return encode_frame(ACK, create_mac0(key, kid, max(seqs), payload))
 
 
-# ---- the gateway's hot path: the same bytes as above, built by hand (tests/test_cose_lean.py
+# ---- the gateway's hot path: the same bytes as above, built by hand (tests/test_protocol_lean.py
 # proves them equal to cbor2's and pycose's for many inputs)
 
 

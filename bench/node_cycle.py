@@ -25,15 +25,14 @@ from typing import Any
 import cbor2
 
 from agent import protocol
-from tools.sim import BOARDS, FIRMWARE, MICROPYTHON, MP_EXTMOD, SimNode, compiled_firmware
+from tools.sim import FIRMWARE, MICROPYTHON, MP_EXTMOD, SimNode, compiled_firmware
 
 SCRIPT = Path(__file__).resolve().parent / "mp_node.py"
 
 
 def board_heap(node: SimNode) -> str:
-    """The simulated board's heap (boards/*.json heap_kb), as SimNode.start uses it."""
-    board = json.loads((BOARDS / f"{node.board}.json").read_text())
-    return f"{board.get('heap_kb', 110)}K"
+    """The simulated board's heap, as SimNode.start uses it."""
+    return f"{node.heap_kb()}K"
 
 
 def run_mp(mode: str, node: SimNode, n: int, heap: str | None = None,

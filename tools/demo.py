@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -16,7 +15,7 @@ from typing import Any
 
 from agent.config import write_secret
 
-from .sim import BOARDS, Relay, SimNode, gateway_toml, keys_toml
+from .sim import Relay, SimNode, gateway_toml, keys_toml
 from .upstream import Upstream
 
 
@@ -69,9 +68,8 @@ async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> 
         f = open(logs / f"{node.node_id}.log", "ab")  # noqa: SIM115
         node_logs.append(f)
         node.start(stdout=f.fileno())
-    heap_kb = json.loads((BOARDS / f"{nodes[0].board}.json").read_text()).get("heap_kb", 110)
-    print(f"Lantern demo: {n_nodes} nodes on MicroPython (unix port, {heap_kb} KB heap), sampling "
-          f"every {interval:g}s → gateway → upstream {url}", flush=True)
+    print(f"Lantern demo: {n_nodes} nodes on MicroPython (unix port, {nodes[0].heap_kb()} KB "
+          f"heap), sampling every {interval:g}s → gateway → upstream {url}", flush=True)
     print(f"  logs: {logs}/   gateway config: {gw_cfg}   queue: "
           f"{workdir / 'gateway-state' / 'queue.sqlite'}", flush=True)
     print(f"  status page: http://127.0.0.1:{api_port}/  (nodes, live values, queue, upstream)",

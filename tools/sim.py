@@ -238,14 +238,18 @@ class SimNode:
                                            f"{self.dir / 'street.log'}") from None
             time.sleep(0.02)
 
+    def heap_kb(self) -> int:
+        """The simulated board's heap (boards/*.json "heap_kb"), else ESP32-like."""
+        board = json.loads((BOARDS / f"{self.board}.json").read_text())
+        return int(board.get("heap_kb", 110))
+
     def start(self, stdout: int | None = None, heap: str | None = None) -> subprocess.Popen[bytes]:
         if not MICROPYTHON.exists():
             raise FileNotFoundError(f"{MICROPYTHON} is missing: run `make micropython` first")
         if self.proc is not None:
             self.close()
-        if heap is None:  # the simulated board's heap (boards/*.json "heap_kb"), else ESP32-like
-            board = json.loads((BOARDS / f"{self.board}.json").read_text())
-            heap = f"{board.get('heap_kb', 110)}K"
+        if heap is None:
+            heap = f"{self.heap_kb()}K"
         cfg = self.write_config()
         env = {"MICROPYPATH": f"{FIRMWARE}:{MP_EXTMOD}", "PATH": os.environ.get("PATH", "")}
         self.start_street(cfg, env)
