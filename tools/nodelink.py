@@ -306,8 +306,12 @@ class NodeSession:
             return ident
         raise DiagError(no_answer(self.t.name))
 
-    def _counter(self) -> int:
-        # Unix milliseconds need no coordination between tools; the node only wants "larger".
+    def next_counter(self) -> int:
+        """A command counter the node has not seen from us: Unix ms, but always increasing.
+
+        Unix milliseconds need no coordination between tools; the node only wants "larger".
+        A node can answer within the millisecond, so the clock alone may repeat a counter.
+        """
         c = max(time.time_ns() // 1_000_000, self._last_counter + 1)
         self._last_counter = c
         return c
@@ -325,7 +329,7 @@ class NodeSession:
         node_id = self.node_id
         tries = retries or self.retries
         for _ in range(tries):
-            counter = self._counter()
+            counter = self.next_counter()
             t0 = time.monotonic()
             self.t.send(command_frame(key, node_id, counter, op, args))
 

@@ -156,14 +156,20 @@ class BLE:
     async def _work(self) -> None:
         me = asyncio.current_task()
         assert me is not None
-        while True:
-            coro = await self._ops.get()
-            try:
-                await coro
-            except Exception as e:  # a real stack reports these as events too
-                log.debug("%s: stack operation failed: %r", self._chip.address, e)
-            if me.cancelling():
-                return  # some bumble operations swallow the cancellation: honour it here
+        try:
+            while True:
+                coro = await self._ops.get()
+                try:
+                    await coro
+                except Exception as e:  # a real stack reports these as events too
+                    log.debug("%s: stack operation failed: %r", self._chip.address, e)
+                if me.cancelling():
+                    return  # some bumble operations swallow the cancellation: honour it here
+        finally:
+            # the stack is going away (the test's loop ends): operations still queued never
+            # ran, and must be closed, or each warns "coroutine was never awaited" at exit
+            while not self._ops.empty():
+                self._ops.get_nowait().close()
 
     def _irq(self, event: int, data: tuple[Any, ...]) -> None:
         if self._handler is not None:
