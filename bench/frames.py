@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from typing import Any
 
 import cbor2
 
 from agent import protocol
 
+_F32 = struct.Struct("<f")
 BT0 = 1764331200  # 2025-11-28T12:00:00Z: a fixed base time keeps runs comparable
 
 # (name, unit) in the order the firmware sorts them; None: no unit (a count)
@@ -43,11 +45,18 @@ def keys_toml(nodes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _f32(v: float) -> float:
+    """v as a float32, as the firmware sends readings (docs/protocol.md §4): 5 bytes in CBOR."""
+    f: float = _F32.unpack(_F32.pack(v))[0]
+    return f
+
+
 def _values(seq: int) -> dict[str, Any]:
     wave = math.sin(seq / 50.0)
     return {"cycle_ms": 3 + seq % 4, "heap_free": 88000 - (seq * 37) % 4000,
-            "heap_peak": 21000 + (seq * 13) % 900, "humidity": round(62.0 - 9.0 * wave, 1),
-            "outbox": seq % 5, "temperature": round(14.0 + 5.0 * wave, 2), "uptime": 60 + seq}
+            "heap_peak": 21000 + (seq * 13) % 900, "humidity": _f32(round(62.0 - 9.0 * wave, 1)),
+            "outbox": seq % 5, "temperature": _f32(round(14.0 + 5.0 * wave, 2)),
+            "uptime": 60 + seq}
 
 
 # records of the firmware's pack (without bn/bt), set by use_template
@@ -69,7 +78,7 @@ def _vary(v: Any, seq: int) -> Any:
         return v
     if isinstance(v, int):
         return v + seq % 7
-    return round(v + (seq % 13) * 0.01, 2)
+    return _f32(round(v + (seq % 13) * 0.01, 2))
 
 
 def pack(node: str, seq: int) -> bytes:

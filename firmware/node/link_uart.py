@@ -71,6 +71,9 @@ class UartLink:
 
     async def _tx(self):
         while True:
+            # cleared before the work, not after: an ACK, a new frame or a command arriving
+            # while a frame goes out sets it again, and is seen before this task waits
+            self._wake.clear()
             # diagnostic answers go out first and from this task only, so frames never interleave
             while self._answers:
                 ftype, body, after = self._answers.pop(0)
@@ -106,9 +109,8 @@ class UartLink:
                     self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
                 if left < wait:
                     wait = left
-            if self._answers:
-                continue  # a command arrived while frames were going out: answer it now
-            self._wake.clear()
+            if self._wake.is_set():
+                continue  # an ACK, a frame or a command came while frames were going out
             try:
                 await asyncio.wait_for_ms(self._wake.wait(), wait)
             except asyncio.TimeoutError:
