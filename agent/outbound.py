@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import FrameError
-from .resolved import PACK, Batch, Cache, Resolved, dumps, resolve
+from .resolved import PACK, Batch, Cache, Resolved, resolve
 
 if TYPE_CHECKING:
     from .store import Store
@@ -42,13 +42,12 @@ class Outbound:
             return hit
         history = self.store.history
         try:
-            records = resolve(node, seq, fmt, body)
+            records, text = resolve(node, seq, fmt, body)
         except FrameError as e:
             self._found_dead.append((fid, node, seq, received_at, body, e))
             if fid > history.upto:
                 history.skip(fid)
             return None
-        text = dumps(records)[1:-1]
         res = Resolved(fid, node, seq, received_at, [r["id"] for r in records], text)
         if fid > history.upto:
             history.add(fid, node, received_at, records, body if fmt == PACK else None)

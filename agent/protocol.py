@@ -336,6 +336,10 @@ _LABELS = frozenset(SENML_LABELS)
 _F32 = struct.Struct(">f")
 
 
+_F32_CACHE_MAX = 8192
+_f32_shown: dict[float, float] = {}  # wire value → f32_decimal of it (resolve_pack's cache)
+
+
 def f32_decimal(v: float) -> float:
     """A single-precision value as the shortest decimal that reads back to the same float32.
 
@@ -392,7 +396,7 @@ def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, A
     if type(pack) is not list or not pack:
         raise FrameError("senml", "pack is not a non-empty array")
     # One pass, plain type checks: this runs for every frame on its way out (docs/performance.md)
-    labels, units, isfinite, f32 = _LABELS, UNITS, math.isfinite, f32_decimal
+    labels, units, isfinite, f32, f32_cache = _LABELS, UNITS, math.isfinite, f32_decimal, _f32_shown
     out: list[dict[str, Any]] = []
     prefix = None if node is None else base_name(node)
     plen = 0 if prefix is None else len(prefix)
@@ -421,6 +425,8 @@ def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, A
         if not (_number(bt) and _number(t)):
             raise FrameError("senml", f"{name}: time is not a number")
         r: dict[str, Any] = {"n": name, "t": bt + t}
+        if type(r["t"]) is float and not isfinite(r["t"]):  # two finite times can sum to inf
+            raise FrameError("senml", f"{name}: time is not a number")
         unit = rec.get(1, bu)
         if unit is None:
             unit = units.get(name[plen:]) if prefix is not None else _canonical_unit(name, None)
@@ -433,7 +439,16 @@ def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, A
             val = rec[2]
             tv = type(val)
             if tv is float and isfinite(val):
-                r["v"] = f32(val)
+                # readings repeat (a sensor's resolution is coarse): shown from a small cache;
+                # zero never is, since -0.0 == 0.0 would share an entry and lose its sign
+                shown = f32_cache.get(val) if val else None
+                if shown is None:
+                    shown = f32(val)
+                    if val:
+                        if len(f32_cache) >= _F32_CACHE_MAX:
+                            f32_cache.clear()
+                        f32_cache[val] = shown
+                r["v"] = shown
             elif tv is int and -(1 << 64) <= val < 1 << 64:
                 r["v"] = val
             else:
