@@ -14,6 +14,7 @@ import datetime
 import hmac
 import importlib.resources
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class GatewayView:
             link_bytes={link.name: (int(getattr(link, "bytes_in", 0)),
                                     int(getattr(link, "bytes_out", 0))) for link in self.links},
             upstream_up=self.upstream(), last_seen=self.last_seen(ov),
+            sink_skipped={str(getattr(u.sink, "name", "?")): dict(getattr(u.sink, "skipped", {}))
+                          for u in self.upstreams},
             nodes_configured=len(self.node_ids),
             evictions=int(getattr(cap, "evicted", 0)),
             history_trimmed=int(getattr(cap, "history_trimmed", 0)),
@@ -181,6 +184,8 @@ def parse_since(text: str | None, now: float) -> float:
         return now - DEFAULT_WINDOW_S
     try:
         v = float(text)
+        if not math.isfinite(v):  # nan and inf parse as floats, and are no time (nor JSON)
+            raise web.HTTPBadRequest(text=f"since={text!r}: not a time")
     except ValueError:
         try:
             dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))

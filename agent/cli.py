@@ -12,7 +12,9 @@ from .errors import ConfigError
 
 def describe(cfg: Any) -> str:
     """What a checked config will do, in a few lines for the operator."""
-    sinks = [f"{name} → {getattr(s, 'url', None) or getattr(s, 'host', '')}"
+    from .config import shown_url
+
+    sinks = [f"{name} → {shown_url(str(getattr(s, 'url', None) or getattr(s, 'host', '')))}"
              for name in ("http", "ngsi_ld", "mqtt") if (s := getattr(cfg, name, None))]
     api = cfg.api
     where = (f"http://{api.host}:{api.port}/" if api.enabled else "disabled")

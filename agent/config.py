@@ -210,9 +210,22 @@ def _positive(v: float) -> str | None:
 
 def _url(v: str) -> str | None:
     u = urlparse(v)
+    if u.username is not None or u.password is not None:
+        # secrets never sit in gateway.toml (it is shown, logged and readable): said without
+        # repeating the URL, which would print the password
+        return ("a URL must not carry credentials (user:password@); put a bearer token in "
+                "the sink's token_file (mode 0600) instead")
     if u.scheme in ("http", "https") and u.netloc:
         return None
     return f"expected an http(s) URL, got {v!r}"
+
+
+def shown_url(url: str) -> str:
+    """The URL as logs and messages may show it: without any user:password@."""
+    u = urlparse(url)
+    if u.username is None and u.password is None:
+        return url
+    return u._replace(netloc="***@" + u.netloc.rpartition("@")[2]).geturl()
 
 
 def load_config(path: Path | str) -> Config:
@@ -485,6 +498,13 @@ def check_secret_file(path: Path, what: str) -> None:
         raise ConfigError(
             f"{path}: {what}: mode {stat.S_IMODE(st.st_mode):04o} lets other users read a "
             f"secret; run: chmod 600 {path}")
+    # read it now, so `check-config` finds what the service would stumble on later
+    try:
+        path.read_bytes().decode()
+    except OSError as e:
+        raise ConfigError(f"{path}: {what}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {what}: not UTF-8 text") from None
 
 
 def load_keys(path: Path) -> dict[bytes, bytes]:

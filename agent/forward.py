@@ -78,13 +78,25 @@ class Forwarder:
         while True:
             try:
                 await self.sink.send(batch)
-            except DeliveryError as e:
+            except Exception as e:  # (see below: the forwarder must live)
                 failures += 1
                 self.metrics.upstream_failures += 1
                 # full jitter (AWS architecture blog): spreads a fleet's retries apart
                 cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 20))
-                delay = e.retry_after if e.retry_after is not None else random.uniform(0, cap)
-                if failures == 1 or self.upstream_ok:
+                retry_after = e.retry_after if isinstance(e, DeliveryError) else None
+                delay = retry_after if retry_after is not None else random.uniform(0, cap)
+                if not isinstance(e, DeliveryError):
+                    # A sink's bug, not the upstream's answer. Ending this task would stop the
+                    # gateway, and after a restart the same batch would stop it again: the
+                    # batch is kept and retried like a failed delivery, and the traceback
+                    # logged once for the report.
+                    if failures == 1:
+                        log.error("%s: the sink failed on a batch of %d readings (frames %d to "
+                                  "%d): %r; kept, retrying with backoff. This is a bug: please "
+                                  "report it with this traceback", self.sink.name,
+                                  len(batch.rids), batch.first_id, batch.last_id, e,
+                                  exc_info=True)
+                elif failures == 1 or self.upstream_ok:
                     log.warning("%s: %s; %d readings kept, retrying in %.1fs",
                                 self.sink.name, e, len(batch.rids), delay)
                 self.upstream_ok = False

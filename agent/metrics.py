@@ -79,6 +79,9 @@ class Histogram:
         return out
 
 
+SKIP_REASONS = ("name", "time", "topic")  # why a sink leaves a reading out (agent/sinks)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.frames_received: Counter[str] = Counter()  # by node
@@ -133,6 +136,7 @@ class Gauges:
     links_up: dict[str, bool] = field(default_factory=dict)
     link_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # in, out
     upstream_up: dict[str, bool | None] = field(default_factory=dict)
+    sink_skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # sink → reason → n
     last_seen: dict[str, float] = field(default_factory=dict)  # node → unix time
     nodes_configured: int = 0
     evictions: int = 0  # the disk cap's counters (agent/diskcap.py)
@@ -219,6 +223,14 @@ class LanternCollector(Collector):
             if ok is not None:
                 uu.add_metric([sink], 1.0 if ok else 0.0)
         yield uu
+        sk = CounterMetricFamily("lantern_sink_skipped_readings",
+                                 "Readings a sink cannot express (an NGSI-LD entity, an MQTT "
+                                 "topic) and leaves out; the other sinks still get them",
+                                 labels=["sink", "reason"])
+        for sink, reasons in sorted(g.sink_skipped.items()):
+            for reason in SKIP_REASONS:
+                sk.add_metric([sink, reason], reasons.get(reason, 0))
+        yield sk
         h = HistogramMetricFamily("lantern_upstream_request_duration_seconds",
                                   "Time for one batch POST upstream, by sink and outcome",
                                   labels=["sink", "outcome"])

@@ -8,10 +8,12 @@ time). Values follow the models' conventions: relative humidity as 0-1, pressure
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from .protocol import TIME_MAX, TIME_MIN
 
 CORE_CONTEXT = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context.jsonld"
 CONTEXTS = [
@@ -91,30 +93,51 @@ def _prop(value: Any, t: float, unit: str | None = None) -> dict[str, Any]:
 def entity_id(model: str, node: str, meta: NodeMeta) -> str:
     if model == "Streetlight" and meta.pole:
         return f"urn:ngsi-ld:Streetlight:lantern:pole-{meta.pole}"
+    if ":" in node:  # a third-party sensor, "<scheme>:<name>" (split_name)
+        return f"urn:ngsi-ld:{model}:{node}"
     return f"urn:ngsi-ld:{model}:lantern:{node}"
 
 
 def split_name(n: str) -> tuple[str, str]:
-    """(node id, measurement) of a resolved SenML name urn:dev:lantern:<node>:<measurement>."""
-    prefix = "urn:dev:lantern:"
-    if not n.startswith(prefix) or n.count(":") < 4:
-        raise ValueError(f"not a Lantern reading name: {n!r}")
-    node, measurement = n[len(prefix):].split(":", 1)
-    return node, measurement
+    """(device, measurement) of a resolved SenML name urn:dev:<scheme>:<id>:<measurement>.
+
+    The device is the node id for Lantern's own nodes (urn:dev:lantern:SL-0042:co2 →
+    SL-0042, which has no ':') and "<scheme>:<id>" for third-party sensors the gateway
+    reads (urn:dev:bthome:park-1:temperature → bthome:park-1). ValueError for anything else.
+    """
+    parts = n[8:].split(":", 2) if n.startswith("urn:dev:") else []
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"not a device reading name urn:dev:<scheme>:<id>:<measurement>: {n!r}")
+    scheme, ident, measurement = parts
+    return (ident if scheme == "lantern" else f"{scheme}:{ident}"), measurement
 
 
-def entities(records: Iterable[dict[str, Any]],
-             nodes: dict[str, NodeMeta]) -> list[dict[str, Any]]:
-    """Entities for resolved SenML records; one per (node, model, observation time)."""
+def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
+             skipped: Counter[str] | None = None) -> list[dict[str, Any]]:
+    """Entities for resolved SenML records; one per (node, model, observation time).
+
+    A record no model can hold is left out: without a number (`vs`, `vb`, `vd`), or of a
+    measurement no model has. One whose name is not a device's or whose time is beyond
+    what a DateTime can say is left out too, and counted in `skipped` by reason.
+    """
     groups: defaultdict[tuple[str, str, float], dict[str, Any]] = defaultdict(dict)
     controlled: defaultdict[str, set[str]] = defaultdict(set)
     for r in records:
         if "v" not in r:
             continue
-        node, measurement = split_name(r["n"])
+        try:
+            node, measurement = split_name(r["n"])
+        except ValueError:
+            if skipped is not None:
+                skipped["name"] += 1
+            continue
+        t = float(r["t"])
+        if not TIME_MIN <= t <= TIME_MAX:
+            if skipped is not None:
+                skipped["time"] += 1
+            continue
         if measurement in CONTROLLED:
             controlled[node].add(CONTROLLED[measurement])
-        t = float(r["t"])
         attr = ATTRS.get(measurement)
         if attr is not None:
             group = groups[(node, attr.model, t)]
@@ -146,7 +169,7 @@ def entities(records: Iterable[dict[str, Any]],
             # Streetlight names its observation time differently from the observed models
             e["observationDateTime" if model == "Streetlight" else "dateObserved"] = _prop(
                 _datetime(t), t)
-            device = f"urn:ngsi-ld:Device:lantern:{node}"
+            device = entity_id("Device", node, meta)
             # Streetlight's model takes a list of devices; the observed models take one
             e["refDevice"] = {"type": "Relationship",
                               "object": [device] if model == "Streetlight" else device}

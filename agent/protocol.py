@@ -367,6 +367,8 @@ def f32_decimal(v: float) -> float:
 
 
 LANTERN_URN = "urn:dev:lantern:"
+# what a date can say (Python's datetime, NGSI-LD's DateTime): years 1 to 9999, in Unix seconds
+TIME_MIN, TIME_MAX = -62135596800, 253402300799
 
 
 def base_name(node: str) -> str:
@@ -425,8 +427,8 @@ def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, A
         if not (_number(bt) and _number(t)):
             raise FrameError("senml", f"{name}: time is not a number")
         r: dict[str, Any] = {"n": name, "t": bt + t}
-        if type(r["t"]) is float and not isfinite(r["t"]):  # two finite times can sum to inf
-            raise FrameError("senml", f"{name}: time is not a number")
+        if not TIME_MIN <= r["t"] <= TIME_MAX:  # (two finite times can even sum to inf)
+            raise FrameError("senml", f"{name}: time {r['t']!r} is outside years 1 to 9999")
         unit = rec.get(1, bu)
         if unit is None:
             unit = units.get(name[plen:]) if prefix is not None else _canonical_unit(name, None)

@@ -6,6 +6,7 @@ import json
 import re
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.api import Api, ApiServer, GatewayView, parse_since
 from agent.config import ApiConfig
 from agent.history import History, find_gaps, typical_interval
-from agent.metrics import LATENCY_BUCKETS, REJECT_REASONS, Metrics, TimedSink
+from agent.metrics import LATENCY_BUCKETS, REJECT_REASONS, SKIP_REASONS, Metrics, TimedSink
 from agent.store import Accepted, Store, Window
 
 NODES = ["SL-0001", "SL-0002", "SL-0003"]
@@ -224,6 +225,13 @@ async def test_metrics_in_prometheus_text_format(rig: Rig) -> None:
     assert s[("lantern_link_up", (("link", "serial:/dev/ttyUSB0"),))] == 1
     assert s[("lantern_link_received_bytes_total", (("link", "serial:/dev/ttyUSB0"),))] == 1200
     assert s[("lantern_upstream_up", (("sink", "http"),))] == 1
+    # readings a sink leaves out, every reason at 0 from the start (a sink without the
+    # attribute counts nothing)
+    rig.forwarders[0].sink.skipped = Counter({"topic": 2})
+    s = scrape(await (await rig.client.get("/metrics")).text())
+    for reason in SKIP_REASONS:
+        assert s[("lantern_sink_skipped_readings_total",
+                  (("reason", reason), ("sink", "http")))] == (2 if reason == "topic" else 0)
     ok = (("outcome", "ok"), ("sink", "http"))
     err = (("outcome", "error"), ("sink", "http"))
     assert s[("lantern_upstream_request_duration_seconds_count", ok)] == 2

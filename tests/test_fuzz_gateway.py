@@ -414,27 +414,37 @@ async def test_a_huge_integer_is_a_dead_letter_not_a_stalled_commit(tmp_path: Pa
         await store.__aexit__()
 
 
-async def test_a_huge_base_time_reaches_the_history_and_its_snapshot(tmp_path: Path) -> None:
+async def test_a_huge_base_time_is_a_dead_letter_and_the_store_closes(tmp_path: Path) -> None:
     """Found by the full-size fuzzer: bt = 2**63 + 5 (a valid SenML number) overflowed SQLite's
-    INTEGER when the newest values were saved, and the store could not close."""
+    INTEGER when the newest values were saved, and the store could not close. Such a time is
+    now refused when the pack is resolved (no date can say it: docs/protocol.md §4), so the
+    frame, already acknowledged, becomes a dead letter; the largest time a date can say goes
+    through to the history and its snapshot."""
     store, ing, link = await _ingest(tmp_path)
     task = asyncio.create_task(ing.run())
     try:
         bn = "urn:dev:lantern:SL-0001:"
-        p = cbor2.dumps([{-2: bn, -3: 2**63 + 5, 0: "t", 2: 1.5}])
-        ing.on_data(link, protocol.encode_frame(
-            protocol.DATA, protocol.create_mac0(KEYS[b"SL-0001"], b"SL-0001", 1, p)))
+        for seq, bt in ((1, 2**63 + 5), (2, protocol.TIME_MAX)):
+            p = cbor2.dumps([{-2: bn, -3: bt, 0: "t", 2: 1.5}])
+            ing.on_data(link, protocol.encode_frame(
+                protocol.DATA, protocol.create_mac0(KEYS[b"SL-0001"], b"SL-0001", seq, p)))
         while ing._pending or ing._pending_ids:
             await asyncio.sleep(0.005)
         batch = await store.next_batch(100)
-        assert batch is not None and batch.records()[0]["t"] == 2**63 + 5
+        assert batch is not None and [r["t"] for r in batch.records()] == [protocol.TIME_MAX]
         ov = await store.overview()  # brings the history up to the queue
-        assert ov["latest"]["SL-0001"]["t"]["t"] == 2**63 + 5
+        assert ov["latest"]["SL-0001"]["t"]["t"] == protocol.TIME_MAX
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await store.__aexit__()  # saves the newest values: the write that overflowed
+    db = sqlite3.connect(tmp_path / "p.sqlite")
+    try:
+        dead = db.execute("SELECT seq, kind, reason FROM dead_letters").fetchall()
+    finally:
+        db.close()
+    assert len(dead) == 1 and dead[0][:2] == (1, "pack") and "years 1 to 9999" in dead[0][2]
 
 
 # ------------------------------------------------------------------ properties

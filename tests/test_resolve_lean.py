@@ -51,8 +51,8 @@ def reference(payload: bytes, *, node: str | None = None) -> list[dict[str, Any]
         if not _number(bt) or not _number(t):
             raise FrameError("senml", f"{name}: time is not a number")
         r: dict[str, Any] = {"n": name, "t": bt + t}
-        if not _number(r["t"]):  # (added with the JSON text: inf is not JSON)
-            raise FrameError("senml", f"{name}: time is not a number")
+        if not protocol.TIME_MIN <= r["t"] <= protocol.TIME_MAX:  # (added later: dates)
+            raise FrameError("senml", f"{name}: time outside years 1 to 9999")
         unit = rec.get(1, bu)
         if unit is None:
             unit = _canonical_unit(name, prefix)

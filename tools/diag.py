@@ -261,7 +261,7 @@ def _command(args: argparse.Namespace) -> tuple[int, dict[int, Any], Any]:
     if a == "set-interval":
         try:
             ms = round(float(v or "") * 1000)
-        except ValueError:
+        except (ValueError, OverflowError):  # (round(inf) overflows; nan is a ValueError)
             raise nl.DiagError("set-interval needs seconds, e.g. `set-interval 60`") from None
         return (nl.OP_SET_INTERVAL, {1: ms},
                 lambda r: f"sampling every {r['interval_ms'] / 1000:g} s")
@@ -269,7 +269,10 @@ def _command(args: argparse.Namespace) -> tuple[int, dict[int, Any], Any]:
         return (nl.OP_SYNC_TIME, {1: time.time_ns() // 1_000_000},
                 lambda r: f"clock set (it was {(r['was_ms'] - r['now_ms']) / 1000:+.3f} s off)")
     if a == "identify":
-        s = int(v or 10)
+        try:
+            s = int(v or 10)
+        except ValueError:
+            raise nl.DiagError("identify takes whole seconds, e.g. `identify 30`") from None
         return nl.OP_IDENTIFY, {1: s}, lambda r: f"identifying for {r['identify_s']} s " \
             f"({'LED blinking' if r['how'] == 'led' else 'on its console: no LED on this board'})"
     if a == "reboot":

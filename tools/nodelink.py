@@ -107,8 +107,11 @@ def parse_status(body: bytes, key: bytes | None) -> Identity:
         verified = True
     if not isinstance(p, dict):
         raise FrameError("cbor", "STATUS payload is not a map")
+    reason, proto = p.get(5, 0), p.get(6, 0)
+    if type(reason) is not int or type(proto) is not int:  # before any MAC: anyone can send it
+        raise FrameError("cbor", "STATUS reason and protocol must be integers")
     return Identity(str(p.get(1, node)), str(p.get(2, "?")), str(p.get(3, "?")), floor,
-                    int(p.get(5, 0)), int(p.get(6, 0)), verified)
+                    reason, proto, verified)
 
 
 @dataclass

@@ -155,7 +155,11 @@ def step_key(p: Plan, dry: bool) -> list[str]:
     if dry:
         return [f"create a 256-bit key for {p.args.id} and add it to {keys_file} (mode 0600)"]
     p.key = os.urandom(32)
-    write_secret(keys_file, ps.keys_text(keys_file, p.args.id, p.key))
+    try:
+        text = ps.keys_text(keys_file, p.args.id, p.key)
+    except ValueError as e:
+        raise StepError(str(e), f"edit {keys_file}, then run this again") from None
+    write_secret(keys_file, text)
     load_keys(keys_file)  # what the gateway will read: check it now, not in the field
     return [f"{'replaced' if old else 'added'} the key of {p.args.id} in {keys_file} (mode 0600)"]
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ PROBE_SCRIPT = ("import sys, os\n"
                 " getattr(sys.implementation, '_mpy', 0), sys.platform, s[0] * s[3] // 1024)")
 _PROBE = re.compile(r"LANTERN-PROBE (\S+) (\d+) (\S+) (\d+)")
 _MPY_CROSS = re.compile(r"MicroPython v?(\S+?)[ ;+].*mpy-cross emitting mpy v(\d+)\.(\d+)")
-_KEY_LINE = r'^\s*"?{id}"?\s*=.*$'
+_KEY_LINE = r"""^\s*(?:"{id}"|'{id}'|{id})\s*=.*$"""  # TOML: basic, literal or bare key
 
 # Removes frames sealed under a replaced key: the gateway would refuse them forever, and they
 # would hold the node's send window. The sequence file stays, so numbers never repeat.
@@ -51,11 +52,22 @@ def keys_text(path: Path, node_id: str, key: bytes) -> str:
     text = path.read_text()
     pat = re.compile(_KEY_LINE.format(id=re.escape(node_id)), re.M)
     if pat.search(text):
-        return pat.sub(line, text, count=1)
-    m = re.search(r"^\[nodes\][ \t]*$", text, re.M)
-    if m is None:
-        return text.rstrip("\n") + f"\n\n[nodes]\n{line}\n"
-    return text[:m.end()] + "\n" + line + text[m.end():]
+        new = pat.sub(line, text, count=1)
+    elif (m := re.search(r"^\[nodes\][ \t]*(?:#.*)?$", text, re.M)) is None:
+        new = text.rstrip("\n") + f"\n\n[nodes]\n{line}\n"
+    else:
+        new = text[:m.end()] + "\n" + line + text[m.end():]
+    # the file is edited as text to keep its comments: check the result reads as meant
+    # before anything replaces the gateway's key file
+    try:
+        before = tomllib.loads(text).get("nodes", {})
+        after = tomllib.loads(new).get("nodes", {})
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML ({e}): fix it by hand first") from None
+    if after != {**before, node_id: key.hex()}:
+        raise ValueError(f"{path}: could not place the key of {node_id} under [nodes] without "
+                         "changing other lines (an unusual layout): add it by hand")
+    return new
 
 
 def link_for(board: dict[str, Any]) -> dict[str, Any]:

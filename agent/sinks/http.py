@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 
-from ..config import HttpSinkConfig
+from ..config import HttpSinkConfig, shown_url
 from ..resolved import Batch
 
 log = logging.getLogger("lantern.sink.http")
@@ -84,6 +84,8 @@ class HttpSink:
                 retry_after = None
                 if resp.status in (429, 503):
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                raise DeliveryError(f"HTTP {resp.status} from {self.cfg.url}", retry_after)
+                raise DeliveryError(f"HTTP {resp.status} from {shown_url(self.cfg.url)}",
+                                    retry_after)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise DeliveryError(f"{type(e).__name__} posting to {self.cfg.url}: {e}") from None
+            raise DeliveryError(f"{type(e).__name__} posting to {shown_url(self.cfg.url)}: "
+                                f"{e}") from None

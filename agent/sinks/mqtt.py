@@ -13,6 +13,7 @@ import json
 import logging
 import ssl
 import time
+from collections import Counter
 from typing import Any
 
 import aiomqtt
@@ -49,6 +50,7 @@ class MqttSink:
         self._password = cfg.password_file.read_text().strip() if cfg.password_file else None
         self.last_latency_s: float | None = None
         self.connects = 0
+        self.skipped: Counter[str] = Counter()  # readings no topic can carry, by reason
 
     async def __aenter__(self) -> MqttSink:
         return self
@@ -86,14 +88,35 @@ class MqttSink:
             with contextlib.suppress(aiomqtt.MqttError, OSError):
                 await client.__aexit__(None, None, None)
 
+    def _topic(self, record: dict[str, Any]) -> str | None:
+        """The record's topic; None (counted, logged once per reason) if it cannot have one."""
+        try:
+            node, measurement = split_name(record["n"])
+        except ValueError:
+            self._skip("name", f"{record['n']!r} is not a device reading's name")
+            return None
+        topic: str = self.cfg.topic.format(node=node, measurement=measurement)
+        if "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > 65535:
+            self._skip("topic", f"topic {topic!r} of {record['n']!r} is not a valid MQTT "
+                        "topic name (no + # or NUL, at most 65,535 bytes)")
+            return None
+        return topic
+
+    def _skip(self, reason: str, detail: str) -> None:
+        if not self.skipped[reason]:
+            log.warning("mqtt: a reading left out: %s (counted in "
+                        "lantern_sink_skipped_readings_total; logged once)", detail)
+        self.skipped[reason] += 1
+
     async def send(self, batch: Batch) -> None:
         client = await self._connect()
         t0 = time.monotonic()
         try:
             pubs = []
             for record in batch.records():
-                node, measurement = split_name(record["n"])
-                topic = self.cfg.topic.format(node=node, measurement=measurement)
+                topic = self._topic(record)
+                if topic is None:
+                    continue
                 pubs.append(client.publish(topic, payload(record, self.cfg.payload), qos=1,
                                            timeout=self.cfg.timeout_s))
             await asyncio.gather(*pubs)

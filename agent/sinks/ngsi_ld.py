@@ -11,11 +11,12 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
 
-from ..config import NgsiLdSinkConfig
+from ..config import NgsiLdSinkConfig, shown_url
 from ..ngsi import NodeMeta, entities, rounds
 from ..resolved import Batch
 from .http import DeliveryError, parse_retry_after
@@ -39,6 +40,7 @@ class NgsiLdSink:
             self._headers["Authorization"] = "Bearer " + cfg.token_file.read_text().strip()
         self.last_latency_s: float | None = None
         self.partial_failures = 0
+        self.skipped: Counter[str] = Counter()  # readings no entity can hold, by reason
 
     async def __aenter__(self) -> NgsiLdSink:
         self._session = aiohttp.ClientSession(
@@ -50,7 +52,12 @@ class NgsiLdSink:
             await self._session.close()
 
     async def send(self, batch: Batch) -> None:
-        ents = entities(batch.records(), self.nodes)
+        before = sum(self.skipped.values())
+        ents = entities(batch.records(), self.nodes, self.skipped)
+        if not before and self.skipped:
+            log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, or a "
+                        "time no DateTime can hold; counted in "
+                        "lantern_sink_skipped_readings_total, logged once", dict(self.skipped))
         for request in rounds(ents, self.cfg.batch_entities):
             await self._upsert(request)
 
@@ -86,9 +93,10 @@ class NgsiLdSink:
                 if resp.status in (429, 503):
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 detail = body[:200].decode(errors="replace")
-                raise DeliveryError(f"HTTP {resp.status} from {url}: {detail}", retry_after)
+                raise DeliveryError(f"HTTP {resp.status} from {shown_url(url)}: {detail}",
+                                    retry_after)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise DeliveryError(f"{type(e).__name__} posting to {url}: {e}") from None
+            raise DeliveryError(f"{type(e).__name__} posting to {shown_url(url)}: {e}") from None
 
 
 def _failed_ids(body: bytes, sent: set[str]) -> set[str]:
