@@ -535,4 +535,14 @@ def write_secret(path: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        try:
+            # a replaced file keeps its owner: `lantern provision` run as root must not take
+            # /etc/lantern/keys.toml away from the gateway's user
+            st = path.stat()
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            pass  # a new file: ours
+        f.flush()
+        os.fsync(f.fileno())  # the keys must be on disk before the old file is gone
     os.replace(tmp, path)

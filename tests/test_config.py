@@ -267,6 +267,19 @@ def test_write_secret_creates_a_0600_file(tmp_path: Path) -> None:
     assert sorted(x.name for x in tmp_path.iterdir()) == ["keys.toml"]
 
 
+def test_write_secret_keeps_the_owner_of_the_file_it_replaces(tmp_path: Path) -> None:
+    """`lantern provision` as root rewrites /etc/lantern/keys.toml, owned by the gateway's
+    user: the new file must stay theirs, or the gateway can no longer read its keys."""
+    p = tmp_path / "keys.toml"
+    write_secret(p, "old")
+    owner = (4242, 4243) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(p, *owner)
+    write_secret(p, f'[nodes]\n"SL-0001" = "{KEY_A}"\n')
+    st = p.stat()
+    assert (st.st_uid, st.st_gid) == owner and mode_of(p) == 0o600
+    assert load_keys(p) == {b"SL-0001": bytes.fromhex(KEY_A)}
+
+
 @pytest.mark.usefixtures("no_umask")
 def test_write_secret_replaces_an_open_file(tmp_path: Path) -> None:
     p = tmp_path / "token"
