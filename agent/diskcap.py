@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,8 @@ class DiskCap:
     live_bytes: int = 0
     high: int = 0
     low: int = 0
-    leases: dict[int, int] = field(default_factory=dict)  # batches out at a sink: first → last
+    # batches out at sinks, (first id, last id) → how many: two sinks may hold the same range
+    leases: Counter[tuple[int, int]] = field(default_factory=Counter)
     _page: int = 0
 
     def configure(self, db: sqlite3.Connection, max_bytes: int, policy: str) -> None:
@@ -116,7 +118,7 @@ class DiskCap:
         args: tuple[int, ...] = ()
         if table == "frames" and self.leases:
             cond = " AND ".join("NOT (id BETWEEN ? AND ?)" for _ in self.leases)
-            args = tuple(x for pair in self.leases.items() for x in pair)
+            args = tuple(x for pair in self.leases for x in pair)
         while live > self.low:
             # RETURNING: an evicted frame counts as the readings it held
             returning = " RETURNING readings" if table == "frames" else " RETURNING 1"
@@ -146,10 +148,14 @@ class DiskCap:
 
     def lease(self, first_id: int, last_id: int) -> None:
         """A sink holds these frames in a batch: eviction leaves them alone."""
-        self.leases[first_id] = last_id
+        self.leases[(first_id, last_id)] += 1
 
-    def release(self, first_id: int) -> None:
-        self.leases.pop(first_id, None)
+    def release(self, first_id: int, last_id: int) -> None:
+        """That sink is done with them (another sink may still hold the same range)."""
+        key = (first_id, last_id)
+        self.leases[key] -= 1
+        if self.leases[key] <= 0:
+            del self.leases[key]
 
 
 def disk_bytes(path: Path) -> int:

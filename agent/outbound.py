@@ -153,7 +153,7 @@ class Outbound:
         # (at least once; the reading ids make the repeat harmless upstream)
         self.store.transaction(work, durable=False)
         history.written()
-        self.store.cap.release(batch.first_id)
+        self.store.cap.release(batch.first_id, batch.last_id)
         self.store.cap.update(self.store.db)
 
     def cursor(self, sink: str) -> int:

@@ -102,6 +102,21 @@ async def test_eviction_spares_a_batch_a_sink_is_sending(tmp_path: Path) -> None
         assert len(queued(store.path)) + 70 + store.cap.evicted == 1500 * 7
 
 
+async def test_eviction_spares_a_batch_while_any_sink_still_sends_it(tmp_path: Path) -> None:
+    """Two sinks out with the same frames: one done must not lift the other's lease."""
+    async with capped(tmp_path, "evict_oldest") as store:
+        await fill(store, range(100))
+        mqtt = await store.next_batch(70)
+        http = await store.next_batch(70)
+        assert mqtt is not None and http is not None and mqtt.rids == http.rids
+        await store.delivered_to("mqtt", mqtt, ["mqtt", "http"])  # http still sending
+        await fill(store, range(100, 1500))
+        assert queued(store.path)[:70] == http.rids  # spared for the sink still sending
+        assert store.cap.evicted > 0
+        await store.delivered_to("http", http, ["mqtt", "http"])
+        assert store.cap.leases == {}
+
+
 async def test_pause_intake_then_resume_as_upstream_drains(tmp_path: Path) -> None:
     async with capped(tmp_path, "pause_intake") as store:
         most = await fill(store, range(5000), stop_when_paused=True)
