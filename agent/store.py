@@ -264,7 +264,14 @@ class Store:
                  for node, n in touched.items()])
 
         self.transaction(work)
-        self.cap.make_room(self.db)  # at the high mark now: pause before more frames are taken
+        # at the high mark now: pause before more frames are taken. The frames are committed
+        # whatever happens here, so a failure must not look like a failed commit (their ACKs
+        # would be held back): the next commit tries again, before it inserts
+        try:
+            self.cap.make_room(self.db)
+        except sqlite3.Error as e:
+            log.warning("store %s: frames committed, but making room after them failed (%s); "
+                        "tried again before the next commit", self.path, e)
 
     # ---- the way out (agent/outbound.py, on this thread)
 

@@ -418,3 +418,25 @@ def test_a_key_file_that_cannot_take_the_key_is_left_alone(tmp_path: Path) -> No
     keys.write_text('nodes = { "SL-0001" = "' + "11" * 32 + '" }\n')  # valid, but not lines
     with pytest.raises(ValueError, match="not valid TOML"):
         ps.keys_text(keys, "SL-0042", bytes(32))
+
+
+async def test_a_failure_after_the_commit_is_not_a_failed_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk cap's second look (after the frames are in) failing must not hold back their
+    ACKs: the frames are committed, and the caller must hear so."""
+    import sqlite3
+
+    async with Store(tmp_path / "q.sqlite") as store:
+        calls = 0
+        real = store.cap.make_room
+
+        def make_room(db: sqlite3.Connection) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the one after the transaction
+                raise sqlite3.OperationalError("database or disk is full")
+            real(db)
+
+        monkeypatch.setattr(store.cap, "make_room", make_room)
+        await _commit_pack(store, {}, 1, _good_pack(1))  # no exception: committed
+        assert calls == 2 and (await store.depth())[0] == 2
