@@ -184,3 +184,17 @@ def test_node_report_and_view() -> None:
 
 def test_jsonable() -> None:
     assert dv.jsonable({1: b"\x01\xff", "x": (1, [b""])}) == {"1": "01ff", "x": [1, [""]]}
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tok = tmp_path / "token"
+    tok.write_text("s3cret\n")
+    tok.chmod(0o644)
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "diag", "gateway", "--url",
+                        "http://127.0.0.1:9/", "--token-file", str(tok)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "lets other users read a secret" in r.stderr, r.stderr
+    assert "s3cret" not in r.stderr + r.stdout

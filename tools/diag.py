@@ -84,7 +84,16 @@ def gateway_main(args: argparse.Namespace) -> int:
             return dg.UNREACHABLE
         url, token_file = url or cfg_url, token_file or cfg_token
     url = url or dg.DEFAULT_URL
-    token = token_file.read_text().strip() if token_file else None
+    token = None
+    if token_file:
+        from agent.config import check_secret_file
+
+        try:  # a token others can read is refused here as the gateway refuses it
+            check_secret_file(token_file, "API token")
+        except ConfigError as e:
+            print(f"lantern diag: {e}", file=sys.stderr)
+            return dg.UNREACHABLE
+        token = token_file.read_text().strip()
     with _spinner(args, f"asking the gateway at {url}…"):
         rep = asyncio.run(dg.diagnose(url, token, args.timeout))
     if args.json:
