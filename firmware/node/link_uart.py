@@ -84,6 +84,13 @@ class UartLink:
             now = time.ticks_ms()
             wait = RTO_MAX_MS
             seqs = self._outbox.oldest(self._window)
+            if self._inflight:
+                # frames a full outbox dropped were in flight: forget them too, or a long
+                # gateway outage grows this map until the heap runs out (frames leave the
+                # outbox oldest first, and numbers never repeat)
+                first = seqs[0] if seqs else None
+                for seq in [s for s in self._inflight if first is None or s < first]:
+                    del self._inflight[seq]
             held = False
             for seq in seqs:
                 if seq - seqs[0] >= REPLAY_WINDOW:
@@ -98,6 +105,7 @@ class UartLink:
                     held = True
                 if left <= 0:
                     if seq not in self._outbox:
+                        self._inflight.pop(seq, None)
                         continue  # acknowledged while the previous one was going out
                     data = self._outbox.get(seq)
                     self._writer.write(frame.encode(frame.DATA, data))
