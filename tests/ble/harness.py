@@ -72,6 +72,21 @@ class SimHal:
         return [SimClimate(sum(node_id.encode()))]
 
 
+class Air(LocalLink):
+    """bumble's LocalLink, with a link-layer control PDU to a radio that is off lost, as on air.
+
+    bumble raises instead (ACL data it already drops), and it raises inside the sender's HCI
+    Disconnect, before the sender drops its side of the connection: a gateway that gave up on
+    a node during the node's power cut kept a stale connection to it, and that controller
+    then refused every later connect ("Connection for ... already exists?").
+    """
+
+    def send_ll_control_pdu(self, sender_address: Any, receiver_address: Any,
+                            packet: Any) -> None:
+        if self.find_le_controller(receiver_address) is not None:
+            super().send_ll_control_pdu(sender_address, receiver_address, packet)
+
+
 async def until(cond: Callable[[], bool], timeout: float, what: str,
                 every: float = 0.02) -> None:
     """Wait for a condition, failing with `what` after `timeout` seconds (CPU is shared)."""
@@ -161,7 +176,7 @@ class World:
     """Nodes, the gateway (in this process, on the same radio) and an HTTP upstream."""
 
     workdir: Path
-    link: LocalLink = field(default_factory=LocalLink)
+    link: LocalLink = field(default_factory=Air)
     nodes: list[BleNode] = field(default_factory=list)
     upstream: Upstream = field(default_factory=Upstream)
     adapter: Adapter | None = None
