@@ -3,7 +3,9 @@
 The node's CTRL characteristic takes `type | body` messages cut into segments, its DATA
 characteristic notifies answers the same way (docs/ble.md). This transport turns them into
 the UART's framing and back, so a NodeSession works unchanged over either link. It never
-writes an ACK: the node only drains its outbox to a key holder that asks with one.
+writes an ACK: the node only drains its outbox to a key holder that asks with one. The node
+keeps a central that is not draining it for `pull_timeout_ms` after its last accepted command
+(10 s by default); a dropped connection is reported as such, not as a silent node.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class BleTransport:
         self._deframer = protocol.Deframer()
         self._writes: asyncio.Queue[bytes] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._gone = asyncio.Event()
+        self._why = ""
 
     def _matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
         if ADDRESS.match(self.target):
@@ -73,7 +77,7 @@ class BleTransport:
         self.address = device.address
         self.name = f"BLE {self.target} ({device.address}, RSSI {self.rssi} dBm)"
         kw = {"backend": self._client_backend} if self._client_backend else {}
-        client = BleakClient(device, **kw)
+        client = BleakClient(device, disconnected_callback=self._dropped, **kw)
         try:
             # bumble (tests) can hang on a vanished peer: always bound the connect
             await asyncio.wait_for(client.connect(), 20)
@@ -86,6 +90,14 @@ class BleTransport:
         self._client = client
         self._writer = asyncio.create_task(self._write_loop())
 
+    def _dropped(self, _client: BleakClient | None = None, why: str = "") -> None:
+        if not self._gone.is_set():
+            self._why = why or (
+                f"{self.name}: the node dropped the connection (it lets a central that drains "
+                "nothing stay for its pull_timeout_ms, 10 s by default, after each accepted "
+                "command; or it went out of range or rebooted): run the command again")
+            self._gone.set()
+
     def _notified(self, _char: Any, seg: bytearray) -> None:
         try:
             msg = self._rx.feed(bytes(seg))
@@ -96,6 +108,8 @@ class BleTransport:
 
     def send(self, data: bytes) -> None:
         """UART-framed bytes from the session: each frame becomes one segmented message."""
+        if self._gone.is_set():
+            raise DiagError(self._why)
         for chunk in self._deframer.feed(data):
             if chunk is None:
                 continue
@@ -109,12 +123,33 @@ class BleTransport:
         size = max(self._client.mtu_size - 3, 20)
         while True:
             msg = await self._writes.get()
-            with contextlib.suppress(Exception):  # a lost write is a lost frame: retried
+            try:
                 for seg in segments(msg, size):
                     await self._client.write_gatt_char(CTRL_UUID, seg, response=True)
+            except Exception as e:  # said by the next recv, not lost in a timeout
+                if self._client.is_connected:
+                    self._dropped(why=f"{self.name}: a write to the node failed "
+                                  f"({type(e).__name__}: {e})")
+                else:
+                    self._dropped()
+                return
 
     async def recv(self, timeout: float) -> bytes:
-        return await asyncio.wait_for(self._q.get(), timeout)
+        if self._q.empty() and self._gone.is_set():
+            raise DiagError(self._why)
+        get = asyncio.ensure_future(self._q.get())
+        gone = asyncio.ensure_future(self._gone.wait())
+        try:
+            await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not get.done():
+                get.cancel()
+        if get.done() and not get.cancelled():
+            return get.result()
+        if self._gone.is_set():
+            raise DiagError(self._why)
+        raise TimeoutError
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -3,7 +3,8 @@
 The Lantern service (docs/ble.md): DATA notifies node → gateway messages, CTRL takes
 gateway → node writes, STATE (read/notify) holds the node's backlog. A message is
 `type | body` as on the UART, without COBS or CRC, cut into segments that fit the ATT MTU,
-each behind a header byte (bit 7: more follow; bits 0-6: index).
+each behind a header byte (bit 7: more follow; bits 0-6: index). The start ACK carries the
+nonce the node put in STATE for this connection, so a recorded one starts no drain elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ CTRL_UUID = "9f1c0003-6c61-6e74-6572-6e2d626c6501"
 STATE_UUID = "9f1c0004-6c61-6e74-6572-6e2d626c6501"
 SEG_MORE = 0x80
 MAX_SEGMENTS = 128
+ACK_NONCE = 3  # start ACK: the connection's nonce, from STATE (docs/ble.md)
+NONCE_LEN = 8
 
 
 def segments(msg: bytes, size: int) -> list[bytes]:
@@ -72,10 +75,20 @@ class Reassembler:
         return msg
 
 
-def start_message(key: bytes, node: str) -> bytes:
-    """An ACK naming no frame: authenticated, so only the key holder can start a drain."""
-    payload = cbor2.dumps({protocol.ACK_SEQS: [], protocol.ACK_TIME: time.time_ns() // 1_000_000},
-                          canonical=True)
+def state_nonce(data: bytes | bytearray) -> bytes | None:
+    """The connection nonce in a STATE value; None from a node before nonces (3 bytes)."""
+    if len(data) >= 3 + NONCE_LEN and data[0] == 1:
+        return bytes(data[3:3 + NONCE_LEN])
+    return None
+
+
+def start_message(key: bytes, node: str, nonce: bytes | None = None) -> bytes:
+    """An ACK naming no frame, bound to one connection by its nonce: only the key holder can
+    start a drain, and only on the connection it read the nonce from."""
+    ack: dict[int, Any] = {protocol.ACK_SEQS: [], protocol.ACK_TIME: time.time_ns() // 1_000_000}
+    if nonce is not None:
+        ack[ACK_NONCE] = nonce
+    payload = cbor2.dumps(ack, canonical=True)
     return bytes((protocol.ACK,)) + protocol.create_mac0(key, node.encode(), 0, payload)
 
 
@@ -95,6 +108,7 @@ class NodeSession:
         self._progress = asyncio.Event()
         self._error: BaseException | None = None
         self.backlog: int | None = None
+        self.nonce: bytes | None = None  # the one our last start ACK carried
         self.open = False
         self.frames = 0
         self.bytes_in = 0
@@ -127,7 +141,16 @@ class NodeSession:
     def _on_state(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
         if len(data) >= 3 and data[0] == 1:
             self.backlog = int.from_bytes(data[1:3], "little")
+            nonce = state_nonce(data)
+            if nonce is not None and nonce != self.nonce and self.open:
+                # our start carried another nonce (read before the node had set this
+                # connection's): the node tells us the right one, start again with it
+                self._start(nonce)
             self._progress.set()
+
+    def _start(self, nonce: bytes | None) -> None:
+        self.nonce = nonce
+        self._out.put_nowait(start_message(self._key, self.node, nonce))
 
     async def _writer(self, client: BleakClient, ctrl: BleakGATTCharacteristic) -> None:
         try:
@@ -158,7 +181,7 @@ class NodeSession:
         try:
             await client.start_notify(chars[DATA_UUID], self._on_data)
             await client.start_notify(chars[STATE_UUID], self._on_state)
-            self._out.put_nowait(start_message(self._key, self.node))
+            self._start(state_nonce(await client.read_gatt_char(chars[STATE_UUID])))
             deadline = time.monotonic() + max_s
             while True:
                 if self._error is not None:

@@ -35,13 +35,14 @@ WRITE = const(3)
 
 
 class Connection:
-    """A central connected to us: its handle, address and negotiated ATT MTU."""
+    """A central connected to us: its handle, address, negotiated ATT MTU and nonce."""
 
     def __init__(self, handle, addr):
         self.handle = handle
         self.addr = addr
         self.mtu = ATT_DEFAULT_MTU
         self.connected = True
+        self.nonce = None  # set by the link: binds a drain's start to this connection
 
 
 class Peripheral:

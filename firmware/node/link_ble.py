@@ -3,11 +3,12 @@
 On air, two adverts take turns: BTHome v2 (any receiver shows the values) and the Lantern
 advert (service data under the Lantern UUID: backlog count and a 4-byte node tag), which tells
 a gateway that this node has frames waiting. The gateway connects, subscribes, and writes an
-authenticated ACK (possibly acknowledging nothing) to start the drain; DATA frames then go out
-as notifications, up to `window` in flight, until ACKs written back name their sequence
-numbers. Frames stay in the outbox until then, so a drain cut by a lost connection resumes
-with the next one. Messages are `type | body` as on the UART (docs/protocol.md), without COBS
-or CRC (the BLE link layer checks its own), split into segments that fit the ATT MTU.
+authenticated start ACK carrying the connection's nonce (read from STATE) to start the drain;
+DATA frames then go out as notifications, up to `window` in flight, until ACKs written back
+name their sequence numbers. Frames stay in the outbox until then, so a drain cut by a lost
+connection resumes with the next one. Messages are `type | body` as on the UART
+(docs/protocol.md), without COBS or CRC (the BLE link layer checks its own), split into
+segments that fit the ATT MTU.
 """
 
 import asyncio
@@ -30,12 +31,15 @@ except ImportError:  # CPython
 SERVICE_UUID = "9f1c0001-6c61-6e74-6572-6e2d626c6501"
 DATA_UUID = "9f1c0002-6c61-6e74-6572-6e2d626c6501"  # notify: node -> gateway messages
 CTRL_UUID = "9f1c0003-6c61-6e74-6572-6e2d626c6501"  # write: gateway -> node messages
-STATE_UUID = "9f1c0004-6c61-6e74-6572-6e2d626c6501"  # read/notify: version, backlog (u16 LE)
+# read/notify: version, backlog (u16 LE), the connection's nonce (NONCE_LEN bytes)
+STATE_UUID = "9f1c0004-6c61-6e74-6572-6e2d626c6501"
 VERSION = const(1)
 
 SEG_MORE = const(0x80)  # segment header: bit 7 = more segments follow, bits 0-6 = index
 ACK_SEQS = const(1)
 ACK_TIME = const(2)
+ACK_NONCE = const(3)  # in a start ACK: the nonce of the connection it starts a drain on
+NONCE_LEN = const(8)
 RTO_MAX_MS = const(30000)
 REPLAY_WINDOW = const(64)  # the gateway's replay window (docs/protocol.md)
 _CTRL_BUFFER = const(512)
@@ -128,7 +132,8 @@ class LinkStats:
         self.acked = 0
         self.bad_acks = 0
         self.rx_errors = 0
-        self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
+        self.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
+        self.last_ack_ms = None  # ticks_ms of the last start or ACK of a frame in flight
         self.adverts = 0
         self.connects = 0
         self.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
@@ -163,6 +168,10 @@ class BleLink:
         self._packet_id = 0
         self._latest = {}
         self._pull = None  # the connection draining the outbox
+        self._pull_ms = 0  # ticks_ms of the puller's start or last ACK of a frame in flight
+        self._nonce = b""  # the newest connection's nonce, in the STATE value centrals read
+        self._restate = []  # connections to tell their nonce (their start ACK had another)
+        self._logged = False  # the first exception in _events is printed, later ones counted
         self._since = {}  # connection handle -> ticks_ms when it connected
         self._rx = {}  # connection handle -> Reassembler
         self._inflight = {}  # seq -> (due ticks_ms, attempts)
@@ -216,9 +225,8 @@ class BleLink:
                 if self._pull is not None and self._pull.handle == h:
                     # nor one that stopped acknowledging mid-drain (its gateway hung): while
                     # it holds the connection, no gateway can drain this node
-                    last = self.stats.last_ack_ms
-                    if len(self._outbox) and last is not None and \
-                            time.ticks_diff(now, last) > self._ack_timeout:
+                    if len(self._outbox) and \
+                            time.ticks_diff(now, self._pull_ms) > self._ack_timeout:
                         self.stats.dropped_pullers += 1
                         self._p.disconnect(h)
                         del self._since[h]
@@ -244,22 +252,34 @@ class BleLink:
 
     async def _events(self):
         while True:
-            for kind, conn, detail in await self._p.events():
-                if kind == CONNECT:
-                    self.stats.connects += 1
-                    self._rx[conn.handle] = Reassembler()
-                    self._since[conn.handle] = time.ticks_ms()
-                elif kind == DISCONNECT:
-                    self._rx.pop(conn.handle, None)
-                    self._since.pop(conn.handle, None)
-                    if conn is self._pull:
-                        # unacknowledged frames stay in the outbox: the next drain resends them
-                        self._pull = None
-                        self._inflight = {}
-                    self._readv.set()
-                    self._wake.set()
-                elif kind == WRITE and detail[0] == self._h_ctrl:
-                    self._on_segment(conn, detail[1])
+            for event in await self._p.events():
+                try:
+                    self._on_event(*event)
+                except Exception as e:  # noqa: BLE001 - this task must outlive any write
+                    self.stats.rx_errors += 1
+                    if not self._logged:
+                        self._logged = True
+                        print("ble event failed: %r (later ones only counted)" % (e,))
+
+    def _on_event(self, kind, conn, detail):
+        if kind == CONNECT:
+            self.stats.connects += 1
+            self._rx[conn.handle] = Reassembler()
+            self._since[conn.handle] = time.ticks_ms()
+            # a start ACK must carry this: one recorded on another connection starts nothing
+            conn.nonce = self._nonce = os.urandom(NONCE_LEN)
+            self._p.write_local(self._h_state, self._state_value(self._nonce))
+        elif kind == DISCONNECT:
+            self._rx.pop(conn.handle, None)
+            self._since.pop(conn.handle, None)
+            if conn is self._pull:
+                # unacknowledged frames stay in the outbox: the next drain resends them
+                self._pull = None
+                self._inflight = {}
+            self._readv.set()
+            self._wake.set()
+        elif kind == WRITE and detail[0] == self._h_ctrl:
+            self._on_segment(conn, detail[1])
 
     def _on_segment(self, conn, seg):
         rx = self._rx.get(conn.handle)
@@ -277,6 +297,10 @@ class BleLink:
         elif len(msg) >= 1 and msg[0] == frame.COMMAND and self.commands is not None:
             for ftype, body, after in self.commands.handle(msg[1:]):
                 self._answers.append((conn, ftype, body, after))
+                if ftype == frame.REPLY and conn.handle in self._since:
+                    # a REPLY answers only a command that verified and passed the counter
+                    # check (commands.py): a key holder (a diagnostic tool) may stay
+                    self._since[conn.handle] = time.ticks_ms()
             self._wake.set()
         else:
             self.stats.rx_errors += 1
@@ -288,24 +312,47 @@ class BleLink:
                 raise cose.CoseError("ack for another node")
             ack = cbor.loads(payload)
             seqs = ack[ACK_SEQS]
+            if not isinstance(seqs, list):
+                raise TypeError("seqs")
+            for seq in seqs:
+                if not isinstance(seq, int):
+                    raise TypeError("seq")
             gw_ms = ack.get(ACK_TIME)
-        except (ValueError, KeyError, TypeError, AttributeError):
+            nonce = ack.get(ACK_NONCE)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             self.stats.bad_acks += 1
             return
-        self.stats.last_ack_ms = time.ticks_ms()
+        now = time.ticks_ms()
         if self._pull is not conn:
-            # only the gateway holds the key: its ACK, even an empty one, starts the drain
-            self._pull = conn
-            self._inflight = {}
-            self._state = None
+            if nonce is not None and nonce == conn.nonce:
+                # only the gateway holds the key, and the nonce is this connection's: the
+                # gateway wrote this start here, now (not a recording from elsewhere)
+                self._pull = conn
+                self._pull_ms = now
+                self.stats.last_ack_ms = now
+                self._inflight = {}
+                self._state = None
+            elif not seqs:
+                # replayed, or its gateway read a stale nonce: tell it this connection's
+                self.stats.bad_starts += 1
+                if conn not in self._restate:
+                    self._restate.append(conn)
+                self._wake.set()
+                return
         fresh = False
         for seq in seqs:
+            # an authentic ACK removes what it names, whoever writes it
             if self._inflight.pop(seq, None) is not None:
                 fresh = True
             if self._outbox.remove(seq):
                 self.stats.acked += 1
-        if fresh and isinstance(gw_ms, int):
-            self._clock.set_ms(gw_ms)
+        if fresh:
+            # only news keeps a puller: a replayed ACK names no frame in flight
+            if conn is self._pull:
+                self._pull_ms = now
+            self.stats.last_ack_ms = now
+            if isinstance(gw_ms, int):
+                self._clock.set_ms(gw_ms)
         self._wake.set()
 
     # -- sending ------------------------------------------------------------------------
@@ -333,13 +380,18 @@ class BleLink:
                 return True
             idx += 1
 
-    async def _publish_state(self, conn):
+    def _state_value(self, nonce):
         n = len(self._outbox)
         n = n if n < 0xFFFF else 0xFFFF
-        state = bytes((VERSION, n & 0xFF, n >> 8))
+        return bytes((VERSION, n & 0xFF, n >> 8)) + nonce
+
+    async def _publish_state(self, conn):
+        state = self._state_value(self._nonce)
         if state != self._state:
             self._p.write_local(self._h_state, state)
-            if conn is None or await self._p.notify(conn, self._h_state, state):
+            # a notification goes to one connection: it carries that connection's nonce
+            if conn is None or await self._p.notify(
+                    conn, self._h_state, self._state_value(conn.nonce)):
                 self._state = state
 
     async def _tx(self):
@@ -350,6 +402,9 @@ class BleLink:
                 to, ftype, body, after = self._answers.pop(0)
                 if await self._send(to, ftype, body) and after:
                     after()
+            while self._restate:
+                to = self._restate.pop(0)
+                await self._p.notify(to, self._h_state, self._state_value(to.nonce))
             conn = self._pull
             wait = RTO_MAX_MS
             if conn is not None and conn.connected:

@@ -18,6 +18,7 @@ from agent.links.ble_session import (
     STATE_UUID,
     segments,
     start_message,
+    state_nonce,
 )
 
 from .bleak_bumble import Adapter
@@ -82,7 +83,8 @@ async def test_a_puller_that_stops_acknowledging_is_dropped(world: World) -> Non
     got: list[bytes] = []
     await client.start_notify(DATA_UUID, lambda _c, d: got.append(bytes(d)))
     size = client.services.get_characteristic(CTRL_UUID).max_write_without_response_size
-    for seg in segments(start_message(node.key, node.node_id), size):
+    nonce = state_nonce(await client.read_gatt_char(STATE_UUID))
+    for seg in segments(start_message(node.key, node.node_id, nonce), size):
         await client.write_gatt_char(CTRL_UUID, seg, response=True)
     await until(lambda: got, 30, "the drain to start")
     await until(lambda: not client.is_connected, 60, "the node to drop the silent puller")
@@ -97,7 +99,7 @@ async def test_a_puller_that_stops_acknowledging_is_dropped(world: World) -> Non
 class Spoofer:
     """A device that claims to be a Lantern node and plays back frames it recorded on air."""
 
-    def __init__(self, chip: Any, node: str, frames: list[bytes]) -> None:
+    def __init__(self, chip: Any, node: str, frames: list[bytes], nonce: bytes = b"") -> None:
         self.chip = chip
         self.node = node
         self.frames = frames
@@ -110,7 +112,7 @@ class Spoofer:
                                    gatt.CharacteristicValue(write=self._on_write))
         state = gatt.Characteristic(STATE_UUID, props.READ | props.NOTIFY,
                                     gatt.Characteristic.READABLE,
-                                    bytes((1, len(frames) & 0xFF, len(frames) >> 8)))
+                                    bytes((1, len(frames) & 0xFF, len(frames) >> 8)) + nonce)
         chip.device.add_service(gatt.Service(SERVICE_UUID, [self.data, ctrl, state]))
 
     def _on_write(self, conn: Connection, _value: bytes) -> None:

@@ -38,6 +38,9 @@ class LosingClient:
     async def start_notify(self, _char: Char, _callback: Any) -> None:
         return None
 
+    async def read_gatt_char(self, _char: Char) -> bytearray:
+        return bytearray(b"\x01\x05\x00" + bytes(8))  # STATE: 5 frames, the nonce
+
     async def write_gatt_char(self, _char: Char, _data: bytes, response: bool) -> None:
         assert response
         self.writes += 1

@@ -149,6 +149,11 @@ class BLE:
     # -- the stack's own work, in order, off the caller's path (as a real controller) ------
 
     def _submit(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._worker is not None and self._worker.done():
+            # the stack went away (the test is ending) while the firmware still runs: nothing
+            # will run this, and unawaited it would warn in whichever test collects it
+            coro.close()
+            return
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         self._ops.put_nowait(coro)
