@@ -167,18 +167,7 @@ class Store:
         self._db = db
 
     def _check_schema(self, db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if version == SCHEMA_VERSION or (version == 0 and "readings" not in tables):
-            return
-        made_by = ("an earlier Lantern (a row per reading)" if version == 0
-                   else f"a newer Lantern (layout {version})" if version > SCHEMA_VERSION
-                   else f"an unknown layout {version}")
-        raise ConfigError(
-            f"{self.path}: this queue was written by {made_by}; this gateway keeps layout "
-            f"{SCHEMA_VERSION} (a row per frame) and does not convert it. Nothing was changed. "
-            "Let the version that wrote it deliver its queue first, then move the file away "
-            "(or move it away now: the readings still queued in it are then not sent)")
+        check_layout(self.path, db)
 
     def _close(self) -> None:
         if self._db is not None:
@@ -335,3 +324,28 @@ class Store:
                               for node in nodes},
                 "dead_letters": db.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
                 "recent_rows": self.history.rows(db)}
+
+
+def check_layout(path: Path, db: sqlite3.Connection | None = None) -> None:
+    """ConfigError if the queue at `path` has a layout this gateway does not keep."""
+    if db is None:
+        if not path.exists():
+            return
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            check_layout(path, conn)
+        finally:
+            conn.close()
+        return
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == SCHEMA_VERSION or (version == 0 and "readings" not in tables):
+        return
+    made_by = ("an earlier Lantern (a row per reading)" if version == 0
+               else f"a newer Lantern (layout {version})" if version > SCHEMA_VERSION
+               else f"an unknown layout {version}")
+    raise ConfigError(
+        f"{path}: this queue was written by {made_by}; this gateway keeps layout "
+        f"{SCHEMA_VERSION} (a row per frame) and does not convert it. Nothing was changed. "
+        "Let the version that wrote it deliver its queue first, then move the file away "
+        "(or move it away now: the readings still queued in it are then not sent)")

@@ -246,6 +246,25 @@ async def test_a_queue_of_the_earlier_layout_is_refused_untouched(tmp_path: Path
     assert raw(path, "SELECT rid FROM readings") == [("SL-0001:1:0",)]
 
 
+def test_the_demo_moves_an_earlier_queue_aside_and_starts_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A deployed gateway refuses it (above); `make demo` after an upgrade must still run."""
+    from tools.demo import _fresh_queue_if_old
+
+    state = tmp_path / "gateway-state"
+    state.mkdir()
+    _old_queue(state / "queue.sqlite")
+    before = (state / "queue.sqlite").read_bytes()
+    _fresh_queue_if_old(state)
+    assert not state.exists()
+    [aside] = tmp_path.glob("gateway-state.old-*")
+    assert (aside / "queue.sqlite").read_bytes() == before  # kept, untouched
+    assert "earlier Lantern" in capsys.readouterr().out
+    state.mkdir()
+    _fresh_queue_if_old(state)  # an empty state dir, or a queue of this layout: left alone
+    assert state.exists() and len(list(tmp_path.glob("gateway-state.old-*"))) == 1
+
+
 async def test_a_queue_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "queue.sqlite"
     db = sqlite3.connect(path)

@@ -38,6 +38,24 @@ def _show(records: list[dict[str, Any]]) -> None:
               flush=True)
 
 
+def _fresh_queue_if_old(state: Path) -> None:
+    """The demo keeps its queue between runs; one an earlier Lantern wrote is moved aside.
+
+    A deployed gateway refuses such a queue and changes nothing (agent/store.py); the demo's
+    readings are the demo's, so after an upgrade it starts again rather than stop.
+    """
+    from agent.errors import ConfigError
+    from agent.store import check_layout
+
+    try:
+        check_layout(state / "queue.sqlite")
+    except ConfigError as e:
+        aside = state.with_name(f"{state.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        state.rename(aside)
+        print(f"{e.args[0].split(';')[0]}: the demo moved it to {aside} and starts with an "
+              "empty queue", flush=True)
+
+
 async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +68,7 @@ async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> 
         node.write_config()
     keys_file = workdir / "keys.toml"
     write_secret(keys_file, keys_toml(nodes))
+    _fresh_queue_if_old(workdir / "gateway-state")
     gw_cfg = workdir / "gateway.toml"
     api_port = _api_port()
     gw_cfg.write_text(gateway_toml(workdir / "gateway-state", keys_file,
