@@ -185,6 +185,9 @@ class BumbleClient(BaseBleakClient):
             conn = await asyncio.wait_for(a.device.connect(Address(self.address)), self._timeout)
         except (TimeoutError, core.BaseBumbleError) as e:
             raise BleakError(f"connect to {self.address} failed: {e!r}") from e
+        if a.device.connections.get(conn.handle) is not conn:
+            # already gone: the link failed to be established (Disconnection Complete 0x3E)
+            raise BleakError(f"connect to {self.address} failed: device disconnected")
         self._conn = conn
         a.connects += 1
         a._open.add(id(conn))
@@ -210,6 +213,15 @@ class BumbleClient(BaseBleakClient):
                                                                     bc))
             self._peer = peer
             self.services = services
+        except asyncio.CancelledError:
+            # bumble cancels the pending GATT request when the link drops (as a node that
+            # missed the connect request makes it): that is a failed connect, as BlueZ
+            # reports it; only a cancel of this task itself goes on as a cancel
+            task = asyncio.current_task()
+            if self._conn is conn or (task is not None and task.cancelling()):
+                raise
+            raise BleakError(f"failed to discover services on {self.address}, "
+                             "device disconnected") from None
         except (core.BaseBumbleError, TimeoutError) as e:
             await self.disconnect()
             raise BleakError(f"GATT setup with {self.address} failed: {e!r}") from e

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from bumble import hci, ll
+from bumble.controller import Controller
 from bumble.link import LocalLink
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -73,18 +75,62 @@ class SimHal:
 
 
 class Air(LocalLink):
-    """bumble's LocalLink, with a link-layer control PDU to a radio that is off lost, as on air.
+    """bumble's LocalLink, with two link-layer events as they happen on air.
 
-    bumble raises instead (ACL data it already drops), and it raises inside the sender's HCI
-    Disconnect, before the sender drops its side of the connection: a gateway that gave up on
-    a node during the node's power cut kept a stale connection to it, and that controller
-    then refused every later connect ("Connection for ... already exists?").
+    A control PDU to a radio that is off is lost. bumble raises instead (ACL data it already
+    drops), and it raises inside the sender's HCI Disconnect, before the sender drops its side
+    of the connection: a gateway that gave up on a node during the node's power cut kept a
+    stale connection to it, and that controller then refused every later connect
+    ("Connection for ... already exists?").
+
+    A connection request (CONNECT_IND) no advertiser takes fails to be established. bumble's
+    initiator reports the connection made as it sends the request, and a node whose advertiser
+    is off just then (start_advertising disables the old one over several HCI round trips,
+    each time the firmware rotates its advert) ignores it: the gateway held a connection the
+    node never had, until its own connect timeout. A real initiator hears nothing in the
+    first 6 connection intervals and reports Disconnection Complete, reason 0x3E "connection
+    failed to be established" (Core spec Vol 6 Part B 4.5.2); so does this link.
+    `refused_connects` counts those requests.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused_connects = 0
 
     def send_ll_control_pdu(self, sender_address: Any, receiver_address: Any,
                             packet: Any) -> None:
         if self.find_le_controller(receiver_address) is not None:
             super().send_ll_control_pdu(sender_address, receiver_address, packet)
+
+    def send_advertising_pdu(self, sender_controller: Controller,
+                             packet: ll.AdvertisingPdu) -> None:
+        if not isinstance(packet, ll.ConnectInd):
+            super().send_advertising_pdu(sender_controller, packet)
+            return
+        # the initiator has just added its side of the connection (bumble's create_le_connection)
+        conn = sender_controller.le_connections.get(packet.advertiser_address)
+        asyncio.get_running_loop().call_soon(self._connect_ind, sender_controller, conn, packet)
+
+    def _connect_ind(self, initiator: Controller, conn: Any, packet: ll.ConnectInd) -> None:
+        """Deliver a CONNECT_IND; if no controller took it, fail the initiator's side."""
+        peers = {c: c.le_connections.get(packet.initiator_address)
+                 for c in self.controllers if c is not initiator}
+        for c in peers:
+            c.on_ll_advertising_pdu(packet)
+        for c, old in peers.items():
+            new = c.le_connections.get(packet.initiator_address)
+            if new is not None and new is not old:
+                return  # an advertiser took it
+        self.refused_connects += 1
+        interval_s = max(packet.interval, 6) * 1.25e-3
+        asyncio.get_running_loop().call_later(6 * interval_s, self._not_established, initiator,
+                                              conn, packet.advertiser_address)
+
+    @staticmethod
+    def _not_established(initiator: Controller, conn: Any, peer: Any) -> None:
+        if conn is not None and initiator.le_connections.get(peer) is conn:  # not gone already
+            initiator.on_le_disconnected(
+                conn, hci.HCI_ErrorCode.CONNECTION_FAILED_TO_BE_ESTABLISHED_ERROR)
 
 
 async def until(cond: Callable[[], bool], timeout: float, what: str,
@@ -176,7 +222,7 @@ class World:
     """Nodes, the gateway (in this process, on the same radio) and an HTTP upstream."""
 
     workdir: Path
-    link: LocalLink = field(default_factory=Air)
+    link: Air = field(default_factory=Air)
     nodes: list[BleNode] = field(default_factory=list)
     upstream: Upstream = field(default_factory=Upstream)
     adapter: Adapter | None = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from bleak.exc import BleakError
 
 from .bleak_bumble import Adapter
 from .harness import World, ble_metrics, check_exported, senml_seqs, until
@@ -42,16 +45,45 @@ async def test_refused_connects_are_retried_with_backoff(world: World) -> None:
     await until(lambda: all_delivered(world, 30), 120, "every backlog drained despite refusals")
     ble = world.ble
     await until(lambda: not ble.sessions, 30, "the last session to end")
-    assert ble.stats["session_failures"] == 4 and adapter.fail_connects == 0
+    # plus any connect request a node missed while re-advertising (the radio refused it)
+    failures = 4 + world.link.refused_connects
+    assert ble.stats["session_failures"] == failures and adapter.fail_connects == 0
     assert ble.stats["drains"] >= 2 and world.upstream.duplicates == 0
     # the same counters on /metrics, as Prometheus reads them
     before = dict(ble.stats)
     scraped = ble_metrics(await world.scrape(), ble.name)
     check_exported(before, scraped, dict(ble.stats))
-    assert scraped["session_failures"] == 4 and scraped["connects"] >= 6
+    assert scraped["session_failures"] == failures and scraped["connects"] >= 2 + failures
     assert scraped["drains"] >= 2 and scraped["frames"] >= 60
     assert scraped["scanner_starts"] >= 1 and "scanner_restarts" in scraped
     assert scraped["rejected_advert_replay"] == 0  # every kind there from the start
+
+
+async def test_connect_request_the_node_missed_fails_the_connect(world: World) -> None:
+    """A node's advertiser is off as the request comes (it re-advertises every rotate_ms):
+    the connect fails with BleakError, as on a real radio, and the next one is taken."""
+    await backlog(world, 1, 5)
+    node = world.nodes[0]
+    ctrl = node.chip.controller
+    take, missed = ctrl.on_le_connect_ind, []
+
+    def miss_first(packet: Any) -> None:
+        if missed:
+            take(packet)
+        else:
+            missed.append(packet)
+
+    ctrl.on_le_connect_ind = miss_first
+    adapter = Adapter(world.link)
+    client = adapter.backend()[1](node.address, timeout=5.0)
+    with pytest.raises(BleakError, match="device disconnected"):
+        await client.connect(pair=False)
+    assert len(missed) == 1 and world.link.refused_connects == 1
+    assert not client.is_connected and not adapter.device.connections
+    assert not adapter.controller.le_connections
+    await client.connect(pair=False)
+    assert client.is_connected and client.mtu_size > 23 and world.link.refused_connects == 1
+    await client.disconnect()
 
 
 async def test_scanner_that_will_not_start_is_retried(world: World) -> None:
