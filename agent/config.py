@@ -327,9 +327,9 @@ def _ble(doc: _Doc, links: dict[str, Any], base: Path) -> tuple[BleLinkConfig, .
             kf = doc.get(dv, "bindkey_file", f"{dkey}.bindkey_file", str, None)
             bindkey = None
             if kf:
-                check_secret_file(base / kf, f"{dkey}.bindkey_file")
+                text = check_secret_file(base / kf, f"{dkey}.bindkey_file")
                 try:
-                    bindkey = bytes.fromhex((base / kf).read_text().strip())
+                    bindkey = bytes.fromhex(text.strip())
                 except ValueError:
                     bindkey = b""
                 if len(bindkey) != 16:
@@ -376,8 +376,7 @@ def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
                      lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
         token_file=base / token if token else None)
     if cfg.token_file:
-        check_secret_file(cfg.token_file, "api.token_file")
-        if not cfg.token_file.read_text().strip():
+        if not check_secret_file(cfg.token_file, "api.token_file").strip():
             raise doc.error("api.token_file", f"{cfg.token_file} is empty; put a long random "
                             "token in it (e.g. `openssl rand -hex 32`)")
     elif cfg.enabled and not _loopback(cfg.host):
@@ -488,8 +487,8 @@ def _nodes(doc: _Doc, nodes: dict[str, Any]) -> dict[str, NodeMeta]:
     return out
 
 
-def check_secret_file(path: Path, what: str) -> None:
-    """Refuse a secret that other users can read, saying how to fix it."""
+def check_secret_file(path: Path, what: str) -> str:
+    """A secret's text; refused (saying how to fix it) if other users can read it."""
     try:
         st = path.stat()
     except OSError as e:
@@ -500,7 +499,7 @@ def check_secret_file(path: Path, what: str) -> None:
             f"secret; run: chmod 600 {path}")
     # read it now, so `check-config` finds what the service would stumble on later
     try:
-        path.read_bytes().decode()
+        return path.read_bytes().decode()
     except OSError as e:
         raise ConfigError(f"{path}: {what}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:

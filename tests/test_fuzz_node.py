@@ -41,6 +41,7 @@ from node import frame
 from node.link_uart import UartLink
 
 class Outbox:
+    evicted = 0
     def __init__(self): self.seqs = set()
     def remove(self, seq):
         if seq in self.seqs:

@@ -89,11 +89,10 @@ def gateway_main(args: argparse.Namespace) -> int:
         from agent.config import check_secret_file
 
         try:  # a token others can read is refused here as the gateway refuses it
-            check_secret_file(token_file, "API token")
+            token = check_secret_file(token_file, "API token").strip()
         except ConfigError as e:
             print(f"lantern diag: {e}", file=sys.stderr)
             return dg.UNREACHABLE
-        token = token_file.read_text().strip()
     with _spinner(args, f"asking the gateway at {url}…"):
         rep = asyncio.run(dg.diagnose(url, token, args.timeout))
     if args.json:
@@ -115,8 +114,7 @@ def load_node_keys(args: argparse.Namespace) -> dict[str, bytes]:
     if args.key_file:
         from agent.config import check_secret_file
 
-        check_secret_file(args.key_file, "node key")
-        text = args.key_file.read_text().strip()
+        text = check_secret_file(args.key_file, "node key").strip()
         try:
             key = bytes.fromhex(text)
         except ValueError:

@@ -50,6 +50,7 @@ class UartLink:
         self._window = window
         self._rto = rto_ms
         self._inflight = {}  # seq -> (due ticks_ms, attempts)
+        self._evicted = outbox.evicted  # the outbox's drop count when _inflight was last pruned
         self._wake = asyncio.Event()
         self.stats = LinkStats()
         self.commands = None  # node.commands.Commands, set by the node to answer diagnostics
@@ -84,10 +85,11 @@ class UartLink:
             now = time.ticks_ms()
             wait = RTO_MAX_MS
             seqs = self._outbox.oldest(self._window)
-            if self._inflight:
-                # frames a full outbox dropped were in flight: forget them too, or a long
-                # gateway outage grows this map until the heap runs out (frames leave the
-                # outbox oldest first, and numbers never repeat)
+            if self._outbox.evicted != self._evicted:
+                # frames a full outbox dropped may have been in flight: forget them too, or a
+                # long gateway outage grows this map until the heap runs out (frames leave
+                # the outbox oldest first, and numbers never repeat)
+                self._evicted = self._outbox.evicted
                 first = seqs[0] if seqs else None
                 for seq in [s for s in self._inflight if first is None or s < first]:
                     del self._inflight[seq]

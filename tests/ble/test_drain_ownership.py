@@ -51,13 +51,28 @@ async def _write(client: BleakClient, msg: bytes) -> None:
         await client.write_gatt_char(CTRL_UUID, seg, response=True)
 
 
+async def _connected_with_backlog(world: Any, node: Any, frames: int,
+                                  address: str) -> tuple[BleakClient, Any]:
+    """Start the node, wait for `frames` in its outbox, connect a central at `address`.
+
+    Returns the client and its adapter (kept by the caller as long as the client lives)."""
+    from .bleak_bumble import Adapter
+    from .harness import until
+
+    await node.start(world.link)
+    await until(lambda: len(node.outbox) == frames, 60, "the backlog")
+    adapter = Adapter(world.link, address)
+    client = BleakClient(node.address, backend=adapter.backend()[1])
+    await client.connect()
+    return client, adapter
+
+
 # --- 2. BLE: a start ACK obtained from the gateway lets anyone hold the node ---------------
 
 @pytest.mark.ble_virtual
 @pytest.mark.timeout(240)
 async def test_a_replayed_start_ack_does_not_let_a_stranger_hold_the_node(tmp_path: Path) -> None:
-    from .bleak_bumble import Adapter  # noqa: I001 - the harness must come first
-    from .harness import World, senml_seqs, until
+    from .harness import World, senml_seqs, until  # noqa: I001 - the harness must come first
     from .test_frames import Spoofer
 
     from bluetooth import Chip  # tests/ble/upy, on sys.path once the harness is imported
@@ -92,11 +107,7 @@ async def test_a_replayed_start_ack_does_not_let_a_stranger_hold_the_node(tmp_pa
         assert cbor2.loads(m.payload)[3] == fake_nonce  # the strongest kind of start ACK
 
         # (b) the real node builds a backlog; the attacker connects and replays the ACK
-        await node.start(world.link)
-        await until(lambda: len(node.outbox) == 20, 60, "the backlog")
-        attacker = Adapter(world.link, "F0:00:00:00:00:66")
-        client = BleakClient(node.address, backend=attacker.backend()[1])
-        await client.connect()
+        client, _attacker = await _connected_with_backlog(world, node, 20, "F0:00:00:00:00:66")
         got: list[bytes] = []
         await client.start_notify(DATA_UUID, lambda _c, d: got.append(bytes(d)))
         await _write(client, start_ack)
@@ -136,7 +147,6 @@ async def test_a_relayed_start_cannot_keep_the_node_past_ack_timeout(tmp_path: P
     # connection's nonce and brings back a start ACK bound to it, here made with the key
     # as the gateway would; the relay becomes the puller, but replaying that ACK (which
     # names no frame in flight) does not keep it past ack_timeout_ms
-    from .bleak_bumble import Adapter
     from .harness import World, until
 
     world = World(tmp_path)
@@ -144,11 +154,7 @@ async def test_a_relayed_start_cannot_keep_the_node_past_ack_timeout(tmp_path: P
         (node,) = world.add_nodes(1, sample_limit=20, interval_ms=5, link_cfg={
             "adv_interval_ms": 50, "rotate_ms": 100, "ack_timeout_ms": 1500,
             "pull_timeout_ms": 60000})
-        await node.start(world.link)
-        await until(lambda: len(node.outbox) == 20, 60, "the backlog")
-        relay = Adapter(world.link, "F0:00:00:00:00:65")
-        client = BleakClient(node.address, backend=relay.backend()[1])
-        await client.connect()
+        client, _relay = await _connected_with_backlog(world, node, 20, "F0:00:00:00:00:65")
         got: list[bytes] = []
         await client.start_notify(DATA_UUID, lambda _c, d: got.append(bytes(d)))
         nonce = state_nonce(await client.read_gatt_char(STATE_UUID))
@@ -176,17 +182,12 @@ async def test_a_relayed_start_cannot_keep_the_node_past_ack_timeout(tmp_path: P
 @pytest.mark.ble_virtual
 @pytest.mark.timeout(120)
 async def test_a_malformed_authentic_ack_leaves_the_ble_node_listening(tmp_path: Path) -> None:
-    from .bleak_bumble import Adapter
-    from .harness import World, until
+    from .harness import World
 
     world = World(tmp_path)
     try:
         (node,) = world.add_nodes(1, sample_limit=5, interval_ms=5)
-        await node.start(world.link)
-        await until(lambda: len(node.outbox) == 5, 60, "the backlog")
-        central = Adapter(world.link, "F0:00:00:00:00:67")
-        client = BleakClient(node.address, backend=central.backend()[1])
-        await client.connect()
+        client, _central = await _connected_with_backlog(world, node, 5, "F0:00:00:00:00:67")
         link = node.node.link
         # seqs an int instead of a list: the UART link counts this as a bad ACK
         await _write(client, _ack(node.key, node.node_id, {1: 7, 2: 0}))
