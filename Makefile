@@ -16,7 +16,7 @@ APT_PACKAGES += e2fsprogs util-linux
 .PHONY: install
 .PHONY: bench node-red
 .PHONY: qemu-image soak
-.PHONY: reliability
+.PHONY: reliability adversarial
 
 all: test
 
@@ -38,6 +38,10 @@ test-unit: venv
 
 test-hil: venv micropython
 	$(BIN)/python -m pytest -q hil_tests
+
+## adversarial: only the adversarial tier (part of `make test`; docs/security.md)
+adversarial: venv micropython
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m adversarial tests hil_tests
 
 ## reliability: every reliability scenario at full size (lossy line, gateway SIGKILLs, a day
 ## without upstream under a disk cap, node power cuts, 200,000 fuzz cases, disk full and
