@@ -3,7 +3,8 @@
 /healthz (open), /metrics (Prometheus text), /api/status, /api/nodes, /api/nodes/{id},
 /api/nodes/{id}/readings?since=&name=&limit=, and the status page at / (static files from
 agent/status/, no CDN). With [api] token_file set, /metrics and /api/* want
-`Authorization: Bearer <token>`.
+`Authorization: Bearer <token>`. Only Host names the API serves are answered (HostRule: a
+DNS-rebinding page never reads node data), and every answer carries SECURITY_HEADERS.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import contextlib
 import datetime
 import hmac
 import importlib.resources
+import ipaddress
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +43,17 @@ OUTBOX_DEEP = 20  # frames waiting on a node before the table flags it
 # "<name>.q" records carry a reading's quality bits (firmware/node/sampler.py); "stale" (the
 # chip's cadence is slower than the interval) is normal and not raised as a flag
 QUALITY_BITS = ("warmup", "range", None, "stuck", "crc", "nack", "timeout", "failed", "absent")
+# the status page loads its own script, style and JSON, nothing inline, nothing from elsewhere
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+LOGGED_HOSTS_MAX = 32  # refused Host values logged by name; later ones only counted
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(:[0-9]*)?")
 
 
 class Named(Protocol):
@@ -100,6 +114,8 @@ class GatewayView:
             upstream_up=self.upstream(), last_seen=self.last_seen(ov),
             sink_skipped={str(getattr(u.sink, "name", "?")): dict(getattr(u.sink, "skipped", {}))
                           for u in self.upstreams},
+            sink_redirects={str(getattr(u.sink, "name", "?")):
+                            dict(getattr(u.sink, "redirects", {})) for u in self.upstreams},
             nodes_configured=len(self.node_ids),
             evictions=int(getattr(cap, "evicted", 0)),
             history_trimmed=int(getattr(cap, "history_trimmed", 0)),
@@ -199,30 +215,105 @@ def parse_since(text: str | None, now: float) -> float:
     return now + v if v < 0 else v
 
 
-def _bearer(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = f"Bearer {token}".encode()
+def host_of(value: str) -> str | None:
+    """A Host header's name, lower-case, without port or brackets; None if it is not one."""
+    m = _HOST_PORT.fullmatch(value) if value.isascii() and value.isprintable() else None
+    if m is None or not m.group(1):
+        return None
+    name = m.group(1).lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        return None if name.startswith("[") else name
+
+
+class HostRule:
+    """Which Host values are answered. A browser sends the name it was pointed at, so a page
+    of attacker.example whose DNS now says 127.0.0.1 names attacker.example: refused."""
+
+    def __init__(self, listen: str, allowed: Sequence[str] = ()) -> None:
+        addr = None if listen == "localhost" else ipaddress.ip_address(listen)
+        self.loopback = addr is None or addr.is_loopback
+        self.wildcard = addr is not None and addr.is_unspecified  # 0.0.0.0 or ::
+        self.names = {str(addr) if addr else "localhost", *allowed}
+
+    def allows(self, host: str | None) -> bool:
+        if host is None:
+            return False
+        if host in self.names:
+            return True
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:  # a name: only localhost, and only where loopback reaches us
+            return host == "localhost" and (self.loopback or self.wildcard)
+        # the machine's own addresses when bound to all of them: an address is not a name
+        # anybody can re-point, so rebinding cannot use it
+        return self.wildcard or (self.loopback and addr.is_loopback)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guard(rule: HostRule, token: str | None, metrics: Metrics) -> Callable[..., Any]:
+    """The Host rule for every path, then the bearer token for /api/ and /metrics."""
+    expected = token.encode() if token else None
+    logged: set[str] = set()
+
+    def refuse(reason: str, what: str, key: str) -> None:
+        """Counted always; logged once per key (a host; a kind of malformed header)."""
+        metrics.api_refused[reason] += 1
+        if reason == "token" or key in logged:
+            return
+        if len(logged) >= LOGGED_HOSTS_MAX:
+            key, what = "*", "more of them"
+            if key in logged:
+                return
+        logged.add(key)
+        log.warning("api: refused %s; counted in lantern_api_refused_total{reason=\"%s\"}, "
+                    "logged once", what, reason)
 
     @web.middleware
-    async def auth(request: web.Request,
-                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                   ) -> web.StreamResponse:
-        if request.path.startswith(("/api/", "/metrics")):
-            got = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(got, expected):
-                raise web.HTTPUnauthorized(
-                    text="a bearer token is required (see [api] token_file)",
-                    headers={"WWW-Authenticate": 'Bearer realm="lantern"'})
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        raw = request.headers.get("Host")
+        host = None if raw is None else host_of(raw)
+        if raw is not None and not rule.allows(host):
+            refuse("host", f"Host {raw[:100]!r}: not a name this API serves (if it should, "
+                   "add it to [api] allowed_hosts)", host or raw[:100])
+            raise web.HTTPMisdirectedRequest(
+                text="421 this gateway does not serve that Host (see [api] allowed_hosts)\n")
+        if expected is not None and request.path.startswith(("/api/", "/metrics")):
+            got = request.headers.get("Authorization")
+            scheme, _, cred = (got or "").partition(" ")
+            if got is not None and not (got.isascii() and got.isprintable()
+                                        and scheme.lower() == "bearer" and cred):
+                refuse("malformed", "an Authorization header that is not `Bearer <token>` in "
+                       "printable ASCII (401)", "malformed")
+            elif hmac.compare_digest(cred.encode(), expected):
+                return await handler(request)
+            else:
+                refuse("token", "", "")
+            raise web.HTTPUnauthorized(
+                text="a bearer token is required (see [api] token_file)",
+                headers={"WWW-Authenticate": 'Bearer realm="lantern"'})
         return await handler(request)
 
-    return auth
+    return guard
+
+
+async def _secure(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
 
 
 class Api:
-    def __init__(self, view: GatewayView, token: str | None = None) -> None:
+    def __init__(self, view: GatewayView, token: str | None = None,
+                 cfg: ApiConfig | None = None) -> None:
         self.view = view
         self.registry = registry(view.metrics, self._gauges_for_scrape, VERSION)
         self._scrape_gauges = Gauges()
-        self.app = web.Application(middlewares=[_bearer(token)] if token else [])
+        cfg = cfg or ApiConfig()
+        rule = HostRule(cfg.host, cfg.allowed_hosts)
+        self.app = web.Application(middlewares=[_guard(rule, token, view.metrics)])
+        self.app.on_response_prepare.append(_secure)
         r = self.app.router
         r.add_get("/", self.page)
         for name in STATIC:
@@ -349,7 +440,7 @@ class ApiServer:
     def __init__(self, cfg: ApiConfig, view: GatewayView) -> None:
         self.cfg = cfg
         token = cfg.token_file.read_text().strip() if cfg.token_file else None
-        self.api = Api(view, token)
+        self.api = Api(view, token, cfg)
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.error: str | None = None

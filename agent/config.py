@@ -92,6 +92,7 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8470
     token_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides the listen address
 
 
 @dataclass(frozen=True)
@@ -366,15 +367,17 @@ def _queue(doc: _Doc, d: dict[str, Any]) -> QueueConfig:
 def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
     a = doc.get(d, "api", "api", dict, {})
     for k in a:
-        if k not in ("enabled", "host", "port", "token_file"):
-            raise doc.error(f"api.{k}", "unknown key; expected enabled, host, port or token_file")
+        if k not in ("enabled", "host", "port", "token_file", "allowed_hosts"):
+            raise doc.error(f"api.{k}", "unknown key; expected enabled, host, port, token_file "
+                            "or allowed_hosts")
     token = doc.get(a, "token_file", "api.token_file", str, None)
     cfg = ApiConfig(
         enabled=doc.get(a, "enabled", "api.enabled", bool, True),
         host=doc.get(a, "host", "api.host", str, "127.0.0.1", _host),
         port=doc.get(a, "port", "api.port", int, 8470,
                      lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
-        token_file=base / token if token else None)
+        token_file=base / token if token else None,
+        allowed_hosts=_allowed_hosts(doc, a))
     if cfg.token_file:
         if not check_secret_file(cfg.token_file, "api.token_file").strip():
             raise doc.error("api.token_file", f"{cfg.token_file} is empty; put a long random "
@@ -383,6 +386,26 @@ def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
         raise doc.error("api.host", f"{cfg.host!r} exposes node data beyond this machine "
                         "without a token; set api.token_file, or bind 127.0.0.1")
     return cfg
+
+
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*")
+
+
+def _allowed_hosts(doc: _Doc, a: dict[str, Any]) -> tuple[str, ...]:
+    """[api] allowed_hosts: names (or addresses) the API answers to, lower-case, no port."""
+    hosts = doc.get(a, "allowed_hosts", "api.allowed_hosts", list, [])
+    out = []
+    for i, h in enumerate(hosts, 1):
+        name = h.lower().rstrip(".") if isinstance(h, str) else ""
+        try:
+            name = str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]")))
+        except ValueError:
+            if not (_HOST_NAME.fullmatch(name) and len(name) <= 253):
+                raise doc.error("api.allowed_hosts", f"entry {i}: expected a host name or IP "
+                                f"address (no scheme, port or wildcard: the name a browser "
+                                f"shows, e.g. \"gateway-7.example\"), got {h!r}") from None
+        out.append(name)
+    return tuple(out)
 
 
 def _history(doc: _Doc, d: dict[str, Any]) -> HistoryConfig:

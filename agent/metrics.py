@@ -80,6 +80,9 @@ class Histogram:
 
 
 SKIP_REASONS = ("name", "time", "topic")  # why a sink leaves a reading out (agent/sinks)
+# why the local API refused a request (agent/api.py): a Host it does not serve, a missing or
+# wrong token, an Authorization header that is not even a bearer token
+API_REFUSALS = ("host", "token", "malformed")
 
 
 class Metrics:
@@ -98,6 +101,7 @@ class Metrics:
         self.nodes: dict[str, NodeSeen] = {}
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
         self.ble_links: dict[str, Counter[str]] = {}  # BLE link name → its stats (links/ble.py)
+        self.api_refused: Counter[str] = Counter()  # by reason (API_REFUSALS)
         self.started = time.time()
 
     def seen(self, node: str, link: str, seq: int) -> None:
@@ -137,6 +141,7 @@ class Gauges:
     link_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # in, out
     upstream_up: dict[str, bool | None] = field(default_factory=dict)
     sink_skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # sink → reason → n
+    sink_redirects: dict[str, dict[int, int]] = field(default_factory=dict)  # sink → 3xx → n
     last_seen: dict[str, float] = field(default_factory=dict)  # node → unix time
     nodes_configured: int = 0
     evictions: int = 0  # the disk cap's counters (agent/diskcap.py)
@@ -231,6 +236,19 @@ class LanternCollector(Collector):
             for reason in SKIP_REASONS:
                 sk.add_metric([sink, reason], reasons.get(reason, 0))
         yield sk
+        rd = CounterMetricFamily("lantern_upstream_redirects",
+                                 "Redirects (3xx) a sink got instead of delivery; never "
+                                 "followed: the batch is kept and retried",
+                                 labels=["sink", "status"])
+        for sink, statuses in sorted(g.sink_redirects.items()):
+            for status, n in sorted(statuses.items()):
+                rd.add_metric([sink, str(status)], n)
+        yield rd
+        c = CounterMetricFamily("lantern_api_refused", "Requests the local API refused, by "
+                                "reason (host: a Host it does not serve)", labels=["reason"])
+        for reason in sorted(set(API_REFUSALS) | set(m.api_refused)):
+            c.add_metric([reason], m.api_refused.get(reason, 0))
+        yield c
         h = HistogramMetricFamily("lantern_upstream_request_duration_seconds",
                                   "Time for one batch POST upstream, by sink and outcome",
                                   labels=["sink", "outcome"])

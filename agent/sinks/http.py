@@ -1,4 +1,10 @@
-"""HTTP sink: POSTs batches of SenML-JSON; retries with backoff; honours Retry-After."""
+"""HTTP sink: POSTs batches of SenML-JSON; retries with backoff; honours Retry-After.
+
+Delivery means a 2xx from the URL configured. No sink ever follows a redirect (aiohttp's
+default would, and a 200 from an http→https landing page or a captive portal would mark the
+batch delivered): a 3xx is a failed delivery, kept and retried, counted by status in the
+sink's `redirects`, and its message says where it pointed and what to change.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import hashlib
 import logging
 import re
 import time
+from collections import Counter
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -16,6 +24,8 @@ from ..resolved import Batch
 log = logging.getLogger("lantern.sink.http")
 
 RETRY_AFTER_MAX_S = 3600.0
+BODY_MAX = 1 << 20  # bytes of an answer a sink reads at most (a 207 of 500 entities: ~100 KB)
+SHOWN_MAX = 200  # characters of a peer's URL or text a message shows at most
 
 
 class DeliveryError(Exception):
@@ -40,6 +50,41 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(0.0, when - (time.time() if now is None else now)), RETRY_AFTER_MAX_S)
 
 
+def shown_location(base: str, location: str | None) -> str:
+    """Where a redirect pointed, fit for a log: resolved, no credentials, query or fragment."""
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        u = urlsplit(urljoin(base, location))
+        netloc = u.netloc.rpartition("@")[2]  # user:password@ never reaches a log
+        shown = f"{u.scheme}://{netloc}{u.path}" + ("?…" if u.query else "")
+    except ValueError:
+        shown = "an unreadable Location"
+    # the peer chose these characters: no control character reaches a log line
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown if len(shown) <= SHOWN_MAX else shown[:SHOWN_MAX] + "…"
+
+
+def redirect_error(url: str, status: int, location: str | None) -> DeliveryError:
+    return DeliveryError(
+        f"HTTP {status} redirect from {shown_url(url)} to {shown_location(url, location)}: "
+        "not delivered (a sink never follows a redirect); set the sink's url to the final "
+        "address")
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int = BODY_MAX) -> bytes:
+    """The answer's body, at most `limit` bytes: an upstream cannot make the gateway grow."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def idempotency_key(batch: Batch) -> str:
     """The same readings always give the same key, so a retried POST is recognisable."""
     h = hashlib.sha256()
@@ -59,6 +104,7 @@ class HttpSink:
         if cfg.token_file:
             self._headers["Authorization"] = "Bearer " + cfg.token_file.read_text().strip()
         self.last_latency_s: float | None = None
+        self.redirects: Counter[int] = Counter()  # 3xx answers, by status
 
     async def __aenter__(self) -> HttpSink:
         self._session = aiohttp.ClientSession(
@@ -76,11 +122,15 @@ class HttpSink:
         headers["Idempotency-Key"] = idempotency_key(batch)
         t0 = time.monotonic()
         try:
-            async with self._session.post(self.cfg.url, data=body, headers=headers) as resp:
-                await resp.read()
+            async with self._session.post(self.cfg.url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
+                await read_bounded(resp, SHOWN_MAX)
                 self.last_latency_s = time.monotonic() - t0
                 if 200 <= resp.status < 300:
                     return
+                if 300 <= resp.status < 400:
+                    self.redirects[resp.status] += 1
+                    raise redirect_error(self.cfg.url, resp.status, resp.headers.get("Location"))
                 retry_after = None
                 if resp.status in (429, 503):
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))

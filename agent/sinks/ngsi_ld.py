@@ -2,6 +2,8 @@
 
 POST /ngsi-ld/v1/entityOperations/upsert?options=update with at most 500 entities; a 207
 (some entities failed) retries only the failed ones; tenant and auth headers configurable.
+Delivered means 200, 201 or 204 from the URL configured; a redirect is never followed
+(agent/sinks/http.py says why).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import aiohttp
 from ..config import NgsiLdSinkConfig, shown_url
 from ..ngsi import NodeMeta, entities, rounds
 from ..resolved import Batch
-from .http import DeliveryError, parse_retry_after
+from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
 
 log = logging.getLogger("lantern.sink.ngsi_ld")
 
@@ -41,6 +43,7 @@ class NgsiLdSink:
         self.last_latency_s: float | None = None
         self.partial_failures = 0
         self.skipped: Counter[str] = Counter()  # readings no entity can hold, by reason
+        self.redirects: Counter[int] = Counter()  # 3xx answers, by status
 
     async def __aenter__(self) -> NgsiLdSink:
         self._session = aiohttp.ClientSession(
@@ -81,18 +84,21 @@ class NgsiLdSink:
         url = self.cfg.url.rstrip("/") + UPSERT
         t0 = time.monotonic()
         try:
-            async with self._session.post(url, data=json.dumps(ents),
-                                          headers=self._headers) as resp:
-                body = await resp.read()
+            async with self._session.post(url, data=json.dumps(ents), headers=self._headers,
+                                          allow_redirects=False) as resp:
+                body = await read_bounded(resp)
                 self.last_latency_s = time.monotonic() - t0
                 if resp.status in (200, 201, 204):
                     return set()
                 if resp.status == 207:
                     return _failed_ids(body, {e["id"] for e in ents})
+                if 300 <= resp.status < 400:
+                    self.redirects[resp.status] += 1
+                    raise redirect_error(url, resp.status, resp.headers.get("Location"))
                 retry_after = None
                 if resp.status in (429, 503):
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                detail = body[:200].decode(errors="replace")
+                detail = body[:SHOWN_MAX].decode(errors="replace")
                 raise DeliveryError(f"HTTP {resp.status} from {shown_url(url)}: {detail}",
                                     retry_after)
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -100,10 +106,19 @@ class NgsiLdSink:
 
 
 def _failed_ids(body: bytes, sent: set[str]) -> set[str]:
-    """Entity ids a 207 BatchOperationResult reports as errors (all, if unreadable)."""
+    """Entity ids a 207 BatchOperationResult does not confirm (all, if unreadable).
+
+    A 207 says some entities failed: with a `success` list, what it does not list failed;
+    without one, the `errors` it lists — and a 207 that names none of ours confirms nothing.
+    """
     try:
         result = json.loads(body)
         failed = {str(err["entityId"]) for err in result.get("errors", [])}
-    except (ValueError, TypeError, KeyError, AttributeError):
+        success = result.get("success")
+        if success is not None:
+            if not isinstance(success, list):
+                return sent
+            return sent - ({str(i) for i in success} - failed)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return sent
-    return failed & sent if failed else set()
+    return failed & sent or sent
