@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -504,3 +505,16 @@ async def test_port_in_use_is_reported_not_fatal(rig: Rig) -> None:
 async def test_disabled_api_does_not_listen(rig: Rig) -> None:
     async with ApiServer(ApiConfig(enabled=False), rig.view) as s:
         assert s.url == "" and s.error is None
+
+
+async def test_server_answers_the_names_its_config_allows(rig: Rig) -> None:
+    """ApiServer hands [api] to the Host rule: loopback names and allowed_hosts, nothing else."""
+    async with ApiServer(ApiConfig(port=0, allowed_hosts=("cab7.example",)), rig.view) as s:
+        async with aiohttp.ClientSession() as http:
+            got = {}
+            for host in ("localhost:1", "cab7.example", "rebound.example"):
+                async with http.get(s.url + "api/nodes", headers={"Host": host}) as r:
+                    got[host] = r.status
+                    assert r.headers["X-Frame-Options"] == "DENY"
+    assert got == {"localhost:1": 200, "cab7.example": 200, "rebound.example": 421}
+    assert rig.metrics.api_refused["host"] == 1
