@@ -509,12 +509,12 @@ async def test_disabled_api_does_not_listen(rig: Rig) -> None:
 
 async def test_server_answers_the_names_its_config_allows(rig: Rig) -> None:
     """ApiServer hands [api] to the Host rule: loopback names and allowed_hosts, nothing else."""
-    async with ApiServer(ApiConfig(port=0, allowed_hosts=("cab7.example",)), rig.view) as s:
-        async with aiohttp.ClientSession() as http:
-            got = {}
-            for host in ("localhost:1", "cab7.example", "rebound.example"):
-                async with http.get(s.url + "api/nodes", headers={"Host": host}) as r:
-                    got[host] = r.status
-                    assert r.headers["X-Frame-Options"] == "DENY"
+    cfg = ApiConfig(port=0, allowed_hosts=("cab7.example",))
+    got = {}
+    async with ApiServer(cfg, rig.view) as s, aiohttp.ClientSession() as http:
+        for host in ("localhost:1", "cab7.example", "rebound.example"):
+            async with http.get(s.url + "api/nodes", headers={"Host": host}) as r:
+                got[host] = r.status
+                assert r.headers["X-Frame-Options"] == "DENY"
     assert got == {"localhost:1": 200, "cab7.example": 200, "rebound.example": 421}
     assert rig.metrics.api_refused["host"] == 1
