@@ -140,6 +140,12 @@ RFC_VECTORS = [
         {"a": "A", "b": "B", "c": "C", "d": "D", "e": "E"},
         None,
     ),
+]
+# Appendix A's indefinite-length items: deterministic encoding (§4.2.1) never uses them, and
+# nothing the node reads is encoded any other way, so the node's decoder refuses them (an
+# indefinite string of 1000 empty chunks once cost a node its link: tests/adversarial). Their
+# values still encode to the deterministic form in the last column.
+RFC_INDEFINITE = [
     ("(_ h'0102', h'030405')", "5f42010243030405ff", h("0102030405"), "450102030405"),
     ('(_ "strea", "ming")', "7f657374726561646d696e67ff", "streaming", "6973747265616d696e67"),
     ("[_ ]", "9fff", [], "80"),
@@ -163,6 +169,7 @@ RFC_VECTORS = [
         "a263416d7421634675 6ef5",
     ),
 ]
+RFC_ALL = RFC_VECTORS + RFC_INDEFINITE
 # Appendix A items this codec deliberately refuses: unassigned simple values.
 RFC_UNDECODABLE = [("simple(16)", "f0"), ("simple(255)", "f8ff")]
 RFC_COLUMNS = ("diag", "hexstr", "value", "deterministic")
@@ -186,7 +193,13 @@ def test_rfc_vector_decodes(diag, hexstr, value, deterministic):
     assert same(cbor.loads(h(hexstr)), value), diag
 
 
-@pytest.mark.parametrize(RFC_COLUMNS, _params(RFC_VECTORS))
+@pytest.mark.parametrize(RFC_COLUMNS, _params(RFC_INDEFINITE))
+def test_rfc_indefinite_lengths_refused(diag, hexstr, value, deterministic):
+    with pytest.raises(cbor.CBORDecodeError, match="indefinite"):
+        cbor.loads(h(hexstr))
+
+
+@pytest.mark.parametrize(RFC_COLUMNS, _params(RFC_ALL))
 def test_rfc_vector_encodes_deterministically(diag, hexstr, value, deterministic):
     expected = h(deterministic or hexstr)
     assert cbor.dumps(value) == expected
@@ -260,11 +273,11 @@ def _nested(depth, leaf=0):
 
 
 def test_nesting_limit_symmetric():
-    ok = _nested(32)
-    assert cbor.dumps(ok) == b"\x81" * 32 + b"\x00"
-    assert cbor.loads(b"\x81" * 32 + b"\x00") == ok
+    ok = _nested(16)
+    assert cbor.dumps(ok) == b"\x81" * 16 + b"\x00"
+    assert cbor.loads(b"\x81" * 16 + b"\x00") == ok
     with pytest.raises(cbor.CBOREncodeError):
-        cbor.dumps(_nested(33))
+        cbor.dumps(_nested(17))
     cyclic = []
     cyclic.append(cyclic)
     with pytest.raises(cbor.CBOREncodeError):
@@ -514,11 +527,27 @@ MALFORMED = [
     ("array key", "a1 80 01"),
     ("map key", "a1 a0 01"),
     ("tag over array key", "a1 c180 01"),
-    ("deep arrays", "81" * 33 + "00"),
-    ("deep maps", "a100" * 33 + "00"),
-    ("deep tags", "c1" * 33 + "00"),
-    ("deep indefinite arrays", "9f" * 33 + "ff" * 33),
+    ("deep arrays", "81" * 17 + "00"),
+    ("deep maps", "a100" * 17 + "00"),
+    ("deep tags", "c1" * 17 + "00"),
+    ("deep indefinite arrays", "9f" * 17 + "ff" * 17),
     ("very deep arrays", "81" * 5000),
+    # what deterministic data never holds, refused before anything is built
+    ("indefinite bytes", "5f 4101 ff"),
+    ("indefinite text", "7f 6161 ff"),
+    ("indefinite array", "9f 01 ff"),
+    ("indefinite map", "bf 01 02 ff"),
+    ("indefinite bytes of 1000 empty chunks", "5f" + "40" * 1000 + "ff"),
+    ("float key", "a1 f93c00 01"),
+    ("NaN key", "a1 f97e00 01"),
+    ("NaN key, single", "a1 fa7fc00000 01"),
+    ("NaN keys in maps in an array", "98 20" + "a1 f97e00 80" * 32),
+    # allocation limits: counts within the input's length, but more than a node may build
+    ("513 items", "99 0201" + "00" * 513),
+    ("257 pairs", "b9 0101" + "".join(f"19{i:04x} 00" for i in range(257))),
+    ("97 containers", "98 61" + "80" * 97),
+    ("97 tags", "98 61" + "c1 00" * 97),
+    ("items over the limit, nested", "82" + ("99 0100" + "00" * 256) * 2),
 ]
 
 
@@ -529,7 +558,13 @@ def test_malformed_rejected(name, hexstr):
 
 
 @pytest.mark.parametrize(
-    "hexstr", ["a100" * 32 + "00", "c1" * 32 + "00", "9f" * 32 + "ff" * 32, "bf6161f5ff"]
+    "hexstr",
+    ["a100" * 16 + "00", "c1" * 16 + "00", "81" * 15 + "80",
+     "99 01ff" + "00" * 511,  # 512 items with the array itself
+     "b9 00ff" + "".join(f"19{i:04x} 00" for i in range(255)),  # 511 with the map
+     "98 5f" + "80" * 95,  # 96 containers
+     "98 5f" + "c1 00" * 95,
+     "a1 f6 00", "a1 f5 00", "a1 40 00", "a1 c1 00 00"]  # keys that are not floats are fine
 )
 def test_limits_inclusive(hexstr):
     cbor.loads(h(hexstr))

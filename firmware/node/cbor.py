@@ -10,9 +10,12 @@ except ImportError:
         return x
 
 
-_MAX_DEPTH = const(32)  # nesting limit; also bounds Python recursion (small C stack on ESP32)
+# Limits on what one loads() may build: a peer's bytes must not cost the heap more than a few
+# KB, whatever they declare (the node's own packs, ACKs and commands stay far below them).
+_MAX_DEPTH = const(16)  # nesting limit; also bounds Python recursion (small C stack on ESP32)
+_MAX_ITEMS = const(512)  # data items in all (keys, values, elements, tagged items)
+_MAX_CONTAINERS = const(96)  # arrays, maps and tags in all: the objects that cost most
 _UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
-_BREAK = const(0xFF)
 _ARG_FMT = (">B", ">H", ">I", ">Q")  # additional info 24..27
 
 
@@ -200,12 +203,21 @@ def dumps(obj):
 
 
 class _Decoder:
-    """Cursor over a memoryview of the input, so strings are sliced without extra copies."""
+    """Cursor over a memoryview of the input, so strings are sliced without extra copies.
+
+    Deterministic encoding (RFC 8949 §4.2.1) is all the node ever reads: its own packs, and
+    ACKs and commands its gateway and tools encode canonically. So indefinite lengths are
+    refused outright, map keys are never floats (a NaN key is not even equal to itself), and
+    every count is checked against the bytes left and the limits above before anything is
+    built: hostile input costs at most the limits, and ends in CBORDecodeError.
+    """
 
     def __init__(self, data):
         self.d = memoryview(data)
         self.n = len(self.d)
         self.p = 0
+        self.items = 0
+        self.containers = 0
 
     def take(self, k):
         """Reserve k bytes and return their offset."""
@@ -214,13 +226,6 @@ class _Decoder:
             raise CBORDecodeError("truncated input")
         self.p = p + k
         return p
-
-    def at_break(self):
-        """Consume a break code if it is next."""
-        if self.d[self.take(1)] == _BREAK:
-            return True
-        self.p -= 1
-        return False
 
     def arg(self, ai):
         """Read the argument for additional info ai."""
@@ -258,6 +263,12 @@ class _Decoder:
             raise CBORDecodeError("unexpected break")
         raise CBORDecodeError("unsupported simple value")
 
+    def count(self, k):
+        """Account for k more data items; refuse before building them if over the limit."""
+        self.items += k
+        if self.items > _MAX_ITEMS:
+            raise CBORDecodeError("more than %d data items" % _MAX_ITEMS)
+
     def item(self, depth):
         """Decode one data item."""
         ib = self.d[self.take(1)]
@@ -266,58 +277,53 @@ class _Decoder:
         if major == 7:
             return self.simple(ai)
         if ai == 31:
-            if major < 2 or major == 6:
-                raise CBORDecodeError("indefinite length not allowed here")
-            k = -1
-        else:
-            k = self.arg(ai)
+            raise CBORDecodeError("indefinite length (not deterministic encoding)")
+        k = self.arg(ai)
         if major == 0:
             return k
         if major == 1:
             return -1 - k
         if major < 4:
-            if k >= 0:
-                return self.chunk(major, k)
-            parts = []
-            while not self.at_break():
-                ib = self.d[self.take(1)]
-                if ib >> 5 != major or ib & 0x1F == 31:
-                    raise CBORDecodeError("bad chunk in indefinite-length string")
-                parts.append(self.chunk(major, self.arg(ib & 0x1F)))
-            return (b"" if major == 2 else "").join(parts)
+            return self.chunk(major, k)
         if depth >= _MAX_DEPTH:
             raise CBORDecodeError("nesting too deep")
         depth += 1
+        self.containers += 1
+        if self.containers > _MAX_CONTAINERS:
+            raise CBORDecodeError("more than %d arrays, maps and tags" % _MAX_CONTAINERS)
         if major == 6:
+            self.count(1)
             return Tag(k, self.item(depth))
         # Each item takes >= 1 byte: reject absurd counts before looping or allocating.
         if k > (self.n - self.p) // (major - 3):
             raise CBORDecodeError("truncated input")
+        self.count(k * (major - 3))
         if major == 4:
-            out = []
-            while not self.at_break() if k < 0 else len(out) < k:
-                out.append(self.item(depth))
+            out = [None] * k  # one allocation of the declared (now bounded) size
+            for i in range(k):
+                out[i] = self.item(depth)
             return out
         out = {}
-        while not self.at_break() if k < 0 else len(out) < k:  # duplicates raise, so len counts
+        for _ in range(k):
             key = self.item(depth)
-            val = self.item(depth)
+            if isinstance(key, float):
+                # never in deterministic data from a node, gateway or tool; NaN != NaN would
+                # also let one map hold many "different" NaN keys
+                raise CBORDecodeError("float map key")
             try:
                 hash(key)  # MicroPython skips hashing when probing an empty dict
             except TypeError:
                 raise CBORDecodeError("unhashable map key") from None
-            dup = key in out
-            if isinstance(key, float) and key != key:  # NaN != NaN slips past `in`
-                dup = any(isinstance(x, float) and x != x for x in out)
-            if dup:
+            if key in out:
                 raise CBORDecodeError("duplicate map key")
-            out[key] = val
+            out[key] = self.item(depth)
         return out
 
 
 def loads(data):
-    """Decode exactly one CBOR data item from a bytes-like object."""
+    """Decode exactly one CBOR data item from a bytes-like object; CBORDecodeError if not."""
     dec = _Decoder(data)
+    dec.count(1)
     obj = dec.item(0)
     if dec.p != dec.n:
         raise CBORDecodeError("trailing bytes")

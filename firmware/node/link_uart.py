@@ -36,6 +36,7 @@ class LinkStats:
         self.rx_errors = 0
         self.bad_acks = 0
         self.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
+        self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
         self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
 
 
@@ -55,6 +56,7 @@ class UartLink:
         self.stats = LinkStats()
         self.commands = None  # node.commands.Commands, set by the node to answer diagnostics
         self._answers = []  # (frame type, body, after) from commands, sent by _tx
+        self._logged = False  # the first unexpected exception in _rx is printed, later counted
 
     def kick(self):
         """A new frame is in the outbox."""
@@ -129,37 +131,61 @@ class UartLink:
     async def _rx(self):
         deframer = frame.Deframer()
         while True:
-            data = await self._reader.read(256)
+            try:
+                data = await self._reader.read(256)
+            except Exception as e:  # noqa: BLE001 - e.g. a UART driver error: keep listening
+                self._failed("read", e)
+                await asyncio.sleep_ms(100)
+                continue
             if not data:
                 await asyncio.sleep_ms(20)
                 continue
-            for chunk in deframer.feed(data):
-                if chunk is None:
-                    self.stats.rx_errors += 1
-                    continue
-                try:
-                    ftype, body = frame.decode(chunk)
-                except frame.FrameError as e:
-                    self.stats.rx_errors += 1
-                    if e.kind == "crc":
-                        self.stats.crc_errors += 1
-                    continue
-                if ftype == frame.ACK:
-                    self._on_ack(body)
-                elif ftype == frame.COMMAND and self.commands is not None:
-                    self._answers.extend(self.commands.handle(body))
-                    self._wake.set()
+            try:
+                for chunk in deframer.feed(data):
+                    # one frame at a time: whatever one does, the frames after it are heard
+                    try:
+                        self._on_chunk(chunk)
+                    except Exception as e:  # noqa: BLE001 - this task must outlive any frame
+                        self._failed("frame", e)
+            except Exception as e:  # noqa: BLE001 - the deframer itself, e.g. out of heap
+                self._failed("deframer", e)
+
+    def _failed(self, where, e):
+        """An exception no handler expected: counted, printed once, survived."""
+        self.stats.rx_errors += 1
+        self.stats.rx_failures += 1
+        if not self._logged:
+            self._logged = True
+            print("uart rx %s failed: %r (later ones only counted)" % (where, e))
+
+    def _on_chunk(self, chunk):
+        if chunk is None:
+            self.stats.rx_errors += 1
+            return
+        try:
+            ftype, body = frame.decode(chunk)
+        except frame.FrameError as e:
+            self.stats.rx_errors += 1
+            if e.kind == "crc":
+                self.stats.crc_errors += 1
+            return
+        if ftype == frame.ACK:
+            self._on_ack(body)
+        elif ftype == frame.COMMAND and self.commands is not None:
+            self._answers.extend(self.commands.handle(body))
+            self._wake.set()
 
     def _on_ack(self, body):
         try:
-            protected, _, payload = cose.mac0_verify(self._key, body)
-            if protected.get(cose.H_KID) != self._kid:
+            # the envelope by position and the MAC first: no decoder sees a forged payload
+            protected, kid, _, payload, tag = cose.mac0_peek(body)
+            if kid != self._kid:
                 raise cose.CoseError("ack for another node")
+            cose.mac0_check(self._key, protected, payload, tag)
             ack = cbor.loads(payload)
             seqs = ack[ACK_SEQS]
             gw_ms = ack.get(ACK_TIME)
-            # Check the shape before acting on it: an exception escaping here would end
-            # the receive task, and the node would never hear another ACK.
+            # Check the shape before acting on it (only a buggy gateway sends another).
             if not isinstance(seqs, list) or [s for s in seqs if not isinstance(s, int)]:
                 raise TypeError("ack seqs must be a list of ints")
         except (ValueError, KeyError, TypeError, AttributeError, IndexError):
