@@ -91,9 +91,8 @@ def test_flash_runs_esptool_and_says_how_to_resume(tmp_path: Path, silent_port: 
     assert "what to do: hold BOOT while pressing EN" in err
     assert f"resume with: lantern provision node --board esp32-devkitc --id SL-0042 --port " \
            f"{silent_port} --flash {image}" in err and err.rstrip().endswith("--from flash")
-    # the steps before it are done, and resuming will not make a second key
-    assert load_keys(tmp_path / "keys.toml")[b"SL-0042"]
-    assert (tmp_path / "stage/node.json").exists()
+    # flashing comes first (what it does to the node decides the key): nothing made yet
+    assert not (tmp_path / "keys.toml").exists() and not (tmp_path / "stage").exists()
 
 
 def test_dry_run_prints_everything_and_changes_nothing(
@@ -148,7 +147,10 @@ def test_compile_refuses_a_node_of_another_micropython(tmp_path: Path) -> None:
 
 def test_probe_and_version_parsing() -> None:
     d = ps.parse_probe("junk\r\nLANTERN-PROBE 1.25.0 6918 qemu 2040\r\n")
-    assert d == {"version": "1.25.0", "mpy": (6, 3), "platform": "qemu", "free_kb": 2040}
+    assert d == {"version": "1.25.0", "mpy": (6, 3), "platform": "qemu", "free_kb": 2040,
+                 "state": "none"}
+    d = ps.parse_probe("LANTERN-PROBE 1.25.0 6918 esp32 2040 key:0123456789abcdef\r\n")
+    assert d["state"] == "key:0123456789abcdef"
     version = ps.mpy_cross_version(ps.find_mpy_cross())
     assert version is not None and version[0].startswith("1.25") and version[1] == (6, 3)
 
@@ -179,6 +181,8 @@ def test_resume_command_keeps_everything_but_from() -> None:
     assert pv.resume_command(argv, "deploy") == \
         "provision node --id 'SL 9' --dry-run --from deploy"
     assert pv.resume_command(argv, "key").endswith("--new-key --dry-run --from key")
+    # a run that failed before its key step still means the new key it was asked for
+    assert pv.resume_command(argv, "device").endswith("--new-key --dry-run --from device")
 
 
 def test_what_the_gateway_is_told_is_a_valid_config(tmp_path: Path) -> None:

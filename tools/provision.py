@@ -2,7 +2,13 @@
 
 Every step says what it does (`--dry-run` prints them all, commands included, and touches
 nothing). A failed step says what went wrong and how to resume (`--from STEP`); every step can
-be run again safely: an existing key is reused, files are replaced whole.
+be run again safely: files are replaced whole, and an existing key is reused only where the
+node shows it still holds that key's counters.
+
+A key must never meet its counters twice: the node's frame sequence, command floor and BTHome
+counter restart when its flash is erased or its filesystem is new, and under the same key the
+gateway would then refuse its frames while recorded old ACKs, commands and advert keystreams
+became valid again. So any run that can reset them issues a new key (docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from tools import provision_steps as ps
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
 BOARDS = ROOT / "boards"
-STEPS = ("check", "key", "config", "flash", "device", "compile", "deploy", "reset", "verify",
+# flash and device come first: whether the node's counters survive decides the key
+STEPS = ("check", "flash", "device", "key", "config", "compile", "deploy", "reset", "verify",
          "gateway")
 
 
@@ -59,6 +66,12 @@ def add_parser(sub: Any) -> None:
                    help="the gateway's key file to add the key to (created 0600 if missing)")
     n.add_argument("--new-key", action="store_true",
                    help="replace an existing key (old unsent frames on the node are dropped)")
+    n.add_argument("--keep-key", action="store_true",
+                   help="fail rather than issue a new key where the node's counters may have "
+                   "been reset (an erase, a fresh filesystem)")
+    n.add_argument("--lock-repl", action="store_true",
+                   help="ESP32: the node disables Ctrl-C at its USB REPL while it runs "
+                   "(re-provisioning it then needs --flash --erase; docs/security.md)")
     n.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
     n.add_argument("--flash", type=Path, metavar="IMAGE", help="flash this MicroPython image")
     n.add_argument("--erase", action="store_true", help="with --flash: erase the flash first")
@@ -84,6 +97,7 @@ class Plan:
     key: bytes | None = None
     device: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
+    start: int = 0  # index in STEPS of the first step run (--from)
 
 
 def board_module() -> Any:
@@ -130,6 +144,11 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.flash and board.get("hal") != "esp32":
         raise StepError(f"--flash: board {board['name']} is not flashed with esptool",
                         "drop --flash")
+    if args.new_key and args.keep_key:
+        raise StepError("--new-key and --keep-key contradict each other", "give one of them")
+    if args.lock_repl and board.get("hal") != "esp32":
+        raise StepError(f"--lock-repl: board {board['name']} has no REPL lock",
+                        "drop --lock-repl (ESP32 boards only)")
     if args.flash and not args.flash.exists() and not args.dry_run:
         raise StepError(f"--flash {args.flash}: no such file", "download the MicroPython image "
                         "for this board (micropython.org/download) and give its path")
@@ -139,8 +158,12 @@ def plan(args: argparse.Namespace) -> Plan:
 
 # ---- steps ----
 
+FRESH = "key.new"  # in the stage: the id of a key this tool made that no node has booted with
+
+
 def step_key(p: Plan, dry: bool) -> list[str]:
     keys_file: Path = p.args.keys
+    node = p.args.id
     existing: dict[bytes, bytes] = {}
     if keys_file.exists():
         try:
@@ -148,27 +171,85 @@ def step_key(p: Plan, dry: bool) -> list[str]:
         except ConfigError as e:
             raise StepError(str(e), "fix or move the key file, then resume with --from key"
                             ) from None
-    old = existing.get(p.args.id.encode())
+    old = existing.get(node.encode())
+    why = None
     if old is not None and not p.args.new_key:
-        p.key = old
-        return [f"reuse the key of {p.args.id} already in {keys_file} (--new-key replaces it)"]
+        if dry:
+            return [f"reuse the key of {node} in {keys_file} if the node shows it holds that "
+                    "key's counters (step device), else create a new one and retire the old",
+                    *([_erase_reason()] if p.args.flash and p.args.erase else [])]
+        why, note = _counters_reset(p, old)
+        if why is None:
+            p.key = old
+            return [f"reuse the key of {node} in {keys_file}: {note} (--new-key replaces it)"]
+        if p.args.keep_key:
+            raise StepError(
+                f"--keep-key refused: {why}, and under the same key the gateway would refuse "
+                "its frames while recorded old ACKs, commands and BTHome adverts became valid "
+                "again",
+                f"drop --keep-key: a new key is issued and the old one retired in {keys_file}")
     if dry:
-        return [f"create a 256-bit key for {p.args.id} and add it to {keys_file} (mode 0600)"]
+        return [f"create a 256-bit key for {node} and add it to {keys_file} (mode 0600)"]
     p.key = os.urandom(32)
+    retired = None
+    if old is not None:
+        retired = why or "replaced with --new-key"
     try:
-        text = ps.keys_text(keys_file, p.args.id, p.key)
+        text = ps.keys_text(keys_file, node, p.key, retired=retired)
     except ValueError as e:
         raise StepError(str(e), f"edit {keys_file}, then run this again") from None
     write_secret(keys_file, text)
     load_keys(keys_file)  # what the gateway will read: check it now, not in the field
-    return [f"{'replaced' if old else 'added'} the key of {p.args.id} in {keys_file} (mode 0600)"]
+    p.stage.mkdir(parents=True, exist_ok=True)
+    (p.stage / FRESH).write_text(ps.key_id(p.key) + "\n")
+    if old is None:
+        return [f"added a key for {node} to {keys_file} (mode 0600)"]
+    return [f"replaced the key of {node} in {keys_file} (mode 0600): {retired}; the old key "
+            f"{ps.key_id(old)} is retired there"]
+
+
+def _erase_reason() -> str:
+    return "--erase wipes the node's flash, so its counters (frame sequence, command floor, " \
+           "BTHome counter) restart"
+
+
+def _counters_reset(p: Plan, key: bytes) -> tuple[str | None, str]:
+    """(why the node's counters may have restarted under `key`, or None; why it is safe)."""
+    if p.start > STEPS.index("deploy"):
+        return None, "this run puts nothing on the node"
+    fresh = p.stage / FRESH
+    if fresh.exists() and fresh.read_text().strip() == ps.key_id(key):
+        return None, "made by the interrupted run, no node has booted with it yet"
+    if p.args.flash and p.args.erase:
+        return _erase_reason(), ""
+    if p.device is None:
+        if not p.args.port:
+            return "without --port the tool cannot see whether the node kept its counters", ""
+        step_device(p, False)
+    assert p.device is not None
+    state = str(p.device.get("state") or "none")
+    kid = ps.key_id(key)
+    if state in (f"key:{kid}", f"legacy:{kid}"):
+        return None, f"the node holds it (key id {kid}) with its counters"
+    if state == "none":
+        return "the node has no Lantern state (a new or reformatted filesystem): its " \
+               "counters would restart", ""
+    if state.startswith("key:"):
+        return f"the node's counters belong to another key ({state[4:]})", ""
+    return "the node has counters, but the tool cannot tell under which key", ""
 
 
 def node_config(p: Plan) -> dict[str, Any]:
     link = ps.link_for(p.board)
-    cfg: dict[str, Any] = {"id": p.args.id, "key_file": "node.key", "board": "board.json",
+    cfg: dict[str, Any] = {"id": p.args.id, "board": "board.json",
                            "state_dir": "state", "interval_ms": round(p.args.interval * 1000),
                            "link": link}
+    if ps.key_in_nvs(p.board):
+        cfg["key_store"] = "nvs"  # out of reach of a filesystem dump (docs/security.md)
+    else:
+        cfg["key_file"] = "node.key"
+    if p.args.lock_repl:
+        cfg["lock_repl"] = True
     if p.args.pole:
         cfg["pole"] = str(p.args.pole)
     if p.location:
@@ -177,13 +258,18 @@ def node_config(p: Plan) -> dict[str, Any]:
 
 
 def step_config(p: Plan, dry: bool) -> list[str]:
+    nvs = ps.key_in_nvs(p.board)
     files = ["node.json", "node.key (0600)", "board.json"]
+    if nvs:
+        files.append(f"{ps.NVS_SCRIPT} (0600: puts the key in the board's NVS)")
     if dry:
         return [f"write {', '.join(files)} to {p.stage}", json.dumps(node_config(p))]
     p.stage.mkdir(parents=True, exist_ok=True)
     (p.stage / "node.json").write_text(json.dumps(node_config(p), indent=2) + "\n")
     assert p.key is not None
     write_secret(p.stage / "node.key", p.key.hex() + "\n")
+    if nvs:
+        write_secret(p.stage / ps.NVS_SCRIPT, ps.nvs_key_script(p.key))
     shutil.copyfile(p.board_path, p.stage / "board.json")
     return [f"wrote {', '.join(files)} to {p.stage}"]
 
@@ -259,7 +345,10 @@ def step_compile(p: Plan, dry: bool) -> list[str]:
 
 
 def step_deploy(p: Plan, dry: bool) -> list[str]:
-    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", p.args.new_key)
+    # a key no node has booted with: frames sealed under an older one would be refused forever
+    fresh = (p.stage / FRESH).exists() or (dry and p.args.new_key)
+    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", fresh,
+                          nvs_key=ps.key_in_nvs(p.board))
     if not dry:
         _run(argv, f"mpremote cp to {p.args.port}", "check the port and that the board's "
              "filesystem has room (`mpremote df`), then resume with --from deploy", timeout=600)
@@ -269,6 +358,9 @@ def step_deploy(p: Plan, dry: bool) -> list[str]:
 def step_reset(p: Plan, dry: bool) -> list[str]:
     what = f"soft reset at the REPL of {p.args.port} (Ctrl-C, Ctrl-B, Ctrl-D): main.py starts"
     if not dry:
+        # from here on the node may have counters under this key: no later run may count
+        # on it being fresh
+        (p.stage / FRESH).unlink(missing_ok=True)
         ps.soft_reset(_port(p))
     return [what]
 
@@ -315,6 +407,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"[1/{len(STEPS)}] check: board {p.board['name']} ({p.board['hal']}), firmware "
           f"{p.firmware}, staging in {p.stage}")
     start = STEPS.index(args.start) if args.start else 1
+    p.start = start
     if start > STEPS.index("key"):
         args.new_key = False  # the key made by the interrupted run is the one to keep
     for i, name in enumerate(STEPS[1:], start=2):
@@ -351,7 +444,8 @@ def resume_command(argv: list[str], step: str) -> str:
         if a == "--from":
             skip = True
             continue
-        if a.startswith("--from=") or (a == "--new-key" and step != "key"):
+        if a.startswith("--from=") or (a == "--new-key" and STEPS.index(step) > STEPS.index(
+                "key")):
             continue
         out.append(a)
     return shlex.join([*out, "--from", step])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import shlex
 import shutil
@@ -19,14 +20,42 @@ BUNDLED_MPY_CROSS = ROOT / ".build/micropython/mpy-cross"
 FLASH_OFFSETS = {"esp32": "0x1000"}  # where MicroPython's image starts; 0x0 on newer chips
 FLASH_BAUD = "460800"
 
-# Printed by the board in answer to `mpremote exec`: version, .mpy ABI, platform, free KB.
+# Printed by the board in answer to `mpremote exec`: version, .mpy ABI, platform, free KB, and
+# what Lantern state it holds: "key:ID" (counters bound to the key with that id), "legacy:ID"
+# (counters of firmware from before key ids, beside a key file with that id; "-" if
+# unreadable) or "none".
 PROBE_SCRIPT = ("import sys, os\n"
                 "s = os.statvfs('/')\n"
+                "st = 'none'\n"
+                "try:\n"
+                "    import json\n"
+                "    with open('node.json') as f:\n"
+                "        c = json.load(f)\n"
+                "    d = c.get('state_dir', 'state')\n"
+                "    try:\n"
+                "        with open(d + '/key_id') as f:\n"
+                "            st = 'key:' + f.read().strip()\n"
+                "    except OSError:\n"
+                "        os.stat(d + '/seq')\n"
+                "        st = 'legacy:-'\n"
+                "        import hashlib\n"
+                "        with open(c['key_file']) as f:\n"
+                "            k = bytes.fromhex(f.read().strip())\n"
+                "        st = 'legacy:' + hashlib.sha256(b'lantern key id v1' + k).digest()[:8]"
+                ".hex()\n"
+                "except Exception:\n"
+                "    pass\n"
                 "print('LANTERN-PROBE', '.'.join(str(v) for v in sys.implementation.version[:3]),"
-                " getattr(sys.implementation, '_mpy', 0), sys.platform, s[0] * s[3] // 1024)")
-_PROBE = re.compile(r"LANTERN-PROBE (\S+) (\d+) (\S+) (\d+)")
+                " getattr(sys.implementation, '_mpy', 0), sys.platform, s[0] * s[3] // 1024, st)")
+_PROBE = re.compile(r"LANTERN-PROBE (\S+) (\d+) (\S+) (\d+)(?: (\S+))?")
 _MPY_CROSS = re.compile(r"MicroPython v?(\S+?)[ ;+].*mpy-cross emitting mpy v(\d+)\.(\d+)")
 _KEY_LINE = r"""^\s*(?:"{id}"|'{id}'|{id})\s*=.*$"""  # TOML: basic, literal or bare key
+
+# Run on an ESP32 board by `mpremote run` (never copied to its filesystem): the node key goes
+# into NVS, where a filesystem dump or a reflash of the filesystem partition does not reach it,
+# and a key file an earlier provisioning left is removed.
+NVS_SCRIPT = "nvs_key.py"
+NVS_NAMESPACE, NVS_KEY = "lantern", "node_key"
 
 # Removes frames sealed under a replaced key: the gateway would refuse them forever, and they
 # would hold the node's send window. The sequence file stays, so numbers never repeat.
@@ -38,21 +67,54 @@ DROP_OUTBOX = ("import os\n"
                "    pass\n")
 
 
+def key_id(key: bytes) -> str:
+    """A key's public name (16 hex digits): the node keeps it beside its counters, the key file
+    names a retired key by it. It tells nothing about the key."""
+    return hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex()
+
+
 def shown(argv: list[str]) -> str:
     """A command as the installer could paste it into a shell."""
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def keys_text(path: Path, node_id: str, key: bytes) -> str:
-    """The key file with node_id's key added (or replaced), every other line kept."""
+def key_in_nvs(board: dict[str, Any]) -> bool:
+    """Whether the board keeps the node key in NVS (ESP32) rather than in a file."""
+    return board.get("hal") == "esp32"
+
+
+def nvs_key_script(key: bytes) -> str:
+    return (f"import esp32, os\n"
+            f"n = esp32.NVS({NVS_NAMESPACE!r})\n"
+            f"n.set_blob({NVS_KEY!r}, bytes.fromhex({key.hex()!r}))\n"
+            f"n.commit()\n"
+            f"try:\n"
+            f"    os.remove('node.key')\n"
+            f"except OSError:\n"
+            f"    pass\n"
+            f"print('LANTERN-KEY nvs')\n")
+
+
+def keys_text(path: Path, node_id: str, key: bytes, retired: str | None = None) -> str:
+    """The key file with node_id's key added (or replaced), every other line kept.
+
+    `retired`: why a replaced key is retired; a comment names it by its key id, never the key.
+    """
     line = f'"{node_id}" = "{key.hex()}"'
     if not path.exists():
         return ("# Node keys: node id = 256-bit key as 64 hex digits. Keep this file mode 0600."
                 f"\n[nodes]\n{line}\n")
     text = path.read_text()
     pat = re.compile(_KEY_LINE.format(id=re.escape(node_id)), re.M)
-    if pat.search(text):
-        new = pat.sub(line, text, count=1)
+    if (old := pat.search(text)) is not None:
+        if retired:
+            try:
+                kid = key_id(bytes.fromhex(tomllib.loads(text)["nodes"][node_id]))
+            except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError):
+                kid = "?"
+            line = (f"# {node_id}: retired key {kid} on {time.strftime('%Y-%m-%d')}: "
+                    f"{' '.join(retired.split())}\n{line}")
+        new = text[:old.start()] + line + text[old.end():]
     elif (m := re.search(r"^\[nodes\][ \t]*(?:#.*)?$", text, re.M)) is None:
         new = text.rstrip("\n") + f"\n\n[nodes]\n{line}\n"
     else:
@@ -107,15 +169,20 @@ def mpremote(port: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "mpremote", "connect", port, *args]
 
 
-def deploy_argv(port: str, stage: Path, firmware: bool, drop_outbox: bool) -> list[str]:
-    """One mpremote run: config, key and board (and firmware) onto the board's filesystem."""
-    files = [str(stage / n) for n in ("node.json", "node.key", "board.json")]
+def deploy_argv(port: str, stage: Path, firmware: bool, drop_outbox: bool,
+                nvs_key: bool = False) -> list[str]:
+    """One mpremote run: config, key and board (and firmware) onto the board; the key into NVS
+    where the board has one (nvs_key), else onto its filesystem."""
+    names = ("node.json", "board.json") if nvs_key else ("node.json", "node.key", "board.json")
+    files = [str(stage / n) for n in names]
     if firmware:
         files.append(str(stage / "main.py"))
     args = ["fs", "cp", *files, ":"]
     if firmware:
         # at the root: '' comes first on sys.path on every port ('/lib' is not on all of them)
         args += ["+", "fs", "cp", "-r", str(stage / "node"), ":"]
+    if nvs_key:
+        args += ["+", "run", str(stage / NVS_SCRIPT)]
     if drop_outbox:
         args += ["+", "exec", DROP_OUTBOX]
     return mpremote(port, *args)
@@ -127,7 +194,7 @@ def parse_probe(out: str) -> dict[str, Any]:
         raise ValueError(f"unexpected answer from the board: {out[-300:]!r}")
     mpy = int(m.group(2))
     return {"version": m.group(1), "mpy": (mpy & 0xFF, (mpy >> 8) & 3),
-            "platform": m.group(3), "free_kb": int(m.group(4))}
+            "platform": m.group(3), "free_kb": int(m.group(4)), "state": m.group(5) or "none"}
 
 
 def find_mpy_cross() -> str:

@@ -2,13 +2,14 @@
 
 import asyncio
 import gc
+import hashlib
 import json
 import os
 import time
 
 from . import cbor, cose, senml
 from .clock import Clock
-from .outbox import Outbox
+from .outbox import Outbox, _write_atomic
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -24,12 +25,19 @@ class ConfigError(ValueError):
 
 
 def load_key(path):
-    """The 256-bit node key from a hex file; refuses a file other users can read."""
+    """The 256-bit node key from a hex file; refuses a file other users can read.
+
+    littlefs and FAT keep no permission bits (os.stat gives 0o100000): there the check cannot
+    be made, and the node says so instead of passing it (docs/security.md).
+    """
     try:
         mode = os.stat(path)[0]
     except OSError:
         raise ConfigError("key file %s: not found" % path)
-    if mode & 0o077:
+    if not mode & 0o777:
+        print("warning: key file %s: this filesystem keeps no permission bits, so nothing "
+              "here stops whoever reads the board's flash or its REPL (docs/security.md)" % path)
+    elif mode & 0o077:
         raise ConfigError(
             "key file %s: mode %o lets other users read it; chmod 600 it" % (path, mode & 0o777))
     with open(path) as f:
@@ -43,12 +51,64 @@ def load_key(path):
     return key
 
 
+def node_key(cfg, hal):
+    """The node key from where node.json says: the HAL's key store (ESP32 NVS) or a file."""
+    if cfg.get("key_store") == "nvs":
+        if not hasattr(hal, "load_key"):
+            raise ConfigError("key_store nvs: board %s has no NVS" % cfg["board"])
+        try:
+            return hal.load_key()
+        except ValueError as e:
+            raise ConfigError(str(e))
+    return load_key(cfg["key_file"])
+
+
+def key_id(key):
+    """A key's public name (16 hex digits; tools/provision_steps.py key_id gives the same)."""
+    return hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex()
+
+
+def bind_state(state_dir, key, hal):
+    """Tie the counters in state_dir to the key: none of them may start again under it.
+
+    The frame sequence, the command floor and the BTHome counter live in state_dir; a wiped or
+    reformatted filesystem restarts them. `state_dir/key_id` names the key they count for, and
+    `lantern provision` reuses a key only where the node shows that file (docs/security.md).
+    Where the key outlives the filesystem (ESP32: NVS), the HAL remembers which key has been
+    in use: that key with counters gone is refused rather than used again from zero.
+    Call it once the outbox has made state_dir. Returns the key id.
+    """
+    kid = key_id(key)
+    path = state_dir + "/key_id"
+    try:
+        with open(path) as f:
+            held = f.read().strip()
+    except OSError:
+        held = None
+    if held != kid:
+        used = getattr(hal, "key_used", None)
+        if held is None and used is not None and used(kid):
+            raise ConfigError(
+                "node key %s was in use on this board, but %s has lost its counters (the "
+                "filesystem was reformatted?): under this key old ACKs, commands and BTHome "
+                "adverts would be valid again. Re-provision the node: `lantern provision node` "
+                "issues a new key" % (kid, state_dir))
+        # counters of another key (a key replaced with --new-key) only ever go on: keep them
+        _write_atomic(path, kid.encode())
+    mark = getattr(hal, "mark_key_used", None)
+    if mark is not None:
+        mark(kid)
+    return kid
+
+
 def load_config(path):
     with open(path) as f:
         cfg = json.load(f)
-    for k in ("id", "key_file", "board", "state_dir", "link"):
+    for k in ("id", "board", "state_dir", "link"):
         if k not in cfg:
             raise ConfigError("%s: missing key '%s'" % (path, k))
+    if cfg.get("key_store") != "nvs" and "key_file" not in cfg:
+        raise ConfigError("%s: missing key 'key_file' (or key_store: nvs)" % path)
     return cfg
 
 
@@ -58,9 +118,10 @@ class Node:
         self.hal = hal
         self.node_id = cfg["id"]
         self.kid = self.node_id.encode()
-        self.key = load_key(cfg["key_file"])
+        self.key = node_key(cfg, hal)
         self.interval_ms = cfg.get("interval_ms", 60000)
         self.outbox = Outbox(cfg["state_dir"], cfg.get("max_frames", 1000))
+        self.key_id = bind_state(cfg["state_dir"], self.key, hal)
         self.clock = Clock()
         self.sensors = open_sensors(hal, board, cfg)
         self.boot_ms = time.ticks_ms()
@@ -257,4 +318,28 @@ def main(config_path):
         from .hal import esp32 as hal
     else:
         raise ConfigError("board %s: unknown hal '%s'" % (cfg["board"], board["hal"]))
-    asyncio.run(Node(cfg, hal, board).run())
+    locked = lock_repl(cfg, hal, board)
+    try:
+        asyncio.run(Node(cfg, hal, board).run())
+    except Exception as e:  # noqa: BLE001 - a locked board must not fall into its REPL
+        if not locked:
+            raise
+        print("node stopped: %r; restarting in 60 s (the REPL stays locked)" % (e,))
+        time.sleep(60)
+        hal.reset()
+
+
+def lock_repl(cfg, hal, board):
+    """node.json lock_repl: Ctrl-C at the board's REPL no longer stops the node.
+
+    It narrows, not closes, the way in: Ctrl-C works again for the moment between a reset and
+    this call (docs/security.md says what closes it).
+    """
+    if not cfg.get("lock_repl"):
+        return False
+    if not hasattr(hal, "lock_repl"):
+        print("warning: lock_repl: board %s has no REPL lock; ignored" % board.get("name"))
+        return False
+    hal.lock_repl()
+    print("REPL locked: Ctrl-C no longer stops the node")
+    return True

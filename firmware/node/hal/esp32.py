@@ -4,8 +4,8 @@
 Buses come from the board file: machine.I2C (or SoftI2C with "soft": true), UART and ADC; the
 gateway link is the board UART that node.json's link.port names. Power: deep sleep with small
 counters kept in RTC memory (it survives deep sleep, not a power cut) and settings in NVS; the
-outbox stays in flash (littlefs). Type-checked against micropython-esp32-stubs (`make lint`); it
-needs a board to run.
+outbox and the security counters stay in flash (littlefs), the node key in NVS. Type-checked
+against micropython-esp32-stubs (`make lint`); it needs a board to run.
 """
 
 import gc
@@ -121,3 +121,49 @@ def nvs_set(key, value):
     nvs = esp32.NVS("lantern")
     nvs.set_i32(key, value)
     nvs.commit()
+
+
+# ------------------------------------------------------------------ node key (docs/security.md)
+# The key sits in NVS, written there by `lantern provision` (tools/provision_steps.py
+# nvs_key_script): `mpremote fs cat`, a filesystem dump or a reflash of the filesystem
+# partition does not reach it. Only flash encryption with NVS encryption keeps it from a raw
+# flash read (esptool read-flash), and only a locked REPL from the REPL itself.
+
+_NVS = "lantern"
+
+
+def load_key():
+    """The 256-bit node key from NVS; ValueError saying what to do if there is none."""
+    buf = bytearray(32)
+    try:
+        n = esp32.NVS(_NVS).get_blob("node_key", buf)
+    except OSError:
+        n = 0
+    if n != 32:
+        raise ValueError("no node key in NVS (namespace %s, node_key): provision the node with "
+                         "`lantern provision node`" % _NVS)
+    return bytes(buf)
+
+
+def key_used(kid):
+    """Whether the key with id `kid` has run on this board (node/app.py bind_state)."""
+    buf = bytearray(32)
+    try:
+        n = esp32.NVS(_NVS).get_blob("key_used", buf)
+    except OSError:
+        return False
+    return bytes(buf[:n]) == kid.encode()
+
+
+def mark_key_used(kid):
+    if not key_used(kid):
+        nvs = esp32.NVS(_NVS)
+        nvs.set_blob("key_used", kid.encode())
+        nvs.commit()
+
+
+def lock_repl():
+    """Ctrl-C at the USB REPL no longer interrupts the running node (node.json lock_repl)."""
+    import micropython
+
+    micropython.kbd_intr(-1)
