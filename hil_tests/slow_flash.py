@@ -4,7 +4,8 @@ Files the outbox opens for writing first wait as a flash chip erases a sector, t
 their data in small pieces with a pause after each, as it programs page by page; so a
 SIGKILL sent while a `.tmp` file exists lands inside the write, as a power cut would.
 Settings come from node.json: "slow_flash": {"erase_ms": pause after opening,
-"piece": bytes per step, "delay_ms": pause per step}.
+"piece": bytes per step, "delay_ms": pause per step, "after_write_ms": pause after a frame's
+file is complete and renamed into place, before the node reports the pack (0: none)}.
 Run as `micropython hil_tests/slow_flash.py node.json` with firmware/ on MICROPYPATH.
 """
 
@@ -56,6 +57,17 @@ def run(path):
 
     # The outbox module looks `open` up in its own globals first: only its writes slow down.
     outbox.open = slow_open
+    after_ms = flash.get("after_write_ms", 0)
+    if after_ms:
+        write_atomic = outbox._write_atomic
+
+        def write_then_pause(name, data):
+            write_atomic(name, data)
+            if "/outbox/" in name:
+                # the frame is durable; a cut now leaves a pack the node never reported
+                time.sleep_ms(after_ms)
+
+        outbox._write_atomic = write_then_pause
     app.main(path)
 
 

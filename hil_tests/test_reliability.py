@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
@@ -33,6 +34,7 @@ from .scenarios import (
     all_sampled,
     counters_of_every_run,
     drained,
+    packs,
     sealed_seqs,
     stop_gateway,
     tally,
@@ -248,21 +250,47 @@ async def test_day_long_upstream_outage_under_a_disk_cap(tmp_path: Path, policy:
 # ------------------------------------------------------------------ 4: node power cuts
 
 
-def _outbox_check(state: Path, key: bytes, node_id: str) -> tuple[int, int, int]:
-    """(frames readable and authentic, corrupt ones, the reserved sequence on flash)."""
-    good = bad = 0
+@dataclass
+class Flash:
+    """What a power cut left on a node's flash."""
+
+    frames: dict[int, bytes]  # complete, authentic frames by sequence number: durable packs
+    corrupt: int  # files that are not a complete, authentic frame named by its own number
+    writing: set[int]  # frames whose write the cut interrupted (`.tmp`): never durable
+    reserved: int  # the reserved sequence on flash
+
+
+def _flash(state: Path, key: bytes, node_id: str) -> Flash:
+    frames: dict[int, bytes] = {}
+    corrupt = 0
+    writing = set()
     for p in (state / "outbox").iterdir():
         if p.name.endswith(".tmp"):
+            writing.add(int(p.name[:-4]))
             continue
+        body = p.read_bytes()
         try:
-            m = protocol.parse_mac0(p.read_bytes())
+            m = protocol.parse_mac0(body)
             protocol.verify_mac0(key, m)
             protocol.resolve_pack(m.payload, node=node_id)
             ok = m.seq == int(p.name) and m.kid == node_id.encode()
         except (FrameError, ValueError):
             ok = False
-        good, bad = (good + 1, bad) if ok else (good, bad + 1)
-    return good, bad, int((state / "seq").read_bytes())
+        if ok:
+            frames[m.seq] = body
+        else:
+            corrupt += 1
+    return Flash(frames, corrupt, writing, int((state / "seq").read_bytes()))
+
+
+def _queued(db: Path, node_id: str) -> set[int]:
+    """Sequence numbers the gateway's queue still holds for a node (acknowledged, not sent)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return {int(r[0]) for r in con.execute("SELECT seq FROM frames WHERE node = ?",
+                                               (node_id,))}
+    finally:
+        con.close()
 
 
 async def test_node_power_cut_during_outbox_writes(tmp_path: Path) -> None:
@@ -276,6 +304,7 @@ async def test_node_power_cut_during_outbox_writes(tmp_path: Path) -> None:
     t0 = time.monotonic()
     landed: Counter[str] = Counter()
     attempts = checked = corrupt_files = reserve_behind = most_waiting = 0
+    cut_while_writing: set[int] = set()  # packs a cut caught before they were durable
     try:
         await topo.start()
         node = topo.nodes[0]
@@ -286,7 +315,8 @@ async def test_node_power_cut_during_outbox_writes(tmp_path: Path) -> None:
         # power cuts (and the sequence gaps each boot leaves), then it comes back
         topo.kill_gateway(signal.SIGTERM)
         while sum(landed.values()) < cuts and attempts < cuts * 4:
-            if sum(landed.values()) == cuts // 2 and topo.gateway.poll() is not None:
+            gateway_down = topo.gateway is None or topo.gateway.poll() is not None
+            if sum(landed.values()) == cuts // 2 and gateway_down:
                 topo.start_gateway()
             attempts += 1
             boot_ns = time.time_ns()
@@ -315,36 +345,108 @@ async def test_node_power_cut_during_outbox_writes(tmp_path: Path) -> None:
             topo.collect_output()
             if writing():
                 landed[target] += 1
-            good, bad, reserved = _outbox_check(state, node.key, node.node_id)
-            checked += good + bad
-            most_waiting = max(most_waiting, good + bad)
-            corrupt_files += bad
-            used = sealed_seqs(topo, node.node_id) + [protocol.parse_mac0(b).seq
-                                                      for b in topo.wires[node.node_id].data_frames]
-            if used and reserved <= max(used):
+            flash = _flash(state, node.key, node.node_id)
+            checked += len(flash.frames) + flash.corrupt
+            most_waiting = max(most_waiting, len(flash.frames) + flash.corrupt)
+            corrupt_files += flash.corrupt
+            # a pack is sealed once it is durable: its file complete and renamed into place.
+            # The node reports it just after, so a cut can land between the two: the flash
+            # shows it here (and the wire later), and it counts as sent
+            topo.flash_frames.setdefault(node.node_id, {}).update(flash.frames)
+            cut_while_writing |= flash.writing
+            used = [*sealed_seqs(topo, node.node_id), *flash.frames, *flash.writing,
+                    *(protocol.parse_mac0(b).seq for b in topo.wires[node.node_id].data_frames)]
+            if used and flash.reserved <= max(used):
                 reserve_behind += 1  # the flash would hand out a number already used
         # last boot: the normal entry, a few samples, then everything must drain
         node.entry = None
         node.extra["sample_limit"] = 3
+        reported = len(sealed_seqs(topo, node.node_id))
         node.start(stdout=subprocess.PIPE)
+        # every durable pack upstream, by id: the last pack acknowledged may still sit in the
+        # gateway's batch when the node's outbox is already empty
         problem = await settle(topo, lambda: drained(topo) and upstream_has_all(topo)
-                               and len(sealed_seqs(topo, node.node_id)) >= 3, 60, "drain")
+                               and len(sealed_seqs(topo, node.node_id)) >= reported + 3,
+                               size(60, 180), "drain")
         stop_gateway(topo)
         t = tally(topo)
+        nid = node.node_id
+        durable = packs(topo, nid)
+        on_wire = {protocol.parse_mac0(b).seq for b in topo.wires[nid].data_frames}
+        upstream = {int(rid.split(":")[1]) for rid in topo.upstream.readings}
+        # where each pack missing upstream is: still waiting (the wait timed out) or gone
+        missing = {int(rid.split(":")[1]) for rid in t.missing.get(nid, [])}
+        queued = _queued(tmp_path / "gw-state" / "queue.sqlite", nid)
+        on_node = set(topo.outbox(node))
         record({"scenario": "4 node power-cut during outbox writes", **t.row(),
                 "accepted_forged": None, "cuts_landed_in_writes": dict(landed),
-                "attempts": attempts, "outbox_files_checked": checked,
+                "attempts": attempts, "packs_durable": len(durable),
+                "packs_durable_unreported": len(set(durable) - set(sealed_seqs(topo, nid))),
+                "packs_not_durable_at_cut": len(cut_while_writing),
+                "not_durable_surfaced": len(cut_while_writing & (set(durable) | on_wire
+                                                                 | upstream)),
+                "missing_packs": {"on_node_flash": len(missing & on_node),
+                                  "in_gateway_queue": len(missing & queued),
+                                  "gone": len(missing - on_node - queued)},
+                "outbox_files_checked": checked,
                 "corrupt_outbox_files": corrupt_files, "corrupt_frames_sent": t.corrupt_frames_sent,
                 "max_outbox_at_a_cut": most_waiting,
                 "seq_reused": t.seq_reused, "seq_reservation_behind": reserve_behind,
                 "seconds": round(time.monotonic() - t0, 1)})
         assert problem is None, problem
+        # a pack a cut caught mid-write is gone (at most the reading being taken) and its
+        # number is never used again: it never reaches the wire, the flash or upstream
+        assert cut_while_writing and not cut_while_writing & (set(durable) | on_wire | upstream)
         assert sum(landed.values()) == cuts, f"only {dict(landed)} of {attempts} cuts landed"
         assert landed["frame"] and landed["seq"]
         assert corrupt_files == 0 and t.corrupt_frames_sent == 0
         assert t.seq_reused == 0 and reserve_behind == 0
         assert (t.lost, t.accepted_corrupt) == (0, 0), t
         assert t.sent > 0 and most_waiting > cuts // 2  # frames really waited through cuts
+    finally:
+        await topo.stop()
+
+
+async def test_a_pack_cut_between_its_write_and_its_report_is_sealed_and_delivered(
+        tmp_path: Path) -> None:
+    """Found by scenario 4 under CPU load: the node reports a pack just after its file is
+    durable, so a cut can land between the two. That pack is sealed (the flash holds it), the
+    node sends it after the reboot, and the scenario must wait for it like any other."""
+    topo = Topology(tmp_path, n_nodes=1, interval_ms=100,
+                    node_extra={"slow_flash": {"after_write_ms": 3000}}, gateway_extra=API)
+    try:
+        await topo.start()
+        node = topo.nodes[0]
+        await topo.wait_for(lambda: len(topo.sampled(node)) >= 2, 30, "first packs")
+        node.kill()
+        node.entry = SLOW_FLASH  # a long pause after each frame's write, before its report
+        node.start(stdout=subprocess.PIPE)
+
+        def unreported() -> set[int]:
+            return set(topo.outbox(node)) - set(topo.sampled(node))
+
+        await topo.wait_for(lambda: bool(unreported()), 30, "a frame written, not yet reported")
+        node.kill(signal.SIGKILL)
+        topo.collect_output()
+        cut = unreported()
+        assert len(cut) == 1, cut
+        flash = _flash(node.state_dir, node.key, node.node_id)
+        assert cut <= set(flash.frames) and not flash.writing
+        topo.flash_frames[node.node_id] = flash.frames
+        assert cut <= set(packs(topo, node.node_id))  # sealed: it counts as sent
+        node.entry = None
+        node.extra["sample_limit"] = 2
+        reported = len(sealed_seqs(topo, node.node_id))
+        node.start(stdout=subprocess.PIPE)
+        await topo.wait_for(lambda: drained(topo) and upstream_has_all(topo)
+                            and len(sealed_seqs(topo, node.node_id)) >= reported + 2, 60,
+                            "every durable pack upstream")
+        stop_gateway(topo)
+        t = tally(topo)
+        assert not cut & set(sealed_seqs(topo, node.node_id))  # never reported, yet:
+        assert all(f"{node.node_id}:{seq}:0" in topo.upstream.readings for seq in cut)
+        assert (t.lost, t.accepted_corrupt, t.seq_reused) == (0, 0, 0), t
+        assert t.delivered == t.sent
     finally:
         await topo.stop()
 

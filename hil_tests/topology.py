@@ -47,6 +47,19 @@ class Wire:
     down: protocol.Deframer = field(default_factory=protocol.Deframer)
     ack_frames: int = 0  # exact: ACK frames the gateway sent (as sent, before any line fault)
     acked: set[int] = field(default_factory=set)  # sequence numbers those ACKs named
+    _sizes: dict[int, int] = field(default_factory=dict)  # seq → readings, authentic frames
+    _sized: int = 0  # data_frames[:_sized] are in _sizes
+
+    def pack_sizes(self, key: bytes) -> dict[int, int]:
+        """seq → readings of every authentic DATA frame so far (parsed once each)."""
+        for body in self.data_frames[self._sized:]:
+            self._sized += 1
+            with contextlib.suppress(FrameError):
+                m = protocol.parse_mac0(body)
+                protocol.verify_mac0(key, m)
+                self._sizes.setdefault(m.seq, len(protocol.resolve_pack(
+                    m.payload, node=m.kid.decode(errors="replace"))))
+        return self._sizes
 
     def tap(self, direction: str, data: bytes) -> None:
         if direction != "up":
@@ -88,6 +101,8 @@ class Topology:
     fault_seed: int = 0
     gateway_wrapper: list[str] = field(default_factory=list)  # command run before the gateway
     node_class: type[SimNode] = SimNode  # QEMU boards: hil_tests/qemu.py
+    # node id → seq → frame, as a test read them from the node's flash (power-cut scenario)
+    flash_frames: dict[str, dict[int, bytes]] = field(default_factory=dict)
 
     async def start(self, gateway: bool = True) -> None:
         await self.upstream.start()
