@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_keys
+from tools import provision_steps as ps
 from tools.sim import FIRMWARE, MP_EXTMOD, Relay, SimNode, gateway_toml
 from tools.upstream import Upstream
 
@@ -205,11 +206,38 @@ async def test_a_failed_step_says_how_to_resume(board: Board, tmp_path: Path) ->
     assert "what to do:" in err
     m = re.search(r"resume with: lantern (.+ --from device)$", err, re.M)
     assert m, err
-    key = load_keys(tmp_path / "keys.toml")[b"SL-0042"]  # made before the failure
+    # the key waits until the node has been seen: what it holds decides whether one is reused
+    assert not (tmp_path / "keys.toml").exists()
     resume = shlex.split(m.group(1).replace("/dev/ttyNOPE", board.console.port))
     code, out, err = await lantern(*resume)
     assert code == 0, out + err
-    assert "[2/10] key: reuse the key of SL-0042" in out
-    assert "config: skipped (--from device)" in out
-    assert load_keys(tmp_path / "keys.toml")[b"SL-0042"] == key
+    assert "[4/10] key: added a key for SL-0042" in out
+    assert "flash: skipped (--from device)" in out
+    assert "verify: node SL-0042 answers" in out
+
+
+async def test_a_wiped_board_is_given_a_new_key(board: Board, tmp_path: Path) -> None:
+    """Review finding 4: a key is reused only where the node still holds its counters."""
+    code, out, err = await lantern(*provision_args(board, tmp_path))
+    assert code == 0, out + err + board.text()[-2000:]
+    first = load_keys(tmp_path / "keys.toml")[b"SL-0042"]
+    # again on the same board: the node shows the counters it bound to that key
+    code, out, err = await lantern(*provision_args(board, tmp_path))
+    assert code == 0, out + err + board.text()[-2000:]
+    assert "key: reuse the key of SL-0042" in out and "with its counters" in out, out
+    assert load_keys(tmp_path / "keys.toml")[b"SL-0042"] == first
+    # the board loses its filesystem (QEMU's littlefs lives in RAM): its counters restart
+    board.off()
+    board.console = Console("board-console")
+    board.link = Relay("board-link")
+    await board.power_on()
+    args = provision_args(board, tmp_path)
+    code, out, err = await lantern(*args, "--keep-key")
+    assert code == 1 and "--keep-key refused: the node has no Lantern state" in err, err
+    code, out, err = await lantern(*args)
+    assert code == 0, out + err + board.text()[-2000:]
+    second = load_keys(tmp_path / "keys.toml")[b"SL-0042"]
+    assert second != first and "replaced the key of SL-0042" in out, out
+    assert f"retired key {ps.key_id(first)}" in (tmp_path / "keys.toml").read_text()
+    assert first.hex() not in (tmp_path / "keys.toml").read_text()
     assert "verify: node SL-0042 answers" in out
