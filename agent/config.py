@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 from .errors import ConfigError
 from .ngsi import MAX_BATCH, NodeMeta
 
-NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+# \Z, never $: "$" also matches before a final newline ("SL-1\n" would pass)
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def load_config(path: Path | str) -> Config:
                   ngsi_ld, mqtt, nodes, api=api, history=history, queue=_queue(doc, d), ble=ble)
 
 
-_BLE_ADDRESS = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+_BLE_ADDRESS = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
 _BLE_FLOATS = ("connect_timeout_s", "idle_timeout_s", "max_session_s", "backoff_initial_s",
                "backoff_max_s", "scan_stall_s", "repeat_s")
 

@@ -54,15 +54,23 @@ class Forwarder:
 
     async def run(self) -> None:
         cursor = await self.store.cursor(self.sink.name)
+        failures = 0  # reads of the queue that failed in a row (logged once)
         while True:
             try:
                 batch = await self.store.next_batch(self.max_records, cursor)
-            except sqlite3.Error as e:
+            except Exception as e:
+                # sqlite3.Error: disk trouble. Anything else is a bug of ours (a frame that
+                # fails to resolve is already a dead letter, agent/outbound.py): never end
+                # this task over it, or the gateway stops, and stops again after a restart.
                 self.metrics.store_errors += 1
-                log.error("%s: store %s: cannot read the queue (%s); retrying in 1 s",
-                          self.sink.name, self.store.path, e)
+                failures += 1
+                if failures == 1:
+                    log.error("%s: store %s: cannot read the queue (%r); retrying every "
+                              "second", self.sink.name, self.store.path, e,
+                              exc_info=not isinstance(e, sqlite3.Error))
                 await asyncio.sleep(1.0)
                 continue
+            failures = 0
             if batch is None:
                 await self._wait_new(None)
                 continue

@@ -62,6 +62,33 @@ class Ingest:
     async def start(self) -> None:
         self.windows = await self.store.windows()
         self.store.on_dead_letter = self._dead_letter
+        adopt = {}
+        for node, w in self.windows.items():
+            nk = self._node_key(node.encode())
+            if nk is None:
+                continue
+            if not w.key:  # kept before windows had a key (layout 2): it is this key's
+                w.key = adopt[node] = nk.key_id
+            elif w.key != nk.key_id:
+                self._window(node, nk)
+        if adopt:
+            await self.store.adopt_keys(adopt)
+
+    def _window(self, node: str, nk: protocol.NodeKey) -> Window:
+        """The node's replay window under its configured key; a new key starts a new one.
+
+        A node provisioned again (a wiped node gets a new key) counts from the start: its
+        frames would be refused as replays of the old key's. Frames made with the old key no
+        longer verify, so a fresh window opens no replay.
+        """
+        w = self.windows.get(node)
+        if w is not None and w.key == nk.key_id:
+            return w
+        if w is not None:
+            self.metrics.window_restarts += 1
+            log.info("node %s: key changed, replay window restarted", node)
+        w = self.windows[node] = Window(key=nk.key_id)
+        return w
 
     def _dead_letter(self, node: str, seq: int, kind: str, detail: str) -> None:
         """A committed pack that did not resolve: kept as a dead letter by the store."""
@@ -94,10 +121,20 @@ class Ingest:
                 continue
             try:
                 self._on_chunk(link, chunk)
-            except AuthError as e:
+            except FrameError as e:  # AuthError included
                 self._reject(link.name, e.kind, str(e))
-            except FrameError as e:
-                self._reject(link.name, e.kind, str(e))
+            except Exception as e:
+                self._internal(link.name, e)
+
+    def _internal(self, source: str, e: Exception) -> None:
+        """A frame we failed on (a bug of ours, not the peer's fault): count it, log its
+        traceback once, and go on with the next one; the frames around it are not lost."""
+        self.metrics.frames_rejected["internal"] += 1
+        if (source, "internal") not in self._logged:
+            self._logged.add((source, "internal"))
+            log.error("%s: a frame could not be handled (%r); it is not acknowledged, so the "
+                      "node sends it again. This is a bug: please report it with this traceback",
+                      source, e, exc_info=e)
 
     def on_frame(self, link: Link, ftype: int, body: bytes) -> None:
         """Feed one frame (type, body) from a link that frames by itself (BLE: no COBS/CRC)."""
@@ -105,6 +142,8 @@ class Ingest:
             self._on_frame(link, ftype, body)
         except FrameError as e:  # AuthError included
             self._reject(link.name, e.kind, str(e))
+        except Exception as e:
+            self._internal(link.name, e)
 
     def _on_chunk(self, link: Link, chunk: bytes) -> None:
         ftype, body = protocol.decode_frame(chunk)
@@ -122,13 +161,12 @@ class Ingest:
         seq = m.seq
         metrics = self.metrics
         metrics.frames_received[node] += 1
-        metrics.seen(node, link.name, seq)
         if (node, seq) in self._pending_ids:
             metrics.duplicates[node] += 1
             return  # its ACK goes out with the commit already under way
         window = self.windows.get(node)
-        if window is None:
-            window = self.windows[node] = Window()
+        if window is None or window.key != nk.key_id:
+            window = self._window(node, nk)
         seen = window.seen(seq)
         if seen is None:
             raise FrameError("replay", f"{link.name} node {node}: seq {seq} is older than the "
@@ -150,6 +188,9 @@ class Ingest:
             acc = Accepted(node, seq, body, None, str(e))  # "kind: detail"
         else:
             acc = Accepted(node, seq, body, None, pack=m.payload, n=n)
+        # only a frame taken (authentic and new) says the node is alive: a replayed or
+        # repeated one could be anybody's recording (docs/gateway.md, "last seen")
+        metrics.seen(node, link.name, seq)
         self._pending.append((link, acc))
         self._pending_ids.add((node, seq))
         self._wake.set()
@@ -199,7 +240,7 @@ class Ingest:
             self._wake.clear()
             batch, self._pending = self._pending, []
             self._committing = len(batch)
-            windows = {n: Window(w.high, w.bits) for n, w in self.windows.items()}
+            windows = {n: Window(w.high, w.bits, w.key) for n, w in self.windows.items()}
             for _, acc in batch:
                 windows.setdefault(acc.node, Window()).mark(acc.seq)
             try:

@@ -30,14 +30,61 @@ def under_journald(stream: object = None) -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
-class JournalFormatter(logging.Formatter):
+# Control characters (C0, DEL, C1, the Unicode line and paragraph separators) as escapes: a
+# node id, a SenML name or an exception's text can come from a peer, and a newline in it would
+# start a forged log line (a carriage return or a terminal escape would hide part of a real one).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028",
+                  0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line, its control characters written as backslash escapes."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
+class _OneEventFormatter(logging.Formatter):
+    """One event: its message with every control character escaped, then the lines of its
+    traceback (ours to break, each escaped too) joined by `joiner`, so that no text from a
+    peer can start a line that looks like an event of its own. (Nothing is taken from the
+    record's cached exc_text: another handler may have made it unescaped.)"""
+
+    joiner = "\n"
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        parts = [escape_controls(self.formatMessage(record))]
+        if record.exc_info:
+            parts += super().formatException(record.exc_info).split("\n")
+        elif record.exc_text:
+            parts += record.exc_text.split("\n")
+        if record.stack_info:
+            parts += record.stack_info.split("\n")
+        return self.joiner.join([parts[0], *map(escape_controls, parts[1:])])
+
+
+class JournalFormatter(_OneEventFormatter):
+    """Under systemd: the sd-daemon priority prefix, no timestamp, one line per event."""
+
+    joiner = " | "
+
     def __init__(self) -> None:
         super().__init__("%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        prio = PRIORITY.get(record.levelno, 6)
-        # one event, one line: a traceback or a multi-line message must not split the entry
-        return f"<{prio}>" + super().format(record).replace("\n", " | ")
+        return f"<{PRIORITY.get(record.levelno, 6)}>" + super().format(record)
+
+
+class PlainFormatter(_OneEventFormatter):
+    """From a shell or into a file: a timestamp and the level name; the lines of a traceback
+    indented, so that only the first line of an event starts at the margin."""
+
+    joiner = "\n    "
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 class RateLimit(logging.Filter):
@@ -74,7 +121,7 @@ def setup(level: str = "INFO") -> None:
     if under_journald():
         handler.setFormatter(JournalFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter())
     handler.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # Every reason a frame can be refused (agent/protocol.py, agent/ingest.py); exported at 0
 # before the first one so that rate() and alerts work from the start.
 REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
-                  "unknown_node", "replay", "senml", "unexpected", "queue_full")
+                  "unknown_node", "replay", "senml", "unexpected", "queue_full", "internal")
 # A BLE link's counters (agent/links/ble.py, BleLink.stats) exported as lantern_ble_<key>
 BLE_COUNTERS = (
     ("connects", "GATT connections attempted to nodes"),
@@ -97,6 +97,7 @@ class Metrics:
         self.store_errors = 0
         self.upstream_failures = 0
         self.dead_letters = 0
+        self.window_restarts = 0  # replay windows started again for a node's new key
         self.evictions = 0  # mirrors store.cap.evicted (agent/diskcap.py) for summaries
         self.nodes: dict[str, NodeSeen] = {}
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
@@ -124,6 +125,7 @@ class Metrics:
             "store_errors": self.store_errors,
             "upstream_failures": self.upstream_failures,
             "dead_letters": self.dead_letters,
+            "window_restarts": self.window_restarts,
             "evictions": self.evictions,
         }
 
@@ -187,8 +189,10 @@ class LanternCollector(Collector):
              m.store_errors),
             ("upstream_failures", "Upstream deliveries that failed (retried)",
              m.upstream_failures),
-            ("dead_letters", "Authentic frames whose payload could not be decoded",
-             m.dead_letters),
+            ("dead_letters", "Authentic frames whose payload could not be decoded or "
+             "resolved, kept in the queue's dead_letters table", m.dead_letters),
+            ("replay_window_restarts", "Replay windows started again because a node's key "
+             "changed (provisioned again)", m.window_restarts),
         ):
             yield CounterMetricFamily(f"lantern_{name}", doc, value=value)
         yield CounterMetricFamily("lantern_evictions", "Undelivered readings evicted by the "

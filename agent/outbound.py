@@ -11,6 +11,7 @@ Frames leave the queue once every sink has them and the history has them too.
 from __future__ import annotations
 
 import collections
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from .resolved import PACK, Batch, Cache, Resolved, resolve
 if TYPE_CHECKING:
     from .store import Store
 
+log = logging.getLogger("lantern.outbound")
+
 BATCH_ROWS = 32  # frames read per query while filling a batch
 CATCH_UP_MAX = 5000  # frames resolved into the history per API read, at most
 
@@ -31,6 +34,7 @@ class Outbound:
         self.store = store
         self.cache = Cache()
         self._found_dead: list[tuple[int, str, int, float, bytes, FrameError]] = []
+        self._bugs = 0  # frames resolution failed on with anything but a FrameError
         # dead letters found, for the event loop: (node, seq, kind, detail)
         self.reports: collections.deque[tuple[str, int, str, str]] = collections.deque()
 
@@ -43,14 +47,26 @@ class Outbound:
         history = self.store.history
         try:
             records, text = resolve(node, seq, fmt, body)
-        except FrameError as e:
-            self._found_dead.append((fid, node, seq, received_at, body, e))
+            res = Resolved(fid, node, seq, received_at, [r["id"] for r in records], text)
+            if fid > history.upto:
+                history.add(fid, node, received_at, records, body if fmt == PACK else None)
+        except Exception as e:
+            # One frame must never stop the way out: whatever resolving it raises, it becomes
+            # a dead letter (kept, with the reason) and the frames after it go on. Anything
+            # but a FrameError is a bug of ours: its traceback is logged once.
+            if isinstance(e, FrameError):
+                err = e
+            else:
+                if not self._bugs:
+                    log.error("frame %d (node %s, seq %d) could not be resolved: %r; kept as a "
+                              "dead letter. This is a bug: please report it with this "
+                              "traceback", fid, node, seq, e, exc_info=True)
+                self._bugs += 1
+                err = FrameError("internal", f"{type(e).__name__}: {e}")
+            self._found_dead.append((fid, node, seq, received_at, body, err))
             if fid > history.upto:
                 history.skip(fid)
             return None
-        res = Resolved(fid, node, seq, received_at, [r["id"] for r in records], text)
-        if fid > history.upto:
-            history.add(fid, node, received_at, records, body if fmt == PACK else None)
         self.cache.put(res)
         return res
 

@@ -9,7 +9,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import io
 import math
 import struct
 from dataclasses import dataclass
@@ -126,18 +125,131 @@ class Mac0:
         return piv_int(bytes(self.protected[H_PIV]))
 
 
-def _loads(data: bytes) -> Any:
-    """Exactly one CBOR item: cbor2.loads alone would ignore trailing bytes."""
-    fp = io.BytesIO(data)
+# What a peer's CBOR may hold (docs/protocol.md, "What the gateway decodes"): cbor2 decodes
+# every tag it knows (bigfloats, decimal fractions, dates, regular expressions, shared
+# references...), and some of those raise while decoding or build what no handler expects.
+# The protocol uses one tag, COSE_Mac0's 17, on the outermost item of a message; nothing else.
+_ARRAY, _MAP, _STR, _INDEF = -2, -3, -4, -5
+
+
+def _head_table() -> list[int]:
+    """Per initial byte: the whole item's length in bytes (a number, a short string, false,
+    true, null, a float), or how to read it; 0: refused (a tag, another simple value, a
+    break out of place, a reserved head)."""
+    table = [0] * 256
+    for ib in range(256):
+        mt, ai = ib >> 5, ib & 0x1F
+        if mt <= 1:
+            table[ib] = 1 if ai < 24 else 1 + (1 << (ai - 24)) if ai < 28 else 0
+        elif mt <= 3:
+            table[ib] = 1 + ai if ai < 24 else _STR if ai < 28 else _INDEF if ai == 31 else 0
+        elif mt <= 5:
+            table[ib] = (_ARRAY if mt == 4 else _MAP) if ai < 28 else _INDEF if ai == 31 else 0
+    table[0xF4] = table[0xF5] = table[0xF6] = 1  # false, true, null
+    table[0xF9], table[0xFA], table[0xFB] = 3, 5, 9  # half, single, double
+    return table
+
+
+_HEADS = _head_table()
+
+
+def _refused(data: bytes, i: int) -> str:
+    """Why the head at data[i] is refused."""
+    ib = data[i]
+    mt, ai = ib >> 5, ib & 0x1F
+    if ai > 27 and not (ai == 31 and mt == 7):
+        return f"malformed head 0x{ib:02x} at byte {i}"
+    if mt == 6:
+        arg = ai if ai < 24 else int.from_bytes(data[i + 1:i + 1 + (1 << (ai - 24))], "big")
+        return f"tag {arg} at byte {i}: the protocol uses no CBOR tag there"
+    if ib == 0xFF:
+        return f"a break out of place at byte {i}"
+    return f"simple value 0x{ib:02x} at byte {i}: not used by the protocol"
+
+
+def check_cbor(data: bytes, top_tag: int | None = None) -> None:
+    """FrameError("cbor") unless `data` is exactly one well-formed CBOR item (RFC 8949 §3,
+    appendix F) made of what the protocol sends: integers, byte and text strings, arrays,
+    maps, false, true, null and floats — no tag (but `top_tag` on the outermost item), no
+    other simple value — with no count larger than the bytes left.
+
+    Only heads are read and nothing is built, so any decoder sees only bytes checked here.
+    One counter of the items still owed does the nesting; a stack only for indefinite ones.
+    """
+    n = len(data)
+    i = 0
+    heads = _HEADS
+    if top_tag is not None and n and data[0] >> 5 == 6:
+        ai = data[0] & 0x1F
+        i = 1 + ((1 << (ai - 24)) if 24 <= ai < 28 else 0)
+        tag = ai if ai < 24 else int.from_bytes(data[1:i], "big")
+        if ai > 27 or tag != top_tag or i > n:
+            raise FrameError("cbor", _refused(data, 0))
+    need = 1  # items still owed: 1 for the whole, plus every count read since
+    stack: list[list[int]] = []  # indefinite items: [need outside it, items in it, major]
+    while True:
+        if not need:
+            if not stack:
+                break
+            if i >= n:
+                raise FrameError("cbor", "truncated")
+            entry = stack[-1]
+            ib = data[i]
+            if ib == 0xFF:  # the break that ends it
+                if entry[2] == 5 and entry[1] & 1:
+                    raise FrameError("cbor", "an indefinite map ends after a key")
+                i += 1
+                need = entry[0]
+                stack.pop()
+                continue
+            if entry[2] < 4 and (ib >> 5 != entry[2] or ib & 0x1F == 31):
+                raise FrameError("cbor", "an indefinite string holds a chunk of another kind")
+            entry[1] += 1
+            need = 1
+        if i >= n:
+            raise FrameError("cbor", "truncated")
+        ib = data[i]
+        step = heads[ib]
+        need -= 1
+        if step > 0:
+            i += step
+            continue
+        if step in (_ARRAY, _MAP, _STR):
+            ai = ib & 0x1F
+            if ai < 24:
+                arg = ai
+                i += 1
+            else:
+                end = i + 1 + (1 << (ai - 24))
+                arg = int.from_bytes(data[i + 1:end], "big")
+                i = end
+            if step == _STR:
+                i += arg
+                continue
+            need += arg * 2 if step == _MAP else arg
+            if need > n - i:  # every item owed takes a byte at least
+                raise FrameError("cbor", f"{need} items owed in {max(n - i, 0)} bytes")
+            continue
+        if step == _INDEF:
+            i += 1
+            stack.append([need, 0, ib >> 5])
+            need = 0
+            continue
+        raise FrameError("cbor", _refused(data, i))
+    if i != n:
+        raise FrameError("cbor", "truncated" if i > n else f"{n - i} trailing bytes")
+
+
+def _loads(data: bytes, top_tag: int | None = None) -> Any:
+    """Exactly one CBOR item from a peer, checked first (check_cbor), then decoded.
+
+    The one place peer bytes are decoded: whatever the decoder raises becomes a FrameError.
+    """
+    check_cbor(data, top_tag)
     try:
-        obj = cbor2.CBORDecoder(fp).decode()
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise FrameError("cbor", str(e)) from None
-    if fp.tell() != len(data):
-        raise FrameError("cbor", f"{len(data) - fp.tell()} trailing bytes")
-    if obj is cbor2.break_marker or obj is cbor2.undefined:  # type: ignore[attr-defined]
-        raise FrameError("cbor", "a lone break or undefined is not a value")
-    return obj
+        return cbor2.loads(data)
+    except Exception as e:  # (a decoder's surprise is still the peer's bad bytes)
+        raise FrameError("cbor", f"{type(e).__name__}: {e}") from None
 
 
 def _bstr_at(data: bytes, i: int) -> tuple[int, int] | None:
@@ -192,7 +304,9 @@ def parse_mac0(data: bytes) -> Mac0:
 
 
 def _parse_mac0_any(data: bytes) -> Mac0:
-    msg = _loads(data)
+    if data and data[0] >> 5 == 6 and data[0] != 0xD1:  # another tag: a COSE mistake
+        raise FrameError("cose", "not a tagged COSE_Mac0")
+    msg = _loads(data, COSE_MAC0_TAG)
     if not isinstance(msg, cbor2.CBORTag) or msg.tag != COSE_MAC0_TAG:
         raise FrameError("cose", "not a tagged COSE_Mac0")
     v = msg.value
@@ -257,16 +371,23 @@ def mac_structure_head(protected: bytes, payload_len: int) -> bytes:
             + cbor_head(2, payload_len))
 
 
+def key_id(key: bytes) -> bytes:
+    """A node key's fingerprint (8 bytes), kept with the node's replay window: never the key,
+    and not a hash that anything else computes from it (a label comes first)."""
+    return hashlib.sha256(b"lantern replay window key\x00" + key).digest()[:8]
+
+
 class NodeKey:
     """One node's key, keyed into HMAC-SHA-256 once; every message MACs on a copy of it.
 
     Keying costs two SHA-256 blocks and a Python object; a copy of the keyed state is cheaper.
     """
 
-    __slots__ = ("_ack_head", "_h", "kid", "node")
+    __slots__ = ("_ack_head", "_h", "key_id", "kid", "node")
 
     def __init__(self, key: bytes, kid: bytes) -> None:
         self._h = hmac.new(key, digestmod=hashlib.sha256)
+        self.key_id = key_id(key)
         self.kid = kid
         self.node = kid.decode("utf-8", "replace")
         # an ACK's protected header up to its Partial IV: {1: 4, 4: kid, 6: ...} (1 < 4 < 6)
@@ -296,11 +417,14 @@ class NodeKey:
 
 
 def pack_size(payload: bytes) -> int:
-    """Records in a SenML pack, read from its array head: all the ACK path looks at.
+    """Records in a SenML pack, read from its array head, once its CBOR is checked.
 
-    A pack that is not an array whose first item is a map is refused here (FrameError
-    "senml"); everything else is checked when the pack is resolved on its way upstream.
+    The ACK path's look at a pack: CBOR that is not well-formed or holds what the protocol
+    never sends (a tag: check_cbor) is refused here (FrameError "cbor"), and so is a pack
+    that is not an array whose first item is a map ("senml"); SenML itself is checked when
+    the pack is resolved on its way upstream (resolve_pack: ~8 times the cost).
     """
+    check_cbor(payload)
     if len(payload) < 2 or payload[0] >> 5 != 4:
         raise FrameError("senml", "pack is not an array")
     info = payload[0] & 0x1F

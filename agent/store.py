@@ -30,7 +30,9 @@ __all__ = ["WINDOW", "Accepted", "Batch", "Store", "Window"]
 log = logging.getLogger("lantern.store")
 
 WINDOW = 64
-SCHEMA_VERSION = 2  # PRAGMA user_version; 1 (never numbered): a row per reading
+# PRAGMA user_version; 0 (never numbered): a row per reading; 2: nodes without key_id, moved
+# to 3 in place (_migrate); 3: the replay window belongs to a key
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     high INTEGER NOT NULL,
     window INTEGER NOT NULL,
     last_seen REAL NOT NULL,
-    frames INTEGER NOT NULL
+    frames INTEGER NOT NULL,
+    key_id BLOB  -- protocol.key_id of the key the window was kept under (NULL: none given)
 );
 """
 
@@ -87,10 +90,12 @@ class Accepted:
 
 @dataclass
 class Window:
-    """Per-node replay state: the highest sequence and a bitmap of the 64 below it."""
+    """Per-node replay state: the highest sequence and a bitmap of the 64 below it, under
+    the key `key` (protocol.key_id; b"": none): a new key starts a new window."""
 
     high: int = -1
     bits: int = 0
+    key: bytes = b""
 
     def seen(self, seq: int) -> bool | None:
         """True if seq was accepted, False if new, None if too old to tell (a replay)."""
@@ -155,6 +160,7 @@ class Store:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._check_schema(db)
+            _migrate(db)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash
             db.execute("PRAGMA synchronous=FULL")
@@ -214,8 +220,17 @@ class Store:
         return await self._run(self._windows)  # type: ignore[no-any-return]
 
     def _windows(self) -> dict[str, Window]:
-        rows = self.db.execute("SELECT node, high, window FROM nodes").fetchall()
-        return {node: Window(high, _from_sql(bits)) for node, high, bits in rows}
+        rows = self.db.execute("SELECT node, high, window, key_id FROM nodes").fetchall()
+        return {node: Window(high, _from_sql(bits), bytes(key or b""))
+                for node, high, bits, key in rows}
+
+    async def adopt_keys(self, keys: dict[str, bytes]) -> None:
+        """Windows kept before they had a key (layout 2) belong to the key configured now."""
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE nodes SET key_id = ? WHERE node = ? AND key_id IS NULL",
+                           [(k, node) for node, k in keys.items()])
+
+        await self._run(self.transaction, work)
 
     # ---- the ACK path
 
@@ -246,11 +261,11 @@ class Store:
                 db.executemany("INSERT INTO dead_letters (node, seq, reason, received_at, kind,"
                                " body) VALUES (?, ?, ?, ?, ?, ?)", dead)
             db.executemany(
-                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
-                " high=excluded.high, window=excluded.window,"
-                " last_seen=excluded.last_seen, frames=frames + excluded.frames",
-                [(node, windows[node].high, _to_sql(windows[node].bits), now, n)
-                 for node, n in touched.items()])
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
+                " high=excluded.high, window=excluded.window, last_seen=excluded.last_seen,"
+                " frames=frames + excluded.frames, key_id=excluded.key_id",
+                [(node, windows[node].high, _to_sql(windows[node].bits), now, n,
+                  windows[node].key or None) for node, n in touched.items()])
 
         self.transaction(work)
         # at the high mark now: pause before more frames are taken. The frames are committed
@@ -326,6 +341,25 @@ class Store:
                 "recent_rows": self.history.rows(db)}
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Layout 2 → 3: the nodes table gains key_id (NULL until Ingest.start adopts the keys
+    configured now, so no window changes). A version-2 gateway then refuses the file."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+    if not columns or "key_id" in columns:
+        return  # a new queue, or one of this layout
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE nodes ADD COLUMN key_id BLOB")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    log.info("store: layout 2 moved to layout %d (replay windows now belong to a key)",
+             SCHEMA_VERSION)
+
+
 def check_layout(path: Path, db: sqlite3.Connection | None = None) -> None:
     """ConfigError if the queue at `path` has a layout this gateway does not keep."""
     if db is None:
@@ -339,8 +373,8 @@ def check_layout(path: Path, db: sqlite3.Connection | None = None) -> None:
         return
     version = db.execute("PRAGMA user_version").fetchone()[0]
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if version == SCHEMA_VERSION or (version == 0 and "readings" not in tables):
-        return
+    if version in (2, SCHEMA_VERSION) or (version == 0 and "readings" not in tables):
+        return  # (2 is moved to 3 in place when the store opens it)
     made_by = ("an earlier Lantern (a row per reading)" if version == 0
                else f"a newer Lantern (layout {version})" if version > SCHEMA_VERSION
                else f"an unknown layout {version}")
