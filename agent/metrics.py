@@ -41,6 +41,11 @@ BLE_COUNTERS = (
     ("scanner_starts", "Scanner starts"),
     ("scanner_start_failures", "Scanner starts that failed (retried with backoff)"),
     ("scanner_restarts", "Scanner restarts after no advert for scan_stall_s"),
+    ("addresses_proven", "Addresses that authenticated as a node (session or encrypted advert)"),
+    ("address_evictions", "Unproven addresses claiming a node dropped for newer claimers"),
+    ("address_conflicts", "Adverts naming another node from a node's proven address, ignored"),
+    ("adverts_unproven", "BTHome adverts of our nodes from addresses not proven, ignored"),
+    ("connects_unproven", "GATT connections attempted to addresses not proven yet"),
 )
 # What a BLE link refuses, by kind (its stats' rejected_<kind>); exported at 0 from the start
 BLE_REJECTS = ("advert_replay", "advert_plain", "bthome", "bthome_key", "bthome_mic",

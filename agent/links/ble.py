@@ -2,10 +2,12 @@
 
 One scanner runs for as long as the gateway does; if it cannot start, or the adapter stops
 reporting adverts for `scan_stall_s`, it is restarted with backoff (never the process). A
-Lantern advert names a node (4-byte tag) and its backlog; nodes with a backlog are connected,
-at most `max_connections` at a time, largest backlog first, and drained (ble_session.py). A
-failed connection is retried with exponential backoff and jitter, per node. Frames go to
-ingest one by one (`Ingest.on_frame`), which acknowledges them only after they are committed.
+Lantern advert names a node (4-byte tag, public) and its backlog; it is a claim, not a proof.
+Addresses that proved themselves (ble_adverts.AddressBook) are drained first, the node that
+waited longest first, at most `max_connections` at a time; claimers are tried only for a node
+with no proven address on air, one at a time (ble_session.py drains). A failed session is
+retried with exponential backoff and jitter, per address. Frames go to ingest one by one
+(`Ingest.on_frame`), which acknowledges them only after they are committed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import heapq
 import logging
 import random
 import time
@@ -29,18 +32,22 @@ from bleak.backends.client import BaseBleakClient
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 
-from .. import bthome
+from .. import bthome, protocol
 from ..config import BleLinkConfig
 from ..errors import FrameError
 from ..ingest import Ingest
 from ..store import Store
-from .ble_adverts import CounterBook, ThirdParty
+from .ble_adverts import AddressBook, Candidate, CounterBook, ThirdParty
 from .ble_session import SERVICE_UUID, NodeSession
 
 log = logging.getLogger("lantern.link.ble")
 
 LANTERN_ADVERT_VERSION = 1
 _SERVICE_LE = bytes.fromhex(SERVICE_UUID.replace("-", ""))[::-1]
+MAX_UNPROVEN_SESSIONS = 1  # connections spent on claimers at once (the rest: proven nodes)
+TRIAL_NODES = 4  # bindkeys tried on an encrypted advert from an address we do not know
+LOG_SOURCES = 8  # sources logged per kind of rejection; after them, only counted
+_MIN_PASS_S = 0.05  # between scheduling passes: a flood of adverts wakes it, once per this
 
 
 @dataclass(frozen=True)
@@ -52,19 +59,10 @@ class BleBackend:
 
 
 @dataclass
-class Candidate:
-    node: str
-    device: BLEDevice
-    backlog: int = 0
-    seen: float = 0.0
-    rssi: int = 0
-
-
-@dataclass
 class NodeView:
     """What adverts told us about a node: for the status page and diagnostics."""
 
-    address: str
+    address: str  # only ever one that proved itself (AddressBook.prove)
     rssi: int = 0
     last_advert: float = 0.0
     values: dict[str, float | bool] = field(default_factory=dict)
@@ -72,6 +70,12 @@ class NodeView:
 
 def node_tag(node: str) -> bytes:
     return hashlib.sha256(node.encode()).digest()[:4]
+
+
+def _sealed_for(data: bytes, address: str) -> bool:
+    """Whether an encrypted BTHome advert was sealed for the address that sent it: its nonce
+    holds that address, unless the advert carries another MAC (flag 0x02) to use instead."""
+    return not data[0] & 0x02 or data[1:7][::-1] == bthome.mac_bytes(address)
 
 
 class BleLink:
@@ -88,8 +92,10 @@ class BleLink:
         self.bytes_in = 0
         self.bytes_out = 0
         self.nodes: dict[str, NodeView] = {}
-        self.candidates: dict[str, Candidate] = {}
-        self.sessions: dict[str, asyncio.Task[None]] = {}
+        self.book = AddressBook((kid.decode() for kid in keys), self.stats)
+        self.sessions: dict[str, asyncio.Task[None]] = {}  # address → its session
+        self._busy: dict[str, str] = {}  # node → the address of its session
+        self._claimer_sessions: set[str] = set()  # addresses of sessions to claimers
         self._tags: dict[bytes, str] = {}
         for kid in keys:
             node = kid.decode()
@@ -98,15 +104,14 @@ class BleLink:
                 log.error("nodes %s and %s share an advert tag; %s is reached only when its "
                           "adverts are told apart by address", other, node, node)
         self._bindkeys = {kid.decode(): bthome.derive_bindkey(k) for kid, k in keys.items()}
-        self._addr_node: dict[str, str] = {}
-        self._failures: dict[str, int] = {}
-        self._retry_at: dict[str, float] = {}
+        self._node_keys = {kid.decode(): protocol.NodeKey(k, kid) for kid, k in keys.items()}
+        self._trial_from = 0  # round robin over the nodes an unknown address may be
         self._last_advert = 0.0
         self._wake = asyncio.Event()
         # a controller takes one LE Create Connection at a time (BlueZ: "InProgress"), so
         # connects are made one after another; the connections then run side by side
         self._connecting = asyncio.Lock()
-        self._logged: set[tuple[str, str]] = set()
+        self._logged: dict[str, set[str]] = {}  # kind → sources logged (≤ LOG_SOURCES)
         self.counters = CounterBook(state_dir / f"ble-{cfg.adapter}-adverts.json")
         self.third_party = ThirdParty(cfg.devices, store, cfg.repeat_s, self.stats,
                                       self._wake_forwarders, ingest.metrics)
@@ -121,9 +126,17 @@ class BleLink:
 
     def _reject(self, source: str, e: FrameError) -> None:
         self.stats[f"rejected_{e.kind}"] += 1
-        if (source, e.kind) not in self._logged:
-            self._logged.add((source, e.kind))
-            log.warning("%s: rejected (%s): %s; further ones are only counted", source, e.kind, e)
+        # sources are addresses, which a stranger picks at will: a few logged per kind
+        logged = self._logged.setdefault(e.kind, set())
+        if source in logged or len(logged) > LOG_SOURCES:
+            return
+        logged.add(source)
+        if len(logged) > LOG_SOURCES:
+            log.warning("%s: rejected (%s): %s; further ones, from any source, are only "
+                        "counted (lantern_ble_rejected_total)", source, e.kind, e)
+        else:
+            log.warning("%s: rejected (%s): %s; further ones are only counted", source,
+                        e.kind, e)
 
     def snapshot(self) -> dict[str, Any]:
         return {"stats": dict(self.stats), "sessions": sorted(self.sessions),
@@ -145,7 +158,7 @@ class BleLink:
         data = adv.service_data.get(bthome.UUID)
         if data is not None:
             try:
-                self._on_bthome(address, adv, data)
+                self._on_bthome(address, device, adv, data)
             except FrameError as e:
                 self._reject(f"{self.name} {address}", e)
 
@@ -156,43 +169,93 @@ class BleLink:
         node = self._tags.get(bytes(data[3:7]))
         if node is None:
             raise FrameError("unknown_node", f"tag {data[3:7].hex()} matches no node key")
-        self._addr_node[address] = node
-        c = self.candidates.get(address)
-        if c is None or c.node != node:
-            c = self.candidates[address] = Candidate(node, device)
-        c.device, c.backlog, c.seen, c.rssi = device, int.from_bytes(data[1:3], "little"), \
-            time.monotonic(), adv.rssi
-        view = self.nodes.setdefault(node, NodeView(address))
-        view.address, view.rssi, view.last_advert = address, adv.rssi, time.time()
-        if c.backlog and address not in self.sessions:
+        now = time.monotonic()
+        c = self.book.claim(node, address, device, now)
+        if c.node != node:
+            return  # the proven address of another node: counted (address_conflicts)
+        c.backlog, c.seen, c.rssi = int.from_bytes(data[1:3], "little"), now, adv.rssi
+        if self.book.is_proven(c):
+            view = self.nodes[node]  # made by the proof
+            view.rssi, view.last_advert = adv.rssi, time.time()
+        if c.backlog and node not in self._busy:
             self._wake.set()
 
-    def _on_bthome(self, address: str, adv: AdvertisementData, data: bytes) -> None:
+    def _on_bthome(self, address: str, device: BLEDevice, adv: AdvertisementData,
+                   data: bytes) -> None:
         if self.third_party.handles(address):
             self.third_party.on_advert(address, data)
             return
-        node = self._addr_node.get(address)
-        if node is None:
-            self.stats["adverts_foreign"] += 1  # someone else's sensor: not ours to judge
-            return
-        a = bthome.decode(data, bthome.mac_bytes(address), self._bindkeys[node])
+        c = self.book.get(address)
+        if c is not None:
+            node = c.node
+            try:
+                a = bthome.decode(data, bthome.mac_bytes(address), self._bindkeys[node])
+            except FrameError:
+                self.book.forget(c)  # claims a node and fails its key: no node does that
+                raise
+        else:
+            found = self._trial(address, data)
+            if found is None:
+                self.stats["adverts_foreign"] += 1  # someone else's sensor: not ours to judge
+                return
+            node, a = found
         if a.encrypted:
             assert a.counter is not None
             fresh = self.counters.check(node, a.counter)
             if fresh is None:
                 raise FrameError("advert_replay", f"{node}: counter {a.counter} <= "
                                  f"{self.counters.high[node]}")
-            if not fresh:
+            if fresh and _sealed_for(data, address):
+                self._proven(node, address, device)
+            elif not fresh:
                 self.stats["advert_duplicates"] += 1
                 return
         elif self.cfg.require_encrypted_adverts:
             raise FrameError("advert_plain", f"{node}: plaintext advert (nodes encrypt by "
                              "default; set require_encrypted_adverts = false to accept)")
+        c = self.book.get(address)
+        if c is None or not self.book.is_proven(c):
+            self.stats["adverts_unproven"] += 1  # plain, from an address that proved nothing
+            return
         self.stats["adverts_accepted"] += 1
-        view = self.nodes.setdefault(node, NodeView(address))
+        view = self.nodes[node]
         view.rssi = adv.rssi
         for r in a.readings:
             view.values[bthome.LANTERN_NAMES.get(r.object_id, r.name)] = r.value
+
+    def _trial(self, address: str, data: bytes) -> tuple[str, bthome.Advert] | None:
+        """An encrypted advert from an address no Lantern advert of ours is kept for: try the
+        bindkeys of the few nodes that were claimed lately and have no proven address on air
+        (a node whose claimers a flood keeps evicting still proves itself this way)."""
+        if not data or not data[0] & 0x01:
+            return None
+        now = time.monotonic()
+        stall = self.cfg.scan_stall_s
+        need = [n for n, e in self.book.nodes.items()
+                if now - e.claimed_at < stall
+                and (e.proven is None or now - e.proven.seen >= stall)]
+        if not need:
+            return None
+        start = self._trial_from % len(need)
+        self._trial_from += 1
+        mac = bthome.mac_bytes(address)
+        for node in (need[start:] + need[:start])[:TRIAL_NODES]:
+            try:
+                return node, bthome.decode(data, mac, self._bindkeys[node])
+            except FrameError:
+                continue
+        return None
+
+    def _proven(self, node: str, address: str, device: BLEDevice) -> None:
+        """`address` authenticated as `node`: the address it is drained at, and shown at."""
+        before = self.book.nodes[node].proven
+        c = self.book.prove(node, address, device)
+        if before is not c:
+            log.info("%s: %s proved itself as %s", self.name, address, node)
+        view = self.nodes.setdefault(node, NodeView(address))
+        view.address = address
+        if c.backlog and node not in self._busy:
+            self._wake.set()
 
     # -- scanner ----------------------------------------------------------------------------
 
@@ -234,42 +297,102 @@ class BleLink:
 
     # -- connections ------------------------------------------------------------------------
 
+    def _pick(self, now: float) -> list[Candidate]:
+        """The sessions to start now: proven addresses first, the node that waited longest
+        first; then a claimer of a node with no proven address on air, one at a time, the
+        largest backlog among that node's claimers first. Bounded by the node keys."""
+        free = self.cfg.max_connections - len(self.sessions)
+        if free <= 0:
+            return []
+        stall = self.cfg.scan_stall_s
+        proven: list[tuple[float, Candidate]] = []
+        unproven: list[tuple[float, Candidate]] = []
+        for node, entry in self.book.nodes.items():
+            if node in self._busy:
+                continue
+            p = entry.proven
+            if p is not None and now - p.seen < stall:  # on air: its own word is the one
+                if p.backlog > 0 and p.retry_at <= now:
+                    proven.append((entry.last_session, p))
+                continue
+            if entry.unproven_retry_at > now:
+                continue
+            best = None
+            for c in entry.unproven.values():
+                if c.backlog > 0 and c.retry_at <= now and now - c.seen < stall and (
+                        best is None or c.backlog > best.backlog):
+                    best = c
+            if best is not None:
+                unproven.append((entry.last_session, best))
+        out = [c for _, c in heapq.nsmallest(free, proven, key=lambda t: t[0])]
+        room = min(free - len(out), MAX_UNPROVEN_SESSIONS - len(self._claimer_sessions))
+        if room > 0:
+            out += [c for _, c in heapq.nsmallest(room, unproven, key=lambda t: t[0])]
+        return out
+
     async def _schedule(self) -> None:
         while True:
             self._wake.clear()
-            now = time.monotonic()
-            free = self.cfg.max_connections - len(self.sessions)
-            ready = [c for addr, c in self.candidates.items()
-                     if c.backlog > 0 and addr not in self.sessions
-                     and self._retry_at.get(addr, 0.0) <= now
-                     and now - c.seen < self.cfg.scan_stall_s]
-            ready.sort(key=lambda c: -c.backlog)
-            for c in ready[:max(free, 0)]:
-                addr = c.device.address.upper()
+            for c in self._pick(time.monotonic()):
+                addr = c.address
+                if not self.book.is_proven(c):
+                    self._claimer_sessions.add(addr)
+                self.book.nodes[c.node].last_session = time.monotonic()
+                self._busy[c.node] = addr
                 task = asyncio.create_task(self._session(addr, c), name=f"ble-{addr}")
                 self.sessions[addr] = task
-                task.add_done_callback(functools.partial(self._session_done, addr))
+                task.add_done_callback(functools.partial(self._session_done, addr, c))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
+            await asyncio.sleep(_MIN_PASS_S)
 
-    def _session_done(self, addr: str, _task: asyncio.Task[None]) -> None:
+    def _session_done(self, addr: str, c: Candidate, _task: asyncio.Task[None]) -> None:
         self.sessions.pop(addr, None)
+        self._claimer_sessions.discard(addr)
+        if self._busy.get(c.node) == addr:
+            del self._busy[c.node]
         self._wake.set()
+
+    def _fresh_frame(self, node: str, ftype: int, body: bytes) -> bool:
+        """A DATA frame authentic under `node`'s key that the gateway has not had before."""
+        if ftype != protocol.DATA:
+            return False
+        try:
+            m = protocol.parse_mac0(body)
+            if m.kid != node.encode():
+                return False
+            self._node_keys[node].verify(m)
+        except FrameError:
+            return False  # ingest says why, and counts it
+        window = self.ingest.windows.get(node)
+        return window is None or window.seen(m.seq) is False
 
     async def _session(self, addr: str, c: Candidate) -> None:
         node = c.node
+        claimer = not self.book.is_proven(c)
+        proved = False
+
+        def on_frame(link: NodeSession, ftype: int, body: bytes) -> None:
+            nonlocal proved
+            if not proved and self._fresh_frame(node, ftype, body):
+                proved = True
+                self._proven(node, addr, c.device)
+            self.ingest.on_frame(link, ftype, body)
+
         session = NodeSession(f"{self.name} {addr} {node}", node, self.keys[node.encode()],
-                              self.ingest.on_frame, self._reject)
+                              on_frame, self._reject)
         client = BleakClient(c.device, timeout=self.cfg.connect_timeout_s,
                              backend=self.backend.client)
         drained = False
         self.stats["connects"] += 1
+        if claimer:
+            self.stats["connects_unproven"] += 1
         try:
             async with self._connecting:
                 # bounded here too: some stacks never return from a connect to a gone device
                 await asyncio.wait_for(client.connect(), self.cfg.connect_timeout_s + 5.0)
-            log.info("%s: connected (backlog %d, MTU %d)", session.name, c.backlog,
-                     client.mtu_size)
+            log.info("%s: connected (backlog %d, MTU %d%s)", session.name, c.backlog,
+                     client.mtu_size, ", address not proven yet" if claimer else "")
             drained = await session.run(client, self.cfg.idle_timeout_s, self.cfg.max_session_s)
         except asyncio.CancelledError:
             raise
@@ -283,16 +406,23 @@ class BleLink:
             self.bytes_out += session.bytes_out
             self.stats["frames"] += session.frames
         c.backlog = 0  # until an advert after this session says otherwise
+        entry = self.book.nodes[node]
+        if claimer and not proved:
+            # a claimer that delivered nothing new under the node's key: the node's claimers
+            # are tried less and less often while it has no proven address
+            entry.unproven_failures += 1
+            entry.unproven_retry_at = time.monotonic() + self._backoff(entry.unproven_failures)
         if drained:
             self.stats["drains"] += 1
-            self._failures.pop(addr, None)
-            self._retry_at.pop(addr, None)
+            c.failures, c.retry_at = 0, 0.0
             log.info("%s: drained (%d frames)", session.name, session.frames)
         else:
-            n = self._failures.get(addr, 0) + 1
-            self._failures[addr] = n
-            delay = min(self.cfg.backoff_initial_s * 2 ** (n - 1), self.cfg.backoff_max_s)
-            self._retry_at[addr] = time.monotonic() + delay * random.uniform(0.5, 1.0)
+            c.failures += 1
+            c.retry_at = time.monotonic() + self._backoff(c.failures)
+
+    def _backoff(self, n: int) -> float:
+        delay: float = min(self.cfg.backoff_initial_s * 2 ** (n - 1), self.cfg.backoff_max_s)
+        return delay * random.uniform(0.5, 1.0)
 
     async def run(self) -> None:
         await self.third_party.start()

@@ -1,4 +1,12 @@
-"""What the gateway does with BTHome adverts: replay checks, latest values, third-party readings.
+"""What the gateway does with adverts: which address is whose, replay checks, third-party readings.
+
+Which address is whose (AddressBook): a node's Lantern advert names it by a public tag, so a
+claim proves nothing. An address earns trust for a node by authenticating — a GATT session
+that delivered a new frame verified under the node's key, or an encrypted BTHome advert that
+verifies under the node's bindkey with a counter newer than any seen. Every table here is
+bounded by the number of node keys, whatever strangers on the radio send: per node, the one
+proven address and the few addresses that claimed it most recently (the oldest claimer is
+evicted, counted in `address_evictions`).
 
 Lantern nodes' adverts are informational (their readings arrive authenticated over GATT), but
 an encrypted advert carries a 32-bit counter that must only grow: a counter at or below the
@@ -20,11 +28,13 @@ import json
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bleak.backends.device import BLEDevice
 
 from .. import bthome
 from ..config import BleDeviceConfig
@@ -32,6 +42,110 @@ from ..errors import FrameError
 from ..store import Accepted, Store, Window
 
 log = logging.getLogger("lantern.link.ble")
+
+
+UNPROVEN_PER_NODE = 4  # claimers kept per node, most recent first (docs/ble.md "Trust")
+
+
+@dataclass(eq=False)
+class Candidate:
+    """An address that advertised a node's tag, and what its latest Lantern advert said."""
+
+    node: str
+    address: str
+    device: BLEDevice
+    backlog: int = 0
+    seen: float = 0.0  # monotonic time of its latest Lantern advert
+    rssi: int = 0
+    failures: int = 0  # sessions in a row that failed; backoff until retry_at
+    retry_at: float = 0.0
+
+
+@dataclass(eq=False)
+class NodeAddresses:
+    """One node's addresses: the proven one, and the latest few that only claimed it."""
+
+    proven: Candidate | None = None
+    unproven: OrderedDict[str, Candidate] = field(default_factory=OrderedDict)
+    unproven_failures: int = 0  # sessions to unproven claimers that proved nothing, in a row
+    unproven_retry_at: float = 0.0
+    last_session: float = 0.0  # monotonic; the node waiting longest is connected first
+    claimed_at: float = float("-inf")  # latest Lantern advert naming it, from any address
+
+
+class AddressBook:
+    """Addresses by node (bounded by the node keys), and the trust each has earned."""
+
+    def __init__(self, nodes: Iterable[str], stats: Counter[str]) -> None:
+        self.nodes = {n: NodeAddresses() for n in nodes}
+        self._index: dict[str, Candidate] = {}  # address → its entry (proven or not)
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, address: str) -> Candidate | None:
+        return self._index.get(address)
+
+    def is_proven(self, c: Candidate) -> bool:
+        return self.nodes[c.node].proven is c
+
+    def claim(self, node: str, address: str, device: BLEDevice, now: float) -> Candidate:
+        """A Lantern advert from `address` names `node`: its entry, created if need be."""
+        entry = self.nodes[node]
+        entry.claimed_at = now
+        c = self._index.get(address)
+        if c is not None and c.node == node:
+            if entry.proven is not c:
+                entry.unproven.move_to_end(address)
+        else:
+            if c is not None:
+                if self.is_proven(c):
+                    # a proven address naming another node: only a proof moves it
+                    self.stats["address_conflicts"] += 1
+                    return c
+                self._drop(c)
+            c = self._index[address] = Candidate(node, address, device)
+            entry.unproven[address] = c
+            if len(entry.unproven) > UNPROVEN_PER_NODE:
+                _, old = entry.unproven.popitem(last=False)
+                del self._index[old.address]
+                self.stats["address_evictions"] += 1
+        c.device = device
+        return c
+
+    def prove(self, node: str, address: str, device: BLEDevice) -> Candidate:
+        """`address` authenticated as `node`: it becomes the node's one proven address."""
+        entry = self.nodes[node]
+        c = self._index.get(address)
+        if c is not None and entry.proven is c:
+            c.device = device
+            return c
+        if c is not None:
+            self._drop(c)
+        if c is None or c.node != node:
+            c = Candidate(node, address, device)
+        old = entry.proven
+        if old is not None:
+            del self._index[old.address]
+        entry.proven = self._index[address] = c
+        entry.unproven_failures, entry.unproven_retry_at = 0, 0.0
+        c.device = device
+        self.stats["addresses_proven"] += 1
+        return c
+
+    def forget(self, c: Candidate) -> None:
+        """Drop an unproven claimer (it failed a check no real node fails)."""
+        if not self.is_proven(c) and self._index.get(c.address) is c:
+            self._drop(c)
+
+    def _drop(self, c: Candidate) -> None:
+        entry = self.nodes[c.node]
+        if entry.proven is c:
+            entry.proven = None
+        else:
+            entry.unproven.pop(c.address, None)
+        del self._index[c.address]
 
 
 class CounterBook:
