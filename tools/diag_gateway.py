@@ -34,7 +34,11 @@ def url_from_config(path: Path) -> tuple[str, Path | None]:
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with session.get(url) as r:
+    # never followed: the bearer token goes to the URL given and nowhere else
+    async with session.get(url, allow_redirects=False) as r:
+        if 300 <= r.status < 400:
+            raise Unreachable(f"{url}: HTTP {r.status} redirect, not the Lantern API "
+                              "(it never redirects): check --url")
         if r.status == 401:
             raise Unreachable(f"{url}: the API wants a bearer token: pass --token-file (the "
                               "file named by [api] token_file) or --config gateway.toml")
