@@ -23,6 +23,8 @@ from typing import Any
 
 import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import logsetup, protocol
 from agent.config import NODE_ID, load_keys
@@ -417,3 +419,105 @@ async def test_a_queue_of_layout_2_keeps_its_windows_under_the_configured_key(
     assert rows(db, "PRAGMA user_version") == [(3,)]
     [(high, fp)] = rows(db, "SELECT high, key_id FROM nodes")
     assert high == 501 and fp == protocol.NodeKey(K1, KID).key_id
+
+
+# ---- property: arbitrary CBOR through the whole decode path ---------------------------------
+
+TAGS = [0, 1, 2, 3, 4, 5, 17, 21, 24, 25, 28, 29, 30, 32, 35, 37, 256, 258, 260, 55799]
+
+
+def _tagged(tag: int, item: bytes) -> bytes:
+    return protocol.cbor_head(6, tag) + item
+
+
+def _map(pairs: list[tuple[bytes, bytes]], indefinite: bool = False) -> bytes:
+    body = b"".join(k + v for k, v in pairs)
+    return b"\xbf" + body + b"\xff" if indefinite else protocol.cbor_head(5, len(pairs)) + body
+
+
+def _array(items: list[bytes], indefinite: bool = False) -> bytes:
+    body = b"".join(items)
+    return b"\x9f" + body + b"\xff" if indefinite else protocol.cbor_head(4, len(items)) + body
+
+
+_LEAVES = st.one_of(
+    st.integers(-(2**70), 2**70).map(cbor2.dumps),  # bignums (tags 2, 3) beyond 64 bits
+    st.floats(allow_nan=True, allow_infinity=True).map(cbor2.dumps),
+    st.text(max_size=12).map(cbor2.dumps),
+    st.binary(max_size=12).map(cbor2.dumps),
+    st.tuples(st.sampled_from([4, 5]), st.integers(-(2**80), 2**80),
+              st.integers(-(2**80), 2**80)).map(  # decimal fractions and bigfloats
+        lambda t: _tagged(t[0], _array([cbor2.dumps(t[1]), cbor2.dumps(t[2])]))),
+    st.sampled_from([
+        b"\xf4", b"\xf5", b"\xf6", b"\xf7", b"\xf8\x20", b"\xe0", b"\xff", b"\x1c", b"\xfc",
+        b"\x5f\xff", b"\x7f\x61a\x61b\xff", b"\x7f\x41a\xff", b"\x5f\x5f\xff\xff",
+        b"\xf9\x7e\x00", b"\xa1\xf9\x7e\x00\x00", b"\x7f" + b"\x60" * 1000 + b"\xff",
+        b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff", b"\x5b\x00\x00\x00\x01\x00\x00\x00\x00",
+        b"\xd8\x1c\x81\xd8\x1d\x00", b"\xd8\x23\x63(a)", b"\xc1\x1b\x7f\xff\xff\xff\xff\xff\xff"
+        b"\xff"]),
+)
+
+
+def _extend(children: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.tuples(st.lists(children, max_size=4), st.booleans()).map(lambda t: _array(*t)),
+        st.tuples(st.lists(st.tuples(children, children), max_size=3), st.booleans()).map(
+            lambda t: _map(*t)),
+        st.tuples(st.sampled_from(TAGS), children).map(lambda t: _tagged(*t)),
+        st.tuples(st.integers(0, 2**64 - 1), children).map(  # a count the bytes cannot hold
+            lambda t: protocol.cbor_head(4, t[0]) + t[1]),
+        st.tuples(st.integers(1, 400), st.booleans()).map(  # deep nesting
+            lambda t: b"\x9f" * t[0] + b"\xff" * t[0] if t[1] else b"\x81" * t[0] + b"\x00"),
+        children.map(lambda c: b"\x81\xa2\x00\x61t\x02" + c),  # a pack with it as a value
+        children.map(lambda c: _array([_map([(c, b"\x00")])])),  # ... as a label
+    )
+
+
+HOSTILE = st.recursive(_LEAVES, _extend, max_leaves=12).filter(lambda b: len(b) <= 600)
+
+
+@settings(max_examples=600, deadline=None)
+@given(item=HOSTILE)
+def test_property_decoding_arbitrary_cbor_raises_only_frame_error(item: bytes) -> None:
+    for call in (lambda: protocol._loads(item), lambda: protocol.pack_size(item),
+                 lambda: protocol.resolve_pack(item, node=NODE),
+                 lambda: protocol.parse_mac0(_unkeyed(item))):
+        with contextlib.suppress(FrameError):
+            call()
+
+
+def _unkeyed(item: bytes) -> bytes:
+    """A COSE_Mac0 no key made, with `item` in its unprotected header."""
+    prot = cbor2.dumps({1: 4, 4: b"SL-9999", 6: b"\x01"}, canonical=True)
+    return (b"\xd1\x84" + cbor2.dumps(prot) + _map([(b"\x05", item)]) + cbor2.dumps(b"")
+            + cbor2.dumps(bytes(8)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(items=st.lists(HOSTILE, min_size=1, max_size=4))
+def test_property_arbitrary_cbor_through_the_gateway(tmp_path_factory: pytest.TempPathFactory,
+                                                      items: list[bytes]) -> None:
+    """Keyed (the pack) and unkeyed (a COSE header): every frame ends counted — taken, a dead
+    letter or refused — never as an error of ours; the good frames around them arrive."""
+    async def run() -> None:
+        db = tmp_path_factory.mktemp("q") / "queue.sqlite"
+        link = FakeLink()
+        async with gateway(db) as (ingest, sink, tasks):
+            last = len(items) + 2
+            wire = frame(1) + b"".join(frame(s, p) + protocol.encode_frame(
+                protocol.DATA, _unkeyed(p)) for s, p in enumerate(items, 2)) + frame(last)
+            ingest.on_data(link, wire)
+            await until(lambda: acked(link) == list(range(1, last + 1)), "every ACK", *tasks)
+            await until(lambda: rows(db, "SELECT count(*) FROM frames") == [(0,)],
+                        "the queue to drain", *tasks)
+            m = ingest.metrics
+            assert m.frames_rejected["internal"] == 0
+            assert {f"{NODE}:1:0", f"{NODE}:{last}:0"} <= set(sink.rids)
+            dead = {s for (s,) in rows(db, "SELECT seq FROM dead_letters")}
+            taken = {int(r.split(":")[1]) for r in sink.rids}
+            assert dead | taken == set(range(1, last + 1)) and not dead & taken
+            assert m.dead_letters == len(dead)
+            # every unkeyed frame refused and counted, once
+            assert sum(m.frames_rejected.values()) - len(dead) == len(items)
+
+    asyncio.run(run())
