@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
-from .errors import FrameError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS recent (
@@ -121,7 +120,7 @@ class History:
     def _records(self, node: str, fmt: int, body: bytes | str) -> list[dict[str, Any]]:
         try:
             return row_records(node, fmt, body)
-        except FrameError as e:
+        except Exception as e:  # FrameError; anything else would stop the store opening
             # (only if an upgrade made resolve_pack stricter than the one that took the frame)
             self._unreadable += 1
             if self._unreadable == 1:

@@ -1,10 +1,12 @@
 """From link bytes to committed, acknowledged frames.
 
-chunk → frame (COBS, CRC) → COSE_Mac0 (known node, MAC) → replay window → the pack's array
-head → group commit to SQLite → ACK. A frame is acknowledged only after the transaction
-holding it commits; anything malformed or forged is counted by kind and logged once per
-source. The pack is resolved into SenML on its way upstream (agent/resolved.py), off this
-path: one that does not resolve then becomes a dead letter, counted and logged here too.
+chunk → frame (COBS, CRC) → COSE_Mac0 (known node, MAC) → replay window (the node key's) →
+the pack's CBOR checked, its array head read → group commit to SQLite → ACK. A frame is
+acknowledged only after the transaction holding it commits; anything malformed or forged is
+counted by kind and logged once per source, and a frame we fail on ourselves (`internal`)
+never costs the frames around it. The pack is resolved into SenML on its way upstream
+(agent/resolved.py), off this path: one that does not resolve then becomes a dead letter,
+counted and logged here too.
 While too many frames wait for a commit, `intake` is cleared and links stop reading.
 """
 
