@@ -24,7 +24,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # Every reason a frame can be refused (agent/protocol.py, agent/ingest.py); exported at 0
 # before the first one so that rate() and alerts work from the start.
 REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
-                  "unknown_node", "replay", "senml", "unexpected", "queue_full", "internal")
+                  "unknown_node", "replay", "senml", "unexpected", "queue_full", "internal",
+                  "seq_collision")
 # A BLE link's counters (agent/links/ble.py, BleLink.stats) exported as lantern_ble_<key>
 BLE_COUNTERS = (
     ("connects", "GATT connections attempted to nodes"),

@@ -137,6 +137,7 @@ class Store:
         self.cap = DiskCap()  # [queue] max_mb and policy; set by limit()
         self.out = Outbound(self)  # batches for sinks, the history's feed (store thread)
         self.on_dead_letter: DeadLetterHook | None = None  # called on the event loop
+        self._collided: list[tuple[str, int, str, str]] = []  # reports of the last commit
 
     async def __aenter__(self) -> Store:
         await self._run(self._open)
@@ -239,6 +240,7 @@ class Store:
 
     def _commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> None:
         now = time.time()
+        self._collided = []
         self.cap.make_room(self.db)  # before inserting, so freed pages are reused, not added
 
         def work(db: sqlite3.Connection) -> None:
@@ -255,8 +257,11 @@ class Store:
                     dead.append((f.node, f.seq, f.reason, now, "cose", f.cose))
                 touched[f.node] = touched.get(f.node, 0) + 1
             # OR IGNORE: a frame already queued is the same frame again
+            before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO frames (node, seq, received_at, readings,"
                            " format, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if db.total_changes - before < len(rows):
+                dead += self._collisions(db, rows)
             if dead:
                 db.executemany("INSERT INTO dead_letters (node, seq, reason, received_at, kind,"
                                " body) VALUES (?, ?, ?, ?, ?, ?)", dead)
@@ -268,6 +273,8 @@ class Store:
                   windows[node].key or None) for node, n in touched.items()])
 
         self.transaction(work)
+        self.out.reports.extend(self._collided)
+        self._collided = []
         # at the high mark now: pause before more frames are taken. The frames are committed
         # whatever happens here, so a failure must not look like a failed commit (their ACKs
         # would be held back): the next commit tries again, before it inserts
@@ -276,6 +283,24 @@ class Store:
         except sqlite3.Error as e:
             log.warning("store %s: frames committed, but making room after them failed (%s); "
                         "tried again before the next commit", self.path, e)
+
+    def _collisions(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]
+                    ) -> list[tuple[Any, ...]]:
+        """Dead letters for new frames whose (node, seq) is still queued with another body.
+
+        Only a node whose key changed (provisioned again: its sequence started over) sends
+        them while frames of its old key wait for a sink; kept and reported, never dropped.
+        """
+        dead = []
+        for node, seq, now, _, _, body in rows:
+            row = db.execute("SELECT body FROM frames WHERE node = ? AND seq = ?",
+                             (node, seq)).fetchone()
+            if row is not None and bytes(row[0]) != body:
+                why = (f"seq {seq} is still queued from before the node's key changed; kept "
+                       "here, not sent (the node must count on above its old sequence)")
+                dead.append((node, seq, f"seq_collision: {why}", now, "pack", body))
+                self._collided.append((node, seq, "seq_collision", why))
+        return dead
 
     # ---- the way out (agent/outbound.py, on this thread)
 

@@ -521,3 +521,38 @@ def test_property_arbitrary_cbor_through_the_gateway(tmp_path_factory: pytest.Te
             assert sum(m.frames_rejected.values()) - len(dead) == len(items)
 
     asyncio.run(run())
+
+
+async def _ingest_only(db: Path, key: bytes, seqs: list[int], later: int, dead: int
+                       ) -> Metrics:
+    """No sink runs (upstream down): frames stay queued. What the ingest counted."""
+    link = FakeLink()
+    async with Store(db) as store:
+        ingest = Ingest(store, {KID: key}, Metrics())
+        await ingest.start()
+        task = asyncio.create_task(ingest.run(), name="ingest")
+        try:
+            ingest.on_data(link, b"".join(frame(s, good_pack(s + later), key=key)
+                                          for s in seqs))
+            await until(lambda: acked(link, {NODE: key}) == seqs, "the ACKs", task)
+            await until(lambda: ingest.metrics.dead_letters == dead, "the dead letters", task)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return ingest.metrics
+
+
+async def test_a_new_keys_frame_whose_seq_is_still_queued_is_kept_not_dropped(
+        tmp_path: Path) -> None:
+    """Frames of the old key wait for a sink (upstream down) when the node, provisioned again,
+    sends seq 1 again: the queue holds (node, seq) once, so the new frame becomes a dead
+    letter — kept and counted — instead of being ignored as 'the same frame again'."""
+    db = tmp_path / "queue.sqlite"
+    await _ingest_only(db, K1, [1, 2, 3], 0, 0)
+    metrics = await _ingest_only(db, K2, [1, 2, 4], 10_000, 2)  # (newer readings)
+    assert metrics.frames_rejected["seq_collision"] == 2
+    assert rows(db, "SELECT seq FROM frames ORDER BY seq") == [(1,), (2,), (3,), (4,)]
+    dead = rows(db, "SELECT seq, kind, body FROM dead_letters ORDER BY seq")
+    assert [(s, k) for s, k, _ in dead] == [(1, "pack"), (2, "pack")]
+    assert [b for _, _, b in dead] == [good_pack(10_001), good_pack(10_002)]
