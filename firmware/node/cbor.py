@@ -10,11 +10,15 @@ except ImportError:
         return x
 
 
-# Limits on what one loads() may build: a peer's bytes must not cost the heap more than a few
-# KB, whatever they declare (the node's own packs, ACKs and commands stay far below them).
+# Limits on what one loads() may build, whatever the input declares. A decoded item costs the
+# heap up to ~50 bytes on an ESP32 (~100 on the 64-bit unix port: a one-character string is a
+# slice, a str and a list slot). By default an input may build 64 items (~3 KB): an ACK or a
+# command needs fewer than 40. The node's own packs, the largest thing it decodes (a
+# 25-reading pack is ~130 items, a frame holds ~50 readings), ask for up to 256 (~13 KB).
 _MAX_DEPTH = const(16)  # nesting limit; also bounds Python recursion (small C stack on ESP32)
-_MAX_ITEMS = const(512)  # data items in all (keys, values, elements, tagged items)
-_MAX_CONTAINERS = const(96)  # arrays, maps and tags in all: the objects that cost most
+_ITEMS = const(64)  # data items by default (keys, values, elements, tagged items)
+_MAX_ITEMS = const(256)  # data items whatever the caller asks for
+_MAX_CONTAINERS = const(64)  # arrays, maps and tags in all: the objects that cost most
 _UINT64_MAX = const(0xFFFFFFFFFFFFFFFF)
 _ARG_FMT = (">B", ">H", ">I", ">Q")  # additional info 24..27
 
@@ -203,7 +207,7 @@ def dumps(obj):
 
 
 class _Decoder:
-    """Cursor over a memoryview of the input, so strings are sliced without extra copies.
+    """Cursor over the input (as bytes: a slice is then the decoded byte string itself).
 
     Deterministic encoding (RFC 8949 §4.2.1) is all the node ever reads: its own packs, and
     ACKs and commands its gateway and tools encode canonically. So indefinite lengths are
@@ -212,12 +216,14 @@ class _Decoder:
     built: hostile input costs at most the limits, and ends in CBORDecodeError.
     """
 
-    def __init__(self, data):
-        self.d = memoryview(data)
+    def __init__(self, data, max_items):
+        self.d = data if isinstance(data, bytes) else bytes(data)
         self.n = len(self.d)
         self.p = 0
         self.items = 0
+        self.max_items = max_items
         self.containers = 0
+        self.max_containers = min(max_items, _MAX_CONTAINERS)
 
     def take(self, k):
         """Reserve k bytes and return their offset."""
@@ -228,19 +234,26 @@ class _Decoder:
         return p
 
     def arg(self, ai):
-        """Read the argument for additional info ai."""
+        """Read the argument for additional info ai (big-endian, no temporary objects)."""
         if ai < 24:
             return ai
         if ai > 27:
             raise CBORDecodeError("reserved additional information")
-        return struct.unpack_from(_ARG_FMT[ai - 24], self.d, self.take(1 << (ai - 24)))[0]
+        p = self.take(1 << (ai - 24))
+        d = self.d
+        v = d[p]
+        for i in range(p + 1, self.p):
+            v = v << 8 | d[i]
+        return v
 
     def chunk(self, major, k):
         """Read one definite-length byte or text string."""
+        if k == 0:
+            return b"" if major == 2 else ""
         p = self.take(k)
         raw = self.d[p : p + k]
         if major == 2:
-            return bytes(raw)
+            return raw
         try:
             s = str(raw, "utf-8")
         except UnicodeError:
@@ -266,8 +279,8 @@ class _Decoder:
     def count(self, k):
         """Account for k more data items; refuse before building them if over the limit."""
         self.items += k
-        if self.items > _MAX_ITEMS:
-            raise CBORDecodeError("more than %d data items" % _MAX_ITEMS)
+        if self.items > self.max_items:
+            raise CBORDecodeError("more than %d data items" % self.max_items)
 
     def item(self, depth):
         """Decode one data item."""
@@ -289,8 +302,8 @@ class _Decoder:
             raise CBORDecodeError("nesting too deep")
         depth += 1
         self.containers += 1
-        if self.containers > _MAX_CONTAINERS:
-            raise CBORDecodeError("more than %d arrays, maps and tags" % _MAX_CONTAINERS)
+        if self.containers > self.max_containers:
+            raise CBORDecodeError("more than %d arrays, maps and tags" % self.max_containers)
         if major == 6:
             self.count(1)
             return Tag(k, self.item(depth))
@@ -299,6 +312,8 @@ class _Decoder:
             raise CBORDecodeError("truncated input")
         self.count(k * (major - 3))
         if major == 4:
+            if not k:
+                return []
             out = [None] * k  # one allocation of the declared (now bounded) size
             for i in range(k):
                 out[i] = self.item(depth)
@@ -320,9 +335,13 @@ class _Decoder:
         return out
 
 
-def loads(data):
-    """Decode exactly one CBOR data item from a bytes-like object; CBORDecodeError if not."""
-    dec = _Decoder(data)
+def loads(data, max_items=_ITEMS):
+    """Decode exactly one CBOR data item from a bytes-like object; CBORDecodeError if not.
+
+    max_items bounds the data items this input may build (64 by default, 256 at most): only
+    a caller decoding something large it trusts (the node's own pack) asks for more.
+    """
+    dec = _Decoder(data, min(max_items, _MAX_ITEMS))
     dec.count(1)
     obj = dec.item(0)
     if dec.p != dec.n:

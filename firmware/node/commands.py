@@ -52,6 +52,7 @@ STATUS_GAP_MS = const(100)  # unauthenticated probes cannot make the node talk f
 
 _ALG = cose.ALG_HMAC_256_64
 _TAG = const(8)
+_CMD_ITEMS = const(64)  # a COMMAND payload is {1: op, 2: {args}}: what its decoding may build
 
 
 def aad(ftype):
@@ -197,7 +198,7 @@ class Commands:
         self.floor = counter
         self.accepted += 1
         try:
-            msg = cbor.loads(payload)
+            msg = cbor.loads(payload, _CMD_ITEMS)
             op = msg[1]
             args = msg.get(2, {})
             if not isinstance(args, dict):

@@ -38,6 +38,8 @@ VERSION = const(1)
 SEG_MORE = const(0x80)  # segment header: bit 7 = more segments follow, bits 0-6 = index
 ACK_SEQS = const(1)
 ACK_TIME = const(2)
+ACK_ITEMS = const(64)  # what an ACK's decoding may build (see link_uart)
+PACK_ITEMS = const(256)  # what decoding the node's own newest pack may build (node/cbor.py)
 ACK_NONCE = const(3)  # in a start ACK: the nonce of the connection it starts a drain on
 NONCE_LEN = const(8)
 RTO_MAX_MS = const(30000)
@@ -196,7 +198,7 @@ class BleLink:
         try:
             payload = cose.mac0_parse(self._outbox.get(newest))[2]
             latest = {}
-            for rec in cbor.loads(payload):
+            for rec in cbor.loads(payload, PACK_ITEMS):  # the node's own pack
                 if 0 in rec and 2 in rec:
                     latest[rec[0]] = rec[2]
         except (OSError, ValueError, TypeError, KeyError):
@@ -314,7 +316,7 @@ class BleLink:
             if kid != self._kid:
                 raise cose.CoseError("ack for another node")
             cose.mac0_check(self._key, protected, payload, tag)
-            ack = cbor.loads(payload)
+            ack = cbor.loads(payload, ACK_ITEMS)
             seqs = ack[ACK_SEQS]
             if not isinstance(seqs, list):
                 raise TypeError("seqs")

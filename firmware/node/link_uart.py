@@ -21,6 +21,8 @@ except ImportError:  # CPython
 
 ACK_SEQS = const(1)
 ACK_TIME = const(2)
+# An ACK is {1: [up to 32 seqs], 2: time} (3: a nonce on BLE): what its decoding may build.
+ACK_ITEMS = const(64)
 RTO_MAX_MS = const(30000)
 # The gateway remembers 64 sequence numbers below the highest it took (docs/protocol.md).
 # Frames in flight never span more, or an old one whose ACK was lost would come back
@@ -182,7 +184,7 @@ class UartLink:
             if kid != self._kid:
                 raise cose.CoseError("ack for another node")
             cose.mac0_check(self._key, protected, payload, tag)
-            ack = cbor.loads(payload)
+            ack = cbor.loads(payload, ACK_ITEMS)
             seqs = ack[ACK_SEQS]
             gw_ms = ack.get(ACK_TIME)
             # Check the shape before acting on it (only a buggy gateway sends another).
