@@ -530,3 +530,124 @@ def test_fuzz_only_cose_error_and_nothing_verifies():
     # Both layers were exercised: the structure checks and the MAC comparison.
     assert counts["badtag"] > 500
     assert counts["refused"] > 5000
+
+
+# ------------------------------------------ the node's receive path: Lantern's fixed layout
+# What a gateway or a tool sends a node is read by position (cose.mac0_peek) and its MAC
+# checked (mac0_check) before any decoder sees it: tests/adversarial/test_node_bombs.py.
+
+
+def _gateway_bodies():
+    """Bodies as the gateway and the tools really build them (agent/, tools/), each with its
+    external AAD: ACKs from both ACK encoders, a BLE start ACK, a COMMAND."""
+    from agent import protocol
+    from agent.links.ble_session import start_message
+    from tools import nodelink
+
+    kid = b"SL-0001"
+    out = []
+    for seqs in ([0], [5], [40, 41, 47], list(range(2**32 - 32, 2**32)), [2**63]):
+        fast = protocol.NodeKey(KEY, kid).ack(seqs, 1764331201234)
+        slow = protocol.encode_ack(KEY, kid, seqs, 1764331201234)
+        assert fast == slow
+        out.append((protocol.decode_frame(fast[1:-1])[1], b"", max(seqs)))
+    out.append((start_message(KEY, "SL-0001", bytes(range(8)))[1:], b"", 0))
+    frame = nodelink.command_frame(KEY, "SL-0001", 1764331201234, 3, {1: 30000})
+    out.append((protocol.decode_frame(frame[1:-1])[1], b"\x04", 1764331201234))
+    return out
+
+
+def test_open_reads_what_gateways_and_tools_send():
+    for body, aad, seq in _gateway_bodies():
+        kid, got_seq, payload = cose.mac0_open(KEY, body, aad)
+        assert (kid, got_seq) == (b"SL-0001", seq)
+        assert payload == cose.mac0_parse(body)[2]  # the general parser reads the same
+        with pytest.raises(cose.BadTag):
+            cose.mac0_open(KEY[::-1], body, aad)
+        with pytest.raises(cose.BadTag):  # a COMMAND is no ACK, nor the other way round
+            cose.mac0_open(KEY, body, b"\x04" if not aad else b"")
+
+
+def test_peek_gives_the_parts_without_a_key():
+    body, _, _ = _gateway_bodies()[1]
+    protected, kid, seq, payload, tag = cose.mac0_peek(body)
+    assert protected == cbor.dumps(_hdr(cose.ALG_HMAC_256_64))
+    assert (kid, seq, len(tag)) == (b"SL-0001", 5, 8)
+    cose.mac0_check(KEY, protected, payload, tag)
+    assert cose.mac0_peek(bytearray(body)) == (protected, kid, seq, payload, tag)
+    assert cose.mac0_peek(memoryview(body)) == (protected, kid, seq, payload, tag)
+
+
+def _mac0(protected, unprotected=b"\xa0", payload=b"\xa0", tag=None, prefix=b"\xd1\x84"):
+    """COSE_Mac0 bytes assembled by hand, so any layout (also the wrong ones) can be built."""
+    if tag is None:
+        tag = cose.hmac_sha256(KEY, cbor.dumps(["MAC0", protected, b"", payload]))[:8]
+    return (prefix + cbor.dumps(protected) + unprotected + cbor.dumps(payload)
+            + cbor.dumps(tag))
+
+
+GOOD_PROT = cbor.dumps(_hdr(cose.ALG_HMAC_256_64))
+
+
+@pytest.mark.parametrize(("name", "body"), [
+    ("empty", b""),
+    ("untagged", _mac0(GOOD_PROT, prefix=b"\x84")),
+    ("other tag", _mac0(GOOD_PROT, prefix=b"\xd2\x84")),
+    ("three elements", _mac0(GOOD_PROT, prefix=b"\xd1\x83")),
+    ("indefinite array", _mac0(GOOD_PROT, prefix=b"\xd1\x9f") + b"\xff"),
+    ("alg 5 (the gateway sends 4)", _mac0(cbor.dumps(_hdr(cose.ALG_HMAC_256_256)))),
+    ("alg 4.0", _mac0(b"\xa3\x01\xf9\x44\x00\x04\x47SL-0001\x06\x41\x05")),
+    ("labels out of order", _mac0(b"\xa3\x04\x47SL-0001\x01\x04\x06\x41\x05")),
+    ("a fourth label", _mac0(b"\xa4\x01\x04\x04\x47SL-0001\x06\x41\x05\x07\x00")),
+    ("no piv", _mac0(b"\xa2\x01\x04\x04\x47SL-0001")),
+    ("piv with a leading zero", _mac0(b"\xa3\x01\x04\x04\x47SL-0001\x06\x42\x00\x05")),
+    ("piv of 9 bytes", _mac0(b"\xa3\x01\x04\x04\x47SL-0001\x06\x49" + b"\x01" * 9)),
+    ("kid of 65 bytes", _mac0(b"\xa3\x01\x04\x04\x58\x41" + b"k" * 65 + b"\x06\x41\x05")),
+    ("kid as text", _mac0(b"\xa3\x01\x04\x04\x67SL-0001\x06\x41\x05")),
+    ("kid head not shortest", _mac0(b"\xa3\x01\x04\x04\x58\x07SL-0001\x06\x41\x05")),
+    ("protected head not shortest",
+     b"\xd1\x84\x58" + bytes((len(GOOD_PROT),)) + GOOD_PROT + _mac0(GOOD_PROT)[3 + len(
+         GOOD_PROT):]),
+    ("unprotected kid", _mac0(GOOD_PROT, unprotected=b"\xa1\x04\x47SL-0002")),
+    ("unprotected indefinite", _mac0(GOOD_PROT, unprotected=b"\xbf\xff")),
+    ("nil payload", _mac0(GOOD_PROT)[:3 + len(GOOD_PROT) + 1] + b"\xf6" + b"\x48" + bytes(8)),
+    ("indefinite payload", _mac0(GOOD_PROT)[:3 + len(GOOD_PROT) + 1] + b"\x5f\x41\xa0\xff"
+     + b"\x48" + bytes(8)),
+    ("payload longer than the input", _mac0(GOOD_PROT)[:3 + len(GOOD_PROT) + 1]
+     + b"\x59\xff\xff\xa0"),
+    ("tag of 7 bytes", _mac0(GOOD_PROT, tag=bytes(7))),
+    ("tag of 9 bytes", _mac0(GOOD_PROT, tag=bytes(9))),
+    ("trailing byte", _mac0(GOOD_PROT) + b"\x00"),
+])
+def test_peek_refuses_any_other_layout(name, body):
+    with pytest.raises(cose.CoseError):
+        cose.mac0_peek(body)
+    with pytest.raises(cose.CoseError):
+        cose.mac0_open(KEY, body)
+
+
+def test_peek_accepts_the_hand_built_reference():
+    assert cose.mac0_open(KEY, _mac0(GOOD_PROT)) == (b"SL-0001", 5, b"\xa0")
+    assert cose.mac0_open(KEY, _mac0(cbor.dumps(_hdr(5)), tag=cose.hmac_sha256(
+        KEY, cbor.dumps(["MAC0", cbor.dumps(_hdr(5)), b"", b"\xa0"]))), algs=(4, 5))[1] == 5
+
+
+def test_every_truncation_and_bit_flip_of_an_ack_is_refused():
+    body, _, _ = _gateway_bodies()[2]
+    for i in range(len(body)):
+        with pytest.raises(cose.CoseError):
+            cose.mac0_open(KEY, body[:i])
+        for bit in range(8):
+            bad = bytearray(body)
+            bad[i] ^= 1 << bit
+            with pytest.raises(cose.CoseError):
+                cose.mac0_open(KEY, bytes(bad))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 2**64 - 1), st.binary(min_size=1, max_size=64))
+def test_open_agrees_with_the_general_verifier(payload, seq, kid):
+    prot = {cose.H_ALG: cose.ALG_HMAC_256_64, cose.H_KID: kid, cose.H_PIV: cose.piv(seq)}
+    data = cose.mac0_create(KEY, payload, prot)
+    assert cose.mac0_open(KEY, data) == (kid, seq, payload)
+    assert cose.mac0_verify(KEY, data) == (prot, {}, payload)
