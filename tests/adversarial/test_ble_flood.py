@@ -9,8 +9,9 @@ sorted every candidate on the event loop.
 These tests drive the real BleLink (its advert callback, called with bleak's own
 BLEDevice/AdvertisementData objects as the scanner would: 50,000 adverts through the virtual
 radio would take minutes) and its real scheduler loop; only the GATT session is replaced by
-a recorder, so "first scheduled" is what the scheduler decided. tests/ble/test_flood.py runs a
-flood against a real node on the virtual radio, end to end.
+a recorder, so "first scheduled" is what the scheduler decided. tests/ble/test_gateway.py
+(test_advert_flood_does_not_keep_the_real_node_from_its_gateway) floods a gateway draining a
+real node on the virtual radio, end to end.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection
 from bleak.exc import BleakError
-from bumble import core
+from bumble import core, hci
 from bumble.controller import Controller
 from bumble.device import Advertisement, Connection, Device, Peer
 from bumble.gatt_client import CharacteristicProxy
@@ -71,12 +71,38 @@ def parse_ad(data: bytes) -> AdvertisementData:
     return AdvertisementData(name, manufacturer, service_data, uuids, tx_power, -50, ())
 
 
+class CancellingController(Controller):
+    """bumble's controller, with LE Create Connection Cancel as the Core spec has it.
+
+    bumble 0.0.236 answers the cancel and does nothing: the connect request stays pending, so a
+    connect to an address nobody advertises (a stranger's, in an advert flood) never ends and
+    every later connect is refused (COMMAND_DISALLOWED). A controller drops the request and
+    reports LE Connection Complete with Unknown Connection Identifier (Vol 4 Part E 7.8.13).
+    """
+
+    def on_hci_le_create_connection_cancel_command(
+            self, command: hci.HCI_LE_Create_Connection_Cancel_Command
+    ) -> hci.HCI_StatusReturnParameters:
+        pending = self.pending_le_connection
+        if pending is None:
+            return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+        self.pending_le_connection = None
+        failed = hci.HCI_LE_Connection_Complete_Event(
+            status=hci.HCI_ErrorCode.UNKNOWN_CONNECTION_IDENTIFIER_ERROR, connection_handle=0,
+            role=hci.Role.CENTRAL, peer_address_type=pending.peer_address_type,
+            peer_address=pending.peer_address, connection_interval=0, peripheral_latency=0,
+            supervision_timeout=0, central_clock_accuracy=0)
+        # sent after the Command Complete that this return value becomes
+        asyncio.get_running_loop().call_soon(self.send_hci_packet, failed)
+        return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.SUCCESS)
+
+
 class Adapter:
     """The gateway's radio on the virtual link, with fault injection."""
 
     def __init__(self, link: LocalLink, address: str = "F0:00:00:00:00:99") -> None:
         self.link = link
-        self.controller = Controller("gateway", link=link)
+        self.controller = CancellingController("gateway", link=link)
         self.device = Device(address=Address(address),
                              host=Host(self.controller, AsyncPipeSink(self.controller)))
         self._powered = False
@@ -181,8 +207,11 @@ class BumbleClient(BaseBleakClient):
             raise BleakError("org.bluez.Error.NotReady: adapter hci0 not present")
         await a.power_on()
         try:
-            # bumble 0.0.236 never returns from a connect to an absent address: bound it here
-            conn = await asyncio.wait_for(a.device.connect(Address(self.address)), self._timeout)
+            # bumble cancels the request after the timeout (CancellingController ends it);
+            # bounded here too, as the gateway bounds it
+            conn = await asyncio.wait_for(
+                a.device.connect(Address(self.address), timeout=self._timeout),
+                self._timeout + 5.0)
         except (TimeoutError, core.BaseBumbleError) as e:
             raise BleakError(f"connect to {self.address} failed: {e!r}") from e
         if a.device.connections.get(conn.handle) is not conn:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 
 import pytest
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError
+
+from agent.links.ble import node_tag
+from agent.links.ble_adverts import UNPROVEN_PER_NODE
+from agent.links.ble_session import SERVICE_UUID
 
 from .bleak_bumble import Adapter
 from .harness import World, ble_metrics, check_exported, senml_seqs, until
@@ -113,3 +121,56 @@ async def test_adapter_that_vanishes_mid_drain_is_recovered(world: World) -> Non
     await until(lambda: all_delivered(world, 150), 180, "every backlog drained after recovery")
     assert gateway is world.gw_task and not gateway.done()  # the same process carried on
     assert world.upstream.duplicates == 0
+
+
+async def test_advert_flood_does_not_keep_the_real_node_from_its_gateway(world: World) -> None:
+    """The node's tag from 20,000 random addresses with the largest backlog there is (fed to
+    the link's advert callback, as the scanner would) and from two spoofers on the radio that
+    accept connections but serve no Lantern service; the gateway meanwhile restarted and has
+    never proven the node's address. The node comes back: proven by its encrypted adverts,
+    drained in full, shown at its own address; the link kept 4 claimers, not 20,000."""
+    from bluetooth import Chip
+
+    await backlog(world, 1, 30)
+    node = world.nodes[0]
+    await node.stop()  # powered off with its backlog in flash
+    await world.start_gateway()
+    ble = world.ble
+    tag = node_tag(node.node_id)
+    claim = b"\x01\xff\xff" + tag
+    ad = AdvertisementData(None, {}, {SERVICE_UUID: claim}, [SERVICE_UUID], None, -40, ())
+    raw = (b"\x02\x01\x06\x18\x21" + bytes.fromhex(SERVICE_UUID.replace("-", ""))[::-1]
+           + claim)
+    spoofers = [Chip(world.link, f"F0:00:00:00:0E:{i:02X}") for i in range(2)]
+    for chip in spoofers:
+        await chip.power_on()
+        await chip.device.start_advertising(advertising_data=raw, advertising_interval_min=20,
+                                            advertising_interval_max=20)
+    rng = random.Random(21)
+    for _ in range(20):
+        for _ in range(1000):
+            addr = ":".join(f"{b:02X}" for b in rng.randbytes(6))
+            ble._on_advert(BLEDevice(addr, None, None), ad)
+        await asyncio.sleep(0)
+    await until(lambda: ble.stats["connects_unproven"] >= 1, 30, "a claimer to be tried")
+    assert ble.snapshot()["nodes"].get(node.node_id) is None  # no address proven yet
+
+    await node.start(world.link)  # it samples its 30 again
+
+    def drained() -> bool:
+        return (node.node is not None and len(node.sampled) == 60 and len(node.outbox) == 0
+                and senml_seqs(world.upstream).get(node.node_id) == set(node.sampled))
+
+    await until(drained, 120, "the node drained despite the flood")
+    assert ble.snapshot()["nodes"][node.node_id]["address"] == node.address
+    assert len(ble.book) <= 1 + UNPROVEN_PER_NODE
+    assert ble.stats["address_evictions"] >= 20_000 - UNPROVEN_PER_NODE
+    assert ble.stats["addresses_proven"] >= 1 and world.upstream.duplicates == 0
+    # claimers are tried one at a time, backing off, and not at all once the node is proven
+    tried = ble.stats["connects_unproven"]
+    await until(lambda: not ble.sessions, 30, "the last session to end")
+    heard = ble.stats["adverts"]  # the spoofers keep claiming the node every 20 ms
+    await until(lambda: ble.stats["adverts"] >= heard + 50, 30, "the spoofers' next claims")
+    assert ble.stats["connects_unproven"] == tried
+    for chip in spoofers:
+        chip.power_cut()
