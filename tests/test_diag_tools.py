@@ -180,6 +180,12 @@ def test_node_report_and_view() -> None:
                  "1.5 s ago", "round trip 12 ms", "+0.15 s", "warmup", "warmup, failed",
                  "no problems found"):
         assert want in text, want
+    assert "receive failures" not in text  # shown only when the node survived some
+    status = dict(STATUS, link=dict(STATUS["link"], rx_failures=3))
+    rep = dv.node_report("/dev/ttyUSB0", ident, status, 0.012, 150.0, pack)
+    console = Console(record=True, width=160)
+    console.print(dv.render_node(rep))
+    assert "receive failures 3" in console.export_text()
 
 
 def test_jsonable() -> None:

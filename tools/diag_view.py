@@ -143,7 +143,8 @@ def render_node(rep: dict[str, Any]) -> Any:
     t.add_row("link", f"sent {link.get('sent')}, retransmits {link.get('retransmits')}, acked "
               f"{link.get('acked')}, rx errors {link.get('rx_errors')} (CRC "
               f"{link.get('crc_errors')}), bad ACKs {link.get('bad_acks')}, "
-              f"round trip {rep['rtt_ms']:.0f} ms"
+              + (f"receive failures {link['rx_failures']}, " if link.get("rx_failures") else "")
+              + f"round trip {rep['rtt_ms']:.0f} ms"
               + (f", RSSI {link['rssi']} dBm" if link.get("rssi") is not None else ""))
     t.add_row("battery", f"{_fmt(bat.get('v'))} {bat.get('u', '')}".strip() if isinstance(
         bat, dict) else _fmt(bat))
