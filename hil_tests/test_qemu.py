@@ -190,7 +190,8 @@ async def test_mpremote_drives_the_board(qemu_topology: QemuTopology, tmp_path: 
     probe.write_text("import os\nst = os.statvfs('/')\n"
                      "print('FS', st[0], st[2], sorted(os.listdir('state')))\n")
     out = await node.mpremote("resume", "run", str(probe))
-    assert "FS 4096 512 ['outbox', 'seq']" in out, out  # 2 MB of 4 KB blocks, like an ESP32
+    # 2 MB of 4 KB blocks, like an ESP32; key_id names the key the counters belong to
+    assert "FS 4096 512 ['key_id', 'outbox', 'seq']" in out, out
 
     # soft-reset: RAM forgotten, flash kept
     out = await node.mpremote("resume", "exec", "marker = 42", "soft-reset", "exec",
