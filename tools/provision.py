@@ -8,7 +8,10 @@ node shows it still holds that key's counters.
 A key must never meet its counters twice: the node's frame sequence, command floor and BTHome
 counter restart when its flash is erased or its filesystem is new, and under the same key the
 gateway would then refuse its frames while recorded old ACKs, commands and advert keystreams
-became valid again. So any run that can reset them issues a new key (docs/security.md).
+became valid again. So any run that can reset them issues a new key (docs/security.md), and
+starts the new key's frame sequence above every number the node id has used (the gateway's
+high mark where the tool can read it, never below Unix time in milliseconds): reading ids
+`node:seq:index` then never repeat one the upstream platform already has.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import NODE_ID, load_keys, write_secret
+from agent.config import NODE_ID, load_config, load_keys, write_secret
 from agent.errors import ConfigError
 from tools import provision_steps as ps
 
@@ -62,8 +65,13 @@ def add_parser(sub: Any) -> None:
     n.add_argument("--port", help="the board's USB serial port (REPL), e.g. /dev/ttyUSB0")
     n.add_argument("--link-port", help="the node's link UART as seen from here (to verify); "
                    "default: skip verification unless the link is the USB port")
-    n.add_argument("--keys", type=Path, default=Path("keys.toml"),
-                   help="the gateway's key file to add the key to (created 0600 if missing)")
+    n.add_argument("--keys", type=Path,
+                   help="the gateway's key file to add the key to (created 0600 if missing; "
+                   "default: the keys_file of --gateway-config, else keys.toml)")
+    n.add_argument("--gateway-config", type=Path, metavar="TOML",
+                   help="the gateway's config, when provisioning on the gateway's host: its "
+                   "queue tells the highest frame sequence it has taken from this node id, and "
+                   "a new key's sequence starts above it (else above the clock: Unix ms)")
     n.add_argument("--new-key", action="store_true",
                    help="replace an existing key (old unsent frames on the node are dropped)")
     n.add_argument("--keep-key", action="store_true",
@@ -72,7 +80,9 @@ def add_parser(sub: Any) -> None:
     n.add_argument("--lock-repl", action="store_true",
                    help="ESP32: the node disables Ctrl-C at its USB REPL while it runs "
                    "(re-provisioning it then needs --flash --erase; docs/security.md)")
-    n.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
+    n.add_argument("--interval", type=float, default=60.0,
+                   help=f"seconds between samples ({ps.INTERVAL_MIN_S:g} to "
+                   f"{ps.INTERVAL_MAX_S:g})")
     n.add_argument("--flash", type=Path, metavar="IMAGE", help="flash this MicroPython image")
     n.add_argument("--erase", action="store_true", help="with --flash: erase the flash first")
     n.add_argument("--firmware", choices=("mpy", "frozen"),
@@ -98,6 +108,7 @@ class Plan:
     device: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     start: int = 0  # index in STEPS of the first step run (--from)
+    queue: Path | None = None  # the gateway's queue (--gateway-config)
 
 
 def board_module() -> Any:
@@ -152,8 +163,29 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.flash and not args.flash.exists() and not args.dry_run:
         raise StepError(f"--flash {args.flash}: no such file", "download the MicroPython image "
                         "for this board (micropython.org/download) and give its path")
+    if not ps.INTERVAL_MIN_S <= args.interval <= ps.INTERVAL_MAX_S:
+        raise StepError(f"--interval {args.interval:g}: a node samples every "
+                        f"{ps.INTERVAL_MIN_S:g} to {ps.INTERVAL_MAX_S:g} s",
+                        "e.g. --interval 60 (the node's set-interval command has the same range)")
+    queue = None
+    if args.gateway_config is not None:
+        try:
+            gw = load_config(args.gateway_config)
+        except ConfigError as e:
+            raise StepError(f"--gateway-config: {e}", "give the gateway's own config file "
+                            "(/etc/lantern/gateway.toml), or drop --gateway-config") from None
+        queue = gw.state_dir / ps.QUEUE_FILE
+        if args.keys is None:
+            args.keys = gw.keys_file
+    if args.keys is None:
+        args.keys = Path("keys.toml")
+    try:  # before anything is erased: a new key's sequence starts from this clock
+        ps.seq_start(time.time(), None)
+    except ValueError as e:
+        raise StepError(str(e), "set this computer's clock (`timedatectl`, NTP), then run "
+                        "this again") from None
     stage = args.out or ROOT / ".build/provision" / args.id
-    return Plan(args, board, path, stage, _location(args.location), firmware)
+    return Plan(args, board, path, stage, _location(args.location), firmware, queue=queue)
 
 
 # ---- steps ----
@@ -345,14 +377,46 @@ def step_compile(p: Plan, dry: bool) -> list[str]:
 
 
 def step_deploy(p: Plan, dry: bool) -> list[str]:
-    # a key no node has booted with: frames sealed under an older one would be refused forever
+    # a key no node has booted with: frames sealed under an older one would be refused forever,
+    # and its sequence must start above every number the node id has used
     fresh = (p.stage / FRESH).exists() or (dry and p.args.new_key)
+    start = _seq_start(p) if fresh or dry else None
+    script = ps.seq_script(node_config(p)["state_dir"], start.value) if fresh and start else None
     argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", fresh,
-                          nvs_key=ps.key_in_nvs(p.board))
-    if not dry:
-        _run(argv, f"mpremote cp to {p.args.port}", "check the port and that the board's "
-             "filesystem has room (`mpremote df`), then resume with --from deploy", timeout=600)
-    return [ps.shown(argv)]
+                          nvs_key=ps.key_in_nvs(p.board), seq=script)
+    lines = [ps.shown(argv)]
+    if dry:
+        assert start is not None
+        return [*lines, f"{'' if fresh else 'if the key is new: '}its frame sequence starts at "
+                f"{start.value} or above: {start.why}"]
+    out = _run(argv, f"mpremote cp to {p.args.port}", "check the port and that the board's "
+               "filesystem has room (`mpremote df`), then resume with --from deploy",
+               timeout=600)
+    if start is not None:
+        got = ps.parse_seq_report(out)
+        if got is None:
+            raise StepError(f"the node did not confirm its frame sequence: {out[-300:]!r}",
+                            "resume with --from deploy")
+        lines.append(f"the new key's frame sequence starts at {got}: " + (
+            start.why if got == start.value else f"the node already counted to {got}"))
+    return lines
+
+
+def _seq_start(p: Plan) -> ps.SeqStart:
+    """Where a new key's frame sequence starts (gateway high mark + 1, or the clock floor)."""
+    mark = None
+    if p.queue is not None:
+        try:
+            mark = ps.gateway_mark(p.queue, p.args.id)
+        except ValueError as e:
+            raise StepError(str(e), "run this as the gateway's user (`sudo -u lantern "
+                            "lantern provision ...`), or drop --gateway-config to start from "
+                            "the clock floor; then resume with --from deploy") from None
+    try:
+        return ps.seq_start(time.time(), mark)
+    except ValueError as e:
+        raise StepError(str(e), "set this computer's clock (`timedatectl`, NTP), then resume "
+                        "with --from deploy") from None
 
 
 def step_reset(p: Plan, dry: bool) -> list[str]:

@@ -8,10 +8,12 @@ import hashlib
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,127 @@ DROP_OUTBOX = ("import os\n"
                "        os.remove('state/outbox/' + n)\n"
                "except OSError:\n"
                "    pass\n")
+
+
+# A new key's frame sequence starts above every number its node id ever used, so reading ids
+# (`node:seq:index`) and the gateway's (node, seq) never meet an old key's (docs/security.md).
+# The clock floor is Unix time in milliseconds: sound while a node uses fewer than 1000
+# sequence numbers a second over its life. It seals at most one pack a second (interval
+# >= 1 s: INTERVAL_MIN_S here, INTERVAL_MIN_MS in node/commands.py), and each boot skips at
+# most the rest of a 32-number block (node/outbox.py SEQ_BLOCK) — boots take far longer than
+# 32 ms. 13 digits (outbox names `%010d` all sort alike until the year 2286), a 6-byte Partial
+# IV (at most 8: docs/protocol.md), a 64-bit CBOR and SQLite integer.
+INTERVAL_MIN_S, INTERVAL_MAX_S = 1.0, 86400.0
+SANE_CLOCK = 1_767_225_600  # 2026-01-01 UTC: a computer's clock before this is wrong
+QUEUE_FILE = "queue.sqlite"  # in the gateway's state_dir (agent/gateway.py opens it)
+_SEQ_REPORT = re.compile(r"LANTERN-SEQ (\d+)")
+
+
+# Run at the board's REPL before the node first boots under a new key: its frame sequence file
+# (what node/outbox.py reads: the first number it will hand out) becomes the start, unless the
+# node already counts higher (its seq file, or frames in its outbox). Written as the outbox
+# writes it: decimal text to a temporary name, renamed over the old file.
+SEQ_SCRIPT = """import os
+d = {state_dir!r}
+n = {start}
+cur = ''
+for part in d.split('/'):
+    if part:
+        cur = cur + '/' + part if cur or d.startswith('/') else part
+        try:
+            os.mkdir(cur)
+        except OSError:
+            pass
+try:
+    with open(d + '/seq', 'rb') as f:
+        n = max(n, int(f.read()))
+except (OSError, ValueError):
+    pass
+try:
+    for e in os.listdir(d + '/outbox'):
+        try:
+            n = max(n, int(e) + 1)
+        except ValueError:
+            pass
+except OSError:
+    pass
+with open(d + '/seq.tmp', 'wb') as f:
+    f.write(b'%d' % n)
+os.rename(d + '/seq.tmp', d + '/seq')
+with open(d + '/seq', 'rb') as f:
+    print('LANTERN-SEQ', int(f.read()))
+"""
+
+
+def seq_script(state_dir: str, start: int) -> str:
+    return SEQ_SCRIPT.format(state_dir=state_dir, start=int(start))
+
+
+def parse_seq_report(out: str) -> int | None:
+    m = _SEQ_REPORT.search(out)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class GatewayMark:
+    """What a gateway's queue knows of one node id: the highest sequence it has taken (None:
+    never seen), and when it last took a frame of it (its own clock)."""
+
+    queue: Path
+    high: int | None
+    last_seen: float | None
+
+
+def gateway_mark(queue: Path, node_id: str) -> GatewayMark:
+    """Read-only look into the gateway's queue; ValueError says why it cannot be read.
+
+    The replay window's high mark (it survives delivery, unlike the frames) and any sequence
+    still queued or dead-lettered for the id, under any key."""
+    if not queue.exists():
+        return GatewayMark(queue, None, None)
+    try:
+        with contextlib.closing(sqlite3.connect(f"{queue.resolve().as_uri()}?mode=ro",
+                                                uri=True, timeout=10)) as db:
+            row = db.execute("SELECT high, last_seen FROM nodes WHERE node = ?",
+                             (node_id,)).fetchone()
+            highs = [row[0] if row else None]
+            for table in ("frames", "dead_letters"):
+                highs += db.execute(f"SELECT max(seq) FROM {table} WHERE node = ?",
+                                    (node_id,)).fetchone()
+    except sqlite3.Error as e:
+        raise ValueError(f"cannot read the gateway's queue {queue}: {e}") from None
+    known = [int(h) for h in highs if h is not None]
+    return GatewayMark(queue, max(known) if known else None, row[1] if row else None)
+
+
+@dataclass(frozen=True)
+class SeqStart:
+    value: int
+    why: str  # which source decided, for the installer
+
+
+def seq_start(now: float, mark: GatewayMark | None) -> SeqStart:
+    """The first sequence number of a new key: above the gateway's high mark for the node id
+    where it is known, and never below the clock floor. ValueError if the clock is wrong."""
+    seen = mark.last_seen if mark else None
+    if now < SANE_CLOCK or (seen is not None and now < seen - 60):
+        behind = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
+        since = "2026" if seen is None else f"the gateway's last frame from this node " \
+            f"({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(seen))} UTC)"
+        raise ValueError(f"this computer's clock says {behind} UTC, before {since}: a new "
+                         "key's frame sequence starts from the clock")
+    floor = int(now * 1000)
+    if mark is None:
+        return SeqStart(floor, "clock floor (Unix time in ms); no gateway queue given "
+                        "(--gateway-config)")
+    if mark.high is None:
+        return SeqStart(floor, f"clock floor (Unix time in ms); the gateway's queue "
+                        f"{mark.queue} has no frame of this node")
+    if mark.high + 1 > floor:
+        return SeqStart(mark.high + 1, f"the gateway's high mark {mark.high} + 1 (from "
+                        f"{mark.queue}; above the clock floor {floor})")
+    return SeqStart(floor, f"clock floor (Unix time in ms), above the gateway's high mark "
+                    f"{mark.high} (from {mark.queue})")
 
 
 def key_id(key: bytes) -> str:
@@ -170,9 +293,10 @@ def mpremote(port: str, *args: str) -> list[str]:
 
 
 def deploy_argv(port: str, stage: Path, firmware: bool, drop_outbox: bool,
-                nvs_key: bool = False) -> list[str]:
+                nvs_key: bool = False, seq: str | None = None) -> list[str]:
     """One mpremote run: config, key and board (and firmware) onto the board; the key into NVS
-    where the board has one (nvs_key), else onto its filesystem."""
+    where the board has one (nvs_key), else onto its filesystem; then `seq` (seq_script) if
+    the key is new, after the old frames are dropped."""
     names = ("node.json", "board.json") if nvs_key else ("node.json", "node.key", "board.json")
     files = [str(stage / n) for n in names]
     if firmware:
@@ -185,6 +309,8 @@ def deploy_argv(port: str, stage: Path, firmware: bool, drop_outbox: bool,
         args += ["+", "run", str(stage / NVS_SCRIPT)]
     if drop_outbox:
         args += ["+", "exec", DROP_OUTBOX]
+    if seq is not None:
+        args += ["+", "exec", seq]
     return mpremote(port, *args)
 
 
