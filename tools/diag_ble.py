@@ -25,7 +25,7 @@ from agent.links.ble import node_tag
 from agent.links.ble_session import CTRL_UUID, DATA_UUID, SERVICE_UUID, Reassembler, segments
 from tools.nodelink import DiagError
 
-ADDRESS = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+ADDRESS = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")  # \Z: "$" lets "\n" follow
 
 
 class BleTransport:
