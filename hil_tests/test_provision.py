@@ -118,6 +118,13 @@ def provision_args(b: Board, tmp: Path, *extra: str) -> list[str]:
             "--out", str(tmp / "stage"), *extra]
 
 
+def seq_start(out: str) -> int:
+    """Where the CLI said the new key's frame sequence starts (review finding 4)."""
+    m = re.search(r"the new key's frame sequence starts at (\d+): (.+)$", out, re.M)
+    assert m, out
+    return int(m.group(1))
+
+
 def nodes_table(out: str) -> str:
     """The [nodes."ID"] table the CLI told the installer to give the gateway."""
     m = re.search(r'^\s*(\[nodes\."SL-0042"\]\n(?:\s*\w+ = .+\n)+)', out, re.M)
@@ -147,6 +154,10 @@ async def test_provisioned_node_reaches_the_gateway_under_its_new_key(
     assert cfg["interval_ms"] == 1000 and cfg["link"] == {"port": "uart1", "baud": 115200}
     assert re.search(r"verify: node SL-0042 answers: firmware \S+, board qemu-mps2-an385", out)
     assert "lantern node SL-0042 firmware" in board.text()  # its console, after the reset
+    # a new key's sequence starts above the clock floor (Unix ms): 13 digits on a 32-bit VM
+    start = seq_start(out)
+    assert start >= int((time.time() - took - 60) * 1000)
+    assert f"next seq {start}" in board.text(), board.text()[-2000:]
 
     # the gateway, given what the installer was told, gets the readings
     upstream = Upstream()
@@ -171,6 +182,7 @@ async def test_provisioned_node_reaches_the_gateway_under_its_new_key(
             (tmp_path / "gateway.log").read_text()[-3000:] + board.text()[-2000:])
         assert {r["n"] for r in ours} >= {"urn:dev:lantern:SL-0042:temperature",
                                           "urn:dev:lantern:SL-0042:uptime"}
+        assert min(int(r["id"].split(":")[1]) for r in ours) == start
         gw_log = (tmp_path / "gateway.log").read_text()
         assert "rejected frame" not in gw_log, gw_log[-3000:]
     finally:
@@ -221,12 +233,16 @@ async def test_a_wiped_board_is_given_a_new_key(board: Board, tmp_path: Path) ->
     code, out, err = await lantern(*provision_args(board, tmp_path))
     assert code == 0, out + err + board.text()[-2000:]
     first = load_keys(tmp_path / "keys.toml")[b"SL-0042"]
+    first_start = seq_start(out)
     # again on the same board: the node shows the counters it bound to that key
     code, out, err = await lantern(*provision_args(board, tmp_path))
     assert code == 0, out + err + board.text()[-2000:]
     assert "key: reuse the key of SL-0042" in out and "with its counters" in out, out
+    assert "frame sequence starts at" not in out  # the node's counters go on
     assert load_keys(tmp_path / "keys.toml")[b"SL-0042"] == first
     # the board loses its filesystem (QEMU's littlefs lives in RAM): its counters restart
+    used = [int(n) for n in re.findall(r"sample seq=(\d+)", board.text())]
+    assert used and min(used) >= first_start, board.text()[-2000:]
     board.off()
     board.console = Console("board-console")
     board.link = Relay("board-link")
@@ -241,3 +257,6 @@ async def test_a_wiped_board_is_given_a_new_key(board: Board, tmp_path: Path) ->
     assert f"retired key {ps.key_id(first)}" in (tmp_path / "keys.toml").read_text()
     assert first.hex() not in (tmp_path / "keys.toml").read_text()
     assert "verify: node SL-0042 answers" in out
+    # and the wiped node counts on above every number it used under its old key
+    assert seq_start(out) > max(used)
+    assert f"next seq {seq_start(out)}" in board.text(), board.text()[-2000:]

@@ -110,7 +110,20 @@ def test_dry_run_prints_everything_and_changes_nothing(
     assert "mpy-cross -O2" in out and "[10/10] gateway" in out
     assert '[nodes."SL-0042"]' in out and "location = [52.37, 4.89]" in out
     assert "verify: skipped: the node's link is on UART1 (TX GPIO25, RX GPIO26)" in out
+    assert re.search(r"if the key is new: its frame sequence starts at \d{13} or above: clock "
+                     r"floor \(Unix time in ms\); no gateway queue given", out), out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deploy_drops_old_frames_then_sets_the_sequence_in_one_mpremote_run() -> None:
+    seq = ps.seq_script("state", 1_800_000_000_000)
+    argv = ps.deploy_argv("/dev/ttyUSB0", Path("stage"), False, True, nvs_key=True, seq=seq)
+    assert argv[-6:] == ["+", "exec", ps.DROP_OUTBOX, "+", "exec", seq]
+    assert "n = 1800000000000\n" in seq
+    assert "'state'" in seq and "os.rename(d + '/seq.tmp', d + '/seq')" in seq
+    # a key the node already counts under: nothing is dropped, the sequence goes on
+    kept = ps.deploy_argv("/dev/ttyUSB0", Path("stage"), False, False, nvs_key=True)
+    assert "exec" not in kept
 
 
 def test_compiled_firmware_loads_on_micropython(tmp_path: Path) -> None:
