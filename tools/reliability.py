@@ -141,7 +141,8 @@ def cpu_load(n: int, every_s: float = 5.0) -> Iterator[dict[str, Any]]:
             p.kill()
             p.wait()
         if seen:
-            out["loadavg_1m"] = {"mean": round(sum(seen) / len(seen), 2), "max": max(seen)}
+            out["loadavg_1m"] = {"mean": round(sum(seen) / len(seen), 2),
+                                 "max": round(max(seen), 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
