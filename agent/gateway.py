@@ -21,7 +21,7 @@ from .sdnotify import Notifier, supervise
 from .sinks.http import HttpSink
 from .sinks.mqtt import MqttSink
 from .sinks.ngsi_ld import NgsiLdSink
-from .store import Store
+from .store import QUEUE_FILE, Store
 
 if TYPE_CHECKING:
     from .links.ble import BleBackend
@@ -56,7 +56,7 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
     keys = load_keys(cfg.keys_file)
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(Store(cfg.state_dir / "queue.sqlite"))
+        store = await stack.enter_async_context(Store(cfg.state_dir / QUEUE_FILE))
         store.history.keep_s = cfg.history.keep_hours * 3600.0
         store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)

@@ -33,6 +33,7 @@ WINDOW = 64
 # PRAGMA user_version; 0 (never numbered): a row per reading; 2: nodes without key_id, moved
 # to 3 in place (_migrate); 3: the replay window belongs to a key
 SCHEMA_VERSION = 3
+QUEUE_FILE = "queue.sqlite"  # the queue's name in the gateway's state_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (

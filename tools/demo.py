@@ -45,10 +45,10 @@ def _fresh_queue_if_old(state: Path) -> None:
     readings are the demo's, so after an upgrade it starts again rather than stop.
     """
     from agent.errors import ConfigError
-    from agent.store import check_layout
+    from agent.store import QUEUE_FILE, check_layout
 
     try:
-        check_layout(state / "queue.sqlite")
+        check_layout(state / QUEUE_FILE)
     except ConfigError as e:
         aside = state.with_name(f"{state.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         state.rename(aside)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.store import QUEUE_FILE as QUEUE_FILE  # the gateway's queue, read by provision
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MPY_CROSS = ROOT / ".build/micropython/mpy-cross"
 FLASH_OFFSETS = {"esp32": "0x1000"}  # where MicroPython's image starts; 0x0 on newer chips
@@ -79,7 +81,6 @@ DROP_OUTBOX = ("import os\n"
 # IV (at most 8: docs/protocol.md), a 64-bit CBOR and SQLite integer.
 INTERVAL_MIN_S, INTERVAL_MAX_S = 1.0, 86400.0
 SANE_CLOCK = 1_767_225_600  # 2026-01-01 UTC: a computer's clock before this is wrong
-QUEUE_FILE = "queue.sqlite"  # in the gateway's state_dir (agent/gateway.py opens it)
 _SEQ_REPORT = re.compile(r"LANTERN-SEQ (\d+)")
 
 
