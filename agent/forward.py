@@ -18,7 +18,7 @@ from typing import Protocol
 
 from .metrics import Metrics
 from .resolved import Batch
-from .sinks.http import DeliveryError
+from .sinks.http import RETRY_AFTER_MAX_S, DeliveryError
 from .store import Store
 
 log = logging.getLogger("lantern.forward")
@@ -81,6 +81,22 @@ class Forwarder:
             await self._deliver(batch)
             cursor = batch.last_id
 
+    def retry_delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the `failures`-th failed attempt in a row.
+
+        Exponential backoff with full jitter (AWS architecture blog: spreads a fleet's retries
+        apart). An upstream's Retry-After is a floor under that backoff, never a way round it:
+        "0" or an HTTP-date already past (a server clock behind ours, a stale header from a
+        cache) must not turn an overloaded upstream's 503s into a tight loop of POSTs. And it
+        is honoured up to RETRY_AFTER_MAX_S only, so that one absurd or hostile header cannot
+        hold the queue back for a year (docs/upstream.md).
+        """
+        cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 20))
+        backoff = random.uniform(0, cap)
+        if retry_after is None or not retry_after > backoff:  # (NaN included)
+            return backoff
+        return min(retry_after, max(RETRY_AFTER_MAX_S, backoff))
+
     async def _deliver(self, batch: Batch) -> None:
         failures = 0
         while True:
@@ -89,10 +105,8 @@ class Forwarder:
             except Exception as e:  # (see below: the forwarder must live)
                 failures += 1
                 self.metrics.upstream_failures += 1
-                # full jitter (AWS architecture blog): spreads a fleet's retries apart
-                cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 20))
                 retry_after = e.retry_after if isinstance(e, DeliveryError) else None
-                delay = retry_after if retry_after is not None else random.uniform(0, cap)
+                delay = self.retry_delay(failures, retry_after)
                 if not isinstance(e, DeliveryError):
                     # A sink's bug, not the upstream's answer. Ending this task would stop the
                     # gateway, and after a restart the same batch would stop it again: the

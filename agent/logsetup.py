@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
@@ -30,21 +31,37 @@ def under_journald(stream: object = None) -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
-# Control characters (C0, DEL, C1, the Unicode line and paragraph separators) as escapes: a
-# node id, a SenML name or an exception's text can come from a peer, and a newline in it would
-# start a forged log line (a carriage return or a terminal escape would hide part of a real one).
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_CONTROLS.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028",
-                  0x2029: "\\u2029"})
+# Every character Python does not call printable (str.isprintable: C0, DEL, C1, the line and
+# paragraph separators, the bidirectional embeddings, overrides and isolates U+202A-202E and
+# U+2066-2069, zero-width and format characters, spaces other than " ", surrogates, unassigned
+# code points) as an escape: a node id, a SenML name or an exception's text can come from a
+# peer; a newline in it would start a forged log line, a carriage return or a terminal escape
+# would hide part of a real one, and a bidi override would reorder how the rest of the line
+# shows in a viewer that honours it ("Trojan Source" on logs).
+_ASCII_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_ASCII_CONTROLS.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+_ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(c: str) -> str:
+    """One non-printable character as \\xXX, \\uXXXX or \\UXXXXXXXX (as repr() writes it)."""
+    o = ord(c)
+    if o < 0x80:
+        return _ASCII_CONTROLS[o]
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 def escape_controls(text: str) -> str:
-    """`text` on one line, its control characters written as backslash escapes."""
-    return text if text.isprintable() else text.translate(_CONTROLS)
+    """`text` on one line, every character that is not printable written as an escape."""
+    if text.isprintable():  # nearly every line: one pass in C, nothing allocated
+        return text
+    if text.isascii():  # a control character or two in plain text: leave the rest alone
+        return _ASCII_CONTROL_RE.sub(lambda m: _ASCII_CONTROLS[ord(m[0])], text)
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 class _OneEventFormatter(logging.Formatter):
-    """One event: its message with every control character escaped, then the lines of its
+    """One event: its message with every non-printable character escaped, then the lines of its
     traceback (ours to break, each escaped too) joined by `joiner`, so that no text from a
     peer can start a line that looks like an event of its own. (Nothing is taken from the
     record's cached exc_text: another handler may have made it unescaped.)"""

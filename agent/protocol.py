@@ -549,16 +549,16 @@ def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, A
                              f"kid): names must start with {prefix!r}")
         t = rec.get(6, 0)
         if not (_number(bt) and _number(t)):
-            raise FrameError("senml", f"{name}: time is not a number")
+            raise FrameError("senml", f"{name!r}: time is not a number")
         r: dict[str, Any] = {"n": name, "t": bt + t}
         if not TIME_MIN <= r["t"] <= TIME_MAX:  # (two finite times can even sum to inf)
-            raise FrameError("senml", f"{name}: time {r['t']!r} is outside years 1 to 9999")
+            raise FrameError("senml", f"{name!r}: time {r['t']!r} is outside years 1 to 9999")
         unit = rec.get(1, bu)
         if unit is None:
             unit = units.get(name[plen:]) if prefix is not None else _canonical_unit(name, None)
         if unit is not None:
             if type(unit) is not str:
-                raise FrameError("senml", f"{name}: unit is not text")
+                raise FrameError("senml", f"{name!r}: unit is not text")
             r["u"] = unit
         val: Any
         if 2 in rec and not (3 in rec or 4 in rec or 8 in rec):  # the common case: a number
@@ -578,16 +578,16 @@ def resolve_pack(payload: bytes, *, node: str | None = None) -> list[dict[str, A
             elif tv is int and -(1 << 64) <= val < 1 << 64:
                 r["v"] = val
             else:
-                raise FrameError("senml", f"{name}: v has the wrong type or is not finite")
+                raise FrameError("senml", f"{name!r}: v has the wrong type or is not finite")
             out.append(r)
             continue
         values = [lbl for lbl in (2, 3, 4, 8) if lbl in rec]
         if len(values) != 1:
-            raise FrameError("senml", f"{name}: a record needs exactly one value")
+            raise FrameError("senml", f"{name!r}: a record needs exactly one value")
         lbl = values[0]
         val = rec[lbl]
         if not isinstance(val, _VALUE_TYPES[lbl]):
-            raise FrameError("senml", f"{name}: {SENML_LABELS[lbl]} has the wrong type or is "
+            raise FrameError("senml", f"{name!r}: {SENML_LABELS[lbl]} has the wrong type or is "
                              "not finite")
         if lbl == 8:
             val = base64.urlsafe_b64encode(rec[8]).rstrip(b"=").decode()

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from agent.logsetup import JournalFormatter, RateLimit, under_journald
+from agent.logsetup import JournalFormatter, RateLimit, escape_controls, under_journald
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +86,24 @@ def test_cli_logs_journald_style_when_stderr_is_the_journal(tmp_path: Path) -> N
     lines = err.read_text().splitlines()
     assert lines[0].startswith("<3>lantern: ")  # the config error, filed as an error
     assert lines[1] == "<4>lantern.t: hello 1"
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("plain ascii: seq 5", "plain ascii: seq 5"),
+    ("Straße 温度 µg/m³", "Straße 温度 µg/m³"),  # printable non-ASCII is kept as it is
+    ("a\nb\rc\td\x1b[2K\x7f", "a\\nb\\rc\\td\\x1b[2K\\x7f"),
+    ("x\x85y\u2028z\u2029", "x\\x85y\\u2028z\\u2029"),
+    ("temp\u202e\u2066gnirts", "temp\\u202e\\u2066gnirts"),  # bidi override and isolate
+    ("a\u200bb\ufeffc\u00a0d", "a\\u200bb\\ufeffc\\xa0d"),  # zero-width, BOM, no-break space
+    ("\U000e0041\ud800", "\\U000e0041\\ud800"),  # a tag character, a lone surrogate
+])
+def test_escape_controls_writes_every_unprintable_character_as_an_escape(
+        text: str, shown: str) -> None:
+    assert escape_controls(text) == shown
+
+
+@given(st.text(alphabet=st.characters(codec=None)))
+def test_escaped_text_is_always_printable_and_printable_text_is_kept(text: str) -> None:
+    got = escape_controls(text)
+    assert got.isprintable()
+    assert (got == text) == text.isprintable()

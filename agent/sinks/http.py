@@ -19,11 +19,17 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from ..config import HttpSinkConfig, shown_url
+from ..logsetup import escape_controls
 from ..resolved import Batch
 
 log = logging.getLogger("lantern.sink.http")
 
-RETRY_AFTER_MAX_S = 3600.0
+# The longest wait a Retry-After is honoured for (the forwarder never waits less than its own
+# backoff: agent/forward.py). Ten minutes covers an upstream's planned restart; a longer outage
+# answers the next attempt with a Retry-After of its own, so honouring more would only save an
+# upstream one request per ten minutes, while a stale or hostile "a year from now" would hold
+# the whole queue back that long (docs/upstream.md).
+RETRY_AFTER_MAX_S = 600.0
 BODY_MAX = 1 << 20  # bytes of an answer a sink reads at most (a 207 of 500 entities: ~100 KB)
 SHOWN_MAX = 200  # characters of a peer's URL or text a message shows at most
 
@@ -60,8 +66,7 @@ def shown_location(base: str, location: str | None) -> str:
         shown = f"{u.scheme}://{netloc}{u.path}" + ("?…" if u.query else "")
     except ValueError:
         shown = "an unreadable Location"
-    # the peer chose these characters: no control character reaches a log line
-    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    shown = escape_controls(shown)  # the peer chose these characters
     return shown if len(shown) <= SHOWN_MAX else shown[:SHOWN_MAX] + "…"
 
 
