@@ -109,6 +109,7 @@ class Plan:
     status: dict[str, Any] | None = None
     start: int = 0  # index in STEPS of the first step run (--from)
     queue: Path | None = None  # the gateway's queue (--gateway-config)
+    gateway_state: Path | None = None  # its state_dir: whose the key file is (--gateway-config)
 
 
 def board_module() -> Any:
@@ -167,7 +168,7 @@ def plan(args: argparse.Namespace) -> Plan:
         raise StepError(f"--interval {args.interval:g}: a node samples every "
                         f"{ps.INTERVAL_MIN_S:g} to {ps.INTERVAL_MAX_S:g} s",
                         "e.g. --interval 60 (the node's set-interval command has the same range)")
-    queue = None
+    queue = gateway_state = None
     if args.gateway_config is not None:
         try:
             gw = load_config(args.gateway_config)
@@ -177,20 +178,63 @@ def plan(args: argparse.Namespace) -> Plan:
         queue = gw.state_dir / ps.QUEUE_FILE
         if args.keys is None:
             args.keys = gw.keys_file
+        if args.keys.resolve() == gw.keys_file.resolve():
+            gateway_state = gw.state_dir
     if args.keys is None:
         args.keys = Path("keys.toml")
+    if args.flash and not args.dry_run:
+        # the erase comes before the key step: a key file that cannot be written must stop
+        # the run now, not after the board lost its old key and counters
+        why = _unwritable(args.keys)
+        if why:
+            raise StepError(f"--keys {args.keys}: cannot write there ({why})",
+                            "create the folder or fix its permissions, or run as the user "
+                            "that owns it (the gateway's key file: sudo), then run this again")
     try:  # before anything is erased: a new key's sequence starts from this clock
         ps.seq_start(time.time(), None)
     except ValueError as e:
         raise StepError(str(e), "set this computer's clock (`timedatectl`, NTP), then run "
                         "this again") from None
     stage = args.out or ROOT / ".build/provision" / args.id
-    return Plan(args, board, path, stage, _location(args.location), firmware, queue=queue)
+    return Plan(args, board, path, stage, _location(args.location), firmware, queue=queue,
+                gateway_state=gateway_state)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be replaced in its folder (None: it can): tried, not guessed (root
+    passes every permission check, not a read-only or missing folder)."""
+    probe = path.parent / f".{path.name}.{os.getpid()}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 # ---- steps ----
 
-FRESH = "key.new"  # in the stage: the id of a key this tool made that no node has booted with
+# In the stage: the id of a key this tool made that no node has booted with yet, and "sent"
+# once the deploy starts putting it on the board. From then on a node may have booted with it
+# (a deploy that failed after the copy, a power cycle): only the node's counters can say.
+FRESH = "key.new"
+
+
+def _fresh(p: Plan, key: bytes) -> str | None:
+    """"made" (the key never left this computer), "sent", or None (not a key made here)."""
+    try:
+        words = (p.stage / FRESH).read_text().split()
+    except FileNotFoundError:
+        return None
+    if not words or words[0] != ps.key_id(key):
+        return None
+    return "sent" if "sent" in words[1:] else "made"
+
+
+def _holds(p: Plan, key: bytes) -> bool:
+    """Whether the node showed counters bound to `key` (step device)."""
+    kid = ps.key_id(key)
+    return p.device is not None and p.device.get("state") in (f"key:{kid}", f"legacy:{kid}")
 
 
 def step_key(p: Plan, dry: bool) -> list[str]:
@@ -230,14 +274,57 @@ def step_key(p: Plan, dry: bool) -> list[str]:
         text = ps.keys_text(keys_file, node, p.key, retired=retired)
     except ValueError as e:
         raise StepError(str(e), f"edit {keys_file}, then run this again") from None
-    write_secret(keys_file, text)
+    created = not keys_file.exists()
+    try:
+        write_secret(keys_file, text)
+    except OSError as e:
+        raise StepError(f"cannot write {keys_file}: {e.strerror or e}",
+                        "fix the folder's permissions or free space (or run as the key file's "
+                        "owner), then resume") from None
     load_keys(keys_file)  # what the gateway will read: check it now, not in the field
+    owner = _give_to_gateway(p, keys_file) if created else None
     p.stage.mkdir(parents=True, exist_ok=True)
     (p.stage / FRESH).write_text(ps.key_id(p.key) + "\n")
     if old is None:
-        return [f"added a key for {node} to {keys_file} (mode 0600)"]
+        return [f"added a key for {node} to {keys_file} (mode 0600)", *filter(None, [owner])]
     return [f"replaced the key of {node} in {keys_file} (mode 0600): {retired}; the old key "
             f"{ps.key_id(old)} is retired there"]
+
+
+def _give_to_gateway(p: Plan, keys_file: Path) -> str | None:
+    """A key file this run created for a gateway (--gateway-config) goes to the owner of the
+    gateway's state_dir: made by root (`sudo lantern provision`), the gateway could not read it."""
+    if p.gateway_state is None or not p.gateway_state.exists():
+        return None
+    st = p.gateway_state.stat()
+    want = (st.st_uid, st.st_gid)
+    if want == (os.getuid(), os.getgid()):
+        return None
+    who = f"{_user(st.st_uid)}:{_group(st.st_gid)}"
+    try:
+        os.chown(keys_file, *want)
+    except PermissionError:
+        return (f"warning: {keys_file} is yours, but the gateway runs as {who} (the owner of "
+                f"{p.gateway_state}): `sudo chown {who} {keys_file}`, or it cannot read its keys")
+    return f"{keys_file} belongs to {who}, the gateway's user (the owner of {p.gateway_state})"
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _erase_reason() -> str:
@@ -249,9 +336,10 @@ def _counters_reset(p: Plan, key: bytes) -> tuple[str | None, str]:
     """(why the node's counters may have restarted under `key`, or None; why it is safe)."""
     if p.start > STEPS.index("deploy"):
         return None, "this run puts nothing on the node"
-    fresh = p.stage / FRESH
-    if fresh.exists() and fresh.read_text().strip() == ps.key_id(key):
-        return None, "made by the interrupted run, no node has booted with it yet"
+    if _fresh(p, key) == "made":
+        return None, "made by the interrupted run and never sent to a node"
+    # a key that was sent may have run (a deploy that failed after its copy, a power cycle):
+    # it is kept only where the node shows its counters, as any other key
     if p.args.flash and p.args.erase:
         return _erase_reason(), ""
     if p.device is None:
@@ -268,6 +356,9 @@ def _counters_reset(p: Plan, key: bytes) -> tuple[str | None, str]:
                "counters would restart", ""
     if state.startswith("key:"):
         return f"the node's counters belong to another key ({state[4:]})", ""
+    if state == f"lost:{kid}":
+        return "the node lost this key's counters (its state directory was deleted) and " \
+               "refuses the key", ""
     return "the node has counters, but the tool cannot tell under which key", ""
 
 
@@ -291,19 +382,29 @@ def node_config(p: Plan) -> dict[str, Any]:
 
 def step_config(p: Plan, dry: bool) -> list[str]:
     nvs = ps.key_in_nvs(p.board)
-    files = ["node.json", "node.key (0600)", "board.json"]
-    if nvs:
-        files.append(f"{ps.NVS_SCRIPT} (0600: puts the key in the board's NVS)")
+    files = ["node.json", "board.json"] if nvs else ["node.json", "node.key (0600)", "board.json"]
+    where = [f"the key goes into the board's NVS at the deploy ({ps.NVS_SCRIPT}, written for "
+             "it and removed after): no copy of it stays here"] if nvs else []
     if dry:
-        return [f"write {', '.join(files)} to {p.stage}", json.dumps(node_config(p))]
+        return [f"write {', '.join(files)} to {p.stage}", *where, json.dumps(node_config(p))]
     p.stage.mkdir(parents=True, exist_ok=True)
     (p.stage / "node.json").write_text(json.dumps(node_config(p), indent=2) + "\n")
-    assert p.key is not None
-    write_secret(p.stage / "node.key", p.key.hex() + "\n")
-    if nvs:
-        write_secret(p.stage / ps.NVS_SCRIPT, ps.nvs_key_script(p.key))
+    _stage_key(p)
     shutil.copyfile(p.board_path, p.stage / "board.json")
-    return [f"wrote {', '.join(files)} to {p.stage}"]
+    return [f"wrote {', '.join(files)} to {p.stage}", *where]
+
+
+def _stage_key(p: Plan) -> None:
+    """The key this run decided (p.key), as the deploy sends it: node.key on boards that keep
+    a key file; on NVS boards nothing (the deploy writes nvs_key.py, and removes it), and no
+    copy an earlier run or version left. A resumed run whose key step issued a new key skips
+    the config step: the deploy calls this again, so it never sends a stale key."""
+    assert p.key is not None
+    if ps.key_in_nvs(p.board):
+        for name in ("node.key", ps.NVS_SCRIPT):
+            (p.stage / name).unlink(missing_ok=True)
+    else:
+        write_secret(p.stage / "node.key", p.key.hex() + "\n")
 
 
 def _run(argv: list[str], what: str, fix: str, timeout: float = 300) -> str:
@@ -377,21 +478,39 @@ def step_compile(p: Plan, dry: bool) -> list[str]:
 
 
 def step_deploy(p: Plan, dry: bool) -> list[str]:
-    # a key no node has booted with: frames sealed under an older one would be refused forever,
-    # and its sequence must start above every number the node id has used
-    fresh = (p.stage / FRESH).exists() or (dry and p.args.new_key)
+    # a key this tool made: its sequence must start above every number the node id has used
+    # (the script only ever raises it). Frames on the node are dropped only where its
+    # counters are not this key's: those were sealed under a key being replaced, and the
+    # gateway would refuse them forever; frames the node sealed under this key (it booted
+    # after a deploy that failed late) are the gateway's to take.
+    nvs = ps.key_in_nvs(p.board)
+    fresh = (not dry and p.key is not None and _fresh(p, p.key) is not None) or (
+        dry and p.args.new_key)
+    drop = fresh and not (p.key is not None and _holds(p, p.key))
     start = _seq_start(p) if fresh or dry else None
     script = ps.seq_script(node_config(p)["state_dir"], start.value) if fresh and start else None
-    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", fresh,
-                          nvs_key=ps.key_in_nvs(p.board), seq=script)
+    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", drop, nvs_key=nvs, seq=script)
     lines = [ps.shown(argv)]
     if dry:
         assert start is not None
         return [*lines, f"{'' if fresh else 'if the key is new: '}its frame sequence starts at "
                 f"{start.value} or above: {start.why}"]
-    out = _run(argv, f"mpremote cp to {p.args.port}", "check the port and that the board's "
-               "filesystem has room (`mpremote df`), then resume with --from deploy",
-               timeout=600)
+    assert p.key is not None
+    _stage_key(p)  # the key the key step decided, whatever an earlier run staged
+    if nvs:
+        write_secret(p.stage / ps.NVS_SCRIPT, ps.nvs_key_script(p.key))
+    if fresh:  # from here on a node may boot with it
+        (p.stage / FRESH).write_text(ps.key_id(p.key) + " sent\n")
+    try:
+        out = _run(argv, f"mpremote cp to {p.args.port}", "check the port and that the board's "
+                   "filesystem has room (`mpremote df`), then resume with --from deploy",
+                   timeout=600)
+    finally:
+        if nvs:
+            (p.stage / ps.NVS_SCRIPT).unlink(missing_ok=True)
+    if nvs:
+        lines.append(f"the key is now only in {p.args.keys} and in the node's NVS ({ps.NVS_SCRIPT} "
+                     f"removed from {p.stage})")
     if start is not None:
         got = ps.parse_seq_report(out)
         if got is None:
@@ -482,6 +601,10 @@ def main(args: argparse.Namespace) -> int:
             lines = RUNNERS[name](p, dry)
         except StepError as e:
             return _failed(name, e, args)
+        except OSError as e:  # a file of the stage or the key file: one line, and the resume
+            where = f"{e.filename}: " if e.filename else ""
+            return _failed(name, StepError(f"{where}{e.strerror or e}", "fix the folder's "
+                                           "permissions or free space, then resume"), args)
         print(f"[{i}/{len(STEPS)}] {name}: {lines[0] if lines else ''}")
         for line in lines[1:]:
             print(f"      {line}")

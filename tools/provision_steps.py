@@ -27,7 +27,8 @@ FLASH_BAUD = "460800"
 # Printed by the board in answer to `mpremote exec`: version, .mpy ABI, platform, free KB, and
 # what Lantern state it holds: "key:ID" (counters bound to the key with that id), "legacy:ID"
 # (counters of firmware from before key ids, beside a key file with that id; "-" if
-# unreadable) or "none".
+# unreadable), "lost:ID" (counters without a key id beside a key file the node marked used,
+# `node.key.used`: its state directory was deleted and the node refuses the key) or "none".
 PROBE_SCRIPT = ("import sys, os\n"
                 "s = os.statvfs('/')\n"
                 "st = 'none'\n"
@@ -45,8 +46,14 @@ PROBE_SCRIPT = ("import sys, os\n"
                 "        import hashlib\n"
                 "        with open(c['key_file']) as f:\n"
                 "            k = bytes.fromhex(f.read().strip())\n"
-                "        st = 'legacy:' + hashlib.sha256(b'lantern key id v1' + k).digest()[:8]"
-                ".hex()\n"
+                "        i = hashlib.sha256(b'lantern key id v1' + k).digest()[:8].hex()\n"
+                "        st = 'legacy:' + i\n"
+                "        try:\n"
+                "            with open(c['key_file'] + '.used') as f:\n"
+                "                if f.read().strip() == i:\n"
+                "                    st = 'lost:' + i\n"
+                "        except OSError:\n"
+                "            pass\n"
                 "except Exception:\n"
                 "    pass\n"
                 "print('LANTERN-PROBE', '.'.join(str(v) for v in sys.implementation.version[:3]),"

@@ -48,7 +48,41 @@ def load_key(path):
         key = b""
     if len(key) != 32:
         raise ConfigError("key file %s: expected 64 hex digits (a 256-bit key)" % path)
+    global _key_file
+    _key_file = (key_id(key), path)
     return key
+
+
+# The last key load_key read: (key id, path). bind_state keeps that key's use beside it.
+_key_file = None
+
+
+def _file_key_use(kid):
+    """(key_used, mark_key_used) for a key kept as a file (unix and qemu boards), or None.
+
+    `<key file>.used` names the key that has run: it sits outside state_dir, so deleting the
+    state directory does not make the key look unused, and it goes with a reformat that also
+    takes the key. The ESP32 HAL keeps the same fact in NVS (hal/esp32.py key_used).
+    """
+    if _key_file is None or _key_file[0] != kid:
+        return None
+    marker = _key_file[1] + ".used"
+
+    def used(k):
+        try:
+            with open(marker) as f:
+                return f.read().strip() == k
+        except OSError:
+            return False
+
+    def mark(k):
+        if not used(k):
+            try:
+                _write_atomic(marker, k.encode())
+            except OSError as e:
+                print("warning: cannot record key %s in use at %s: %r" % (k, marker, e))
+
+    return used, mark
 
 
 def node_key(cfg, hal):
@@ -74,8 +108,9 @@ def bind_state(state_dir, key, hal):
     The frame sequence, the command floor and the BTHome counter live in state_dir; a wiped or
     reformatted filesystem restarts them. `state_dir/key_id` names the key they count for, and
     `lantern provision` reuses a key only where the node shows that file (docs/security.md).
-    Where the key outlives the filesystem (ESP32: NVS), the HAL remembers which key has been
-    in use: that key with counters gone is refused rather than used again from zero.
+    Where the key outlives state_dir (ESP32: NVS; a key file beside a deleted state directory),
+    the HAL or a marker beside the key file remembers which key has been in use: that key
+    with counters gone is refused rather than used again from zero.
     Call it once the outbox has made state_dir. Returns the key id.
     """
     kid = key_id(key)
@@ -85,17 +120,21 @@ def bind_state(state_dir, key, hal):
             held = f.read().strip()
     except OSError:
         held = None
+    used = getattr(hal, "key_used", None)
+    mark = getattr(hal, "mark_key_used", None)
+    if used is None:
+        use = _file_key_use(kid)
+        if use is not None:
+            used, mark = use
     if held != kid:
-        used = getattr(hal, "key_used", None)
         if held is None and used is not None and used(kid):
             raise ConfigError(
-                "node key %s was in use on this board, but %s has lost its counters (the "
-                "filesystem was reformatted?): under this key old ACKs, commands and BTHome "
+                "node key %s was in use on this board, but %s has lost its counters (deleted, "
+                "or the filesystem reformatted): under this key old ACKs, commands and BTHome "
                 "adverts would be valid again. Re-provision the node: `lantern provision node` "
                 "issues a new key" % (kid, state_dir))
         # counters of another key (a key replaced with --new-key) only ever go on: keep them
         _write_atomic(path, kid.encode())
-    mark = getattr(hal, "mark_key_used", None)
     if mark is not None:
         mark(kid)
     return kid

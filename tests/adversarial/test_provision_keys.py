@@ -146,15 +146,14 @@ def test_reprovisioning_after_an_erase_closes_the_replay_hole(tmp_path: Path) ->
     assert MICROPYTHON.exists(), f"{MICROPYTHON} missing: run `make micropython`"
     keys = tmp_path / "keys.toml"
     write_secret(keys, ps.keys_text(keys, NODE, OLD_KEY))
-    stage_key = tmp_path / "stage/node.key"
-    tmp_path.joinpath("stage").mkdir()
-    write_secret(stage_key, OLD_KEY.hex() + "\n")
+    node_key = tmp_path / "node.key"  # the key the node runs under (NVS on a real ESP32)
+    write_secret(node_key, OLD_KEY.hex() + "\n")
 
     # in service: the gateway acknowledges frames 0 and 1, a technician sets the interval;
     # an attacker on the line (or on air) records both
     old_ack = ack_body(OLD_KEY, [0, 1], T_OLD)
     old_cmd = set_interval(OLD_KEY, 5, 5000)
-    before = boot(tmp_path, stage_key, [old_ack], [old_cmd])
+    before = boot(tmp_path, node_key, [old_ack], [old_cmd])
     assert before["outbox"] == [2, 3] and before["clock"] == T_OLD
     assert before["intervals"] == [5000] and before["floor"] == 5
 
@@ -163,7 +162,8 @@ def test_reprovisioning_after_an_erase_closes_the_replay_hole(tmp_path: Path) ->
     p = key_step(provision_args(tmp_path, "--flash", str(tmp_path / "micropython.bin"),
                                 "--erase"))
     assert p.key is not None
-    after = boot(tmp_path, stage_key, [old_ack], [old_cmd])
+    write_secret(node_key, p.key.hex() + "\n")  # what the deploy puts on the node
+    after = boot(tmp_path, node_key, [old_ack], [old_cmd])
 
     # (b) the recorded ACK deletes nothing and sets no clock; the recorded command is refused
     assert after["outbox"] == [0, 1, 2, 3], "a recorded old ACK deleted unsent frames"
@@ -200,6 +200,7 @@ def test_keeping_the_key_across_an_erase_is_refused_in_one_line(tmp_path: Path) 
     (f"key:{ps.key_id(bytes(32))}", False),  # the node holds another key's counters
     (f"legacy:{ps.key_id(OLD_KEY)}", True),  # firmware before key ids: state and this key
     ("legacy:-", False),  # state, but its key unreadable: cannot tell
+    (f"lost:{ps.key_id(OLD_KEY)}", False),  # its state directory deleted: the node refuses it
 ])
 def test_a_key_is_reused_only_where_the_node_shows_its_counters(
         tmp_path: Path, state: str, reused: bool) -> None:
