@@ -66,7 +66,8 @@ def add_parser(sub: Any) -> None:
     n.add_argument("--link-port", help="the node's link UART as seen from here (to verify); "
                    "default: skip verification unless the link is the USB port")
     n.add_argument("--keys", type=Path,
-                   help="the gateway's key file to add the key to (created 0600 if missing; "
+                   help="the gateway's key file to add the key to (created 0600 if missing, for "
+                   "--gateway-config owned as its state_dir; "
                    "default: the keys_file of --gateway-config, else keys.toml)")
     n.add_argument("--gateway-config", type=Path, metavar="TOML",
                    help="the gateway's config, when provisioning on the gateway's host: its "
