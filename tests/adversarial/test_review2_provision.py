@@ -350,6 +350,32 @@ def test_a_key_file_created_for_the_gateway_is_the_gateways_to_read(
 
 
 @pytest.mark.micropython
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="only root can give the state_dir to another user")
+def test_a_key_file_the_tool_cannot_give_away_says_what_to_chown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(a) Not root (or chown refused): the installer is told the one command to run."""
+    state = tmp_path / "gw-state"
+    state.mkdir()
+    os.chown(state, 4242, 4343)
+    gw_toml = tmp_path / "gateway.toml"
+    keys = tmp_path / "keys.toml"
+    gw_toml.write_text(gateway_toml(state, keys, ["/dev/ttyAMA0"], "http://127.0.0.1:9/"))
+
+    def refused(path: object, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(pv.os, "chown", refused)
+    flash = Flash(tmp_path)
+    code, out = provision(tmp_path, flash, monkeypatch, capsys, "--flash", "IMAGE", "--erase",
+                          "--gateway-config", str(gw_toml))
+    assert code == 0, out
+    assert "the gateway runs as " in out and f"{state}): `sudo chown " in out, out
+    assert f" {keys}`, or it cannot read its keys" in out, out
+
+
+@pytest.mark.micropython
 def test_a_key_file_that_cannot_be_written_stops_the_run_before_the_erase(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
