@@ -19,7 +19,7 @@ from tools.sim import SimNode, keys_toml
 from tools.upstream import Upstream
 
 from .line import PacedLine
-from .peers import LanternPeer
+from .peers import LanternPeer, fresh_node_state
 
 BAUD = 115200
 
@@ -60,9 +60,7 @@ async def run(workdir: Path, nodes: int = 6, interval_ms: int = 500,
         e = Emits(node_id)
         line = PacedLine(BAUD, tap_sent=e.tap_sent)
         node = SimNode(node_id, work / "nodes", port=line.node_port, interval_ms=interval_ms)
-        if node.state_dir.exists():
-            for p in sorted(node.state_dir.rglob("*"), reverse=True):
-                p.rmdir() if p.is_dir() else p.unlink()
+        fresh_node_state(node)
         node.write_config()
         sims.append(node)
         lines.append(line)

@@ -22,7 +22,7 @@ from tools.upstream import Upstream
 
 from .line import PacedLine
 from .node_cycle import run_mp
-from .peers import LanternPeer
+from .peers import LanternPeer, fresh_node_state
 
 HEAP = "1M"  # the outbox index of a few thousand frames; a board keeps ~1000 in flash
 
@@ -65,9 +65,7 @@ async def run_one(workdir: Path, baud: int, backlog: int, window: int = 4) -> di
                    extra={"max_frames": backlog + 64,
                           "link": {"port": line.node_port, "baud": baud, "rto_ms": 500,
                                    "window": window}})
-    if node.state_dir.exists():
-        for p in sorted(node.state_dir.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
+    fresh_node_state(node)
     filled = await asyncio.to_thread(run_mp, "fill", node, backlog, HEAP)
     upstream = Upstream()
     await upstream.start()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.config import write_secret
 from agent.units import UNITS
@@ -24,6 +25,16 @@ NODE_RED_HOME = ROOT / ".build/node-red"
 NODE_RED_JS = NODE_RED_HOME / "node_modules/node-red/red.js"
 NODE_RED_SRC = Path(__file__).resolve().parent / "node-red"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def fresh_node_state(node: Any) -> None:
+    """Start a bench node from nothing: its state and the marker that its key has run
+    (firmware/node/app.py refuses a used key whose counters are gone). Its gateway starts
+    with an empty queue too, so reusing the key from sequence 0 opens no replay here."""
+    if node.state_dir.exists():
+        for p in sorted(node.state_dir.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+    (node.dir / "node.key.used").unlink(missing_ok=True)
 
 
 def cpu_seconds(pid: int) -> float:
