@@ -237,16 +237,10 @@ class Node:
         while not limit or taken < limit:
             taken += 1
             t0 = time.ticks_ms()
+            seq = None
             try:
                 now, values = await self.sample_async()
                 seq = self.seal(now, values)
-            except Exception as e:  # noqa: BLE001 - one lost pack, not the end of sampling
-                # (a MemoryError here once ended this task: the node went silent for good)
-                gc.collect()
-                self.seal_errors += 1
-                print("sample failed (%d so far): %r" % (self.seal_errors, e))
-                seq = None
-            if seq is not None:
                 self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
                 used = gc.mem_alloc()
                 if used > self.heap_peak:
@@ -254,6 +248,17 @@ class Node:
                 print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
                 if self.link:
                     self.link.kick()
+            except Exception as e:  # noqa: BLE001 - one lost pack, not the end of sampling
+                # (a MemoryError here once ended this task: the node went silent for good)
+                gc.collect()
+                if seq is None:
+                    # no sequence number (flash full), no room for the frame, no memory
+                    self.seal_errors += 1
+                    print("sample failed (%d so far): %r" % (self.seal_errors, e))
+                else:
+                    # the pack is stored; only its report or the link's wake-up failed (the
+                    # link sends it on its next round)
+                    print("sample seq=%d stored, then: %r" % (seq, e))
             gc.collect()
             due = time.ticks_add(due, self.interval_ms)
             wait = time.ticks_diff(due, time.ticks_ms())

@@ -7,10 +7,10 @@ type byte keeps the three kinds apart from each other and from DATA and ACK.
 """
 
 import gc
-import os
 import time
 
 from . import cbor, cose, frame
+from .outbox import _write_atomic
 
 try:
     from micropython import const
@@ -122,13 +122,6 @@ def check_sensor(name, drv, now):
     r["raw"] = _raw(drv)
     r["ms"] = time.ticks_diff(time.ticks_ms(), t0)
     return r
-
-
-def _write_atomic(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
 
 
 class Commands:
@@ -306,7 +299,7 @@ class NodeActions:
         stats = getattr(n.link, "stats", None)
         link = {"window": n.cfg["link"].get("window", 4), "baud": n.cfg["link"].get("baud")}
         for k in ("sent", "retransmits", "acked", "rx_errors", "crc_errors", "bad_acks",
-                  "rx_failures", "rssi"):
+                  "rx_failures", "tx_failures", "advert_failures", "rssi"):
             link[k] = getattr(stats, k, None)
         last_ack = getattr(stats, "last_ack_ms", None)
         link["last_ack_age_ms"] = (
@@ -320,6 +313,7 @@ class NodeActions:
             "cfg": {"interval_ms": n.interval_ms, "max_frames": n.outbox.max_frames,
                     "pole": n.cfg.get("pole"), "location": n.cfg.get("location")},
             "outbox": len(n.outbox), "evicted": n.outbox.evicted,
+            "seal_errors": getattr(n, "seal_errors", 0),  # sample cycles that lost their pack
             "next_seq": n.outbox._next,
             "clock": {"now_ms": n.clock.now_ms(), "synced": n.clock.synced},
             "link": link,

@@ -19,6 +19,7 @@ import time
 
 from . import bthome, cbor, cose, frame
 from .ble import CONNECT, DISCONNECT, FLAG_NOTIFY, FLAG_READ, FLAG_WRITE, WRITE, Peripheral
+from .outbox import _write_atomic
 
 try:
     from micropython import const
@@ -103,7 +104,8 @@ class Counter:
     """The BTHome encryption counter: never reused (a reused CCM nonce leaks plaintext).
 
     Reserved in blocks in a file replaced atomically, like the frame sequence; a reboot or a
-    battery swap skips at most the rest of a block.
+    battery swap skips at most the rest of a block. A block is used only once its file is
+    written: OSError (flash full) hands out nothing, and the next call tries again.
     """
 
     def __init__(self, path):
@@ -117,11 +119,9 @@ class Counter:
 
     def next(self):
         if self._next >= self._reserved:
-            self._reserved = self._next + _COUNTER_BLOCK
-            tmp = self._path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(b"%d" % self._reserved)
-            os.rename(tmp, self._path)
+            limit = self._next + _COUNTER_BLOCK
+            _write_atomic(self._path, b"%d" % limit)
+            self._reserved = limit
         c = self._next
         self._next += 1
         return c
@@ -138,6 +138,8 @@ class LinkStats:
         self.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
         self.last_ack_ms = None  # ticks_ms of the last start or ACK of a frame in flight
         self.adverts = 0
+        self.advert_failures = 0  # advert rounds skipped by an exception (e.g. flash full)
+        self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
         self.connects = 0
         self.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
 
@@ -174,7 +176,7 @@ class BleLink:
         self._pull_ms = 0  # ticks_ms of the puller's start or last ACK of a frame in flight
         self._nonce = b""  # the newest connection's nonce, in the STATE value centrals read
         self._restate = []  # connections to tell their nonce (their start ACK had another)
-        self._logged = False  # the first exception in _events is printed, later ones counted
+        self._failed_once = {}  # task name -> True once its first exception was printed
         self._since = {}  # connection handle -> ticks_ms when it connected
         self._rx = {}  # connection handle -> Reassembler
         self._inflight = {}  # seq -> (due ticks_ms, attempts)
@@ -201,8 +203,8 @@ class BleLink:
             for rec in cbor.loads(payload, PACK_ITEMS):  # the node's own pack
                 if 0 in rec and 2 in rec:
                     latest[rec[0]] = rec[2]
-        except (OSError, ValueError, TypeError, KeyError):
-            return
+        except (OSError, ValueError, TypeError, KeyError, MemoryError):
+            return  # the adverts keep the values they had
         self._latest = latest
 
     async def run(self):
@@ -223,33 +225,50 @@ class BleLink:
     async def _advertiser(self):
         turn = 0
         while True:
-            now = time.ticks_ms()
-            for h, t in list(self._since.items()):
-                if self._pull is not None and self._pull.handle == h:
-                    # nor one that stopped acknowledging mid-drain (its gateway hung): while
-                    # it holds the connection, no gateway can drain this node
-                    if len(self._outbox) and \
-                            time.ticks_diff(now, self._pull_ms) > self._ack_timeout:
-                        self.stats.dropped_pullers += 1
-                        self._p.disconnect(h)
-                        del self._since[h]
-                elif time.ticks_diff(now, t) > self._pull_timeout:
-                    # a central that never starts a drain must not keep the node to itself
-                    self._p.disconnect(h)
-                    del self._since[h]
-            if turn == 0 and self._bthome and self._latest:
-                adv = self._bthome_adv()
-            else:
-                adv = lantern_advert(self._tag, len(self._outbox))
+            # the turn moves on first: a BTHome advert that fails every time (its counter
+            # cannot be saved on a full flash) must not hold back the Lantern advert
             turn ^= 1
-            # one central at a time: while connected, adverts only carry values
-            self._p.advertise(adv, self._adv_us, not self._p.connections)
-            self.stats.adverts += 1
+            try:
+                self._advertise(turn)
+            except Exception as e:  # noqa: BLE001 - a failed round must not end every advert
+                # this round goes without an advert (one without a saved counter never goes)
+                self.stats.advert_failures += 1
+                self._failed("advert", e)
             self._readv.clear()
             try:
                 await asyncio.wait_for_ms(self._readv.wait(), self._rotate_ms)
             except asyncio.TimeoutError:
                 pass
+
+    def _advertise(self, turn):
+        """One advert round: drop idle or hung centrals, then the next advert on air."""
+        now = time.ticks_ms()
+        for h, t in list(self._since.items()):
+            if self._pull is not None and self._pull.handle == h:
+                # nor one that stopped acknowledging mid-drain (its gateway hung): while
+                # it holds the connection, no gateway can drain this node
+                if len(self._outbox) and \
+                        time.ticks_diff(now, self._pull_ms) > self._ack_timeout:
+                    self.stats.dropped_pullers += 1
+                    self._p.disconnect(h)
+                    del self._since[h]
+            elif time.ticks_diff(now, t) > self._pull_timeout:
+                # a central that never starts a drain must not keep the node to itself
+                self._p.disconnect(h)
+                del self._since[h]
+        if turn and self._bthome and self._latest:
+            adv = self._bthome_adv()
+        else:
+            adv = lantern_advert(self._tag, len(self._outbox))
+        # one central at a time: while connected, adverts only carry values
+        self._p.advertise(adv, self._adv_us, not self._p.connections)
+        self.stats.adverts += 1
+
+    def _failed(self, task, e):
+        """An exception a task survived: printed the first time for each task, then counted."""
+        if task not in self._failed_once:
+            self._failed_once[task] = True
+            print("ble %s failed: %r (later ones only counted)" % (task, e))
 
     # -- connection events and writes ---------------------------------------------------
 
@@ -261,9 +280,7 @@ class BleLink:
                 except Exception as e:  # noqa: BLE001 - this task must outlive any write
                     self.stats.rx_errors += 1
                     self.stats.rx_failures += 1
-                    if not self._logged:
-                        self._logged = True
-                        print("ble event failed: %r (later ones only counted)" % (e,))
+                    self._failed("event", e)
 
     def _on_event(self, kind, conn, detail):
         if kind == CONNECT:
@@ -403,49 +420,61 @@ class BleLink:
     async def _tx(self):
         while True:
             self._wake.clear()
-            # diagnostic answers first, from this task only, so messages never interleave
-            while self._answers:
-                to, ftype, body, after = self._answers.pop(0)
-                if await self._send(to, ftype, body) and after:
-                    after()
-            while self._restate:
-                to = self._restate.pop(0)
-                await self._p.notify(to, self._h_state, self._state_value(to.nonce))
-            conn = self._pull
-            wait = RTO_MAX_MS
-            if conn is not None and conn.connected:
-                now = time.ticks_ms()
-                seqs = self._outbox.oldest(self._window)
-                held = False
-                for seq in seqs:
-                    if seq - seqs[0] >= REPLAY_WINDOW:
-                        break  # see link_uart: a resent old frame must stay in the window
-                    due, attempts = self._inflight.get(seq, (now, 0))
-                    left = time.ticks_diff(due, now)
-                    if held:
-                        continue
-                    if left > 0 and attempts > 1:
-                        # resent before and waiting to go again: nothing newer overtakes it,
-                        # so the gateway takes each node's frames in order (docs/protocol.md)
-                        held = True
-                    if left <= 0:
-                        if seq not in self._outbox:
-                            continue  # acknowledged while we were sending the previous one
-                        if not await self._send(conn, frame.DATA, self._outbox.get(seq)):
-                            break
-                        self.stats.sent += 1
-                        if attempts:
-                            self.stats.retransmits += 1
-                        left = self._backoff(attempts)
-                        self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
-                    if left < wait:
-                        wait = left
-                await self._publish_state(conn)
-            else:
-                await self._publish_state(None)
+            try:
+                wait = await self._tx_round()
+            except Exception as e:  # noqa: BLE001 - e.g. a frame unreadable from flash, OOM
+                # the frames stay in the outbox: the next round, after a pause, tries again
+                self.stats.tx_failures += 1
+                self._failed("tx", e)
+                await asyncio.sleep_ms(self._rto)
+                continue
             if self._wake.is_set():
                 continue
             try:
                 await asyncio.wait_for_ms(self._wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
+
+    async def _tx_round(self):
+        """Answers, restated nonces, due frames and the STATE value; ms until the next is due."""
+        # diagnostic answers first, from this task only, so messages never interleave
+        while self._answers:
+            to, ftype, body, after = self._answers.pop(0)
+            if await self._send(to, ftype, body) and after:
+                after()
+        while self._restate:
+            to = self._restate.pop(0)
+            await self._p.notify(to, self._h_state, self._state_value(to.nonce))
+        conn = self._pull
+        wait = RTO_MAX_MS
+        if conn is not None and conn.connected:
+            now = time.ticks_ms()
+            seqs = self._outbox.oldest(self._window)
+            held = False
+            for seq in seqs:
+                if seq - seqs[0] >= REPLAY_WINDOW:
+                    break  # see link_uart: a resent old frame must stay in the window
+                due, attempts = self._inflight.get(seq, (now, 0))
+                left = time.ticks_diff(due, now)
+                if held:
+                    continue
+                if left > 0 and attempts > 1:
+                    # resent before and waiting to go again: nothing newer overtakes it,
+                    # so the gateway takes each node's frames in order (docs/protocol.md)
+                    held = True
+                if left <= 0:
+                    if seq not in self._outbox:
+                        continue  # acknowledged while we were sending the previous one
+                    if not await self._send(conn, frame.DATA, self._outbox.get(seq)):
+                        break
+                    self.stats.sent += 1
+                    if attempts:
+                        self.stats.retransmits += 1
+                    left = self._backoff(attempts)
+                    self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
+                if left < wait:
+                    wait = left
+            await self._publish_state(conn)
+        else:
+            await self._publish_state(None)
+        return wait

@@ -39,6 +39,7 @@ class LinkStats:
         self.bad_acks = 0
         self.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
         self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
+        self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
         self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
 
 
@@ -59,6 +60,7 @@ class UartLink:
         self.commands = None  # node.commands.Commands, set by the node to answer diagnostics
         self._answers = []  # (frame type, body, after) from commands, sent by _tx
         self._logged = False  # the first unexpected exception in _rx is printed, later counted
+        self._tx_logged = False  # the same for _tx
 
     def kick(self):
         """A new frame is in the outbox."""
@@ -79,56 +81,70 @@ class UartLink:
             # cleared before the work, not after: an ACK, a new frame or a command arriving
             # while a frame goes out sets it again, and is seen before this task waits
             self._wake.clear()
-            # diagnostic answers go out first and from this task only, so frames never interleave
-            while self._answers:
-                ftype, body, after = self._answers.pop(0)
-                self._writer.write(frame.encode(ftype, body))
-                await self._writer.drain()
-                if after:
-                    after()
-            now = time.ticks_ms()
-            wait = RTO_MAX_MS
-            seqs = self._outbox.oldest(self._window)
-            if self._outbox.evicted != self._evicted:
-                # frames a full outbox dropped may have been in flight: forget them too, or a
-                # long gateway outage grows this map until the heap runs out (frames leave
-                # the outbox oldest first, and numbers never repeat)
-                self._evicted = self._outbox.evicted
-                first = seqs[0] if seqs else None
-                for seq in [s for s in self._inflight if first is None or s < first]:
-                    del self._inflight[seq]
-            held = False
-            for seq in seqs:
-                if seq - seqs[0] >= REPLAY_WINDOW:
-                    break  # the gateway would take the oldest, resent later, for a replay
-                due, attempts = self._inflight.get(seq, (now, 0))
-                left = time.ticks_diff(due, now)
-                if held:
-                    continue
-                if left > 0 and attempts > 1:
-                    # this one timed out before and waits to be resent: nothing newer goes
-                    # first, so the gateway takes each node's frames in order
-                    held = True
-                if left <= 0:
-                    if seq not in self._outbox:
-                        self._inflight.pop(seq, None)
-                        continue  # acknowledged while the previous one was going out
-                    data = self._outbox.get(seq)
-                    self._writer.write(frame.encode(frame.DATA, data))
-                    await self._writer.drain()
-                    self.stats.sent += 1
-                    if attempts:
-                        self.stats.retransmits += 1
-                    left = self._backoff(attempts)
-                    self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
-                if left < wait:
-                    wait = left
+            try:
+                wait = await self._tx_round()
+            except Exception as e:  # noqa: BLE001 - e.g. a UART write error, a frame unreadable
+                # the frames stay in the outbox: the next round, after a pause, tries again
+                self.stats.tx_failures += 1
+                if not self._tx_logged:
+                    self._tx_logged = True
+                    print("uart tx failed: %r (later ones only counted)" % (e,))
+                await asyncio.sleep_ms(self._rto)
+                continue
             if self._wake.is_set():
                 continue  # an ACK, a frame or a command came while frames were going out
             try:
                 await asyncio.wait_for_ms(self._wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
+
+    async def _tx_round(self):
+        """Answers, then the frames that are due; ms until the next one is."""
+        # diagnostic answers go out first and from this task only, so frames never interleave
+        while self._answers:
+            ftype, body, after = self._answers.pop(0)
+            self._writer.write(frame.encode(ftype, body))
+            await self._writer.drain()
+            if after:
+                after()
+        now = time.ticks_ms()
+        wait = RTO_MAX_MS
+        seqs = self._outbox.oldest(self._window)
+        if self._outbox.evicted != self._evicted:
+            # frames a full outbox dropped may have been in flight: forget them too, or a
+            # long gateway outage grows this map until the heap runs out (frames leave
+            # the outbox oldest first, and numbers never repeat)
+            self._evicted = self._outbox.evicted
+            first = seqs[0] if seqs else None
+            for seq in [s for s in self._inflight if first is None or s < first]:
+                del self._inflight[seq]
+        held = False
+        for seq in seqs:
+            if seq - seqs[0] >= REPLAY_WINDOW:
+                break  # the gateway would take the oldest, resent later, for a replay
+            due, attempts = self._inflight.get(seq, (now, 0))
+            left = time.ticks_diff(due, now)
+            if held:
+                continue
+            if left > 0 and attempts > 1:
+                # this one timed out before and waits to be resent: nothing newer goes
+                # first, so the gateway takes each node's frames in order
+                held = True
+            if left <= 0:
+                if seq not in self._outbox:
+                    self._inflight.pop(seq, None)
+                    continue  # acknowledged while the previous one was going out
+                data = self._outbox.get(seq)
+                self._writer.write(frame.encode(frame.DATA, data))
+                await self._writer.drain()
+                self.stats.sent += 1
+                if attempts:
+                    self.stats.retransmits += 1
+                left = self._backoff(attempts)
+                self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
+            if left < wait:
+                wait = left
+        return wait
 
     async def _rx(self):
         deframer = frame.Deframer()

@@ -19,6 +19,11 @@ except ImportError:  # CPython
 SEQ_BLOCK = const(32)
 # Sequence numbers of the oldest waiting frames kept in RAM: more than any transmit window.
 HEAD = const(16)
+# Flash blocks kept free: littlefs gives each frame a block of its own (a 4 KB block on ESP32
+# holds one 300-500 byte frame), so a 2 MB partition fills near 470 frames, below max_frames.
+# A full flash would refuse the counter files too (frame sequence, BTHome counter, command
+# floor): no pack sealed, no advert, no diagnostics. The oldest frames go first, as at the cap.
+FREE_BLOCKS = const(8)
 
 
 def _exists(path):
@@ -30,10 +35,32 @@ def _exists(path):
 
 
 def _write_atomic(path, data):
+    """Replace path with data, or raise and leave the old file as it was."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except OSError:
+        # flash full (ENOSPC) or a write error: a partial temporary file would hold its
+        # blocks until the next boot
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _spare_blocks(path):
+    """(free blocks beyond FREE_BLOCKS, block size) of the filesystem holding path."""
+    try:
+        st = os.statvfs(path)
+    except (AttributeError, OSError):
+        return 1 << 30, 4096  # a port that cannot tell: only max_frames bounds the outbox
+    free = st[4]
+    if free < 0 or free > st[2]:
+        free = 0  # littlefs counts some blocks twice when nearly full: the free count wraps
+    return free - FREE_BLOCKS, st[1] or 4096
 
 
 def _names(path):
@@ -67,6 +94,8 @@ class Outbox:
         self._seq_path = root + "/seq"
         self.max_frames = max_frames
         self.evicted = 0
+        self._room = 0  # blocks frames may still take before free space is measured again
+        self._block = 4096
         _makedirs(self.dir)
         self._head = []  # the oldest waiting sequence numbers, sorted, at most HEAD
         self._count = 0
@@ -82,7 +111,12 @@ class Outbox:
             reserved = self._newest + 1
         self._next = reserved
         self._reserved = reserved
-        self._reserve()
+        try:
+            self._reserve()
+        except OSError as e:
+            # a full flash must not stop the node: it can still deliver frames (their ACKs
+            # free space); next_seq tries again
+            print("outbox: sequence block not saved yet: %r" % (e,))
 
     def _scan(self, boot=False):
         """Count the frames on flash and keep the oldest HEAD of them, one name at a time."""
@@ -114,11 +148,18 @@ class Outbox:
         self._newest = newest
 
     def _reserve(self):
-        self._reserved = self._next + SEQ_BLOCK
-        _write_atomic(self._seq_path, b"%d" % self._reserved)
+        # durable first: a failed write moves nothing, or the numbers of a block that never
+        # reached flash would be handed out again after a reboot (the gateway would take the
+        # new pack for a duplicate, and the node delete it)
+        limit = self._next + SEQ_BLOCK
+        _write_atomic(self._seq_path, b"%d" % limit)
+        self._reserved = limit
 
     def next_seq(self):
-        """A sequence number never handed out before on this node, across restarts."""
+        """A sequence number never handed out before on this node, across restarts.
+
+        OSError if the block it needs cannot be saved (flash full): nothing is handed out.
+        """
         if self._next >= self._reserved:
             self._reserve()
         s = self._next
@@ -129,15 +170,42 @@ class Outbox:
         return "%s/%010d" % (self.dir, seq)
 
     def put(self, seq, data):
-        """Store one frame durably; evicts (and counts) the oldest when full."""
+        """Store one frame durably; evicts (and counts) the oldest when full.
+
+        Full is max_frames, or a flash with no more than FREE_BLOCKS left. OSError if the
+        frame still cannot be written (the frames stored before stay intact).
+        """
         while self._count >= self.max_frames:
-            self.remove(self._head[0])
-            self.evicted += 1
+            self._evict()
+        # a frame takes its blocks and, now and then, its directory a new pair: counted high,
+        # so the filesystem is walked (statvfs) only once the spare room may have run out
+        cost = 2 + len(data) // self._block
+        if self._room < cost:
+            self._make_room(cost)
+        self._room -= cost
         _write_atomic(self._path(seq), data)
         if len(self._head) == self._count and len(self._head) < HEAD:
             self._head.append(seq)  # the head held every frame: this one joins it
         self._count += 1
         self._newest = seq
+
+    def _evict(self):
+        self.remove(self._head[0])
+        self.evicted += 1
+
+    def _make_room(self, cost):
+        """Measure the free flash; evict the oldest frames until `cost` blocks can go."""
+        last = None
+        while True:
+            self._room, self._block = _spare_blocks(self.dir)
+            if self._room >= cost or not self._count:
+                return
+            if last is not None and self._room <= last:
+                return  # evicting frees nothing (frames inline, the space taken by others)
+            last = self._room
+            for _ in range(cost - self._room):
+                if self._count:
+                    self._evict()
 
     def get(self, seq):
         with open(self._path(seq), "rb") as f:
