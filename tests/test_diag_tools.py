@@ -181,11 +181,16 @@ def test_node_report_and_view() -> None:
                  "no problems found"):
         assert want in text, want
     assert "receive failures" not in text  # shown only when the node survived some
-    status = dict(STATUS, link=dict(STATUS["link"], rx_failures=3))
+    status = dict(STATUS, link=dict(STATUS["link"], rx_failures=3, tx_failures=2,
+                                    advert_failures=1), seal_errors=4)
     rep = dv.node_report("/dev/ttyUSB0", ident, status, 0.012, 150.0, pack)
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=200)
     console.print(dv.render_node(rep))
-    assert "receive failures 3" in console.export_text()
+    text = console.export_text()
+    for want in ("receive failures 3", "send failures 2", "advert failures 1"):
+        assert want in text, want
+    assert rep["problems"] == ["4 packs lost since boot: the node could not save a sequence "
+                               "number (flash full or failing)"]
 
 
 def test_jsonable() -> None:

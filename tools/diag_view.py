@@ -67,6 +67,9 @@ def node_problems(st: dict[str, Any], offset_ms: float | None,
         out.append(f"clock is {offset_ms / 1000:+.1f} s off this computer's")
     if (st.get("outbox") or 0) >= OUTBOX_DEEP:
         out.append(f"{st['outbox']} frames waiting in the outbox: is the gateway acknowledging?")
+    if st.get("seal_errors"):
+        out.append(f"{st['seal_errors']} packs lost since boot: the node could not save a "
+                   "sequence number (flash full or failing)")
     heap = (st.get("heap") or {}).get("free")
     if isinstance(heap, int) and heap < HEAP_LOW:
         out.append(f"heap low: {heap} bytes free")
@@ -111,6 +114,10 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+_LINK_FAILURES = (("rx_failures", "receive failures"), ("tx_failures", "send failures"),
+                  ("advert_failures", "advert failures"))
+
+
 def render_node(rep: dict[str, Any]) -> Any:
     """A rich renderable for one status report (also the body of the live view)."""
     from rich.console import Group
@@ -143,7 +150,7 @@ def render_node(rep: dict[str, Any]) -> Any:
     t.add_row("link", f"sent {link.get('sent')}, retransmits {link.get('retransmits')}, acked "
               f"{link.get('acked')}, rx errors {link.get('rx_errors')} (CRC "
               f"{link.get('crc_errors')}), bad ACKs {link.get('bad_acks')}, "
-              + (f"receive failures {link['rx_failures']}, " if link.get("rx_failures") else "")
+              + "".join(f"{label} {link[k]}, " for k, label in _LINK_FAILURES if link.get(k))
               + f"round trip {rep['rtt_ms']:.0f} ms"
               + (f", RSSI {link['rssi']} dBm" if link.get("rssi") is not None else ""))
     t.add_row("battery", f"{_fmt(bat.get('v'))} {bat.get('u', '')}".strip() if isinstance(
