@@ -6,12 +6,20 @@ there); the database's live pages (page_count - freelist_count) get the rest, le
 for one group commit. Deleted rows leave free pages that SQLite reuses, so the file only
 grows when live data does.
 
+Dead letters (authentic frames whose pack is no use, kept for the operator) have a bound of
+their own, cap or no cap: at most DEAD_LETTER_ROWS rows and, under a cap, a twentieth (5 %)
+of it in their bodies, whichever is reached first; beyond it the oldest are dropped, counted
+in `dead_dropped` (logged once). A node key sending useless packs can so never take the
+queue from the other nodes.
+
 At the high mark, room is made in this order:
 1. the recent-readings history (a copy of readings for the status page) gives way first;
-2. then the policy: `evict_oldest` deletes the oldest undelivered frames (never those in a
+2. then the dead letters, oldest first (counted in `dead_dropped`);
+3. then the policy: `evict_oldest` deletes the oldest undelivered frames (never those in a
    batch a sink is sending), their readings counted in `evicted`; `pause_intake` sets
    `paused`, and the ingest stops acknowledging new frames, so the nodes keep them until the
-   queue drains to the low mark.
+   queue drains to the low mark. Intake is never paused, and is resumed, while the queue
+   holds no frame to deliver: nothing would ever drain it.
 Every function runs on the store's thread; make_room runs its own small transactions.
 """
 
@@ -31,6 +39,8 @@ POLICIES = ("pause_intake", "evict_oldest")
 WAL_BUDGET_MAX = 4 << 20
 WAL_FRAME_HEADER = 24
 CHUNK_ROWS = 128  # rows deleted per transaction while making room
+DEAD_LETTER_ROWS = 1000  # dead letters kept at most, the oldest dropped beyond ...
+DEAD_LETTER_SHARE = 20  # ... or beyond 1/20 of the cap in their bodies (with a cap)
 
 
 @dataclass
@@ -40,12 +50,14 @@ class DiskCap:
     paused: bool = False
     evicted: int = 0  # undelivered readings deleted (in whole frames) by evict_oldest
     history_trimmed: int = 0  # history rows deleted to make room
+    dead_dropped: int = 0  # dead letters deleted beyond their bound or to make room
     live_bytes: int = 0
     high: int = 0
     low: int = 0
     # batches out at sinks, (first id, last id) → how many: two sinks may hold the same range
     leases: Counter[tuple[int, int]] = field(default_factory=Counter)
     _page: int = 0
+    _dead_logged: bool = False
 
     def configure(self, db: sqlite3.Connection, max_bytes: int, policy: str) -> None:
         if policy not in POLICIES:
@@ -76,18 +88,57 @@ class DiskCap:
         return int(page * (count - free))
 
     def update(self, db: sqlite3.Connection) -> None:
-        """Re-measure after frames left the queue; intake resumes at the low mark."""
+        """Re-measure after frames left the queue; intake resumes at the low mark, or once
+        no frame is left to deliver (then nothing would ever bring it lower)."""
+        self.trim_dead(db)  # (packs that failed to resolve on their way out became some)
         if not self.max_bytes:
             return
         self.live_bytes = self.live(db)
         if self.paused and self.live_bytes > self.low:
             # the history rows written with a delivery take the room its frames left: the
-            # history gives way first here too, or the queue would drain and stay paused
+            # history gives way first here too, or the queue would drain and stay paused;
+            # then the dead letters, which no delivery ever removes
             self.live_bytes = self._shed(db, self.live_bytes, "recent", "history")
+            self.live_bytes = self._shed(db, self.live_bytes, "dead_letters", "dead")
         if self.paused and self.live_bytes <= self.low:
             self.paused = False
             log.info("queue below its cap again (%.2f of %.2f MB): intake resumed, nodes are "
                      "acknowledged again", self.live_bytes / 1e6, self.max_bytes / 1e6)
+        elif self.paused and not deliverable(db):
+            self.paused = False
+            log.warning("queue still at %.2f of its %.2f MB cap with no frame left to deliver "
+                        "(what fills it is not readings): intake resumed, pausing would not "
+                        "bring it lower", self.live_bytes / 1e6, self.max_bytes / 1e6)
+
+    def dead_bound(self) -> tuple[int, int]:
+        """Dead letters kept at most: rows, and bytes of their bodies and reasons."""
+        size = self.max_bytes // DEAD_LETTER_SHARE if self.max_bytes else 1 << 62
+        return DEAD_LETTER_ROWS, size
+
+    def trim_dead(self, db: sqlite3.Connection) -> None:
+        """Drop the oldest dead letters beyond their bound (in the caller's transaction, if
+        there is one)."""
+        rows, size = db.execute("SELECT count(*), coalesce(sum(length(body) + length(reason)),"
+                                " 0) FROM dead_letters").fetchone()
+        max_rows, max_size = self.dead_bound()
+        if rows <= max_rows and size <= max_size:
+            return
+        last = None
+        for row_id, n in db.execute("SELECT id, length(body) + length(reason) FROM dead_letters"
+                                    " ORDER BY id").fetchall():
+            if rows <= max_rows and size <= max_size:
+                break
+            rows, size, last = rows - 1, size - n, row_id
+        gone = db.execute("DELETE FROM dead_letters WHERE id <= ?", (last,)).rowcount
+        bound = f"{max_rows} rows" + (f" or {max_size / 1e3:.0f} kB" if self.max_bytes else "")
+        self._dropped_dead(gone, f"beyond their bound ({bound})")
+
+    def _dropped_dead(self, n: int, why: str) -> None:
+        self.dead_dropped += n
+        if not self._dead_logged:
+            self._dead_logged = True
+            log.warning("dead letters %s: the oldest are dropped; each one is counted in "
+                        "lantern_dead_letters_dropped_total (logged once)", why)
 
     def make_room(self, db: sqlite3.Connection) -> None:
         """Around a commit: bring live data under the high mark, or pause intake.
@@ -100,10 +151,12 @@ class DiskCap:
         live = self.live(db)
         if live > self.high:
             live = self._shed(db, live, "recent", "history")
+            live = self._shed(db, live, "dead_letters", "dead")
             if live > self.low and self.policy == "evict_oldest":
                 live = self._shed(db, live, "frames", "evict")
         self.live_bytes = live
-        if live > self.high and self.policy == "pause_intake" and not self.paused:
+        if (live > self.high and self.policy == "pause_intake" and not self.paused
+                and deliverable(db)):
             self._pause()
 
     def _pause(self) -> None:
@@ -135,7 +188,10 @@ class DiskCap:
             if not rows:
                 break
             gone = sum(r[0] for r in rows)
-            if what == "evict":
+            if what == "dead":
+                self._dropped_dead(gone, f"give way to the queue at its cap "
+                                         f"({self.max_bytes / 1e6:.2f} MB)")
+            elif what == "evict":
                 if not self.evicted:
                     log.warning("queue at its cap (%.2f MB): evicting the oldest undelivered "
                                 "readings (policy evict_oldest); each one is counted in "
@@ -156,6 +212,11 @@ class DiskCap:
         self.leases[key] -= 1
         if self.leases[key] <= 0:
             del self.leases[key]
+
+
+def deliverable(db: sqlite3.Connection) -> bool:
+    """Whether the queue holds a frame for upstream (pausing intake can then free room)."""
+    return db.execute("SELECT 1 FROM frames LIMIT 1").fetchone() is not None
 
 
 def disk_bytes(path: Path) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from typing import Protocol
@@ -33,6 +34,9 @@ INTAKE_LOW = 256
 # How long frames wait behind an older one refused at the disk cap: a node resends within
 # 30 s (its longest backoff) plus jitter; one that never does (evicted it) must not block.
 HOLD_MAX_S = 75.0
+# Sources logged per kind of rejection; after them, only counted. A BLE session's name holds
+# the peer's address, which a stranger picks at will: what is remembered stays bounded.
+LOG_SOURCES = 32
 
 
 class Link(Protocol):
@@ -51,10 +55,10 @@ class Ingest:
         self._pending_ids: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
         self._deframers: dict[str, protocol.Deframer] = {}
-        self._logged: set[tuple[str, str]] = set()
+        self._logged: dict[str, set[str]] = {}  # kind → sources logged (≤ LOG_SOURCES + 1)
         self.committed = asyncio.Event()  # set after each commit, for the forwarder
         self._store_failing = 0  # commits failed in a row (disk full, read-only): logged once
-        self._held: dict[str, tuple[set[int], float]] = {}  # node → (refused seqs, when last)
+        self._held: dict[str, tuple[int, float]] = {}  # node → (oldest refused seq, when)
         self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
         self._node_keys: dict[bytes, protocol.NodeKey] = {}
         self._committing = 0  # frames in the commit under way
@@ -107,12 +111,23 @@ class Ingest:
             nk = self._node_keys[kid] = protocol.NodeKey(key, kid)
         return nk
 
+    def _first(self, source: str, kind: str) -> str | None:
+        """How a log line about (source, kind) ends, if it is the first: None if not, or if
+        LOG_SOURCES sources were logged for that kind already (only counted from then on)."""
+        logged = self._logged.setdefault(kind, set())
+        if source in logged or len(logged) > LOG_SOURCES:
+            return None
+        logged.add(source)
+        if len(logged) > LOG_SOURCES:
+            return ("further ones, from any source, are only counted "
+                    "(lantern_frames_rejected_total)")
+        return "further ones are only counted"
+
     def _reject(self, source: str, kind: str, detail: str) -> None:
         self.metrics.frames_rejected[kind] += 1
-        if (source, kind) not in self._logged:
-            self._logged.add((source, kind))
-            log.warning("%s: rejected frame (%s): %s; further ones are only counted",
-                        source, kind, detail)
+        end = self._first(source, kind)
+        if end is not None:
+            log.warning("%s: rejected frame (%s): %s; %s", source, kind, detail, end)
 
     def on_data(self, link: Link, data: bytes) -> None:
         """Feed bytes from a link; called on the event loop, never blocks."""
@@ -132,26 +147,30 @@ class Ingest:
         """A frame we failed on (a bug of ours, not the peer's fault): count it, log its
         traceback once, and go on with the next one; the frames around it are not lost."""
         self.metrics.frames_rejected["internal"] += 1
-        if (source, "internal") not in self._logged:
-            self._logged.add((source, "internal"))
+        if self._first(source, "internal") is not None:
             log.error("%s: a frame could not be handled (%r); it is not acknowledged, so the "
                       "node sends it again. This is a bug: please report it with this traceback",
                       source, e, exc_info=e)
 
-    def on_frame(self, link: Link, ftype: int, body: bytes) -> None:
-        """Feed one frame (type, body) from a link that frames by itself (BLE: no COBS/CRC)."""
+    def on_frame(self, link: Link, ftype: int, body: bytes) -> str | None:
+        """Feed one frame (type, body) from a link that frames by itself (BLE: no COBS/CRC).
+
+        The node whose pack was taken (authentic, new, a pack: on its way to a commit), or
+        None (refused, a duplicate, a dead letter): only the former proves who sent it.
+        """
         try:
-            self._on_frame(link, ftype, body)
+            return self._on_frame(link, ftype, body)
         except FrameError as e:  # AuthError included
             self._reject(link.name, e.kind, str(e))
         except Exception as e:
             self._internal(link.name, e)
+        return None
 
     def _on_chunk(self, link: Link, chunk: bytes) -> None:
         ftype, body = protocol.decode_frame(chunk)
         self._on_frame(link, ftype, body)
 
-    def _on_frame(self, link: Link, ftype: int, body: bytes) -> None:
+    def _on_frame(self, link: Link, ftype: int, body: bytes) -> str | None:
         if ftype != protocol.DATA:
             raise FrameError("unexpected", f"frame type 0x{ftype:02x} from a node")
         m = protocol.parse_mac0(body)
@@ -160,12 +179,18 @@ class Ingest:
             raise AuthError("unknown_node", f"no key for node {m.kid.decode('utf-8', 'replace')!r}")
         nk.verify(m)
         node = nk.node
+        if m.payload[:1] and m.payload[0] >> 5 == 5:
+            # A map where a pack (an array) belongs: the shape of the gateway's own ACKs, which
+            # carry the same MAC under the node key, played back as DATA (docs/security.md,
+            # radio attacker). Not the node's: never kept, acknowledged or marked as seen.
+            raise FrameError("reflected", f"{link.name} node {node}: seq {m.seq} holds a map, "
+                             "not a pack (one of the gateway's ACKs played back?)")
         seq = m.seq
         metrics = self.metrics
         metrics.frames_received[node] += 1
         if (node, seq) in self._pending_ids:
             metrics.duplicates[node] += 1
-            return  # its ACK goes out with the commit already under way
+            return None  # its ACK goes out with the commit already under way
         window = self.windows.get(node)
         if window is None or window.key != nk.key_id:
             window = self._window(node, nk)
@@ -177,16 +202,15 @@ class Ingest:
             # Committed before and the node did not hear our ACK: acknowledge again.
             metrics.duplicates[node] += 1
             self._ack(link, node, [seq])
-            return
+            return None
         if self._held or self.store.cap.paused:
             self._hold(f"{link.name} node {node}", node, seq)
         try:
             n = protocol.pack_size(m.payload)
         except FrameError as e:
             # Authentic but unusable: keep it as a dead letter and acknowledge it, or the
-            # node would resend it forever and block its outbox.
-            self._reject(f"{link.name} node {node}", e.kind, str(e))
-            self.metrics.dead_letters += 1
+            # node would resend it forever and block its outbox. Counted once committed
+            # (run): a commit that fails (disk full) brings it back, and it is one frame.
             acc = Accepted(node, seq, body, None, str(e))  # "kind: detail"
         else:
             acc = Accepted(node, seq, body, None, pack=m.payload, n=n)
@@ -198,6 +222,7 @@ class Ingest:
         self._wake.set()
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
+        return node if acc.pack is not None else None
 
     def _hold(self, source: str, node: str, seq: int) -> None:
         """Refuse new frames while the queue is at its cap (policy pause_intake).
@@ -205,27 +230,30 @@ class Ingest:
         Not acknowledged, the node keeps them and resends. Once refused, a frame must come
         back before anything newer from its node is taken (for HOLD_MAX_S at most), so the
         node's readings still reach the queue, and upstream, in order.
+
+        Only the oldest refused sequence is remembered (a node resends its outbox oldest
+        first, so once that one is back the rest follow in order): a node refused for hours
+        costs one entry, not one per frame.
         """
-        held, since = self._held.get(node, (set(), 0.0))
+        held = self._held.get(node)
         if self.store.cap.paused:
-            held.add(seq)
-            self._held[node] = (held, time.monotonic())
+            oldest = seq if held is None else min(held[0], seq)
+            self._held[node] = (oldest, time.monotonic())
             raise FrameError("queue_full", f"{source}: seq {seq} not taken, the queue is at its "
                              "disk cap (policy pause_intake)")
-        if not held:
+        if held is None:
             return
+        oldest, since = held
         if time.monotonic() - since > HOLD_MAX_S:
             del self._held[node]  # never came back (the node gave them up): stop waiting
             return
-        older = min(held)
-        if older < seq:
-            held.add(seq)  # (waiting for order does not extend the wait)
-            raise FrameError("queue_full", f"{source}: seq {seq} waits for seq {older}, "
+        if oldest < seq:  # (waiting for order does not extend the wait)
+            raise FrameError("queue_full", f"{source}: seq {seq} waits for seq {oldest}, "
                              "refused while the queue was full, to keep readings in order")
-        held.discard(seq)
-        self._held[node] = (held, time.monotonic())  # progress: the wait starts again
-        if not held:
-            del self._held[node]
+        if oldest == seq:
+            del self._held[node]  # back: the frames after it follow in order
+        else:
+            self._held[node] = (oldest, time.monotonic())  # progress: the wait starts again
 
     def _ack(self, link: Link, node: str, seqs: list[int]) -> None:
         nk = self._node_key(node.encode())
@@ -242,21 +270,12 @@ class Ingest:
             self._wake.clear()
             batch, self._pending = self._pending, []
             self._committing = len(batch)
-            windows = {n: Window(w.high, w.bits, w.key) for n, w in self.windows.items()}
-            for _, acc in batch:
-                windows.setdefault(acc.node, Window()).mark(acc.seq)
             try:
-                await self.store.commit([acc for _, acc in batch], windows)
-            except Exception as e:
+                done = await self._commit(batch)
+            except sqlite3.Error as e:
                 self._committing = 0
                 self._open_intake()
-                self.metrics.store_errors += 1
-                if self._store_failing == 0:
-                    log.error("store %s: commit failed (%s); frames are not acknowledged, so the "
-                              "nodes keep them and resend; check free space and that the state "
-                              "directory is writable (retrying every second)",
-                              self.store.path, e)
-                self._store_failing += 1
+                self._store_failed(e)
                 for _, acc in batch:
                     self._pending_ids.discard((acc.node, acc.seq))
                 await asyncio.sleep(1.0)
@@ -265,16 +284,24 @@ class Ingest:
             self._open_intake()
             self.metrics.commits += 1
             self.metrics.evictions = self.store.cap.evicted
+            self.metrics.dead_letters_dropped = self.store.cap.dead_dropped
             if self._store_failing:
                 log.warning("store %s: commits work again after %d failed attempts",
                             self.store.path, self._store_failing)
                 self._store_failing = 0
-            self.windows.update(windows)
             by_link: dict[int, Link] = {}
             grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)
-            for link, acc in batch:
+            for _, acc in batch:
                 self._pending_ids.discard((acc.node, acc.seq))
+            for link, acc in done:
                 self.metrics.readings_stored += acc.readings
+                if acc.pack is None and acc.records is None:
+                    # counted here, once committed: a failed commit brings the frame back
+                    self.metrics.dead_letters += 1
+                    kind = acc.reason.partition(":")[0]
+                    self._reject(f"{link.name} node {acc.node}", kind,
+                                 f"seq {acc.seq} (acknowledged, kept as a dead letter): "
+                                 f"{acc.reason}")
                 by_link[id(link)] = link
                 grouped[(id(link), acc.node)].append(acc.seq)
             for (lid, node), seqs in grouped.items():
@@ -282,6 +309,62 @@ class Ingest:
             self.committed.set()
             for ev in self.listeners:
                 ev.set()
+
+    async def _commit(self, batch: list[tuple[Link, Accepted]]
+                      ) -> list[tuple[Link, Accepted]]:
+        """Commit a group of frames with their nodes' windows; the frames committed.
+
+        sqlite3.Error (disk full, read-only, I/O): none was, and the nodes resend them. Any
+        other error is ours, tied to some frame (a bug): the frames are then committed one by
+        one, so one frame the gateway fails on never costs the others their ACK.
+        """
+        windows = {n: Window(w.high, w.bits, w.key) for n, w in self.windows.items()}
+        for _, acc in batch:
+            windows.setdefault(acc.node, Window()).mark(acc.seq)
+        try:
+            await self.store.commit([acc for _, acc in batch], windows)
+        except sqlite3.Error:
+            raise
+        except Exception as e:
+            source = f"store {self.store.path}"
+            if self._first(source, "internal") is not None:
+                log.error("%s: a group commit of %d frames failed on something other than the "
+                          "disk (%r); committing them one by one, so only a frame that fails "
+                          "alone is refused. This is a bug: please report it with this "
+                          "traceback", source, len(batch), e, exc_info=e)
+            return await self._one_by_one(batch)
+        self.windows.update(windows)
+        return batch
+
+    async def _one_by_one(self, batch: list[tuple[Link, Accepted]]
+                          ) -> list[tuple[Link, Accepted]]:
+        done: list[tuple[Link, Accepted]] = []
+        for link, acc in batch:
+            w = self.windows.get(acc.node) or Window()
+            trial = Window(w.high, w.bits, w.key)
+            trial.mark(acc.seq)
+            try:
+                await self.store.commit([acc], {acc.node: trial})
+            except sqlite3.Error:
+                if not done:
+                    raise
+                # the disk now: those committed are acknowledged, the rest come back
+                self.metrics.store_errors += 1
+                break
+            except Exception as e:
+                self._internal(f"{link.name} node {acc.node}", e)  # counted, not acknowledged
+                continue
+            self.windows[acc.node] = trial
+            done.append((link, acc))
+        return done
+
+    def _store_failed(self, e: sqlite3.Error) -> None:
+        self.metrics.store_errors += 1
+        if self._store_failing == 0:
+            log.error("store %s: commit failed (%s); frames are not acknowledged, so the "
+                      "nodes keep them and resend; check free space and that the state "
+                      "directory is writable (retrying every second)", self.store.path, e)
+        self._store_failing += 1
 
     def _open_intake(self) -> None:
         if not self.intake.is_set() and len(self._pending) < INTAKE_LOW:

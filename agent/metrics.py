@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # before the first one so that rate() and alerts work from the start.
 REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
                   "unknown_node", "replay", "senml", "unexpected", "queue_full", "internal",
-                  "seq_collision")
+                  "seq_collision", "reflected")
 # A BLE link's counters (agent/links/ble.py, BleLink.stats) exported as lantern_ble_<key>
 BLE_COUNTERS = (
     ("connects", "GATT connections attempted to nodes"),
@@ -103,6 +103,8 @@ class Metrics:
         self.store_errors = 0
         self.upstream_failures = 0
         self.dead_letters = 0
+        # dead letters dropped beyond their bound (agent/diskcap.py), as of the last commit
+        self.dead_letters_dropped = 0
         self.window_restarts = 0  # replay windows started again for a node's new key
         self.evictions = 0  # mirrors store.cap.evicted (agent/diskcap.py) for summaries
         self.nodes: dict[str, NodeSeen] = {}
@@ -131,6 +133,7 @@ class Metrics:
             "store_errors": self.store_errors,
             "upstream_failures": self.upstream_failures,
             "dead_letters": self.dead_letters,
+            "dead_letters_dropped": self.dead_letters_dropped,
             "window_restarts": self.window_restarts,
             "evictions": self.evictions,
         }
@@ -197,6 +200,8 @@ class LanternCollector(Collector):
              m.upstream_failures),
             ("dead_letters", "Authentic frames whose payload could not be decoded or "
              "resolved, kept in the queue's dead_letters table", m.dead_letters),
+            ("dead_letters_dropped", "Dead letters deleted, oldest first, beyond their bound "
+             "or to make room under the disk cap", m.dead_letters_dropped),
             ("replay_window_restarts", "Replay windows started again because a node's key "
              "changed (provisioned again)", m.window_restarts),
         ):

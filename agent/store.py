@@ -30,6 +30,7 @@ __all__ = ["WINDOW", "Accepted", "Batch", "Store", "Window"]
 log = logging.getLogger("lantern.store")
 
 WINDOW = 64
+_MASK = (1 << WINDOW) - 1
 # PRAGMA user_version; 0 (never numbered): a row per reading; 2: nodes without key_id, moved
 # to 3 in place (_migrate); 3: the replay window belongs to a key
 SCHEMA_VERSION = 3
@@ -107,12 +108,16 @@ class Window:
         return bool(self.bits >> (self.high - seq) & 1)
 
     def mark(self, seq: int) -> None:
+        """Record seq as accepted. One at or below high - WINDOW is left out: a group commit
+        may hold a node's frame taken as new before a newer one of the same group moved the
+        window past it; the frame is stored all the same, and the window refuses it from now
+        on as too old (`seen` is None), so leaving it out opens no replay."""
         if seq > self.high:
             shift = seq - self.high
-            self.bits = ((self.bits << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            self.bits = ((self.bits << shift) | 1) & _MASK if shift < WINDOW else 1
             self.high = seq
-        else:
-            self.bits |= 1 << (self.high - seq)
+        elif seq > self.high - WINDOW:
+            self.bits = (self.bits | 1 << (self.high - seq)) & _MASK
 
 
 def _to_sql(bits: int) -> int:
@@ -266,6 +271,7 @@ class Store:
             if dead:
                 db.executemany("INSERT INTO dead_letters (node, seq, reason, received_at, kind,"
                                " body) VALUES (?, ?, ?, ?, ?, ?)", dead)
+                self.cap.trim_dead(db)  # their own bound: never the room of other frames
             db.executemany(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
                 " high=excluded.high, window=excluded.window, last_seen=excluded.last_seen,"

@@ -434,7 +434,7 @@ async def test_authentic_pack_with_nan_becomes_a_dead_letter(ing: Ingest, link: 
 
 BN = "urn:dev:lantern:SL-0001:"
 UNUSABLE_PACKS: dict[str, Any] = {
-    "not an array": {0: "x"},
+    "not an array": "x",  # (a map is refused as `reflected`: test_a_map_is_refused_...)
     "empty": [],
     "unknown label": [{-2: BN, 0: "t", 2: 1.0, 99: 1}],
     "no value": [{-2: BN, 0: "t"}],
@@ -495,3 +495,23 @@ async def test_intake_closes_while_frames_wait_and_opens_after_the_commit(
     await until(lambda: sum(len(s) for _, s, _ in acks(link)) == 4)
     await quiet(ing)
     assert ing.intake.is_set()
+
+
+async def test_a_map_is_refused_as_reflected_never_kept_acked_or_marked(
+        ing: Ingest, link: FakeLink, db_path: Path) -> None:
+    """The gateway's own ACK (a map, MACed under the node key like DATA) played back as DATA is
+    refused as `reflected`: no dead letter, no ACK, and its sequence stays free in the window,
+    so the node's real frame of that number is taken later; the frame after it goes on."""
+    nk = protocol.NodeKey(K1, N1)
+    _, body = protocol.decode_frame(protocol.Deframer().feed(nk.ack([30], 1))[0] or b"")
+    echo = protocol.encode_frame(protocol.DATA, body)
+    ing.on_data(link, echo + data_frame(21))
+    await until(lambda: len(link.sent) >= 1)
+    await quiet(ing)
+    assert ing.metrics.frames_rejected["reflected"] == 1
+    assert ing.metrics.dead_letters == 0
+    assert rows(db_path, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert [s for _, seqs, _ in acks(link) for s in seqs] == [21]
+    ing.on_data(link, data_frame(30))
+    await until(lambda: len(link.sent) >= 2)
+    assert [s for _, seqs, _ in acks(link) for s in seqs] == [21, 30]

@@ -32,7 +32,7 @@ from bleak.backends.client import BaseBleakClient
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 
-from .. import bthome, protocol
+from .. import bthome
 from ..config import BleLinkConfig
 from ..errors import FrameError
 from ..ingest import Ingest
@@ -104,7 +104,6 @@ class BleLink:
                 log.error("nodes %s and %s share an advert tag; %s is reached only when its "
                           "adverts are told apart by address", other, node, node)
         self._bindkeys = {kid.decode(): bthome.derive_bindkey(k) for kid, k in keys.items()}
-        self._node_keys = {kid.decode(): protocol.NodeKey(k, kid) for kid, k in keys.items()}
         self._trial_from = 0  # round robin over the nodes an unknown address may be
         self._last_advert = 0.0
         self._wake = asyncio.Event()
@@ -353,20 +352,6 @@ class BleLink:
             del self._busy[c.node]
         self._wake.set()
 
-    def _fresh_frame(self, node: str, ftype: int, body: bytes) -> bool:
-        """A DATA frame authentic under `node`'s key that the gateway has not had before."""
-        if ftype != protocol.DATA:
-            return False
-        try:
-            m = protocol.parse_mac0(body)
-            if m.kid != node.encode():
-                return False
-            self._node_keys[node].verify(m)
-        except FrameError:
-            return False  # ingest says why, and counts it
-        window = self.ingest.windows.get(node)
-        return window is None or window.seen(m.seq) is False
-
     async def _session(self, addr: str, c: Candidate) -> None:
         node = c.node
         claimer = not self.book.is_proven(c)
@@ -374,10 +359,13 @@ class BleLink:
 
         def on_frame(link: NodeSession, ftype: int, body: bytes) -> None:
             nonlocal proved
-            if not proved and self._fresh_frame(node, ftype, body):
+            # proof is ingest's verdict: a pack of this node's, authentic and new, taken for
+            # the queue. Authentic alone proves nothing: the gateway's own start ACK is MACed
+            # under the node key too, and a stranger can play it back as DATA (ingest
+            # refuses that as `reflected`; docs/security.md)
+            if self.ingest.on_frame(link, ftype, body) == node and not proved:
                 proved = True
                 self._proven(node, addr, c.device)
-            self.ingest.on_frame(link, ftype, body)
 
         session = NodeSession(f"{self.name} {addr} {node}", node, self.keys[node.encode()],
                               on_frame, self._reject)
