@@ -296,3 +296,47 @@ async def test_a_refused_frame_that_never_returns_stops_holding_others(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def dead(seq: int, size: int = 700) -> Accepted:
+    return Accepted(NODE, seq, bytes(size), None, "cbor: not CBOR")
+
+
+def dead_rows(path: Path) -> list[int]:
+    db = sqlite3.connect(path)
+    try:
+        return [s for (s,) in db.execute("SELECT seq FROM dead_letters ORDER BY id")]
+    finally:
+        db.close()
+
+
+async def test_dead_letters_are_bounded_without_a_cap_too(tmp_path: Path) -> None:
+    """At most DEAD_LETTER_ROWS, the oldest dropped and counted; the newest kept."""
+    async with Store(tmp_path / "queue.sqlite") as store:
+        w = Window()
+        for first in range(0, 1100, 50):
+            group = [dead(s, 40) for s in range(first, first + 50)]
+            for f in group:
+                w.mark(f.seq)
+            await store.commit(group, {NODE: Window(w.high, w.bits)})
+        assert dead_rows(store.path) == list(range(100, 1100))
+        assert store.cap.dead_dropped == 100
+
+
+async def test_dead_letters_give_way_before_frames_and_never_pause_intake(
+        tmp_path: Path) -> None:
+    """Under a cap: dead letters keep to a twentieth of it; at the high mark they go before
+    any undelivered frame; a queue with nothing to deliver never pauses intake."""
+    async with capped(tmp_path, "pause_intake") as store:
+        w = Window()
+        for seq in range(400):
+            w.mark(seq)
+            await store.commit([dead(seq)], {NODE: Window(w.high, w.bits)})
+        kept = dead_rows(store.path)
+        assert kept == list(range(400 - len(kept), 400))
+        assert len(kept) * 700 <= CAP // 20 and store.cap.dead_dropped == 400 - len(kept)
+        assert not store.cap.paused
+        # frames up to the cap: the dead letters go first, then intake pauses
+        await fill(store, range(1000, 3000), stop_when_paused=True, page=False)
+        assert store.cap.paused and dead_rows(store.path) == []
+        assert store.cap.evicted == 0
