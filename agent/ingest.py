@@ -272,10 +272,13 @@ class Ingest:
             self._committing = len(batch)
             try:
                 done = await self._commit(batch)
-            except sqlite3.Error as e:
+            except Exception as e:
                 self._committing = 0
                 self._open_intake()
-                self._store_failed(e)
+                if isinstance(e, sqlite3.Error):
+                    self._store_failed(e)
+                else:  # (_commit handles what the store raises: this is a bug of ours)
+                    self._internal(f"store {self.store.path}", e)
                 for _, acc in batch:
                     self._pending_ids.discard((acc.node, acc.seq))
                 await asyncio.sleep(1.0)
