@@ -193,8 +193,11 @@ async def test_hostile_line_is_counted_and_survived(topology: Topology) -> None:
     await topology.start()
     node, relay = topology.nodes[0], topology.relays[0]
     # inject only once seq 0 is committed, so the copy below is a replay and not the first copy
-    await topology.wait_for(lambda: f"{node.node_id}:1:0" in topology.upstream.readings, 20,
-                            "first frames delivered")
+    # (waiting for seq 1 was not enough: when the node's first copy of seq 0 was lost at the
+    # line's start, the injected copy was the first, its ACK stopped the node's resend, and no
+    # duplicate was ever seen — 1 run in ~20)
+    await topology.wait_for(lambda: f"{node.node_id}:0:0" in topology.upstream.readings, 20,
+                            "seq 0 delivered")
     genuine = topology.wires[node.node_id].data_frames[0]
     m = protocol.parse_mac0(genuine)
     forged = protocol.create_mac0(b"\x01" * 32, m.kid, 10_000, m.payload)
