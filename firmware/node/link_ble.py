@@ -14,12 +14,12 @@ segments that fit the ATT MTU.
 import asyncio
 import hashlib
 import os
-import random
 import time
 
 from . import bthome, cbor, cose, frame
 from .ble import CONNECT, DISCONNECT, FLAG_NOTIFY, FLAG_READ, FLAG_WRITE, WRITE, Peripheral
 from .outbox import _write_atomic
+from .window import BAD_ACK, RTO_MAX_MS, LinkStats, Window, open_ack
 
 try:
     from micropython import const
@@ -37,14 +37,9 @@ STATE_UUID = "9f1c0004-6c61-6e74-6572-6e2d626c6501"
 VERSION = const(1)
 
 SEG_MORE = const(0x80)  # segment header: bit 7 = more segments follow, bits 0-6 = index
-ACK_SEQS = const(1)
-ACK_TIME = const(2)
-ACK_ITEMS = const(64)  # what an ACK's decoding may build (see link_uart)
 PACK_ITEMS = const(256)  # what decoding the node's own newest pack may build (node/cbor.py)
 ACK_NONCE = const(3)  # in a start ACK: the nonce of the connection it starts a drain on
 NONCE_LEN = const(8)
-RTO_MAX_MS = const(30000)
-REPLAY_WINDOW = const(64)  # the gateway's replay window (docs/protocol.md)
 _CTRL_BUFFER = const(512)
 _COUNTER_BLOCK = const(256)
 
@@ -127,25 +122,21 @@ class Counter:
         return c
 
 
-class LinkStats:
+class BleStats(LinkStats):
+    # last_ack_ms: of the last start or ACK of a frame in flight
     def __init__(self):
-        self.sent = 0
-        self.retransmits = 0
-        self.acked = 0
-        self.bad_acks = 0
-        self.rx_errors = 0
-        self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
+        super().__init__()
         self.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
-        self.last_ack_ms = None  # ticks_ms of the last start or ACK of a frame in flight
         self.adverts = 0
         self.advert_failures = 0  # advert rounds skipped by an exception (e.g. flash full)
-        self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
         self.connects = 0
         self.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
 
 
-class BleLink:
+class BleLink(Window):
     def __init__(self, bt, node_id, key, outbox, clock, state_dir, cfg):
+        super().__init__("ble", outbox, cfg.get("window", 8), cfg.get("rto_ms", 3000),
+                         BleStats())
         self._p = Peripheral(bt, cfg.get("mtu", 247), node_id)
         self._h_data, self._h_ctrl, self._h_state = self._p.register(SERVICE_UUID, (
             (DATA_UUID, FLAG_NOTIFY), (CTRL_UUID, FLAG_WRITE),
@@ -153,10 +144,7 @@ class BleLink:
         self._p.set_buffer(self._h_ctrl, _CTRL_BUFFER)
         self._kid = node_id.encode()
         self._key = key
-        self._outbox = outbox
         self._clock = clock
-        self._window = cfg.get("window", 8)
-        self._rto = cfg.get("rto_ms", 3000)
         self._adv_us = cfg.get("adv_interval_ms", 100) * 1000
         self._rotate_ms = cfg.get("rotate_ms", 1000)
         self._pull_timeout = cfg.get("pull_timeout_ms", 10000)
@@ -176,14 +164,10 @@ class BleLink:
         self._pull_ms = 0  # ticks_ms of the puller's start or last ACK of a frame in flight
         self._nonce = b""  # the newest connection's nonce, in the STATE value centrals read
         self._restate = []  # connections to tell their nonce (their start ACK had another)
-        self._failed_once = {}  # task name -> True once its first exception was printed
         self._since = {}  # connection handle -> ticks_ms when it connected
         self._rx = {}  # connection handle -> Reassembler
-        self._inflight = {}  # seq -> (due ticks_ms, attempts)
         self._state = None  # last STATE value written
-        self._wake = asyncio.Event()
         self._readv = asyncio.Event()
-        self.stats = LinkStats()
         self.commands = None  # node.commands.Commands, set by the node to answer diagnostics
         self._answers = []  # (connection, frame type, body, after), sent by _tx
         self._refresh_latest()
@@ -264,12 +248,6 @@ class BleLink:
         self._p.advertise(adv, self._adv_us, not self._p.connections)
         self.stats.adverts += 1
 
-    def _failed(self, task, e):
-        """An exception a task survived: printed the first time for each task, then counted."""
-        if task not in self._failed_once:
-            self._failed_once[task] = True
-            print("ble %s failed: %r (later ones only counted)" % (task, e))
-
     # -- connection events and writes ---------------------------------------------------
 
     async def _events(self):
@@ -278,9 +256,7 @@ class BleLink:
                 try:
                     self._on_event(*event)
                 except Exception as e:  # noqa: BLE001 - this task must outlive any write
-                    self.stats.rx_errors += 1
-                    self.stats.rx_failures += 1
-                    self._failed("event", e)
+                    self._rx_failed("event", e)
 
     def _on_event(self, kind, conn, detail):
         if kind == CONNECT:
@@ -328,21 +304,9 @@ class BleLink:
 
     def _on_ack(self, conn, body):
         try:
-            # the envelope by position and the MAC first: no decoder sees a forged payload
-            protected, kid, _, payload, tag = cose.mac0_peek(body)
-            if kid != self._kid:
-                raise cose.CoseError("ack for another node")
-            cose.mac0_check(self._key, protected, payload, tag)
-            ack = cbor.loads(payload, ACK_ITEMS)
-            seqs = ack[ACK_SEQS]
-            if not isinstance(seqs, list):
-                raise TypeError("seqs")
-            for seq in seqs:
-                if not isinstance(seq, int):
-                    raise TypeError("seq")
-            gw_ms = ack.get(ACK_TIME)
+            seqs, gw_ms, ack = open_ack(body, self._kid, self._key)
             nonce = ack.get(ACK_NONCE)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        except BAD_ACK:
             self.stats.bad_acks += 1
             return
         now = time.ticks_ms()
@@ -362,14 +326,7 @@ class BleLink:
                     self._restate.append(conn)
                 self._wake.set()
                 return
-        fresh = False
-        for seq in seqs:
-            # an authentic ACK removes what it names, whoever writes it
-            if self._inflight.pop(seq, None) is not None:
-                fresh = True
-            if self._outbox.remove(seq):
-                self.stats.acked += 1
-        if fresh:
+        if self._acked(seqs):
             # only news keeps a puller: a replayed ACK names no frame in flight
             if conn is self._pull:
                 self._pull_ms = now
@@ -379,12 +336,6 @@ class BleLink:
         self._wake.set()
 
     # -- sending ------------------------------------------------------------------------
-
-    def _backoff(self, attempts):
-        rto = self._rto << min(attempts, 5)
-        if rto > RTO_MAX_MS:
-            rto = RTO_MAX_MS
-        return rto + random.getrandbits(8) * rto // 1024
 
     async def _send(self, conn, ftype, body):
         """One message as notifications of at most MTU - 3 bytes; False if the link dropped."""
@@ -417,24 +368,6 @@ class BleLink:
                     conn, self._h_state, self._state_value(conn.nonce)):
                 self._state = state
 
-    async def _tx(self):
-        while True:
-            self._wake.clear()
-            try:
-                wait = await self._tx_round()
-            except Exception as e:  # noqa: BLE001 - e.g. a frame unreadable from flash, OOM
-                # the frames stay in the outbox: the next round, after a pause, tries again
-                self.stats.tx_failures += 1
-                self._failed("tx", e)
-                await asyncio.sleep_ms(self._rto)
-                continue
-            if self._wake.is_set():
-                continue
-            try:
-                await asyncio.wait_for_ms(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
-
     async def _tx_round(self):
         """Answers, restated nonces, due frames and the STATE value; ms until the next is due."""
         # diagnostic answers first, from this task only, so messages never interleave
@@ -446,35 +379,12 @@ class BleLink:
             to = self._restate.pop(0)
             await self._p.notify(to, self._h_state, self._state_value(to.nonce))
         conn = self._pull
-        wait = RTO_MAX_MS
         if conn is not None and conn.connected:
-            now = time.ticks_ms()
-            seqs = self._outbox.oldest(self._window)
-            held = False
-            for seq in seqs:
-                if seq - seqs[0] >= REPLAY_WINDOW:
-                    break  # see link_uart: a resent old frame must stay in the window
-                due, attempts = self._inflight.get(seq, (now, 0))
-                left = time.ticks_diff(due, now)
-                if held:
-                    continue
-                if left > 0 and attempts > 1:
-                    # resent before and waiting to go again: nothing newer overtakes it,
-                    # so the gateway takes each node's frames in order (docs/protocol.md)
-                    held = True
-                if left <= 0:
-                    if seq not in self._outbox:
-                        continue  # acknowledged while we were sending the previous one
-                    if not await self._send(conn, frame.DATA, self._outbox.get(seq)):
-                        break
-                    self.stats.sent += 1
-                    if attempts:
-                        self.stats.retransmits += 1
-                    left = self._backoff(attempts)
-                    self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
-                if left < wait:
-                    wait = left
+            wait = await self._send_due(conn)
             await self._publish_state(conn)
-        else:
-            await self._publish_state(None)
-        return wait
+            return wait
+        await self._publish_state(None)
+        return RTO_MAX_MS
+
+    async def _transmit(self, conn, data):
+        return await self._send(conn, frame.DATA, data)

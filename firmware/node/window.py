@@ -1,0 +1,180 @@
+"""The send window both node links share: frames in flight, resends, authenticated ACKs.
+
+Up to `window` frames of the outbox are in flight; each is resent with exponential backoff and
+jitter until an ACK names its sequence number. Only the gateway (holding the node key) can make
+the node forget a frame, and only an ACK for a frame in flight may set the clock. A link
+subclasses `Window` and keeps only its transport: `_transmit` puts one DATA frame on the wire,
+`_tx_round` says what goes out in one round (calling `_send_due` for the frames).
+"""
+
+import asyncio
+import random
+import time
+
+from . import cbor, cose
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+ACK_SEQS = const(1)
+ACK_TIME = const(2)
+# An ACK is {1: [up to 32 seqs], 2: time} (3: a nonce on BLE): what its decoding may build.
+ACK_ITEMS = const(64)
+RTO_MAX_MS = const(30000)
+# The gateway remembers 64 sequence numbers below the highest it took (docs/protocol.md).
+# Frames in flight never span more, or an old one whose ACK was lost would come back
+# below the window, be refused as a replay and stay in the outbox, and its slot, forever.
+REPLAY_WINDOW = const(64)
+# what an ACK that is not authentic or not well formed raises out of open_ack
+BAD_ACK = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+def open_ack(body, kid, key):
+    """(seqs, gateway time, the ACK's map) of an authentic ACK for `kid`; BAD_ACK otherwise."""
+    # the envelope by position and the MAC first: no decoder sees a forged payload
+    protected, ack_kid, _, payload, tag = cose.mac0_peek(body)
+    if ack_kid != kid:
+        raise cose.CoseError("ack for another node")
+    cose.mac0_check(key, protected, payload, tag)
+    ack = cbor.loads(payload, ACK_ITEMS)
+    seqs = ack[ACK_SEQS]
+    gw_ms = ack.get(ACK_TIME)
+    # Check the shape before acting on it (only a buggy gateway sends another).
+    if not isinstance(seqs, list) or [s for s in seqs if not isinstance(s, int)]:
+        raise TypeError("ack seqs must be a list of ints")
+    return seqs, gw_ms, ack
+
+
+class LinkStats:
+    """What both links count; each link's own subclass adds its transport's counters."""
+
+    def __init__(self):
+        self.sent = 0
+        self.retransmits = 0
+        self.acked = 0
+        self.rx_errors = 0
+        self.bad_acks = 0
+        self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
+        self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
+        self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
+
+
+class Window:
+    """The in-flight map over an outbox, the send task, and the failure log of a link's tasks."""
+
+    def __init__(self, name, outbox, window, rto_ms, stats):
+        self._name = name  # "uart", "ble": in what the tasks print
+        self._outbox = outbox
+        self._window = window
+        self._rto = rto_ms
+        self._inflight = {}  # seq -> (due ticks_ms, attempts)
+        self._evicted = outbox.evicted  # the outbox's drop count when _inflight was last pruned
+        self._wake = asyncio.Event()
+        self._failed_once = {}  # task name -> True once its first exception was printed
+        self.stats = stats
+
+    def kick(self):
+        """A new frame is in the outbox."""
+        self._wake.set()
+
+    def _failed(self, task, e, where=""):
+        """An exception a task survived: printed the first time for each task, then counted."""
+        if task not in self._failed_once:
+            self._failed_once[task] = True
+            print("%s %s%s failed: %r (later ones only counted)" % (self._name, task, where, e))
+
+    def _rx_failed(self, task, e, where=""):
+        """An exception no receive handler expected (a bug, OOM): counted, printed once."""
+        self.stats.rx_errors += 1
+        self.stats.rx_failures += 1
+        self._failed(task, e, where)
+
+    def _backoff(self, attempts):
+        rto = self._rto << min(attempts, 5)
+        if rto > RTO_MAX_MS:
+            rto = RTO_MAX_MS
+        return rto + random.getrandbits(8) * rto // 1024
+
+    async def _tx(self):
+        while True:
+            # cleared before the work, not after: an ACK, a new frame or a command arriving
+            # while a frame goes out sets it again, and is seen before this task waits
+            self._wake.clear()
+            try:
+                wait = await self._tx_round()
+            except Exception as e:  # noqa: BLE001 - e.g. a write error, a frame unreadable
+                # the frames stay in the outbox: the next round, after a pause, tries again
+                self.stats.tx_failures += 1
+                self._failed("tx", e)
+                await asyncio.sleep_ms(self._rto)
+                continue
+            if self._wake.is_set():
+                continue  # an ACK, a frame or a command came while frames were going out
+            try:
+                await asyncio.wait_for_ms(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _tx_round(self):
+        """What one round sends; ms until the next frame is due."""
+        raise NotImplementedError
+
+    async def _transmit(self, conn, data):
+        """One DATA frame to `conn`; False if the link dropped on the way."""
+        raise NotImplementedError
+
+    async def _send_due(self, conn):
+        """The frames in the window that are due, to `conn`; ms until the next one is."""
+        now = time.ticks_ms()
+        wait = RTO_MAX_MS
+        seqs = self._outbox.oldest(self._window)
+        if self._outbox.evicted != self._evicted:
+            # frames a full outbox dropped may have been in flight: forget them too, or a
+            # long gateway outage grows this map until the heap runs out (frames leave
+            # the outbox oldest first, and numbers never repeat)
+            self._evicted = self._outbox.evicted
+            first = seqs[0] if seqs else None
+            for seq in [s for s in self._inflight if first is None or s < first]:
+                del self._inflight[seq]
+        held = False
+        for seq in seqs:
+            if seq - seqs[0] >= REPLAY_WINDOW:
+                break  # the gateway would take the oldest, resent later, for a replay
+            due, attempts = self._inflight.get(seq, (now, 0))
+            left = time.ticks_diff(due, now)
+            if held:
+                continue
+            if left > 0 and attempts > 1:
+                # this one timed out before and waits to be resent: nothing newer goes
+                # first, so the gateway takes each node's frames in order
+                held = True
+            if left <= 0:
+                if seq not in self._outbox:
+                    self._inflight.pop(seq, None)
+                    continue  # acknowledged while the previous one was going out
+                if not await self._transmit(conn, self._outbox.get(seq)):
+                    break
+                self.stats.sent += 1
+                if attempts:
+                    self.stats.retransmits += 1
+                left = self._backoff(attempts)
+                self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
+            if left < wait:
+                wait = left
+        return wait
+
+    def _acked(self, seqs):
+        """Forget the frames an authentic ACK names; True if one of them was in flight."""
+        fresh = False
+        for seq in seqs:
+            # an authentic ACK removes what it names, whoever writes it
+            if self._inflight.pop(seq, None) is not None:
+                fresh = True
+            if self._outbox.remove(seq):
+                self.stats.acked += 1
+        return fresh
