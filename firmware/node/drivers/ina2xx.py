@@ -1,0 +1,111 @@
+"""TI INA2xx current/power monitors on I2C: what the INA219 and INA226 drivers share.
+
+A chip is a parameter table (class attributes), its probe and how it reports the bus voltage
+and an overflow; `_read`/`_write` (16-bit big-endian registers) are its only bus access. The
+chip computes current and power itself once calibrated: Cal = k / (Current_LSB * R_shunt),
+Current in Current_LSB, Power in POWER_LSB x Current_LSB.
+"""
+
+from . import bus_error, current_lsb, places
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+_REG_CONFIG = const(0x00)
+_REG_POWER = const(0x03)
+_REG_CURRENT = const(0x04)
+_REG_CAL = const(0x05)
+_RESET = const(0x8000)
+
+
+def calibration(name, k, cal_max, lsb, shunt_ohms):
+    """Datasheet Equation 1: k / (Current_LSB * R_shunt), in the calibration register's range."""
+    cal = int(k / (lsb * shunt_ohms))
+    if not 0 < cal <= cal_max:
+        raise ValueError("%s: calibration %d out of range (lsb %g A, shunt %g ohm)" % (
+            name, cal, lsb, shunt_ohms))
+    return cal
+
+
+class INA2xx:
+    WARMUP_MS = 0
+    OVERSAMPLE = 3
+    STUCK = ()  # a regulated supply can hold its voltage to the LSB
+    NAME = ""
+    SHUNT_MAX_V = 0.0  # the shunt's full-scale drop (with a little float slack)
+    SHUNT_RANGE = ""  # the same, as an error message says it
+    BUS_MAX_V = 0  # the bus voltage range reported in RANGES
+    BUS_PLACES = 0  # decimal places of the bus voltage's LSB
+    POWER_LSB = 0  # Power_LSB / Current_LSB
+    config = 0  # the configuration register's value
+
+    def __init__(self, i2c, address=0x40, shunt_ohms=0.1, max_current=3.2, lsb=None):
+        self.i2c = i2c
+        self.address = address
+        self._where = "%s@0x%02x" % (self.NAME, address)
+        self._buf = bytearray(2)
+        if shunt_ohms * max_current > self.SHUNT_MAX_V:
+            raise ValueError("%s: %g A through %g ohm exceeds the %s shunt range" % (
+                self.NAME, max_current, shunt_ohms, self.SHUNT_RANGE))
+        self.lsb = lsb or current_lsb(max_current)
+        self.cal = self._calibration(self.lsb, shunt_ohms)
+        self.RANGES = {"lamp_voltage": (0, self.BUS_MAX_V),
+                       "lamp_current": (-max_current, max_current),
+                       "lamp_power": (0, self.BUS_MAX_V * max_current)}
+        # bus voltage in its own steps, current in Current_LSB, power in POWER_LSB steps
+        self.PLACES = {"lamp_voltage": self.BUS_PLACES, "lamp_current": places(self.lsb),
+                       "lamp_power": places(self.POWER_LSB * self.lsb)}
+        self._start()
+
+    def _calibration(self, lsb, shunt_ohms):
+        raise NotImplementedError
+
+    def _start(self):
+        """Probe the chip (SensorError if it is another), reset and configure it."""
+        raise NotImplementedError
+
+    def _write(self, reg, value):
+        b = self._buf
+        b[0] = value >> 8
+        b[1] = value & 0xFF
+        try:
+            self.i2c.writeto_mem(self.address, reg, b)
+        except OSError as e:
+            raise bus_error(e, self._where)
+
+    def _read(self, reg):
+        b = self._buf
+        try:
+            self.i2c.readfrom_mem_into(self.address, reg, b)
+        except OSError as e:
+            raise bus_error(e, self._where)
+        return (b[0] << 8) | b[1]
+
+    def _reset(self):
+        self._write(_REG_CONFIG, _RESET)
+
+    def _configure(self):
+        self._write(_REG_CONFIG, self.config)
+        self._write(_REG_CAL, self.cal)
+
+    def _calibrated(self):
+        """False once a calibration the chip lost (a brown-out of the chip alone) is restored."""
+        if self._read(_REG_CAL) == self.cal:
+            return True
+        self._configure()
+        return False
+
+    def _measure(self, volts):
+        """The readings, with the chip's current and power read after the bus voltage."""
+        current = self._read(_REG_CURRENT)
+        if current & 0x8000:
+            current -= 0x10000
+        power = self._read(_REG_POWER)
+        return {"lamp_voltage": volts,
+                "lamp_current": round(current * self.lsb, 6),
+                "lamp_power": round(power * self.POWER_LSB * self.lsb, 6)}
