@@ -7,7 +7,8 @@ Commands are 16-bit words; every 16-bit word the chip sends is followed by its C
 
 import time
 
-from . import SensorTimeout, bus_error, check_words, word
+from . import SensorTimeout, word
+from .sensirion import Sensirion
 
 try:
     from micropython import const
@@ -33,7 +34,7 @@ def convert(co2, t_raw, rh_raw):
             "humidity": round(100 * rh_raw / 65535, 2)}
 
 
-class SCD4X:
+class SCD4X(Sensirion):
     WARMUP_MS = 5000  # the first measurement is ready 5 s after start_periodic_measurement
     PERIOD_MS = 5000
     OVERSAMPLE = 1
@@ -43,42 +44,22 @@ class SCD4X:
     STUCK = ("co2", "temperature", "humidity")
 
     def __init__(self, i2c, address=0x62):
-        self.i2c = i2c
-        self.address = address
-        self._where = "scd4x@0x%02x" % address
-        self._cmd = bytearray(2)
-        self._buf = bytearray(9)
+        super().__init__(i2c, address, "scd4x", 3)
         # A node reboot leaves the chip measuring, and in periodic mode it ignores everything
         # but a few commands: stop first, then identify it and start again.
         self._command(_CMD_STOP_PERIODIC)
         time.sleep_ms(_STOP_MS)
-        self.serial = self._query(_CMD_SERIAL, 3, _SERIAL_MS)
+        self._query(_CMD_SERIAL, 3, _SERIAL_MS)
+        b = self._buf
+        self.serial = (word(b, 0) << 32) | (word(b, 1) << 16) | word(b, 2)
         self._command(_CMD_START_PERIODIC)
         self._last_data = time.ticks_ms()
 
-    def _command(self, cmd):
-        c = self._cmd
-        c[0] = cmd >> 8
-        c[1] = cmd & 0xFF
-        try:
-            self.i2c.writeto(self.address, c)
-        except OSError as e:
-            raise bus_error(e, self._where)
-
     def _query(self, cmd, n_words, wait_ms):
-        """Send a command, wait its execution time, read n CRC-checked words."""
+        """Send a command, wait its execution time, read n CRC-checked words; the first one."""
         self._command(cmd)
         time.sleep_ms(wait_ms)
-        buf = memoryview(self._buf)[: 3 * n_words]
-        try:
-            self.i2c.readfrom_into(self.address, buf)
-        except OSError as e:
-            raise bus_error(e, self._where)
-        check_words(buf, n_words, self._where)
-        out = 0
-        for i in range(n_words):
-            out = (out << 16) | word(buf, i)
-        return out
+        return self._response(n_words)
 
     def read(self):
         """CO2 (ppm), temperature (Cel), humidity (%RH); None until a new measurement is ready."""

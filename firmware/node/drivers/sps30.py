@@ -9,7 +9,8 @@ reading after any word).
 import struct
 import time
 
-from . import NackError, bus_error, check_words, put_word, word
+from . import NackError, word
+from .sensirion import Sensirion
 
 try:
     from micropython import const
@@ -29,7 +30,7 @@ _START_MS = const(20)  # start/stop execution time
 _N_MASS = const(4)  # PM1.0, PM2.5, PM4.0, PM10
 
 
-class SPS30:
+class SPS30(Sensirion):
     # Sensirion gives a start-up time of 8 s at high number concentrations and longer at the
     # low ones typical of a street; flag the first 30 s after the fan starts
     WARMUP_MS = 30000
@@ -42,11 +43,7 @@ class SPS30:
     STUCK = ("pm1", "pm2_5", "pm4", "pm10")
 
     def __init__(self, i2c, address=0x69):
-        self.i2c = i2c
-        self.address = address
-        self._where = "sps30@0x%02x" % address
-        self._buf = bytearray(3 * 2 * _N_MASS)
-        self._cmd = bytearray(5)
+        super().__init__(i2c, address, "sps30", 2 * _N_MASS, with_arg=True)
         self._float = bytearray(4)
         v = self._query(_CMD_VERSION, 1)  # probe: firmware major.minor, CRC-checked
         self.version = (v >> 8, v & 0xFF)
@@ -58,29 +55,6 @@ class SPS30:
         time.sleep_ms(_START_MS)
         self._command(_CMD_START, _START_FLOAT)
         time.sleep_ms(_START_MS)
-
-    def _command(self, cmd, arg=None):
-        c = self._cmd
-        c[0] = cmd >> 8
-        c[1] = cmd & 0xFF
-        n = 2
-        if arg is not None:
-            put_word(memoryview(c)[2:], 0, arg)
-            n = 5
-        try:
-            self.i2c.writeto(self.address, memoryview(c)[:n])
-        except OSError as e:
-            raise bus_error(e, self._where)
-
-    def _query(self, cmd, n_words):
-        self._command(cmd)
-        buf = memoryview(self._buf)[: 3 * n_words]
-        try:
-            self.i2c.readfrom_into(self.address, buf)
-        except OSError as e:
-            raise bus_error(e, self._where)
-        check_words(buf, n_words, self._where)
-        return word(buf, 0)
 
     def read(self):
         """PM1.0, PM2.5, PM4.0, PM10 in ug/m3; None while no new measurement is ready."""
