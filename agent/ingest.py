@@ -22,7 +22,7 @@ from typing import Protocol
 from . import protocol
 from .errors import AuthError, FrameError
 from .metrics import Metrics
-from .store import Accepted, Store, Window
+from .store import WINDOW, Accepted, Store, Window
 
 log = logging.getLogger("lantern.ingest")
 
@@ -34,6 +34,11 @@ INTAKE_LOW = 256
 # How long frames wait behind an older one refused at the disk cap: a node resends within
 # 30 s (its longest backoff) plus jitter; one that never does (evicted it) must not block.
 HOLD_MAX_S = 75.0
+# Refused sequences remembered per node, from its oldest refused one up: a node's frames in
+# flight never span the replay window (docs/protocol.md), so a bitmap of that size holds
+# every one an honest node can have out at once.
+HOLD_SPAN = WINDOW
+_HOLD_MASK = (1 << HOLD_SPAN) - 1
 # Sources logged per kind of rejection; after them, only counted. A BLE session's name holds
 # the peer's address, which a stranger picks at will: what is remembered stays bounded.
 LOG_SOURCES = 32
@@ -59,6 +64,7 @@ class Ingest:
         self.committed = asyncio.Event()  # set after each commit, for the forwarder
         self._store_failing = 0  # commits failed in a row (disk full, read-only): logged once
         self._held: dict[str, tuple[int, float]] = {}  # node → (oldest refused seq, when)
+        self._refused: dict[str, int] = {}  # node → bit i: oldest + i refused, not back yet
         self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
         self._node_keys: dict[bytes, protocol.NodeKey] = {}
         self._committing = 0  # frames in the commit under way
@@ -229,31 +235,55 @@ class Ingest:
 
         Not acknowledged, the node keeps them and resends. Once refused, a frame must come
         back before anything newer from its node is taken (for HOLD_MAX_S at most), so the
-        node's readings still reach the queue, and upstream, in order.
-
-        Only the oldest refused sequence is remembered (a node resends its outbox oldest
-        first, so once that one is back the rest follow in order): a node refused for hours
-        costs one entry, not one per frame.
+        node's readings still reach the queue, and upstream, in order. A node resends each
+        frame on its own timer, so they come back in any order: every refused sequence is
+        remembered until it is back — as a bitmap from the oldest one up (HOLD_SPAN), so a
+        node refused for hours costs two integers, not one entry per frame. One further up
+        (only a node breaking the in-flight rule sends it) waits until the rest are back.
         """
-        held = self._held.get(node)
+        now = time.monotonic()
         if self.store.cap.paused:
-            oldest = seq if held is None else min(held[0], seq)
-            self._held[node] = (oldest, time.monotonic())
+            self._refuse(node, seq, now)
             raise FrameError("queue_full", f"{source}: seq {seq} not taken, the queue is at its "
                              "disk cap (policy pause_intake)")
+        held = self._held.get(node)
         if held is None:
             return
         oldest, since = held
-        if time.monotonic() - since > HOLD_MAX_S:
-            del self._held[node]  # never came back (the node gave them up): stop waiting
+        if now - since > HOLD_MAX_S:
+            self._release(node)  # never came back (the node gave them up): stop waiting
             return
-        if oldest < seq:  # (waiting for order does not extend the wait)
+        if oldest < seq:
+            self._refuse(node, seq, since)  # (waiting for order does not extend the wait)
             raise FrameError("queue_full", f"{source}: seq {seq} waits for seq {oldest}, "
                              "refused while the queue was full, to keep readings in order")
-        if oldest == seq:
-            del self._held[node]  # back: the frames after it follow in order
+        if oldest == seq:  # back: next, the oldest of those still out
+            bits = self._refused[node] >> 1
+            if not bits:
+                self._release(node)
+                return
+            skip = (bits & -bits).bit_length() - 1
+            self._refused[node] = bits >> skip
+            oldest += 1 + skip
+        self._held[node] = (oldest, now)  # progress: the wait starts again
+
+    def _refuse(self, node: str, seq: int, since: float) -> None:
+        """Remember seq as refused: it must come back before anything newer is taken."""
+        held = self._held.get(node)
+        if held is None:
+            oldest, bits = seq, 1
         else:
-            self._held[node] = (oldest, time.monotonic())  # progress: the wait starts again
+            oldest, bits = held[0], self._refused[node]
+            if seq < oldest:
+                oldest, bits = seq, (bits << (oldest - seq) | 1) & _HOLD_MASK
+            elif seq - oldest < HOLD_SPAN:
+                bits |= 1 << (seq - oldest)
+        self._held[node] = (oldest, since)
+        self._refused[node] = bits
+
+    def _release(self, node: str) -> None:
+        del self._held[node]
+        del self._refused[node]
 
     def _ack(self, link: Link, node: str, seqs: list[int]) -> None:
         nk = self._node_key(node.encode())
@@ -279,8 +309,7 @@ class Ingest:
                     self._store_failed(e)
                 else:  # (_commit handles what the store raises: this is a bug of ours)
                     self._internal(f"store {self.store.path}", e)
-                for _, acc in batch:
-                    self._pending_ids.discard((acc.node, acc.seq))
+                self._give_back(batch)
                 await asyncio.sleep(1.0)
                 continue
             self._committing = 0
@@ -342,7 +371,7 @@ class Ingest:
     async def _one_by_one(self, batch: list[tuple[Link, Accepted]]
                           ) -> list[tuple[Link, Accepted]]:
         done: list[tuple[Link, Accepted]] = []
-        for link, acc in batch:
+        for i, (link, acc) in enumerate(batch):
             w = self.windows.get(acc.node) or Window()
             trial = Window(w.high, w.bits, w.key)
             trial.mark(acc.seq)
@@ -353,6 +382,7 @@ class Ingest:
                     raise
                 # the disk now: those committed are acknowledged, the rest come back
                 self.metrics.store_errors += 1
+                self._give_back(batch[i:])
                 break
             except Exception as e:
                 self._internal(f"{link.name} node {acc.node}", e)  # counted, not acknowledged
@@ -360,6 +390,20 @@ class Ingest:
             self.windows[acc.node] = trial
             done.append((link, acc))
         return done
+
+    def _give_back(self, batch: list[tuple[Link, Accepted]]) -> None:
+        """Frames whose commit failed are not acknowledged: their nodes send them again. Until
+        they are back, nothing newer from those nodes is taken — and what was taken meanwhile
+        is given back too (not acknowledged either), or it would reach the queue first."""
+        nodes = {acc.node for _, acc in batch}
+        later = [(link, acc) for link, acc in self._pending if acc.node in nodes]
+        if later:
+            self._pending = [(link, acc) for link, acc in self._pending
+                             if acc.node not in nodes]
+        now = time.monotonic()
+        for _, acc in [*batch, *later]:
+            self._pending_ids.discard((acc.node, acc.seq))
+            self._refuse(acc.node, acc.seq, now)
 
     def _store_failed(self, e: sqlite3.Error) -> None:
         self.metrics.store_errors += 1

@@ -515,3 +515,72 @@ async def test_a_map_is_refused_as_reflected_never_kept_acked_or_marked(
     ing.on_data(link, data_frame(30))
     await until(lambda: len(link.sent) >= 2)
     assert [s for _, seqs, _ in acks(link) for s in seqs] == [21, 30]
+
+
+# ---------------------------------------------------------------- order at the disk cap
+
+
+def seqs_queued(db: Path) -> list[int]:
+    return [s for (s,) in rows(db, "SELECT seq FROM frames ORDER BY id")]
+
+
+async def feed_in_order(ing: Ingest, link: FakeLink, seqs: list[int]) -> None:
+    """Each frame on its own read, the commit task run in between (a node's resends)."""
+    for s in seqs:
+        ing.on_data(link, data_frame(s))
+        await asyncio.sleep(0)
+    await quiet(ing)
+
+
+async def test_frames_refused_at_the_cap_are_taken_in_order_whichever_comes_back_first(
+        ing: Ingest, link: FakeLink, db_path: Path) -> None:
+    """docs/reliability.md, scenario 3: frames refused at the cap must come back before newer
+    ones are taken. A node's frames in flight come back on their own timers (a frame refused
+    once waits its first backoff and holds nothing back: firmware/node/link_uart.py), so 12
+    may come back before 11. With only the oldest refused sequence remembered, 12 was taken as
+    soon as 10 was back, and reached the queue (and upstream) before 11."""
+    ing.store.cap.paused = True  # the queue at its cap (policy pause_intake)
+    await feed_in_order(ing, link, [10, 11, 12])
+    assert ing.metrics.frames_rejected["queue_full"] == 3
+    ing.store.cap.paused = False
+    await feed_in_order(ing, link, [10, 12, 11, 12])
+    assert seqs_queued(db_path) == [10, 11, 12], "a newer frame overtook a refused one"
+    assert ing.metrics.frames_rejected["queue_full"] == 4  # 12 once more, waiting for 11
+    assert not ing._held  # all back: nothing waits any more
+
+
+async def test_a_frame_refused_while_waiting_for_order_keeps_its_place(
+        ing: Ingest, link: FakeLink, db_path: Path) -> None:
+    """12 (new) is refused because 10 is still out; once 10 is back, 13 must still wait for
+    12, or 13 reaches upstream before 12."""
+    ing.store.cap.paused = True
+    await feed_in_order(ing, link, [10])
+    ing.store.cap.paused = False
+    await feed_in_order(ing, link, [12, 10, 13, 12, 13])
+    assert seqs_queued(db_path) == [10, 12, 13], "a newer frame overtook a refused one"
+
+
+async def test_frames_of_a_failed_commit_are_not_overtaken_by_newer_ones(
+        ing: Ingest, link: FakeLink, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that fails (disk full, I/O error) acknowledges nothing: its frames come back.
+    Frames of the same node taken meanwhile must not reach the queue before them."""
+    real = ing.store.commit
+    release = asyncio.Event()
+    failed: list[int] = []
+
+    async def commit(frames: Any, windows: Any) -> None:
+        if not failed:
+            failed.extend(f.seq for f in frames)
+            await release.wait()
+            raise sqlite3.OperationalError("database or disk is full")
+        await real(frames, windows)
+
+    monkeypatch.setattr(ing.store, "commit", commit)
+    ing.on_data(link, data_frame(10))
+    await until(lambda: bool(failed))  # the commit of 10 is under way...
+    ing.on_data(link, data_frame(11))  # ...the node's next frame arrives meanwhile
+    release.set()  # and the commit of 10 fails
+    await until(lambda: ing.metrics.store_errors == 1)
+    await feed_in_order(ing, link, [10, 11])  # the node resends both, oldest first
+    await until(lambda: len(seqs_queued(db_path)) == 2)
+    assert seqs_queued(db_path) == [10, 11], "a newer frame overtook one of a failed commit"
