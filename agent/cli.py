@@ -13,13 +13,14 @@ from .errors import ConfigError
 def describe(cfg: Any) -> str:
     """What a checked config will do, in a few lines for the operator."""
     from .config import shown_url
+    from .plugins import link, sink
 
-    sinks = [f"{name} → {shown_url(str(getattr(s, 'url', None) or getattr(s, 'host', '')))}"
-             for name in ("http", "ngsi_ld", "mqtt") if (s := getattr(cfg, name, None))]
+    sinks = [f"{name} → {shown_url(sink(name).where(s))}" for name, s in cfg.sinks.items()]
+    links = [link(name).where(c) for name, cs in cfg.links.items() for c in cs]
     api = cfg.api
     where = (f"http://{api.host}:{api.port}/" if api.enabled else "disabled")
     lines = [f"  state:   {cfg.state_dir}", f"  keys:    {cfg.keys_file}",
-             f"  links:   {', '.join(s.port for s in cfg.serial)}",
+             f"  links:   {', '.join(links)}",
              f"  sinks:   {'; '.join(sinks)}",
              f"  status page and API: {where}"
              + (f" (bearer token from {api.token_file})" if api.token_file else ""),
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config)
             keys = load_keys(cfg.keys_file)
-            print(f"{args.config}: OK ({len(cfg.serial)} serial links, {len(keys)} node keys)")
+            links = "".join(f"{len(cs)} {name} links, " for name, cs in cfg.links.items())
+            print(f"{args.config}: OK ({links}{len(keys)} node keys)")
             print(describe(cfg))
         elif args.cmd == "diag":
             return diag.main(args)

@@ -1,4 +1,10 @@
-"""Gateway configuration: TOML, validated at start, errors that name file, line, key and fix."""
+"""Gateway configuration: TOML, validated at start, errors that name file, line, key and fix.
+
+This module holds the shared sections ([gateway], [batch], [api], [queue], [history], [nodes]),
+the document every parser reads through (`Doc`: lines, types, bounds, unknown keys refused) and
+the secret-file helpers. Each sink's and link's table belongs to its plug-in (agent/plugins.py):
+load_config loops over the registries.
+"""
 
 from __future__ import annotations
 
@@ -7,82 +13,41 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from . import plugins
 from .errors import ConfigError
-from .ngsi import MAX_BATCH, NodeMeta
+from .ngsi import NodeMeta
+from .plugins import one_of
+
+if TYPE_CHECKING:  # each sink's and link's config lives in its plug-in module (plugins.py)
+    from .links.ble_config import BleDeviceConfig as BleDeviceConfig
+    from .links.ble_config import BleLinkConfig as BleLinkConfig
+    from .links.serial import SerialLinkConfig as SerialLinkConfig
+    from .sinks.http import HttpSinkConfig as HttpSinkConfig
+    from .sinks.mqtt import MqttSinkConfig as MqttSinkConfig
+    from .sinks.ngsi_ld import NgsiLdSinkConfig as NgsiLdSinkConfig
+
+# The config classes' old home, still answered (imported on first use, never at load: the
+# plug-in modules import this one): `from agent.config import HttpSinkConfig` keeps working.
+_MOVED = {"BleDeviceConfig": "agent.links.ble_config", "BleLinkConfig": "agent.links.ble_config",
+          "SerialLinkConfig": "agent.links.serial", "HttpSinkConfig": "agent.sinks.http",
+          "MqttSinkConfig": "agent.sinks.mqtt", "NgsiLdSinkConfig": "agent.sinks.ngsi_ld"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # \Z, never $: "$" also matches before a final newline ("SL-1\n" would pass)
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
-
-
-@dataclass(frozen=True)
-class SerialLinkConfig:
-    port: str
-    baud: int = 115200
-
-
-@dataclass(frozen=True)
-class BleDeviceConfig:
-    """A third-party BTHome sensor whose adverts become readings ([[links.ble.devices]])."""
-
-    address: str
-    name: str
-    bindkey: bytes | None = None
-
-
-@dataclass(frozen=True)
-class BleLinkConfig:
-    """One Bluetooth adapter ([[links.ble]]); docs/ble.md explains each setting."""
-
-    adapter: str = "hci0"
-    max_connections: int = 3
-    scanning_mode: str = "passive"
-    connect_timeout_s: float = 15.0
-    idle_timeout_s: float = 10.0
-    max_session_s: float = 120.0
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 120.0
-    scan_stall_s: float = 60.0
-    require_encrypted_adverts: bool = True
-    repeat_s: float = 60.0
-    devices: tuple[BleDeviceConfig, ...] = ()
-
-
-@dataclass(frozen=True)
-class HttpSinkConfig:
-    url: str
-    timeout_s: float = 10.0
-    token_file: Path | None = None
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class NgsiLdSinkConfig:
-    url: str  # broker base URL, e.g. http://orion:1026
-    tenant: str | None = None
-    token_file: Path | None = None
-    timeout_s: float = 10.0
-    batch_entities: int = MAX_BATCH
-    partial_retries: int = 5
-
-
-@dataclass(frozen=True)
-class MqttSinkConfig:
-    host: str
-    port: int = 1883
-    client_id: str = "lantern-gateway"
-    topic: str = "lantern/{node}/{measurement}"
-    payload: str = "senml+json"  # or "senml+cbor"
-    username: str | None = None
-    password_file: Path | None = None
-    tls: bool = False
-    ca_file: Path | None = None
-    timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -121,21 +86,41 @@ class Config:
     path: Path
     state_dir: Path
     keys_file: Path
-    serial: list[SerialLinkConfig] = field(default_factory=list)
-    http: HttpSinkConfig | None = None
+    # each configured link kind → its tables' configs; each configured sink → its config (the
+    # classes are the plug-ins' own: agent/plugins.py), both in the registries' order
+    links: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    sinks: dict[str, Any] = field(default_factory=dict)
     batch_max_records: int = 500
     batch_max_age_s: float = 1.0
     log_level: str = "info"
-    ngsi_ld: NgsiLdSinkConfig | None = None
-    mqtt: MqttSinkConfig | None = None
     nodes: dict[str, NodeMeta] = field(default_factory=dict)
     api: ApiConfig = field(default_factory=ApiConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
-    ble: tuple[BleLinkConfig, ...] = ()
+
+    # by name, for the code and tests that want one kind
+    @property
+    def serial(self) -> list[SerialLinkConfig]:
+        return list(self.links.get("serial", ()))
+
+    @property
+    def ble(self) -> tuple[BleLinkConfig, ...]:
+        return self.links.get("ble", ())
+
+    @property
+    def http(self) -> HttpSinkConfig | None:
+        return self.sinks.get("http")
+
+    @property
+    def ngsi_ld(self) -> NgsiLdSinkConfig | None:
+        return self.sinks.get("ngsi_ld")
+
+    @property
+    def mqtt(self) -> MqttSinkConfig | None:
+        return self.sinks.get("mqtt")
 
 
-class _Doc:
+class Doc:
     """A parsed TOML file that can say on which line a key stands."""
 
     def __init__(self, path: Path) -> None:
@@ -188,6 +173,20 @@ class _Doc:
         where = f"{self.path} line {line}" if line else str(self.path)
         return ConfigError(f"{where}: {key}: {msg}")
 
+    def only(self, table: dict[str, Any], dotted: str, known: Iterable[str]) -> None:
+        """Refuse a key the table does not know (a typo must not run on a default)."""
+        known = sorted(known)
+        for k in table:
+            if k not in known:
+                raise self.error(f"{dotted}.{k}", f"unknown key; expected {one_of(known)}")
+
+    def table(self, parent: dict[str, Any], key: str, dotted: str, known: Iterable[str],
+              default: Any = ...) -> dict[str, Any]:
+        """A sub-table that may hold only the known keys."""
+        t: dict[str, Any] = self.get(parent, key, dotted, dict, default)
+        self.only(t, dotted, known)
+        return t
+
     def get(self, table: dict[str, Any], key: str, dotted: str, kind: type | tuple[type, ...],
             default: Any = ..., check: Any = None, fix: str = "") -> Any:
         if key not in table:
@@ -206,11 +205,11 @@ class _Doc:
         return value
 
 
-def _positive(v: float) -> str | None:
+def positive(v: float) -> str | None:
     return None if v > 0 else f"must be > 0, got {v!r}"
 
 
-def _url(v: str) -> str | None:
+def http_url(v: str) -> str | None:
     u = urlparse(v)
     if u.username is not None or u.password is not None:
         # secrets never sit in gateway.toml (it is shown, logged and readable): said without
@@ -232,13 +231,13 @@ def shown_url(url: str) -> str:
 
 def load_config(path: Path | str) -> Config:
     path = Path(path)
-    doc = _Doc(path)
+    doc = Doc(path)
     d = doc.data
     known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history", "queue"}
     for k in d:
         if k not in known:
             raise doc.error(k, f"unknown section; expected one of {', '.join(sorted(known))}")
-    gw = doc.get(d, "gateway", "gateway", dict, {})
+    gw = doc.table(d, "gateway", "gateway", ("state_dir", "keys_file", "log_level"), {})
     base = path.parent
     state_dir = base / doc.get(gw, "state_dir", "gateway.state_dir", str, "/var/lib/lantern")
     keys_file = base / doc.get(gw, "keys_file", "gateway.keys_file", str,
@@ -246,116 +245,60 @@ def load_config(path: Path | str) -> Config:
     log_level = doc.get(gw, "log_level", "gateway.log_level", str, "info",
                         lambda v: None if v in ("debug", "info", "warning", "error")
                         else "expected debug, info, warning or error")
-    links = doc.get(d, "links", "links", dict, {})
-    serial = []
-    for i, s in enumerate(doc.get(links, "serial", "links.serial", list, [])):
-        key = f"links.serial[{i}]"
-        if not isinstance(s, dict):
-            raise doc.error(key, "expected a table ([[links.serial]])")
-        serial.append(SerialLinkConfig(
-            port=doc.get(s, "port", f"{key}.port", str, fix='the device, e.g. "/dev/ttyUSB0"'),
-            baud=doc.get(s, "baud", f"{key}.baud", int, 115200, _positive)))
-    batch = doc.get(d, "batch", "batch", dict, {})
+    links = _links(doc, doc.get(d, "links", "links", dict, {}), base)
+    batch = doc.table(d, "batch", "batch", ("max_records", "max_age_s"), {})
     max_records = doc.get(batch, "max_records", "batch.max_records", int, 500,
                           lambda v: None if 1 <= v <= 10000 else "must be 1..10000")
-    max_age = float(doc.get(batch, "max_age_s", "batch.max_age_s", (int, float), 1.0, _positive))
-    sinks = doc.get(d, "sinks", "sinks", dict, {})
-    http = None
-    if "http" in sinks:
-        h = doc.get(sinks, "http", "sinks.http", dict)
-        token = doc.get(h, "token_file", "sinks.http.token_file", str, None)
-        http = HttpSinkConfig(
-            url=doc.get(h, "url", "sinks.http.url", str, check=_url),
-            timeout_s=float(doc.get(h, "timeout_s", "sinks.http.timeout_s", (int, float), 10.0,
-                                    _positive)),
-            token_file=base / token if token else None,
-            backoff_initial_s=float(doc.get(h, "backoff_initial_s", "sinks.http.backoff_initial_s",
-                                            (int, float), 0.5, _positive)),
-            backoff_max_s=float(doc.get(h, "backoff_max_s", "sinks.http.backoff_max_s",
-                                        (int, float), 60.0, _positive)))
-        if http.token_file:
-            check_secret_file(http.token_file, "sinks.http.token_file")
-    ngsi_ld = _ngsi_ld(doc, sinks, base)
-    mqtt = _mqtt(doc, sinks, base)
-    for k in sinks:
-        if k not in ("http", "ngsi_ld", "mqtt"):
-            raise doc.error(f"sinks.{k}", "unknown sink; expected http, ngsi_ld or mqtt")
+    max_age = float(doc.get(batch, "max_age_s", "batch.max_age_s", (int, float), 1.0, positive))
+    sinks = _sinks(doc, doc.get(d, "sinks", "sinks", dict, {}), base)
     nodes = _nodes(doc, doc.get(d, "nodes", "nodes", dict, {}))
     api, history = _api(doc, d, base), _history(doc, d)
-    ble = _ble(doc, links, base)
-    if not serial and not ble:
+    if not links:
         raise doc.error("links", "no link configured; add a [[links.serial]] table with a port "
                         "(or [[links.ble]])")
-    if http is None and ngsi_ld is None and mqtt is None:
+    if not sinks:
         raise doc.error("sinks", "no sink configured; add [sinks.http] with a url "
                         "(or [sinks.ngsi_ld], [sinks.mqtt])")
-    return Config(path, state_dir, keys_file, serial, http, max_records, max_age, log_level,
-                  ngsi_ld, mqtt, nodes, api=api, history=history, queue=_queue(doc, d), ble=ble)
+    return Config(path, state_dir, keys_file, links, sinks, max_records, max_age, log_level,
+                  nodes, api=api, history=history, queue=_queue(doc, d))
 
 
-_BLE_ADDRESS = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
-_BLE_FLOATS = ("connect_timeout_s", "idle_timeout_s", "max_session_s", "backoff_initial_s",
-               "backoff_max_s", "scan_stall_s", "repeat_s")
+def _links(doc: Doc, links: dict[str, Any], base: Path) -> dict[str, tuple[Any, ...]]:
+    """Each [[links.<kind>]] by its plug-in (agent/plugins.py), in the registry's order."""
+    for k in links:
+        if k not in plugins.LINKS:
+            raise doc.error(f"links.{k}", f"unknown link; expected {one_of(list(plugins.LINKS))}")
+    out = {}
+    for name in plugins.LINKS:
+        if name not in links:
+            continue
+        tables = doc.get(links, name, f"links.{name}", list)
+        plugin = plugins.link(name)
+        for i, t in enumerate(tables):
+            if not isinstance(t, dict):
+                raise doc.error(f"links.{name}[{i}]", f"expected a table ([[links.{name}]])")
+            doc.only(t, f"links.{name}[{i}]", plugin.keys)
+        if configs := plugin.parse(doc, tables, base):
+            out[name] = configs
+    return out
 
 
-def _ble(doc: _Doc, links: dict[str, Any], base: Path) -> tuple[BleLinkConfig, ...]:
-    """[[links.ble]] tables, each with optional [[links.ble.devices]] (third-party BTHome)."""
-    out = []
-    ndev = 0  # device tables are numbered across all [[links.ble]] tables, as in the file
-    for i, b in enumerate(doc.get(links, "ble", "links.ble", list, [])):
-        key = f"links.ble[{i}]"
-        if not isinstance(b, dict):
-            raise doc.error(key, "expected a table ([[links.ble]])")
-        known = {"adapter", "max_connections", "scanning_mode", "require_encrypted_adverts",
-                 "devices", *_BLE_FLOATS}
-        for k in b:
-            if k not in known:
-                raise doc.error(f"{key}.{k}", f"unknown key; expected one of "
-                                f"{', '.join(sorted(known))}")
-        floats = {k: float(doc.get(b, k, f"{key}.{k}", (int, float), getattr(BleLinkConfig, k),
-                                   _positive)) for k in _BLE_FLOATS}
-        devices = []
-        for dv in doc.get(b, "devices", f"{key}.devices", list, []):
-            dkey = f"links.ble.devices[{ndev}]"
-            ndev += 1
-            if not isinstance(dv, dict):
-                raise doc.error(dkey, "expected a table ([[links.ble.devices]])")
-            addr = doc.get(dv, "address", f"{dkey}.address", str,
-                           check=lambda v: None if _BLE_ADDRESS.match(v)
-                           else f"expected an address like \"A4:C1:38:00:11:22\", got {v!r}")
-            name = doc.get(dv, "name", f"{dkey}.name", str,
-                           check=lambda v: None if NODE_ID.match(v)
-                           else "1-32 letters, digits, '.', '_' or '-'")
-            kf = doc.get(dv, "bindkey_file", f"{dkey}.bindkey_file", str, None)
-            bindkey = None
-            if kf:
-                text = check_secret_file(base / kf, f"{dkey}.bindkey_file")
-                try:
-                    bindkey = bytes.fromhex(text.strip())
-                except ValueError:
-                    bindkey = b""
-                if len(bindkey) != 16:
-                    raise doc.error(f"{dkey}.bindkey_file",
-                                    f"{base / kf}: expected 32 hex digits (a BTHome bindkey)")
-            devices.append(BleDeviceConfig(addr.upper(), name, bindkey))
-        out.append(BleLinkConfig(
-            adapter=doc.get(b, "adapter", f"{key}.adapter", str, "hci0"),
-            max_connections=doc.get(b, "max_connections", f"{key}.max_connections", int, 3,
-                                    lambda v: None if 1 <= v <= 16 else "must be 1..16"),
-            scanning_mode=doc.get(b, "scanning_mode", f"{key}.scanning_mode", str, "passive",
-                                  lambda v: None if v in ("passive", "active")
-                                  else f"expected \"passive\" or \"active\", got {v!r}"),
-            require_encrypted_adverts=doc.get(b, "require_encrypted_adverts",
-                                              f"{key}.require_encrypted_adverts", bool, True),
-            devices=tuple(devices), **floats))
-    return tuple(out)
+def _sinks(doc: Doc, sinks: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Each [sinks.<name>] by its plug-in (agent/plugins.py), in the registry's order."""
+    out = {}
+    for name in plugins.SINKS:
+        if name in sinks:
+            plugin = plugins.sink(name)
+            table = doc.table(sinks, name, f"sinks.{name}", plugin.keys)
+            out[name] = plugin.parse(doc, table, f"sinks.{name}", base)
+    for k in sinks:
+        if k not in plugins.SINKS:
+            raise doc.error(f"sinks.{k}", f"unknown sink; expected {one_of(list(plugins.SINKS))}")
+    return out
 
 
-def _queue(doc: _Doc, d: dict[str, Any]) -> QueueConfig:
-    q = doc.get(d, "queue", "queue", dict, {})
-    for k in q:
-        if k not in ("max_mb", "policy"):
-            raise doc.error(f"queue.{k}", "unknown key; expected max_mb or policy")
+def _queue(doc: Doc, d: dict[str, Any]) -> QueueConfig:
+    q = doc.table(d, "queue", "queue", ("max_mb", "policy"), {})
     return QueueConfig(
         max_mb=float(doc.get(q, "max_mb", "queue.max_mb", (int, float), 1024.0,
                              lambda v: None if 1 <= v <= 1 << 20
@@ -365,12 +308,9 @@ def _queue(doc: _Doc, d: dict[str, Any]) -> QueueConfig:
                        else f"expected \"pause_intake\" or \"evict_oldest\", got {v!r}"))
 
 
-def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
-    a = doc.get(d, "api", "api", dict, {})
-    for k in a:
-        if k not in ("enabled", "host", "port", "token_file", "allowed_hosts"):
-            raise doc.error(f"api.{k}", "unknown key; expected enabled, host, port, token_file "
-                            "or allowed_hosts")
+def _api(doc: Doc, d: dict[str, Any], base: Path) -> ApiConfig:
+    a = doc.table(d, "api", "api", ("enabled", "host", "port", "token_file", "allowed_hosts"),
+                  {})
     token = doc.get(a, "token_file", "api.token_file", str, None)
     cfg = ApiConfig(
         enabled=doc.get(a, "enabled", "api.enabled", bool, True),
@@ -392,7 +332,7 @@ def _api(doc: _Doc, d: dict[str, Any], base: Path) -> ApiConfig:
 _HOST_NAME = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*")
 
 
-def _allowed_hosts(doc: _Doc, a: dict[str, Any]) -> tuple[str, ...]:
+def _allowed_hosts(doc: Doc, a: dict[str, Any]) -> tuple[str, ...]:
     """[api] allowed_hosts: names (or addresses) the API answers to, lower-case, no port."""
     hosts = doc.get(a, "allowed_hosts", "api.allowed_hosts", list, [])
     out = []
@@ -409,11 +349,8 @@ def _allowed_hosts(doc: _Doc, a: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _history(doc: _Doc, d: dict[str, Any]) -> HistoryConfig:
-    h = doc.get(d, "history", "history", dict, {})
-    for k in h:
-        if k not in ("keep_hours", "max_samples"):
-            raise doc.error(f"history.{k}", "unknown key; expected keep_hours or max_samples")
+def _history(doc: Doc, d: dict[str, Any]) -> HistoryConfig:
+    h = doc.table(d, "history", "history", ("keep_hours", "max_samples"), {})
     return HistoryConfig(
         keep_hours=float(doc.get(h, "keep_hours", "history.keep_hours", (int, float), 24.0,
                                  lambda v: None if 0 < v <= 24 * 366 else
@@ -436,68 +373,14 @@ def _loopback(host: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
-def _ngsi_ld(doc: _Doc, sinks: dict[str, Any], base: Path) -> NgsiLdSinkConfig | None:
-    if "ngsi_ld" not in sinks:
-        return None
-    n = doc.get(sinks, "ngsi_ld", "sinks.ngsi_ld", dict)
-    token = doc.get(n, "token_file", "sinks.ngsi_ld.token_file", str, None)
-    cfg = NgsiLdSinkConfig(
-        url=doc.get(n, "url", "sinks.ngsi_ld.url", str, check=_url,
-                    fix='the broker base URL, e.g. "http://orion-ld:1026"'),
-        tenant=doc.get(n, "tenant", "sinks.ngsi_ld.tenant", str, None),
-        token_file=base / token if token else None,
-        timeout_s=float(doc.get(n, "timeout_s", "sinks.ngsi_ld.timeout_s", (int, float), 10.0,
-                                _positive)),
-        batch_entities=doc.get(n, "batch_entities", "sinks.ngsi_ld.batch_entities", int,
-                               MAX_BATCH, lambda v: None if 1 <= v <= MAX_BATCH
-                               else f"must be 1..{MAX_BATCH}"))
-    if cfg.token_file:
-        check_secret_file(cfg.token_file, "sinks.ngsi_ld.token_file")
-    return cfg
-
-
-def _mqtt(doc: _Doc, sinks: dict[str, Any], base: Path) -> MqttSinkConfig | None:
-    if "mqtt" not in sinks:
-        return None
-    m = doc.get(sinks, "mqtt", "sinks.mqtt", dict)
-    pw = doc.get(m, "password_file", "sinks.mqtt.password_file", str, None)
-    ca = doc.get(m, "ca_file", "sinks.mqtt.ca_file", str, None)
-
-    def topic_ok(v: str) -> str | None:
-        try:
-            v.format(node="n", measurement="m")
-        except (KeyError, IndexError, ValueError):
-            return "may only use {node} and {measurement}"
-        return None
-
-    cfg = MqttSinkConfig(
-        host=doc.get(m, "host", "sinks.mqtt.host", str, fix='the broker, e.g. "localhost"'),
-        port=doc.get(m, "port", "sinks.mqtt.port", int, 1883,
-                     lambda v: None if 0 < v < 65536 else "must be 1..65535"),
-        client_id=doc.get(m, "client_id", "sinks.mqtt.client_id", str, "lantern-gateway"),
-        topic=doc.get(m, "topic", "sinks.mqtt.topic", str, "lantern/{node}/{measurement}",
-                      topic_ok),
-        payload=doc.get(m, "payload", "sinks.mqtt.payload", str, "senml+json",
-                        lambda v: None if v in ("senml+json", "senml+cbor")
-                        else "expected senml+json or senml+cbor"),
-        username=doc.get(m, "username", "sinks.mqtt.username", str, None),
-        password_file=base / pw if pw else None,
-        tls=doc.get(m, "tls", "sinks.mqtt.tls", bool, False),
-        ca_file=base / ca if ca else None,
-        timeout_s=float(doc.get(m, "timeout_s", "sinks.mqtt.timeout_s", (int, float), 10.0,
-                                _positive)))
-    if cfg.password_file:
-        check_secret_file(cfg.password_file, "sinks.mqtt.password_file")
-    return cfg
-
-
-def _nodes(doc: _Doc, nodes: dict[str, Any]) -> dict[str, NodeMeta]:
+def _nodes(doc: Doc, nodes: dict[str, Any]) -> dict[str, NodeMeta]:
     """Where each node stands: [nodes."SL-0042"] pole = "42", location = [lat, lon]."""
     out = {}
     for node, t in nodes.items():
         key = f"nodes.{node}"
         if not isinstance(t, dict):
             raise doc.error(key, 'expected a table: [nodes."SL-0042"]')
+        doc.only(t, key, ("pole", "location", "interval_s"))
         loc = doc.get(t, "location", f"{key}.location", list, None,
                       lambda v: None if len(v) == 2 and all(
                           isinstance(x, int | float) and not isinstance(x, bool) for x in v)
@@ -507,7 +390,7 @@ def _nodes(doc: _Doc, nodes: dict[str, Any]) -> dict[str, NodeMeta]:
             pole=str(doc.get(t, "pole", f"{key}.pole", (str, int), "")),
             lat=float(loc[0]) if loc else None, lon=float(loc[1]) if loc else None,
             interval_s=float(doc.get(t, "interval_s", f"{key}.interval_s", (int, float), 60.0,
-                                     _positive)))
+                                     positive)))
     return out
 
 
@@ -533,7 +416,7 @@ def check_secret_file(path: Path, what: str) -> str:
 def load_keys(path: Path) -> dict[bytes, bytes]:
     """Node keys (kid bytes → 32-byte key) from a 0600 TOML file: [nodes] "SL-0001" = "hex"."""
     check_secret_file(path, "node key file")
-    doc = _Doc(path)
+    doc = Doc(path)
     nodes = doc.get(doc.data, "nodes", "nodes", dict,
                     fix='add a [nodes] table: "SL-0001" = "<64 hex digits>"')
     keys: dict[bytes, bytes] = {}

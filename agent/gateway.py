@@ -15,12 +15,11 @@ from .api import ApiServer, GatewayView
 from .config import Config, load_config, load_keys
 from .forward import Forwarder
 from .ingest import Ingest
-from .links.serial import SerialLink
 from .metrics import Metrics, TimedSink
+from .plugins import LinkContext
+from .plugins import link as link_plugin
+from .plugins import sink as sink_plugin
 from .sdnotify import Notifier, supervise
-from .sinks.http import HttpSink
-from .sinks.mqtt import MqttSink
-from .sinks.ngsi_ld import NgsiLdSink
 from .store import QUEUE_FILE, Store
 
 if TYPE_CHECKING:
@@ -61,28 +60,21 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
         store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
         sinks: list[Any] = []
-        if cfg.http:
-            sinks.append(await stack.enter_async_context(HttpSink(cfg.http)))
-        if cfg.ngsi_ld:
-            sinks.append(await stack.enter_async_context(NgsiLdSink(cfg.ngsi_ld, cfg.nodes)))
-        if cfg.mqtt:
-            sinks.append(await stack.enter_async_context(MqttSink(cfg.mqtt)))
-        sinks = [TimedSink(s, metrics) for s in sinks]  # upstream latency histogram
+        backoffs: list[tuple[float, float]] = []
+        for name, sink_cfg in cfg.sinks.items():  # each sink's plug-in opens it (plugins.py)
+            plugin = sink_plugin(name)
+            sink = await stack.enter_async_context(plugin.open(sink_cfg, cfg))
+            sinks.append(TimedSink(sink, metrics))  # upstream latency histogram
+            backoffs.append(plugin.backoff(sink_cfg))
         ingest = Ingest(store, keys, metrics)
         await ingest.start()
-        links: list[Any] = [SerialLink(s.port, s.baud, ingest.on_data, ingest.intake)
-                            for s in cfg.serial]
-        if cfg.ble:
-            from .links.ble import BleLink
-
-            links += [BleLink(b, ingest, keys, store, cfg.state_dir, ble_backend)
-                      for b in cfg.ble]
+        ctx = LinkContext(ingest, keys, store, cfg.state_dir, backends={"ble": ble_backend})
+        links: list[Any] = [link_plugin(name).make(link_cfg, ctx)
+                            for name, link_cfgs in cfg.links.items() for link_cfg in link_cfgs]
         forwarders = []
-        for sink in sinks:
+        for sink, backoff in zip(sinks, backoffs, strict=True):
             ev = asyncio.Event()
             ingest.listeners.append(ev)
-            backoff = ((cfg.http.backoff_initial_s, cfg.http.backoff_max_s)
-                       if cfg.http and sink.name == "http" else (0.5, 60.0))
             forwarders.append(Forwarder(store, sink, metrics, ev, cfg.batch_max_records,
                                         cfg.batch_max_age_s, *backoff,
                                         all_sinks=[s.name for s in sinks]))

@@ -300,3 +300,70 @@ def test_write_secret_ignores_a_stale_temp_file(tmp_path: Path) -> None:
     write_secret(p, "new")
     assert p.read_text() == "new"
     assert mode_of(p) == 0o600
+
+
+# ---------------------------------------------------------------- unknown keys, every section
+
+# One config with every section and every sink/link table (each section's first line is its
+# header), and for each one a key it knows: a typo put into any of them must be refused, naming
+# the file, the typo's line, its dotted key and the keys the section expected (`baudrate =`
+# must not run at 115200, `token =` must not run unauthenticated).
+EVERY_SECTION: dict[str, tuple[str, str, str]] = {
+    # section: (its text, the typo's dotted key, a key the message must list as expected)
+    "gateway": ('[gateway]\nkeys_file = "keys.toml"\n', "gateway.keys_dir", "keys_file"),
+    "links.serial": ('[[links.serial]]\nport = "/dev/ttyUSB0"\n', "links.serial[0].baudrate",
+                     "baud"),
+    "links.ble": ("[[links.ble]]\n", "links.ble[0].adaptor", "adapter"),
+    "links.ble.devices": ('[[links.ble.devices]]\naddress = "A4:C1:38:00:11:22"\n'
+                          'name = "park-1"\n', "links.ble.devices[0].bindkey", "bindkey_file"),
+    "batch": ("[batch]\nmax_records = 10\n", "batch.max_age", "max_age_s"),
+    "sinks.http": ('[sinks.http]\nurl = "https://platform.example/senml"\n', "sinks.http.token",
+                   "token_file"),
+    "sinks.ngsi_ld": ('[sinks.ngsi_ld]\nurl = "http://orion:1026"\n', "sinks.ngsi_ld.tennant",
+                      "tenant"),
+    "sinks.mqtt": ('[sinks.mqtt]\nhost = "mqtt.local"\n', "sinks.mqtt.password",
+                   "password_file"),
+    "api": ("[api]\nenabled = true\n", "api.token", "token_file"),
+    "queue": ("[queue]\nmax_mb = 64\n", "queue.max_bytes", "max_mb"),
+    "history": ("[history]\nkeep_hours = 1\n", "history.keep_days", "keep_hours"),
+    "nodes": ('[nodes."SL-0042"]\npole = "42"\n', "nodes.SL-0042.lat", "location"),
+}
+
+
+@pytest.mark.parametrize("section", list(EVERY_SECTION))
+def test_unknown_key_is_refused_in_every_section(section: str, tmp_path: Path) -> None:
+    blocks: list[str] = []
+    line = 0
+    for name, (text, typo, _) in EVERY_SECTION.items():
+        if name == section:
+            header, rest = text.split("\n", 1)
+            line = sum(b.count("\n") for b in blocks) + 2
+            text = f"{header}\n{typo.rsplit('.', 1)[1]} = 1\n{rest}"
+        blocks.append(text + "\n")
+    path = write_cfg(tmp_path, "".join(blocks))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    typo, expected = EVERY_SECTION[section][1:]
+    assert f"{path} line {line}: {typo}: unknown key; expected " in msg, msg
+    assert expected in msg.split("expected ", 1)[1], msg
+
+
+def test_the_config_with_every_section_loads(tmp_path: Path) -> None:
+    path = write_cfg(tmp_path, "\n".join(t for t, _, _ in EVERY_SECTION.values()))
+    cfg = load_config(path)
+    assert cfg.serial and cfg.ble and cfg.http and cfg.ngsi_ld and cfg.mqtt and cfg.nodes
+
+
+@pytest.mark.parametrize(("text", "key", "says"), [
+    ('[links.serail]\nport = "/dev/ttyUSB0"\n', "links.serail", "unknown link; expected serial or "
+     "ble"),
+    ('[sinks.htp]\nurl = "http://x"\n', "sinks.htp", "unknown sink; expected http, ngsi_ld or "
+     "mqtt"),
+])
+def test_unknown_link_or_sink_kind_is_refused(text: str, key: str, says: str,
+                                              cfg_dir: Path) -> None:
+    path = write_cfg(cfg_dir, GOOD + "\n" + text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert f"{path} line 19: {key}: {says}" in str(exc.value), str(exc.value)

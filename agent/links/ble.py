@@ -33,11 +33,11 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 
 from .. import bthome
-from ..config import BleLinkConfig
 from ..errors import FrameError
 from ..ingest import Ingest
 from ..store import Store
 from .ble_adverts import AddressBook, Candidate, CounterBook, ThirdParty
+from .ble_config import BleLinkConfig
 from .ble_session import SERVICE_UUID, NodeSession
 
 log = logging.getLogger("lantern.link.ble")

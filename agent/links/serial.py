@@ -15,8 +15,14 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import serial
+
+from ..config import Doc, positive
+from ..plugins import LinkContext, LinkPlugin
 
 log = logging.getLogger("lantern.link.serial")
 
@@ -158,3 +164,29 @@ class SerialLink:
                 loop.remove_reader(self._ser.fileno())
                 loop.remove_writer(self._ser.fileno())
                 self._ser.close()
+
+
+# ---------------------------------------------------------------- plug-in ([[links.serial]])
+
+
+@dataclass(frozen=True)
+class SerialLinkConfig:
+    port: str
+    baud: int = 115200
+
+
+def parse(doc: Doc, tables: list[dict[str, Any]], _base: Path) -> tuple[SerialLinkConfig, ...]:
+    out = []
+    for i, s in enumerate(tables):
+        key = f"links.serial[{i}]"
+        out.append(SerialLinkConfig(
+            port=doc.get(s, "port", f"{key}.port", str, fix='the device, e.g. "/dev/ttyUSB0"'),
+            baud=doc.get(s, "baud", f"{key}.baud", int, 115200, positive)))
+    return tuple(out)
+
+
+def make(cfg: SerialLinkConfig, ctx: LinkContext) -> SerialLink:
+    return SerialLink(cfg.port, cfg.baud, ctx.ingest.on_data, ctx.ingest.intake)
+
+
+PLUGIN = LinkPlugin("serial", frozenset({"port", "baud"}), parse, make, where=lambda c: c.port)

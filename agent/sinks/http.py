@@ -14,12 +14,16 @@ import logging
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from ..config import HttpSinkConfig, shown_url
+from ..config import Doc, check_secret_file, http_url, positive, shown_url
 from ..logsetup import escape_controls
+from ..plugins import SinkPlugin
 from ..resolved import Batch
 
 log = logging.getLogger("lantern.sink.http")
@@ -32,6 +36,15 @@ log = logging.getLogger("lantern.sink.http")
 RETRY_AFTER_MAX_S = 600.0
 BODY_MAX = 1 << 20  # bytes of an answer a sink reads at most (a 207 of 500 entities: ~100 KB)
 SHOWN_MAX = 200  # characters of a peer's URL or text a message shows at most
+
+
+@dataclass(frozen=True)
+class HttpSinkConfig:
+    url: str
+    timeout_s: float = 10.0
+    token_file: Path | None = None
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 60.0
 
 
 class DeliveryError(Exception):
@@ -144,3 +157,28 @@ class HttpSink:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise DeliveryError(f"{type(e).__name__} posting to {shown_url(self.cfg.url)}: "
                                 f"{e}") from None
+
+
+# ---------------------------------------------------------------- plug-in ([sinks.http])
+
+
+def parse(doc: Doc, h: dict[str, Any], key: str, base: Path) -> HttpSinkConfig:
+    token = doc.get(h, "token_file", f"{key}.token_file", str, None)
+    cfg = HttpSinkConfig(
+        url=doc.get(h, "url", f"{key}.url", str, check=http_url),
+        timeout_s=float(doc.get(h, "timeout_s", f"{key}.timeout_s", (int, float), 10.0,
+                                positive)),
+        token_file=base / token if token else None,
+        backoff_initial_s=float(doc.get(h, "backoff_initial_s", f"{key}.backoff_initial_s",
+                                        (int, float), 0.5, positive)),
+        backoff_max_s=float(doc.get(h, "backoff_max_s", f"{key}.backoff_max_s",
+                                    (int, float), 60.0, positive)))
+    if cfg.token_file:
+        check_secret_file(cfg.token_file, f"{key}.token_file")
+    return cfg
+
+
+PLUGIN = SinkPlugin(
+    "http", frozenset({"url", "timeout_s", "token_file", "backoff_initial_s", "backoff_max_s"}),
+    parse, open=lambda c, _cfg: HttpSink(c), where=lambda c: c.url,
+    backoff=lambda c: (c.backoff_initial_s, c.backoff_max_s))

@@ -14,13 +14,16 @@ import logging
 import ssl
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import cbor2
 
-from ..config import MqttSinkConfig
+from ..config import Doc, check_secret_file, positive
 from ..ngsi import split_name
+from ..plugins import SinkPlugin
 from ..resolved import Batch
 from .http import DeliveryError
 
@@ -39,6 +42,20 @@ def payload(record: dict[str, Any], kind: str) -> bytes:
         rec["id"] = record["id"]
         return bytes(cbor2.dumps([rec], canonical=True))
     return json.dumps([record], separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class MqttSinkConfig:
+    host: str
+    port: int = 1883
+    client_id: str = "lantern-gateway"
+    topic: str = "lantern/{node}/{measurement}"
+    payload: str = "senml+json"  # or "senml+cbor"
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    timeout_s: float = 10.0
 
 
 class MqttSink:
@@ -125,3 +142,44 @@ class MqttSink:
             raise DeliveryError(f"MQTT publish to {self.cfg.host}:{self.cfg.port}: {e}") \
                 from None
         self.last_latency_s = time.monotonic() - t0
+
+
+# ---------------------------------------------------------------- plug-in ([sinks.mqtt])
+
+
+def _topic_ok(v: str) -> str | None:
+    try:
+        v.format(node="n", measurement="m")
+    except (KeyError, IndexError, ValueError):
+        return "may only use {node} and {measurement}"
+    return None
+
+
+def parse(doc: Doc, m: dict[str, Any], key: str, base: Path) -> MqttSinkConfig:
+    pw = doc.get(m, "password_file", f"{key}.password_file", str, None)
+    ca = doc.get(m, "ca_file", f"{key}.ca_file", str, None)
+    cfg = MqttSinkConfig(
+        host=doc.get(m, "host", f"{key}.host", str, fix='the broker, e.g. "localhost"'),
+        port=doc.get(m, "port", f"{key}.port", int, 1883,
+                     lambda v: None if 0 < v < 65536 else "must be 1..65535"),
+        client_id=doc.get(m, "client_id", f"{key}.client_id", str, "lantern-gateway"),
+        topic=doc.get(m, "topic", f"{key}.topic", str, "lantern/{node}/{measurement}",
+                      _topic_ok),
+        payload=doc.get(m, "payload", f"{key}.payload", str, "senml+json",
+                        lambda v: None if v in ("senml+json", "senml+cbor")
+                        else "expected senml+json or senml+cbor"),
+        username=doc.get(m, "username", f"{key}.username", str, None),
+        password_file=base / pw if pw else None,
+        tls=doc.get(m, "tls", f"{key}.tls", bool, False),
+        ca_file=base / ca if ca else None,
+        timeout_s=float(doc.get(m, "timeout_s", f"{key}.timeout_s", (int, float), 10.0,
+                                positive)))
+    if cfg.password_file:
+        check_secret_file(cfg.password_file, f"{key}.password_file")
+    return cfg
+
+
+PLUGIN = SinkPlugin(
+    "mqtt", frozenset({"host", "port", "client_id", "topic", "payload", "username",
+                       "password_file", "tls", "ca_file", "timeout_s"}),
+    parse, open=lambda c, _cfg: MqttSink(c), where=lambda c: c.host)

@@ -14,18 +14,31 @@ import logging
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from ..config import NgsiLdSinkConfig, shown_url
-from ..ngsi import NodeMeta, entities, rounds
+from ..config import Doc, check_secret_file, http_url, positive, shown_url
+from ..ngsi import MAX_BATCH, NodeMeta, entities, rounds
+from ..plugins import SinkPlugin
 from ..resolved import Batch
 from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
 
 log = logging.getLogger("lantern.sink.ngsi_ld")
 
 UPSERT = "/ngsi-ld/v1/entityOperations/upsert?options=update"
+
+
+@dataclass(frozen=True)
+class NgsiLdSinkConfig:
+    url: str  # broker base URL, e.g. http://orion:1026
+    tenant: str | None = None
+    token_file: Path | None = None
+    timeout_s: float = 10.0
+    batch_entities: int = MAX_BATCH
+    partial_retries: int = 5
 
 
 class NgsiLdSink:
@@ -122,3 +135,28 @@ def _failed_ids(body: bytes, sent: set[str]) -> set[str]:
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return sent
     return failed & sent or sent
+
+
+# ---------------------------------------------------------------- plug-in ([sinks.ngsi_ld])
+
+
+def parse(doc: Doc, n: dict[str, Any], key: str, base: Path) -> NgsiLdSinkConfig:
+    token = doc.get(n, "token_file", f"{key}.token_file", str, None)
+    cfg = NgsiLdSinkConfig(
+        url=doc.get(n, "url", f"{key}.url", str, check=http_url,
+                    fix='the broker base URL, e.g. "http://orion-ld:1026"'),
+        tenant=doc.get(n, "tenant", f"{key}.tenant", str, None),
+        token_file=base / token if token else None,
+        timeout_s=float(doc.get(n, "timeout_s", f"{key}.timeout_s", (int, float), 10.0,
+                                positive)),
+        batch_entities=doc.get(n, "batch_entities", f"{key}.batch_entities", int,
+                               MAX_BATCH, lambda v: None if 1 <= v <= MAX_BATCH
+                               else f"must be 1..{MAX_BATCH}"))
+    if cfg.token_file:
+        check_secret_file(cfg.token_file, f"{key}.token_file")
+    return cfg
+
+
+PLUGIN = SinkPlugin(
+    "ngsi_ld", frozenset({"url", "tenant", "token_file", "timeout_s", "batch_entities"}),
+    parse, open=lambda c, cfg: NgsiLdSink(c, cfg.nodes), where=lambda c: c.url)
