@@ -1,9 +1,9 @@
 """Gateway configuration: TOML, validated at start, errors that name file, line, key and fix.
 
-This module holds the shared sections ([gateway], [batch], [api], [queue], [history], [nodes]),
-the document every parser reads through (`Doc`: lines, types, bounds, unknown keys refused) and
-the secret-file helpers. Each sink's and link's table belongs to its plug-in (agent/plugins.py):
-load_config loops over the registries.
+This module holds the shared sections ([gateway], [batch], [api], [queue], [history], [nodes])
+and the secret-file helpers; every parser reads the file through configfile.Doc (lines, types,
+bounds, unknown keys refused). Each sink's and link's table belongs to its plug-in
+(agent/plugins.py): load_config loops over the registries.
 """
 
 from __future__ import annotations
@@ -12,25 +12,18 @@ import ipaddress
 import os
 import re
 import stat
-import tomllib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 from . import plugins
+from .configfile import Doc, one_of, positive
 from .errors import ConfigError
 from .ngsi import NodeMeta
-from .plugins import one_of
 
-if TYPE_CHECKING:  # each sink's and link's config lives in its plug-in module (plugins.py)
-    from .links.ble_config import BleDeviceConfig as BleDeviceConfig
-    from .links.ble_config import BleLinkConfig as BleLinkConfig
-    from .links.serial import SerialLinkConfig as SerialLinkConfig
-    from .sinks.http import HttpSinkConfig as HttpSinkConfig
-    from .sinks.mqtt import MqttSinkConfig as MqttSinkConfig
-    from .sinks.ngsi_ld import NgsiLdSinkConfig as NgsiLdSinkConfig
+# \Z, never $: "$" also matches before a final newline ("SL-1\n" would pass)
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
 
 # The config classes' old home, still answered (imported on first use, never at load: the
 # plug-in modules import this one): `from agent.config import HttpSinkConfig` keeps working.
@@ -45,9 +38,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# \Z, never $: "$" also matches before a final newline ("SL-1\n" would pass)
-NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
 
 
 @dataclass(frozen=True)
@@ -98,115 +88,27 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
 
-    # by name, for the code and tests that want one kind
+    # one kind by name (its plug-in's class: typed there, not here, so that this module
+    # depends on no plug-in, not even for types)
     @property
-    def serial(self) -> list[SerialLinkConfig]:
+    def serial(self) -> list[Any]:
         return list(self.links.get("serial", ()))
 
     @property
-    def ble(self) -> tuple[BleLinkConfig, ...]:
+    def ble(self) -> tuple[Any, ...]:
         return self.links.get("ble", ())
 
     @property
-    def http(self) -> HttpSinkConfig | None:
+    def http(self) -> Any:
         return self.sinks.get("http")
 
     @property
-    def ngsi_ld(self) -> NgsiLdSinkConfig | None:
+    def ngsi_ld(self) -> Any:
         return self.sinks.get("ngsi_ld")
 
     @property
-    def mqtt(self) -> MqttSinkConfig | None:
+    def mqtt(self) -> Any:
         return self.sinks.get("mqtt")
-
-
-class Doc:
-    """A parsed TOML file that can say on which line a key stands."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        try:
-            self.data = tomllib.loads(self.text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-
-    def _lines(self) -> dict[str, int]:
-        """Dotted path (tables of arrays indexed, like links.serial[1].baud) → its line."""
-        where: dict[str, int] = {}
-        table = ""
-        counts: dict[str, int] = {}
-        for i, line in enumerate(self.text.splitlines(), 1):
-            m = re.match(r"\s*\[\[\s*([^\]]+?)\s*\]\]", line)
-            if m:
-                name = m.group(1)
-                counts[name] = counts.get(name, -1) + 1
-                table = f"{name}[{counts[name]}]"
-                where.setdefault(name, i)
-                where[table] = i
-                continue
-            m = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
-            if m:
-                table = m.group(1).replace('"', "")
-                where.setdefault(table, i)
-                continue
-            m = re.match(r'\s*(?:"([^"]*)"|([A-Za-z0-9_-]+))\s*=', line)
-            if m:
-                key = m.group(1) if m.group(1) is not None else m.group(2)
-                where.setdefault(f"{table}.{key}" if table else key, i)
-        return where
-
-    def line_of(self, key: str) -> int | None:
-        """The key's line, or else the line of the nearest table that holds it."""
-        where = self._lines()
-        while key:
-            if key in where:
-                return where[key]
-            key = key.rsplit(".", 1)[0] if "." in key else ""
-        return None
-
-    def error(self, key: str, msg: str) -> ConfigError:
-        line = self.line_of(key)
-        where = f"{self.path} line {line}" if line else str(self.path)
-        return ConfigError(f"{where}: {key}: {msg}")
-
-    def only(self, table: dict[str, Any], dotted: str, known: Iterable[str]) -> None:
-        """Refuse a key the table does not know (a typo must not run on a default)."""
-        known = sorted(known)
-        for k in table:
-            if k not in known:
-                raise self.error(f"{dotted}.{k}", f"unknown key; expected {one_of(known)}")
-
-    def table(self, parent: dict[str, Any], key: str, dotted: str, known: Iterable[str],
-              default: Any = ...) -> dict[str, Any]:
-        """A sub-table that may hold only the known keys."""
-        t: dict[str, Any] = self.get(parent, key, dotted, dict, default)
-        self.only(t, dotted, known)
-        return t
-
-    def get(self, table: dict[str, Any], key: str, dotted: str, kind: type | tuple[type, ...],
-            default: Any = ..., check: Any = None, fix: str = "") -> Any:
-        if key not in table:
-            if default is ...:
-                raise self.error(dotted, f"missing; {fix}" if fix else "missing")
-            return default
-        value = table[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            kinds = (kind,) if isinstance(kind, type) else kind
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(dotted, f"expected {names}, got {value!r}")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                raise self.error(dotted, problem)
-        return value
-
-
-def positive(v: float) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v!r}"
 
 
 def http_url(v: str) -> str | None:

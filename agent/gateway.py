@@ -16,7 +16,7 @@ from .config import Config, load_config, load_keys
 from .forward import Forwarder
 from .ingest import Ingest
 from .metrics import Metrics, TimedSink
-from .plugins import LinkContext
+from .plugins import LinkContext, SinkContext
 from .plugins import link as link_plugin
 from .plugins import sink as sink_plugin
 from .sdnotify import Notifier, supervise
@@ -61,9 +61,10 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
         sinks: list[Any] = []
         backoffs: list[tuple[float, float]] = []
+        sink_ctx = SinkContext(cfg.nodes)
         for name, sink_cfg in cfg.sinks.items():  # each sink's plug-in opens it (plugins.py)
             plugin = sink_plugin(name)
-            sink = await stack.enter_async_context(plugin.open(sink_cfg, cfg))
+            sink = await stack.enter_async_context(plugin.open(sink_cfg, sink_ctx))
             sinks.append(TimedSink(sink, metrics))  # upstream latency histogram
             backoffs.append(plugin.backoff(sink_cfg))
         ingest = Ingest(store, keys, metrics)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Config, Doc
+    from .configfile import Doc
     from .ingest import Ingest
+    from .ngsi import NodeMeta
     from .store import Store
 
 # [sinks.<name>] → the module that owns it. The order is the order the gateway opens them in.
@@ -43,6 +44,13 @@ def _default_backoff(_cfg: Any) -> tuple[float, float]:
     return 0.5, 60.0
 
 
+@dataclass
+class SinkContext:
+    """What a sink factory may use besides its own table."""
+
+    nodes: dict[str, NodeMeta]  # [nodes."<id>"]: where each node stands
+
+
 @dataclass(frozen=True)
 class SinkPlugin:
     """One sink kind: its [sinks.<name>] table's keys, its parser and its factory."""
@@ -51,8 +59,8 @@ class SinkPlugin:
     keys: frozenset[str]  # every key its table may hold; any other is refused, with its line
     # (the document, the table, its dotted name, the config file's folder) → its config
     parse: Callable[[Doc, dict[str, Any], str, Path], Any]
-    # (its config, the whole config) → the sink, opened and closed by the gateway
-    open: Callable[[Any, Config], AbstractAsyncContextManager[Any]]
+    # (its config, the context) → the sink, opened and closed by the gateway
+    open: Callable[[Any, SinkContext], AbstractAsyncContextManager[Any]]
     where: Callable[[Any], str]  # where it delivers, as check-config shows it
     # (first, longest) retry wait of its forwarder
     backoff: Callable[[Any], tuple[float, float]] = _default_backoff
@@ -92,8 +100,3 @@ def link(name: str) -> LinkPlugin:
     plugin = importlib.import_module(LINKS[name]).PLUGIN
     assert isinstance(plugin, LinkPlugin) and plugin.name == name, LINKS[name]
     return plugin
-
-
-def one_of(names: list[str]) -> str:
-    """'a, b or c'."""
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

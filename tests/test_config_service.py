@@ -167,3 +167,52 @@ def test_not_toml_is_one_clear_error(example: Path) -> None:
     example.write_text(example.read_text() + "\n[api\n")
     line = one_error_line(check_config(example))
     assert "not valid TOML" in line and str(example) in line
+
+
+def test_typo_in_the_example_is_one_clear_error(example: Path) -> None:
+    """`baudrate =` must not run at 115200, nor `token =` unauthenticated: check-config says
+    which file, line and key, and the keys the table expected."""
+    text = example.read_text().replace("baud = 115200", "baudrate = 57600")
+    example.write_text(text)
+    lineno = text.splitlines().index("baudrate = 57600") + 1
+    line = one_error_line(check_config(example))
+    assert f"{example} line {lineno}: links.serial[0].baudrate: unknown key; expected baud or " \
+           "port" in line, line
+
+
+# ---------------------------------------------------------------- plug-ins, loaded when configured
+
+IMPORTED = """
+import sys
+from agent.config import load_config
+import agent.cli, agent.gateway
+cfg = load_config(sys.argv[1])
+print(" ".join(sorted(m for m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(("extra", "loaded", "not_loaded"), [
+    # a serial + HTTP gateway: neither bleak nor aiomqtt (nor the BLE link, nor the other sinks)
+    ("", {"agent.links.serial", "agent.sinks.http"},
+     {"bleak", "aiomqtt", "agent.links.ble", "agent.links.ble_config", "agent.sinks.mqtt",
+      "agent.sinks.ngsi_ld", "tools"}),
+    # a BLE table is parsed without bleak: the link's factory loads it when the link is built
+    ("[[links.ble]]\n[sinks.mqtt]\nhost = \"h\"\n",
+     {"agent.links.ble_config", "agent.sinks.mqtt", "aiomqtt"}, {"bleak", "agent.links.ble"}),
+])
+def test_a_plugin_is_imported_only_when_configured(tmp_path: Path, extra: str, loaded: set[str],
+                                                   not_loaded: set[str]) -> None:
+    r = subprocess.run([sys.executable, "-c", IMPORTED, str(write(tmp_path, extra))],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
+    modules = set(r.stdout.split())
+    assert loaded <= modules, loaded - modules
+    assert not not_loaded & modules, not_loaded & modules
+
+
+def test_every_registered_plugin_names_itself() -> None:
+    from agent import plugins
+
+    for name in plugins.SINKS:
+        assert plugins.sink(name).name == name and plugins.sink(name).keys
+    for name in plugins.LINKS:
+        assert plugins.link(name).name == name and plugins.link(name).keys

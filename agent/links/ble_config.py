@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..config import NODE_ID, Doc, check_secret_file, positive
+from ..config import NODE_ID, check_secret_file
+from ..configfile import Doc, positive
 from ..plugins import LinkContext, LinkPlugin
-
-if TYPE_CHECKING:
-    from .ble import BleLink
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def parse(doc: Doc, tables: list[dict[str, Any]], base: Path) -> tuple[BleLinkCo
     return tuple(out)
 
 
-def make(cfg: BleLinkConfig, ctx: LinkContext) -> BleLink:
+def make(cfg: BleLinkConfig, ctx: LinkContext) -> Any:  # a BleLink
     from .ble import BleLink  # bleak: loaded only for a gateway that has a BLE link
 
     return BleLink(cfg, ctx.ingest, ctx.keys, ctx.store, ctx.state_dir, ctx.backends.get("ble"))

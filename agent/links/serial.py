@@ -21,7 +21,7 @@ from typing import Any
 
 import serial
 
-from ..config import Doc, positive
+from ..configfile import Doc, positive
 from ..plugins import LinkContext, LinkPlugin
 
 log = logging.getLogger("lantern.link.serial")

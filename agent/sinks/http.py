@@ -21,7 +21,8 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from ..config import Doc, check_secret_file, http_url, positive, shown_url
+from ..config import check_secret_file, http_url, shown_url
+from ..configfile import Doc, positive
 from ..logsetup import escape_controls
 from ..plugins import SinkPlugin
 from ..resolved import Batch

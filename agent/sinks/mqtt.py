@@ -21,7 +21,8 @@ from typing import Any
 import aiomqtt
 import cbor2
 
-from ..config import Doc, check_secret_file, positive
+from ..config import check_secret_file
+from ..configfile import Doc, positive
 from ..ngsi import split_name
 from ..plugins import SinkPlugin
 from ..resolved import Batch

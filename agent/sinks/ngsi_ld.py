@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from ..config import Doc, check_secret_file, http_url, positive, shown_url
+from ..config import check_secret_file, http_url, shown_url
+from ..configfile import Doc, positive
 from ..ngsi import MAX_BATCH, NodeMeta, entities, rounds
 from ..plugins import SinkPlugin
 from ..resolved import Batch
@@ -159,4 +160,4 @@ def parse(doc: Doc, n: dict[str, Any], key: str, base: Path) -> NgsiLdSinkConfig
 
 PLUGIN = SinkPlugin(
     "ngsi_ld", frozenset({"url", "tenant", "token_file", "timeout_s", "batch_entities"}),
-    parse, open=lambda c, cfg: NgsiLdSink(c, cfg.nodes), where=lambda c: c.url)
+    parse, open=lambda c, ctx: NgsiLdSink(c, ctx.nodes), where=lambda c: c.url)
