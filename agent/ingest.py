@@ -55,7 +55,9 @@ class Ingest:
         self.store = store
         self.keys = keys
         self.metrics = metrics
-        self.windows: dict[str, Window] = {}
+        self.windows: dict[str, Window] = {}  # node → the window of its key in use
+        # the windows of a node's other keys (one per key it had: few, an operator's doing)
+        self._stored: dict[tuple[str, bytes], Window] = {}
         self._pending: list[tuple[Link, Accepted]] = []
         self._pending_ids: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
@@ -72,31 +74,48 @@ class Ingest:
         self.intake.set()
 
     async def start(self) -> None:
-        self.windows = await self.store.windows()
+        stored = await self.store.key_windows()
         self.store.on_dead_letter = self._dead_letter
+        self._stored = {}
+        for (node, key), w in stored.items():
+            if self._node_key(node.encode()) is not None:  # (not a third-party sensor's)
+                self._stored[(node, key)] = w
         adopt = {}
-        for node, w in self.windows.items():
+        for node in sorted({node for node, _ in self._stored}):
             nk = self._node_key(node.encode())
-            if nk is None:
-                continue
-            if not w.key:  # kept before windows had a key (layout 2): it is this key's
-                w.key = adopt[node] = nk.key_id
-            elif w.key != nk.key_id:
-                self._window(node, nk)
+            assert nk is not None
+            legacy = self._stored.pop((node, b""), None)
+            if legacy is not None and (node, nk.key_id) not in self._stored:
+                # kept before windows had a key (layout 2): it is the key's configured now
+                legacy.key = adopt[node] = nk.key_id
+                self._stored[(node, nk.key_id)] = legacy
+            self._window(node, nk)
         if adopt:
             await self.store.adopt_keys(adopt)
 
     def _window(self, node: str, nk: protocol.NodeKey) -> Window:
-        """The node's replay window under its configured key; a new key starts a new one.
+        """The node's replay window under its configured key: a key seen before gets its own
+        window back, a new key a new one.
 
-        A node provisioned again (a wiped node gets a new key) counts from the start: its
-        frames would be refused as replays of the old key's. Frames made with the old key no
-        longer verify, so a fresh window opens no replay.
+        A node provisioned again (a wiped node gets a new key) counts on from a new start; its
+        frames could be refused as replays of the old key's. The old key's window is kept,
+        not dropped: if that key is ever configured again (a keys file restored from a
+        backup, a retired line brought back), its recorded frames are still replays.
         """
         w = self.windows.get(node)
         if w is not None and w.key == nk.key_id:
             return w
-        if w is not None:
+        if w is not None:  # (keys are read at start only: not reached in the gateway)
+            self._stored[(node, w.key)] = w
+        own = self._stored.pop((node, nk.key_id), None)
+        others = [o for (n, _), o in self._stored.items() if n == node]
+        if own is not None:
+            if any(o.high > own.high for o in others):
+                log.info("node %s: key %s is back; its own replay window is kept (nothing up "
+                         "to seq %d is taken again)", node, nk.key_id.hex(), own.high)
+            self.windows[node] = own
+            return own
+        if others:
             self.metrics.window_restarts += 1
             log.info("node %s: key changed, replay window restarted", node)
         w = self.windows[node] = Window(key=nk.key_id)

@@ -105,7 +105,7 @@ class Metrics:
         self.dead_letters = 0
         # dead letters dropped beyond their bound (agent/diskcap.py), as of the last commit
         self.dead_letters_dropped = 0
-        self.window_restarts = 0  # replay windows started again for a node's new key
+        self.window_restarts = 0  # fresh replay windows, for a key new to its node
         self.evictions = 0  # mirrors store.cap.evicted (agent/diskcap.py) for summaries
         self.nodes: dict[str, NodeSeen] = {}
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
@@ -202,8 +202,9 @@ class LanternCollector(Collector):
              "resolved, kept in the queue's dead_letters table", m.dead_letters),
             ("dead_letters_dropped", "Dead letters deleted, oldest first, beyond their bound "
              "or to make room under the disk cap", m.dead_letters_dropped),
-            ("replay_window_restarts", "Replay windows started again because a node's key "
-             "changed (provisioned again)", m.window_restarts),
+            ("replay_window_restarts", "Replay windows started for a key new to its node "
+             "(provisioned again); a key seen before gets its own window back",
+             m.window_restarts),
         ):
             yield CounterMetricFamily(f"lantern_{name}", doc, value=value)
         yield CounterMetricFamily("lantern_evictions", "Undelivered readings evicted by the "

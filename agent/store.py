@@ -31,9 +31,10 @@ log = logging.getLogger("lantern.store")
 
 WINDOW = 64
 _MASK = (1 << WINDOW) - 1
-# PRAGMA user_version; 0 (never numbered): a row per reading; 2: nodes without key_id, moved
-# to 3 in place (_migrate); 3: the replay window belongs to a key
-SCHEMA_VERSION = 3
+# PRAGMA user_version; 0 (never numbered): a row per reading; 2: nodes without key_id; 3: one
+# replay window per node, with its key's id; 4: a window per (node, key) in `windows`, so a
+# key that comes back finds its own. 2 and 3 are moved to 4 in place (_migrate).
+SCHEMA_VERSION = 4
 QUEUE_FILE = "queue.sqlite"  # the queue's name in the gateway's state_dir
 
 SCHEMA = """
@@ -64,13 +65,28 @@ CREATE TABLE IF NOT EXISTS sink_cursors (
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY,
+    -- the node's window with the highest sequence, of any key: high is the highest sequence
+    -- the node id used (lantern provision starts a new key above it)
     high INTEGER NOT NULL,
     window INTEGER NOT NULL,
     last_seen REAL NOT NULL,
     frames INTEGER NOT NULL,
-    key_id BLOB  -- protocol.key_id of the key the window was kept under (NULL: none given)
+    key_id BLOB  -- protocol.key_id of the key that window is kept under (NULL: none given)
 );
 """
+_WINDOWS_TABLE = """
+CREATE TABLE IF NOT EXISTS windows (
+    -- every replay window, one per (node, key) the node was ever taken under: a retired key
+    -- brought back gets its own window back, never a fresh one (docs/gateway.md)
+    node TEXT NOT NULL,
+    key_id BLOB NOT NULL,  -- protocol.key_id; x'': none (third-party adverts; a window kept
+                           -- before windows had a key, until Ingest.start adopts it)
+    high INTEGER NOT NULL,
+    window INTEGER NOT NULL,
+    PRIMARY KEY (node, key_id)
+) WITHOUT ROWID
+"""
+SCHEMA += _WINDOWS_TABLE + ";\n"
 
 
 @dataclass
@@ -224,16 +240,27 @@ class Store:
                 db.execute("PRAGMA synchronous=FULL")
 
     async def windows(self) -> dict[str, Window]:
-        return await self._run(self._windows)  # type: ignore[no-any-return]
+        """Each node's window with the highest sequence (third-party adverts: their only one)."""
+        out: dict[str, Window] = {}
+        for (node, _), w in (await self.key_windows()).items():
+            if node not in out or w.high > out[node].high:
+                out[node] = w
+        return out
 
-    def _windows(self) -> dict[str, Window]:
-        rows = self.db.execute("SELECT node, high, window, key_id FROM nodes").fetchall()
-        return {node: Window(high, _from_sql(bits), bytes(key or b""))
-                for node, high, bits, key in rows}
+    async def key_windows(self) -> dict[tuple[str, bytes], Window]:
+        """Every replay window, by (node, key id); key id b"": none."""
+        return await self._run(self._key_windows)  # type: ignore[no-any-return]
+
+    def _key_windows(self) -> dict[tuple[str, bytes], Window]:
+        rows = self.db.execute("SELECT node, key_id, high, window FROM windows").fetchall()
+        return {(node, bytes(key)): Window(high, _from_sql(bits), bytes(key))
+                for node, key, high, bits in rows}
 
     async def adopt_keys(self, keys: dict[str, bytes]) -> None:
         """Windows kept before they had a key (layout 2) belong to the key configured now."""
         def work(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE windows SET key_id = ? WHERE node = ? AND key_id = x''",
+                           [(k, node) for node, k in keys.items()])
             db.executemany("UPDATE nodes SET key_id = ? WHERE node = ? AND key_id IS NULL",
                            [(k, node) for node, k in keys.items()])
 
@@ -272,10 +299,21 @@ class Store:
                 db.executemany("INSERT INTO dead_letters (node, seq, reason, received_at, kind,"
                                " body) VALUES (?, ?, ?, ?, ?, ?)", dead)
                 self.cap.trim_dead(db)  # their own bound: never the room of other frames
+            # a window only moves forward (WHERE): one made fresh in memory while the store
+            # held this key's can never write over it
+            db.executemany(
+                "INSERT INTO windows VALUES (?, ?, ?, ?) ON CONFLICT(node, key_id) DO UPDATE"
+                " SET high=excluded.high, window=excluded.window"
+                " WHERE excluded.high >= windows.high",
+                [(node, windows[node].key, windows[node].high, _to_sql(windows[node].bits))
+                 for node in touched])
+            # (SET reads the row as it was: every CASE compares with the old high)
             db.executemany(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
-                " high=excluded.high, window=excluded.window, last_seen=excluded.last_seen,"
-                " frames=frames + excluded.frames, key_id=excluded.key_id",
+                " last_seen=excluded.last_seen, frames=frames + excluded.frames,"
+                " window=CASE WHEN excluded.high >= high THEN excluded.window ELSE window END,"
+                " key_id=CASE WHEN excluded.high >= high THEN excluded.key_id ELSE key_id END,"
+                " high=max(high, excluded.high)",
                 [(node, windows[node].high, _to_sql(windows[node].bits), now, n,
                   windows[node].key or None) for node, n in touched.items()])
 
@@ -374,22 +412,30 @@ class Store:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Layout 2 → 3: the nodes table gains key_id (NULL until Ingest.start adopts the keys
-    configured now, so no window changes). A version-2 gateway then refuses the file."""
-    columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
-    if not columns or "key_id" in columns:
+    """Layouts 2 and 3 → 4, in place and in one transaction: nodes gains key_id (layout 2;
+    NULL until Ingest.start adopts the keys configured now), and every window kept in nodes
+    becomes its key's row in `windows` (no window is lost or changed). A gateway of layout 2
+    or 3 then refuses the file as newer."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "nodes" not in tables or "windows" in tables:
         return  # a new queue, or one of this layout
+    columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+    was = 3 if "key_id" in columns else 2
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("ALTER TABLE nodes ADD COLUMN key_id BLOB")
+        if was == 2:
+            db.execute("ALTER TABLE nodes ADD COLUMN key_id BLOB")
+        db.execute(_WINDOWS_TABLE)
+        moved = db.execute("INSERT INTO windows SELECT node, coalesce(key_id, x''), high, window"
+                           " FROM nodes").rowcount
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    log.info("store: layout 2 moved to layout %d (replay windows now belong to a key)",
-             SCHEMA_VERSION)
+    log.info("store: layout %d moved to layout %d (%d replay windows, each now kept per "
+             "node and key)", was, SCHEMA_VERSION, moved)
 
 
 def check_layout(path: Path, db: sqlite3.Connection | None = None) -> None:
@@ -405,8 +451,8 @@ def check_layout(path: Path, db: sqlite3.Connection | None = None) -> None:
         return
     version = db.execute("PRAGMA user_version").fetchone()[0]
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if version in (2, SCHEMA_VERSION) or (version == 0 and "readings" not in tables):
-        return  # (2 is moved to 3 in place when the store opens it)
+    if version in (2, 3, SCHEMA_VERSION) or (version == 0 and "readings" not in tables):
+        return  # (2 and 3 are moved to 4 in place when the store opens it)
     made_by = ("an earlier Lantern (a row per reading)" if version == 0
                else f"a newer Lantern (layout {version})" if version > SCHEMA_VERSION
                else f"an unknown layout {version}")

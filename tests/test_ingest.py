@@ -584,3 +584,46 @@ async def test_frames_of_a_failed_commit_are_not_overtaken_by_newer_ones(
     await feed_in_order(ing, link, [10, 11])  # the node resends both, oldest first
     await until(lambda: len(seqs_queued(db_path)) == 2)
     assert seqs_queued(db_path) == [10, 11], "a newer frame overtook one of a failed commit"
+
+
+# ---------------------------------------------------------------- a window per (node, key)
+
+
+@contextlib.asynccontextmanager
+async def running_with(db: Path, keys: dict[bytes, bytes]) -> AsyncIterator[Ingest]:
+    async with Store(db) as store:
+        ing = Ingest(store, keys, Metrics())
+        await ing.start()
+        task = asyncio.create_task(ing.run())
+        try:
+            yield ing
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_each_key_keeps_its_window_and_one_coming_back_finds_its_own(
+        db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A window per key the node ever had (its keys are an operator's doing: few), one row
+    each; a key configured again gets its own window back, never a fresh one."""
+    caplog.set_level(logging.INFO, "lantern.ingest")
+    ka, kb, kc = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
+    served = [(ka, [1, 2, 3]), (kb, [1000, 1001]), (kc, [5000]), (ka, [3, 4])]
+    taken = []
+    for i, (key, seqs) in enumerate(served):
+        link = FakeLink()
+        async with running_with(db_path, {N1: key}) as ing:
+            ing.on_data(link, b"".join(data_frame(s, key=key) for s in seqs))
+            await quiet(ing)
+            restarts = ing.metrics.window_restarts
+        assert restarts == (1 if i in (1, 2) else 0)  # a new key; not the first, not one back
+        taken += [(key, s) for s in seqs if (key, s) not in taken]
+    assert [s for (s,) in rows(db_path, "SELECT seq FROM frames ORDER BY id")] == [
+        s for _, s in taken]  # seq 3 of key a, the second time: a duplicate, stored once
+    assert rows(db_path, "SELECT key_id, high FROM windows ORDER BY high") == [
+        (protocol.key_id(ka), 4), (protocol.key_id(kb), 1001), (protocol.key_id(kc), 5000)]
+    assert rows(db_path, "SELECT high FROM nodes") == [(5000,)]  # the node id's highest
+    back = [r.getMessage() for r in caplog.records if "is back" in r.getMessage()]
+    assert back == [f"node SL-0001: key {protocol.key_id(ka).hex()} is back; its own replay "
+                    "window is kept (nothing up to seq 3 is taken again)"]

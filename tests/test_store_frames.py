@@ -282,3 +282,68 @@ def test_the_cache_is_bounded_and_forgets_what_every_sink_has() -> None:
     assert len(c) == 3 and c.get(2) is None and c.get(3) is not None  # oldest went first
     c.drop_upto(4)
     assert len(c) == 1 and c.get(5) is not None
+
+
+LAYOUT_3 = """
+CREATE TABLE frames (id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL,
+    seq INTEGER NOT NULL, received_at REAL NOT NULL, readings INTEGER NOT NULL,
+    format INTEGER NOT NULL, body BLOB NOT NULL, UNIQUE (node, seq));
+CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, node TEXT NOT NULL, seq INTEGER NOT NULL,
+    reason TEXT NOT NULL, received_at REAL NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE sink_cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
+CREATE TABLE nodes (node TEXT PRIMARY KEY, high INTEGER NOT NULL, window INTEGER NOT NULL,
+    last_seen REAL NOT NULL, frames INTEGER NOT NULL, key_id BLOB);
+INSERT INTO nodes VALUES ('SL-0001', 500, -9223372036854775807, 1764331200.0, 7,
+                          x'0102030405060708');
+INSERT INTO nodes VALUES ('SL-0002', 12, 5, 1764331200.0, 3, NULL);
+INSERT INTO nodes VALUES ('bthome:porch', 40, 1, 1764331200.0, 40, NULL);
+INSERT INTO sink_cursors VALUES ('http', 3);
+PRAGMA user_version=3;
+"""
+
+
+async def test_a_queue_of_layout_3_keeps_every_window_and_frame_moving_to_layout_4(
+        tmp_path: Path) -> None:
+    """The replay windows move from nodes (one a node) to windows (one per node and key) in
+    place: every one kept bit for bit, under the key it had; frames and cursors untouched."""
+    path = tmp_path / "queue.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(LAYOUT_3)
+    p = pack_bytes(501)
+    db.execute("INSERT INTO frames (node, seq, received_at, readings, format, body) VALUES"
+               " ('SL-0001', 501, 1.0, 3, 0, ?)", (p,))
+    db.commit()
+    db.close()
+    async with Store(path) as store:
+        assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(4,)]
+        assert raw(path, "SELECT node, key_id, high, window FROM windows ORDER BY node") == [
+            ("SL-0001", bytes.fromhex("0102030405060708"), 500, -9223372036854775807),
+            ("SL-0002", b"", 12, 5),  # no key yet: the ingest adopts it (layout 2's way)
+            ("bthome:porch", b"", 40, 1)]
+        kw = await store.key_windows()
+        assert kw[("SL-0001", bytes.fromhex("0102030405060708"))].bits == (1 << 63) + 1
+        assert (await store.windows())["bthome:porch"].high == 40  # third-party adverts
+        assert raw(path, "SELECT node, seq FROM frames") == [("SL-0001", 501)]
+        assert raw(path, "SELECT * FROM sink_cursors") == [("http", 3)]
+        assert raw(path, "SELECT node, high, frames FROM nodes ORDER BY node") == [
+            ("SL-0001", 500, 7), ("SL-0002", 12, 3), ("bthome:porch", 40, 40)]
+    async with Store(path):  # opened again: nothing moves twice
+        assert len(raw(path, "SELECT * FROM windows")) == 3
+
+
+async def test_windows_are_kept_per_key_and_nodes_high_is_the_highest_of_any(
+        store: Store) -> None:
+    """lantern provision reads nodes.high: the highest sequence the node id used, whichever
+    key is in use now (an older key brought back counts below a newer one's numbers)."""
+    k_old, k_new = b"\x01" * 8, b"\x02" * 8
+    await store.commit([packed(5)], {NODE: Window(5, 1, k_old)})
+    await store.commit([packed(9000)], {NODE: Window(9000, 1, k_new)})
+    await store.commit([packed(6)], {NODE: Window(6, 3, k_old)})  # the old key is back
+    assert raw(store.path, "SELECT key_id, high, window FROM windows ORDER BY high") == [
+        (k_old, 6, 3), (k_new, 9000, 1)]
+    assert raw(store.path, "SELECT high, window, key_id, frames FROM nodes") == [
+        (9000, 1, k_new, 3)]
+    # a window never goes back, even if handed an older one
+    await store.commit([packed(7)], {NODE: Window(4, 1, k_old)})
+    assert raw(store.path, f"SELECT high FROM windows WHERE key_id = x'{k_old.hex()}'") == [
+        (6,)]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -243,27 +244,41 @@ async def test_a_retired_keys_recorded_frames_stay_replays_when_an_old_key_file_
     replay". They verify again once the old key is back: a key file restored from a backup (the
     queue kept), a retired line un-commented. The window of the returning key is started from
     nothing, so an attacker's recordings of the old key are taken, ACKed and sent upstream again
-    (and mark the node alive while its real frames are refused)."""
+    (and mark the node alive while its real frames are refused).
+
+    (Failed before: `assert [0, 1, 2, 3, 1767312000000, 3] == [0, 1, 2, 3, 1767312000000]`,
+    seq 3 taken again. Each key now keeps its own window: seq 3, below that window, is a replay;
+    seq 66, inside it, is a duplicate — acknowledged again as under any window, never taken.)"""
     old_key, new_key = bytes(range(32)), bytes(range(1, 33))
     db = tmp_path / "queue.sqlite"
     link = Link()
+    recorded = list(range(70))  # in service; an attacker records these frames
     async with gateway(db, {KID: old_key}) as ing:
-        for s in range(4):  # in service; an attacker records these frames
-            ing.on_data(link, data_frame(old_key, s))
-        await settle(link, 4)
+        ing.on_data(link, b"".join(data_frame(old_key, s) for s in recorded))
+        await settle(link, len(recorded))
     start = 1_767_312_000_000  # re-provisioned: new key, sequence from the clock floor
     async with gateway(db, {KID: new_key}) as ing:
         ing.on_data(link, data_frame(new_key, start))
-        await settle(link, 5)
-    assert acked(link) == [0, 1, 2, 3, start]
+        await settle(link, len(recorded) + 1)
+    assert acked(link) == [*recorded, start]
 
     async with gateway(db, {KID: old_key}) as ing:  # keys.toml restored from last month
         ing.on_data(link, data_frame(old_key, 3))  # the attacker replays a recording
-        await settle(link, 6)
-        rejected = dict(ing.metrics.frames_rejected)
-    assert acked(link) == [0, 1, 2, 3, start], \
-        "a recorded frame of the retired key was taken and ACKed again"
-    assert rejected.get("replay") == 1, rejected
+        await settle(link, len(recorded) + 2)
+        assert acked(link) == [*recorded, start], \
+            "a recorded frame of the retired key was taken and ACKed again"
+        assert dict(ing.metrics.frames_rejected) == {"replay": 1}
+        ing.on_data(link, data_frame(old_key, 66))  # one inside the old key's window
+        await settle(link, len(recorded) + 2)
+        assert acked(link) == [*recorded, start, 66]  # its ACK again: the node has it already
+        assert ing.metrics.duplicates[NODE] == 1
+        assert ing.metrics.readings_stored == 0 and NODE not in ing.metrics.nodes  # not alive
+    con = sqlite3.connect(db)
+    try:
+        queued = [s for (s,) in con.execute("SELECT seq FROM frames ORDER BY id")]
+    finally:
+        con.close()
+    assert queued == [*recorded, start], "a recording was queued again"
 
 
 # ---- 4. a file-key board whose state directory is deleted counts again from zero ------------
