@@ -25,20 +25,6 @@ from .ngsi import NodeMeta
 # \Z, never $: "$" also matches before a final newline ("SL-1\n" would pass)
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
 
-# The config classes' old home, still answered (imported on first use, never at load: the
-# plug-in modules import this one): `from agent.config import HttpSinkConfig` keeps working.
-_MOVED = {"BleDeviceConfig": "agent.links.ble_config", "BleLinkConfig": "agent.links.ble_config",
-          "SerialLinkConfig": "agent.links.serial", "HttpSinkConfig": "agent.sinks.http",
-          "MqttSinkConfig": "agent.sinks.mqtt", "NgsiLdSinkConfig": "agent.sinks.ngsi_ld"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True)
 class ApiConfig:

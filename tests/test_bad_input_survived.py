@@ -18,13 +18,12 @@ import cbor2
 import pytest
 
 from agent import protocol
-from agent.config import HttpSinkConfig, MqttSinkConfig, NgsiLdSinkConfig
 from agent.errors import FrameError
 from agent.forward import Forwarder
 from agent.metrics import Metrics
-from agent.sinks.http import DeliveryError, HttpSink
-from agent.sinks.mqtt import MqttSink
-from agent.sinks.ngsi_ld import NgsiLdSink
+from agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
+from agent.sinks.mqtt import MqttSink, MqttSinkConfig
+from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
 from agent.store import Accepted, Store, Window
 from tools import nodelink as nl
 from tools.ngsi_broker import NgsiBroker

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.config import HttpSinkConfig
 from agent.forward import Forwarder
 from agent.metrics import Metrics
 from agent.sinks.http import (
     RETRY_AFTER_MAX_S,
     DeliveryError,
     HttpSink,
+    HttpSinkConfig,
     idempotency_key,
     parse_retry_after,
 )

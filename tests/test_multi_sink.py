@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from agent import ngsi
-from agent.config import HttpSinkConfig, NgsiLdSinkConfig
 from agent.forward import Forwarder
 from agent.metrics import Metrics
-from agent.sinks.http import HttpSink
-from agent.sinks.ngsi_ld import NgsiLdSink
+from agent.sinks.http import HttpSink, HttpSinkConfig
+from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
 from agent.store import Accepted, Store, Window
 from tools.ngsi_broker import NgsiBroker
 from tools.upstream import Upstream

@@ -9,9 +9,8 @@ import aiohttp
 import pytest
 
 from agent import ngsi
-from agent.config import NgsiLdSinkConfig
 from agent.sinks.http import DeliveryError
-from agent.sinks.ngsi_ld import NgsiLdSink
+from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
 from agent.store import Batch
 from tools.ngsi_broker import NgsiBroker
 

@@ -37,9 +37,9 @@ from typing import Any
 from bleak.backends.device import BLEDevice
 
 from .. import bthome
-from ..config import BleDeviceConfig
 from ..errors import FrameError
 from ..store import Accepted, Store, Window
+from .ble_config import BleDeviceConfig
 
 log = logging.getLogger("lantern.link.ble")
 

@@ -32,9 +32,9 @@ from bleak.backends.scanner import AdvertisementData
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
 from agent import bthome
-from agent.config import BleLinkConfig
 from agent.ingest import Ingest
 from agent.links.ble import BleLink, node_tag
+from agent.links.ble_config import BleLinkConfig
 from agent.links.ble_session import SERVICE_UUID
 from agent.metrics import Metrics
 from agent.store import Store

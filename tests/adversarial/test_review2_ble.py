@@ -18,10 +18,10 @@ import pytest
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
-from agent.config import BleLinkConfig
 from agent.ingest import Ingest
 from agent.links import ble as ble_mod
 from agent.links.ble import BleLink, node_tag
+from agent.links.ble_config import BleLinkConfig
 from agent.links.ble_session import (
     CTRL_UUID,
     DATA_UUID,

@@ -178,10 +178,9 @@ async def overloaded_upstream(retry_after: str) -> AsyncIterator[tuple[str, list
 @contextlib.asynccontextmanager
 async def sink_to(kind: str, url: str) -> AsyncIterator[tuple[Any, Batch]]:
     """The real sink of `kind` posting to `url`, and a batch it has something to send for."""
-    from agent.config import HttpSinkConfig, NgsiLdSinkConfig
     from agent.ngsi import NodeMeta
-    from agent.sinks.http import HttpSink
-    from agent.sinks.ngsi_ld import NgsiLdSink
+    from agent.sinks.http import HttpSink, HttpSinkConfig
+    from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
 
     rec = {"n": f"urn:dev:lantern:{NODE}:temperature", "t": T0, "v": 21.5, "u": "Cel"}
     batch = Batch(1, 1, time.time(), [f"{NODE}:1:0"], [json.dumps(rec)])

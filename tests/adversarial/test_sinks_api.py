@@ -34,12 +34,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import ngsi
 from agent.api import Api, GatewayView
-from agent.config import ApiConfig, HttpSinkConfig, NgsiLdSinkConfig, load_config
+from agent.config import ApiConfig, load_config
 from agent.errors import ConfigError
 from agent.forward import Forwarder
 from agent.metrics import Metrics
-from agent.sinks.http import DeliveryError, HttpSink
-from agent.sinks.ngsi_ld import UPSERT, NgsiLdSink
+from agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
+from agent.sinks.ngsi_ld import UPSERT, NgsiLdSink, NgsiLdSinkConfig
 from agent.store import Accepted, Store, Window
 
 from ..test_api import FakeForwarder, FakeLink, commit, pack
