@@ -122,21 +122,16 @@ class Counter:
         return c
 
 
-class BleStats(LinkStats):
-    # last_ack_ms: of the last start or ACK of a frame in flight
-    def __init__(self):
-        super().__init__()
-        self.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
-        self.adverts = 0
-        self.advert_failures = 0  # advert rounds skipped by an exception (e.g. flash full)
-        self.connects = 0
-        self.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
-
-
 class BleLink(Window):
     def __init__(self, bt, node_id, key, outbox, clock, state_dir, cfg):
         super().__init__("ble", outbox, cfg.get("window", 8), cfg.get("rto_ms", 3000),
-                         BleStats())
+                         LinkStats())
+        s = self.stats  # last_ack_ms: of the last start or ACK of a frame in flight
+        s.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
+        s.adverts = 0
+        s.advert_failures = 0  # advert rounds skipped by an exception (e.g. flash full)
+        s.connects = 0
+        s.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
         self._p = Peripheral(bt, cfg.get("mtu", 247), node_id)
         self._h_data, self._h_ctrl, self._h_state = self._p.register(SERVICE_UUID, (
             (DATA_UUID, FLAG_NOTIFY), (CTRL_UUID, FLAG_WRITE),

@@ -11,15 +11,10 @@ from . import frame
 from .window import BAD_ACK, LinkStats, Window, open_ack
 
 
-class UartStats(LinkStats):
-    def __init__(self):
-        super().__init__()
-        self.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
-
-
 class UartLink(Window):
     def __init__(self, stream, node_id, key, outbox, clock, window=4, rto_ms=1000):
-        super().__init__("uart", outbox, window, rto_ms, UartStats())
+        super().__init__("uart", outbox, window, rto_ms, LinkStats())
+        self.stats.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
         self._reader = asyncio.StreamReader(stream)
         self._writer = asyncio.StreamWriter(stream, {})
         self._kid = node_id.encode()

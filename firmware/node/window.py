@@ -21,15 +21,15 @@ except ImportError:  # CPython
         return x
 
 
-ACK_SEQS = const(1)
-ACK_TIME = const(2)
+_ACK_SEQS = const(1)
+_ACK_TIME = const(2)
 # An ACK is {1: [up to 32 seqs], 2: time} (3: a nonce on BLE): what its decoding may build.
-ACK_ITEMS = const(64)
+_ACK_ITEMS = const(64)
 RTO_MAX_MS = const(30000)
 # The gateway remembers 64 sequence numbers below the highest it took (docs/protocol.md).
 # Frames in flight never span more, or an old one whose ACK was lost would come back
 # below the window, be refused as a replay and stay in the outbox, and its slot, forever.
-REPLAY_WINDOW = const(64)
+_REPLAY_WINDOW = const(64)
 # what an ACK that is not authentic or not well formed raises out of open_ack
 BAD_ACK = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
@@ -41,9 +41,9 @@ def open_ack(body, kid, key):
     if ack_kid != kid:
         raise cose.CoseError("ack for another node")
     cose.mac0_check(key, protected, payload, tag)
-    ack = cbor.loads(payload, ACK_ITEMS)
-    seqs = ack[ACK_SEQS]
-    gw_ms = ack.get(ACK_TIME)
+    ack = cbor.loads(payload, _ACK_ITEMS)
+    seqs = ack[_ACK_SEQS]
+    gw_ms = ack.get(_ACK_TIME)
     # Check the shape before acting on it (only a buggy gateway sends another).
     if not isinstance(seqs, list) or [s for s in seqs if not isinstance(s, int)]:
         raise TypeError("ack seqs must be a list of ints")
@@ -51,7 +51,7 @@ def open_ack(body, kid, key):
 
 
 class LinkStats:
-    """What both links count; each link's own subclass adds its transport's counters."""
+    """What both links count; each link adds its transport's counters to its instance."""
 
     def __init__(self):
         self.sent = 0
@@ -65,7 +65,11 @@ class LinkStats:
 
 
 class Window:
-    """The in-flight map over an outbox, the send task, and the failure log of a link's tasks."""
+    """The in-flight map over an outbox, the send task, and the failure log of a link's tasks.
+
+    A link defines `async _tx_round()` (what one round sends; ms until the next frame is due)
+    and `async _transmit(conn, data)` (one DATA frame to conn; False if the link dropped).
+    """
 
     def __init__(self, name, outbox, window, rto_ms, stats):
         self._name = name  # "uart", "ble": in what the tasks print
@@ -120,14 +124,6 @@ class Window:
             except asyncio.TimeoutError:
                 pass
 
-    async def _tx_round(self):
-        """What one round sends; ms until the next frame is due."""
-        raise NotImplementedError
-
-    async def _transmit(self, conn, data):
-        """One DATA frame to `conn`; False if the link dropped on the way."""
-        raise NotImplementedError
-
     async def _send_due(self, conn):
         """The frames in the window that are due, to `conn`; ms until the next one is."""
         now = time.ticks_ms()
@@ -143,7 +139,7 @@ class Window:
                 del self._inflight[seq]
         held = False
         for seq in seqs:
-            if seq - seqs[0] >= REPLAY_WINDOW:
+            if seq - seqs[0] >= _REPLAY_WINDOW:
                 break  # the gateway would take the oldest, resent later, for a replay
             due, attempts = self._inflight.get(seq, (now, 0))
             left = time.ticks_diff(due, now)

@@ -33,16 +33,15 @@ def calibration(name, k, cal_max, lsb, shunt_ohms):
 
 
 class INA2xx:
+    """A chip's class gives NAME, SHUNT_MAX_V (the shunt's full-scale drop, with a little float
+    slack) and SHUNT_RANGE (the same as an error says it), BUS_MAX_V (the bus range in RANGES),
+    BUS_PLACES (decimal places of the bus voltage's LSB), POWER_LSB (Power_LSB / Current_LSB),
+    `config` (the configuration register), `_calibration(lsb, shunt_ohms)` and `_start()` (probe
+    the chip, SensorError if it is another; reset and configure it)."""
+
     WARMUP_MS = 0
     OVERSAMPLE = 3
     STUCK = ()  # a regulated supply can hold its voltage to the LSB
-    NAME = ""
-    SHUNT_MAX_V = 0.0  # the shunt's full-scale drop (with a little float slack)
-    SHUNT_RANGE = ""  # the same, as an error message says it
-    BUS_MAX_V = 0  # the bus voltage range reported in RANGES
-    BUS_PLACES = 0  # decimal places of the bus voltage's LSB
-    POWER_LSB = 0  # Power_LSB / Current_LSB
-    config = 0  # the configuration register's value
 
     def __init__(self, i2c, address=0x40, shunt_ohms=0.1, max_current=3.2, lsb=None):
         self.i2c = i2c
@@ -61,13 +60,6 @@ class INA2xx:
         self.PLACES = {"lamp_voltage": self.BUS_PLACES, "lamp_current": places(self.lsb),
                        "lamp_power": places(self.POWER_LSB * self.lsb)}
         self._start()
-
-    def _calibration(self, lsb, shunt_ohms):
-        raise NotImplementedError
-
-    def _start(self):
-        """Probe the chip (SensorError if it is another), reset and configure it."""
-        raise NotImplementedError
 
     def _write(self, reg, value):
         b = self._buf

@@ -7,8 +7,7 @@ Commands are 16-bit words; every 16-bit word the chip sends is followed by its C
 
 import time
 
-from . import SensorTimeout, word
-from .sensirion import Sensirion
+from . import Sensirion, SensorTimeout, word
 
 try:
     from micropython import const

@@ -9,8 +9,7 @@ reading after any word).
 import struct
 import time
 
-from . import NackError, word
-from .sensirion import Sensirion
+from . import NackError, Sensirion, word
 
 try:
     from micropython import const
