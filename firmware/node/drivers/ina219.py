@@ -25,7 +25,7 @@ _PGA_MV = (40, 80, 160, 320)  # PG = 0..3: shunt full-scale range
 
 def calibration(lsb, shunt_ohms):
     """Datasheet Equation 1; the register's bit 0 is always 0."""
-    return ina2xx.calibration("ina219", 0.04096, 0xFFFE, lsb, shunt_ohms) & 0xFFFE
+    return ina2xx.calibration(INA219.CHIP, lsb, shunt_ohms)
 
 
 def config(shunt_mv, bus_max_v):
@@ -40,20 +40,13 @@ def config(shunt_mv, bus_max_v):
 class INA219(ina2xx.INA2xx):
     PERIOD_MS = 2  # one shunt + one bus conversion at 12 bits: 2 x 532 us
     RANGES = {"lamp_voltage": (0, 26), "lamp_current": (-3.2, 3.2), "lamp_power": (0, 83)}
-    NAME = "ina219"
-    SHUNT_MAX_V = 0.32001
-    SHUNT_RANGE = "320 mV"
-    BUS_MAX_V = 26
-    BUS_PLACES = 3  # bus voltage in 4 mV steps
-    POWER_LSB = 20
+    # 320 mV shunt range, 26 V bus in 4 mV steps, Power_LSB 20 x Current_LSB, bit 0 of Cal is 0
+    CHIP = ("ina219", 0.32001, "320 mV", 26, 3, 20, 0.04096, 0xFFFE)
 
     def __init__(self, i2c, address=0x40, shunt_ohms=0.1, max_current=3.2, lsb=None,
                  bus_max_v=32):
         self.config = config(max_current * shunt_ohms * 1000, bus_max_v)
         super().__init__(i2c, address, shunt_ohms, max_current, lsb)
-
-    def _calibration(self, lsb, shunt_ohms):
-        return calibration(lsb, shunt_ohms)
 
     def _start(self):
         self._reset()

@@ -28,21 +28,14 @@ _OVF = const(0x0004)  # Mask/Enable: math overflow
 
 def calibration(lsb, shunt_ohms):
     """Datasheet Equation 1; bit 15 of the register is reserved."""
-    return ina2xx.calibration("ina226", 0.00512, 0x7FFF, lsb, shunt_ohms)
+    return ina2xx.calibration(INA226.CHIP, lsb, shunt_ohms)
 
 
 class INA226(ina2xx.INA2xx):
     PERIOD_MS = 3  # one shunt + one bus conversion: 2 x 1.1 ms
-    NAME = "ina226"
-    SHUNT_MAX_V = 0.08193
-    SHUNT_RANGE = "81.92 mV"
-    BUS_MAX_V = 36
-    BUS_PLACES = 5  # bus voltage in 1.25 mV steps
-    POWER_LSB = 25
+    # 81.92 mV shunt range, 36 V bus in 1.25 mV steps, Power_LSB 25 x Current_LSB
+    CHIP = ("ina226", 0.08193, "81.92 mV", 36, 5, 25, 0.00512, 0x7FFF)
     config = _CONFIG
-
-    def _calibration(self, lsb, shunt_ohms):
-        return calibration(lsb, shunt_ohms)
 
     def _start(self):
         if self._read(_REG_MANUFACTURER) != _MANUFACTURER_TI or self._read(_REG_DIE) != _DIE_ID:

@@ -23,21 +23,22 @@ _REG_CAL = const(0x05)
 _RESET = const(0x8000)
 
 
-def calibration(name, k, cal_max, lsb, shunt_ohms):
+def calibration(chip, lsb, shunt_ohms):
     """Datasheet Equation 1: k / (Current_LSB * R_shunt), in the calibration register's range."""
+    name, k, cal_max = chip[0], chip[6], chip[7]
     cal = int(k / (lsb * shunt_ohms))
     if not 0 < cal <= cal_max:
         raise ValueError("%s: calibration %d out of range (lsb %g A, shunt %g ohm)" % (
             name, cal, lsb, shunt_ohms))
-    return cal
+    return cal & cal_max
 
 
 class INA2xx:
-    """A chip's class gives NAME, SHUNT_MAX_V (the shunt's full-scale drop, with a little float
-    slack) and SHUNT_RANGE (the same as an error says it), BUS_MAX_V (the bus range in RANGES),
-    BUS_PLACES (decimal places of the bus voltage's LSB), POWER_LSB (Power_LSB / Current_LSB),
-    `config` (the configuration register), `_calibration(lsb, shunt_ohms)` and `_start()` (probe
-    the chip, SensorError if it is another; reset and configure it)."""
+    """A chip's class gives CHIP, its parameter table: (name, the shunt's full-scale drop in V
+    with a little float slack, the same as an error says it, the bus range in V, decimal places
+    of the bus voltage's LSB, Power_LSB / Current_LSB, calibration constant k, the calibration
+    register's largest value, which is also its mask); `config` (the configuration register);
+    and `_start()`: probe the chip (SensorError if it is another), reset and configure it."""
 
     WARMUP_MS = 0
     OVERSAMPLE = 3
@@ -46,19 +47,20 @@ class INA2xx:
     def __init__(self, i2c, address=0x40, shunt_ohms=0.1, max_current=3.2, lsb=None):
         self.i2c = i2c
         self.address = address
-        self._where = "%s@0x%02x" % (self.NAME, address)
+        chip = self.CHIP
+        self._where = "%s@0x%02x" % (chip[0], address)
         self._buf = bytearray(2)
-        if shunt_ohms * max_current > self.SHUNT_MAX_V:
+        if shunt_ohms * max_current > chip[1]:
             raise ValueError("%s: %g A through %g ohm exceeds the %s shunt range" % (
-                self.NAME, max_current, shunt_ohms, self.SHUNT_RANGE))
+                chip[0], max_current, shunt_ohms, chip[2]))
         self.lsb = lsb or current_lsb(max_current)
-        self.cal = self._calibration(self.lsb, shunt_ohms)
-        self.RANGES = {"lamp_voltage": (0, self.BUS_MAX_V),
+        self.cal = calibration(chip, self.lsb, shunt_ohms)
+        self.RANGES = {"lamp_voltage": (0, chip[3]),
                        "lamp_current": (-max_current, max_current),
-                       "lamp_power": (0, self.BUS_MAX_V * max_current)}
-        # bus voltage in its own steps, current in Current_LSB, power in POWER_LSB steps
-        self.PLACES = {"lamp_voltage": self.BUS_PLACES, "lamp_current": places(self.lsb),
-                       "lamp_power": places(self.POWER_LSB * self.lsb)}
+                       "lamp_power": (0, chip[3] * max_current)}
+        # bus voltage in its own steps, current in Current_LSB, power in Power_LSB steps
+        self.PLACES = {"lamp_voltage": chip[4], "lamp_current": places(self.lsb),
+                       "lamp_power": places(chip[5] * self.lsb)}
         self._start()
 
     def _write(self, reg, value):
@@ -100,4 +102,4 @@ class INA2xx:
         power = self._read(_REG_POWER)
         return {"lamp_voltage": volts,
                 "lamp_current": round(current * self.lsb, 6),
-                "lamp_power": round(power * self.POWER_LSB * self.lsb, 6)}
+                "lamp_power": round(power * self.CHIP[5] * self.lsb, 6)}
