@@ -67,7 +67,7 @@ for line in sys.stdin:
     link._clock = Clock()
     link._inflight = {}
     for s in range(40, 48):
-        link._inflight[s] = (0, 1)
+        link._inflight[s] = (0, 1, 0)
     exc = "-"
     try:
         for chunk in frame.Deframer().feed(data):

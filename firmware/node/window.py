@@ -76,7 +76,8 @@ class Window:
         self._outbox = outbox
         self._window = window
         self._rto = rto_ms
-        self._inflight = {}  # seq -> (due ticks_ms, attempts)
+        self._inflight = {}  # seq -> (due ticks_ms, attempts, order of its latest send)
+        self._sends = 0  # transmissions so far: the order frames went out on the link
         self._evicted = outbox.evicted  # the outbox's drop count when _inflight was last pruned
         self._wake = asyncio.Event()
         self._failed_once = {}  # task name -> True once its first exception was printed
@@ -138,10 +139,11 @@ class Window:
             for seq in [s for s in self._inflight if first is None or s < first]:
                 del self._inflight[seq]
         held = False
+        older = False  # an older frame is in flight, its timer still running
         for seq in seqs:
             if seq - seqs[0] >= _REPLAY_WINDOW:
                 break  # the gateway would take the oldest, resent later, for a replay
-            due, attempts = self._inflight.get(seq, (now, 0))
+            due, attempts, _ = self._inflight.get(seq, (now, 0, 0))
             left = time.ticks_diff(due, now)
             if held:
                 continue
@@ -149,6 +151,12 @@ class Window:
                 # this one timed out before and waits to be resent: nothing newer goes
                 # first, so the gateway takes each node's frames in order
                 held = True
+            if left <= 0 and attempts and older:
+                # a resend waits for the older frames' timers (counted in `wait`): the
+                # backoff's jitter must not resend a newer frame before an older one
+                continue
+            if left > 0 and attempts:
+                older = True
             if left <= 0:
                 if seq not in self._outbox:
                     self._inflight.pop(seq, None)
@@ -159,7 +167,8 @@ class Window:
                 if attempts:
                     self.stats.retransmits += 1
                 left = self._backoff(attempts)
-                self._inflight[seq] = (time.ticks_add(now, left), attempts + 1)
+                self._sends += 1
+                self._inflight[seq] = (time.ticks_add(now, left), attempts + 1, self._sends)
             if left < wait:
                 wait = left
         return wait
@@ -167,10 +176,23 @@ class Window:
     def _acked(self, seqs):
         """Forget the frames an authentic ACK names; True if one of them was in flight."""
         fresh = False
+        last = 0  # the latest send an ACK names
         for seq in seqs:
             # an authentic ACK removes what it names, whoever writes it
-            if self._inflight.pop(seq, None) is not None:
+            e = self._inflight.pop(seq, None)
+            if e is not None:
                 fresh = True
+                if e[2] > last:
+                    last = e[2]
             if self._outbox.remove(seq):
                 self.stats.acked += 1
+        if last:
+            # the link keeps order: a frame that went out before one the gateway has taken,
+            # and is not acknowledged, was lost on the way (or refused). It goes again now,
+            # before anything newer, so the gateway still takes the node's frames in order
+            # (after a gateway restart, the frames sent while its port was closed)
+            now = time.ticks_ms()
+            for seq in [s for s, e in self._inflight.items() if e[2] < last]:
+                _, attempts, order = self._inflight[seq]
+                self._inflight[seq] = (now, attempts, order)
         return fresh

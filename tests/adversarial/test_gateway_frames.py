@@ -34,7 +34,7 @@ from agent.ingest import Ingest
 from agent.links.serial import SerialLink
 from agent.metrics import Metrics
 from agent.resolved import Batch
-from agent.store import Accepted, Store, Window
+from agent.store import SCHEMA_VERSION, Accepted, Store, Window
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))
@@ -416,7 +416,7 @@ async def test_a_queue_of_layout_2_keeps_its_windows_under_the_configured_key(
     got, metrics = await _send(db, K1, [1, 501])
     assert got == [501] and metrics.frames_rejected["replay"] == 1
     assert metrics.window_restarts == 0
-    assert rows(db, "PRAGMA user_version") == [(3,)]
+    assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]  # migrated in place
     [(high, fp)] = rows(db, "SELECT high, key_id FROM nodes")
     assert high == 501 and fp == protocol.NodeKey(K1, KID).key_id
 

@@ -80,7 +80,7 @@ class Actions:
 clock = Clock()
 link = UartLink(object(), node_id, key, ob, clock)
 for s in ob.seqs():
-    link._inflight[s] = (0, 1)  # every frame on its way to the gateway
+    link._inflight[s] = (0, 1, 0)  # every frame on its way to the gateway
 acts = Actions()
 cmds = Commands(node_id, key, state, acts)
 for h in rec["acks"]:
