@@ -106,3 +106,31 @@ async def gateway(db: Path, keys: dict[str, bytes]
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+
+
+class RecordingLink:
+    """A node's line as the gateway sees it: what the gateway sends is kept."""
+
+    name = "uart0"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+@contextlib.asynccontextmanager
+async def ingest_running(db: Path, keys: dict[bytes, bytes]
+                         ) -> AsyncIterator[tuple[Ingest, Store]]:
+    """The gateway's ingest over its SQLite queue, committing as agent/gateway.py runs it."""
+    async with Store(db) as store:
+        ing = Ingest(store, keys, Metrics())
+        await ing.start()
+        task = asyncio.create_task(ing.run())
+        try:
+            yield ing, store
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

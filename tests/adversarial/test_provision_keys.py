@@ -13,13 +13,11 @@ unix port before and after the wipe; the attacker's recordings are replayed afte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import stat
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,11 @@ import pytest
 
 from agent import protocol
 from agent.config import load_keys, write_secret
-from agent.ingest import Ingest
-from agent.metrics import Metrics
-from agent.store import Store
 from tools import nodelink
 from tools import provision as pv
 from tools import provision_steps as ps
+
+from .gateway_harness import RecordingLink, ingest_running
 
 ROOT = Path(__file__).resolve().parents[2]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
@@ -221,33 +218,7 @@ def data_frame(key: bytes, seq: int) -> bytes:
     return protocol.encode_frame(protocol.DATA, protocol.create_mac0(key, KID, seq, pack))
 
 
-class Link:
-    name = "uart0"
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-
-@contextlib.asynccontextmanager
-async def gateway(db: Path, keys: dict[bytes, bytes]) -> AsyncIterator[Ingest]:
-    import asyncio
-
-    async with Store(db) as store:
-        ing = Ingest(store, keys, Metrics())
-        await ing.start()
-        task = asyncio.create_task(ing.run())
-        try:
-            yield ing
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-async def _acked(link: Link, n: int) -> None:
+async def _acked(link: RecordingLink, n: int) -> None:
     import asyncio
 
     for _ in range(600):
@@ -259,8 +230,8 @@ async def _acked(link: Link, n: int) -> None:
 
 async def test_gateway_accepts_a_reprovisioned_node_under_its_new_key(tmp_path: Path) -> None:
     db = tmp_path / "queue.db"
-    link = Link()
-    async with gateway(db, {KID: OLD_KEY}) as ing:
+    link = RecordingLink()
+    async with ingest_running(db, {KID: OLD_KEY}) as (ing, _):
         ing.on_data(link, data_frame(OLD_KEY, 500))
         await _acked(link, 1)
     keys = tmp_path / "keys.toml"
@@ -268,7 +239,8 @@ async def test_gateway_accepts_a_reprovisioned_node_under_its_new_key(tmp_path: 
     p = key_step(provision_args(tmp_path, "--flash", str(tmp_path / "micropython.bin"),
                                 "--erase"))
     assert p.key is not None and p.key != OLD_KEY
-    async with gateway(db, load_keys(keys)) as ing:  # restarted with the key file it was given
+    # restarted with the key file it was given
+    async with ingest_running(db, load_keys(keys)) as (ing, _):
         ing.on_data(link, data_frame(p.key, 0))  # the wiped node starts again at 0
         await _acked(link, 2)
         assert not ing.metrics.frames_rejected

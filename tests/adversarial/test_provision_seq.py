@@ -24,7 +24,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,11 +33,12 @@ import pytest
 from agent import protocol
 from agent.config import load_keys, write_secret
 from agent.ingest import Ingest
-from agent.metrics import Metrics
 from agent.store import Store
 from tools import provision as pv
 from tools import provision_steps as ps
 from tools.sim import gateway_toml
+
+from .gateway_harness import RecordingLink, ingest_running
 
 ROOT = Path(__file__).resolve().parents[2]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
@@ -184,31 +184,7 @@ def provision(tmp: Path, flash: Flash, monkeypatch: pytest.MonkeyPatch,
     return out if code == 0 else err
 
 
-class Link:
-    name = "uart0"
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-
-@contextlib.asynccontextmanager
-async def gateway(db: Path, keys: dict[bytes, bytes]) -> AsyncIterator[tuple[Ingest, Store]]:
-    async with Store(db) as store:
-        ing = Ingest(store, keys, Metrics())
-        await ing.start()
-        task = asyncio.create_task(ing.run())
-        try:
-            yield ing, store
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def acked(link: Link) -> set[int]:
+def acked(link: RecordingLink) -> set[int]:
     """Every sequence number the gateway's ACKs named so far."""
     out: set[int] = set()
     for raw in link.sent:
@@ -218,7 +194,7 @@ def acked(link: Link) -> set[int]:
     return out
 
 
-async def take(ing: Ingest, link: Link, frames: dict[int, bytes]) -> None:
+async def take(ing: Ingest, link: RecordingLink, frames: dict[int, bytes]) -> None:
     """The node's frames over its link, in order; returns once every one is ACKed."""
     for seq in sorted(frames):
         ing.on_data(link, protocol.encode_frame(protocol.DATA, frames[seq]))
@@ -257,8 +233,8 @@ async def test_after_an_erase_the_new_keys_frames_are_delivered_under_new_readin
     # in service: the gateway took all six; the platform has the first two, four still wait
     # (the uplink is down, say) when the installer wipes the board and provisions it again
     db = tmp_path / "gw/queue.sqlite"
-    link = Link()
-    async with gateway(db, load_keys(keys)) as (ing, store):
+    link = RecordingLink()
+    async with ingest_running(db, load_keys(keys)) as (ing, store):
         await take(ing, link, old)
         upstream = await deliver(store, max_records=2)
     assert upstream == [f"{NODE}:0:0", f"{NODE}:1:0"]
@@ -270,7 +246,8 @@ async def test_after_an_erase_the_new_keys_frames_are_delivered_under_new_readin
     print(out)
     new = flash.seal(6, T_NEW)
 
-    async with gateway(db, load_keys(keys)) as (ing, store):  # restarted with the new key file
+    # restarted with the new key file
+    async with ingest_running(db, load_keys(keys)) as (ing, store):
         await take(ing, link, new)
         while rids := await deliver(store):
             upstream += rids
@@ -298,15 +275,15 @@ async def test_the_gateways_high_mark_decides_where_it_is_above_the_clock(
     ahead = int(time.time() * 1000) + 10**9  # about 12 days ahead of the clock floor
     old = legacy_node(flash, 4, first_seq=ahead)
     assert sorted(old) == list(range(ahead, ahead + 4))
-    link = Link()
-    async with gateway(state / ps.QUEUE_FILE, load_keys(keys)) as (ing, store):
+    link = RecordingLink()
+    async with ingest_running(state / ps.QUEUE_FILE, load_keys(keys)) as (ing, store):
         await take(ing, link, old)  # nothing delivered yet: all four still queued
         out = provision(tmp_path, flash, monkeypatch, capsys, "--gateway-config", str(gw_toml))
         assert load_keys(keys)[KID] != OLD_KEY  # --keys defaults to the gateway's key file
         assert f"frame sequence starts at {ahead + 4}: the gateway's high mark {ahead + 3} + 1 " \
                f"(from {state / ps.QUEUE_FILE}" in out, out
         new = flash.seal(3, T_NEW)
-    async with gateway(state / ps.QUEUE_FILE, load_keys(keys)) as (ing, store):
+    async with ingest_running(state / ps.QUEUE_FILE, load_keys(keys)) as (ing, store):
         await take(ing, link, new)
         upstream = []
         while rids := await deliver(store):

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import sqlite3
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import cbor2
@@ -25,14 +24,13 @@ import pytest
 
 from agent import protocol
 from agent.config import load_keys, write_secret
-from agent.ingest import Ingest
-from agent.metrics import Metrics
-from agent.store import Store
 from tests.adversarial.test_provision_seq import Flash
 from tools import nodelink
 from tools import provision as pv
 from tools import provision_steps as ps
 from tools.sim import gateway_toml
+
+from .gateway_harness import RecordingLink, ingest_running
 
 ROOT = Path(__file__).resolve().parents[2]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
@@ -191,36 +189,12 @@ def test_the_suggested_resume_keeps_frames_sealed_under_the_key_it_deploys(
 
 # ---- 3. the gateway: a retired key brought back opens its old window again -------------------
 
-class Link:
-    name = "uart0"
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-
-@contextlib.asynccontextmanager
-async def gateway(db: Path, keys: dict[bytes, bytes]) -> AsyncIterator[Ingest]:
-    async with Store(db) as store:
-        ing = Ingest(store, keys, Metrics())
-        await ing.start()
-        task = asyncio.create_task(ing.run())
-        try:
-            yield ing
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 def data_frame(key: bytes, seq: int) -> bytes:
     pack = cbor2.dumps([{0: "temperature", 2: 21.5}])
     return protocol.encode_frame(protocol.DATA, protocol.create_mac0(key, KID, seq, pack))
 
 
-def acked(link: Link) -> list[int]:
+def acked(link: RecordingLink) -> list[int]:
     """Every sequence number the gateway's ACKs named so far, in order."""
     out: list[int] = []
     for raw in link.sent:
@@ -230,7 +204,7 @@ def acked(link: Link) -> list[int]:
     return out
 
 
-async def settle(link: Link, n: int) -> None:
+async def settle(link: RecordingLink, n: int) -> None:
     """Until n sequence numbers are acknowledged (or 2 s: what is not taken stays unACKed)."""
     for _ in range(400):
         if len(acked(link)) >= n:
@@ -251,18 +225,18 @@ async def test_a_retired_keys_recorded_frames_stay_replays_when_an_old_key_file_
     seq 66, inside it, is a duplicate — acknowledged again as under any window, never taken.)"""
     old_key, new_key = bytes(range(32)), bytes(range(1, 33))
     db = tmp_path / "queue.sqlite"
-    link = Link()
+    link = RecordingLink()
     recorded = list(range(70))  # in service; an attacker records these frames
-    async with gateway(db, {KID: old_key}) as ing:
+    async with ingest_running(db, {KID: old_key}) as (ing, _):
         ing.on_data(link, b"".join(data_frame(old_key, s) for s in recorded))
         await settle(link, len(recorded))
     start = 1_767_312_000_000  # re-provisioned: new key, sequence from the clock floor
-    async with gateway(db, {KID: new_key}) as ing:
+    async with ingest_running(db, {KID: new_key}) as (ing, _):
         ing.on_data(link, data_frame(new_key, start))
         await settle(link, len(recorded) + 1)
     assert acked(link) == [*recorded, start]
 
-    async with gateway(db, {KID: old_key}) as ing:  # keys.toml restored from last month
+    async with ingest_running(db, {KID: old_key}) as (ing, _):  # keys.toml restored from last month
         ing.on_data(link, data_frame(old_key, 3))  # the attacker replays a recording
         await settle(link, len(recorded) + 2)
         assert acked(link) == [*recorded, start], \
