@@ -44,7 +44,7 @@ _ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _escape(c: str) -> str:
-    """One non-printable character as \\xXX, \\uXXXX or \\UXXXXXXXX (as repr() writes it)."""
+    """One non-printable character escaped as repr() writes it (\\x1b, \\u202e, \\U000e0041)."""
     o = ord(c)
     if o < 0x80:
         return _ASCII_CONTROLS[o]
