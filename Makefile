@@ -47,7 +47,7 @@ adversarial: venv micropython
 ## without upstream under a disk cap, node power cuts, 200,000 fuzz cases, disk full and
 ## read-only); prints a JSON table and writes it into docs/reliability.md
 reliability: venv micropython
-	$(BIN)/python -m tools.reliability
+	$(BIN)/python -m lantern.tools.street.reliability
 
 ## bench: throughput, latency, memory and bytes on the wire, side by side with Node-RED and
 ## the line rate (docs/performance.md); prints one JSON object, writes bench/results.json

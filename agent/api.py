@@ -27,6 +27,8 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import exposition
 
+from lantern import __version__
+
 from .config import ApiConfig
 from .history import find_gaps, typical_interval
 from .metrics import Gauges, Metrics, registry
@@ -34,7 +36,6 @@ from .store import Store
 
 log = logging.getLogger("lantern.api")
 
-VERSION = "0.1.0"
 OVERVIEW_TTL_S = 1.0
 DEFAULT_WINDOW_S = 3600.0
 STATIC = ("index.html", "status.js", "status.css")
@@ -308,7 +309,7 @@ class Api:
     def __init__(self, view: GatewayView, token: str | None = None,
                  cfg: ApiConfig | None = None) -> None:
         self.view = view
-        self.registry = registry(view.metrics, self._gauges_for_scrape, VERSION)
+        self.registry = registry(view.metrics, self._gauges_for_scrape, __version__)
         self._scrape_gauges = Gauges()
         cfg = cfg or ApiConfig()
         rule = HostRule(cfg.host, cfg.allowed_hosts)
@@ -336,7 +337,7 @@ class Api:
 
     @staticmethod
     def _file(name: str) -> web.Response:
-        body = importlib.resources.files("agent").joinpath("status", name).read_bytes()
+        body = importlib.resources.files("lantern.agent").joinpath("status", name).read_bytes()
         kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
         return web.Response(body=body, content_type=kind[name.rsplit(".", 1)[1]],
                             charset="utf-8", headers={"Cache-Control": "no-cache"})
@@ -380,7 +381,7 @@ class Api:
         latency = {f"{s}:{o}": {"count": h.count, "sum_s": round(h.total, 6)}
                    for (s, o), h in m.upstream_latency.items()}
         return web.json_response({
-            "version": VERSION, "now": time.time(), "started": m.started,
+            "version": __version__, "now": time.time(), "started": m.started,
             "summary": await v.summary(),
             "queue": {"readings": g.queue_readings, "bytes": g.queue_bytes,
                       "oldest_age_s": g.oldest_age_s, "store_file_bytes": g.store_file_bytes,

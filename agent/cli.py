@@ -1,11 +1,14 @@
-"""`lantern` command line: gateway, sim, demo."""
+"""`lantern` command line: gateway, diag, provision, sim, demo."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
+
+from lantern import __version__
 
 from .errors import ConfigError
 
@@ -31,8 +34,17 @@ def describe(cfg: Any) -> str:
     return "\n".join(lines)
 
 
+# Commands whose modules load only when they run: the service (`lantern gateway run`) never
+# imports the field tools (rich, esptool, mpremote) or the simulated street.
+FIELD = {"diag": ("lantern.tools.field.diag", "inspect a node (serial) or a gateway (its API)"),
+         "provision": ("lantern.tools.field.provision",
+                       "prepare and flash a node: key, config, firmware")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="lantern", description="Lantern streetlight sensing network")
+    p.add_argument("--version", action="version", version=f"lantern {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     gw = sub.add_parser("gateway", help="the gateway service").add_subparsers(dest="action",
@@ -48,10 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
     demo.add_argument("--dir", type=Path, default=Path(".build/demo"))
 
-    from tools import diag, provision  # field tools (docs/field-tools.md)
+    sim = sub.add_parser(
+        "sim", help="simulated nodes on MicroPython behind serial ports, for your own gateway",
+        description="Start N simulated nodes on pseudo-terminals and write their keys file and "
+        "the [[links.serial]] tables a gateway needs into --dir; no gateway is started. "
+        "Runs until Ctrl-C (or --seconds).")
+    sim.add_argument("--nodes", type=int, default=3)
+    sim.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
+    sim.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
+    sim.add_argument("--dir", type=Path, default=Path(".build/sim"))
 
-    diag.add_parser(sub)
-    provision.add_parser(sub)
+    for name, (module, help_line) in FIELD.items():
+        if argv[:1] == [name]:  # the command asked for: its module defines its arguments
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_line)
 
     args = p.parse_args(argv)
     from .logsetup import setup as setup_logging
@@ -70,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             links = "".join(f"{len(cs)} {name} links, " for name, cs in cfg.links.items())
             print(f"{args.config}: OK ({links}{len(keys)} node keys)")
             print(describe(cfg))
-        elif args.cmd == "diag":
-            return diag.main(args)
-        elif args.cmd == "provision":
-            return provision.main(args)
+        elif args.cmd in FIELD:
+            return int(importlib.import_module(FIELD[args.cmd][0]).main(args))
+        elif args.cmd == "sim":
+            from lantern.tools.street.command import main as sim_main
+
+            return sim_main(args.nodes, args.interval, args.seconds, args.dir)
         elif args.cmd == "demo":
-            from tools.demo import main as demo_main
+            from lantern.tools.street.demo import main as demo_main
 
             return demo_main(args.nodes, args.interval, args.seconds, args.dir)
     except ConfigError as e:

@@ -28,15 +28,15 @@ if TYPE_CHECKING:
 
 # [sinks.<name>] → the module that owns it. The order is the order the gateway opens them in.
 SINKS: dict[str, str] = {
-    "http": "agent.sinks.http",
-    "ngsi_ld": "agent.sinks.ngsi_ld",
-    "mqtt": "agent.sinks.mqtt",
+    "http": "lantern.agent.sinks.http",
+    "ngsi_ld": "lantern.agent.sinks.ngsi_ld",
+    "mqtt": "lantern.agent.sinks.mqtt",
 }
 # [[links.<name>]] → the module that owns it (for BLE, its config half: bleak is loaded by the
 # factory, once a link is built).
 LINKS: dict[str, str] = {
-    "serial": "agent.links.serial",
-    "ble": "agent.links.ble_config",
+    "serial": "lantern.agent.links.serial",
+    "ble": "lantern.agent.links.ble_config",
 }
 
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import protocol
-from tools.sim import SimNode, keys_toml
-from tools.upstream import Upstream
+from lantern.agent import protocol
+from lantern.tools.street.sim import SimNode, keys_toml
+from lantern.tools.street.upstream import Upstream
 
 from .line import PacedLine
 from .peers import LanternPeer, fresh_node_state

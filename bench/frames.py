@@ -17,7 +17,7 @@ from typing import Any
 
 import cbor2
 
-from agent import protocol
+from lantern.agent import protocol
 
 _F32 = struct.Struct("<f")
 BT0 = 1764331200  # 2025-11-28T12:00:00Z: a fixed base time keeps runs comparable

@@ -41,7 +41,7 @@ class MemLink:
 
 def acked_seqs(sent: list[bytes]) -> set[tuple[str, int]]:
     """(node, seq) named by the ACKs; checked after the clock has stopped."""
-    from agent import protocol
+    from lantern.agent import protocol
 
     out: set[tuple[str, int]] = set()
     for data in sent:
@@ -65,9 +65,9 @@ def peak_rss_kb() -> int:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from agent.ingest import Ingest
-    from agent.metrics import Metrics
-    from agent.store import Store
+    from lantern.agent.ingest import Ingest
+    from lantern.agent.metrics import Metrics
+    from lantern.agent.store import Store
 
     nodes = frames.node_ids(args.nodes)
     per_frame = args.readings

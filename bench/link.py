@@ -16,9 +16,9 @@ from typing import Any
 
 import cbor2
 
-from agent import protocol
-from tools.sim import SimNode, keys_toml
-from tools.upstream import Upstream
+from lantern.agent import protocol
+from lantern.tools.street.sim import SimNode, keys_toml
+from lantern.tools.street.upstream import Upstream
 
 from .line import PacedLine
 from .node_cycle import run_mp

@@ -24,8 +24,8 @@ from typing import Any
 
 import cbor2
 
-from agent import protocol
-from tools.sim import FIRMWARE, MICROPYTHON, MP_EXTMOD, SimNode, compiled_firmware
+from lantern.agent import protocol
+from lantern.tools.street.sim import FIRMWARE, MICROPYTHON, MP_EXTMOD, SimNode, compiled_firmware
 
 SCRIPT = Path(__file__).resolve().parent / "mp_node.py"
 

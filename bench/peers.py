@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import write_secret
-from agent.units import UNITS
+from lantern.agent.config import write_secret
+from lantern.agent.units import UNITS
 
 from . import frames
 
@@ -133,7 +133,7 @@ class LanternPeer(Peer):
             "[api]", "port = 0", "",
             *(line for port in [self.port, *self.more_ports] for line in (
                 "[[links.serial]]", f'port = "{port}"', f"baud = {self.baud}", ""))]))
-        return [sys.executable, "-m", "agent.cli", "gateway", "run", "--config", str(cfg)], {}
+        return [sys.executable, "-m", "lantern", "gateway", "run", "--config", str(cfg)], {}
 
 
 def render_flow(port: str, url: str, batch_frames: int, batch_age_s: float) -> str:

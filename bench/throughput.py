@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tools.upstream import Upstream
+from lantern.tools.street.upstream import Upstream
 
 from . import frames
 from .peers import LanternPeer, NodeRedPeer, Peer, cpu_seconds, reset_peak_rss, rss_mb

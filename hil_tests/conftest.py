@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.sim import MICROPYTHON
+from lantern.tools.street.sim import MICROPYTHON
 
 from .topology import Topology
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import cbor2
 
-from agent import protocol
-from agent.config import write_secret
-from tools.sim import BOARDS, FIRMWARE, MP_EXTMOD, ROOT, Relay, SimNode
+from lantern.agent import protocol
+from lantern.agent.config import write_secret
+from lantern.tools.street.sim import BOARDS, FIRMWARE, MP_EXTMOD, ROOT, Relay, SimNode
 
 from .topology import SAMPLE_LINE, Topology
 

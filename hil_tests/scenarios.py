@@ -15,8 +15,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import protocol
-from agent.errors import FrameError
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
 
 from .topology import Topology
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from agent import protocol
-from tools import nodelink as nl
-from tools.sim import Relay
+from lantern.agent import protocol
+from lantern.tools.field import nodelink as nl
+from lantern.tools.street.sim import Relay
 
 from .topology import Topology
 
-CLI = [sys.executable, "-m", "agent.cli"]
+CLI = [sys.executable, "-m", "lantern"]
 
 
 async def lantern(*args: str, timeout: float = 90) -> tuple[int, str, str]:

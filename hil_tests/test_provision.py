@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_keys
-from tools import provision_steps as ps
-from tools.sim import FIRMWARE, MP_EXTMOD, Relay, SimNode, gateway_toml
-from tools.upstream import Upstream
+from lantern.agent.config import load_keys
+from lantern.tools.field import provision_steps as ps
+from lantern.tools.street.sim import FIRMWARE, MP_EXTMOD, Relay, SimNode, gateway_toml
+from lantern.tools.street.upstream import Upstream
 
 from .qemu import (
     PROMPT,
@@ -40,7 +40,7 @@ from .qemu import (
 )
 
 pytestmark = pytest.mark.qemu
-CLI = [sys.executable, "-m", "agent.cli"]
+CLI = [sys.executable, "-m", "lantern"]
 
 
 @dataclass

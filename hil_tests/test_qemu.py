@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lantern.tools.street.sim import ROOT
 from tests.test_quantize import expected_lines, script_text
-from tools.sim import ROOT
 
 from .qemu import QEMU_IMAGE, UNAVAILABLE, QemuTopology, heap_stats, missing_tools
 from .test_serial_e2e import check_delivery

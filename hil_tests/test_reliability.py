@@ -1,6 +1,6 @@
 """Reliability scenarios on the real MicroPython node and the real gateway process.
 
-Scaled down here (`make test`); `make reliability` (tools/reliability.py) runs the same
+Scaled down here (`make test`); `make reliability` (tools/street/reliability.py) runs the same
 tests at full size and publishes their figures in docs/reliability.md. Every test records
 its row before asserting, so a failure still shows in the table.
 """
@@ -24,11 +24,11 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.diskcap import disk_bytes
-from agent.errors import FrameError
-from tools.faults import FaultSpec
-from tools.reliability import record, size
+from lantern.agent import protocol
+from lantern.agent.diskcap import disk_bytes
+from lantern.agent.errors import FrameError
+from lantern.tools.street.faults import FaultSpec
+from lantern.tools.street.reliability import record, size
 
 from .scenarios import (
     all_sampled,

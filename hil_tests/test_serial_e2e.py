@@ -13,8 +13,8 @@ from pycose.headers import KID, PartialIV
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 
-from agent import protocol
-from agent.units import UNITS
+from lantern.agent import protocol
+from lantern.agent.units import UNITS
 
 from .topology import Topology
 

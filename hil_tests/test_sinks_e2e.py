@@ -11,10 +11,10 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from agent import ngsi
+from lantern.agent import ngsi
+from lantern.tools.street.ngsi_broker import NgsiBroker
 from tests import sdm
 from tests.mosquitto import Mosquitto
-from tools.ngsi_broker import NgsiBroker
 
 from .test_serial_e2e import check_delivery
 from .topology import Topology

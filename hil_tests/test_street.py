@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from tools.sim import SimNode
+from lantern.tools.street.sim import SimNode
 
 from .test_serial_e2e import check_delivery
 from .topology import Topology

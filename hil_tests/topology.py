@@ -15,12 +15,12 @@ from pathlib import Path
 
 import cbor2
 
-from agent import protocol
-from agent.config import write_secret
-from agent.errors import FrameError
-from tools.faults import Faults, FaultSpec
-from tools.sim import Relay, SimNode, gateway_toml, keys_toml
-from tools.upstream import Upstream
+from lantern.agent import protocol
+from lantern.agent.config import write_secret
+from lantern.agent.errors import FrameError
+from lantern.tools.street.faults import Faults, FaultSpec
+from lantern.tools.street.sim import Relay, SimNode, gateway_toml, keys_toml
+from lantern.tools.street.upstream import Upstream
 
 SAMPLE_LINE = re.compile(rb"sample seq=(\d+) readings=(\d+)")
 
@@ -97,7 +97,7 @@ class Topology:
     gateway: subprocess.Popen[bytes] | None = None
     gw_config: Path | None = None
     gateway_extra: str = ""  # TOML appended to the gateway config (more sinks, [nodes])
-    faults: FaultSpec | None = None  # a seeded faulty line on every relay (tools/faults.py)
+    faults: FaultSpec | None = None  # a seeded faulty line on every relay (tools/street/faults.py)
     fault_seed: int = 0
     gateway_wrapper: list[str] = field(default_factory=list)  # command run before the gateway
     node_class: type[SimNode] = SimNode  # QEMU boards: hil_tests/qemu.py
@@ -139,7 +139,7 @@ class Topology:
         assert self.gw_config is not None
         log = open(self.workdir / "gateway.log", "ab")  # noqa: SIM115 - closed by the child
         self.gateway = subprocess.Popen(
-            [*self.gateway_wrapper, sys.executable, "-m", "agent.cli", "gateway", "run",
+            [*self.gateway_wrapper, sys.executable, "-m", "lantern", "gateway", "run",
              "--config", str(self.gw_config)],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -18,11 +18,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import Api, ApiServer, GatewayView, parse_since
-from agent.config import ApiConfig
-from agent.history import History, find_gaps, typical_interval
-from agent.metrics import LATENCY_BUCKETS, REJECT_REASONS, SKIP_REASONS, Metrics, TimedSink
-from agent.store import Accepted, Store, Window
+from lantern.agent.api import Api, ApiServer, GatewayView, parse_since
+from lantern.agent.config import ApiConfig
+from lantern.agent.history import History, find_gaps, typical_interval
+from lantern.agent.metrics import LATENCY_BUCKETS, REJECT_REASONS, SKIP_REASONS, Metrics, TimedSink
+from lantern.agent.store import Accepted, Store, Window
 
 NODES = ["SL-0001", "SL-0002", "SL-0003"]
 T0 = 1.7e9  # sample times of the fixture readings (2023): long before "now"
@@ -161,7 +161,7 @@ async def test_a_slow_store_is_asked_less_often(rig: Rig, monkeypatch: pytest.Mo
         return await real()
 
     monkeypatch.setattr(rig.store, "overview", slow)
-    monkeypatch.setattr("agent.api.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("lantern.agent.api.time.monotonic", lambda: clock[0])
     await rig.view.overview()
     clock[0] += 1.5  # past the usual 1 s, within 20 x 0.1 s
     await rig.view.overview()

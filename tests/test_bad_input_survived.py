@@ -17,16 +17,16 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.errors import FrameError
-from agent.forward import Forwarder
-from agent.metrics import Metrics
-from agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
-from agent.sinks.mqtt import MqttSink, MqttSinkConfig
-from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
-from agent.store import Accepted, Store, Window
-from tools import nodelink as nl
-from tools.ngsi_broker import NgsiBroker
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
+from lantern.agent.forward import Forwarder
+from lantern.agent.metrics import Metrics
+from lantern.agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
+from lantern.agent.sinks.mqtt import MqttSink, MqttSinkConfig
+from lantern.agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
+from lantern.agent.store import Accepted, Store, Window
+from lantern.tools.field import nodelink as nl
+from lantern.tools.street.ngsi_broker import NgsiBroker
 
 from .mosquitto import Mosquitto
 from .test_ngsi_ld import NODES
@@ -225,14 +225,14 @@ async def test_http_sink_error_does_not_carry_the_url_password() -> None:
     cfg = HttpSinkConfig(url="http://lantern:s3cr3t-pw@127.0.0.1:9/senml", timeout_s=2)
     async with HttpSink(cfg) as sink:
         with pytest.raises(DeliveryError) as err:
-            from agent.resolved import Batch
+            from lantern.agent.resolved import Batch
 
             await sink.send(Batch(1, 1, 0.0, ["x"], ['{"n":"a","v":1}']))
     assert "s3cr3t-pw" not in str(err.value), str(err.value)
 
 
 # ---- 5. the diagnostic tool crashes on a malformed (unauthenticated) STATUS ----------------
-# tools/nodelink.py parse_status() runs on every STATUS before any MAC check and does
+# tools/field/nodelink.py parse_status() runs on every STATUS before any MAC check and does
 # int(p.get(5, 0)): a text reason raises ValueError, which `lantern diag node` does not catch
 # (it catches DiagError and FrameError): a traceback instead of "the node's answer was
 # malformed". Anyone on the line can send such a frame.
@@ -272,21 +272,21 @@ async def test_malformed_status_is_a_frame_error_not_a_crash() -> None:
 # ---- 6. `lantern diag node identify abc`: a traceback, where set-interval says what to type --
 
 def test_identify_with_bad_seconds_is_a_clear_error() -> None:
-    from tools import diag
+    from lantern.tools.field import diag
 
     with pytest.raises(nl.DiagError):
         diag._command(argparse.Namespace(action="identify", value="abc"))
 
 
 # ---- 7. `lantern provision node --new-key` corrupts a key file that quotes ids with '' -----
-# tools/provision_steps.py keys_text() finds the node's line with a regex that knows only
+# tools/field/provision_steps.py keys_text() finds the node's line with a regex that knows only
 # "id" and bare id; TOML's literal keys ('SL-0042' = "...") are missed, a second line for the
 # same id is inserted, and write_secret() replaces the key file with invalid TOML before
 # load_keys() notices: the gateway can no longer start.
 
 def test_new_key_replaces_a_literal_quoted_id(tmp_path: Path) -> None:
-    from agent.config import load_keys
-    from tools import provision_steps as ps
+    from lantern.agent.config import load_keys
+    from lantern.tools.field import provision_steps as ps
 
     keys = tmp_path / "keys.toml"
     keys.write_text("[nodes]\n'SL-0042' = \"" + "11" * 32 + "\"\n")
@@ -303,8 +303,8 @@ def test_new_key_replaces_a_literal_quoted_id(tmp_path: Path) -> None:
 # `lantern gateway check-config` prints a traceback instead of one line and exit 2.
 
 def test_unreadable_api_token_file_is_a_config_error(tmp_path: Path) -> None:
-    from agent.config import load_config
-    from agent.errors import ConfigError
+    from lantern.agent.config import load_config
+    from lantern.agent.errors import ConfigError
 
     (tmp_path / "tok").mkdir(mode=0o700)
     cfg = tmp_path / "gw.toml"
@@ -321,7 +321,7 @@ def test_unreadable_api_token_file_is_a_config_error(tmp_path: Path) -> None:
 def test_since_nan_is_a_bad_request() -> None:
     from aiohttp import web
 
-    from agent.api import parse_since
+    from lantern.agent.api import parse_since
 
     with pytest.raises(web.HTTPBadRequest):
         parse_since("nan", 1_800_000_000.0)
@@ -370,7 +370,7 @@ async def test_a_sink_bug_is_retried_and_logged_once_not_fatal(
 def test_entities_leave_out_and_count_what_no_entity_can_hold() -> None:
     from collections import Counter
 
-    from agent.ngsi import entities, split_name
+    from lantern.agent.ngsi import entities, split_name
 
     assert split_name("urn:dev:lantern:SL-0042:pm2_5") == ("SL-0042", "pm2_5")
     assert split_name("urn:dev:bthome:park-1:temperature") == ("bthome:park-1", "temperature")
@@ -386,8 +386,8 @@ def test_entities_leave_out_and_count_what_no_entity_can_hold() -> None:
 
 
 def test_a_url_with_credentials_is_refused_without_showing_them(tmp_path: Path) -> None:
-    from agent.config import load_config, shown_url
-    from agent.errors import ConfigError
+    from lantern.agent.config import load_config, shown_url
+    from lantern.agent.errors import ConfigError
 
     cfg = tmp_path / "gw.toml"
     cfg.write_text('[gateway]\nkeys_file = "keys.toml"\n[[links.serial]]\nport = "/dev/null"\n'
@@ -400,7 +400,7 @@ def test_a_url_with_credentials_is_refused_without_showing_them(tmp_path: Path) 
 
 
 def test_set_interval_beyond_any_number_is_a_clear_error() -> None:
-    from tools import diag
+    from lantern.tools.field import diag
 
     for v in ("inf", "nan", "1e400", "x"):
         with pytest.raises(nl.DiagError, match="set-interval needs seconds"):
@@ -408,7 +408,7 @@ def test_set_interval_beyond_any_number_is_a_clear_error() -> None:
 
 
 def test_a_key_file_that_cannot_take_the_key_is_left_alone(tmp_path: Path) -> None:
-    from tools import provision_steps as ps
+    from lantern.tools.field import provision_steps as ps
 
     keys = tmp_path / "keys.toml"
     keys.write_text("[nodes]  # a comment after the header is fine\n"

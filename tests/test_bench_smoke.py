@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.units import UNITS
-from tools.sim import MICROPYTHON
+from lantern.agent.units import UNITS
+from lantern.tools.street.sim import MICROPYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_RED_JS = ROOT / ".build/node-red/node_modules/node-red/red.js"

@@ -18,9 +18,9 @@ from habluetooth import BluetoothServiceInfoBleak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import bthome as gw
-from agent.errors import FrameError
-from agent.links import ble_session
+from lantern.agent import bthome as gw
+from lantern.agent.errors import FrameError
+from lantern.agent.links import ble_session
 from tests.ble import mpcompat
 
 mpcompat.install()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import check_secret_file, load_config, load_keys, write_secret
-from agent.errors import ConfigError, LanternError
+from lantern.agent.config import check_secret_file, load_config, load_keys, write_secret
+from lantern.agent.errors import ConfigError, LanternError
 
 GOOD = """\
 [gateway]

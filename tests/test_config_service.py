@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, write_secret
-from agent.errors import ConfigError
+from lantern.agent.config import load_config, write_secret
+from lantern.agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "gateway.example.toml"
@@ -103,7 +103,7 @@ def test_bad_service_settings_name_line_key_and_fix(tmp_path: Path, extra: str, 
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "gateway", "check-config",
+    return subprocess.run([sys.executable, "-m", "lantern", "gateway", "check-config",
                            "--config", str(path)], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
 
@@ -184,8 +184,8 @@ def test_typo_in_the_example_is_one_clear_error(example: Path) -> None:
 
 IMPORTED = """
 import sys
-from agent.config import load_config
-import agent.cli, agent.gateway
+from lantern.agent.config import load_config
+import lantern.agent.cli, lantern.agent.gateway
 cfg = load_config(sys.argv[1])
 print(" ".join(sorted(m for m in sys.modules)))
 """
@@ -193,12 +193,14 @@ print(" ".join(sorted(m for m in sys.modules)))
 
 @pytest.mark.parametrize(("extra", "loaded", "not_loaded"), [
     # a serial + HTTP gateway: neither bleak nor aiomqtt (nor the BLE link, nor the other sinks)
-    ("", {"agent.links.serial", "agent.sinks.http"},
-     {"bleak", "aiomqtt", "agent.links.ble", "agent.links.ble_config", "agent.sinks.mqtt",
-      "agent.sinks.ngsi_ld", "tools"}),
+    ("", {"lantern.agent.links.serial", "lantern.agent.sinks.http"},
+     {"bleak", "aiomqtt", "lantern.agent.links.ble", "lantern.agent.links.ble_config",
+      "lantern.agent.sinks.mqtt", "lantern.agent.sinks.ngsi_ld", "lantern.tools.field",
+      "lantern.tools.street", "rich", "esptool", "mpremote"}),
     # a BLE table is parsed without bleak: the link's factory loads it when the link is built
     ("[[links.ble]]\n[sinks.mqtt]\nhost = \"h\"\n",
-     {"agent.links.ble_config", "agent.sinks.mqtt", "aiomqtt"}, {"bleak", "agent.links.ble"}),
+     {"lantern.agent.links.ble_config", "lantern.agent.sinks.mqtt", "aiomqtt"},
+     {"bleak", "lantern.agent.links.ble"}),
 ])
 def test_a_plugin_is_imported_only_when_configured(tmp_path: Path, extra: str, loaded: set[str],
                                                    not_loaded: set[str]) -> None:
@@ -210,7 +212,7 @@ def test_a_plugin_is_imported_only_when_configured(tmp_path: Path, extra: str, l
 
 
 def test_every_registered_plugin_names_itself() -> None:
-    from agent import plugins
+    from lantern.agent import plugins
 
     for name in plugins.SINKS:
         assert plugins.sink(name).name == name and plugins.sink(name).keys

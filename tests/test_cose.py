@@ -540,9 +540,9 @@ def test_fuzz_only_cose_error_and_nothing_verifies():
 def _gateway_bodies():
     """Bodies as the gateway and the tools really build them (agent/, tools/), each with its
     external AAD: ACKs from both ACK encoders, a BLE start ACK, a COMMAND."""
-    from agent import protocol
-    from agent.links.ble_session import start_message
-    from tools import nodelink
+    from lantern.agent import protocol
+    from lantern.agent.links.ble_session import start_message
+    from lantern.tools.field import nodelink
 
     kid = b"SL-0001"
     out = []

@@ -1,7 +1,7 @@
 """`lantern diag node --ble`: the field tool over the Lantern GATT service on a virtual radio.
 
 The node is the real firmware (node.app.Node with its BLE link, on CPython with the fake
-`bluetooth` module of tests/ble); the tool is tools/diag_ble.py on bleak with the bumble
+`bluetooth` module of tests/ble); the tool is tools/field/diag_ble.py on bleak with the bumble
 backend (tests/ble/bleak_bumble.py), as the gateway's BLE tier runs.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tools import diag
-from tools import nodelink as nl
-from tools.diag_ble import BleTransport
+from lantern.tools.field import diag
+from lantern.tools.field import nodelink as nl
+from lantern.tools.field.diag_ble import BleTransport
 
 from .ble.bleak_bumble import Adapter
 from .ble.harness import BleNode, World, until

@@ -1,7 +1,7 @@
 """COMMAND / REPLY / STATUS (docs/protocol.md, "Diagnostics"): vectors, both sides, rules.
 
 The node's side (firmware/node/commands.py) runs on the MicroPython unix port; the tool's side
-(tools/nodelink.py) on CPython with cbor2; pycose checks the MACs independently.
+(tools/field/nodelink.py) on CPython with cbor2; pycose checks the MACs independently.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 
-from agent import protocol
-from agent.errors import FrameError
-from tools import nodelink as nl
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
+from lantern.tools.field import nodelink as nl
 
 ROOT = Path(__file__).resolve().parents[1]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"

@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
-from agent.config import write_secret
-from tools import diag_gateway as dg
-from tools import diag_view as dv
-from tools.nodelink import Identity, Reading
+from lantern.agent.config import write_secret
+from lantern.tools.field import diag_gateway as dg
+from lantern.tools.field import diag_view as dv
+from lantern.tools.field.nodelink import Identity, Reading
 
 NOW = 1_764_331_200.0
 
@@ -204,7 +204,7 @@ def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     tok = tmp_path / "token"
     tok.write_text("s3cret\n")
     tok.chmod(0o644)
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "diag", "gateway", "--url",
+    r = subprocess.run([sys.executable, "-m", "lantern", "diag", "gateway", "--url",
                         "http://127.0.0.1:9/", "--token-file", str(tok)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "lets other users read a secret" in r.stderr, r.stderr

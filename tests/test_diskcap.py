@@ -11,13 +11,13 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.config import load_config
-from agent.diskcap import disk_bytes
-from agent.errors import ConfigError
-from agent.ingest import Ingest
-from agent.metrics import Metrics
-from agent.store import Accepted, Store, Window
+from lantern.agent import protocol
+from lantern.agent.config import load_config
+from lantern.agent.diskcap import disk_bytes
+from lantern.agent.errors import ConfigError
+from lantern.agent.ingest import Ingest
+from lantern.agent.metrics import Metrics
+from lantern.agent.store import Accepted, Store, Window
 
 CAP = 1 << 20
 KEY = bytes(range(32))
@@ -270,7 +270,7 @@ def test_queue_config_errors_name_line_and_key(tmp_path: Path, extra: str, messa
 async def test_a_refused_frame_that_never_returns_stops_holding_others(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The node may have given the old frame up (its outbox was full): do not wait forever."""
-    monkeypatch.setattr("agent.ingest.HOLD_MAX_S", 0.2)
+    monkeypatch.setattr("lantern.agent.ingest.HOLD_MAX_S", 0.2)
     async with Store(tmp_path / "q.sqlite") as store:
         ing = Ingest(store, {NODE.encode(): KEY}, Metrics())
         await ing.start()

@@ -10,8 +10,8 @@ import cbor2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import protocol
-from agent.protocol import f32_decimal
+from lantern.agent import protocol
+from lantern.agent.protocol import f32_decimal
 
 
 def f32(v: float) -> float:

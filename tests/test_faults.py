@@ -1,4 +1,4 @@
-"""The seeded fault-injecting line (tools/faults.py): rates, reproducibility, order, frames."""
+"""The seeded fault-injecting line (tools/street/faults.py): rates, reproducibility, order."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from agent import protocol
-from tools.faults import HOLD_S, Faults, FaultSpec
+from lantern.agent import protocol
+from lantern.tools.street.faults import HOLD_S, Faults, FaultSpec
 
 
 def frames(n: int, seed: int = 1) -> list[bytes]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import protocol
-from agent.units import UNITS
+from lantern.agent import protocol
+from lantern.agent.units import UNITS
 
 from .test_quantize import reference
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "firmware"))
 
 from node import cose, frame
 
-from agent import protocol
-from agent.errors import FrameError as AgentFrameError
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError as AgentFrameError
 
 TYPES = (frame.DATA, frame.ACK, frame.STATUS, frame.COMMAND, frame.REPLY)
 KINDS = {"cobs", "crc", "short", "type", "oversize"}

@@ -25,11 +25,11 @@ from cobs import cobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import protocol
-from agent.ingest import Ingest
-from agent.metrics import Metrics
-from agent.store import WINDOW, Store
-from tools.reliability import record, size
+from lantern.agent import protocol
+from lantern.agent.ingest import Ingest
+from lantern.agent.metrics import Metrics
+from lantern.agent.store import WINDOW, Store
+from lantern.tools.street.reliability import record, size
 
 KEYS = {b"SL-0001": bytes(range(32)), b"SL-0002": bytes(range(50, 82))}
 BASE_SEQS = 100  # genuine frames per node committed before fuzzing (windows at 99)

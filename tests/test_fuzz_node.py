@@ -20,8 +20,8 @@ import cbor2
 import pytest
 from cobs import cobs
 
-from agent import protocol
-from tools.reliability import record, size
+from lantern.agent import protocol
+from lantern.tools.street.reliability import record, size
 
 ROOT = Path(__file__).resolve().parents[1]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"

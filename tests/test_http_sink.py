@@ -1,4 +1,4 @@
-"""HTTP sink and forwarder against a real aiohttp receiver on 127.0.0.1 (tools/upstream.py)."""
+"""HTTP sink and forwarder against a real aiohttp receiver (tools/street/upstream.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.forward import Forwarder
-from agent.metrics import Metrics
-from agent.sinks.http import (
+from lantern.agent.forward import Forwarder
+from lantern.agent.metrics import Metrics
+from lantern.agent.sinks.http import (
     RETRY_AFTER_MAX_S,
     DeliveryError,
     HttpSink,
@@ -26,8 +26,8 @@ from agent.sinks.http import (
     idempotency_key,
     parse_retry_after,
 )
-from agent.store import Accepted, Batch, Store, Window
-from tools.upstream import Upstream
+from lantern.agent.store import Accepted, Batch, Store, Window
+from lantern.tools.street.upstream import Upstream
 
 
 class TimedUpstream(Upstream):

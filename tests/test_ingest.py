@@ -16,11 +16,11 @@ import cbor2
 import pytest
 from cobs import cobs
 
-from agent import protocol
-from agent.errors import AuthError
-from agent.ingest import Ingest
-from agent.metrics import Metrics
-from agent.store import WINDOW, Store
+from lantern.agent import protocol
+from lantern.agent.errors import AuthError
+from lantern.agent.ingest import Ingest
+from lantern.agent.metrics import Metrics
+from lantern.agent.store import WINDOW, Store
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))
@@ -484,8 +484,8 @@ async def test_the_ack_path_never_resolves_a_pack(ing: Ingest, link: FakeLink,
 
 async def test_intake_closes_while_frames_wait_and_opens_after_the_commit(
         ing: Ingest, link: FakeLink, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.ingest.INTAKE_HIGH", 4)
-    monkeypatch.setattr("agent.ingest.INTAKE_LOW", 2)
+    monkeypatch.setattr("lantern.agent.ingest.INTAKE_HIGH", 4)
+    monkeypatch.setattr("lantern.agent.ingest.INTAKE_LOW", 2)
     assert ing.intake.is_set()
     ing.on_data(link, b"".join(data_frame(s) for s in range(1, 4)))
     assert ing.intake.is_set()  # 3 waiting

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.logsetup import JournalFormatter, RateLimit, escape_controls, under_journald
+from lantern.agent.logsetup import JournalFormatter, RateLimit, escape_controls, under_journald
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_a_multi_line_event_stays_one_line() -> None:
 def test_rate_limit_lets_a_burst_through_then_summarises(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("agent.logsetup.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("lantern.agent.logsetup.time.monotonic", lambda: now[0])
     f = RateLimit(burst=3, period=60)
     passed = [f.filter(r) for r in (record(logging.WARNING, "crc error from %s", "a")
                                     for _ in range(10))]

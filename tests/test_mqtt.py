@@ -12,8 +12,8 @@ import aiomqtt
 import cbor2
 import pytest
 
-from agent.sinks.http import DeliveryError
-from agent.sinks.mqtt import MqttSink, MqttSinkConfig
+from lantern.agent.sinks.http import DeliveryError
+from lantern.agent.sinks.mqtt import MqttSink, MqttSinkConfig
 
 from .mosquitto import Mosquitto
 from .test_ngsi_ld import batch, records

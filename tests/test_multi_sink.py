@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import ngsi
-from agent.forward import Forwarder
-from agent.metrics import Metrics
-from agent.sinks.http import HttpSink, HttpSinkConfig
-from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
-from agent.store import Accepted, Store, Window
-from tools.ngsi_broker import NgsiBroker
-from tools.upstream import Upstream
+from lantern.agent import ngsi
+from lantern.agent.forward import Forwarder
+from lantern.agent.metrics import Metrics
+from lantern.agent.sinks.http import HttpSink, HttpSinkConfig
+from lantern.agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
+from lantern.agent.store import Accepted, Store, Window
+from lantern.tools.street.ngsi_broker import NgsiBroker
+from lantern.tools.street.upstream import Upstream
 
 from .test_ngsi_ld import NODES, records
 

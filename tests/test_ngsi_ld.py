@@ -8,11 +8,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent import ngsi
-from agent.sinks.http import DeliveryError
-from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
-from agent.store import Batch
-from tools.ngsi_broker import NgsiBroker
+from lantern.agent import ngsi
+from lantern.agent.sinks.http import DeliveryError
+from lantern.agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
+from lantern.agent.store import Batch
+from lantern.tools.street.ngsi_broker import NgsiBroker
 
 from . import sdm
 

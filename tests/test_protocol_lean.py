@@ -18,8 +18,8 @@ from pycose.headers import KID, Algorithm
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 
-from agent import protocol
-from agent.errors import AuthError, FrameError
+from lantern.agent import protocol
+from lantern.agent.errors import AuthError, FrameError
 
 # lengths on both sides of every CBOR head form (RFC 8949 §3: 23/24, 255/256, 65535/65536)
 EDGES = [0, 1, 23, 24, 25, 255, 256, 257, 1000, 65535, 65536, 65537]

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main as lantern
-from agent.config import load_config, load_keys, write_secret
-from tools import provision as pv
-from tools import provision_steps as ps
+from lantern.agent.cli import main as lantern
+from lantern.agent.config import load_config, load_keys, write_secret
+from lantern.tools.field import provision as pv
+from lantern.tools.field import provision_steps as ps
 
 ROOT = Path(__file__).resolve().parents[1]
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"

@@ -1,4 +1,4 @@
-"""tools/reliability.py: the CPU load it runs the scenarios under, and how the table says so."""
+"""tools/street/reliability.py: the CPU load the scenarios run under, and what the table says."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import reliability
+from lantern.tools.street import reliability
 
 
 def _children() -> dict[int, str]:

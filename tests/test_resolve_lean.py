@@ -10,9 +10,9 @@ import cbor2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import protocol
-from agent.errors import FrameError
-from agent.protocol import SENML_LABELS, _canonical_unit, _loads, base_name, f32_decimal
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
+from lantern.agent.protocol import SENML_LABELS, _canonical_unit, _loads, base_name, f32_decimal
 
 _VALUE_TYPES: dict[int, type] = {3: str, 4: bool, 8: bytes}
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import protocol, resolved
-from agent.errors import FrameError
-from agent.resolved import PACK, RECORDS, dumps, resolve
+from lantern.agent import protocol, resolved
+from lantern.agent.errors import FrameError
+from lantern.agent.resolved import PACK, RECORDS, dumps, resolve
 
 from .test_resolve_lean import GOOD, NODE, RECORD, reference
 

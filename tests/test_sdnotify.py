@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import write_secret
-from agent.sdnotify import Notifier, supervise
+from lantern.agent.config import write_secret
+from lantern.agent.sdnotify import Notifier, supervise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_gateway_process_speaks_sd_notify(manager: FakeManager, tmp_path: Path) 
                    "[api]\nport = 0\n")
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="1000000")
     log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "gateway", "run", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "lantern", "gateway", "run", "--config",
                              str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         msgs = manager.wait(lambda ms: any(m.get("READY") == "1" for m in ms), 60, "READY=1")

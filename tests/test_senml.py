@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "firmware"))
 
 from node import cbor, senml
 
-from agent import protocol
-from agent.errors import FrameError
-from agent.units import UNITS as CANONICAL
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
+from lantern.agent.units import UNITS as CANONICAL
 
 NODE = "SL-0042"
 BN = "urn:dev:lantern:SL-0042:"

@@ -12,7 +12,7 @@ import time
 import tty
 from collections.abc import Callable
 
-from agent.links.serial import SerialLink
+from lantern.agent.links.serial import SerialLink
 
 
 async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
-from agent.errors import ConfigError
+from lantern.agent.config import load_config
+from lantern.agent.errors import ConfigError
 
 BASE = """[gateway]
 keys_file = "keys.toml"

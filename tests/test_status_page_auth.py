@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from agent.api import Api, GatewayView
-from agent.metrics import Metrics
-from agent.store import Store
 from hil_tests.cdp import Browser
+from lantern.agent.api import Api, GatewayView
+from lantern.agent.metrics import Metrics
+from lantern.agent.store import Store
 
 from .test_api import FakeForwarder, FakeLink, commit, pack
 

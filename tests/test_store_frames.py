@@ -14,10 +14,10 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import protocol, resolved
-from agent.errors import ConfigError
-from agent.history import JSON_ROW, PACK_ROW, History, row_records
-from agent.store import SCHEMA_VERSION, Accepted, Store, Window
+from lantern.agent import protocol, resolved
+from lantern.agent.errors import ConfigError
+from lantern.agent.history import JSON_ROW, PACK_ROW, History, row_records
+from lantern.agent.store import SCHEMA_VERSION, Accepted, Store, Window
 
 BT = 1764331200
 NODE = "SL-0001"
@@ -124,7 +124,7 @@ async def test_every_frame_is_resolved_once_for_two_sinks_and_the_api(
         calls.append(seq)
         return real(node, seq, fmt, body)
 
-    monkeypatch.setattr("agent.outbound.resolve", counting)
+    monkeypatch.setattr("lantern.agent.outbound.resolve", counting)
     await commit(store, [packed(s) for s in range(1, 6)])
     a = await store.next_batch(6)  # http: frames 1-2
     assert a is not None and len(a.rids) == 6
@@ -249,7 +249,7 @@ async def test_a_queue_of_the_earlier_layout_is_refused_untouched(tmp_path: Path
 def test_the_demo_moves_an_earlier_queue_aside_and_starts_again(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A deployed gateway refuses it (above); `make demo` after an upgrade must still run."""
-    from tools.demo import _fresh_queue_if_old
+    from lantern.tools.street.demo import _fresh_queue_if_old
 
     state = tmp_path / "gateway-state"
     state.mkdir()

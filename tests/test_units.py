@@ -10,8 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from agent import ngsi
-from agent.units import UNITS
+from lantern.agent import ngsi
+from lantern.agent.units import UNITS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "firmware"))

@@ -18,7 +18,7 @@ import pytest
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 
-from agent import protocol
+from lantern.agent import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "firmware"))

@@ -98,7 +98,7 @@ def node_key(cfg, hal):
 
 
 def key_id(key):
-    """A key's public name (16 hex digits; tools/provision_steps.py key_id gives the same)."""
+    """A key's public name (16 hex digits; tools/field/provision_steps.py key_id gives the same)."""
     return hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex()
 
 

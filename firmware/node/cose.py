@@ -177,7 +177,7 @@ def mac0_verify(key, data):
 #   bstr(tag)                  8 bytes for alg 4, 32 for alg 5
 #
 # This is all a gateway or a tool ever sends a node (agent/protocol.py NodeKey.ack,
-# tools/nodelink.py seal): anything else is refused before a byte of it is decoded, so
+# tools/field/nodelink.py seal): anything else is refused before a byte of it is decoded, so
 # unauthenticated input allocates nothing but the slices it is made of.
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.forward import Forwarder
-from agent.ingest import Ingest
-from agent.metrics import Metrics
-from agent.resolved import Batch
-from agent.store import Store
+from lantern.agent import protocol
+from lantern.agent.forward import Forwarder
+from lantern.agent.ingest import Ingest
+from lantern.agent.metrics import Metrics
+from lantern.agent.resolved import Batch
+from lantern.agent.store import Store
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))

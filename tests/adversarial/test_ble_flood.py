@@ -31,13 +31,13 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
-from agent import bthome
-from agent.ingest import Ingest
-from agent.links.ble import BleLink, node_tag
-from agent.links.ble_config import BleLinkConfig
-from agent.links.ble_session import SERVICE_UUID
-from agent.metrics import Metrics
-from agent.store import Store
+from lantern.agent import bthome
+from lantern.agent.ingest import Ingest
+from lantern.agent.links.ble import BleLink, node_tag
+from lantern.agent.links.ble_config import BleLinkConfig
+from lantern.agent.links.ble_session import SERVICE_UUID
+from lantern.agent.metrics import Metrics
+from lantern.agent.store import Store
 
 NODE, OTHER = "SL-0001", "SL-0002"
 KEYS = {NODE.encode(): bytes(range(32)), OTHER.encode(): bytes(range(1, 33))}
@@ -112,12 +112,13 @@ def table_sizes(obj: Any, path: str = "link", seen: set[int] | None = None) -> d
             out[where] = len(value)
             items = value.values() if isinstance(value, dict) else value
             for i, item in enumerate(items):
-                if type(item).__module__.startswith("agent.links"):
+                if type(item).__module__.startswith("lantern.agent.links"):
                     for k, v in table_sizes(item, f"{where}[{i}]", seen).items():
                         out[k] = max(out.get(k, 0), v)
                 if i >= 8:
                     break
-        elif type(value).__module__.startswith("agent.links") and hasattr(value, "__dict__"):
+        elif (type(value).__module__.startswith("lantern.agent.links")
+              and hasattr(value, "__dict__")):
             out.update(table_sizes(value, where, seen))
     return out
 

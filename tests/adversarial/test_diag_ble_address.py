@@ -1,4 +1,4 @@
-"""tools/diag_ble.py: what counts as a BLE address in `lantern diag node --ble TARGET`.
+"""tools/field/diag_ble.py: what counts as a BLE address in `lantern diag node --ble TARGET`.
 
 `^...$` with re.match also accepts a trailing newline ("AA:BB:CC:DD:EE:FF\\n"), the same
 slip as the node-id pattern of review finding 9: such a target was taken as an address that
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.links.ble import node_tag
-from agent.links.ble_session import SERVICE_UUID
-from tools.diag_ble import ADDRESS, BleTransport
+from lantern.agent.links.ble import node_tag
+from lantern.agent.links.ble_session import SERVICE_UUID
+from lantern.tools.field.diag_ble import ADDRESS, BleTransport
 
 ADDR = "F0:00:00:00:00:77"
 

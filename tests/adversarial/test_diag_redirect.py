@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tools import diag_gateway as dg
+from lantern.tools.field import diag_gateway as dg
 
 
 async def test_a_redirect_is_not_followed_with_the_token() -> None:

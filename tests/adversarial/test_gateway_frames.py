@@ -26,15 +26,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import logsetup, protocol
-from agent.config import NODE_ID, load_keys
-from agent.errors import ConfigError, FrameError
-from agent.forward import Forwarder
-from agent.ingest import Ingest
-from agent.links.serial import SerialLink
-from agent.metrics import Metrics
-from agent.resolved import Batch
-from agent.store import SCHEMA_VERSION, Accepted, Store, Window
+from lantern.agent import logsetup, protocol
+from lantern.agent.config import NODE_ID, load_keys
+from lantern.agent.errors import ConfigError, FrameError
+from lantern.agent.forward import Forwarder
+from lantern.agent.ingest import Ingest
+from lantern.agent.links.serial import SerialLink
+from lantern.agent.metrics import Metrics
+from lantern.agent.resolved import Batch
+from lantern.agent.store import SCHEMA_VERSION, Accepted, Store, Window
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))

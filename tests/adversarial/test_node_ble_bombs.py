@@ -23,9 +23,9 @@ import cbor2
 import pytest
 from bleak import BleakClient
 
-from agent import protocol
-from agent.links.ble_session import CTRL_UUID, DATA_UUID, segments
-from tools import nodelink as nl
+from lantern.agent import protocol
+from lantern.agent.links.ble_session import CTRL_UUID, DATA_UUID, segments
+from lantern.tools.field import nodelink as nl
 
 from .test_node_bombs import bombs
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from agent import protocol
-from agent.errors import FrameError
-from tools import nodelink as nl
-from tools.sim import MICROPYTHON, Relay, SimNode
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
+from lantern.tools.field import nodelink as nl
+from lantern.tools.street.sim import MICROPYTHON, Relay, SimNode
 
 pytestmark = pytest.mark.micropython
 
@@ -64,7 +64,7 @@ def bombs() -> list[bytes]:
 
 def bursts() -> list[list[tuple[int, bytes]]]:
     """Every bomb as an ACK and as a COMMAND, back to back in groups the simulated line's
-    FIFO (tools/sim.py LINE_BUFFER) carries whole."""
+    FIFO (tools/street/sim.py LINE_BUFFER) carries whole."""
     out: list[list[tuple[int, bytes]]] = [[]]
     size = 0
     for body in bombs():

@@ -22,9 +22,9 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent import protocol
-from tools.reliability import record, size
-from tools.sim import MICROPYTHON, SimNode
+from lantern.agent import protocol
+from lantern.tools.street.reliability import record, size
+from lantern.tools.street.sim import MICROPYTHON, SimNode
 
 pytestmark = pytest.mark.micropython
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import protocol
-from tools.sim import MICROPYTHON
+from lantern.agent import protocol
+from lantern.tools.street.sim import MICROPYTHON
 
 pytestmark = pytest.mark.micropython
 

@@ -5,7 +5,7 @@ node's frame sequence, command floor and BTHome counter: a recorded old ACK then
 frames and set the clock back, a recorded old command was obeyed again, BTHome adverts reused
 (bindkey, counter) — the AES-CCM keystream — and the gateway refused the new frames as replays.
 
-Here the real tool decides the key (tools/provision.py) and the real firmware (node.app,
+Here the real tool decides the key (tools/field/provision.py) and the real firmware (node.app,
 node.outbox, node.link_uart, node.commands, node.link_ble's counter) runs on the MicroPython
 unix port before and after the wipe; the attacker's recordings are replayed after it.
 """
@@ -24,11 +24,11 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.config import load_keys, write_secret
-from tools import nodelink
-from tools import provision as pv
-from tools import provision_steps as ps
+from lantern.agent import protocol
+from lantern.agent.config import load_keys, write_secret
+from lantern.tools.field import nodelink
+from lantern.tools.field import provision as pv
+from lantern.tools.field import provision_steps as ps
 
 from .gateway_harness import RecordingLink, ingest_running
 

@@ -6,7 +6,7 @@ dropped the new key's readings as repeats of the old key's; and while frames of 
 with the same (node, seq) still waited in the gateway's queue, the new ones became
 `seq_collision` dead letters instead of being delivered.
 
-Here `lantern provision node` runs whole (tools/provision.py), its esptool and mpremote runs
+Here `lantern provision node` runs whole (tools/field/provision.py), its esptool and mpremote runs
 carried out against a directory standing for the board's flash: mpremote's `exec`/`run` scripts
 run on the MicroPython unix port there, as the board's REPL would run them. The node's own
 firmware (node.app seal, node.outbox) then boots on that flash and seals frames, and a real
@@ -30,13 +30,13 @@ from types import SimpleNamespace
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.config import load_keys, write_secret
-from agent.ingest import Ingest
-from agent.store import Store
-from tools import provision as pv
-from tools import provision_steps as ps
-from tools.sim import gateway_toml
+from lantern.agent import protocol
+from lantern.agent.config import load_keys, write_secret
+from lantern.agent.ingest import Ingest
+from lantern.agent.store import Store
+from lantern.tools.field import provision as pv
+from lantern.tools.field import provision_steps as ps
+from lantern.tools.street.sim import gateway_toml
 
 from .gateway_harness import RecordingLink, ingest_running
 

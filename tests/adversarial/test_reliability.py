@@ -15,10 +15,10 @@ from typing import Any
 
 import cbor2
 
-from agent import protocol
 from hil_tests.scenarios import packs, tally, upstream_has_all
 from hil_tests.topology import Topology, Wire
-from tools.sim import SimNode
+from lantern.agent import protocol
+from lantern.tools.street.sim import SimNode
 
 NODE = "SL-0001"
 

@@ -18,11 +18,11 @@ import pytest
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
-from agent.ingest import Ingest
-from agent.links import ble as ble_mod
-from agent.links.ble import BleLink, node_tag
-from agent.links.ble_config import BleLinkConfig
-from agent.links.ble_session import (
+from lantern.agent.ingest import Ingest
+from lantern.agent.links import ble as ble_mod
+from lantern.agent.links.ble import BleLink, node_tag
+from lantern.agent.links.ble_config import BleLinkConfig
+from lantern.agent.links.ble_session import (
     CTRL_UUID,
     DATA_UUID,
     SEG_MORE,
@@ -30,8 +30,8 @@ from agent.links.ble_session import (
     STATE_UUID,
     segments,
 )
-from agent.metrics import Metrics
-from agent.store import Store
+from lantern.agent.metrics import Metrics
+from lantern.agent.store import Store
 
 pytestmark = pytest.mark.adversarial
 

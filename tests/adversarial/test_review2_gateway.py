@@ -13,9 +13,9 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.diskcap import disk_bytes
-from agent.store import Accepted, Window
+from lantern.agent import protocol
+from lantern.agent.diskcap import disk_bytes
+from lantern.agent.store import Accepted, Window
 
 from .gateway_harness import (
     K1,

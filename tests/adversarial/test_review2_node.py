@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.sim import MICROPYTHON, MP_EXTMOD
+from lantern.tools.street.sim import MICROPYTHON, MP_EXTMOD
 
 pytestmark = pytest.mark.micropython
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent import protocol
-from agent.config import load_keys, write_secret
+from lantern.agent import protocol
+from lantern.agent.config import load_keys, write_secret
+from lantern.tools.field import nodelink
+from lantern.tools.field import provision as pv
+from lantern.tools.field import provision_steps as ps
+from lantern.tools.street.sim import gateway_toml
 from tests.adversarial.test_provision_seq import Flash
-from tools import nodelink
-from tools import provision as pv
-from tools import provision_steps as ps
-from tools.sim import gateway_toml
 
 from .gateway_harness import RecordingLink, ingest_running
 

@@ -21,10 +21,10 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import logsetup
-from agent.forward import Forwarder
-from agent.metrics import Metrics
-from agent.resolved import Batch
+from lantern.agent import logsetup
+from lantern.agent.forward import Forwarder
+from lantern.agent.metrics import Metrics
+from lantern.agent.resolved import Batch
 
 from .gateway_harness import K1, NODE, T0, FakeLink, Sink, frame, gateway, until
 
@@ -90,9 +90,9 @@ async def overloaded_upstream(retry_after: str) -> AsyncIterator[tuple[str, list
 @contextlib.asynccontextmanager
 async def sink_to(kind: str, url: str) -> AsyncIterator[tuple[Any, Batch]]:
     """The real sink of `kind` posting to `url`, and a batch it has something to send for."""
-    from agent.ngsi import NodeMeta
-    from agent.sinks.http import HttpSink, HttpSinkConfig
-    from agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
+    from lantern.agent.ngsi import NodeMeta
+    from lantern.agent.sinks.http import HttpSink, HttpSinkConfig
+    from lantern.agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
 
     rec = {"n": f"urn:dev:lantern:{NODE}:temperature", "t": T0, "v": 21.5, "u": "Cel"}
     batch = Batch(1, 1, time.time(), [f"{NODE}:1:0"], [json.dumps(rec)])
@@ -136,7 +136,7 @@ async def test_a_huge_retry_after_cannot_hold_the_queue_back_for_a_year(
     """An upstream (or a stale cache in front of it) answering 503 with a Retry-After a year
     away is honoured only up to RETRY_AFTER_MAX_S: the forwarder's first wait, which it logs,
     is no longer than that — and no shorter than the backoff."""
-    from agent.sinks.http import RETRY_AFTER_MAX_S
+    from lantern.agent.sinks.http import RETRY_AFTER_MAX_S
 
     caplog.set_level(logging.WARNING, logger="lantern.forward")
     async with overloaded_upstream(retry_after) as (url, hits), sink_to(kind, url) as (sink, b):
@@ -162,7 +162,7 @@ def test_the_retry_delay_lies_between_the_backoff_and_the_ceiling(
         retry_after: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forwarder.retry_delay: never below the jittered backoff, never above the larger of
     RETRY_AFTER_MAX_S and backoff_max_s; a Retry-After in between is honoured exactly."""
-    from agent.sinks.http import RETRY_AFTER_MAX_S
+    from lantern.agent.sinks.http import RETRY_AFTER_MAX_S
 
     for backoff_max in (2.0, 60.0, 2 * RETRY_AFTER_MAX_S):
         fwd = Forwarder(None, Sink(), Metrics(), asyncio.Event(), 10, 0.0,  # type: ignore[arg-type]

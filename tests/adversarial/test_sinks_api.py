@@ -32,15 +32,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import ngsi
-from agent.api import Api, GatewayView
-from agent.config import ApiConfig, load_config
-from agent.errors import ConfigError
-from agent.forward import Forwarder
-from agent.metrics import Metrics
-from agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
-from agent.sinks.ngsi_ld import UPSERT, NgsiLdSink, NgsiLdSinkConfig
-from agent.store import Accepted, Store, Window
+from lantern.agent import ngsi
+from lantern.agent.api import Api, GatewayView
+from lantern.agent.config import ApiConfig, load_config
+from lantern.agent.errors import ConfigError
+from lantern.agent.forward import Forwarder
+from lantern.agent.metrics import Metrics
+from lantern.agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
+from lantern.agent.sinks.ngsi_ld import UPSERT, NgsiLdSink, NgsiLdSinkConfig
+from lantern.agent.store import Accepted, Store, Window
 
 from ..test_api import FakeForwarder, FakeLink, commit, pack
 

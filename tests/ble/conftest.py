@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from agent import api
-from agent.links import ble as ble_link
+from lantern.agent import api
+from lantern.agent.links import ble as ble_link
 
 from .harness import World
 

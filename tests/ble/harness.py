@@ -24,10 +24,10 @@ from bumble.controller import Controller
 from bumble.link import LocalLink
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import gateway
-from agent.config import load_config, write_secret
-from agent.links.ble import BleBackend
-from tools.upstream import Upstream
+from lantern.agent import gateway
+from lantern.agent.config import load_config, write_secret
+from lantern.agent.links.ble import BleBackend
+from lantern.tools.street.upstream import Upstream
 
 from . import mpcompat
 from .bleak_bumble import Adapter

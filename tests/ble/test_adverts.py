@@ -13,8 +13,8 @@ from bleak.backends.scanner import AdvertisementData
 from bthome_ble import BTHomeBluetoothDeviceData
 from habluetooth import BluetoothServiceInfoBleak
 
-from agent import bthome as gw_bthome
-from agent import protocol
+from lantern.agent import bthome as gw_bthome
+from lantern.agent import protocol
 
 from .bleak_bumble import Adapter
 from .harness import BleNode, World, ble_metrics, check_exported, until

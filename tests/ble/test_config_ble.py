@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, write_secret
-from agent.errors import ConfigError
+from lantern.agent.config import load_config, write_secret
+from lantern.agent.errors import ConfigError
 
 BASE = """\
 [gateway]

@@ -26,8 +26,8 @@ from bleak import BleakClient
 from bleak.exc import BleakError
 from bumble.device import Connection
 
-from agent import protocol
-from agent.links.ble_session import (
+from lantern.agent import protocol
+from lantern.agent.links.ble_session import (
     CTRL_UUID,
     DATA_UUID,
     NONCE_LEN,
@@ -210,8 +210,8 @@ async def test_a_malformed_authentic_ack_leaves_the_ble_node_listening(tmp_path:
 @pytest.mark.ble_virtual
 @pytest.mark.timeout(120)
 async def test_a_diag_session_over_ble_outlives_pull_timeout(tmp_path: Path) -> None:
-    from tools import nodelink as nl
-    from tools.diag_ble import BleTransport
+    from lantern.tools.field import nodelink as nl
+    from lantern.tools.field.diag_ble import BleTransport
 
     from .bleak_bumble import Adapter
     from .harness import World, until

@@ -10,8 +10,8 @@ from bleak import BleakClient
 from bumble import gatt
 from bumble.device import Connection
 
-from agent.links.ble import node_tag
-from agent.links.ble_session import (
+from lantern.agent.links.ble import node_tag
+from lantern.agent.links.ble_session import (
     CTRL_UUID,
     DATA_UUID,
     SERVICE_UUID,

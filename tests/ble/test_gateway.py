@@ -11,9 +11,9 @@ from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError
 
-from agent.links.ble import node_tag
-from agent.links.ble_adverts import UNPROVEN_PER_NODE
-from agent.links.ble_session import SERVICE_UUID
+from lantern.agent.links.ble import node_tag
+from lantern.agent.links.ble_adverts import UNPROVEN_PER_NODE
+from lantern.agent.links.ble_session import SERVICE_UUID
 
 from .bleak_bumble import Adapter
 from .harness import World, ble_metrics, check_exported, senml_seqs, until

@@ -6,8 +6,8 @@ import asyncio
 import secrets
 from typing import Any
 
-from agent.errors import FrameError
-from agent.links.ble_session import NodeSession
+from lantern.agent.errors import FrameError
+from lantern.agent.links.ble_session import NodeSession
 
 
 class Char:

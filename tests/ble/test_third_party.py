@@ -8,7 +8,7 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
-from agent.config import write_secret
+from lantern.agent.config import write_secret
 
 from .harness import World, until
 

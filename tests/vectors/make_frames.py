@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "firmware"))
 
 from node import cbor, cose, frame, senml  # noqa: E402
 
-from agent.units import UNITS  # noqa: E402
+from lantern.agent.units import UNITS  # noqa: E402
 
 PATH = ROOT / "tests/vectors/frames/sl0042-seq5-v2.json"
 KEY = bytes(range(32))

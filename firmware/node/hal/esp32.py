@@ -124,7 +124,7 @@ def nvs_set(key, value):
 
 
 # ------------------------------------------------------------------ node key (docs/security.md)
-# The key sits in NVS, written there by `lantern provision` (tools/provision_steps.py
+# The key sits in NVS, written there by `lantern provision` (tools/field/provision_steps.py
 # nvs_key_script): `mpremote fs cat`, a filesystem dump or a reflash of the filesystem
 # partition does not reach it. Only flash encryption with NVS encryption keeps it from a raw
 # flash read (esptool read-flash), and only a locked REPL from the REPL itself.

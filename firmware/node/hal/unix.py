@@ -123,7 +123,7 @@ def sensor_buses(board, cfg):
     """The board's buses with the simulated street's chips on them: (buses by name, time scale).
 
     cfg["sim"] holds the scenario (docs/sensors.md). With sim.socket the chips run in their own
-    process (tools/sim.py starts it) and cost this heap nothing; without it they run here.
+    process (tools/street/sim.py starts it) and cost this heap nothing; without it they run here.
     """
     sim = cfg.get("sim") or {}
     scale = sim.get("chip_speed", 1)

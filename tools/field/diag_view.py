@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tools.nodelink import Identity, Reading
+from lantern.tools.field.nodelink import Identity, Reading
 
 HEAP_LOW = 16 * 1024  # an ESP32 without PSRAM starts failing allocations below about this
 OUTBOX_DEEP = 20  # same threshold as the gateway's node table (agent/api.py)

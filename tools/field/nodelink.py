@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import cbor2
 
-from agent import protocol
-from agent.errors import FrameError
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
 
 PROTOCOL = 1
 OP_STATUS, OP_SELF_TEST, OP_SET_INTERVAL, OP_SYNC_TIME = 1, 2, 3, 4
@@ -135,7 +135,7 @@ def decode_data(body: bytes, keys: dict[str, bytes]) -> Reading:
 
 
 class Transport(Protocol):
-    """A byte link to one node, UART-framed both ways: serial here, BLE in tools/diag_ble.py."""
+    """A byte link to one node, UART-framed both ways: serial here, BLE in field/diag_ble.py."""
 
     name: str
 

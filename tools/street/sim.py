@@ -24,14 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import write_secret
-from tools.faults import Faults
+import lantern
+from lantern.agent.config import write_secret
+from lantern.tools.street.faults import Faults
 
-ROOT = Path(__file__).resolve().parents[1]
+# The street runs on the MicroPython `make micropython` builds under .build/ (a clone's, or
+# the current folder's when Lantern is installed)
+ROOT = lantern.CHECKOUT or Path.cwd()
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
 MP_EXTMOD = ROOT / ".build/micropython/extmod"
-FIRMWARE = ROOT / "firmware"
-BOARDS = ROOT / "boards"
+FIRMWARE = lantern.FIRMWARE
+BOARDS = lantern.BOARDS
 LINE_BUFFER = 4096  # bytes a stalled side may owe before further bytes are dropped, like a FIFO
 MPY_CROSS = ROOT / ".build/micropython/mpy-cross"
 COMPILED = ROOT / ".build/mpy"  # firmware/ as .mpy, as it is deployed to a board
@@ -93,7 +96,7 @@ class Relay:
         self.dropped = 0
         self._injections: dict[str, list[bytes]] = {"up": [], "down": []}
         self._at_boundary = {"up": True, "down": True}
-        self.faults: Faults | None = None  # tools/faults.py: a seeded faulty line, if set
+        self.faults: Faults | None = None  # tools/street/faults.py: a seeded faulty line, if set
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ class Unreachable(Exception):
 
 def url_from_config(path: Path) -> tuple[str, Path | None]:
     """The API's URL and bearer-token file, read from the gateway's own config."""
-    from agent.config import load_config
+    from lantern.agent.config import load_config
 
     cfg = load_config(path)
     host = f"[{cfg.api.host}]" if ":" in cfg.api.host else cfg.api.host

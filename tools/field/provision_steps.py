@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.store import QUEUE_FILE as QUEUE_FILE  # the gateway's queue, read by provision
+import lantern
+from lantern.agent.store import QUEUE_FILE as QUEUE_FILE  # the gateway queue, read by provision
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_MPY_CROSS = ROOT / ".build/micropython/mpy-cross"
+# the mpy-cross `make micropython` builds in a clone (the same MicroPython as the tests run)
+BUNDLED_MPY_CROSS = (lantern.CHECKOUT / ".build/micropython/mpy-cross" if lantern.CHECKOUT
+                     else Path("/nonexistent"))
 FLASH_OFFSETS = {"esp32": "0x1000"}  # where MicroPython's image starts; 0x0 on newer chips
 FLASH_BAUD = "460800"
 
@@ -371,7 +373,7 @@ def soft_reset(port: str) -> None:
 async def read_status(link_port: str, node_id: str, key: bytes, timeout: float
                       ) -> dict[str, Any]:
     """The node's status over its link, retried while it boots."""
-    from tools import nodelink as nl
+    from lantern.tools.field import nodelink as nl
 
     deadline = time.monotonic() + timeout
     last: Exception | None = None

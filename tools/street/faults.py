@@ -1,4 +1,4 @@
-"""A seeded fault-injecting serial line, plugged into the simulation relay (tools/sim.py).
+"""A seeded fault-injecting serial line, plugged into the simulation relay (tools/street/sim.py).
 
 The line cuts each direction's byte stream into units at the 0x00 delimiters (a unit is
 everything up to and including one 0x00, so a frame `00 COBS 00` is a bare delimiter unit

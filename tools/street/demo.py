@@ -1,9 +1,8 @@
-"""`lantern demo`: N simulated nodes on MicroPython → relay ptys → the gateway → an upstream."""
+"""`lantern demo`: the street of `lantern sim` → the gateway → an upstream that prints."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -13,9 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import write_secret
-
-from .sim import Relay, SimNode, gateway_toml, keys_toml
+from .command import Street, run_until_stopped
+from .sim import gateway_toml
 from .upstream import Upstream
 
 
@@ -44,8 +42,8 @@ def _fresh_queue_if_old(state: Path) -> None:
     A deployed gateway refuses such a queue and changes nothing (agent/store.py); the demo's
     readings are the demo's, so after an upgrade it starts again rather than stop.
     """
-    from agent.errors import ConfigError
-    from agent.store import QUEUE_FILE, check_layout
+    from lantern.agent.errors import ConfigError
+    from lantern.agent.store import QUEUE_FILE, check_layout
 
     try:
         check_layout(state / QUEUE_FILE)
@@ -57,79 +55,53 @@ def _fresh_queue_if_old(state: Path) -> None:
 
 
 async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> int:
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     upstream = Upstream(listener=_show)
     url = await upstream.start()
-    relays = [Relay(f"SL-{i + 1:04d}") for i in range(n_nodes)]
-    nodes = [SimNode(r.name, workdir / "nodes", port=r.node_port,
-                     interval_ms=int(interval * 1000)) for r in relays]
-    for node in nodes:
-        node.write_config()
-    keys_file = workdir / "keys.toml"
-    write_secret(keys_file, keys_toml(nodes))
+    street = Street(n_nodes, interval, workdir)  # `lantern sim`, plus a gateway and a receiver
+    workdir = street.workdir
     _fresh_queue_if_old(workdir / "gateway-state")
     gw_cfg = workdir / "gateway.toml"
     api_port = _api_port()
-    gw_cfg.write_text(gateway_toml(workdir / "gateway-state", keys_file,
-                                   [r.gateway_port for r in relays], url)
+    gw_cfg.write_text(gateway_toml(workdir / "gateway-state", street.keys_file, street.ports, url)
                       + f"\n[api]\nport = {api_port}\n")
-    logs = workdir / "logs"
-    logs.mkdir(exist_ok=True)
-    for r in relays:
-        r.start()
+    logs = street.logs
     gw_log = open(logs / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the demo
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "gateway", "run", "--config", str(gw_cfg)],
+        [sys.executable, "-m", "lantern", "gateway", "run", "--config", str(gw_cfg)],
         stdout=gw_log, stderr=subprocess.STDOUT, start_new_session=True)
-    node_logs = []
-    for node in nodes:
-        f = open(logs / f"{node.node_id}.log", "ab")  # noqa: SIM115
-        node_logs.append(f)
-        node.start(stdout=f.fileno())
-    print(f"Lantern demo: {n_nodes} nodes on MicroPython (unix port, {nodes[0].heap_kb()} KB "
-          f"heap), sampling every {interval:g}s → gateway → upstream {url}", flush=True)
+    street.start()
+    print(f"Lantern demo: {n_nodes} nodes on MicroPython (unix port, "
+          f"{street.nodes[0].heap_kb()} KB heap), sampling every {interval:g}s → gateway → "
+          f"upstream {url}", flush=True)
     print(f"  logs: {logs}/   gateway config: {gw_cfg}   queue: "
           f"{workdir / 'gateway-state' / 'queue.sqlite'}", flush=True)
     print(f"  status page: http://127.0.0.1:{api_port}/  (nodes, live values, queue, upstream)",
           flush=True)
     print("  Ctrl-C stops everything.\n", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    started = time.monotonic()
     code = 0
     try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+        stop = asyncio.create_task(run_until_stopped(seconds))
+        while not stop.done():
+            await asyncio.wait({stop}, timeout=1.0)
             if gateway.poll() is not None:
                 print(f"gateway exited with {gateway.returncode}; see {logs / 'gateway.log'}")
                 code = 1
                 break
-            dead = [n.node_id for n in nodes if n.proc and n.proc.poll() is not None]
-            if dead:
+            if dead := street.dead():
                 print(f"node(s) {', '.join(dead)} exited; see {logs}/")
                 code = 1
                 break
-            if seconds and time.monotonic() - started >= seconds:
-                break
+        stop.cancel()
     finally:
         gateway.send_signal(signal.SIGTERM)
         try:
             gateway.wait(timeout=10)
         except subprocess.TimeoutExpired:
             gateway.kill()
-        for node in nodes:
-            node.close()
-        for r in relays:
-            r.close()
+        street.close()
         await upstream.stop()
         gw_log.close()
-        for f in node_logs:
-            f.close()
     print(f"\nstopped: {len(upstream.readings)} readings arrived upstream, "
           f"{upstream.duplicates} duplicates; node outboxes kept in {workdir / 'nodes'}")
     if not upstream.readings:
@@ -148,5 +120,5 @@ def _api_port(preferred: int = 8470) -> int:
 
 
 def main(n_nodes: int, interval: float, seconds: float, workdir: Path) -> int:
-    os.chdir(Path(__file__).resolve().parents[1])
+    os.chdir(Path(__file__).resolve().parents[2])
     return asyncio.run(_run(n_nodes, interval, seconds, workdir))

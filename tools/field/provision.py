@@ -30,13 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import NODE_ID, load_config, load_keys, write_secret
-from agent.errors import ConfigError
-from tools import provision_steps as ps
+import lantern
+from lantern.agent.config import NODE_ID, load_config, load_keys, write_secret
+from lantern.agent.errors import ConfigError
+from lantern.tools.field import provision_steps as ps
 
-ROOT = Path(__file__).resolve().parents[1]
-FIRMWARE = ROOT / "firmware"
-BOARDS = ROOT / "boards"
+# the node's sources and the board files: package data of the wheel, links in a clone
+FIRMWARE = lantern.FIRMWARE
+BOARDS = lantern.BOARDS
+# where a node's files are staged unless --out says: .build/ in a clone, the user's cache
+# directory in an installed Lantern (never inside the installed package)
+STAGING = (lantern.CHECKOUT / ".build" if lantern.CHECKOUT else Path(
+    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lantern") / "provision"
 # flash and device come first: whether the node's counters survive decides the key
 STEPS = ("check", "flash", "device", "key", "config", "compile", "deploy", "reset", "verify",
          "gateway")
@@ -90,8 +95,7 @@ def add_parser(sub: Any) -> None:
                    help="deploy compiled .mpy files (default), or rely on a firmware frozen "
                    "into the image (default for the qemu board)")
     n.add_argument("--mpy-cross", help="the mpy-cross to use (must match the node's MicroPython)")
-    n.add_argument("--out", type=Path, help="where to stage the files (default "
-                   ".build/provision/ID)")
+    n.add_argument("--out", type=Path, help=f"where to stage the files (default {STAGING}/ID)")
     n.add_argument("--from", dest="start", choices=STEPS, help="resume at this step")
     n.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node")
     n.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
@@ -196,7 +200,7 @@ def plan(args: argparse.Namespace) -> Plan:
     except ValueError as e:
         raise StepError(str(e), "set this computer's clock (`timedatectl`, NTP), then run "
                         "this again") from None
-    stage = args.out or ROOT / ".build/provision" / args.id
+    stage = args.out or STAGING / args.id
     return Plan(args, board, path, stage, _location(args.location), firmware, queue=queue,
                 gateway_state=gateway_state)
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # make reliability runs in a clone
 DOC = ROOT / "docs" / "reliability.md"
 TESTS = ["hil_tests/test_reliability.py", "tests/test_fuzz_gateway.py", "tests/test_fuzz_node.py"]
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
@@ -146,7 +146,8 @@ def cpu_load(n: int, every_s: float = 5.0) -> Iterator[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.reliability", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lantern.tools.street.reliability",
+                                description=__doc__)
     p.add_argument("--quick", action="store_true", help="the scaled-down sizes of make test")
     p.add_argument("--no-doc", action="store_true", help="print the table, leave the docs")
     p.add_argument("-k", default="", help="only scenarios matching this pytest -k expression")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "commit": _commit(), "size": "quick" if args.quick else "full",
             "seconds": time.monotonic() - t0, "pytest_rc": rc,
             "command": "make reliability" if not args.quick else
-            "python -m tools.reliability --quick", **load}
+            "python -m lantern.tools.street.reliability --quick", **load}
     print(json.dumps({"meta": meta, "scenarios": rows}, indent=1))
     if not args.no_doc and not args.k:
         write_doc(rows, meta)

@@ -16,9 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError, FrameError
-from tools import nodelink as nl
-from tools.diag_view import jsonable, node_report, reading_json, render_node, render_self_test
+from lantern.agent.errors import ConfigError, FrameError
+from lantern.tools.field import nodelink as nl
+from lantern.tools.field.diag_view import (
+    jsonable,
+    node_report,
+    reading_json,
+    render_node,
+    render_self_test,
+)
 
 ACTIONS = ("status", "self-test", "live", "set-interval", "sync-time", "reboot", "clear-faults",
            "identify")
@@ -73,7 +79,7 @@ def _spinner(args: argparse.Namespace, what: str) -> Any:
 # ---- gateway ----
 
 def gateway_main(args: argparse.Namespace) -> int:
-    from tools import diag_gateway as dg
+    from lantern.tools.field import diag_gateway as dg
 
     url, token_file = args.url, args.token_file
     if args.config:
@@ -86,7 +92,7 @@ def gateway_main(args: argparse.Namespace) -> int:
     url = url or dg.DEFAULT_URL
     token = None
     if token_file:
-        from agent.config import check_secret_file
+        from lantern.agent.config import check_secret_file
 
         try:  # a token others can read is refused here as the gateway refuses it
             token = check_secret_file(token_file, "API token").strip()
@@ -108,11 +114,11 @@ def load_node_keys(args: argparse.Namespace) -> dict[str, bytes]:
     """Node id → key from --keys (gateway key file) and --key-file (needs --id)."""
     keys: dict[str, bytes] = {}
     if args.keys:
-        from agent.config import load_keys
+        from lantern.agent.config import load_keys
 
         keys.update({k.decode(): v for k, v in load_keys(args.keys).items()})
     if args.key_file:
-        from agent.config import check_secret_file
+        from lantern.agent.config import check_secret_file
 
         text = check_secret_file(args.key_file, "node key").strip()
         try:
@@ -129,7 +135,7 @@ def load_node_keys(args: argparse.Namespace) -> dict[str, bytes]:
 
 def transport(args: argparse.Namespace) -> nl.Transport:
     if args.ble:
-        from tools.diag_ble import BleTransport
+        from lantern.tools.field.diag_ble import BleTransport
 
         return BleTransport(args.ble)
     if not args.port:

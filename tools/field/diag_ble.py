@@ -19,11 +19,17 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
-from agent import protocol
-from agent.errors import FrameError
-from agent.links.ble import node_tag
-from agent.links.ble_session import CTRL_UUID, DATA_UUID, SERVICE_UUID, Reassembler, segments
-from tools.nodelink import DiagError
+from lantern.agent import protocol
+from lantern.agent.errors import FrameError
+from lantern.agent.links.ble import node_tag
+from lantern.agent.links.ble_session import (
+    CTRL_UUID,
+    DATA_UUID,
+    SERVICE_UUID,
+    Reassembler,
+    segments,
+)
+from lantern.tools.field.nodelink import DiagError
 
 ADDRESS = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")  # \Z: "$" lets "\n" follow
 

@@ -1,0 +1,1 @@
+"""Field tools for installers and technicians: `lantern diag` and `lantern provision`."""
