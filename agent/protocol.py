@@ -347,8 +347,8 @@ def encode_ack(key: bytes, kid: bytes, seqs: list[int], now_ms: int) -> bytes:
     return encode_frame(ACK, create_mac0(key, kid, max(seqs), payload))
 
 
-# ---- the gateway's hot path: the same bytes as above, built by hand (tests/test_protocol_lean.py
-# proves them equal to cbor2's and pycose's for many inputs)
+# ---- the gateway's hot path: the same bytes as above, built by hand
+# (tests/gateway/test_protocol_lean.py proves them equal to cbor2's and pycose's for many inputs)
 
 
 def cbor_head(major: int, n: int) -> bytes:

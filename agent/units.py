@@ -4,7 +4,7 @@ Lantern nodes leave `u` out of a record whose name is in this table and the gate
 it when it resolves a pack (agent/protocol.py resolve_pack), so everything downstream sees the
 units as if they had been sent. The table is part of the wire protocol: append only, never
 change a unit (nodes in the field rely on it), and upgrade gateways before nodes that send a
-new name. docs/measurements.md lists the same table (tests/test_units.py keeps them equal).
+new name. docs/measurements.md lists the same table (tests/firmware/test_units.py keeps them equal).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pytest
 
 from lantern.tools.street.sim import MICROPYTHON
 
-from .topology import Topology
+from .harness.topology import Topology
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -22,7 +22,7 @@ from lantern.agent import protocol
 from lantern.tools.field import nodelink as nl
 from lantern.tools.street.sim import Relay
 
-from .topology import Topology
+from .harness.topology import Topology
 
 CLI = [sys.executable, "-m", "lantern"]
 
@@ -310,7 +310,7 @@ async def test_diag_gateway_healthy_degraded_unreachable(tmp_path: Path) -> None
 
 @pytest.mark.qemu
 async def test_diag_a_qemu_board(tmp_path: Path) -> None:
-    from .qemu import UNAVAILABLE, QemuTopology
+    from .harness.qemu import UNAVAILABLE, QemuTopology
 
     if UNAVAILABLE.exists():  # the Makefile could not install QEMU here: said loudly there
         pytest.skip(f"QEMU tier unavailable: {UNAVAILABLE.read_text().strip()}")

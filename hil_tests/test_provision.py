@@ -29,7 +29,7 @@ from lantern.tools.field import provision_steps as ps
 from lantern.tools.street.sim import FIRMWARE, MP_EXTMOD, Relay, SimNode, gateway_toml
 from lantern.tools.street.upstream import Upstream
 
-from .qemu import (
+from .harness.qemu import (
     PROMPT,
     QEMU_IMAGE,
     UNAVAILABLE,

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from lantern.tools.street.sim import ROOT
-from tests.test_quantize import expected_lines, script_text
+from tests.helpers.quantize import expected_lines, script_text
 
-from .qemu import QEMU_IMAGE, UNAVAILABLE, QemuTopology, heap_stats, missing_tools
-from .test_serial_e2e import check_delivery
-from .topology import SAMPLE_LINE
+from .harness.delivery import check_delivery
+from .harness.qemu import QEMU_IMAGE, UNAVAILABLE, QemuTopology, heap_stats, missing_tools
+from .harness.topology import SAMPLE_LINE
 
 pytestmark = pytest.mark.qemu
 

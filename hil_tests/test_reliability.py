@@ -30,7 +30,7 @@ from lantern.agent.errors import FrameError
 from lantern.tools.street.faults import FaultSpec
 from lantern.tools.street.reliability import record, size
 
-from .scenarios import (
+from .harness.scenarios import (
     all_sampled,
     counters_of_every_run,
     drained,
@@ -40,10 +40,10 @@ from .scenarios import (
     tally,
     upstream_has_all,
 )
-from .topology import Topology
+from .harness.topology import Topology
 
 READINGS_PER_PACK = 20  # about what a unix-sim pack holds today; the tally counts the real number
-SLOW_FLASH = Path(__file__).with_name("slow_flash.py")
+SLOW_FLASH = Path(__file__).parent / "harness" / "slow_flash.py"
 API = "\n[api]\nport = 0\n"  # the local API on a free port: never another test's gateway
 
 

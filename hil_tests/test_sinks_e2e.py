@@ -13,11 +13,11 @@ import pytest
 
 from lantern.agent import ngsi
 from lantern.tools.street.ngsi_broker import NgsiBroker
-from tests import sdm
-from tests.mosquitto import Mosquitto
+from tests.helpers import sdm
+from tests.helpers.mosquitto import Mosquitto
 
-from .test_serial_e2e import check_delivery
-from .topology import Topology
+from .harness.delivery import check_delivery
+from .harness.topology import Topology
 
 pytestmark = [pytest.mark.ngsi_ld, pytest.mark.mqtt]
 

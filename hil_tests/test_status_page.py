@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .cdp import Browser
-from .topology import Topology
+from .harness.cdp import Browser
+from .harness.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / ".build" / "screenshots" / "status-page.png"

@@ -19,8 +19,8 @@ from typing import Any
 
 from lantern.tools.street.sim import SimNode
 
-from .test_serial_e2e import check_delivery
-from .topology import Topology
+from .harness.delivery import check_delivery
+from .harness.topology import Topology
 
 SPEED = 3600  # simulated seconds per real second: a day in 24 s
 CHIP_SPEED = 60

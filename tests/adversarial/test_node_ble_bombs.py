@@ -26,8 +26,7 @@ from bleak import BleakClient
 from lantern.agent import protocol
 from lantern.agent.links.ble_session import CTRL_UUID, DATA_UUID, segments
 from lantern.tools.field import nodelink as nl
-
-from .test_node_bombs import bombs
+from tests.helpers.bombs import bombs
 
 pytestmark = pytest.mark.ble_virtual
 

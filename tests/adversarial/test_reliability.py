@@ -15,8 +15,8 @@ from typing import Any
 
 import cbor2
 
-from hil_tests.scenarios import packs, tally, upstream_has_all
-from hil_tests.topology import Topology, Wire
+from hil_tests.harness.scenarios import packs, tally, upstream_has_all
+from hil_tests.harness.topology import Topology, Wire
 from lantern.agent import protocol
 from lantern.tools.street.sim import SimNode
 

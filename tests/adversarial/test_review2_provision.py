@@ -28,7 +28,7 @@ from lantern.tools.field import nodelink
 from lantern.tools.field import provision as pv
 from lantern.tools.field import provision_steps as ps
 from lantern.tools.street.sim import gateway_toml
-from tests.adversarial.test_provision_seq import Flash
+from tests.helpers.flash import Flash
 
 from .gateway_harness import RecordingLink, ingest_running
 

@@ -41,8 +41,7 @@ from lantern.agent.metrics import Metrics
 from lantern.agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
 from lantern.agent.sinks.ngsi_ld import UPSERT, NgsiLdSink, NgsiLdSinkConfig
 from lantern.agent.store import Accepted, Store, Window
-
-from ..test_api import FakeForwarder, FakeLink, commit, pack
+from tests.helpers.api import FakeForwarder, FakeLink, commit, pack
 
 REDIRECTS = (301, 302, 303, 307, 308)
 NODE = "SL-0042"

@@ -73,7 +73,7 @@ async def _connected_with_backlog(world: Any, node: Any, frames: int,
 @pytest.mark.timeout(240)
 async def test_a_replayed_start_ack_does_not_let_a_stranger_hold_the_node(tmp_path: Path) -> None:
     from .harness import World, senml_seqs, until  # noqa: I001 - the harness must come first
-    from .test_frames import Spoofer
+    from .spoofer import Spoofer
 
     from bluetooth import Chip  # tests/ble/upy, on sys.path once the harness is imported
 

@@ -1,0 +1,1 @@
+"""What the HIL tests run on: topologies of nodes, gateway and upstream, QEMU, Chromium."""

@@ -1,0 +1,1 @@
+"""Helpers the tests share (none of them is a test module)."""
