@@ -38,7 +38,9 @@ def describe(cfg: Any) -> str:
 # imports the field tools (rich, esptool, mpremote) or the simulated street.
 FIELD = {"diag": ("lantern.tools.field.diag", "inspect a node (serial) or a gateway (its API)"),
          "provision": ("lantern.tools.field.provision",
-                       "prepare and flash a node: key, config, firmware")}
+                       "prepare and flash a node: key, config, firmware"),
+         "release": ("lantern.tools.field.release",
+                     "release keys and signed update bundles (docs/updates.md)")}
 
 
 def main(argv: list[str] | None = None) -> int:
