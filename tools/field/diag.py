@@ -146,6 +146,8 @@ def transport(args: argparse.Namespace) -> nl.Transport:
 async def node_main(args: argparse.Namespace) -> int:
     out = _Out(args)
     try:
+        if args.action not in ("status", "self-test", "live"):
+            _command(args)  # the action's value is checked before the port is opened
         keys = load_node_keys(args)
         t = transport(args)
     except (ConfigError, nl.DiagError) as e:

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from bleak import BleakClient, BleakScanner
+from bleak.exc import BleakError
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
@@ -71,7 +72,13 @@ class BleTransport:
 
         kw = {"backend": self._scanner_backend} if self._scanner_backend else {}
         scanner = BleakScanner(detection_callback=seen, **kw)
-        await scanner.start()
+        try:
+            await scanner.start()
+        except (OSError, BleakError) as e:  # no BlueZ / D-Bus here, adapter off or missing
+            raise DiagError(f"Bluetooth is not usable on this machine ({type(e).__name__}: "
+                            f"{e}): is BlueZ installed and running (`systemctl status "
+                            "bluetooth`), and an adapter present and on (`bluetoothctl show`)?"
+                            ) from None
         try:
             device = await asyncio.wait_for(found, self.scan_s)
         except TimeoutError:

@@ -138,39 +138,47 @@ def _ago(s: float | None) -> str:
 
 
 def render(rep: dict[str, Any], console: Any) -> None:
-    """The readable view: a verdict, then nodes, queue, upstream, links, rejections."""
+    """The readable view: a verdict, then nodes, queue, upstream, links, rejections.
+
+    Only the view's own styling is markup: every text from the report (our messages name
+    `[api]`, and names come from the gateway) is printed as it is, escaped.
+    """
+    from rich.markup import escape
     from rich.table import Table
 
     colour = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}[rep["state"]]
-    console.print(f"[bold {colour}]gateway {rep['state'].upper()}[/] at {rep['url']}")
+    console.print(f"[bold {colour}]gateway {rep['state'].upper()}[/] at {escape(rep['url'])}")
     for p in rep["problems"]:
-        console.print(f"  [{colour}]✗[/] {p}")
+        console.print(f"  [{colour}]✗[/] {escape(p)}")
     if rep["state"] == "unreachable":
         return
-    console.print(f"  {rep['summary']}")
+    console.print(escape(f"  {rep['summary']}"))
     t = Table(title="nodes", title_justify="left")
     for col in ("node", "last seen", "link", "seq", "outbox", "battery", "gaps (1 h)", "flags"):
         t.add_column(col)
     for n in rep["nodes"]:
         bat = n["battery"]
-        t.add_row(n["id"], _ago(n["age_s"]), n["link"] or "-", str(n["last_seq"] or "-"),
-                  "-" if n["outbox"] is None else str(n["outbox"]),
-                  f"{bat['v']:g} {bat.get('u', '')}" if bat and "v" in bat else "-",
-                  f"{n['gaps']} ({n['gap_s']:.0f} s)" if n["gaps"] else "0",
-                  ", ".join(n["flags"]) or "ok")
+        t.add_row(*map(escape, (
+            n["id"], _ago(n["age_s"]), n["link"] or "-", str(n["last_seq"] or "-"),
+            "-" if n["outbox"] is None else str(n["outbox"]),
+            f"{bat['v']:g} {bat.get('u', '')}" if bat and "v" in bat else "-",
+            f"{n['gaps']} ({n['gap_s']:.0f} s)" if n["gaps"] else "0",
+            ", ".join(n["flags"]) or "ok")))
     console.print(t)
     q = rep["queue"]
-    console.print(f"queue: {q['readings']} readings, {q['bytes']} bytes, oldest "
-                  f"{_ago(q['oldest_age_s']) if q['oldest_age_s'] is not None else '-'}, "
-                  f"{q.get('dead_letters', 0)} dead letters, {q.get('evictions', 0)} evicted")
+    lines = [f"queue: {q['readings']} readings, {q['bytes']} bytes, oldest "
+             f"{_ago(q['oldest_age_s']) if q['oldest_age_s'] is not None else '-'}, "
+             f"{q.get('dead_letters', 0)} dead letters, {q.get('evictions', 0)} evicted"]
     up = ", ".join(f"{k} {v['state']}" for k, v in rep["upstream"].items()) or "no sinks"
-    console.print(f"upstream: {up}")
+    lines.append(f"upstream: {up}")
     links = ", ".join(f"{li['name']} {'up' if li['up'] else 'DOWN'}" for li in rep["links"])
-    console.print(f"links: {links or 'none'}")
+    lines.append(f"links: {links or 'none'}")
     rej = ", ".join(f"{k} {v}" for k, v in sorted(rep["rejections"].items()) if v)
-    console.print(f"rejected frames: {rej or 'none'}")
+    lines.append(f"rejected frames: {rej or 'none'}")
+    for line in lines:
+        console.print(escape(line))
     for n in rep["notes"]:
-        console.print(f"  [dim]•[/] {n}")
+        console.print(f"  [dim]•[/] {escape(n)}")
 
 
 async def diagnose(url: str, token: str | None, timeout: float) -> dict[str, Any]:
