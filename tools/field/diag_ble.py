@@ -16,9 +16,9 @@ import re
 from typing import Any
 
 from bleak import BleakClient, BleakScanner
-from bleak.exc import BleakError
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
+from bleak.exc import BleakError
 
 from lantern.agent import protocol
 from lantern.agent.errors import FrameError
