@@ -26,9 +26,15 @@ class Doc:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        try:
+            self.text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                              "save the file as UTF-8") from None
         try:
             self.data = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as e:

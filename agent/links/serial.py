@@ -21,7 +21,7 @@ from typing import Any
 
 import serial
 
-from ..configfile import Doc, positive
+from ..configfile import Doc
 from ..plugins import LinkContext, LinkPlugin
 
 log = logging.getLogger("lantern.link.serial")
@@ -175,13 +175,22 @@ class SerialLinkConfig:
     baud: int = 115200
 
 
+# What a serial port takes: Linux sets any rate through termios2 (BOTHER) but not beyond what
+# USB-UART bridges and the ESP32's UART run (3-5 Mbaud); a larger number is a typo.
+BAUD_MAX = 4_000_000
+
+
+def _baud(v: int) -> str | None:
+    return None if 50 <= v <= BAUD_MAX else f"must be 50 to {BAUD_MAX} (e.g. 115200)"
+
+
 def parse(doc: Doc, tables: list[dict[str, Any]], _base: Path) -> tuple[SerialLinkConfig, ...]:
     out = []
     for i, s in enumerate(tables):
         key = f"links.serial[{i}]"
         out.append(SerialLinkConfig(
             port=doc.get(s, "port", f"{key}.port", str, fix='the device, e.g. "/dev/ttyUSB0"'),
-            baud=doc.get(s, "baud", f"{key}.baud", int, 115200, positive)))
+            baud=doc.get(s, "baud", f"{key}.baud", int, 115200, _baud)))
     return tuple(out)
 
 
