@@ -89,12 +89,22 @@ def main(argv: list[str] | None = None) -> int:
             gateway_main(args.config)
         elif args.cmd == "gateway" and args.action == "check-config":
             from .config import load_config, load_keys
+            from .preflight import check
 
             cfg = load_config(args.config)
             keys = load_keys(cfg.keys_file)
+            found = check(cfg)  # what `run` needs from this machine
+            for line in found.errors:
+                print(f"lantern: {line}", file=sys.stderr)
+            if found.errors:
+                return 2
             links = "".join(f"{len(cs)} {name} links, " for name, cs in cfg.links.items())
             print(f"{args.config}: OK ({links}{len(keys)} node keys)")
             print(describe(cfg))
+            for line in found.warnings:
+                print(f"  warning: {line}")
+            for line in found.unchecked:
+                print(f"  not checked: {line}")
         elif args.cmd in FIELD:
             return int(importlib.import_module(FIELD[args.cmd][0]).main(args))
         elif args.cmd == "sim":
