@@ -1,0 +1,354 @@
+"""`lantern release`: Ed25519 release keys and signed update bundles (docs/updates.md).
+
+A bundle is the firmware a node runs (its modules as .mpy, main.py, board files) behind a
+CBOR manifest signed as a COSE_Sign1 with EdDSA; the byte layout is in docs/protocol.md
+("Update bundle"). The node checks the same bundle with its own code (firmware/node/update.py).
+
+Exit status: 0 done (verify: the bundle is valid), 1 the bundle is refused (the reason on one
+line), 2 a usage or file problem (a key that cannot be read, a file that exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+import lantern
+from lantern.agent.errors import LanternError
+from lantern.tools.field import provision_steps as ps
+
+MAGIC = b"LUB1"
+HEAD_LEN = 8
+ENVELOPE_MAX = 8192  # what a node reads into RAM at once (firmware/node/update.py)
+FILES_MAX = 78  # three CBOR items each: the node decodes at most 256 per manifest
+KID_LEN = 8
+FORMAT = 1
+ALG_EDDSA = -8
+TAG_SIGN1 = 18
+# tag 18, array(4), bstr(13) {1: -8, 4: bstr(8) kid}: the kid follows, then the empty map a0
+SIGN1_HEAD = b"\xd2\x84\x4d\xa2\x01\x27\x04\x48"
+SIG_HEAD = b"\x58\x40"
+M_FORMAT, M_VERSION, M_FLOOR, M_MIN_GATEWAY, M_BOARDS, M_MPY, M_FILES = range(1, 8)
+VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,31}")
+OK, REFUSED, USAGE = 0, 1, 2
+
+
+class ReleaseError(LanternError):
+    """A key or firmware tree that cannot make a bundle; the message names the fix."""
+
+
+class BundleRefused(LanternError):
+    """A bundle that does not verify; `reason` is the node's name for it (update.REASONS)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    floor: int
+    min_gateway: str
+    boards: tuple[str, ...]
+    mpy: tuple[int, int]
+    files: tuple[FileEntry, ...]
+
+    def encode(self) -> bytes:
+        """Deterministic CBOR (RFC 8949 §4.2.1; all labels are small ints, so cbor2's
+        canonical order is the bytewise one)."""
+        flat: list[Any] = []
+        for f in self.files:
+            flat += [f.path, f.size, f.sha256]
+        return cbor2.dumps({M_FORMAT: FORMAT, M_VERSION: self.version, M_FLOOR: self.floor,
+                            M_MIN_GATEWAY: self.min_gateway, M_BOARDS: list(self.boards),
+                            M_MPY: list(self.mpy), M_FILES: flat}, canonical=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        """The manifest in data (already authenticated); BundleRefused if malformed."""
+        try:
+            m = cbor2.loads(data)
+            flat = m[M_FILES]
+            files = tuple(FileEntry(flat[i], flat[i + 1], flat[i + 2])
+                          for i in range(0, len(flat), 3))
+            man = cls(m[M_VERSION], m[M_FLOOR], m[M_MIN_GATEWAY], tuple(m[M_BOARDS]),
+                      (m[M_MPY][0], m[M_MPY][1]), files)
+            good = (m[M_FORMAT] == FORMAT and isinstance(man.version, str)
+                    and isinstance(man.min_gateway, str) and isinstance(man.floor, int)
+                    and len(m) == 7 and len(flat) % 3 == 0
+                    and man.encode() == data
+                    and all(isinstance(f.path, str) and isinstance(f.size, int)
+                            and isinstance(f.sha256, bytes) and len(f.sha256) == 32
+                            for f in files))
+        except (ValueError, LookupError, TypeError, cbor2.CBORDecodeError):
+            good = False
+        if not good:
+            raise BundleRefused("bad_manifest", "signed but not a format-1 manifest")
+        return man
+
+
+def key_id(public: Ed25519PublicKey) -> bytes:
+    """The kid a key's signatures carry: the first 8 bytes of SHA-256 of its raw 32 bytes."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).digest()[:KID_LEN]
+
+
+def protected_header(public: Ed25519PublicKey) -> bytes:
+    return cbor2.dumps({1: ALG_EDDSA, 4: key_id(public)}, canonical=True)
+
+
+def sig_structure(protected: bytes, payload: bytes) -> bytes:
+    """RFC 9052 §4.4 Sig_structure for COSE_Sign1, empty external AAD."""
+    return cbor2.dumps(["Signature1", protected, b"", payload], canonical=True)
+
+
+def sign1(key: Ed25519PrivateKey, payload: bytes) -> bytes:
+    """Tagged COSE_Sign1 of payload, EdDSA, kid in the protected header."""
+    protected = protected_header(key.public_key())
+    sig = key.sign(sig_structure(protected, payload))
+    return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, [protected, {}, payload, sig]), canonical=True)
+
+
+def bundle(key: Ed25519PrivateKey, version: str, floor: int, min_gateway: str,
+           boards: list[str], mpy: tuple[int, int], files: list[tuple[str, bytes]]) -> bytes:
+    """A complete bundle: header, signed manifest, then the files in manifest order."""
+    if not VERSION.fullmatch(version) or not VERSION.fullmatch(min_gateway):
+        raise ReleaseError(f"version {version!r} / {min_gateway!r}: use letters, digits and "
+                           ".+- (at most 32), e.g. 1.4.0")
+    if floor < 0:
+        raise ReleaseError("--security-floor must be 0 or more")
+    if not files or len(files) > FILES_MAX:
+        raise ReleaseError(f"{len(files)} files: a bundle holds 1 to {FILES_MAX}")
+    man = Manifest(version, floor, min_gateway, tuple(boards), mpy,
+                   tuple(FileEntry(p, len(b), hashlib.sha256(b).digest()) for p, b in files))
+    envelope = sign1(key, man.encode())
+    if len(envelope) > ENVELOPE_MAX:
+        raise ReleaseError(f"signed manifest of {len(envelope)} bytes: a node reads at most "
+                           f"{ENVELOPE_MAX}; ship fewer files or boards")
+    return (MAGIC + len(envelope).to_bytes(4, "big") + envelope
+            + b"".join(b for _, b in files))
+
+
+def _bstr_head(b: bytes, p: int) -> tuple[int, int]:
+    """(start, length) of the shortest-form byte string whose head is at b[p]."""
+    ai = b[p] ^ 0x40 if p < len(b) else 0xFF
+    if ai < 24:
+        return p + 1, ai
+    if ai == 24 and p + 1 < len(b) and b[p + 1] >= 24:
+        return p + 2, b[p + 1]
+    if ai == 25 and p + 2 < len(b) and b[p + 1]:
+        return p + 3, b[p + 1] << 8 | b[p + 2]
+    raise BundleRefused("bad_envelope", "payload is not a shortest-form bstr")
+
+
+def open_bundle(data: bytes, public: Ed25519PublicKey) -> tuple[Manifest, list[bytes]]:
+    """The manifest and files of a bundle signed by public; BundleRefused(reason) if not.
+
+    The envelope is read by position, in the one layout `bundle` writes, as the node reads
+    it: what this accepts, a node accepts.
+    """
+    if len(data) < HEAD_LEN:
+        raise BundleRefused("truncated", f"{len(data)} bytes, a bundle starts with 8")
+    if data[:4] != MAGIC:
+        raise BundleRefused("not_bundle", "no LUB1 magic: not a Lantern update bundle")
+    n = int.from_bytes(data[4:8], "big")
+    if not 0 < n <= ENVELOPE_MAX:
+        raise BundleRefused("bad_envelope", f"envelope of {n} bytes")
+    if len(data) < HEAD_LEN + n:
+        raise BundleRefused("truncated", f"envelope cut at {len(data) - HEAD_LEN} of {n} bytes")
+    env = data[HEAD_LEN:HEAD_LEN + n]
+    p = len(SIGN1_HEAD) + KID_LEN
+    if not env.startswith(SIGN1_HEAD) or env[p:p + 1] != b"\xa0":
+        raise BundleRefused("bad_envelope", "not a COSE_Sign1 in Lantern's layout")
+    start, size = _bstr_head(env, p + 1)
+    if start + size + 66 != n or env[n - 66:n - 64] != SIG_HEAD:
+        raise BundleRefused("bad_envelope", "lengths do not add up")
+    payload = env[start:start + size]
+    kid = env[len(SIGN1_HEAD):p]
+    if kid != key_id(public):
+        raise BundleRefused("other_key", f"signed by key {kid.hex()}, not {key_id(public).hex()}")
+    try:
+        public.verify(env[n - 64:], sig_structure(env[3:p], payload))
+    except InvalidSignature:
+        raise BundleRefused("bad_signature", "manifest signature does not verify") from None
+    man = Manifest.decode(payload)
+    files, at = [], HEAD_LEN + n
+    for f in man.files:
+        chunk = data[at:at + f.size]
+        if len(chunk) < f.size:
+            raise BundleRefused("truncated", f"{f.path}: {f.size - len(chunk)} bytes missing")
+        if hashlib.sha256(chunk).digest() != f.sha256:
+            raise BundleRefused("bad_hash", f"{f.path}: SHA-256 differs from the manifest")
+        files.append(chunk)
+        at += f.size
+    if at != len(data):
+        raise BundleRefused("bad_size", f"{len(data) - at} bytes after the last file")
+    return man, files
+
+
+# ---- the firmware tree ----
+
+def board_names(boards: list[str] | None) -> list[str]:
+    known = sorted(p.stem for p in lantern.BOARDS.glob("*.json") if p.stem != "board.schema")
+    for b in boards or []:
+        if b not in known:
+            raise ReleaseError(f"unknown board {b!r}; known: {', '.join(known)}")
+    return sorted(set(boards)) if boards else known
+
+
+def firmware_files(mpy_cross: str, boards: list[str]) -> list[tuple[str, bytes]]:
+    """node/**/*.mpy compiled by mpy_cross, main.py, and boards/<name>.json per board."""
+    out: list[tuple[str, bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="lantern-release-") as tmp:
+        for src in ps.firmware_sources(lantern.FIRMWARE):
+            rel = src.relative_to(lantern.FIRMWARE)
+            dst = Path(tmp) / "out.mpy"
+            try:
+                subprocess.run([mpy_cross, "-O2", "-o", str(dst), "-s", str(rel), str(src)],
+                               check=True, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                err = getattr(e, "stderr", "") or str(e)
+                raise ReleaseError(f"mpy-cross {rel}: {err.strip()}; pass --mpy-cross of the "
+                                   "nodes' MicroPython version") from None
+            out.append((rel.with_suffix(".mpy").as_posix(), dst.read_bytes()))
+    out.append(("main.py", (lantern.FIRMWARE / "main.py").read_bytes()))
+    out += [(f"boards/{b}.json", (lantern.BOARDS / f"{b}.json").read_bytes()) for b in boards]
+    return out
+
+
+# ---- keys ----
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ReleaseError(f"{path}: not a readable PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ReleaseError(f"{path}: not an Ed25519 key; make one with `lantern release keygen`")
+    return key
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ReleaseError(f"{path}: not a readable PEM public key ({e})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ReleaseError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def keygen(name: str) -> tuple[Path, Path]:
+    """Write NAME.pem (PKCS#8, mode 0600) and NAME.pub.pem; never overwrite either."""
+    priv, pub = Path(f"{name}.pem"), Path(f"{name}.pub.pem")
+    for p in (priv, pub):
+        if p.exists():
+            raise ReleaseError(f"{p} exists: a release key is never overwritten "
+                               "(choose another --out, or move the old key away first)")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    try:
+        fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ReleaseError(f"{priv}: {e.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+# ---- command line ----
+
+def add_parser(sub: Any) -> None:
+    r = sub.add_parser("release", help="release keys and signed update bundles",
+                       description="Make the release key, build a signed update bundle of "
+                       "the node firmware, check a bundle (docs/updates.md).")
+    rs = r.add_subparsers(dest="action", required=True)
+    k = rs.add_parser("keygen", help="write NAME.pem (private, 0600) and NAME.pub.pem")
+    k.add_argument("--out", required=True, metavar="NAME")
+    b = rs.add_parser("build", help="compile the firmware and sign it into a bundle")
+    b.add_argument("--key", type=Path, required=True, help="the release key (NAME.pem)")
+    b.add_argument("--version", required=True, help="the release's version, e.g. 1.4.0")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--board", action="append", help="a target board (repeat; default: all)")
+    b.add_argument("--security-floor", type=int, default=0, metavar="N",
+                   help="nodes that install this refuse any bundle with a lower floor")
+    b.add_argument("--min-gateway", default=lantern.__version__,
+                   help="oldest gateway version that may transfer it (default: this one)")
+    b.add_argument("--mpy-cross", help="mpy-cross of the nodes' MicroPython version")
+    v = rs.add_parser("verify", help="exit 0 if the bundle is valid under the public key")
+    v.add_argument("file", type=Path)
+    v.add_argument("--pubkey", type=Path, required=True, help="NAME.pub.pem")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "keygen":
+            priv, pub = keygen(args.out)
+            print(f"wrote {priv} (private: keep it offline) and {pub} (give it to nodes)")
+        elif args.action == "build":
+            return _build(args)
+        else:
+            return _verify(args)
+    except ReleaseError as e:
+        print(f"lantern release {args.action}: {e}", file=sys.stderr)
+        return USAGE
+    return OK
+
+
+def _build(args: argparse.Namespace) -> int:
+    if args.out.exists():
+        raise ReleaseError(f"{args.out} exists: choose another --out")
+    key = load_private(args.key)
+    boards = board_names(args.board)
+    tool = args.mpy_cross or ps.find_mpy_cross()
+    found = ps.mpy_cross_version(tool)
+    if found is None:
+        raise ReleaseError(f"{tool}: not an mpy-cross that states its version; pass --mpy-cross")
+    data = bundle(key, args.version, args.security_floor, args.min_gateway, boards, found[1],
+                  firmware_files(tool, boards))
+    args.out.write_bytes(data)
+    print(f"wrote {args.out}: release {args.version} for {', '.join(boards)}, {len(data)} "
+          f"bytes, MicroPython {found[0]} bytecode v{found[1][0]}.{found[1][1]}, signed by key "
+          f"{key_id(key.public_key()).hex()}")
+    return OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    public = load_public(args.pubkey)
+    try:
+        data = args.file.read_bytes()
+    except OSError as e:
+        raise ReleaseError(f"{args.file}: {e.strerror}") from None
+    try:
+        man, _ = open_bundle(data, public)
+    except BundleRefused as e:
+        print(f"{args.file}: refused: {e}", file=sys.stderr)
+        return REFUSED
+    print(f"{args.file}: valid: release {man.version} (security floor {man.floor}) for "
+          f"{', '.join(man.boards)}, {len(man.files)} files, bytecode v{man.mpy[0]}."
+          f"{man.mpy[1]}, gateway >= {man.min_gateway}")
+    return OK
