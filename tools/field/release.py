@@ -33,7 +33,9 @@ from lantern.tools.field import provision_steps as ps
 MAGIC = b"LUB1"
 HEAD_LEN = 8
 ENVELOPE_MAX = 8192  # what a node reads into RAM at once (firmware/node/update.py)
-FILES_MAX = 78  # three CBOR items each: the node decodes at most 256 per manifest
+# A node decodes at most 256 CBOR items per manifest: 16 + one per board + three per file.
+FILES_MAX = 76
+BOARDS_MAX = 12
 KID_LEN = 8
 FORMAT = 1
 ALG_EDDSA = -8
@@ -140,6 +142,8 @@ def bundle(key: Ed25519PrivateKey, version: str, floor: int, min_gateway: str,
         raise ReleaseError("--security-floor must be 0 or more")
     if not files or len(files) > FILES_MAX:
         raise ReleaseError(f"{len(files)} files: a bundle holds 1 to {FILES_MAX}")
+    if not boards or len(boards) > BOARDS_MAX:
+        raise ReleaseError(f"{len(boards)} boards: a bundle names 1 to {BOARDS_MAX}")
     man = Manifest(version, floor, min_gateway, tuple(boards), mpy,
                    tuple(FileEntry(p, len(b), hashlib.sha256(b).digest()) for p, b in files))
     envelope = sign1(key, man.encode())
