@@ -20,6 +20,25 @@ MCUS = ("esp32", "esp32c3", "esp32s3")  # their pin facts are in node/pins.py
 BUS_KINDS = ("i2c", "uart", "adc")
 
 
+# the current model's figures (docs/sensors.md "Energy"): mA, uA, ms, mAh, all >= 0
+SENSOR_POWER = ("measure_ma", "idle_ma", "sleep_ua", "warmup_ms", "measure_ms")
+MCU_POWER = ("active_ma", "light_sleep_ma", "deep_sleep_ua", "boot_ms")
+RADIO_POWER = ("ble_ma", "ble_pack_ms", "ble_adv_ms", "uart_ma", "uart_pack_ms")
+
+
+def _figures(c, key, block, names):
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        c.error(key, "expected an object of %s" % ", ".join(names))
+        return
+    for k, v in block.items():
+        if k not in names:
+            c.error(key + "." + k, "unknown figure; known: %s" % ", ".join(names))
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            c.error(key + "." + k, "expected a number >= 0, got %r" % (v,))
+
+
 def _int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -124,6 +143,7 @@ def _sensors(c, board):
         for k in ("options",):
             if k in spec and not isinstance(spec[k], dict):
                 c.error(key + "." + k, "expected an object")
+        _figures(c, key + ".power", spec.get("power"), SENSOR_POWER)
         n = spec.get("oversample")
         if n is not None and (not _int(n) or not 1 <= n <= 16):
             c.error(key + ".oversample", "expected an integer 1..16, got %r" % (n,))
@@ -169,6 +189,9 @@ def validate(board, where="board"):
             v = power.get(k) if isinstance(power, dict) else None
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 c.error("power." + k, "expected a positive number, got %r" % (v,))
+        if isinstance(power, dict):
+            for part, keys in (("mcu", MCU_POWER), ("radio", RADIO_POWER), ("cell", ("mah",))):
+                _figures(c, "power." + part, power.get(part), keys)
     if c.errors:
         raise BoardError("\n".join(c.errors))
     return c.warnings

@@ -40,8 +40,8 @@ class INA2xx(Chip):
 
     def _convert(self):
         k = int(self.sc.chip_ms() // self.PERIOD_MS)
-        if k == self.k or self.stuck():
-            return
+        if k == self.k or self.stuck() or not self.regs[0] & 7:
+            return  # MODE 000: power-down, the result registers keep the last conversion
         self.k = k
         sc = self.sc
         volts, amps = sc.lamp_supply(sc.t())

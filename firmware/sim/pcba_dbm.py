@@ -32,6 +32,7 @@ class Model(Chip):
         self.next_k = int(self.sc.chip_ms() // self.tavg) + 1
         self.min = 0
         self.max = 0
+        self.down = False  # CONTROL bit 0: powered down, no levels until a reset
 
     def write(self, data):
         self.ptr = data[0]
@@ -45,7 +46,12 @@ class Model(Chip):
                     self.regs[_HISTORY:_HISTORY + _DEPTH] = bytes(_DEPTH)
                 if v & 0x02:
                     self.min = self.max = 0
-            elif reg in (0x05, 0x06, 0x0D, 0x0E, _REG_TAVG_HIGH):
+            elif reg == 0x06:
+                self._catch_up()
+                self.regs[reg] = v & 0xFE
+                if v & 0x01:
+                    self.down = True
+            elif reg in (0x05, 0x0D, 0x0E, _REG_TAVG_HIGH):
                 self.regs[reg] = v
             elif reg == _REG_TAVG_LOW:
                 self.regs[reg] = v
@@ -57,7 +63,7 @@ class Model(Chip):
 
     def _catch_up(self):
         """Push one history value per TAVG window completed since the last access."""
-        if self.stuck():
+        if self.stuck() or self.down:
             return
         now_k = int(self.sc.chip_ms() // self.tavg)
         if now_k < self.next_k:

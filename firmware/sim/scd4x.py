@@ -1,4 +1,9 @@
-"""SCD40/SCD41 model: idle/periodic states, 5 s measurements, data-ready, NACK when busy."""
+"""SCD40/SCD41 model: idle/periodic/single-shot/power-down states, 5 s measurements, data-ready,
+NACK when busy or asleep (datasheet §3.5, §3.10).
+
+Powered down, the chip NACKs everything; wake_up wakes it and is itself not acknowledged. The
+first single shot after a wake-up reads high (the datasheet says to discard it): a driver that
+keeps it reports CO2 off by _FIRST_SHOT_PPM."""
 
 import errno
 
@@ -7,6 +12,9 @@ from .sensirion import SensirionChip, words
 
 _PERIOD_MS = 5000
 _STOP_MS = 500
+_SHOT_MS = 5000
+_WAKE_MS = 20
+_FIRST_SHOT_PPM = 150
 
 
 class Model(SensirionChip):
@@ -17,6 +25,13 @@ class Model(SensirionChip):
         self.busy_until = -1
         self.read_k = 0  # the last measurement index read out
         self.frozen = None
+        self.asleep = False
+        self.shot_at = None  # chip ms when the single shot in progress completes
+        self.shots = 0
+        self.fresh = False  # the next shot is the first after a wake-up
+
+    def _shot_ready(self):
+        return self.shot_at is not None and self.sc.chip_ms() >= self.shot_at
 
     def _k(self):
         """Index of the latest completed measurement (0: none yet)."""
@@ -34,9 +49,22 @@ class Model(SensirionChip):
         return self.frozen
 
     def write(self, data):
+        if self.asleep:
+            if len(data) == 2 and (data[0] << 8) | data[1] == 0x36F6:
+                self.asleep = False
+                self.fresh = True
+                self.busy_until = self.sc.chip_ms() + _WAKE_MS
+            raise OSError(errno.ENODEV)  # asleep; wake_up itself is never acknowledged
         if self.sc.chip_ms() < self.busy_until:
             raise OSError(errno.ENODEV)  # still executing stop_periodic_measurement
+        if self.shot_at is not None and not self._shot_ready():
+            raise OSError(errno.ENODEV)  # busy with a single shot
         super().write(data)
+
+    def read(self, n):
+        if self.asleep:
+            raise OSError(errno.ENODEV)
+        return super().read(n)
 
     def command(self, cmd, args):
         if self.periodic and cmd not in (0xEC05, 0xE4B8, 0x3F86, 0xE000, 0x2427):
@@ -50,8 +78,24 @@ class Model(SensirionChip):
             self.periodic = False
             self.busy_until = self.sc.chip_ms() + _STOP_MS
             return None
+        if cmd == 0x219D:  # measure_single_shot (SCD41), from idle
+            self.shots += 1
+            self.shot_at = self.sc.chip_ms() + _SHOT_MS
+            return None
+        if cmd == 0x36E0:  # power_down, from idle
+            self.asleep = True
+            self.shot_at = None
+            return None
         if cmd == 0xE4B8:  # get_data_ready_status: low 11 bits non-zero when ready
-            return words((0x8006 if self._k() > self.read_k else 0x8000,))
+            ready = self._k() > self.read_k or self._shot_ready()
+            return words((0x8006 if ready else 0x8000,))
+        if cmd == 0xEC05 and self._shot_ready():  # the single shot's result, once
+            self.shot_at = None
+            co2, t, rh = self._measure(1000000 + self.shots)
+            if self.fresh:
+                self.fresh = False
+                co2 += _FIRST_SHOT_PPM
+            return words((co2, t, rh))
         if cmd == 0xEC05:  # read_measurement: NACK when the buffer is empty
             k = self._k()
             if k <= self.read_k:

@@ -1,4 +1,9 @@
-"""SPS30 model: start/stop, 1 s measurements as IEEE754 floats, data-ready, version."""
+"""SPS30 model: start/stop, sleep/wake-up, 1 s measurements as IEEE754 floats, data-ready.
+
+Asleep, the interface is off (datasheet, I2C commands Sleep 0x1001 and Wake-up 0x1103): every
+transaction is NACKed, and only a wake-up command twice in a row (the first switches the
+interface on and is NACKed as well) brings the sensor back to idle. Sleep is only taken in
+idle mode: a driver has to stop the measurement first."""
 
 import errno
 import struct
@@ -16,6 +21,24 @@ class Model(SensirionChip):
         self.started = 0
         self.read_k = 0
         self.frozen = None
+        self.asleep = False
+        self.interface = True
+
+    def write(self, data):
+        if self.asleep:
+            if len(data) == 2 and (data[0] << 8) | data[1] == 0x1103:
+                if self.interface:
+                    self.asleep = False
+                    self.reply = None
+                    return
+                self.interface = True
+            raise OSError(errno.ENODEV)
+        super().write(data)
+
+    def read(self, n):
+        if self.asleep:
+            raise OSError(errno.ENODEV)
+        return super().read(n)
 
     def _k(self):
         return int((self.sc.chip_ms() - self.started) // _PERIOD_MS) if self.measuring else 0
@@ -56,6 +79,14 @@ class Model(SensirionChip):
                 out.append((b[0] << 8) | b[1])
                 out.append((b[2] << 8) | b[3])
             return words(out)
+        if cmd == 0x1001:  # sleep: only from idle
+            if self.measuring:
+                raise OSError(errno.EIO)
+            self.asleep = True
+            self.interface = False
+            return None
+        if cmd == 0x1103:  # wake-up while awake: nothing to do
+            return None
         if cmd == 0xD100:  # read version: firmware 2.3
             return words((0x0203,))
         if cmd == 0xD304:  # device reset

@@ -63,8 +63,9 @@ def test_scd4x_on_the_simulator(clock: VirtualClock) -> None:
     buses, _, sc = street(one_chip("scd4x"), clock)
     bus = Recorder(buses["i2c"])
     drv = scd4x.SCD4X(bus)
+    # wake_up (a node back from deep sleep may find it powered down; never acknowledged),
     # stop (a reboot may leave it measuring), 500 ms, serial number, start periodic
-    assert bus.commands == [0x3F86, 0x3682, 0x21B1]
+    assert bus.commands == [0x36F6, 0x3F86, 0x3682, 0x21B1]
     assert clock.slept >= 500
     assert drv.read() is None  # first measurement only after 5 s
     clock.advance(5000)

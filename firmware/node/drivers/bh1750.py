@@ -18,6 +18,7 @@ except ImportError:  # CPython
         return x
 
 
+_POWER_DOWN = const(0x00)
 _POWER_ON = const(0x01)
 _RESET = const(0x07)  # clears the data register; only valid when powered on
 _CONT_HRES = const(0x10)
@@ -52,6 +53,19 @@ class BH1750:
                    _CONT_HRES):
             self._write(op)
         self._started = time.ticks_ms()
+        self.power = 2
+
+    def sleep(self, deep=True):
+        """Power down (0.01 uA typ.); MTreg is kept."""
+        self._write(_POWER_DOWN)
+        self.power = 0
+
+    def wake(self):
+        """Power on and start continuous H-resolution measurement again."""
+        self._write(_POWER_ON)
+        self._write(_CONT_HRES)
+        self._started = time.ticks_ms()
+        self.power = 2
 
     def _write(self, op):
         self._op[0] = op

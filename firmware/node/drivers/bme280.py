@@ -32,6 +32,7 @@ _SKIPPED_T = const(0x80000)  # the data registers' reset value: no measurement y
 # conversion every ~10 ms, which the sampler's oversampling then medians
 _CTRL_HUM = const(0x01)
 _CTRL_MEAS = const(0x27)
+_CTRL_SLEEP = const(0x24)  # the same oversampling, sleep mode: 0.1 uA (datasheet §3.3.1)
 _CONFIG = const(0x00)
 
 
@@ -117,6 +118,22 @@ class BME280:
         except OSError as e:
             raise bus_error(e, self._where)
         self.calibration = parse_calibration(tp, hum)
+        self.power = 2
+
+    def _mode(self, value, state):
+        try:
+            self.i2c.writeto_mem(self.address, _REG_CTRL_MEAS, bytes((value,)))
+        except OSError as e:
+            raise bus_error(e, self._where)
+        self.power = state
+
+    def sleep(self, deep=True):
+        """Sleep mode: no conversions; the data registers keep the last one."""
+        self._mode(_CTRL_SLEEP, 0)
+
+    def wake(self):
+        """Normal mode again: a fresh conversion within PERIOD_MS."""
+        self._mode(_CTRL_MEAS, 2)
 
     def read(self):
         """Temperature (Cel), humidity (%RH), pressure (Pa); None before the first conversion."""

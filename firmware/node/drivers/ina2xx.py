@@ -62,6 +62,7 @@ class INA2xx:
         self.PLACES = {"lamp_voltage": chip[4], "lamp_current": places(self.lsb),
                        "lamp_power": places(chip[5] * self.lsb)}
         self._start()
+        self.power = 2
 
     def _write(self, reg, value):
         b = self._buf
@@ -79,6 +80,16 @@ class INA2xx:
         except OSError as e:
             raise bus_error(e, self._where)
         return (b[0] << 8) | b[1]
+
+    def sleep(self, deep=True):
+        """Power-down mode (configuration MODE bits 000): INA219 6 uA, INA226 0.5 uA typ."""
+        self._write(_REG_CONFIG, self.config & ~7)
+        self.power = 0
+
+    def wake(self):
+        """Continuous shunt and bus conversions again."""
+        self._write(_REG_CONFIG, self.config)
+        self.power = 2
 
     def _reset(self):
         self._write(_REG_CONFIG, _RESET)

@@ -32,6 +32,8 @@ _REG_HISTORY = const(0x14)
 _HISTORY = const(100)
 _CONTROL_A = const(0x02)  # A-weighting, no interrupt, powered
 _CLEAR = const(0x06)  # clear history and MIN/MAX
+_POWER_DOWN = const(0x01)  # CONTROL bit 0
+_SYSTEM_RESET = const(0x08)  # RESET bit 3: a reset, which also powers the module up
 
 
 def leq(levels):
@@ -50,6 +52,7 @@ class PCBADBM:
     def __init__(self, i2c, address=0x48, tavg_ms=1000):
         self.i2c = i2c
         self.address = address
+        self.tavg_ms = tavg_ms
         self._where = "pcba_dbm@0x%02x" % address
         self._hist = bytearray(_HISTORY)
         self._one = bytearray(1)
@@ -57,12 +60,38 @@ class PCBADBM:
             self.version = i2c.readfrom_mem(address, _REG_VERSION, 1)[0]
             if not self.version:
                 raise SensorError("%s: VERSION register reads 0" % self._where)
+        except OSError as e:
+            raise bus_error(e, self._where)
+        self._configure()
+
+    def _configure(self):
+        i2c, address = self.i2c, self.address
+        try:
             i2c.writeto_mem(address, _REG_CONTROL, bytes((_CONTROL_A,)))
             # TAVG high byte first: the low byte write applies both
-            i2c.writeto_mem(address, _REG_TAVG_HIGH, bytes((tavg_ms >> 8, tavg_ms & 0xFF)))
+            i2c.writeto_mem(address, _REG_TAVG_HIGH, bytes((self.tavg_ms >> 8,
+                                                            self.tavg_ms & 0xFF)))
             i2c.writeto_mem(address, _REG_RESET, bytes((_CLEAR,)))
         except OSError as e:
             raise bus_error(e, self._where)
+        self.power = 2
+
+    def sleep(self, deep=True):
+        """Power down (90 uA at 3.3 V): no levels are measured until wake()."""
+        try:
+            self.i2c.writeto_mem(self.address, _REG_CONTROL, bytes((_CONTROL_A | _POWER_DOWN,)))
+        except OSError as e:
+            raise bus_error(e, self._where)
+        self.power = 0
+
+    def wake(self):
+        """Reset (which powers the module up), then A-weighting, TAVG, history cleared again:
+        LAeq then covers the listening window since the wake-up."""
+        try:
+            self.i2c.writeto_mem(self.address, _REG_RESET, bytes((_SYSTEM_RESET,)))
+        except OSError as e:
+            raise bus_error(e, self._where)
+        self._configure()
 
     def read(self):
         """LAeq and LAmax (dB) since the previous read; None if no level is measured yet."""

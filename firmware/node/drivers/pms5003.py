@@ -58,10 +58,21 @@ class PMS5003:
         self.uart = uart
         self._frame = bytearray(_FRAME)
         self._read_cmd = command(_CMD_READ)
-        uart.write(command(_CMD_SLEEP, 1))
-        uart.write(command(_CMD_MODE, 0))
-        self._drain(_REPLY_MS)
+        self.wake()
         self.read()  # probe: a frame with a good checksum, or a specific exception
+
+    def wake(self):
+        """Fan on (the wake command), passive mode again; stable after WARMUP_MS."""
+        self.uart.write(command(_CMD_SLEEP, 1))
+        self.uart.write(command(_CMD_MODE, 0))
+        self._drain(_REPLY_MS)
+        self.power = 2
+
+    def sleep(self, deep=True):
+        """Fan and laser off (the sleep command); the sensor ignores reads until woken."""
+        self.uart.write(command(_CMD_SLEEP, 0))
+        self._drain(_REPLY_MS)
+        self.power = 0
 
     def _drain(self, wait_ms=0):
         deadline = time.ticks_add(time.ticks_ms(), wait_ms)

@@ -1,13 +1,17 @@
-"""Sensirion SCD40/SCD41 CO2 sensor (photoacoustic NDIR) on I2C, periodic measurement mode.
+"""Sensirion SCD40/SCD41 CO2 sensor (photoacoustic NDIR) on I2C: periodic or single shot.
 
 Commands are 16-bit words; every 16-bit word the chip sends is followed by its CRC-8
 (Sensirion datasheet "SCD4x" §3.11). In periodic mode the chip produces one measurement every
 5 s; reading before the next one is ready returns None (the sampler flags the reading stale).
+Once the sampler manages its power (sleep/wake) the driver switches to the SCD41's single-shot
+mode (§3.10): wake() starts one 5 s measurement, read() collects it, sleep() leaves the chip
+idle (0.15 mA) or, when the next shot is far enough away, powers it down; after a power-down
+the first shot is discarded (§3.10.4), which costs a second shot.
 """
 
 import time
 
-from . import Sensirion, SensorTimeout, word
+from . import NackError, Sensirion, SensorTimeout, word
 
 try:
     from micropython import const
@@ -25,6 +29,11 @@ _CMD_SERIAL = const(0x3682)
 _STOP_MS = const(500)  # stop_periodic_measurement execution time
 _EXEC_MS = const(1)  # execution time of the read commands
 _SERIAL_MS = const(1)
+_CMD_SINGLE_SHOT = const(0x219D)
+_CMD_POWER_DOWN = const(0x36E0)
+_CMD_WAKE_UP = const(0x36F6)
+_WAKE_MS = const(20)  # wake_up max. command duration (§3.10.4)
+_SHOT_MS = const(5000)  # measure_single_shot max. command duration (§3.10.1)
 
 
 def convert(co2, t_raw, rh_raw):
@@ -41,11 +50,19 @@ class SCD4X(Sensirion):
     RANGES = {"co2": (400, 5000), "temperature": (-10, 60), "humidity": (0, 100)}
     PLACES = {"co2": 0, "temperature": 2, "humidity": 2}  # 1 ppm; 0.0027 °C; 0.0015 %RH
     STUCK = ("co2", "temperature", "humidity")
+    # powering down pays once the idle current until the next shot (0.15 mA typ.) costs more
+    # than the discarded first shot after wake-up (243 mJ typ. at 3.3 V): 243/3.3/0.15 ms
+    SLEEP_AFTER_MS = 491000
 
     def __init__(self, i2c, address=0x62):
         super().__init__(i2c, address, "scd4x", 3)
-        # A node reboot leaves the chip measuring, and in periodic mode it ignores everything
-        # but a few commands: stop first, then identify it and start again.
+        self.power = 2
+        self.single = False
+        self.again_ms = 0  # the sampler waits this long again before the next read
+        # A node back from deep sleep may find the chip powered down: wake it (the chip does not
+        # acknowledge wake_up). A node reboot leaves the chip measuring, and in periodic mode it
+        # ignores everything but a few commands: stop first, then identify it and start again.
+        self._wake_up()
         self._command(_CMD_STOP_PERIODIC)
         time.sleep_ms(_STOP_MS)
         self._query(_CMD_SERIAL, 3, _SERIAL_MS)
@@ -60,6 +77,38 @@ class SCD4X(Sensirion):
         time.sleep_ms(wait_ms)
         return self._response(n_words)
 
+    def _wake_up(self):
+        try:
+            self._command(_CMD_WAKE_UP)
+        except NackError:
+            pass  # never acknowledged (§3.10.4)
+        time.sleep_ms(_WAKE_MS)
+
+    def _shot(self):
+        self._command(_CMD_SINGLE_SHOT)
+        self._last_data = time.ticks_ms()
+        self.power = 2
+
+    def sleep(self, deep=True):
+        """Single-shot mode from now on; between shots idle, or powered down if `deep`."""
+        if not self.single:
+            self._command(_CMD_STOP_PERIODIC)
+            time.sleep_ms(_STOP_MS)
+            self.single = True
+        if deep:
+            self._command(_CMD_POWER_DOWN)
+            self.power = 0
+        else:
+            self.power = 1
+
+    def wake(self):
+        """Start a single shot (after a power-down: one to discard first)."""
+        self.again_ms = 0
+        if self.power == 0:
+            self._wake_up()
+            self.again_ms = _SHOT_MS
+        self._shot()
+
     def read(self):
         """CO2 (ppm), temperature (Cel), humidity (%RH); None until a new measurement is ready."""
         ready = self._query(_CMD_DATA_READY, 1, _EXEC_MS)
@@ -71,5 +120,11 @@ class SCD4X(Sensirion):
             return None
         self._query(_CMD_READ_MEASUREMENT, 3, _EXEC_MS)
         self._last_data = time.ticks_ms()
+        if self.single:
+            if self.again_ms:  # the first shot after a power-down: discard it, take another
+                self.again_ms = 0
+                self._shot()
+                return None
+            self.power = 1
         b = self._buf
         return convert(word(b, 0), word(b, 1), word(b, 2))

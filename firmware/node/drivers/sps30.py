@@ -24,6 +24,8 @@ _CMD_STOP = const(0x0104)
 _CMD_DATA_READY = const(0x0202)
 _CMD_READ_VALUES = const(0x0300)
 _CMD_VERSION = const(0xD100)
+_CMD_SLEEP = const(0x1001)  # idle -> sleep: fan, laser and interface off (firmware >= 2.0)
+_CMD_WAKE = const(0x1103)  # sleep -> idle
 _START_FLOAT = const(0x0300)  # start argument: output format 0x03 (IEEE754 float), 0x00
 _START_MS = const(20)  # start/stop execution time
 _N_MASS = const(4)  # PM1.0, PM2.5, PM4.0, PM10
@@ -44,16 +46,44 @@ class SPS30(Sensirion):
     def __init__(self, i2c, address=0x69):
         super().__init__(i2c, address, "sps30", 2 * _N_MASS, with_arg=True)
         self._float = bytearray(4)
+        self.power = 2  # measuring (node/sampler.py power states)
+        self._wake_up()  # a node back from deep sleep finds the sensor asleep
         v = self._query(_CMD_VERSION, 1)  # probe: firmware major.minor, CRC-checked
         self.version = (v >> 8, v & 0xFF)
         # a node reboot leaves the sensor measuring, and it takes start only when idle
+        self._stop()
+        self._command(_CMD_START, _START_FLOAT)
+        time.sleep_ms(_START_MS)
+
+    def _stop(self):
         try:
             self._command(_CMD_STOP)
         except NackError:  # already idle: nothing to stop
             pass
         time.sleep_ms(_START_MS)
+
+    def _wake_up(self):
+        """Datasheet, I2C command Wake-up (0x1103): asleep, the interface is off; the first wake-up command only
+        switches it on (and is not acknowledged), the second one wakes the sensor."""
+        for _ in range(2):
+            try:
+                self._command(_CMD_WAKE)
+            except NackError:
+                pass
+        time.sleep_ms(_START_MS)
+
+    def sleep(self, deep=True):
+        """Stop measuring (fan and laser off) and sleep; only an idle sensor takes sleep."""
+        self._stop()
+        self._command(_CMD_SLEEP)
+        self.power = 0
+
+    def wake(self):
+        """Wake up and start measuring: the fan needs WARMUP_MS before values are stable."""
+        self._wake_up()
         self._command(_CMD_START, _START_FLOAT)
         time.sleep_ms(_START_MS)
+        self.power = 2
 
     def read(self):
         """PM1.0, PM2.5, PM4.0, PM10 in ug/m3; None while no new measurement is ready."""
