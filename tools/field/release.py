@@ -142,6 +142,12 @@ def bundle(key: Ed25519PrivateKey, version: str, floor: int, min_gateway: str,
         raise ReleaseError("--security-floor must be 0 or more")
     if not files or len(files) > FILES_MAX:
         raise ReleaseError(f"{len(files)} files: a bundle holds 1 to {FILES_MAX}")
+    for path, _ in files:
+        parts = path.split("/")
+        if len(path.encode()) > 64 or "\\" in path or any(p in ("", ".", "..") for p in parts):
+            raise ReleaseError(f"file path {path!r}: relative, '/'-separated, at most 64 bytes")
+    if len({p for p, _ in files}) != len(files):
+        raise ReleaseError("a path appears twice")
     if not boards or len(boards) > BOARDS_MAX:
         raise ReleaseError(f"{len(boards)} boards: a bundle names 1 to {BOARDS_MAX}")
     man = Manifest(version, floor, min_gateway, tuple(boards), mpy,
