@@ -30,9 +30,9 @@ from prometheus_client import exposition
 from lantern import __version__
 
 from .config import ApiConfig
-from .history import find_gaps, typical_interval
 from .metrics import Gauges, Metrics, registry
-from .store import Store
+from .queue.history import find_gaps, typical_interval
+from .queue.store import Store
 
 log = logging.getLogger("lantern.api")
 

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from .api import ApiServer, GatewayView
 from .config import Config, load_config, load_keys
-from .forward import Forwarder
 from .ingest import Ingest
 from .metrics import Metrics, TimedSink
 from .plugins import LinkContext, SinkContext
 from .plugins import link as link_plugin
 from .plugins import sink as sink_plugin
+from .queue.forward import Forwarder
+from .queue.layout import QUEUE_FILE
+from .queue.store import Store
 from .sdnotify import Notifier, supervise
-from .store import QUEUE_FILE, Store
 
 if TYPE_CHECKING:
     from .links.ble import BleBackend

@@ -4,9 +4,11 @@ chunk → frame (COBS, CRC) → COSE_Mac0 (known node, MAC) → replay window (t
 the pack's CBOR checked, its array head read → group commit to SQLite → ACK. A frame is
 acknowledged only after the transaction holding it commits; anything malformed or forged is
 counted by kind and logged once per source, and a frame we fail on ourselves (`internal`)
-never costs the frames around it. The pack is resolved into SenML on its way upstream
-(agent/resolved.py), off this path: one that does not resolve then becomes a dead letter,
+never costs the frames around it. The pack is resolved into SenML in the forward stage
+(agent/queue/), off this path: one that does not resolve then becomes a dead letter,
 counted and logged here too.
+Ingest is the queue's one writer: readings the gateway makes itself (third-party BTHome
+adverts, `take`) are committed by the same group commit, under the same pause-intake.
 While too many frames wait for a commit, `intake` is cleared and links stop reading.
 """
 
@@ -22,7 +24,7 @@ from typing import Protocol
 from . import protocol
 from .errors import AuthError, FrameError
 from .metrics import Metrics
-from .store import WINDOW, Accepted, Store, Window
+from .queue.store import WINDOW, Accepted, Store, Window
 
 log = logging.getLogger("lantern.ingest")
 
@@ -50,6 +52,25 @@ class Link(Protocol):
     def send(self, data: bytes) -> None: ...
 
 
+class Maker:
+    """Where readings the gateway makes itself come from (third-party BTHome adverts).
+
+    Queued like a node's frames, but nobody is acknowledged: the maker is told which were
+    stored, and which a failed commit lost (adverts repeat; nothing is sent again).
+    """
+
+    name: str
+
+    def stored(self, frames: list[Accepted]) -> None:
+        """These were committed."""
+
+    def lost(self, frames: list[Accepted], e: BaseException) -> None:
+        """These were not: their commit failed."""
+
+
+Source = Link | Maker  # what a pending frame came from
+
+
 class Ingest:
     def __init__(self, store: Store, keys: dict[bytes, bytes], metrics: Metrics) -> None:
         self.store = store
@@ -58,7 +79,7 @@ class Ingest:
         self.windows: dict[str, Window] = {}  # node → the window of its key in use
         # the windows of a node's other keys (one per key it had: few, an operator's doing)
         self._stored: dict[tuple[str, bytes], Window] = {}
-        self._pending: list[tuple[Link, Accepted]] = []
+        self._pending: list[tuple[Source, Accepted]] = []
         self._pending_ids: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
         self._deframers: dict[str, protocol.Deframer] = {}
@@ -78,8 +99,10 @@ class Ingest:
         self.store.on_dead_letter = self._dead_letter
         self._stored = {}
         for (node, key), w in stored.items():
-            if self._node_key(node.encode()) is not None:  # (not a third-party sensor's)
+            if self._node_key(node.encode()) is not None:
                 self._stored[(node, key)] = w
+            elif not key:  # a third-party sensor's (take): kept under no key
+                self.windows[node] = w
         adopt = {}
         for node in sorted({node for node, _ in self._stored}):
             nk = self._node_key(node.encode())
@@ -249,6 +272,23 @@ class Ingest:
             self.intake.clear()
         return node if acc.pack is not None else None
 
+    def take(self, maker: Maker, acc: Accepted) -> None:
+        """Queue readings the gateway made (`acc.records`) with the next group commit.
+
+        FrameError queue_full while the queue is at its disk cap (policy pause_intake): not
+        taken, as a node's frame is not. Nothing waits for order here: an advert is not sent
+        again, and the sequence is the maker's to check against `windows` (its own pending
+        ones included).
+        """
+        if self.store.cap.paused:
+            raise FrameError("queue_full", f"{acc.node}: seq {acc.seq} not taken, the queue is "
+                             "at its disk cap (policy pause_intake)")
+        self._pending.append((maker, acc))
+        self._pending_ids.add((acc.node, acc.seq))
+        self._wake.set()
+        if len(self._pending) + self._committing >= INTAKE_HIGH:
+            self.intake.clear()
+
     def _hold(self, source: str, node: str, seq: int) -> None:
         """Refuse new frames while the queue is at its cap (policy pause_intake).
 
@@ -328,7 +368,7 @@ class Ingest:
                     self._store_failed(e)
                 else:  # (_commit handles what the store raises: this is a bug of ours)
                     self._internal(f"store {self.store.path}", e)
-                self._give_back(batch)
+                self._give_back(batch, e)
                 await asyncio.sleep(1.0)
                 continue
             self._committing = 0
@@ -344,8 +384,12 @@ class Ingest:
             grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)
             for _, acc in batch:
                 self._pending_ids.discard((acc.node, acc.seq))
+            made: list[tuple[Maker, Accepted]] = []
             for link, acc in done:
                 self.metrics.readings_stored += acc.readings
+                if isinstance(link, Maker):
+                    made.append((link, acc))
+                    continue
                 if acc.pack is None and acc.records is None:
                     # counted here, once committed: a failed commit brings the frame back
                     self.metrics.dead_letters += 1
@@ -357,12 +401,13 @@ class Ingest:
                 grouped[(id(link), acc.node)].append(acc.seq)
             for (lid, node), seqs in grouped.items():
                 self._ack(by_link[lid], node, seqs)
+            self._tell(made)
             self.committed.set()
             for ev in self.listeners:
                 ev.set()
 
-    async def _commit(self, batch: list[tuple[Link, Accepted]]
-                      ) -> list[tuple[Link, Accepted]]:
+    async def _commit(self, batch: list[tuple[Source, Accepted]]
+                      ) -> list[tuple[Source, Accepted]]:
         """Commit a group of frames with their nodes' windows; the frames committed.
 
         sqlite3.Error (disk full, read-only, I/O): none was, and the nodes resend them. Any
@@ -387,33 +432,42 @@ class Ingest:
         self.windows.update(windows)
         return batch
 
-    async def _one_by_one(self, batch: list[tuple[Link, Accepted]]
-                          ) -> list[tuple[Link, Accepted]]:
-        done: list[tuple[Link, Accepted]] = []
+    async def _one_by_one(self, batch: list[tuple[Source, Accepted]]
+                          ) -> list[tuple[Source, Accepted]]:
+        done: list[tuple[Source, Accepted]] = []
         for i, (link, acc) in enumerate(batch):
             w = self.windows.get(acc.node) or Window()
             trial = Window(w.high, w.bits, w.key)
             trial.mark(acc.seq)
             try:
                 await self.store.commit([acc], {acc.node: trial})
-            except sqlite3.Error:
+            except sqlite3.Error as e:
                 if not done:
                     raise
                 # the disk now: those committed are acknowledged, the rest come back
                 self.metrics.store_errors += 1
-                self._give_back(batch[i:])
+                self._give_back(batch[i:], e)
                 break
             except Exception as e:
                 self._internal(f"{link.name} node {acc.node}", e)  # counted, not acknowledged
+                if isinstance(link, Maker):
+                    self._tell([(link, acc)], e)
                 continue
             self.windows[acc.node] = trial
             done.append((link, acc))
         return done
 
-    def _give_back(self, batch: list[tuple[Link, Accepted]]) -> None:
+    def _give_back(self, batch: list[tuple[Source, Accepted]], e: BaseException) -> None:
         """Frames whose commit failed are not acknowledged: their nodes send them again. Until
         they are back, nothing newer from those nodes is taken — and what was taken meanwhile
-        is given back too (not acknowledged either), or it would reach the queue first."""
+        is given back too (not acknowledged either), or it would reach the queue first.
+        Readings the gateway made are lost (their maker is told): nothing sends them again."""
+        made = [(src, acc) for src, acc in batch if isinstance(src, Maker)]
+        if made:
+            batch = [(src, acc) for src, acc in batch if not isinstance(src, Maker)]
+            for _, acc in made:
+                self._pending_ids.discard((acc.node, acc.seq))
+            self._tell(made, e)
         nodes = {acc.node for _, acc in batch}
         later = [(link, acc) for link, acc in self._pending if acc.node in nodes]
         if later:
@@ -423,6 +477,18 @@ class Ingest:
         for _, acc in [*batch, *later]:
             self._pending_ids.discard((acc.node, acc.seq))
             self._refuse(acc.node, acc.seq, now)
+
+    @staticmethod
+    def _tell(made: list[tuple[Maker, Accepted]], e: BaseException | None = None) -> None:
+        """Tell each maker which of its readings were stored (e None) or lost."""
+        by_maker: dict[int, tuple[Maker, list[Accepted]]] = {}
+        for src, acc in made:
+            by_maker.setdefault(id(src), (src, []))[1].append(acc)
+        for maker, frames in by_maker.values():
+            if e is None:
+                maker.stored(frames)
+            else:
+                maker.lost(frames, e)
 
     def _store_failed(self, e: sqlite3.Error) -> None:
         self.metrics.store_errors += 1

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .configfile import Doc
     from .ingest import Ingest
     from .ngsi import NodeMeta
-    from .store import Store
+    from .queue.store import Store
 
 # [sinks.<name>] → the module that owns it. The order is the order the gateway opens them in.
 SINKS: dict[str, str] = {

@@ -67,7 +67,7 @@ def peak_rss_kb() -> int:
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from lantern.agent.ingest import Ingest
     from lantern.agent.metrics import Metrics
-    from lantern.agent.store import Store
+    from lantern.agent.queue.store import Store
 
     nodes = frames.node_ids(args.nodes)
     per_frame = args.readings

@@ -25,8 +25,8 @@ import cbor2
 import pytest
 
 from lantern.agent import protocol
-from lantern.agent.diskcap import disk_bytes
 from lantern.agent.errors import FrameError
+from lantern.agent.queue.diskcap import disk_bytes
 from lantern.tools.street.faults import FaultSpec
 from lantern.tools.street.reliability import record, size
 

@@ -35,7 +35,7 @@ from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from .. import bthome
 from ..errors import FrameError
 from ..ingest import Ingest
-from ..store import Store
+from ..queue.store import Store
 from .ble_adverts import AddressBook, Candidate, CounterBook, ThirdParty
 from .ble_config import BleLinkConfig
 from .ble_session import SERVICE_UUID, NodeSession
@@ -112,16 +112,11 @@ class BleLink:
         self._connecting = asyncio.Lock()
         self._logged: dict[str, set[str]] = {}  # kind → sources logged (≤ LOG_SOURCES)
         self.counters = CounterBook(state_dir / f"ble-{cfg.adapter}-adverts.json")
-        self.third_party = ThirdParty(cfg.devices, store, cfg.repeat_s, self.stats,
-                                      self._wake_forwarders, ingest.metrics)
+        # third-party readings go to the queue through ingest, its one writer (`store` is not
+        # written here; the parameter stays for the link factory's signature)
+        self.third_party = ThirdParty(cfg.devices, ingest, cfg.repeat_s, self.stats, self.name)
 
     # -- bookkeeping ------------------------------------------------------------------------
-
-    def _wake_forwarders(self) -> None:
-        """Readings we committed ourselves (third-party adverts): tell the forwarders."""
-        self.ingest.committed.set()
-        for ev in getattr(self.ingest, "listeners", ()):
-            ev.set()
 
     def _reject(self, source: str, e: FrameError) -> None:
         self.stats[f"rejected_{e.kind}"] += 1
@@ -413,10 +408,9 @@ class BleLink:
         return delay * random.uniform(0.5, 1.0)
 
     async def run(self) -> None:
-        await self.third_party.start()
         tasks = [asyncio.create_task(coro, name=f"{self.name}-{n}") for n, coro in (
             ("scan", self._scan()), ("schedule", self._schedule()),
-            ("counters", self.counters.run()), ("third-party", self.third_party.run()))]
+            ("counters", self.counters.run()))]
         try:
             await asyncio.gather(*tasks)
         finally:

@@ -15,21 +15,21 @@ times, is a duplicate and ignored quietly). Unlike BTHome receivers that accept 
 below 100 after a "reset", nothing here forgets: the highest counters are kept on disk, and
 nodes never reuse one (node/link_ble.py reserves them in flash).
 
-Third-party BTHome sensors named in the configuration become readings, committed to the
-queue with their replay window in the same transaction (node `bthome:<name>`, sequence =
-the encryption counter; plain adverts get gateway-assigned sequence numbers).
+Third-party BTHome sensors named in the configuration become readings, handed to ingest
+(`Ingest.take`), the queue's one writer: committed with their replay window in the same
+transaction, under the same pause-intake as the nodes' frames (node `bthome:<name>`, sequence
+= the encryption counter; plain adverts get gateway-assigned sequence numbers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ from bleak.backends.device import BLEDevice
 
 from .. import bthome
 from ..errors import FrameError
-from ..store import Accepted, Store, Window
+from ..ingest import Ingest, Maker
+from ..queue.store import Accepted
 from .ble_config import BleDeviceConfig
 
 log = logging.getLogger("lantern.link.ble")
@@ -201,38 +202,32 @@ class _DeviceState:
     last_at: float = 0.0
 
 
-class ThirdParty:
-    """Configured BTHome sensors → readings in the queue, group-committed."""
+class ThirdParty(Maker):
+    """Configured BTHome sensors → readings, queued by ingest (the queue's one writer)."""
 
-    def __init__(self, devices: tuple[BleDeviceConfig, ...], store: Store, repeat_s: float,
-                 stats: Counter[str], wake: Callable[[], None], metrics: Any) -> None:
+    def __init__(self, devices: tuple[BleDeviceConfig, ...], ingest: Ingest, repeat_s: float,
+                 stats: Counter[str], name: str) -> None:
         self.devices = {d.address.upper(): _DeviceState(d) for d in devices}
-        self.store = store
+        self.ingest = ingest
         self.repeat_s = repeat_s
         self.stats = stats
-        self._wake_sinks = wake
-        self._metrics = metrics
-        self.windows: dict[str, Window] = {}
-        self._pending: list[Accepted] = []
-        self._pending_seqs: set[tuple[str, int]] = set()
-        self._ready = asyncio.Event()
-
-    async def start(self) -> None:
-        self.windows = {n: w for n, w in (await self.store.windows()).items()
-                        if n.startswith("bthome:")}
+        self.name = name
+        self._pending_seqs: set[tuple[str, int]] = set()  # taken, not yet committed
 
     def handles(self, address: str) -> bool:
         return address.upper() in self.devices
 
     def on_advert(self, address: str, data: bytes) -> None:
-        """One advert's service data; raises FrameError for a rejected one."""
+        """One advert's service data; raises FrameError for a rejected one (queue_full: the
+        queue is at its disk cap, and it is taken when it comes again)."""
         st = self.devices[address.upper()]
         cfg = st.cfg
         node = f"bthome:{cfg.name}"
         adv = bthome.decode(data, bthome.mac_bytes(address), cfg.bindkey)
         now = time.time()
-        w = self.windows.setdefault(node, Window())
-        high = max([w.high, *(s for n, s in self._pending_seqs if n == node)])
+        w = self.ingest.windows.get(node)  # (loaded from the queue by Ingest.start)
+        high = max([w.high if w is not None else -1,
+                    *(s for n, s in self._pending_seqs if n == node)])
         if adv.encrypted:
             assert adv.counter is not None
             seq = adv.counter
@@ -249,7 +244,6 @@ class ThirdParty:
                 self.stats["advert_duplicates"] += 1
                 return
             seq = max(high, 0) + 1
-        st.last_data, st.last_at = data, now
         records: list[dict[str, Any]] = []
         names: Counter[str] = Counter()
         for r in adv.readings:
@@ -261,35 +255,22 @@ class ThirdParty:
             rec["vb" if isinstance(r.value, bool) else "v"] = r.value
             rec["id"] = f"{node}:{seq}:{len(records)}"
             records.append(rec)
+        if records:
+            # pause-intake applies (FrameError queue_full): not taken, not marked as seen
+            self.ingest.take(self, Accepted(node, seq, data, records))
+            self._pending_seqs.add((node, seq))
+        st.last_data, st.last_at = data, now
         if not records:
             self.stats["advert_empty"] += 1
-            return
-        self._pending.append(Accepted(node, seq, data, records))
-        self._pending_seqs.add((node, seq))
-        self._ready.set()
 
-    async def run(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            batch, self._pending = self._pending, []
-            windows = {n: Window(w.high, w.bits) for n, w in self.windows.items()}
-            for acc in batch:
-                windows.setdefault(acc.node, Window()).mark(acc.seq)
-            try:
-                await self.store.commit(batch, windows)
-            except Exception as e:
-                # adverts repeat: the next one carries the same values; nothing to resend
-                self.stats["store_errors"] += 1
-                log.error("store: commit of %d third-party adverts failed (%s)", len(batch), e)
-                await asyncio.sleep(1.0)
-                continue
-            finally:
-                for acc in batch:
-                    self._pending_seqs.discard((acc.node, acc.seq))
-            self.windows.update(windows)
-            n = sum(len(acc.records or ()) for acc in batch)
-            self.stats["third_party_readings"] += n
-            with contextlib.suppress(AttributeError):
-                self._metrics.readings_stored += n
-            self._wake_sinks()
+    def stored(self, frames: list[Accepted]) -> None:
+        for acc in frames:
+            self._pending_seqs.discard((acc.node, acc.seq))
+        self.stats["third_party_readings"] += sum(len(acc.records or ()) for acc in frames)
+
+    def lost(self, frames: list[Accepted], e: BaseException) -> None:
+        # adverts repeat: the next one carries the same values; nothing to resend
+        for acc in frames:
+            self._pending_seqs.discard((acc.node, acc.seq))
+        self.stats["store_errors"] += 1
+        log.error("store: commit of %d third-party adverts failed (%s)", len(frames), e)

@@ -25,7 +25,7 @@ from ..config import check_secret_file, http_url, shown_url
 from ..configfile import Doc, positive
 from ..logsetup import escape_controls
 from ..plugins import SinkPlugin
-from ..resolved import Batch
+from ..queue.resolve import Batch
 
 log = logging.getLogger("lantern.sink.http")
 

@@ -25,7 +25,7 @@ from ..config import check_secret_file
 from ..configfile import Doc, positive
 from ..ngsi import split_name
 from ..plugins import SinkPlugin
-from ..resolved import Batch
+from ..queue.resolve import Batch
 from .http import DeliveryError
 
 log = logging.getLogger("lantern.sink.mqtt")

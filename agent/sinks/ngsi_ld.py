@@ -24,7 +24,7 @@ from ..config import check_secret_file, http_url, shown_url
 from ..configfile import Doc, positive
 from ..ngsi import MAX_BATCH, NodeMeta, entities, rounds
 from ..plugins import SinkPlugin
-from ..resolved import Batch
+from ..queue.resolve import Batch
 from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
 
 log = logging.getLogger("lantern.sink.ngsi_ld")

@@ -14,11 +14,11 @@ import cbor2
 import pytest
 
 from lantern.agent import protocol
-from lantern.agent.forward import Forwarder
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
-from lantern.agent.resolved import Batch
-from lantern.agent.store import Store
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.resolve import Batch
+from lantern.agent.queue.store import Store
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))

@@ -37,7 +37,7 @@ from lantern.agent.links.ble import BleLink, node_tag
 from lantern.agent.links.ble_config import BleLinkConfig
 from lantern.agent.links.ble_session import SERVICE_UUID
 from lantern.agent.metrics import Metrics
-from lantern.agent.store import Store
+from lantern.agent.queue.store import Store
 
 NODE, OTHER = "SL-0001", "SL-0002"
 KEYS = {NODE.encode(): bytes(range(32)), OTHER.encode(): bytes(range(1, 33))}

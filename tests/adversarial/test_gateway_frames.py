@@ -29,12 +29,13 @@ from hypothesis import strategies as st
 from lantern.agent import logsetup, protocol
 from lantern.agent.config import NODE_ID, load_keys
 from lantern.agent.errors import ConfigError, FrameError
-from lantern.agent.forward import Forwarder
 from lantern.agent.ingest import Ingest
 from lantern.agent.links.serial import SerialLink
 from lantern.agent.metrics import Metrics
-from lantern.agent.resolved import Batch
-from lantern.agent.store import SCHEMA_VERSION, Accepted, Store, Window
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.layout import SCHEMA_VERSION
+from lantern.agent.queue.resolve import Batch
+from lantern.agent.queue.store import Accepted, Store, Window
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))

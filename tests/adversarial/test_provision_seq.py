@@ -30,7 +30,7 @@ import pytest
 from lantern.agent import protocol
 from lantern.agent.config import load_keys, write_secret
 from lantern.agent.ingest import Ingest
-from lantern.agent.store import Store
+from lantern.agent.queue.store import Store
 from lantern.tools.field import provision as pv
 from lantern.tools.field import provision_steps as ps
 from lantern.tools.street.sim import gateway_toml

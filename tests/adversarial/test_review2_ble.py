@@ -31,7 +31,7 @@ from lantern.agent.links.ble_session import (
     segments,
 )
 from lantern.agent.metrics import Metrics
-from lantern.agent.store import Store
+from lantern.agent.queue.store import Store
 
 pytestmark = pytest.mark.adversarial
 

@@ -14,8 +14,8 @@ import cbor2
 import pytest
 
 from lantern.agent import protocol
-from lantern.agent.diskcap import disk_bytes
-from lantern.agent.store import Accepted, Window
+from lantern.agent.queue.diskcap import disk_bytes
+from lantern.agent.queue.store import Accepted, Window
 
 from .gateway_harness import (
     K1,

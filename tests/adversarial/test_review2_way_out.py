@@ -22,9 +22,9 @@ import cbor2
 import pytest
 
 from lantern.agent import logsetup
-from lantern.agent.forward import Forwarder
 from lantern.agent.metrics import Metrics
-from lantern.agent.resolved import Batch
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.resolve import Batch
 
 from .gateway_harness import K1, NODE, T0, FakeLink, Sink, frame, gateway, until
 

@@ -36,11 +36,11 @@ from lantern.agent import ngsi
 from lantern.agent.api import Api, GatewayView
 from lantern.agent.config import ApiConfig, load_config
 from lantern.agent.errors import ConfigError
-from lantern.agent.forward import Forwarder
 from lantern.agent.metrics import Metrics
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.store import Accepted, Store, Window
 from lantern.agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
 from lantern.agent.sinks.ngsi_ld import UPSERT, NgsiLdSink, NgsiLdSinkConfig
-from lantern.agent.store import Accepted, Store, Window
 from tests.helpers.api import FakeForwarder, FakeLink, commit, pack
 
 REDIRECTS = (301, 302, 303, 307, 308)

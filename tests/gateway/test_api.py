@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lantern.agent.api import Api, ApiServer, GatewayView, parse_since
 from lantern.agent.config import ApiConfig
-from lantern.agent.history import History, find_gaps, typical_interval
 from lantern.agent.metrics import LATENCY_BUCKETS, REJECT_REASONS, SKIP_REASONS, Metrics, TimedSink
-from lantern.agent.store import Store
+from lantern.agent.queue.history import History, find_gaps, typical_interval
+from lantern.agent.queue.store import Store
 from tests.helpers.api import FakeForwarder, FakeLink, commit, pack
 
 NODES = ["SL-0001", "SL-0002", "SL-0003"]

@@ -19,12 +19,12 @@ import pytest
 
 from lantern.agent import protocol
 from lantern.agent.errors import FrameError
-from lantern.agent.forward import Forwarder
 from lantern.agent.metrics import Metrics
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.store import Accepted, Store, Window
 from lantern.agent.sinks.http import DeliveryError, HttpSink, HttpSinkConfig
 from lantern.agent.sinks.mqtt import MqttSink, MqttSinkConfig
 from lantern.agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
-from lantern.agent.store import Accepted, Store, Window
 from lantern.tools.field import nodelink as nl
 from lantern.tools.street.ngsi_broker import NgsiBroker
 from tests.helpers.mosquitto import Mosquitto
@@ -224,7 +224,7 @@ async def test_http_sink_error_does_not_carry_the_url_password() -> None:
     cfg = HttpSinkConfig(url="http://lantern:s3cr3t-pw@127.0.0.1:9/senml", timeout_s=2)
     async with HttpSink(cfg) as sink:
         with pytest.raises(DeliveryError) as err:
-            from lantern.agent.resolved import Batch
+            from lantern.agent.queue.resolve import Batch
 
             await sink.send(Batch(1, 1, 0.0, ["x"], ['{"n":"a","v":1}']))
     assert "s3cr3t-pw" not in str(err.value), str(err.value)

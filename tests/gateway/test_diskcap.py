@@ -13,11 +13,11 @@ import pytest
 
 from lantern.agent import protocol
 from lantern.agent.config import load_config
-from lantern.agent.diskcap import disk_bytes
 from lantern.agent.errors import ConfigError
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
-from lantern.agent.store import Accepted, Store, Window
+from lantern.agent.queue.diskcap import disk_bytes
+from lantern.agent.queue.store import Accepted, Store, Window
 
 CAP = 1 << 20
 KEY = bytes(range(32))

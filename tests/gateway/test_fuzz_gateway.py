@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from lantern.agent import protocol
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
-from lantern.agent.store import WINDOW, Store
+from lantern.agent.queue.store import WINDOW, Store
 from lantern.tools.street.reliability import record, size
 
 KEYS = {b"SL-0001": bytes(range(32)), b"SL-0002": bytes(range(50, 82))}

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from lantern.agent.forward import Forwarder
 from lantern.agent.metrics import Metrics
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.resolve import Batch
+from lantern.agent.queue.store import Accepted, Store, Window
 from lantern.agent.sinks.http import (
     RETRY_AFTER_MAX_S,
     DeliveryError,
@@ -26,7 +28,6 @@ from lantern.agent.sinks.http import (
     idempotency_key,
     parse_retry_after,
 )
-from lantern.agent.store import Accepted, Batch, Store, Window
 from lantern.tools.street.upstream import Upstream
 
 

@@ -20,7 +20,7 @@ from lantern.agent import protocol
 from lantern.agent.errors import AuthError
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
-from lantern.agent.store import WINDOW, Store
+from lantern.agent.queue.store import WINDOW, Store
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))

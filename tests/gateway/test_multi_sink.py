@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from lantern.agent import ngsi
-from lantern.agent.forward import Forwarder
 from lantern.agent.metrics import Metrics
+from lantern.agent.queue.forward import Forwarder
+from lantern.agent.queue.store import Accepted, Store, Window
 from lantern.agent.sinks.http import HttpSink, HttpSinkConfig
 from lantern.agent.sinks.ngsi_ld import NgsiLdSink, NgsiLdSinkConfig
-from lantern.agent.store import Accepted, Store, Window
 from lantern.tools.street.ngsi_broker import NgsiBroker
 from lantern.tools.street.upstream import Upstream
 from tests.helpers.ngsi import NODES, records

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lantern.agent import protocol, resolved
+from lantern.agent import protocol
 from lantern.agent.errors import FrameError
-from lantern.agent.resolved import PACK, RECORDS, dumps, resolve
+from lantern.agent.queue import resolve as resolved
+from lantern.agent.queue.resolve import PACK, RECORDS, dumps, resolve
 from tests.helpers.resolve import GOOD, NODE, RECORD, reference
 
 ODD_NODE = 'SL-ü"\\1'  # a node id JSON must escape (ids come from the keys file)

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from hil_tests.harness.cdp import Browser
 from lantern.agent.api import Api, GatewayView
 from lantern.agent.metrics import Metrics
-from lantern.agent.store import Store
+from lantern.agent.queue.store import Store
 from tests.helpers.api import FakeForwarder, FakeLink, commit, pack
 
 pytestmark = pytest.mark.chromium

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lantern.agent.store import WINDOW, Accepted, Store, Window
+from lantern.agent.queue.store import WINDOW, Accepted, Store, Window
 
 
 def frame(node: str, seq: int, n: int = 1) -> Accepted:

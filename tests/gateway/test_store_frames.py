@@ -14,10 +14,12 @@ from typing import Any
 import cbor2
 import pytest
 
-from lantern.agent import protocol, resolved
+from lantern.agent import protocol
 from lantern.agent.errors import ConfigError
-from lantern.agent.history import JSON_ROW, PACK_ROW, History, row_records
-from lantern.agent.store import SCHEMA_VERSION, Accepted, Store, Window
+from lantern.agent.queue import resolve as resolved
+from lantern.agent.queue.history import JSON_ROW, PACK_ROW, History, row_records
+from lantern.agent.queue.layout import SCHEMA_VERSION
+from lantern.agent.queue.store import Accepted, Store, Window
 
 BT = 1764331200
 NODE = "SL-0001"
@@ -124,7 +126,7 @@ async def test_every_frame_is_resolved_once_for_two_sinks_and_the_api(
         calls.append(seq)
         return real(node, seq, fmt, body)
 
-    monkeypatch.setattr("lantern.agent.outbound.resolve", counting)
+    monkeypatch.setattr("lantern.agent.queue.batches.resolve", counting)
     await commit(store, [packed(s) for s in range(1, 6)])
     a = await store.next_batch(6)  # http: frames 1-2
     assert a is not None and len(a.rids) == 6

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from lantern.agent.store import Accepted, Store, Window
+from lantern.agent.queue.store import Accepted, Store, Window
 
 
 def pack(node: str, seq: int, t: float, values: dict[str, Any]) -> Accepted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from lantern.agent import ngsi
-from lantern.agent.store import Batch
+from lantern.agent.queue.resolve import Batch
 
 T0 = 1_764_331_200
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import lantern
-from lantern.agent.store import QUEUE_FILE as QUEUE_FILE  # the gateway queue, read by provision
+from lantern.agent.queue.layout import (
+    QUEUE_FILE as QUEUE_FILE,  # the gateway queue, read by provision
+)
 
 # the mpy-cross `make micropython` builds in a clone (the same MicroPython as the tests run)
 BUNDLED_MPY_CROSS = (lantern.CHECKOUT / ".build/micropython/mpy-cross" if lantern.CHECKOUT

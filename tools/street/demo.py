@@ -43,7 +43,7 @@ def _fresh_queue_if_old(state: Path) -> None:
     readings are the demo's, so after an upgrade it starts again rather than stop.
     """
     from lantern.agent.errors import ConfigError
-    from lantern.agent.store import QUEUE_FILE, check_layout
+    from lantern.agent.queue.layout import QUEUE_FILE, check_layout
 
     try:
         check_layout(state / QUEUE_FILE)

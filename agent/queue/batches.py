@@ -1,11 +1,15 @@
-"""The way out of the queue: whole frames, resolved, in batches for sinks; the history's feed.
+"""The forward stage on the store's thread: whole frames, resolved, in batches for sinks.
 
-Every function runs on the store's thread (agent/store.py hands them to its executor). A
-frame is resolved (agent/resolved.py) the first time anything needs it — a sink's batch, or
-the local API showing the history — and enters the history (agent/history.py) then, in frame
-order, so `history.upto` says how far it got. A pack that does not resolve moves to the dead
-letters, and is reported to the event loop (`reports`) to be counted and logged there.
-Frames leave the queue once every sink has them and the history has them too.
+Every function runs on the store's thread (store.py hands them to its executor; forward.py
+asks for the batches, one forwarder per sink). A frame is resolved (resolve.py) the first time
+anything needs it — a sink's batch, or the local API showing the history — and enters the
+history (history.py) then, in frame order, so `history.upto` says how far it got. A pack that
+does not resolve moves to the dead letters, and is reported to the event loop (`reports`) to be
+counted and logged there. Frames leave the queue once every sink has them and the history has
+them too.
+
+What this side needs of the store is named in `QueueAccess` — the connection, a
+transaction, the history and the disk cap — and nothing else of it is used here.
 """
 
 from __future__ import annotations
@@ -15,23 +19,36 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .errors import FrameError
-from .resolved import PACK, Batch, Cache, Resolved, resolve
+from ..errors import FrameError
+from .diskcap import DiskCap
+from .history import History
+from .resolve import PACK, Batch, Cache, Resolved, resolve
 
-if TYPE_CHECKING:
-    from .store import Store
-
-log = logging.getLogger("lantern.outbound")
+log = logging.getLogger("lantern.forward")
 
 BATCH_ROWS = 32  # frames read per query while filling a batch
 CATCH_UP_MAX = 5000  # frames resolved into the history per API read, at most
 
 
-class Outbound:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+class QueueAccess(Protocol):
+    """What the forward stage needs of the store (store.py's `Store` is one)."""
+
+    history: History
+    cap: DiskCap
+
+    @property
+    def db(self) -> sqlite3.Connection: ...
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], Any], durable: bool = True
+                    ) -> None:
+        """fn in one transaction (durable=False: see Store.transaction)."""
+
+
+class Batches:
+    def __init__(self, queue: QueueAccess) -> None:
+        self.queue = queue
         self.cache = Cache()
         self._found_dead: list[tuple[int, str, int, float, bytes, FrameError]] = []
         self._bugs = 0  # frames resolution failed on with anything but a FrameError
@@ -44,7 +61,7 @@ class Outbound:
         hit = self.cache.get(fid)
         if hit is not None:
             return hit
-        history = self.store.history
+        history = self.queue.history
         try:
             records, text = resolve(node, seq, fmt, body)
             res = Resolved(fid, node, seq, received_at, [r["id"] for r in records], text)
@@ -71,13 +88,13 @@ class Outbound:
         return res
 
     def _frames(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:
-        return self.store.db.execute(
+        return self.queue.db.execute(
             "SELECT id, node, seq, received_at, readings, format, body FROM frames"
             " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
 
     def catch_up(self, upto: int | None, budget: int = CATCH_UP_MAX) -> None:
         """Resolve frames the history does not have yet (in order), up to `upto`."""
-        history = self.store.history
+        history = self.queue.history
         while budget > 0 and (upto is None or history.upto < upto):
             start = history.upto
             rows = [r for r in self._frames(start, min(budget, 256))
@@ -102,7 +119,7 @@ class Outbound:
                            (node, seq, str(e), received_at, body))
                 db.execute("DELETE FROM frames WHERE id = ?", (fid,))
 
-        self.store.transaction(work)
+        self.queue.transaction(work)
         self.reports.extend((node, seq, e.kind, str(e)) for _, node, seq, _, _, e in found)
 
     def write_history(self, force: bool = False) -> None:
@@ -111,10 +128,10 @@ class Outbound:
         Not durable: the history is a copy; if a power cut takes these rows, it takes `upto`
         with them, and the frames are resolved into the history again.
         """
-        history = self.store.history
+        history = self.queue.history
         if not (force or history.dirty):
             return
-        self.store.transaction(lambda db: history.flush(db, time.time(), force),
+        self.queue.transaction(lambda db: history.flush(db, time.time(), force),
                                durable=False)
         history.written()
 
@@ -124,7 +141,7 @@ class Outbound:
         self.write_history()
 
     def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
-        if self.store.history.upto < after_id:
+        if self.queue.history.upto < after_id:
             self.catch_up(after_id)  # (only after a crash between two writes)
         items: list[Resolved] = []
         total = 0
@@ -149,7 +166,7 @@ class Outbound:
         self._bury()
         if not items:
             return None
-        self.store.cap.lease(items[0].id, items[-1].id)
+        self.queue.cap.lease(items[0].id, items[-1].id)
         return Batch(items[0].id, items[-1].id, items[0].received_at,
                      [rid for r in items for rid in r.rids], [r.text for r in items], full)
 
@@ -159,7 +176,7 @@ class Outbound:
 
     def _delete(self, delete: Callable[[sqlite3.Connection], Any], batch: Batch) -> None:
         now = time.time()
-        history = self.store.history
+        history = self.queue.history
 
         def work(db: sqlite3.Connection) -> None:
             history.flush(db, now)  # the history has them before the queue lets go
@@ -167,20 +184,20 @@ class Outbound:
 
         # not durable: a power cut can only undo it, and then the sink gets the batch again
         # (at least once; the reading ids make the repeat harmless upstream)
-        self.store.transaction(work, durable=False)
+        self.queue.transaction(work, durable=False)
         history.written()
-        self.store.cap.release(batch.first_id, batch.last_id)
-        self.store.cap.update(self.store.db)
+        self.queue.cap.release(batch.first_id, batch.last_id)
+        self.queue.cap.update(self.queue.db)
 
     def cursor(self, sink: str) -> int:
-        row = self.store.db.execute("SELECT last_id FROM sink_cursors WHERE sink = ?",
+        row = self.queue.db.execute("SELECT last_id FROM sink_cursors WHERE sink = ?",
                                     (sink,)).fetchone()
         return int(row[0]) if row else 0
 
     def delivered_to(self, sink: str, batch: Batch, sinks: Sequence[str]) -> None:
         mine = max(self.cursor(sink), batch.last_id)
         mark = min(mine if s == sink else self.cursor(s) for s in sinks)
-        if self.store.history.upto < mark:
+        if self.queue.history.upto < mark:
             self.catch_up(mark)  # (only after a crash between two writes)
 
         def delete(db: sqlite3.Connection) -> None:

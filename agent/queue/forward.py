@@ -1,4 +1,4 @@
-"""Batches readings out of the queue to a sink; frames leave the queue only after a 2xx.
+"""The forward stage, per sink: batches out of the queue to a sink; frames leave after a 2xx.
 
 Each sink has its own forwarder and its own cursor over the queue, so a slow or dead sink
 never blocks another; a frame is deleted once every configured sink has confirmed it. A batch
@@ -16,9 +16,9 @@ import sqlite3
 import time
 from typing import Protocol
 
-from .metrics import Metrics
-from .resolved import Batch
-from .sinks.http import RETRY_AFTER_MAX_S, DeliveryError
+from ..metrics import Metrics
+from ..sinks.http import RETRY_AFTER_MAX_S, DeliveryError
+from .resolve import Batch
 from .store import Store
 
 log = logging.getLogger("lantern.forward")
@@ -60,7 +60,7 @@ class Forwarder:
                 batch = await self.store.next_batch(self.max_records, cursor)
             except Exception as e:
                 # sqlite3.Error: disk trouble. Anything else is a bug of ours (a frame that
-                # fails to resolve is already a dead letter, agent/outbound.py): never end
+                # fails to resolve is already a dead letter, batches.py): never end
                 # this task over it, or the gateway stops, and stops again after a restart.
                 self.metrics.store_errors += 1
                 failures += 1

@@ -1,7 +1,7 @@
 """Recent readings kept after delivery, for the local API and the status page.
 
 The queue forgets a frame once every sink has it; the status page still wants the last
-hours. Frames enter this bounded table once they are resolved (agent/resolved.py) — when a
+hours. Frames enter this bounded table once they are resolved (resolve.py) — when a
 sink takes them, or when the API asks first — never on the ACK path. One row holds one
 sample of one node (all its readings with the same time): the node's pack itself when the
 frame is one sample (resolved again when the row is read, which is rare: writing is what
@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol
+from .. import protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS recent (

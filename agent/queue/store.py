@@ -2,9 +2,11 @@
 
 What an ACK waits for is small: one row per frame (node, sequence, the pack as the node
 sealed it) and the node's replay window, in the same transaction, committed in groups
-(everything that arrived while the previous commit ran) with synchronous=FULL. Packs are
-resolved into SenML-JSON (agent/resolved.py), and enter the history (agent/history.py),
-when a sink takes them in a batch or the local API asks — never while a node waits.
+(everything that arrived while the previous commit ran) with synchronous=FULL, by one
+writer: ingest (agent/ingest.py), for the nodes' frames and third-party readings alike. Packs
+are resolved into SenML-JSON (resolve.py), and enter the history (history.py), when the
+forward stage takes them in a batch for a sink (batches.py) or the local API asks — never
+while a node waits. The file's tables and layouts: layout.py.
 """
 
 from __future__ import annotations
@@ -19,74 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .batches import Batches
 from .diskcap import DiskCap
-from .errors import ConfigError
 from .history import History, typical_interval
-from .outbound import Outbound
-from .resolved import PACK, RECORDS, Batch, Cache, dumps
+from .layout import SCHEMA, SCHEMA_VERSION, check_layout, migrate
+from .resolve import PACK, RECORDS, Batch, Cache, dumps
 
-__all__ = ["WINDOW", "Accepted", "Batch", "Store", "Window"]
+__all__ = ["WINDOW", "Accepted", "Store", "Window"]
 
 log = logging.getLogger("lantern.store")
 
 WINDOW = 64
 _MASK = (1 << WINDOW) - 1
-# PRAGMA user_version; 0 (never numbered): a row per reading; 2: nodes without key_id; 3: one
-# replay window per node, with its key's id; 4: a window per (node, key) in `windows`, so a
-# key that comes back finds its own. 2 and 3 are moved to 4 in place (_migrate).
-SCHEMA_VERSION = 4
-QUEUE_FILE = "queue.sqlite"  # the queue's name in the gateway's state_dir
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS frames (
-    -- AUTOINCREMENT: ids are never reused, so a delivery cursor can never skip a frame
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    node TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    readings INTEGER NOT NULL,  -- records in it
-    format INTEGER NOT NULL,  -- 0: SenML CBOR pack, MAC checked; 1: SenML-JSON records
-    body BLOB NOT NULL,
-    UNIQUE (node, seq)
-);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
-    node TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    kind TEXT NOT NULL,  -- body is the 'cose' message (refused on arrival) or its 'pack'
-    body BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sink_cursors (
-    -- each sink's last delivered frame id: a slow sink never holds back another
-    sink TEXT PRIMARY KEY,
-    last_id INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    node TEXT PRIMARY KEY,
-    -- the node's window with the highest sequence, of any key: high is the highest sequence
-    -- the node id used (lantern provision starts a new key above it)
-    high INTEGER NOT NULL,
-    window INTEGER NOT NULL,
-    last_seen REAL NOT NULL,
-    frames INTEGER NOT NULL,
-    key_id BLOB  -- protocol.key_id of the key that window is kept under (NULL: none given)
-);
-"""
-_WINDOWS_TABLE = """
-CREATE TABLE IF NOT EXISTS windows (
-    -- every replay window, one per (node, key) the node was ever taken under: a retired key
-    -- brought back gets its own window back, never a fresh one (docs/gateway.md)
-    node TEXT NOT NULL,
-    key_id BLOB NOT NULL,  -- protocol.key_id; x'': none (third-party adverts; a window kept
-                           -- before windows had a key, until Ingest.start adopts it)
-    high INTEGER NOT NULL,
-    window INTEGER NOT NULL,
-    PRIMARY KEY (node, key_id)
-) WITHOUT ROWID
-"""
-SCHEMA += _WINDOWS_TABLE + ";\n"
 
 
 @dataclass
@@ -157,7 +103,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self.history = History()  # recent readings kept after delivery (local API)
         self.cap = DiskCap()  # [queue] max_mb and policy; set by limit()
-        self.out = Outbound(self)  # batches for sinks, the history's feed (store thread)
+        # the forward stage's store-thread half: batches for sinks, the history's feed
+        self.out = Batches(self)
         self.on_dead_letter: DeadLetterHook | None = None  # called on the event loop
         self._collided: list[tuple[str, int, str, str]] = []  # reports of the last commit
 
@@ -183,7 +130,7 @@ class Store:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._check_schema(db)
-            _migrate(db)
+            migrate(db)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash
             db.execute("PRAGMA synchronous=FULL")
@@ -347,7 +294,7 @@ class Store:
                 self._collided.append((node, seq, "seq_collision", why))
         return dead
 
-    # ---- the way out (agent/outbound.py, on this thread)
+    # ---- the forward stage (batches.py, on this thread; forward.py drives it per sink)
 
     async def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
         """Whole frames after `after_id`, up to max_records readings (None: nothing waits)."""
@@ -410,54 +357,3 @@ class Store:
                 "dead_letters": db.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
                 "recent_rows": self.history.rows(db)}
 
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Layouts 2 and 3 → 4, in place and in one transaction: nodes gains key_id (layout 2;
-    NULL until Ingest.start adopts the keys configured now), and every window kept in nodes
-    becomes its key's row in `windows` (no window is lost or changed). A gateway of layout 2
-    or 3 then refuses the file as newer."""
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if "nodes" not in tables or "windows" in tables:
-        return  # a new queue, or one of this layout
-    columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
-    was = 3 if "key_id" in columns else 2
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if was == 2:
-            db.execute("ALTER TABLE nodes ADD COLUMN key_id BLOB")
-        db.execute(_WINDOWS_TABLE)
-        moved = db.execute("INSERT INTO windows SELECT node, coalesce(key_id, x''), high, window"
-                           " FROM nodes").rowcount
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    log.info("store: layout %d moved to layout %d (%d replay windows, each now kept per "
-             "node and key)", was, SCHEMA_VERSION, moved)
-
-
-def check_layout(path: Path, db: sqlite3.Connection | None = None) -> None:
-    """ConfigError if the queue at `path` has a layout this gateway does not keep."""
-    if db is None:
-        if not path.exists():
-            return
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            check_layout(path, conn)
-        finally:
-            conn.close()
-        return
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if version in (2, 3, SCHEMA_VERSION) or (version == 0 and "readings" not in tables):
-        return  # (2 and 3 are moved to 4 in place when the store opens it)
-    made_by = ("an earlier Lantern (a row per reading)" if version == 0
-               else f"a newer Lantern (layout {version})" if version > SCHEMA_VERSION
-               else f"an unknown layout {version}")
-    raise ConfigError(
-        f"{path}: this queue was written by {made_by}; this gateway keeps layout "
-        f"{SCHEMA_VERSION} (a row per frame) and does not convert it. Nothing was changed. "
-        "Let the version that wrote it deliver its queue first, then move the file away "
-        "(or move it away now: the readings still queued in it are then not sent)")

@@ -1,9 +1,9 @@
 """Queued frames as SenML-JSON: resolved once, off the ACK path, for every sink and the history.
 
-The ACK path stores each frame's pack as the node sealed it (agent/store.py). A pack becomes
-SenML-JSON only on its way out: resolved records (`protocol.resolve_pack`) with their reading
-ids (`node:seq:index`, the same for every resend and after restarts) and the JSON text a sink
-sends. A small cache keeps that until every sink has the frame, so several sinks (or a
+The ACK path stores each frame's pack as the node sealed it (store.py). A pack becomes
+SenML-JSON only in the forward stage: resolved records (`protocol.resolve_pack`) with their
+reading ids (`node:seq:index`, the same for every resend and after restarts) and the JSON text
+a sink sends. A small cache keeps that until every sink has the frame, so several sinks (or a
 retried batch, or the status page asking first) pay for one resolution.
 """
 
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import protocol
+from .. import protocol
 
 # what the frames table holds in `body`, by its `format` column
 PACK = 0  # a SenML CBOR pack as the node sealed it (MAC checked before it was stored)
