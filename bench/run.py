@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import e2e, frames, ingest, link, node_cycle, throughput
+from . import e2e, frames, ingest, link, node_cycle, node_energy, throughput
 from .peers import NODE_RED_HOME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ FULL: dict[str, dict[str, Any]] = {
     "link_utilisation": {"seconds": 8.0},
     "node_cycle": {"cycles": 500},
     "e2e_latency_ms": {"nodes": 6, "interval_ms": 500, "seconds": 30.0},
+    "node_energy": {"hours": 24.0},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "gateway_ingest": {"n_frames": 400, "n_nodes": 8},
@@ -41,6 +42,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "link_utilisation": {"seconds": 0.3},
     "node_cycle": {"cycles": 10},
     "e2e_latency_ms": {"nodes": 2, "interval_ms": 250, "seconds": 2.0},
+    "node_energy": {"hours": 1.0},
 }
 
 
@@ -89,6 +91,7 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
         "link_utilisation": lambda: asyncio.run(link.run(
             w, frame_bytes=_measured.get("wire_bytes", 205), **sizes["link_utilisation"])),
         "e2e_latency_ms": lambda: asyncio.run(e2e.run(w, **sizes["e2e_latency_ms"])),
+        "node_energy": lambda: node_energy.run(**sizes["node_energy"]),
     }
 
 
@@ -132,6 +135,17 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
     e = r.get("e2e_latency_ms", {})
     if "p99" in e:
         out["e2e_p99_ms"] = _target(e["p99"], e["p99"] <= 1500, "<= 1500 with a 1 s window")
+    ne = r.get("node_energy", {})
+    for board in node_energy.BOARDS_RUN:
+        res = ne.get(board)
+        if not isinstance(res, dict):
+            continue
+        days = res["typical"]["days_on_cell"]
+        out[f"node_energy_{board}_days"] = _target(
+            days, days >= 30, ">= 30 days on 3.5 Ah, no lamp power (typical schedule)")
+        ratio = res["naive_vs_typical"]
+        out[f"node_energy_{board}_naive_ratio"] = _target(
+            ratio, ratio >= 10, "naive mAh/day >= 10x typical")
     return out
 
 

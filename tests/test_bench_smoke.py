@@ -44,7 +44,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return dict(printed)
 
 
-SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms"]
+SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms",
+            "node_energy"]
 
 
 def test_every_section_ran(results: dict[str, Any]) -> None:
@@ -132,3 +133,18 @@ def test_targets_are_reported(results: dict[str, Any]) -> None:
             "link_115200", "link_921600", "wire_vs_senml_json", "e2e_p99_ms"} <= set(t)
     for v in t.values():
         assert isinstance(v["met"], bool) and v["target"]
+
+
+def test_node_energy(results: dict[str, Any]) -> None:
+    ne = results["node_energy"]
+    for board in ("esp32-c3-devkitm-1", "esp32-devkitc"):
+        for schedule in ("typical", "naive"):
+            r = ne[board][schedule]
+            for k in ("mah_per_day", "mj_per_interval", "mj_per_reading", "days_on_cell"):
+                assert _number(r[k]) and r[k] > 0, (board, schedule, k, r[k])
+            assert r["intervals"] == 12  # one simulated hour at 5 min
+            assert {"mcu", "radio"} <= set(r["mj_per_interval_by"])
+        assert ne[board]["naive"]["mah_per_day"] > ne[board]["typical"]["mah_per_day"]
+        assert results["targets"][f"node_energy_{board}_days"]["measured"] == \
+            ne[board]["typical"]["days_on_cell"]
+

@@ -206,7 +206,8 @@ class Sampler:
 
     @property
     def interval_factor(self):
-        """How much longer than interval_ms the node should wait now (a low battery: > 1)."""
+        """How many times interval_ms the node should wait now: a low battery stretches the
+        interval (and with it every cadence) to save the boot, the sensors and the radio."""
         return self.factor
 
     def _managed(self, slot):
@@ -306,9 +307,7 @@ class Sampler:
         for i, slot in enumerate(self.slots):
             slot.since = t0  # the previous interval's rest was charged when it ended
             slot.every = self._every(slot)
-            # the battery slot keeps its cadence: it is how the node sees the cell recover
-            every = slot.every if slot.chip == "battery" else slot.every * self.factor
-            if c % every:
+            if c % slot.every:
                 continue
             due[i] = True
             if slot.driver is None:
@@ -440,6 +439,15 @@ class Sampler:
         self.covered_ms += max(interval, cycle + boot)
         self.intervals += 1
         self.readings += len([k for k in values if k[-2:] != ".q"])
+
+    def awake(self, ms):
+        """Charge ms of the node's own work after sampling (seal, store, send) at the MCU's
+        active current instead of the sleep the interval's rest was charged at."""
+        mcu = self.mcu
+        rest = mcu.get("deep_sleep_ua", 0) / 1000 if self.deep_sleep else mcu.get("active_ma", 0)
+        extra = ms * (mcu.get("active_ma", 0) - rest)
+        self.charge["mcu"] += extra
+        self.last_charge += extra
 
     def energy(self):
         """The node's energy since boot: mJ per interval and per reading, mAh a day, the days

@@ -63,8 +63,8 @@ class SPS30(Sensirion):
         time.sleep_ms(_START_MS)
 
     def _wake_up(self):
-        """Datasheet, I2C command Wake-up (0x1103): asleep, the interface is off; the first wake-up command only
-        switches it on (and is not acknowledged), the second one wakes the sensor."""
+        """Datasheet, I2C command Wake-up (0x1103): asleep, the interface is off; the first
+        wake-up only switches it on (and is not acknowledged), the second wakes the sensor."""
         for _ in range(2):
             try:
                 self._command(_CMD_WAKE)
