@@ -103,10 +103,10 @@ class Metrics:
         self.store_errors = 0
         self.upstream_failures = 0
         self.dead_letters = 0
-        # dead letters dropped beyond their bound (agent/diskcap.py), as of the last commit
+        # dead letters dropped beyond their bound (agent/queue/diskcap.py), as of the last commit
         self.dead_letters_dropped = 0
         self.window_restarts = 0  # fresh replay windows, for a key new to its node
-        self.evictions = 0  # mirrors store.cap.evicted (agent/diskcap.py) for summaries
+        self.evictions = 0  # mirrors store.cap.evicted (agent/queue/diskcap.py) for summaries
         self.nodes: dict[str, NodeSeen] = {}
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
         self.ble_links: dict[str, Counter[str]] = {}  # BLE link name → its stats (links/ble.py)
@@ -155,7 +155,7 @@ class Gauges:
     sink_redirects: dict[str, dict[int, int]] = field(default_factory=dict)  # sink → 3xx → n
     last_seen: dict[str, float] = field(default_factory=dict)  # node → unix time
     nodes_configured: int = 0
-    evictions: int = 0  # the disk cap's counters (agent/diskcap.py)
+    evictions: int = 0  # the disk cap's counters (agent/queue/diskcap.py)
     history_trimmed: int = 0
     paused: bool = False
     cap_bytes: int = 0

@@ -112,8 +112,8 @@ class BleLink:
         self._connecting = asyncio.Lock()
         self._logged: dict[str, set[str]] = {}  # kind → sources logged (≤ LOG_SOURCES)
         self.counters = CounterBook(state_dir / f"ble-{cfg.adapter}-adverts.json")
-        # third-party readings go to the queue through ingest, its one writer (`store` is not
-        # written here; the parameter stays for the link factory's signature)
+        # third-party readings reach the queue through ingest, its one writer; `store` is not
+        # used here any more (kept while ble_config.make and the tests still pass it)
         self.third_party = ThirdParty(cfg.devices, ingest, cfg.repeat_s, self.stats, self.name)
 
     # -- bookkeeping ------------------------------------------------------------------------
