@@ -29,7 +29,7 @@ from lantern import BOARDS, FIRMWARE
 if str(FIRMWARE) not in sys.path:
     sys.path.insert(0, str(FIRMWARE))  # the firmware's own package name, as on a board
 
-from tests.helpers.clock import TIMED, VirtualClock  # noqa: E402
+from tests.helpers.clock import TIMED, VirtualClock
 
 INTERVAL_MS = 5 * 60_000
 CADENCE_MS = {"sps30": 15 * 60_000, "pms5003": 15 * 60_000}

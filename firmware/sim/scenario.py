@@ -69,6 +69,7 @@ class Scenario:
         self.tz_h = float(cfg.get("tz_h", 0))
         self.sunrise_h = float(cfg.get("sunrise_h", 6.0))
         self.sunset_h = float(cfg.get("sunset_h", 20.0))
+        self.supply = cfg.get("supply", "panel")  # the cell's charger: "panel" or "lamp"
         self.faults = []
         for i, f in enumerate(cfg.get("faults", ())):
             kind = f.get("kind")
@@ -193,8 +194,17 @@ class Scenario:
         return v, i
 
     def battery(self, t):
-        """The node's backup cell, V: charged from the panel by day, drained overnight."""
+        """The node's backup cell, V: charged from the panel by day, drained overnight; with
+        sim.supply "lamp", charged while the lamp is on and drained through the day."""
         h = self.hour(t)
+        if self.supply == "lamp":
+            rise, sets = self.sunrise_h, self.sunset_h
+            night = (rise - sets) % 24
+            if self.lamp_on(t):
+                soc = 0.3 + 0.65 * ((h - sets) % 24) / night
+            else:
+                soc = 0.95 - 0.65 * ((h - rise) % 24) / (24 - night)
+            return 3.4 + 0.75 * min(0.95, max(0.3, soc))
         if 7 <= h < 16:
             soc = 0.3 + 0.65 * (h - 7) / 9
         else:

@@ -43,7 +43,7 @@ def test_particulates_every_third_interval_climate_every_one(clock: VirtualClock
     s = Sampler(board(), buses, scale, log=lambda m: None, cfg=typical(),
                 lightsleep=clock.sleep_ms)
     got = [cycle(s, clock) for _ in range(7)]
-    assert [PM <= set(v) for v in got] == [True, False, False, True, False, False, True]
+    assert [set(v) >= PM for v in got] == [True, False, False, True, False, False, True]
     assert all({"temperature", "co2", "LAeq", "illuminance", "lamp_power", "battery"} <= set(v)
                for v in got)
     # woken just long enough: nothing is flagged warming up, nothing stale or failed
@@ -79,7 +79,7 @@ def test_unmanaged_by_default_on_simulated_boards(clock: VirtualClock) -> None:
 
 
 def test_sps30_asleep_answers_nothing_until_woken_twice(clock: VirtualClock) -> None:
-    buses, _, sc = street(one_chip("sps30"), clock)
+    buses, _, _ = street(one_chip("sps30"), clock)
     drv = sps30.SPS30(buses["i2c"])
     drv.sleep()
     with pytest.raises(NackError):
@@ -142,7 +142,7 @@ def test_pms5003_asleep_gives_no_frame(clock: VirtualClock) -> None:
 
 def test_low_battery_lowers_the_cadence_and_says_so(clock: VirtualClock) -> None:
     b = board()
-    buses, scale, sc = street(b, clock)
+    buses, scale, _ = street(b, clock)
     logged: list[str] = []
     low = {"low_v": 4.5, "critical_v": 3.0, "low_factor": 3}  # the simulated cell is ~3.7-4.1 V
     s = Sampler(b, buses, scale, log=logged.append, cfg=typical(battery_low=low),
@@ -157,9 +157,28 @@ def test_low_battery_lowers_the_cadence_and_says_so(clock: VirtualClock) -> None
     # still every third interval: every 45 min
     assert clock.ms - t0 == 4 * 3 * FIVE_MIN
     assert all("temperature" in v for v in got)
-    assert [PM <= set(v) for v in got] == [False, False, True, False]
+    assert [set(v) >= PM for v in got] == [False, False, True, False]
     assert all("battery" in v and v["battery.q"] & SAVING for v in got)
     s.low = {"low_v": 3.0}  # charged again (a lamp night): back to normal
     v = cycle(s, clock)
     assert s.interval_factor == 1 and "battery.q" not in v
     assert not v.get("temperature.q", 0) & WARMUP
+
+
+def test_lamp_powered_cell_runs_low_by_evening_and_the_node_saves(clock: VirtualClock) -> None:
+    """The lamp charges the cell at night; by late afternoon it is low and the node slows."""
+    b = board()
+    buses, scale, sc = street(b, clock, supply="lamp")
+    t = sc.t()  # midnight: the lamp is on and charging
+    assert sc.lamp_on(t) and sc.battery(t + 4 * 3600) > sc.battery(t)
+    assert sc.battery(t + 17 * 3600) < sc.battery(t + 8 * 3600)  # drained through the day
+    low = {"low_v": 3.75, "critical_v": 3.5}
+    s = Sampler(b, buses, scale, log=lambda m: None, cfg=typical(battery_low=low),
+                lightsleep=clock.sleep_ms)
+    saving = []
+    while clock.ms - 1_764_288_000_000 < 24 * 3_600_000:
+        v = cycle(s, clock)
+        saving.append(bool(v.get("battery.q", 0) & SAVING))
+    # normal at night and in the morning, saving in the afternoon, normal again after dusk
+    assert not saving[0] and any(saving) and not saving[-1]
+
