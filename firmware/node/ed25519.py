@@ -106,6 +106,9 @@ def _combo(s, k, a):
 def verify(public, msg, sig):
     """True if sig is public's Ed25519 signature of msg (RFC 8032 §5.1.7), else False.
 
+    msg may be a list of bytes-like parts, signed as their concatenation: a large message
+    (a release manifest in its Sig_structure) need not be copied into one buffer.
+
     The check is the cofactorless [S]B = R + [k]A, by comparing the encoding of
     [S]B - [k]A with R's bytes; S >= L and non-canonical encodings of A are refused.
     """
@@ -118,8 +121,9 @@ def verify(public, msg, sig):
     if s >= _L:  # the malleable second spelling of S
         return False
     h = sha512(bytes(sig[:32]))
-    h.update(bytes(public))
-    h.update(bytes(msg))
+    h.update(public)
+    for part in msg if isinstance(msg, list) else (msg,):
+        h.update(part)
     k = int.from_bytes(h.digest(), "little") % _L
     neg_a = (_P - a[0], a[1], 1, _P - a[3])
     return encode_point(_combo(s, k, neg_a)) == bytes(sig[:32])

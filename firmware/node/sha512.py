@@ -78,12 +78,21 @@ class sha512:
             self.update(data)
 
     def update(self, data):
-        self._n += len(data)
-        buf = self._buf + bytes(data)
-        n = len(buf) - len(buf) % 128
+        """Hash data too; whole blocks are read in place (a large message is not copied)."""
+        mv = memoryview(data)
+        self._n += len(mv)
+        if self._buf:
+            need = 128 - len(self._buf)
+            self._buf += bytes(mv[:need])
+            mv = mv[need:]
+            if len(self._buf) < 128:
+                return
+            _compress(self._h, self._buf, 0)
+            self._buf = b""
+        n = len(mv) - len(mv) % 128
         for off in range(0, n, 128):
-            _compress(self._h, buf, off)
-        self._buf = buf[n:]
+            _compress(self._h, mv, off)
+        self._buf = bytes(mv[n:])
 
     def digest(self):
         h = list(self._h)

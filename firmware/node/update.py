@@ -43,6 +43,7 @@ FORMAT = const(1)
 # tag 18, array(4), bstr(13) {1: -8 (EdDSA), 4: bstr(8) kid}; the kid follows, then a0
 _SIGN1_HEAD = b"\xd2\x84\x4d\xa2\x01\x27\x04\x48"
 _SIG_HEAD = b"\x58\x40"  # bstr(64): the signature, last in the envelope
+_SIG1_CONTEXT = b"\x84\x6aSignature1"  # array(4), tstr "Signature1": Sig_structure's start
 
 REASONS = ("not_bundle", "truncated", "bad_envelope", "other_key", "bad_signature",
            "bad_manifest", "below_floor", "other_board", "other_mpy", "bad_size", "bad_hash")
@@ -164,12 +165,14 @@ class Verifier:
         if len(head) < HEAD_LEN + n:
             raise self._refuse("truncated", "envelope cut at %d of %d bytes"
                                % (len(head) - HEAD_LEN, n))
-        env = bytes(head[HEAD_LEN:HEAD_LEN + n])
+        env = memoryview(head)[HEAD_LEN:HEAD_LEN + n]
         p0 = len(_SIGN1_HEAD)
-        if n < p0 + KID_LEN + 4 + 66 or env[:p0] != _SIGN1_HEAD or env[p0 + KID_LEN] != 0xA0:
+        if (n < p0 + KID_LEN + 4 + 66 or bytes(env[:p0]) != _SIGN1_HEAD
+                or env[p0 + KID_LEN] != 0xA0):
             raise self._refuse("bad_envelope", "not a COSE_Sign1 in Lantern's layout")
-        kid = env[p0:p0 + KID_LEN]
+        kid = bytes(env[p0:p0 + KID_LEN])
         p = p0 + KID_LEN + 1
+        q = p  # the payload's bstr head: Sig_structure encodes the payload the same way
         ai = env[p] ^ 0x40
         if ai < 24:
             k, p = ai, p + 1
@@ -179,17 +182,16 @@ class Verifier:
             k, p = env[p + 1] << 8 | env[p + 2], p + 3
         else:
             raise self._refuse("bad_envelope", "payload is not a shortest-form bstr")
-        if p + k + 66 != n or env[p + k:p + k + 2] != _SIG_HEAD:
+        if p + k + 66 != n or bytes(env[p + k:p + k + 2]) != _SIG_HEAD:
             raise self._refuse("bad_envelope", "lengths do not add up")
         if kid != self.kid:
             raise self._refuse("other_key", "signed by key %s" % _hex(kid))
-        payload = env[p:p + k]
-        signed = cbor.dumps(["Signature1", env[3:p0 + KID_LEN], b"", payload])
+        # Sig_structure ["Signature1", protected, h'', payload], in parts: no copy of payload
+        signed = [_SIG1_CONTEXT, env[2:p0 + KID_LEN], b"\x40", env[q:p + k]]
         if not ed25519.verify(self.key, signed, env[n - 64:]):
             raise self._refuse("bad_signature", "manifest signature does not verify")
-        del signed, env
         try:
-            m = cbor.loads(payload, max_items=256)
+            m = cbor.loads(env[p:p + k], max_items=256)
         except cbor.CBORDecodeError as e:
             raise self._refuse("bad_manifest", "signed but undecodable: %s" % e) from None
         if not _shape_ok(m):

@@ -88,6 +88,15 @@ def test_rfc8032_vectors() -> None:
         assert not ed25519.verify(p, m, s[:63] + bytes([s[63] ^ 0x10]))
 
 
+def test_a_message_in_parts_is_their_concatenation() -> None:
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    pub, msg = key.public_key().public_bytes_raw(), bytes(range(256)) * 3
+    sig = key.sign(msg)
+    for cut in (0, 1, 127, 128, 129, 700):
+        assert ed25519.verify(pub, [msg[:cut], memoryview(msg)[cut:]], sig)
+    assert not ed25519.verify(pub, [msg[:100], msg[101:]], sig)
+
+
 def test_agrees_with_openssl_on_random_and_spoiled_signatures() -> None:
     got = [(ed25519.verify(p, m, s), openssl(p, m, s)) for p, m, s in cases(1, 150)]
     assert [a for a, _ in got] == [b for _, b in got]

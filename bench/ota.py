@@ -1,0 +1,250 @@
+"""ota_verify: what checking a signed update bundle costs a node (issue 16, docs/updates.md).
+
+The firmware's own code (node/ed25519.py, node/sha512.py, node/update.py, as .mpy) on
+  - the MicroPython unix port (64-bit host), and
+  - the QEMU Cortex-M3 board (.build/qemu/firmware.elf, `-icount shift=3`: 8 ns per
+    instruction, a 125 MIPS core), where the modules are copied onto the board's littlefs as a
+    package of their own (the image's frozen `node` package predates them) and imported from
+    there: the bytecode is the same.
+
+Figures: one Ed25519 verification (RFC 8032 TEST 1), the node's check of the real release
+manifest (a bundle of the whole firmware for one board: SHA-512 of the Sig_structure, then the
+verification, then decoding the manifest), and on the unix port the whole bundle read and
+hashed from a file. Heap: on the unix port, the smallest `-X heapsize` the manifest check runs
+in, less the smallest the imports alone need; on QEMU, the board's high-water mark during the
+check (mps2.heap_stats(), sampled at every collection, here every 1 KB allocated) less the
+heap live before it: an upper bound, exact when `heap_peak_is_the_checks`. Times are taken
+with the collector as the board's _boot.py sets it (gc.threshold 16384 on QEMU).
+
+    python -m bench.ota [--qemu-runs N]      # prints one JSON object
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lantern.tools.field import provision_steps as ps
+from lantern.tools.field import release
+from lantern.tools.street.sim import COMPILED, MICROPYTHON, MPY_CROSS, compiled_firmware
+
+ROOT = Path(__file__).resolve().parents[1]
+QEMU_IMAGE = ROOT / ".build/qemu/firmware.elf"
+ICOUNT = "shift=3,sleep=on,align=on"  # as hil_tests/harness/qemu.py runs the board
+PACKAGE = "otab"  # the modules' package on the QEMU board's filesystem
+MODULES = ("cbor", "sha512", "ed25519", "update")
+# RFC 8032 §7.1 TEST 1
+TEST1_PUB = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+TEST1_SIG = ("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc6"
+             "1e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+
+# Runs on the VM: PKG, RUNS, HEAD (the bundle's head file), PUB, BUNDLE (or None) are set first.
+SCRIPT = """
+import gc, json, time
+threshold = gc.threshold()
+try:
+    import mps2
+    gc.threshold(1024)
+except ImportError:
+    mps2 = None
+exec("from %s import ed25519, update" % PKG)
+with open(HEAD, "rb") as f:
+    head = f.read()
+pub = bytes.fromhex(PUB)
+sig = bytes.fromhex(SIG)
+
+def median(fn, n):
+    ts = []
+    for _ in range(n):
+        gc.collect()
+        t = time.ticks_us()
+        fn()
+        ts.append(time.ticks_diff(time.ticks_us(), t))
+    ts.sort()
+    return ts[len(ts) // 2] / 1000
+
+def manifest():
+    return update.Verifier(pub, "unix-sim", mpy=None).manifest(head)
+
+out = {"envelope_bytes": len(head) - 8, "files": len(manifest().files)}
+if mps2:
+    # the board records the heap in use at each collection: collect every 1 KB allocated
+    gc.collect()
+    live = gc.mem_alloc()
+    before = mps2.heap_stats()[2]
+    manifest()
+    gc.collect()
+    hw = mps2.heap_stats()[2]
+    out["heap_peak_bytes"] = hw - live
+    # False: the imports set the mark, and the check's own peak is lower than this
+    out["heap_peak_is_the_checks"] = hw > before
+    gc.threshold(threshold)  # timed as the node runs: with the board's threshold
+out["verify_ms"] = median(lambda: ed25519.verify(pub, b"", sig), RUNS)
+out["manifest_ms"] = median(manifest, RUNS)
+if BUNDLE:
+    def whole():
+        with open(BUNDLE, "rb") as f:
+            update.Verifier(pub, "unix-sim", mpy=None).check_stream(f)
+    out["bundle_ms"] = median(whole, RUNS)
+print("OTA " + json.dumps(out))
+"""
+
+
+def release_bundle(workdir: Path) -> tuple[Path, Path, str]:
+    """A bundle of the real firmware for unix-sim under a throwaway key: (bundle, head, key)."""
+    key = Ed25519PrivateKey.generate()
+    tool = ps.find_mpy_cross()
+    found = ps.mpy_cross_version(tool)
+    mpy = found[1] if found else (6, 3)
+    data = release.bundle(key, "0.0.0-bench", 0, "0.1.0", ["unix-sim"], mpy,
+                          release.firmware_files(tool, ["unix-sim"]))
+    bundle, head = workdir / "bench.lub", workdir / "bench.head"
+    bundle.write_bytes(data)
+    head.write_bytes(data[:8 + int.from_bytes(data[4:8], "big")])
+    return bundle, head, key.public_key().public_bytes_raw().hex()
+
+
+def _prelude(pkg: str, runs: int, head: str, pub: str, bundle: str | None) -> str:
+    return (f"PKG = {pkg!r}\nRUNS = {runs}\nHEAD = {head!r}\nPUB = {pub!r}\n"
+            f"SIG = {TEST1_SIG!r}\nBUNDLE = {bundle!r}\n")
+
+
+def _result(out: str) -> dict[str, Any]:
+    m = re.search(r"^OTA (\{.*\})\s*$", out, re.MULTILINE)
+    if m is None:
+        raise RuntimeError(f"no figures from the board:\n{out[-1500:]}")
+    return dict(json.loads(m.group(1)))
+
+
+def _unix_runs(script: Path, heap: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(MICROPYTHON), "-X", f"heapsize={heap}", str(script)],
+                          env={"MICROPYPATH": str(COMPILED)}, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def _least_heap(script: Path) -> int:
+    """Smallest heap (bytes, to 256) in which script runs to the end on the unix port."""
+    lo, hi = 4096, 512 * 1024
+    while hi - lo > 256:
+        mid = (lo + hi) // 2
+        if _unix_runs(script, str(mid)).returncode == 0:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def unix(workdir: Path, runs: int = 21) -> dict[str, Any]:
+    """The figures on the MicroPython unix port, the firmware compiled to .mpy."""
+    compiled_firmware()
+    bundle, head, pub = release_bundle(workdir)
+    script = workdir / "ota_unix.py"
+    script.write_text(_prelude("node", runs, str(head), pub, str(bundle)) + SCRIPT)
+    proc = _unix_runs(script, "110K")
+    if proc.returncode:
+        raise RuntimeError(f"unix port: {proc.stderr[-1500:]}")
+    res = _result(proc.stdout)
+    # the heap the manifest check needs beyond what importing its modules takes
+    imports = workdir / "ota_imports.py"
+    imports.write_text("from node import update, ed25519\n")
+    check = workdir / "ota_check.py"
+    check.write_text(_prelude("node", 1, str(head), pub, None)
+                     + "from node import update\nwith open(HEAD, 'rb') as f:\n    h = f.read()\n"
+                     "update.Verifier(bytes.fromhex(PUB), 'unix-sim', mpy=None).manifest(h)\n")
+    res["least_heap_imports_bytes"] = _least_heap(imports)
+    res["least_heap_check_bytes"] = _least_heap(check)
+    res["heap_peak_bytes"] = res["least_heap_check_bytes"] - res["least_heap_imports_bytes"]
+    res["runs"] = runs
+    return res
+
+
+def _mpremote(port: str, *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mpremote", "connect", port, *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"mpremote {' '.join(args[:3])}: {proc.stdout[-800:]}"
+                           f"{proc.stderr[-800:]}")
+    return proc.stdout
+
+
+def qemu(workdir: Path, runs: int = 3) -> dict[str, Any]:
+    """The figures on the QEMU Cortex-M3 board (the modules copied onto its flash)."""
+    if not QEMU_IMAGE.exists() or shutil.which("qemu-system-arm") is None:
+        raise RuntimeError(f"{QEMU_IMAGE} or qemu-system-arm missing: run `make qemu-image`")
+    compiled_firmware()
+    _, head, pub = release_bundle(workdir)
+    # compiled here and imported there: compiling it on the board would set the heap's
+    # high-water mark before the check runs
+    script = workdir / "ota_bench.py"
+    script.write_text(_prelude(PACKAGE, runs, "bench.head", pub, None) + SCRIPT)
+    subprocess.run([str(MPY_CROSS), "-o", str(workdir / "ota_bench.mpy"), str(script)],
+                   check=True, timeout=60)
+    log = workdir / "qemu.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["qemu-system-arm", "-machine", "mps2-an385", "-nographic", "-monitor", "none",
+             "-semihosting", "-icount", ICOUNT, "-kernel", str(QEMU_IMAGE),
+             "-serial", "pty", "-serial", "null", "-serial", "null"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"char device redirected to (/dev/pts/\d+) \(label serial0\)",
+                          log.read_text(errors="replace"))
+            port = m.group(1) if m else None
+            time.sleep(0.1)
+        if port is None:
+            raise RuntimeError(f"QEMU gave no REPL pty: {log.read_text(errors='replace')}")
+        cp = ["fs", "mkdir", f":{PACKAGE}", "+", "fs", "cp", str(head), ":bench.head"]
+        for name in MODULES:
+            cp += ["+", "fs", "cp", str(COMPILED / "node" / f"{name}.mpy"),
+                   f":{PACKAGE}/{name}.mpy"]
+        cp += ["+", "fs", "cp", str(workdir / "ota_bench.mpy"), f":{PACKAGE}/ota_bench.mpy"]
+        with tempfile.NamedTemporaryFile("w", suffix=".py") as init:
+            cp += ["+", "fs", "cp", init.name, f":{PACKAGE}/__init__.py"]
+            _mpremote(port, *cp)
+        _mpremote(port, "soft-reset")  # heap statistics start again
+        res = _result(_mpremote(port, "exec", f"import {PACKAGE}.ota_bench"))
+    finally:
+        proc.kill()
+        proc.wait()
+    res["runs"] = runs
+    res["icount"] = ICOUNT
+    return res
+
+
+def run(workdir: Path, qemu_runs: int = 3, unix_runs: int = 21) -> dict[str, Any]:
+    """bench.run's section: the unix port's figures and the QEMU board's."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"unix": unix(workdir, unix_runs)}
+    try:
+        out["qemu"] = qemu(workdir, qemu_runs)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        out["qemu"] = {"error": str(e)}
+    return out
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--qemu-runs", type=int, default=3)
+    p.add_argument("--unix-runs", type=int, default=21)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lantern-ota-") as d:
+        print(json.dumps(run(Path(d), args.qemu_runs, args.unix_runs), indent=2))
+
+
+if __name__ == "__main__":
+    main()
