@@ -12,6 +12,7 @@ from .clock import Clock
 from .outbox import Outbox, _write_atomic
 
 FIRMWARE_VERSION = "0.1.0"
+_BOOT_MS = time.ticks_ms()  # the node's first instant (an ESP32 has booted ~0.3-1 s before)
 
 # A canonical measurement name (docs/measurements.md) travels without its unit: the gateway
 # restores it from the protocol's table, agent/units.py (docs/protocol.md §1). A measurement
@@ -161,15 +162,19 @@ class Node:
         self.interval_ms = cfg.get("interval_ms", 60000)
         self.outbox = Outbox(cfg["state_dir"], cfg.get("max_frames", 1000))
         self.key_id = bind_state(cfg["state_dir"], self.key, hal)
-        self.clock = Clock()
+        self.clock = Clock(hal)
+        self.faults = {}  # latched faults for diagnostics: name -> [count, detail]
+        self.boot = boot_record(hal)
+        if self.boot["reset"] == "watchdog":  # a task hung last time: the technician sees it
+            self.fault("watchdog_reset", "the watchdog reset the node")
         self.sensors = open_sensors(hal, board, cfg)
         self.boot_ms = time.ticks_ms()
+        self.beat_ms = self.boot_ms  # the sampler's last sign of life (the watchdog feeds on it)
         self.link = None
         self.heap_peak = 0  # most heap in use seen just before a collection (high-water)
         self.cycle_ms = 0  # how long the previous sample → seal → store cycle took
         self.seal_errors = 0  # sample cycles that failed (e.g. out of memory): packs not taken
         self.board = board
-        self.faults = {}  # latched faults for diagnostics: name -> [count, detail]
 
     def sample(self):
         """Read every sensor (blocking); one failing sensor never stops the others."""
@@ -229,6 +234,35 @@ class Node:
         self.outbox.put(seq, cose.mac0_create(self.key, payload, protected))
         return seq
 
+    async def cycle(self):
+        """Sample → seal → store once; a failure loses this pack, never the sampler."""
+        t0 = time.ticks_ms()
+        self.beat_ms = t0
+        seq = None
+        try:
+            now, values = await self.sample_async()
+            seq = self.seal(now, values)
+            self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
+            used = gc.mem_alloc()
+            if used > self.heap_peak:
+                self.heap_peak = used
+            print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
+            if self.link:
+                self.link.kick()
+        except Exception as e:  # noqa: BLE001 - one lost pack, not the end of sampling
+            # (a MemoryError here once ended this task: the node went silent for good)
+            gc.collect()
+            if seq is None:
+                # no sequence number (flash full), no room for the frame, no memory
+                self.seal_errors += 1
+                print("sample failed (%d so far): %r" % (self.seal_errors, e))
+            else:
+                # the pack is stored; only its report or the link's wake-up failed (the
+                # link sends it on its next round)
+                print("sample seq=%d stored, then: %r" % (seq, e))
+        self.beat_ms = time.ticks_ms()
+        gc.collect()
+
     async def sampler(self):
         due = time.ticks_ms()
         # sample_limit: stop sampling after that many packs (tests, demos); the link keeps going
@@ -236,36 +270,42 @@ class Node:
         taken = 0
         while not limit or taken < limit:
             taken += 1
-            t0 = time.ticks_ms()
-            seq = None
-            try:
-                now, values = await self.sample_async()
-                seq = self.seal(now, values)
-                self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
-                used = gc.mem_alloc()
-                if used > self.heap_peak:
-                    self.heap_peak = used
-                print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
-                if self.link:
-                    self.link.kick()
-            except Exception as e:  # noqa: BLE001 - one lost pack, not the end of sampling
-                # (a MemoryError here once ended this task: the node went silent for good)
-                gc.collect()
-                if seq is None:
-                    # no sequence number (flash full), no room for the frame, no memory
-                    self.seal_errors += 1
-                    print("sample failed (%d so far): %r" % (self.seal_errors, e))
-                else:
-                    # the pack is stored; only its report or the link's wake-up failed (the
-                    # link sends it on its next round)
-                    print("sample seq=%d stored, then: %r" % (seq, e))
-            gc.collect()
+            await self.cycle()
             due = time.ticks_add(due, self.interval_ms)
             wait = time.ticks_diff(due, time.ticks_ms())
             if wait < 0:
                 due = time.ticks_ms()
                 wait = 0
             await asyncio.sleep_ms(wait)
+
+    async def sleeper(self):
+        """node.json deep_sleep: one cycle, deliver, then deep sleep until the next one.
+
+        The board wakes through a reset: main.py boots again, the outbox (flash) and the RTC
+        counters (RTC memory) carry over. Awake at most awake_max_ms: what is not acknowledged
+        by then waits in the outbox for the next wake-up.
+        """
+        await self.cycle()
+        limit = self.cfg.get("awake_max_ms", 10000)
+        while len(self.outbox) and time.ticks_diff(time.ticks_ms(), self.boot_ms) < limit:
+            await asyncio.sleep_ms(20)
+        self.beat_ms = time.ticks_ms()
+        awake = time.ticks_diff(self.beat_ms, _BOOT_MS)
+        print("deep sleep: awake %d ms, outbox %d" % (awake, len(self.outbox)))
+        self.hal.deepsleep(max(self.interval_ms - awake, 1000), awake)
+
+    async def watchdog(self, timeout_ms):
+        """Feed the hardware watchdog while the sampler lives; a hung task resets the node.
+
+        The loop stuck in blocking code feeds nothing; a sampler stuck on an await (a bus that
+        never answers) stops its beat, and after an interval and a timeout the feeding stops.
+        """
+        wdt = self.hal.watchdog(timeout_ms)
+        while True:
+            late = time.ticks_diff(time.ticks_ms(), self.beat_ms)
+            if late < self.interval_ms + timeout_ms:
+                wdt.feed()
+            await asyncio.sleep_ms(timeout_ms // 4)
 
     async def run(self):
         link_cfg = self.cfg["link"]
@@ -287,8 +327,15 @@ class Node:
         self.attach_diagnostics(self.link)
         print("lantern node %s firmware %s: %d frames waiting, next seq %d" % (
             self.node_id, FIRMWARE_VERSION, len(self.outbox), self.outbox._next))
-        asyncio.create_task(self.sampler())
-        await self.link.run()
+        wdt_ms = self.cfg.get("watchdog_ms", 30000)
+        if wdt_ms and hasattr(self.hal, "watchdog"):
+            asyncio.create_task(self.watchdog(wdt_ms))
+        if self.cfg.get("deep_sleep") and hasattr(self.hal, "deepsleep"):
+            asyncio.create_task(self.link.run())
+            await self.sleeper()
+        else:
+            asyncio.create_task(self.sampler())
+            await self.link.run()
 
     # --- diagnostics: node/commands.py, loaded on the first COMMAND (docs/protocol.md) ---
 
@@ -299,6 +346,9 @@ class Node:
                 self.interval_ms = int(f.read())
         except (OSError, ValueError):
             pass
+        nvs_get = getattr(self.hal, "nvs_get", None)
+        if nvs_get is not None:  # NVS outlives a reflashed filesystem: it wins
+            self.interval_ms = nvs_get("interval_ms", 0) or self.interval_ms
         self._commands = None
         link.commands = self
 
@@ -324,6 +374,21 @@ class Node:
         else:
             f[0] += 1
             f[1] = detail
+
+
+def boot_record(hal):
+    """Why this boot happened, as the HAL tells: reset and wake cause, resets counted in NVS."""
+    rec = {"reset": None, "wake": None, "counts": None}
+    if hasattr(hal, "reset_cause"):
+        rec["reset"] = hal.reset_cause()
+        rec["wake"] = hal.wake_cause()
+        if rec["reset"] != "deep_sleep":  # wake-ups are counted in RTC memory (rtc_counters)
+            try:
+                rec["counts"] = hal.count_reset(rec["reset"])
+            except OSError as e:  # NVS full or worn: the boot goes on
+                print("reset counters: %r" % (e,))
+        print("boot: reset %s, wake %s" % (rec["reset"], rec["wake"]))
+    return rec
 
 
 def open_sensors(hal, board, cfg):

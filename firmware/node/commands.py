@@ -323,6 +323,7 @@ class NodeActions:
             "cycle_ms": n.cycle_ms,
             "sensors": [[name, d is not None, e] for name, d, e in self._sensors()],
             "faults": [[k, v[0], v[1]] for k, v in sorted(n.faults.items())],
+            "boot": _boot(n),
         })
         return st
 
@@ -344,6 +345,9 @@ class NodeActions:
     def set_interval(self, ms):
         path = self.n.cfg["state_dir"] + "/interval_ms"  # node/app.py reads it at boot
         _write_atomic(path, b"%d" % ms)
+        nvs_set = getattr(self.n.hal, "nvs_set", None)
+        if nvs_set is not None:  # ESP32: kept through a reflash of the filesystem too
+            nvs_set("interval_ms", ms)
         self.n.interval_ms = ms
 
     def sync_time(self, ms):
@@ -359,8 +363,7 @@ class NodeActions:
     def identify(self, seconds):
         """Blink the board's LED through the HAL; a board without one says so on its console."""
         blink = getattr(self.n.hal, "identify", None)
-        if blink:
-            blink(seconds)
+        if blink and blink(seconds) is not False:  # False: the board names no LED
             return "led"
         print("identify: node %s is here (%d s)" % (self.n.node_id, seconds))
         return "console"
@@ -376,6 +379,17 @@ class NodeActions:
         if reset:
             reset()
         raise SystemExit(REBOOT_EXIT)
+
+
+def _boot(n):
+    """This boot's reset and wake cause, resets by cause (NVS) and the RTC-memory counters."""
+    boot = dict(getattr(n, "boot", None) or {})
+    rtc = getattr(n.hal, "rtc_counters", None)
+    if rtc is not None:
+        wakes, awake_ms, mj = rtc()
+        boot["rtc"] = {"wakes": wakes, "awake_ms": awake_ms, "energy_mj": mj}
+    boot["deep_sleep"] = bool(n.cfg.get("deep_sleep"))
+    return boot
 
 
 def _fw():

@@ -2,10 +2,12 @@
 """HAL of ESP32 boards (ESP32, ESP32-C3, ESP32-S3) on MicroPython's esp32 port.
 
 Buses come from the board file: machine.I2C (or SoftI2C with "soft": true), UART and ADC; the
-gateway link is the board UART that node.json's link.port names. Power: deep sleep with small
-counters kept in RTC memory (it survives deep sleep, not a power cut) and settings in NVS; the
-outbox and the security counters stay in flash (littlefs), the node key in NVS. Type-checked
-against micropython-esp32-stubs (`make lint`); it needs a board to run.
+gateway link is the board UART that node.json's link.port names; BLE is the port's `bluetooth`
+module. Power: deep sleep with small counters kept in RTC memory (it survives deep sleep, a
+watchdog and a soft reset, not a power cut: the port keeps it RTC_NOINIT) and settings in NVS;
+the outbox and the security counters stay in flash (littlefs), the node key in NVS. Watchdog:
+machine.WDT. Type-checked against micropython-esp32-stubs (`make lint`) and run unmodified by
+the ESP32 twin (tests/esp32_twin, docs/esp32.md) against models of machine, esp32, bluetooth.
 """
 
 import gc
@@ -23,8 +25,20 @@ _board = {}  # type: dict[str, Any]
 _link_port = None
 _ATTEN = (machine.ADC.ATTN_0DB, machine.ADC.ATTN_2_5DB, machine.ADC.ATTN_6DB,
           machine.ADC.ATTN_11DB)
-_RTC_MAGIC = 0x4C4E  # "LN": RTC memory holds our counters, not leftovers of another firmware
-_RTC_FMT = "<HIII"  # magic, wake-ups, awake ms (total), energy mJ (total)
+_RTC_MAGIC = 0x4C4F  # "LO": RTC memory holds our counters, not leftovers of another firmware
+_RTC_FMT = "<HIIIB"  # magic, wake-ups, awake ms (total), energy mJ (total), flags
+_RTC_SYNCED = 1  # flags: the RTC was set from the gateway's clock (it runs on through sleep)
+# machine.reset_cause() of the esp32 port (ports/esp32/modmachine.c): a brown-out reads as
+# PWRON_RESET, a panic or machine.reset() as HARD_RESET, soft_reset as SOFT_RESET
+_RESETS = {machine.PWRON_RESET: "power_on", machine.HARD_RESET: "hard",
+           machine.WDT_RESET: "watchdog", machine.DEEPSLEEP_RESET: "deep_sleep",
+           machine.SOFT_RESET: "soft"}
+_WAKES = {machine.TIMER_WAKE: "timer", machine.EXT0_WAKE: "ext0", machine.EXT1_WAKE: "ext1",
+          machine.TOUCHPAD_WAKE: "touchpad", machine.ULP_WAKE: "ulp"}
+# NVS counters of resets by cause: they survive power cuts and filesystem reflashes (deep
+# sleep wake-ups are counted in RTC memory instead: an NVS write per wake wears the flash)
+_NVS_RESETS = {"power_on": "rst_pwr", "hard": "rst_hard", "watchdog": "rst_wdt",
+               "soft": "rst_soft"}
 
 
 def _pin(n):
@@ -77,6 +91,61 @@ def reset():
     machine.reset()
 
 
+def bluetooth():
+    """The port's `bluetooth` module (NimBLE): node/ble.py calls bluetooth.BLE() on it."""
+    import bluetooth as bt
+
+    return bt
+
+
+# ------------------------------------------------------------------ resets and the watchdog
+
+
+def reset_cause():
+    """Why this boot happened: power_on (brown-out included), hard, watchdog, deep_sleep, soft."""
+    return _RESETS.get(machine.reset_cause(), "unknown")
+
+
+def wake_cause():
+    """What ended the deep sleep (timer, ext0, ...), or None if this boot was no wake-up."""
+    return _WAKES.get(machine.wake_reason())
+
+
+def count_reset(cause):
+    """Count this boot's cause in NVS; returns {cause: count} of every cause counted so far."""
+    key = _NVS_RESETS.get(cause)
+    if key is not None:
+        nvs_set(key, nvs_get(key) + 1)
+    return {c: nvs_get(k) for c, k in _NVS_RESETS.items()}
+
+
+def watchdog(timeout_ms):
+    """Start the hardware watchdog (it cannot be stopped); feed() it or the board resets."""
+    return machine.WDT(id=0, timeout=timeout_ms)
+
+
+def identify(seconds):
+    """Blink the board's LED (board "led": GPIO number, active high) for `seconds`.
+
+    False when the board names no LED (the node then says so on its console).
+    """
+    pin = _board.get("led")
+    if not isinstance(pin, int):
+        return False
+    import asyncio
+
+    led = machine.Pin(pin, machine.Pin.OUT)
+
+    async def blink():
+        for _ in range(seconds * 4):
+            led.value(not led.value())
+            await asyncio.sleep_ms(250)
+        led.value(0)
+
+    asyncio.create_task(blink())
+    return True
+
+
 # ------------------------------------------------------------------ power
 
 
@@ -84,14 +153,41 @@ def woke_from_deepsleep():
     return machine.reset_cause() == machine.DEEPSLEEP_RESET
 
 
-def rtc_counters():
-    """(wake-ups, awake ms, energy mJ) kept in RTC memory across deep sleep; zeros after a cut."""
+def _rtc_memory():
     raw = machine.RTC().memory()
     if len(raw) == struct.calcsize(_RTC_FMT):
-        magic, wakes, awake_ms, mj = struct.unpack(_RTC_FMT, raw)
-        if magic == _RTC_MAGIC:
-            return wakes, awake_ms, mj
-    return 0, 0, 0
+        rec = struct.unpack(_RTC_FMT, raw)
+        if rec[0] == _RTC_MAGIC:
+            return list(rec[1:])
+    return [0, 0, 0, 0]
+
+
+def _rtc_store(wakes, awake_ms, mj, flags):
+    machine.RTC().memory(struct.pack(_RTC_FMT, _RTC_MAGIC, wakes, awake_ms, mj, flags))
+
+
+def rtc_counters():
+    """(wake-ups, awake ms, energy mJ) kept in RTC memory across deep sleep; zeros after a cut."""
+    return tuple(_rtc_memory()[:3])
+
+
+def clock_synced():
+    """Whether the RTC holds the gateway's time: it does until power is lost."""
+    return bool(_rtc_memory()[3] & _RTC_SYNCED)
+
+
+def set_clock(epoch_ms):
+    """Set the RTC (Unix ms) so the time outlives deep sleep; remembered in RTC memory."""
+    import time
+
+    secs = epoch_ms // 1000
+    if time.gmtime(0)[0] == 2000:  # the port's epoch (node/clock.py)
+        secs -= 946684800
+    t = time.gmtime(secs)
+    machine.RTC().datetime((t[0], t[1], t[2], t[6], t[3], t[4], t[5], epoch_ms % 1000 * 1000))
+    rec = _rtc_memory()
+    if not rec[3] & _RTC_SYNCED:
+        _rtc_store(rec[0], rec[1], rec[2], rec[3] | _RTC_SYNCED)
 
 
 def energy_mj(awake_ms, sleep_ms=0):
@@ -103,9 +199,9 @@ def energy_mj(awake_ms, sleep_ms=0):
 
 def deepsleep(ms, awake_ms):
     """Record this cycle in RTC memory, then sleep; the board wakes through a reset."""
-    wakes, total_ms, mj = rtc_counters()
+    wakes, total_ms, mj, flags = _rtc_memory()
     mj += int(energy_mj(awake_ms, ms))
-    machine.RTC().memory(struct.pack(_RTC_FMT, _RTC_MAGIC, wakes + 1, total_ms + awake_ms, mj))
+    _rtc_store(wakes + 1, total_ms + awake_ms, mj, flags)
     machine.deepsleep(ms)
 
 
