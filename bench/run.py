@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import e2e, frames, ingest, link, node_cycle, node_energy, throughput
+from . import e2e, frames, ingest, link, node_cycle, node_energy, ota, throughput
 from .peers import NODE_RED_HOME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,7 @@ FULL: dict[str, dict[str, Any]] = {
     "node_cycle": {"cycles": 500},
     "e2e_latency_ms": {"nodes": 6, "interval_ms": 500, "seconds": 30.0},
     "node_energy": {"hours": 24.0},
+    "ota_verify": {"qemu_runs": 3, "unix_runs": 21},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "gateway_ingest": {"n_frames": 400, "n_nodes": 8},
@@ -43,6 +44,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "node_cycle": {"cycles": 10},
     "e2e_latency_ms": {"nodes": 2, "interval_ms": 250, "seconds": 2.0},
     "node_energy": {"hours": 1.0},
+    "ota_verify": {"qemu_runs": 1, "unix_runs": 1},
 }
 
 
@@ -92,6 +94,7 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
             w, frame_bytes=_measured.get("wire_bytes", 205), **sizes["link_utilisation"])),
         "e2e_latency_ms": lambda: asyncio.run(e2e.run(w, **sizes["e2e_latency_ms"])),
         "node_energy": lambda: node_energy.run(**sizes["node_energy"]),
+        "ota_verify": lambda: ota.run(w / "ota", **sizes["ota_verify"]),
     }
 
 

@@ -45,7 +45,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms",
-            "node_energy"]
+            "node_energy", "ota_verify"]
 
 
 def test_every_section_ran(results: dict[str, Any]) -> None:
@@ -148,3 +148,14 @@ def test_node_energy(results: dict[str, Any]) -> None:
         assert results["targets"][f"node_energy_{board}_days"]["measured"] == \
             ne[board]["typical"]["days_on_cell"]
 
+
+
+def test_ota_verify(results: dict[str, Any]) -> None:
+    """The node's bundle check, as bench/ota.py runs it on the unix port and the QEMU board."""
+    ov = results["ota_verify"]
+    for where in ("unix", "qemu"):
+        r = ov[where]
+        assert r["files"] > 10 and r["envelope_bytes"] > 100, r
+        for k in ("verify_ms", "manifest_ms", "heap_peak_bytes"):
+            assert _number(r[k]) and r[k] > 0, (where, k, r[k])
+        assert r["manifest_ms"] >= r["verify_ms"]  # the manifest check includes a verify
