@@ -167,6 +167,10 @@ class Node:
         self.boot = boot_record(hal)
         if self.boot["reset"] == "watchdog":  # a task hung last time: the technician sees it
             self.fault("watchdog_reset", "the watchdog reset the node")
+        # armed before the sensors: a bus that hangs while they are probed resets the node too
+        wdt_ms = cfg.get("watchdog_ms", 30000)
+        self.wdt = hal.watchdog(wdt_ms) if wdt_ms and hasattr(hal, "watchdog") else None
+        self.wdt_ms = wdt_ms
         self.sensors = open_sensors(hal, board, cfg)
         self.boot_ms = time.ticks_ms()
         self.beat_ms = self.boot_ms  # the sampler's last sign of life (the watchdog feeds on it)
@@ -294,18 +298,17 @@ class Node:
         print("deep sleep: awake %d ms, outbox %d" % (awake, len(self.outbox)))
         self.hal.deepsleep(max(self.interval_ms - awake, 1000), awake)
 
-    async def watchdog(self, timeout_ms):
+    async def watchdog(self):
         """Feed the hardware watchdog while the sampler lives; a hung task resets the node.
 
         The loop stuck in blocking code feeds nothing; a sampler stuck on an await (a bus that
         never answers) stops its beat, and after an interval and a timeout the feeding stops.
         """
-        wdt = self.hal.watchdog(timeout_ms)
         while True:
             late = time.ticks_diff(time.ticks_ms(), self.beat_ms)
-            if late < self.interval_ms + timeout_ms:
-                wdt.feed()
-            await asyncio.sleep_ms(timeout_ms // 4)
+            if late < self.interval_ms + self.wdt_ms:
+                self.wdt.feed()
+            await asyncio.sleep_ms(self.wdt_ms // 4)
 
     async def run(self):
         link_cfg = self.cfg["link"]
@@ -327,9 +330,8 @@ class Node:
         self.attach_diagnostics(self.link)
         print("lantern node %s firmware %s: %d frames waiting, next seq %d" % (
             self.node_id, FIRMWARE_VERSION, len(self.outbox), self.outbox._next))
-        wdt_ms = self.cfg.get("watchdog_ms", 30000)
-        if wdt_ms and hasattr(self.hal, "watchdog"):
-            asyncio.create_task(self.watchdog(wdt_ms))
+        if self.wdt is not None:
+            asyncio.create_task(self.watchdog())
         if self.cfg.get("deep_sleep") and hasattr(self.hal, "deepsleep"):
             asyncio.create_task(self.link.run())
             await self.sleeper()

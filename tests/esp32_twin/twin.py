@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Boot:
     rtc_us: int  # the RTC at boot, µs since 2000-01-01
     end: str = ""  # deepsleep, reset, soft_reset, watchdog, power_cut, exit <code>
     sleep_ms: int = 0
+    rtc_end_us: int = 0  # the RTC when it went down
 
 
 @dataclass
@@ -102,7 +104,7 @@ class TwinNode(SimNode):
         link = next(n for n, u in board["uart"].items() if u["id"] == 1)
         cfg = {"id": self.node_id, "key_store": "nvs", "board": "board.json",
                "state_dir": "state", "interval_ms": self.interval_ms,
-               "link": {"port": link, "baud": 115200, "rto_ms": 500}, **self.extra}
+               "link": {"port": link, "baud": 115200, "rto_ms": 20000}, **self.extra}
         (self.flash / "node.json").write_text(json.dumps(cfg, indent=2))
         nvs_key = self.hw / "nvs" / "lantern.node_key"
         if not nvs_key.exists():  # provisioning writes the key into NVS (provision_steps)
@@ -135,6 +137,31 @@ class TwinNode(SimNode):
     def rtc_memory(self) -> bytes:
         p = self.hw / "rtc_mem"
         return p.read_bytes() if p.exists() else b""
+
+    def rtc_counters(self) -> tuple[int, int, int, int] | None:
+        """(wake-ups, awake ms, energy mJ, flags) as hal/esp32.py keeps them in RTC memory."""
+        raw = self.rtc_memory()
+        if len(raw) != struct.calcsize("<HIIIB"):
+            return None
+        magic, *rest = struct.unpack("<HIIIB", raw)
+        assert magic == 0x4C4F, raw
+        return rest[0], rest[1], rest[2], rest[3]
+
+    def nvs_i32(self, key: str, namespace: str = "lantern") -> int | None:
+        raw = self.nvs(namespace, key)
+        return int(raw[1:]) if raw and raw[:1] == b"i" else None
+
+    def exec(self, code: str, reset: int = PWRON_RESET, timeout: float = 30) -> str:
+        """Run `code` on the board (the twin's port and flash, no main.py): its output."""
+        self.write_config()
+        if not (self.hw / "rtc").exists():
+            self.power_on()
+        (self.hw / "boot").write_text(f"{reset} 0")
+        env = {"MICROPYPATH": f"{PORT}:{FIRMWARE}:{MP_EXTMOD}", "LANTERN_TWIN": str(self.hw),
+               "PATH": os.environ.get("PATH", "")}
+        out = subprocess.run([str(MICROPYTHON), "-X", f"heapsize={self.heap_kb}K", "-c", code],
+                             cwd=self.flash, env=env, capture_output=True, timeout=timeout)
+        return (out.stdout + out.stderr).decode(errors="replace")
 
     def nvs(self, namespace: str, key: str) -> bytes | None:
         p = self.hw / "nvs" / f"{namespace}.{key}"
@@ -200,6 +227,7 @@ class TwinNode(SimNode):
             while proc.poll() is None and not self._cut.is_set() and not self._wdt_late():
                 await asyncio.sleep(0.02)
             boot = self.boots[-1]
+            boot.rtc_end_us = self.rtc_now_us()
             if proc.poll() is None:  # power cut or watchdog: the chip stops where it is
                 proc.kill()
                 proc.wait()

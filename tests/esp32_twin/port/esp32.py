@@ -7,7 +7,7 @@ value raises OSError(-ESP_ERR_NVS_INVALID_LENGTH). Keys are at most 15 character
 # ruff: noqa: UP031, SIM105 - MicroPython: no f-strings in ports, no contextlib
 
 
-import os
+import os as _os
 
 import _twin
 
@@ -25,7 +25,7 @@ class NVS:
         if len(key) > 15:
             raise OSError(_KEY_TOO_LONG)
         try:
-            os.mkdir(_twin.path("nvs"))
+            _os.mkdir(_twin.path("nvs"))
         except OSError:
             pass
         return "nvs/%s.%s" % (self._ns, key)
@@ -67,7 +67,7 @@ class NVS:
         for f, raw in self._pending.items():
             if raw == b"-":
                 try:
-                    os.remove(_twin.path(f))
+                    _os.remove(_twin.path(f))
                 except OSError:
                     pass
             else:

@@ -11,8 +11,8 @@ micropython-esp32-stubs (tests/esp32_twin/test_stubs.py).
 # ruff: noqa: UP031, SIM115 - MicroPython: no f-strings in ports, no contextlib
 
 
-import io
-import struct
+import io as _io
+import struct as _struct
 
 import _twin
 
@@ -162,8 +162,8 @@ class _Street:
             s.connect(wire.sockaddr(_twin.read("street").decode()))
             cls._conn = s
         s = cls._conn
-        s.write(struct.pack(wire.REQUEST, op, bus, addr, mem, nread, len(data)) + data)
-        err, n = struct.unpack(wire.REPLY, s.read(struct.calcsize(wire.REPLY)))
+        s.write(_struct.pack(wire.REQUEST, op, bus, addr, mem, nread, len(data)) + data)
+        err, n = _struct.unpack(wire.REPLY, s.read(_struct.calcsize(wire.REPLY)))
         out = s.read(n) if n else b""
         if err:
             raise OSError(err)
@@ -225,14 +225,14 @@ class ADC:
         pass
 
     def read_uv(self):
-        return struct.unpack("<i", _Street.call(8, self._bus))[0]
+        return _struct.unpack("<i", _Street.call(8, self._bus))[0]
 
 
-class UART(io.IOBase):
+class UART(_io.IOBase):
     """UART `id`: the gateway link (a pty, file `uart<id>`) or a sensor on the street."""
 
-    def __init__(self, id, baudrate=115200, bits=8, parity=None, stop=1, *, tx=None, rx=None,
-                 rxbuf=256, timeout=0):
+    def __init__(self, id, baudrate=9600, bits=8, parity=None, stop=1, *, tx=None, rx=None,
+                 rxbuf=None, timeout=None):
         self._f = None
         self._bus = None
         tty = _twin.read("uart%d" % id)
@@ -270,7 +270,7 @@ class UART(io.IOBase):
     def any(self):
         if self._f is not None:
             raise OSError(95)  # not needed by the link: it polls the descriptor
-        return struct.unpack("<H", _Street.call(7, self._bus))[0]
+        return _struct.unpack("<H", _Street.call(7, self._bus))[0]
 
     def ioctl(self, req, arg):
         if req == _GET_FILENO and self._f is not None:

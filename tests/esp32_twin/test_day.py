@@ -1,0 +1,71 @@
+"""A compressed day of deep-sleep cycles on the ESP32 twin, over UART to the real gateway."""
+
+from __future__ import annotations
+
+import itertools
+
+from hil_tests.harness.topology import Topology
+
+from .twin import DEEPSLEEP_RESET, PWRON_RESET, WDT_RESET, TwinNode
+
+HALF_HOUR = 1_800_000
+DAY_CYCLES = 48
+
+
+def delivered(topo: Topology, node: TwinNode) -> dict[int, int]:
+    """seq → readings the upstream received from the node."""
+    out: dict[int, int] = {}
+    for rid in topo.upstream.readings:
+        nid, seq, _ = rid.rsplit(":", 2)
+        if nid == node.node_id:
+            out[int(seq)] = out.get(int(seq), 0) + 1
+    return out
+
+
+async def test_a_day_of_deep_sleep_cycles(street: Topology) -> None:
+    street.interval_ms = HALF_HOUR
+    street.node_extra = {"deep_sleep": True, "watchdog_ms": 300_000, "awake_max_ms": 120_000}
+    await street.start()
+    node = street.nodes[0]
+    assert isinstance(node, TwinNode)
+
+    await node.wait_boots(12, 120)
+    node.power_cut()  # wherever the node is: awake mid-cycle, or just booting
+    await node.wait_boots(20, 120)
+    node.hang_bus()  # the sensor bus stops answering: the node hangs until the watchdog
+    await node.wait_boots(30, 120)
+    node.power_cut()
+    await node.wait_boots(DAY_CYCLES + 2, 240)
+    await street.wait_for(lambda: delivered(street, node) == node.sampled(), 60,
+                          "every sealed pack upstream")
+    boots = node.boots
+    ends = [b.end for b in boots if b.end]
+
+    # every reading sealed reached the platform, once
+    assert street.upstream.duplicates == 0
+    assert len(node.sampled()) >= DAY_CYCLES - 4  # the cuts and the hang cost a cycle each
+    assert ends.count("power_cut") == 2 and ends.count("watchdog") == 1, ends
+
+    # each boot with the cause the port reports; after a cut the RTC starts at the epoch
+    for prev, b in itertools.pairwise(boots):
+        want = {"deepsleep": DEEPSLEEP_RESET, "power_cut": PWRON_RESET,
+                "watchdog": WDT_RESET}[prev.end]
+        assert b.reset == want, (prev, b)
+        if prev.end == "deepsleep":  # the RTC ran on through the sleep
+            assert 0 <= b.rtc_us - prev.rtc_end_us - prev.sleep_ms * 1000 < 1_000_000
+        elif prev.end == "power_cut":
+            assert b.rtc_us < 1_000_000  # 2000-01-01, within a second
+        else:  # a watchdog reset leaves the RTC running
+            assert 0 <= b.rtc_us - prev.rtc_end_us < 1_000_000
+    out = node.output()
+    assert out.count("boot: reset watchdog") == 1 and out.count("boot: reset power_on") == 3
+
+    # RTC memory: wake-ups since the last power cut (a watchdog reset keeps them)
+    last_cut = max(i for i, b in enumerate(boots) if b.reset == PWRON_RESET)
+    sleeps = sum(1 for b in boots[last_cut:] if b.end == "deepsleep")
+    counters = node.rtc_counters()
+    assert counters is not None and counters[0] == sleeps
+    wdt_boot = next(i for i, b in enumerate(boots) if b.reset == WDT_RESET)
+    assert last_cut > wdt_boot
+    # NVS: resets by cause, through everything (power-on, 2 cuts; one watchdog)
+    assert node.nvs_i32("rst_pwr") == 3 and node.nvs_i32("rst_wdt") == 1
