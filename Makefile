@@ -13,7 +13,7 @@ APT_PACKAGES += chromium systemd
 APT_PACKAGES += e2fsprogs util-linux
 
 .PHONY: all demo test test-unit test-hil lint micropython deps venv clean distclean
-.PHONY: install
+.PHONY: install uninstall dist lock sbom
 .PHONY: bench node-red
 .PHONY: qemu-image soak
 .PHONY: reliability adversarial
@@ -28,10 +28,40 @@ demo: venv micropython
 test: venv micropython node-red qemu-image lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-## install: the gateway as a systemd service, as root (docs/gateway.md): /opt/lantern,
-## /etc/lantern/{gateway,keys}.toml, user lantern, lantern-gateway.service
-install:
-	packaging/install.sh
+VERSION = $(shell sed -n 's/^FIRMWARE_VERSION = "\(.*\)"$$/\1/p' firmware/node/app.py)
+DIST := $(BUILD)/dist
+
+## dist: the gateway's offline bundle (docs/install.md): Lantern's wheel and every locked
+## dependency for CPython 3.11 on x86_64, aarch64 and armv7l, the installer, the unit and a
+## SHA-256 manifest, in .build/dist/lantern-VERSION/ and lantern-VERSION-gateway.tar.gz.
+## Downloads are hash-checked and cached in .build/wheelhouse (a rebuild asks no index).
+dist:
+	$(PYTHON) packaging/dist.py --out $(DIST)
+
+## install: the gateway from that bundle, as root, with no network (docs/install.md):
+## /opt/lantern/releases, /etc/lantern/{gateway,keys}.toml, user lantern, the unit; an
+## upgrade keeps config, keys and queue, and rolls back if the new version is not ready
+install: dist
+	$(DIST)/lantern-$(VERSION)/install.sh
+
+## uninstall: remove the code and the unit; config, keys and queue stay (PURGE=1 removes them)
+uninstall:
+	packaging/install.sh --uninstall $(if $(PURGE),--purge)
+
+## lock: pin the gateway's dependencies (pyproject.toml) with hashes in packaging/requirements.lock
+LOCK_VENV := $(BUILD)/lock-venv
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && \
+	    $(LOCK_VENV)/bin/pip install -q pip-tools==7.7.0; }
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/pip-compile --quiet \
+	    --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	    --output-file packaging/requirements.lock pyproject.toml packaging/requirements.in
+
+## sbom: a CycloneDX SBOM of the gateway as installed from the bundle plus the node's firmware
+## (MicroPython, the modules), validated against the CycloneDX schema (docs/install.md)
+sbom: venv dist
+	$(BIN)/python packaging/sbom.py --bundle $(DIST)/lantern-$(VERSION) \
+	    --out $(DIST)/lantern-$(VERSION).cdx.json
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests
