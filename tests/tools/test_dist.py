@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 import lantern
 
@@ -242,3 +244,29 @@ def test_a_clone_is_not_a_bundle(tmp_path: Path) -> None:
                        text=True, env={"PATH": os.environ["PATH"], "DESTDIR": str(tmp_path)})
     assert r.returncode == 1 and "run `make dist` and `make install`" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_sbom_of_a_release_is_valid_cyclonedx(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """`make sbom`: the gateway's environment (cyclonedx-py) and the node's firmware in one
+    CycloneDX document, valid by cyclonedx-python-lib's own strict schema validation."""
+    out = tmp_path / "lantern.cdx.json"
+    r = subprocess.run([sys.executable, str(ROOT / "packaging" / "sbom.py"), "--bundle",
+                        str(bundles["v1"]), "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    bom = json.loads(text)
+    assert bom["metadata"]["component"]["name"] == "lantern"
+    assert bom["metadata"]["component"]["version"] == lantern.__version__
+    names = {c["name"].lower().replace("_", "-") for c in bom["components"]}
+    assert names >= LOCKED, LOCKED - names
+    node = next(c for c in bom["components"] if c["name"] == "lantern-node")
+    parts = {c["name"]: c for c in node["components"]}
+    assert parts["micropython"]["version"] == "1.25.0"
+    assert "node/app.py" in parts and "main.py" in parts
+    assert all(len(c["hashes"][0]["content"]) == 64 for n, c in parts.items()
+               if n != "micropython")
+    # a damaged document is refused by the same validator
+    bom["components"][0]["type"] = "gadget"
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(bom)) is not None
