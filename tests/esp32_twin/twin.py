@@ -74,6 +74,7 @@ class TwinNode(SimNode):
     _task: asyncio.Task[None] | None = None
     _cut: asyncio.Event | None = None
     _off: bool = False
+    ble_name: str = ""  # the radio's bridge (ble_bridge.py), if the node has one
 
     @property
     def hw(self) -> Path:
@@ -122,6 +123,8 @@ class TwinNode(SimNode):
         (self.hw / "uart1").write_text(self.port)
         (self.hw / "street").write_text(self.street_name)
         (self.hw / "speed").write_text(str(self.speed))
+        if self.ble_name:
+            (self.hw / "ble").write_text(self.ble_name)
         return host_cfg
 
     # -- power and the RTC ------------------------------------------------------------------
@@ -302,6 +305,9 @@ class TwinNode(SimNode):
             self._task = None
         self.unstick()
         super().kill(sig)
+
+    async def stop(self) -> None:  # tests/ble's World stops its nodes so
+        self.close()
 
     def close(self) -> None:
         self.kill()

@@ -155,6 +155,15 @@ class _Street:
     def call(cls, op, bus, addr=0, mem=0, nread=0, data=b""):
         from sim import wire
 
+        if bus is None:  # nothing on this bus
+            if op == 9:
+                return b""  # scan: no device answers
+            if op in (5, 6, 7):
+                return b"\x00\x00" if op == 7 else b""  # a UART line with nothing on it
+            if op == 8:
+                return b"\x00\x00\x00\x00"  # ADC: a pin tied low
+            raise OSError(19)  # ENODEV: the address is not acknowledged
+
         if cls._conn is None:
             import socket
 
@@ -171,12 +180,13 @@ class _Street:
 
     @staticmethod
     def index(kind, ident):
-        """The wire's bus index of the controller `kind` number `ident` (file `buses`)."""
+        """The wire's bus index of the controller `kind` number `ident` (file `buses`), or None
+        when nothing is wired to it (an I2C bus without chips NACKs, a UART line stays quiet)."""
         for line in (_twin.read("buses") or b"").decode().split("\n"):
             f = line.split()
             if len(f) == 3 and f[0] == kind and int(f[1]) == ident:
                 return int(f[2])
-        raise OSError(19)  # ENODEV: nothing wired to this controller on the twin
+        return None
 
 
 def _pin_no(p):
