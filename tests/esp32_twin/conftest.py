@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def micropython() -> Path:
-    # `make test` builds it first; a missing build is an error, never a skip
+    """The unix port the twin runs on (hil_tests' fixture too): missing is a failure, not a skip."""
     assert MICROPYTHON.exists(), f"{MICROPYTHON} missing: run `make micropython`"
     return MICROPYTHON
 

@@ -15,6 +15,7 @@ import ast
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 STUBS = Path(sysconfig.get_paths()["purelib"])
 # C-level protocols a Python class can only spell as methods: a stream's ioctl (select and
@@ -158,14 +159,22 @@ def _union(overloads: list[list[Param]]) -> list[Param]:
     return out
 
 
-def _check_scope(where: str, stub: Scope, model: Scope) -> list[str]:
-    problems = []
-    for name in sorted(model.functions):
+def _public(where: str, kind: str, model: Any, stub: Any, problems: list[str]) -> list[str]:
+    """The model's public names of one kind that the stub has too; the others are problems."""
+    out = []
+    for name in sorted(model):
         if (name.startswith("_") and name != "__init__") or name in PROTOCOL:
             continue
-        if name not in stub.functions:
-            problems.append(f"{where}.{name}: no such function on the port")
-            continue
+        if name in stub:
+            out.append(name)
+        else:
+            problems.append(f"{where}.{name}: no such {kind} on the port")
+    return out
+
+
+def _check_scope(where: str, stub: Scope, model: Scope) -> list[str]:
+    problems: list[str] = []
+    for name in _public(where, "function", model.functions, stub.functions, problems):
         overloads = DOCUMENTED.get(f"{where}.{name}", stub.functions[name])
         for sig in model.functions[name]:
             reasons = [_accepts(s, sig) for s in overloads]
@@ -174,19 +183,9 @@ def _check_scope(where: str, stub: Scope, model: Scope) -> list[str]:
                 reasons.append(_accepts(_union(overloads), sig))
             if all(reasons):
                 problems.append(f"{where}.{name}: {'; '.join(r for r in reasons if r)}")
-    for name in sorted(model.classes):
-        if name.startswith("_"):
-            continue
-        if name not in stub.classes:
-            problems.append(f"{where}.{name}: no such class on the port")
-            continue
+    for name in _public(where, "class", model.classes, stub.classes, problems):
         problems += _check_scope(f"{where}.{name}", stub.classes[name], model.classes[name])
-    for name in sorted(model.constants):
-        if name.startswith("_"):
-            continue
-        if name not in stub.constants:
-            problems.append(f"{where}.{name}: no such constant on the port")
-            continue
+    for name in _public(where, "constant", model.constants, stub.constants, problems):
         want, have = _literal(stub.constants[name]), _literal(model.constants[name])
         if want is not Ellipsis and have is not Ellipsis and want != have:
             problems.append(f"{where}.{name} = {have!r}: the port has {want!r}")

@@ -265,11 +265,9 @@ class UART(_io.IOBase):
         return _Street.call(6, self._bus, 0, 0, nbytes) or None
 
     def readinto(self, buf, nbytes=None):
-        data = self.read(len(buf) if nbytes is None else nbytes)
-        if not data:
-            return None
+        data = self.read(len(buf) if nbytes is None else nbytes) or b""
         buf[: len(data)] = data
-        return len(data)
+        return len(data) or None  # None, as the port's, when nothing came
 
     def write(self, buf):
         if self._f is not None:
