@@ -30,7 +30,7 @@ from ..queue.resolve import Batch
 log = logging.getLogger("lantern.sink.http")
 
 # The longest wait a Retry-After is honoured for (the forwarder never waits less than its own
-# backoff: agent/forward.py). Ten minutes covers an upstream's planned restart; a longer outage
+# backoff: queue/forward.py). Ten minutes covers an upstream's planned restart; a longer outage
 # answers the next attempt with a Retry-After of its own, so honouring more would only save an
 # upstream one request per ten minutes, while a stale or hostile "a year from now" would hold
 # the whole queue back that long (docs/upstream.md).

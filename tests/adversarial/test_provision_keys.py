@@ -211,7 +211,7 @@ def test_a_key_is_reused_only_where_the_node_shows_its_counters(
 
 
 # ---- (a) the gateway takes the re-provisioned node's frames (its window follows the key) --
-# This half is the gateway's (agent/ingest.py, agent/store.py: a window per key, not per id).
+# This half is the gateway's (agent/ingest.py, agent/queue/store.py: a window per key, not per id).
 
 def data_frame(key: bytes, seq: int) -> bytes:
     pack = cbor2.dumps([{0: "temperature", 2: 21.5}])

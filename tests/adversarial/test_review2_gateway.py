@@ -37,7 +37,7 @@ from .gateway_harness import (
 
 async def test_out_of_order_frames_in_one_commit_do_not_fail_every_nodes_commit(
         tmp_path: Path) -> None:
-    """agent/store.py Window.mark: a frame more than WINDOW below one marked earlier in the same
+    """queue/store.py Window.mark: a frame more than WINDOW below one marked earlier in the same
     group commit sets a bit past the 64-bit bitmap, _to_sql cannot store it, and SQLite raises
     OverflowError: the whole group commit fails (logged as a disk problem), so no frame in it —
     any node's — is acknowledged. A node key sending (seq N+64, seq N) in one write does it on
@@ -63,7 +63,7 @@ async def test_out_of_order_frames_in_one_commit_do_not_fail_every_nodes_commit(
 @pytest.mark.parametrize("policy", ["pause_intake", "evict_oldest"])
 async def test_dead_letters_cannot_take_the_queue_cap_from_every_other_node(
         tmp_path: Path, policy: str) -> None:
-    """agent/diskcap.py counts the dead_letters table in the live bytes the cap bounds, but
+    """agent/queue/diskcap.py counts the dead_letters table in the live bytes the cap bounds, but
     make_room only ever sheds `recent` and `frames`: dead letters are never trimmed. One node key
     sending packs that are not CBOR (each ACKed and kept, ~1 KB) fills the cap with them;
     under pause_intake (the default) intake then stays paused for ever — nothing in `frames`

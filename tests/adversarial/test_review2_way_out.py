@@ -110,7 +110,7 @@ async def sink_to(kind: str, url: str) -> AsyncIterator[tuple[Any, Batch]]:
 @pytest.mark.parametrize("retry_after", ["0", "Thu, 01 Jan 2015 00:00:00 GMT"])
 async def test_a_retry_after_of_zero_or_in_the_past_does_not_remove_the_backoff(
         retry_after: str, kind: str) -> None:
-    """agent/forward.py Forwarder._deliver: a DeliveryError's retry_after replaces the jittered
+    """queue/forward.py Forwarder._deliver: a DeliveryError's retry_after replaces the jittered
     backoff outright, and agent/sinks/http.py parse_retry_after gives 0 for "0" and for any
     HTTP-date already past (a server whose clock is behind the gateway's, or a stale header from
     a cache or proxy). An overloaded upstream answering 503 that way is then retried in a tight

@@ -125,7 +125,7 @@ BAD_CONFIGS: dict[str, tuple[Callable[[str], str], str, int, str]] = {
                         "unknown section"),
     "second serial link, bad baud": (
         append('\n[[links.serial]]\nport = "/dev/ttyUSB1"\nbaud = -9600\n'),
-        "links.serial[1].baud", 21, "> 0"),
+        "links.serial[1].baud", 21, "must be 50 to 4000000"),
 }
 
 

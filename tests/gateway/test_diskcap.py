@@ -1,4 +1,4 @@
-"""The queue's disk cap (agent/diskcap.py through agent/store.py and agent/ingest.py)."""
+"""The queue's disk cap (agent/queue/diskcap.py, through the store and ingest)."""
 
 from __future__ import annotations
 

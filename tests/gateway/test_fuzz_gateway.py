@@ -278,7 +278,7 @@ class FuzzResult:
     accepted_frames: set[tuple[str, int]] = field(default_factory=set)
     resolved_frames: set[tuple[str, int]] = field(default_factory=set)
     dead_frames: list[tuple[str, int]] = field(default_factory=list)
-    dead_dropped: int = 0  # dead letters dropped beyond their bound (agent/diskcap.py)
+    dead_dropped: int = 0  # dead letters dropped beyond their bound (agent/queue/diskcap.py)
 
 
 async def fuzz(n_cases: int, seed: int, db_path: Path) -> FuzzResult:

@@ -1,4 +1,4 @@
-"""The durable queue (agent/store.py): order, delivery, durability, replay windows, rollback."""
+"""The durable queue (agent/queue/store.py): order, delivery, durability, replay windows."""
 
 from __future__ import annotations
 

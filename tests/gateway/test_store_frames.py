@@ -1,4 +1,4 @@
-"""Frames in, SenML-JSON out (agent/store.py, agent/resolved.py, agent/history.py).
+"""Frames in, SenML-JSON out (agent/queue/store.py, agent/queue/resolve.py, agent/queue/history.py).
 
 The ACK path stores packs as the nodes sealed them; these tests follow a pack from the
 commit to a sink's batch, the history and the dead letters, and the store's layout check.

@@ -5,7 +5,8 @@
 The readings go through what a node does to them (node.senml quantize, record, pack; node.cbor;
 node.cose; node.frame), so the file records the bytes of docs/protocol.md §4. Regenerate only
 with a protocol version change; tests/firmware/test_vectors.py checks the file against the
-encoder, the gateway (cbor2, hmac, cobs) and the doc. --check exits 1 if the file is not what it would write.
+encoder, the gateway (cbor2, hmac, cobs) and the doc. --check exits 1 if the file is not what
+it would write.
 """
 
 from __future__ import annotations

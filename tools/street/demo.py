@@ -39,7 +39,7 @@ def _show(records: list[dict[str, Any]]) -> None:
 def _fresh_queue_if_old(state: Path) -> None:
     """The demo keeps its queue between runs; one an earlier Lantern wrote is moved aside.
 
-    A deployed gateway refuses such a queue and changes nothing (agent/store.py); the demo's
+    A deployed gateway refuses such a queue and changes nothing (agent/queue/store.py); the demo's
     readings are the demo's, so after an upgrade it starts again rather than stop.
     """
     from lantern.agent.errors import ConfigError
