@@ -414,7 +414,12 @@ def open_sensors(hal, board, cfg):
     from .sampler import Sampler
 
     buses, time_scale = hal.sensor_buses(board, cfg)
-    return Sampler(board, buses, time_scale)
+    sampler = Sampler(board, buses, time_scale, cfg=cfg)
+    if cfg.get("deep_sleep") and hasattr(hal, "rtc_counters"):
+        # each wake-up is a fresh boot: the cycle count (which sensors are due, node
+        # cadence_ms) goes on from the wake-ups RTC memory counted
+        sampler.cycle = hal.rtc_counters()[0]
+    return sampler
 
 
 def main(config_path):

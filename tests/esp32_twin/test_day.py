@@ -24,7 +24,9 @@ def delivered(topo: Topology, node: TwinNode) -> dict[int, int]:
 
 async def test_a_day_of_deep_sleep_cycles(street: Topology) -> None:
     street.interval_ms = HALF_HOUR
-    street.node_extra = {"deep_sleep": True, "watchdog_ms": 300_000, "awake_max_ms": 120_000}
+    # particulates every third wake-up: the cadence counts wake-ups kept in RTC memory
+    street.node_extra = {"deep_sleep": True, "watchdog_ms": 300_000, "awake_max_ms": 120_000,
+                         "cadence_ms": {"pms5003": 3 * HALF_HOUR}}
     await street.start()
     node = street.nodes[0]
     assert isinstance(node, TwinNode)
@@ -43,6 +45,9 @@ async def test_a_day_of_deep_sleep_cycles(street: Topology) -> None:
 
     # every reading sealed reached the platform, once
     assert street.upstream.duplicates == 0
+    pm = {int(rid.rsplit(":", 2)[1]) for rid, r in street.upstream.readings.items()
+          if r.get("n", "").endswith(":pm2_5")}
+    assert len(node.sampled()) // 4 <= len(pm) <= len(node.sampled()) // 2, (pm, node.sampled())
     assert len(node.sampled()) >= DAY_CYCLES - 4  # the cuts and the hang cost a cycle each
     assert ends.count("power_cut") == 2 and ends.count("watchdog") == 1, ends
 
