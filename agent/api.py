@@ -352,7 +352,8 @@ class Api:
             log.warning("healthz: store did not answer: %r", e)
         links = self.view.links_up()
         up = self.view.upstream()
-        ready = store_ok and any(links.values())
+        failing = self.view.metrics.commit_error  # answers reads, but cannot take a frame
+        ready = store_ok and failing is None and any(links.values())
         paused = bool(getattr(getattr(self.view.store, "cap", None), "paused", False))
         degraded = (not all(links.values()) or any(v is False for v in up.values())
                     or paused)
@@ -360,7 +361,8 @@ class Api:
             "status": "ok" if ready and not degraded else "degraded" if ready else "unready",
             "live": True, "ready": ready,
             "links": {"up": sum(links.values()), "total": len(links), "by_link": links},
-            "store": "ok" if store_ok else "not answering",
+            "store": "not answering" if not store_ok else "ok" if failing is None
+            else f"commits failing: {failing}",
             "intake": "paused (queue at its disk cap)" if paused else "open",
             "queue": None if ov is None else {"readings": ov["queue_readings"],
                                               "oldest_age_s": ov["oldest_age_s"]},

@@ -86,7 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "gateway" and args.action == "run":
             from .gateway import main as gateway_main
 
-            gateway_main(args.config)
+            try:
+                gateway_main(args.config)
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # a bug of ours: one line for the journal, details at debug
+                import logging
+
+                logging.getLogger("lantern.gateway").debug("stopped on", exc_info=True)
+                logging.getLogger("lantern.gateway").critical(
+                    "gateway stopped on an unexpected error: %r; this is a bug: please report "
+                    "it with the log (log_level = \"debug\" shows where)", e)
+                return 1
         elif args.cmd == "gateway" and args.action == "check-config":
             from .config import load_config, load_keys
             from .preflight import check

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import signal
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from . import preflight
 from .api import ApiServer, GatewayView
 from .config import Config, load_config, load_keys
+from .errors import ConfigError
 from .ingest import Ingest
 from .metrics import Metrics, TimedSink
 from .plugins import LinkContext, SinkContext
@@ -51,12 +55,54 @@ async def _line(view: GatewayView) -> str:
         return f"store not answering ({e!r})"
 
 
+LOCK_FILE = "gateway.lock"
+
+
+def claim_state_dir(state_dir: Path) -> IO[str]:
+    """What the state directory must give before anything is opened, and a lock held for the
+    process's life: a second gateway on the same queue is refused, never run beside it.
+    Raises ConfigError, one line saying what to fix."""
+    found = preflight.check_state(state_dir)
+    if found:
+        raise ConfigError("; ".join(found))
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        f = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
+    except OSError as e:
+        raise ConfigError(f"{state_dir}: cannot create the state directory or its lock "
+                          f"({e.strerror}); check its owner and free space") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"{state_dir}: another gateway (pid {other}) runs on this state "
+                          "directory; stop it first, or give this one its own state_dir"
+                          ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+async def _open_store(path: Path) -> Store:
+    try:
+        return await Store(path).__aenter__()
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"{path}: cannot open the queue ({e}); check that the state "
+                          "directory is writable and has free space") from None
+
+
 async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
     """ble_backend: bleak backend classes for [[links.ble]] (tests: a virtual radio)."""
     keys = load_keys(cfg.keys_file)
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(Store(cfg.state_dir / QUEUE_FILE))
+        stack.enter_context(claim_state_dir(cfg.state_dir))
+        store = await _open_store(cfg.state_dir / QUEUE_FILE)
+        stack.push_async_exit(store)
         store.history.keep_s = cfg.history.keep_hours * 3600.0
         store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)

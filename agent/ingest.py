@@ -380,6 +380,7 @@ class Ingest:
                 log.warning("store %s: commits work again after %d failed attempts",
                             self.store.path, self._store_failing)
                 self._store_failing = 0
+                self.metrics.commit_error = None
             by_link: dict[int, Link] = {}
             grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)
             for _, acc in batch:
@@ -492,6 +493,7 @@ class Ingest:
 
     def _store_failed(self, e: sqlite3.Error) -> None:
         self.metrics.store_errors += 1
+        self.metrics.commit_error = str(e)
         if self._store_failing == 0:
             log.error("store %s: commit failed (%s); frames are not acknowledged, so the "
                       "nodes keep them and resend; check free space and that the state "

@@ -101,6 +101,7 @@ class Metrics:
         self.acks_sent = 0
         self.commits = 0
         self.store_errors = 0
+        self.commit_error: str | None = None  # why commits fail now (disk full, read-only)
         self.upstream_failures = 0
         self.dead_letters = 0
         # dead letters dropped beyond their bound (agent/queue/diskcap.py), as of the last commit

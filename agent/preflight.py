@@ -77,6 +77,13 @@ def check_state_dir(state_dir: Path, max_bytes: int | None, out: Findings) -> No
                              "check-config …`)")
 
 
+def check_state(state_dir: Path) -> list[str]:
+    """The errors alone, for the gateway's start (check-config says the rest)."""
+    out = Findings()
+    check_state_dir(state_dir, None, out)
+    return out.errors
+
+
 def check(cfg: Any) -> Findings:
     out = Findings()
     queue = getattr(cfg, "queue", None)
