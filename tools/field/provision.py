@@ -127,7 +127,8 @@ def board_module() -> Any:
 def _board(spec: str) -> tuple[Path, dict[str, Any]]:
     path = Path(spec) if spec.endswith(".json") else BOARDS / f"{spec}.json"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in BOARDS.glob("*.json")))
+        known = ", ".join(sorted(p.stem for p in BOARDS.glob("*.json")
+                                 if p.name != "board.schema.json"))
         raise StepError(f"no board {spec!r}", f"use one of: {known} (or a path to a board file)")
     bm = board_module()
     try:
