@@ -6,6 +6,7 @@ and every error names the file, the line, the dotted key and what was expected.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Iterable
@@ -112,4 +113,5 @@ class Doc:
 
 
 def positive(v: float) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v!r}"
+    """A count, a size or a duration: above 0 and finite (TOML has inf; nothing here is)."""
+    return None if v > 0 and math.isfinite(v) else f"must be a finite number > 0, got {v!r}"

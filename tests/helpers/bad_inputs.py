@@ -91,6 +91,10 @@ CASES = [
     Case("log level unknown", CHECK, 2, "expected debug, info, warning or error",
          cfg(gateway='[gateway]\nstate_dir = "state"\nkeys_file = "keys.toml"\n'
              'log_level = "loud"\n')),
+    Case("timeout infinite", CHECK, 2, "sinks.http.timeout_s: must be a finite number > 0",
+         cfg(sink='[sinks.http]\nurl = "http://127.0.0.1:9/"\ntimeout_s = inf\n')),
+    Case("batch age infinite", CHECK, 2, "batch.max_age_s: must be a finite number > 0",
+         cfg(extra="[batch]\nmax_age_s = inf\n")),
     Case("batch size zero", CHECK, 2, "batch.max_records: must be 1..10000",
          cfg(extra="[batch]\nmax_records = 0\n")),
     Case("API port out of range", CHECK, 2, "api.port",
