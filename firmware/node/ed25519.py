@@ -79,6 +79,24 @@ def decode_point(s):
     return (x, y, 1, x * y % _P)
 
 
+def check_public(public):
+    """Raise ValueError unless public is a usable Ed25519 public key.
+
+    A key whose point has small order ([8]A is the neutral element: 32 zero bytes, the
+    neutral element's own encoding 01 00..00, and six more) makes [k]A take at most 8 values
+    whatever the message: anyone can then forge a signature in a few tries, and RFC 8032's
+    verification (and OpenSSL's) accepts it. No key made by a real key generation is one.
+    """
+    if len(public) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes, not %d" % len(public))
+    a = decode_point(public)
+    if a is None:
+        raise ValueError("not an Ed25519 public key: the bytes encode no curve point")
+    x, y, z, _ = _double(_double(_double(a)))
+    if x == 0 and y == z:
+        raise ValueError("an Ed25519 public key of small order: anyone can sign for it")
+
+
 def encode_point(p):
     """The 32-byte encoding of p (RFC 8032 §5.1.2)."""
     x, y, z, _ = p

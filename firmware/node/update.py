@@ -9,6 +9,9 @@ Ed25519 signature is checked against the release key provisioned with the node b
 of the manifest is decoded. Only then are the manifest's claims (security floor, boards,
 bytecode version) and each file's size and SHA-256 checked. Every refusal is a `Refused` with
 a reason from REASONS, counted in Verifier.refused and printed once.
+
+`lantern release` (tools/field/release.py) imports this module's rules (parse_manifest,
+path_ok, version_ok, the constants), so what `release verify` accepts, a node accepts.
 """
 
 import hashlib
@@ -27,6 +30,8 @@ except ImportError:  # CPython
 MAGIC = b"LUB1"
 HEAD_LEN = const(8)  # magic and the envelope's length
 ENVELOPE_MAX = const(8192)  # bytes of COSE_Sign1 a node reads into RAM at once
+# the layout's fixed parts (17), the longest payload head (3) and the signature (66)
+ENVELOPE_MIN = const(86)
 KID_LEN = const(8)  # a release key's id: the first 8 bytes of SHA-256 of its 32 raw bytes
 _CHUNK = const(512)  # file bytes hashed per read
 
@@ -44,6 +49,10 @@ FORMAT = const(1)
 _SIGN1_HEAD = b"\xd2\x84\x4d\xa2\x01\x27\x04\x48"
 _SIG_HEAD = b"\x58\x40"  # bstr(64): the signature, last in the envelope
 _SIG1_CONTEXT = b"\x84\x6aSignature1"  # array(4), tstr "Signature1": Sig_structure's start
+
+_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_NAME_CHARS = _ALNUM + "._-"
+_VERSION_CHARS = _ALNUM + ".+-"
 
 REASONS = ("not_bundle", "truncated", "bad_envelope", "other_key", "bad_signature",
            "bad_manifest", "below_floor", "other_board", "other_mpy", "bad_size", "bad_hash")
@@ -87,53 +96,101 @@ class Manifest:
         return self.data_start + sum(s for _, s, _ in self.files[:index])
 
 
-def _path_ok(p):
-    if not isinstance(p, str) or not 0 < len(p) <= 64 or p[0] == "/" or "\\" in p:
+def _chars_ok(s, allowed, most):
+    """True if s is text of 1 to most characters, each in allowed (ASCII: one byte each)."""
+    if not isinstance(s, str) or not 0 < len(s) <= most:
         return False
-    for part in p.split("/"):
+    for c in s:
+        if c not in allowed:
+            return False
+    return True
+
+
+def version_ok(v):
+    """A release or gateway version: [0-9A-Za-z][0-9A-Za-z.+-]{0,31}."""
+    return _chars_ok(v, _VERSION_CHARS, 32) and v[0] in _ALNUM
+
+
+def path_ok(p):
+    """A bundle file's path: main.py, boards/NAME.json or node/.../NAME.mpy, at most 64
+    ASCII letters, digits and ._-/ with no empty, "." or ".." part."""
+    if not _chars_ok(p, _NAME_CHARS + "/", 64):
+        return False
+    parts = p.split("/")
+    for part in parts:
         if part in ("", ".", ".."):
+            return False
+    name = parts[-1]
+    if parts[0] == "boards":
+        return len(parts) == 2 and name.endswith(".json") and len(name) > 5
+    return p == "main.py" or (parts[0] == "node" and len(parts) > 1
+                              and name.endswith(".mpy") and len(name) > 4)
+
+
+def _uints_ok(xs):
+    for x in xs:
+        if type(x) is not int or x < 0:  # True is a bool, not an int, on MicroPython too
             return False
     return True
 
 
 def _shape_ok(m):
-    """True if the decoded manifest has every field, of the right type."""
-    if not isinstance(m, dict) or m.get(M_FORMAT) != FORMAT or len(m) != 7:
+    """True if the decoded manifest has every field, of the right type and form."""
+    if not isinstance(m, dict) or len(m) != 7:
         return False
-    if not isinstance(m.get(M_VERSION), str) or not isinstance(m.get(M_MIN_GATEWAY), str):
+    for k in m:
+        if type(k) is not int:  # True == 1: a key True would pass for label 1
+            return False
+    mpy = m.get(M_MPY)
+    if not isinstance(mpy, list) or len(mpy) != 2:
         return False
-    floor = m.get(M_FLOOR)
-    if type(floor) is not int or floor < 0:
+    if not _uints_ok(mpy + [m.get(M_FORMAT), m.get(M_FLOOR)]) or m[M_FORMAT] != FORMAT:
+        return False
+    if not version_ok(m.get(M_VERSION)) or not version_ok(m.get(M_MIN_GATEWAY)):
         return False
     boards = m.get(M_BOARDS)
     if not isinstance(boards, list) or not boards:
         return False
     for b in boards:
-        if not isinstance(b, str):
+        if not _chars_ok(b, _NAME_CHARS, 32):
             return False
-    mpy = m.get(M_MPY)
-    if not isinstance(mpy, list) or len(mpy) != 2 or type(mpy[0]) is not int:
-        return False
     f = m.get(M_FILES)
     if not isinstance(f, list) or not f or len(f) % 3:
         return False
     seen = set()
     for i in range(0, len(f), 3):
         p, s, d = f[i], f[i + 1], f[i + 2]
-        if not _path_ok(p) or p in seen or type(s) is not int or s < 0:
+        # one name to a case-insensitive file system (FAT) is one file
+        if not path_ok(p) or p.lower() in seen or not _uints_ok((s,)):
             return False
         if not isinstance(d, bytes) or len(d) != 32:
             return False
-        seen.add(p)
+        seen.add(p.lower())
     return True
+
+
+def parse_manifest(payload):
+    """The manifest map in an authenticated payload; ValueError if it breaks a rule of
+    docs/protocol.md (deterministic CBOR, every label, each field's type and form)."""
+    try:
+        m = cbor.loads(payload, max_items=256)
+    except cbor.CBORDecodeError as e:
+        raise ValueError("undecodable: %s" % e) from None
+    if not _shape_ok(m):
+        raise ValueError("not a format-1 manifest")
+    if cbor.dumps(m) != payload:  # one manifest, one spelling: what was signed is what is read
+        raise ValueError("not in deterministic CBOR")
+    return m
 
 
 class Verifier:
     """Checks bundles against one release key, for one board, above one security floor."""
 
     def __init__(self, release_key, board, floor=0, mpy=-1):
-        if len(release_key) != 32:
-            raise ValueError("a release key is 32 bytes")
+        try:
+            ed25519.check_public(release_key)
+        except ValueError as e:
+            raise ValueError("release key refused: %s" % e) from None
         self.key = bytes(release_key)
         self.kid = key_id(self.key)
         self.board = board
@@ -155,7 +212,7 @@ class Verifier:
         if bytes(head[:4]) != MAGIC:
             raise self._refuse("not_bundle", "no LUB1 magic")
         n = int.from_bytes(bytes(head[4:HEAD_LEN]), "big")
-        if not 0 < n <= ENVELOPE_MAX:
+        if not ENVELOPE_MIN <= n <= ENVELOPE_MAX:
             raise self._refuse("bad_envelope", "envelope of %d bytes" % n)
         return n
 
@@ -167,8 +224,7 @@ class Verifier:
                                % (len(head) - HEAD_LEN, n))
         env = memoryview(head)[HEAD_LEN:HEAD_LEN + n]
         p0 = len(_SIGN1_HEAD)
-        if (n < p0 + KID_LEN + 4 + 66 or bytes(env[:p0]) != _SIGN1_HEAD
-                or env[p0 + KID_LEN] != 0xA0):
+        if bytes(env[:p0]) != _SIGN1_HEAD or env[p0 + KID_LEN] != 0xA0:
             raise self._refuse("bad_envelope", "not a COSE_Sign1 in Lantern's layout")
         kid = bytes(env[p0:p0 + KID_LEN])
         p = p0 + KID_LEN + 1
@@ -191,20 +247,19 @@ class Verifier:
         if not ed25519.verify(self.key, signed, env[n - 64:]):
             raise self._refuse("bad_signature", "manifest signature does not verify")
         try:
-            m = cbor.loads(env[p:p + k], max_items=256)
-        except cbor.CBORDecodeError as e:
-            raise self._refuse("bad_manifest", "signed but undecodable: %s" % e) from None
-        if not _shape_ok(m):
-            raise self._refuse("bad_manifest", "signed but not a format-1 manifest")
+            m = parse_manifest(env[p:p + k])
+        except ValueError as e:
+            raise self._refuse("bad_manifest", "signed but %s" % e) from None
         man = Manifest(m, n)
+        # %s throughout: a refusal's own message must never be what fails
         if man.floor < self.floor:
-            raise self._refuse("below_floor", "release %s has security floor %d, node is at %d"
+            raise self._refuse("below_floor", "release %s has security floor %s, node is at %s"
                                % (man.version, man.floor, self.floor))
         if self.board not in man.boards:
             raise self._refuse("other_board", "release %s is for %s, not %s"
                                % (man.version, ",".join(man.boards), self.board))
         if self.mpy is not None and man.mpy != tuple(self.mpy):
-            raise self._refuse("other_mpy", "bytecode v%d.%d, node runs v%d.%d"
+            raise self._refuse("other_mpy", "bytecode v%s.%s, node runs v%s.%s"
                                % (man.mpy + tuple(self.mpy)))
         return man
 

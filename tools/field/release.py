@@ -3,6 +3,9 @@
 A bundle is the firmware a node runs (its modules as .mpy, main.py, board files) behind a
 CBOR manifest signed as a COSE_Sign1 with EdDSA; the byte layout is in docs/protocol.md
 ("Update bundle"). The node checks the same bundle with its own code (firmware/node/update.py).
+The signature is checked here with OpenSSL, independently of the node's Ed25519; the rules a
+manifest and a release key must meet are the node's own, imported from its module, so there
+is one set of them.
 
 Exit status: 0 done (verify: the bundle is valid), 1 the bundle is refused (the reason on one
 line), 2 a usage or file problem (a key that cannot be read, a file that exists).
@@ -12,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,24 +30,32 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import lantern
-from lantern.agent.errors import LanternError
+from lantern.agent.config import check_secret_file
+from lantern.agent.errors import ConfigError, LanternError
 from lantern.tools.field import provision_steps as ps
 
-MAGIC = b"LUB1"
-HEAD_LEN = 8
-ENVELOPE_MAX = 8192  # what a node reads into RAM at once (firmware/node/update.py)
+# The node's own modules (MicroPython code, untyped): imported by name so that strict mypy
+# takes them as Any instead of checking MicroPython code as CPython code.
+node_update: Any = importlib.import_module("lantern.firmware.node.update")
+node_ed25519: Any = importlib.import_module("lantern.firmware.node.ed25519")
+
+MAGIC: bytes = node_update.MAGIC
+HEAD_LEN: int = node_update.HEAD_LEN
+ENVELOPE_MIN: int = node_update.ENVELOPE_MIN
+ENVELOPE_MAX: int = node_update.ENVELOPE_MAX  # what a node reads into RAM at once
+KID_LEN: int = node_update.KID_LEN
+FORMAT: int = node_update.FORMAT
+M_FORMAT, M_VERSION, M_FLOOR, M_MIN_GATEWAY, M_BOARDS, M_MPY, M_FILES = (
+    node_update.M_FORMAT, node_update.M_VERSION, node_update.M_FLOOR,
+    node_update.M_MIN_GATEWAY, node_update.M_BOARDS, node_update.M_MPY, node_update.M_FILES)
 # A node decodes at most 256 CBOR items per manifest: 16 + one per board + three per file.
 FILES_MAX = 76
 BOARDS_MAX = 12
-KID_LEN = 8
-FORMAT = 1
 ALG_EDDSA = -8
 TAG_SIGN1 = 18
 # tag 18, array(4), bstr(13) {1: -8, 4: bstr(8) kid}: the kid follows, then the empty map a0
 SIGN1_HEAD = b"\xd2\x84\x4d\xa2\x01\x27\x04\x48"
 SIG_HEAD = b"\x58\x40"
-M_FORMAT, M_VERSION, M_FLOOR, M_MIN_GATEWAY, M_BOARDS, M_MPY, M_FILES = range(1, 8)
-VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,31}")
 OK, REFUSED, USAGE = 0, 1, 2
 
 
@@ -88,26 +99,16 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
-        """The manifest in data (already authenticated); BundleRefused if malformed."""
+        """The manifest in data (already authenticated), by the node's own rules
+        (update.parse_manifest); BundleRefused if it breaks one."""
         try:
-            m = cbor2.loads(data)
-            flat = m[M_FILES]
-            files = tuple(FileEntry(flat[i], flat[i + 1], flat[i + 2])
-                          for i in range(0, len(flat), 3))
-            man = cls(m[M_VERSION], m[M_FLOOR], m[M_MIN_GATEWAY], tuple(m[M_BOARDS]),
-                      (m[M_MPY][0], m[M_MPY][1]), files)
-            good = (m[M_FORMAT] == FORMAT and isinstance(man.version, str)
-                    and isinstance(man.min_gateway, str) and isinstance(man.floor, int)
-                    and len(m) == 7 and len(flat) % 3 == 0
-                    and man.encode() == data
-                    and all(isinstance(f.path, str) and isinstance(f.size, int)
-                            and isinstance(f.sha256, bytes) and len(f.sha256) == 32
-                            for f in files))
-        except (ValueError, LookupError, TypeError, cbor2.CBORDecodeError):
-            good = False
-        if not good:
-            raise BundleRefused("bad_manifest", "signed but not a format-1 manifest")
-        return man
+            m = node_update.parse_manifest(data)
+        except ValueError as e:
+            raise BundleRefused("bad_manifest", f"signed but {e}") from None
+        flat = m[M_FILES]
+        return cls(m[M_VERSION], m[M_FLOOR], m[M_MIN_GATEWAY], tuple(m[M_BOARDS]),
+                   (m[M_MPY][0], m[M_MPY][1]),
+                   tuple(FileEntry(*flat[i:i + 3]) for i in range(0, len(flat), 3)))
 
 
 def key_id(public: Ed25519PublicKey) -> bytes:
@@ -135,24 +136,32 @@ def sign1(key: Ed25519PrivateKey, payload: bytes) -> bytes:
 def bundle(key: Ed25519PrivateKey, version: str, floor: int, min_gateway: str,
            boards: list[str], mpy: tuple[int, int], files: list[tuple[str, bytes]]) -> bytes:
     """A complete bundle: header, signed manifest, then the files in manifest order."""
-    if not VERSION.fullmatch(version) or not VERSION.fullmatch(min_gateway):
-        raise ReleaseError(f"version {version!r} / {min_gateway!r}: use letters, digits and "
-                           ".+- (at most 32), e.g. 1.4.0")
+    for v in (version, min_gateway):
+        if not node_update.version_ok(v):
+            raise ReleaseError(f"version {v!r}: a letter or digit, then letters, digits and "
+                               ".+- (at most 32 in all), e.g. 1.4.0")
     if floor < 0:
         raise ReleaseError("--security-floor must be 0 or more")
     if not files or len(files) > FILES_MAX:
         raise ReleaseError(f"{len(files)} files: a bundle holds 1 to {FILES_MAX}")
     for path, _ in files:
-        parts = path.split("/")
-        if len(path.encode()) > 64 or "\\" in path or any(p in ("", ".", "..") for p in parts):
-            raise ReleaseError(f"file path {path!r}: relative, '/'-separated, at most 64 bytes")
-    if len({p for p, _ in files}) != len(files):
-        raise ReleaseError("a path appears twice")
+        if not node_update.path_ok(path):
+            raise ReleaseError(f"file path {path!r}: main.py, boards/NAME.json or "
+                               "node/.../NAME.mpy, in ASCII letters, digits and ._-/, at most "
+                               "64 bytes")
+    if len({p.lower() for p, _ in files}) != len(files):
+        raise ReleaseError("a path appears twice (letter case aside: FAT does not tell them "
+                           "apart)")
     if not boards or len(boards) > BOARDS_MAX:
         raise ReleaseError(f"{len(boards)} boards: a bundle names 1 to {BOARDS_MAX}")
     man = Manifest(version, floor, min_gateway, tuple(boards), mpy,
                    tuple(FileEntry(p, len(b), hashlib.sha256(b).digest()) for p, b in files))
-    envelope = sign1(key, man.encode())
+    payload = man.encode()
+    try:
+        node_update.parse_manifest(payload)  # what a node would say of it
+    except ValueError as e:
+        raise ReleaseError(f"a node would refuse this manifest: {e}") from None
+    envelope = sign1(key, payload)
     if len(envelope) > ENVELOPE_MAX:
         raise ReleaseError(f"signed manifest of {len(envelope)} bytes: a node reads at most "
                            f"{ENVELOPE_MAX}; ship fewer files or boards")
@@ -183,7 +192,7 @@ def open_bundle(data: bytes, public: Ed25519PublicKey) -> tuple[Manifest, list[b
     if data[:4] != MAGIC:
         raise BundleRefused("not_bundle", "no LUB1 magic: not a Lantern update bundle")
     n = int.from_bytes(data[4:8], "big")
-    if not 0 < n <= ENVELOPE_MAX:
+    if not ENVELOPE_MIN <= n <= ENVELOPE_MAX:
         raise BundleRefused("bad_envelope", f"envelope of {n} bytes")
     if len(data) < HEAD_LEN + n:
         raise BundleRefused("truncated", f"envelope cut at {len(data) - HEAD_LEN} of {n} bytes")
@@ -250,9 +259,14 @@ def firmware_files(mpy_cross: str, boards: list[str]) -> list[tuple[str, bytes]]
 # ---- keys ----
 
 def load_private(path: Path) -> Ed25519PrivateKey:
+    """The release key in path; refused if other users can read the file (as keys.toml is)."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
+        pem = check_secret_file(path, "release key")
+    except ConfigError as e:
+        raise ReleaseError(str(e)) from None
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError) as e:
         raise ReleaseError(f"{path}: not a readable PEM private key ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ReleaseError(f"{path}: not an Ed25519 key; make one with `lantern release keygen`")
@@ -266,27 +280,50 @@ def load_public(path: Path) -> Ed25519PublicKey:
         raise ReleaseError(f"{path}: not a readable PEM public key ({e})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ReleaseError(f"{path}: not an Ed25519 public key")
+    try:
+        node_ed25519.check_public(key.public_bytes_raw())  # the node refuses the same keys
+    except ValueError as e:
+        raise ReleaseError(f"{path}: {e}; make the release key with `lantern release "
+                           "keygen`") from None
     return key
+
+
+def create(path: Path, data: bytes, mode: int, exists: str) -> None:
+    """Write data to a new file at path, created with mode. Refused (ReleaseError, `exists`
+    as the fix) if anything is at path, a symbolic link too, dangling or not: nothing is
+    overwritten, and nothing is written through a link. A failed write leaves no file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        raise ReleaseError(f"{path} exists: {exists}") from None
+    except OSError as e:
+        raise ReleaseError(f"{path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        path.unlink()  # ours: O_EXCL created it
+        raise ReleaseError(f"{path}: {e.strerror}") from None
 
 
 def keygen(name: str) -> tuple[Path, Path]:
     """Write NAME.pem (PKCS#8, mode 0600) and NAME.pub.pem; never overwrite either."""
     priv, pub = Path(f"{name}.pem"), Path(f"{name}.pub.pem")
+    never = "a release key is never overwritten (choose another --out, or move the old key " \
+            "away first)"
     for p in (priv, pub):
-        if p.exists():
-            raise ReleaseError(f"{p} exists: a release key is never overwritten "
-                               "(choose another --out, or move the old key away first)")
+        if os.path.lexists(p):
+            raise ReleaseError(f"{p} exists: {never}")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    create(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()), 0o600, never)
     try:
-        fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise ReleaseError(f"{priv}: {e.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+        create(pub, key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            0o644, never)
+    except ReleaseError:
+        priv.unlink()  # a private key without its public half is no release key
+        raise
     return priv, pub
 
 
@@ -330,7 +367,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    if args.out.exists():
+    if os.path.lexists(args.out):
         raise ReleaseError(f"{args.out} exists: choose another --out")
     key = load_private(args.key)
     boards = board_names(args.board)
@@ -340,7 +377,7 @@ def _build(args: argparse.Namespace) -> int:
         raise ReleaseError(f"{tool}: not an mpy-cross that states its version; pass --mpy-cross")
     data = bundle(key, args.version, args.security_floor, args.min_gateway, boards, found[1],
                   firmware_files(tool, boards))
-    args.out.write_bytes(data)
+    create(args.out, data, 0o644, "choose another --out")
     print(f"wrote {args.out}: release {args.version} for {', '.join(boards)}, {len(data)} "
           f"bytes, MicroPython {found[0]} bytecode v{found[1][0]}.{found[1][1]}, signed by key "
           f"{key_id(key.public_key()).hex()}")
