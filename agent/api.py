@@ -43,7 +43,8 @@ BATTERY = ("battery", "battery_pct", "battery_v", "supply_v")  # first one a nod
 OUTBOX_DEEP = 20  # frames waiting on a node before the table flags it
 # "<name>.q" records carry a reading's quality bits (firmware/node/sampler.py); "stale" (the
 # chip's cadence is slower than the interval) is normal and not raised as a flag
-QUALITY_BITS = ("warmup", "range", None, "stuck", "crc", "nack", "timeout", "failed", "absent")
+QUALITY_BITS = ("warmup", "range", None, "stuck", "crc", "nack", "timeout", "failed", "absent",
+                "saving")  # docs/measurements.md; bit 9 only on battery.q
 # the status page loads its own script, style and JSON, nothing inline, nothing from elsewhere
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "

@@ -68,6 +68,12 @@ async def test_status_shows_the_node_and_never_acknowledges(tmp_path: Path) -> N
         assert st["link"]["sent"] >= 1
         assert st["heap"]["free"] > 0 and st["uptime_s"] >= 0
         assert [s[0] for s in st["sensors"]] and all(s[1] for s in st["sensors"])
+        # the energy model (node/sampler.py: the board's currents for the microcontroller, the
+        # radio and every sensor): per interval, per reading, a day, the cell's days
+        e = st["energy"]
+        assert e["mj_interval"] > 0 and e["mj_reading"] > 0 and e["mah_day"] > 0, e
+        assert e["days"] == pytest.approx(3500 / e["mah_day"], rel=0.01, abs=0.1), e  # 3.5 Ah
+        assert e["saving"] is False, e
         # the newest pack, verified under the node key and decoded
         lat = rep["latest"]
         assert lat["verified"] is True and lat["node"] == "SL-0001"

@@ -213,11 +213,17 @@ class Node:
         return values
 
     def _energy(self):
-        """Estimated energy of the last interval in J: awake at active_ma, asleep at sleep_ua.
+        """Estimated energy of the last interval in J.
 
-        Awake time is the previous sample → seal → store cycle; the board file's current
-        model ("power": active_ma, sleep_ua, supply_v) turns times into charge.
+        With the sampler's model (node/sampler.py: the board's currents for the
+        microcontroller, the radio and every sensor, and what actually ran): its last interval.
+        Else awake at active_ma, asleep at sleep_ua, over the previous sample → seal → store
+        cycle (the board file's "power": active_ma, sleep_ua, supply_v).
         """
+        energy = getattr(self.sensors, "energy", None)
+        e = energy() if energy is not None else None
+        if e is not None:
+            return senml.quantize(e["mj_last"] / 1000, 6)
         power = self.board.get("power") if isinstance(self.board, dict) else None
         if not power or not self.cycle_ms:
             return None
@@ -245,7 +251,11 @@ class Node:
         seq = None
         try:
             now, values = await self.sample_async()
+            t_sampled = time.ticks_ms()
             seq = self.seal(now, values)
+            awake = getattr(self.sensors, "awake", None)
+            if awake is not None:  # the node's own work after sampling, for the energy model
+                awake(time.ticks_diff(time.ticks_ms(), t_sampled))
             self.cycle_ms = time.ticks_diff(time.ticks_ms(), t0)
             used = gc.mem_alloc()
             if used > self.heap_peak:
@@ -275,7 +285,9 @@ class Node:
         while not limit or taken < limit:
             taken += 1
             await self.cycle()
-            due = time.ticks_add(due, self.interval_ms)
+            # a low battery stretches the interval (node/sampler.py battery_low; packs say so)
+            factor = getattr(self.sensors, "interval_factor", 1)
+            due = time.ticks_add(due, self.interval_ms * factor)
             wait = time.ticks_diff(due, time.ticks_ms())
             if wait < 0:
                 due = time.ticks_ms()
@@ -296,7 +308,8 @@ class Node:
         self.beat_ms = time.ticks_ms()
         awake = time.ticks_diff(self.beat_ms, _BOOT_MS)
         print("deep sleep: awake %d ms, outbox %d" % (awake, len(self.outbox)))
-        self.hal.deepsleep(max(self.interval_ms - awake, 1000), awake)
+        factor = getattr(self.sensors, "interval_factor", 1)  # a low battery sleeps longer
+        self.hal.deepsleep(max(self.interval_ms * factor - awake, 1000), awake)
 
     async def watchdog(self):
         """Feed the hardware watchdog while the sampler lives; a hung task resets the node.
@@ -351,6 +364,8 @@ class Node:
         nvs_get = getattr(self.hal, "nvs_get", None)
         if nvs_get is not None:  # NVS outlives a reflashed filesystem: it wins
             self.interval_ms = nvs_get("interval_ms", 0) or self.interval_ms
+        if hasattr(self.sensors, "interval_ms"):
+            self.sensors.interval_ms = self.interval_ms  # cadences count in intervals
         self._commands = None
         link.commands = self
 

@@ -324,6 +324,7 @@ class NodeActions:
             "sensors": [[name, d is not None, e] for name, d, e in self._sensors()],
             "faults": [[k, v[0], v[1]] for k, v in sorted(n.faults.items())],
             "boot": _boot(n),
+            "energy": _energy(n),
         })
         return st
 
@@ -349,6 +350,8 @@ class NodeActions:
         if nvs_set is not None:  # ESP32: kept through a reflash of the filesystem too
             nvs_set("interval_ms", ms)
         self.n.interval_ms = ms
+        if hasattr(self.n.sensors, "interval_ms"):
+            self.n.sensors.interval_ms = ms  # cadences and the energy model count in intervals
 
     def sync_time(self, ms):
         was = self.n.clock.now_ms()
@@ -379,6 +382,17 @@ class NodeActions:
         if reset:
             reset()
         raise SystemExit(REBOOT_EXIT)
+
+
+def _energy(n):
+    """The sampler's energy model (node/sampler.py), rounded for the status; None without it."""
+    energy = getattr(n.sensors, "energy", None)
+    e = energy() if energy is not None else None
+    if not e:
+        return None
+    return {"mj_interval": round(e["mj_interval"], 1), "mj_reading": round(e["mj_reading"], 2),
+            "mah_day": round(e["mah_day"], 2), "days": round(e.get("days", 0), 1),
+            "saving": getattr(n.sensors, "interval_factor", 1) > 1}
 
 
 def _boot(n):
