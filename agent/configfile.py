@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+MAX_BYTES = 1 << 20  # a config or key file is a few KiB; refuse what cannot be one
+
 
 def one_of(names: list[str]) -> str:
     """'a, b or c'."""
@@ -27,9 +29,13 @@ class Doc:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)  # /dev/zero, or a log saved over the config
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        if len(raw) > MAX_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, too large for a "
+                              "Lantern config file; check the path")
         try:
             self.text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -40,6 +46,12 @@ class Doc:
             self.data = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML for Lantern: arrays or tables nested "
+                              "too deep") from None
+        except ValueError as e:  # an integer of over 4300 digits: Python's own limit
+            raise ConfigError(f"{path}: not valid TOML for Lantern: {str(e).split(':')[0]}"
+                              ) from None
 
     def _lines(self) -> dict[str, int]:
         """Dotted path (tables of arrays indexed, like links.serial[1].baud) → its line."""
@@ -102,9 +114,14 @@ class Doc:
             return default
         value = table[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            kinds = (kind,) if isinstance(kind, type) else kind
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(dotted, f"expected {names}, got {value!r}")
+            raise self.error(dotted, f"expected {_describe(kind)}, got {value!r}")
+        # an int taken where a float is: the caller converts it, so it must fit in one
+        if isinstance(value, int) and not isinstance(value, bool) and float in _kinds(kind):
+            try:
+                float(value)
+            except OverflowError:
+                raise self.error(dotted, f"a {len(str(value))}-digit number is too large; "
+                                 f"expected {_describe(kind)}") from None
         if check is not None:
             problem = check(value)
             if problem:
@@ -112,6 +129,18 @@ class Doc:
         return value
 
 
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return (kind,) if isinstance(kind, type) else kind
+
+
+def _describe(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _kinds(kind))
+
+
 def positive(v: float) -> str | None:
     """A count, a size or a duration: above 0 and finite (TOML has inf; nothing here is)."""
-    return None if v > 0 and math.isfinite(v) else f"must be a finite number > 0, got {v!r}"
+    try:
+        finite = math.isfinite(v)
+    except OverflowError:  # an int no float holds
+        return f"must be a finite number > 0, got a {len(str(v))}-digit number"
+    return None if v > 0 and finite else f"must be a finite number > 0, got {v!r}"

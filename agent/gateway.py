@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import pwd
 import signal
 import sqlite3
+import stat
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -56,9 +59,52 @@ async def _line(view: GatewayView) -> str:
 
 
 LOCK_FILE = "gateway.lock"
+_LOCK_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+               | os.O_NONBLOCK)  # a FIFO or a device in its place must not block the start
 
 
-def claim_state_dir(state_dir: Path) -> IO[str]:
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _open_lock(state_dir: Path) -> int:
+    """The lock file's descriptor, if it is a plain file of this user's that nobody else can
+    open (whoever holds it keeps every gateway from starting). Raises ConfigError or OSError."""
+    st = os.stat(state_dir)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{state_dir}: mode {stat.S_IMODE(st.st_mode):04o} lets other users "
+                          f"replace the gateway's files; run: chmod go-w {state_dir}")
+    lock = state_dir / LOCK_FILE
+    try:
+        fd = os.open(lock, _LOCK_FLAGS, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{lock}: is a symbolic link; the lock must be a plain file "
+                              "owned by the gateway's user: remove it (the gateway creates it)"
+                              ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+                   else f"belongs to {_owner(st.st_uid)}, not to {_owner(os.geteuid())}"
+                   if st.st_uid != os.geteuid()
+                   else f"has {st.st_nlink} hard links" if st.st_nlink != 1 else "")
+        if problem:
+            raise ConfigError(f"{lock}: {problem}; the lock must be a plain file owned by "
+                              "the gateway's user: run the gateway as the state directory's "
+                              "user, or remove it (the gateway creates it)")
+        if stat.S_IMODE(st.st_mode) != 0o600:  # an older gateway's 0644 lock
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def claim_state_dir(state_dir: Path) -> IO[bytes]:
     """What the state directory must give before anything is opened, and a lock held for the
     process's life: a second gateway on the same queue is refused, never run beside it.
     Raises ConfigError, one line saying what to fix."""
@@ -66,24 +112,26 @@ def claim_state_dir(state_dir: Path) -> IO[str]:
     if found:
         raise ConfigError("; ".join(found))
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        f = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
+        # 0700: only the gateway's user may open the lock (flock needs only read access);
+        # a directory the operator made is left as it is, and refused if others can write it
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = _open_lock(state_dir)
     except OSError as e:
         raise ConfigError(f"{state_dir}: cannot create the state directory or its lock "
                           f"({e.strerror}); check its owner and free space") from None
+    f = os.fdopen(fd, "r+b", buffering=0)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        other = f.read().strip() or "?"
+        # the other gateway's pid, if the file holds one: it is shown in a one-line message
+        held = os.pread(fd, 32, 0).strip()
         f.close()
+        other = held.decode() if held.isdigit() else "?"
         raise ConfigError(f"{state_dir}: another gateway (pid {other}) runs on this state "
                           "directory; stop it first, or give this one its own state_dir"
                           ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return f
 
 
@@ -99,6 +147,34 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
     """ble_backend: bleak backend classes for [[links.ble]] (tests: a virtual radio)."""
     keys = load_keys(cfg.keys_file)
     metrics = Metrics()
+    # Signals are taken from the start: a stop while starting (systemctl stop, Ctrl-C) ends
+    # the start, closing what it opened, instead of killing the process half way.
+    stop, up = asyncio.Event(), asyncio.Event()
+    me = asyncio.current_task()
+
+    def on_signal() -> None:
+        if me is not None and not up.is_set() and not stop.is_set():
+            me.cancel()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await _serve(cfg, keys, metrics, ble_backend, stop, up)
+    except asyncio.CancelledError:
+        if me is None or up.is_set() or not stop.is_set():
+            raise
+        me.uncancel()
+        log.info("gateway stopped while starting")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
+                 ble_backend: BleBackend | None, stop: asyncio.Event, up: asyncio.Event) -> None:
+    """Start everything, then run until `stop` (`up` is set once started)."""
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(claim_state_dir(cfg.state_dir))
         store = await _open_store(cfg.state_dir / QUEUE_FILE)
@@ -131,12 +207,9 @@ async def run(cfg: Config, ble_backend: BleBackend | None = None) -> None:
         api = await stack.enter_async_context(ApiServer(cfg.api, view))
         notifier = Notifier()
         stack.callback(notifier.close)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         log.info("gateway up: %d node keys, links %s, sinks %s", len(keys),
                  ", ".join(link.name for link in links), ", ".join(s.name for s in sinks))
+        up.set()  # from here a signal stops the tasks below in order
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("ingest", ingest.run()),
             *((f"forward-{f.sink.name}", f.run()) for f in forwarders),

@@ -39,15 +39,32 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _unsearchable(path: Path) -> Path | None:
+    """The first folder on the way to `path` that this user may not search, if any."""
+    for p in (*reversed(path.parents), path):
+        if not os.access(p, os.X_OK):
+            return p
+    return None
+
+
 def check_state_dir(state_dir: Path, max_bytes: int | None, out: Findings) -> None:
     user = _user()
-    if state_dir.exists() and not state_dir.is_dir():
-        out.errors.append(f"{state_dir}: gateway.state_dir is a file, not a directory; "
-                          "point state_dir at a directory (the gateway creates it)")
-        return
-    base = _existing(state_dir)
-    if not base.is_dir():
-        out.errors.append(f"{base}: is not a directory, so {state_dir} cannot be created")
+    try:
+        if state_dir.exists() and not state_dir.is_dir():
+            out.errors.append(f"{state_dir}: gateway.state_dir is a file, not a directory; "
+                              "point state_dir at a directory (the gateway creates it)")
+            return
+        base = _existing(state_dir)
+        if not base.is_dir():
+            out.errors.append(f"{base}: is not a directory, so {state_dir} cannot be created")
+            return
+    except OSError as e:
+        # a parent this user cannot search (the service's 0700 /var/lib/lantern, /root): the
+        # gateway run as this user could not reach it either, so it is an error, not a guess
+        blocked = _unsearchable(state_dir.parent) or state_dir
+        out.errors.append(f"{state_dir}: cannot be checked as {user}: {blocked}: {e.strerror}; "
+                          "run it as the unit's User= (e.g. `sudo -u lantern lantern "
+                          f"gateway …`), or give {user} access to {blocked}")
         return
     try:
         st = os.statvfs(base)

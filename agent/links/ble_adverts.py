@@ -213,6 +213,8 @@ class ThirdParty(Maker):
         self.stats = stats
         self.name = name
         self._pending_seqs: set[tuple[str, int]] = set()  # taken, not yet committed
+        self._by_node = {f"bthome:{d.cfg.name}": d for d in self.devices.values()}
+        self._failing = 0  # failed commits in a row: the first is logged, the rest counted
 
     def handles(self, address: str) -> bool:
         return address.upper() in self.devices
@@ -267,10 +269,22 @@ class ThirdParty(Maker):
         for acc in frames:
             self._pending_seqs.discard((acc.node, acc.seq))
         self.stats["third_party_readings"] += sum(len(acc.records or ()) for acc in frames)
+        if self._failing:
+            log.info("store: third-party adverts committed again (after %d failed commits)",
+                     self._failing)
+            self._failing = 0
 
     def lost(self, frames: list[Accepted], e: BaseException) -> None:
-        # adverts repeat: the next one carries the same values; nothing to resend
+        # Adverts repeat: the next one carries the same values, so nothing is resent — as long
+        # as that repeat is not taken for a duplicate of what was lost.
         for acc in frames:
             self._pending_seqs.discard((acc.node, acc.seq))
+            st = self._by_node.get(acc.node)
+            if st is not None and st.last_data == acc.cose:
+                st.last_data = b""
         self.stats["store_errors"] += 1
-        log.error("store: commit of %d third-party adverts failed (%s)", len(frames), e)
+        self._failing += 1
+        if self._failing == 1:  # a full disk fails every commit: one line, the rest counted
+            log.error("store: commit of %d third-party adverts failed (%s); they are taken "
+                      "again when they repeat; later failures are counted in store_errors "
+                      "until a commit succeeds", len(frames), e)

@@ -186,7 +186,7 @@ BIG = str(10 ** 400)  # an integer TOML takes, and no float holds
     (f'[sinks.http]\nurl = "http://127.0.0.1:9/"\nbackoff_max_s = {BIG}\n',
      "sinks.http.backoff_max_s"),
     (f'[sinks.http]\nurl = "http://127.0.0.1:9/"\n[nodes."SL-0001"]\ninterval_s = {BIG}\n',
-     'nodes."SL-0001".interval_s'),
+     "nodes.SL-0001.interval_s"),  # dotted as every config error names it
     ('[sinks.http]\nurl = "http://127.0.0.1:9/"\nx = ' + "[" * 5000 + "]" * 5000 + "\n", ""),
 ], ids=["max_age_s", "http.timeout_s", "http.backoff_max_s", "nodes.interval_s", "deep"])
 def test_check_config_on_huge_numbers_and_deep_nesting_is_one_line(
