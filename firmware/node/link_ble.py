@@ -19,7 +19,7 @@ import time
 from . import bthome, cbor, cose, frame
 from .ble import CONNECT, DISCONNECT, FLAG_NOTIFY, FLAG_READ, FLAG_WRITE, WRITE, Peripheral
 from .outbox import _write_atomic
-from .window import BAD_ACK, RTO_MAX_MS, LinkStats, Window, open_ack
+from .window import BAD_ACK, RTO_MAX_MS, Window, open_ack
 
 try:
     from micropython import const
@@ -124,14 +124,14 @@ class Counter:
 
 class BleLink(Window):
     def __init__(self, bt, node_id, key, outbox, clock, state_dir, cfg):
-        super().__init__("ble", outbox, cfg.get("window", 8), cfg.get("rto_ms", 3000),
-                         LinkStats())
-        s = self.stats  # last_ack_ms: of the last start or ACK of a frame in flight
-        s.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
-        s.adverts = 0
-        s.advert_failures = 0  # advert rounds skipped by an exception (e.g. flash full)
-        s.connects = 0
-        s.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
+        super().__init__("ble", outbox, cfg.get("window", 8), cfg.get("rto_ms", 3000))
+        # counters beside the window's (last_ack_ms: of the last start or ACK of a frame in
+        # flight)
+        self.bad_starts = 0  # authentic start ACKs not for this connection (replayed, stale)
+        self.adverts = 0
+        self.advert_failures = 0  # advert rounds skipped by an exception (e.g. flash full)
+        self.connects = 0
+        self.dropped_pullers = 0  # pulling centrals dropped for not acknowledging
         self._p = Peripheral(bt, cfg.get("mtu", 247), node_id)
         self._h_data, self._h_ctrl, self._h_state = self._p.register(SERVICE_UUID, (
             (DATA_UUID, FLAG_NOTIFY), (CTRL_UUID, FLAG_WRITE),
@@ -211,7 +211,7 @@ class BleLink(Window):
                 self._advertise(turn)
             except Exception as e:  # noqa: BLE001 - a failed round must not end every advert
                 # this round goes without an advert (one without a saved counter never goes)
-                self.stats.advert_failures += 1
+                self.advert_failures += 1
                 self._failed("advert", e)
             self._readv.clear()
             try:
@@ -228,7 +228,7 @@ class BleLink(Window):
                 # it holds the connection, no gateway can drain this node
                 if len(self._outbox) and \
                         time.ticks_diff(now, self._pull_ms) > self._ack_timeout:
-                    self.stats.dropped_pullers += 1
+                    self.dropped_pullers += 1
                     self._p.disconnect(h)
                     del self._since[h]
             elif time.ticks_diff(now, t) > self._pull_timeout:
@@ -241,7 +241,7 @@ class BleLink(Window):
             adv = lantern_advert(self._tag, len(self._outbox))
         # one central at a time: while connected, adverts only carry values
         self._p.advertise(adv, self._adv_us, not self._p.connections)
-        self.stats.adverts += 1
+        self.adverts += 1
 
     # -- connection events and writes ---------------------------------------------------
 
@@ -255,7 +255,7 @@ class BleLink(Window):
 
     def _on_event(self, kind, conn, detail):
         if kind == CONNECT:
-            self.stats.connects += 1
+            self.connects += 1
             self._rx[conn.handle] = Reassembler()
             self._since[conn.handle] = time.ticks_ms()
             # a start ACK must carry this: one recorded on another connection starts nothing
@@ -280,7 +280,7 @@ class BleLink(Window):
         try:
             msg = rx.feed(seg)
         except ValueError:
-            self.stats.rx_errors += 1
+            self.rx_errors += 1
             return
         if msg is None:
             return
@@ -295,14 +295,14 @@ class BleLink(Window):
                     self._since[conn.handle] = time.ticks_ms()
             self._wake.set()
         else:
-            self.stats.rx_errors += 1
+            self.rx_errors += 1
 
     def _on_ack(self, conn, body):
         try:
             seqs, gw_ms, ack = open_ack(body, self._kid, self._key)
             nonce = ack.get(ACK_NONCE)
         except BAD_ACK:
-            self.stats.bad_acks += 1
+            self.bad_acks += 1
             return
         now = time.ticks_ms()
         if self._pull is not conn:
@@ -311,12 +311,12 @@ class BleLink(Window):
                 # gateway wrote this start here, now (not a recording from elsewhere)
                 self._pull = conn
                 self._pull_ms = now
-                self.stats.last_ack_ms = now
+                self.last_ack_ms = now
                 self._inflight = {}
                 self._state = None
             elif not seqs:
                 # replayed, or its gateway read a stale nonce: tell it this connection's
-                self.stats.bad_starts += 1
+                self.bad_starts += 1
                 if conn not in self._restate:
                     self._restate.append(conn)
                 self._wake.set()
@@ -325,7 +325,7 @@ class BleLink(Window):
             # only news keeps a puller: a replayed ACK names no frame in flight
             if conn is self._pull:
                 self._pull_ms = now
-            self.stats.last_ack_ms = now
+            self.last_ack_ms = now
             if isinstance(gw_ms, int):
                 self._clock.set_ms(gw_ms)
         self._wake.set()

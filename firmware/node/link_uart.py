@@ -8,13 +8,13 @@ import asyncio
 import time
 
 from . import frame
-from .window import BAD_ACK, LinkStats, Window, open_ack
+from .window import BAD_ACK, Window, open_ack
 
 
 class UartLink(Window):
     def __init__(self, stream, node_id, key, outbox, clock, window=4, rto_ms=1000):
-        super().__init__("uart", outbox, window, rto_ms, LinkStats())
-        self.stats.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
+        super().__init__("uart", outbox, window, rto_ms)
+        self.crc_errors = 0  # also counted in rx_errors: the line-noise share of them
         self._reader = asyncio.StreamReader(stream)
         self._writer = asyncio.StreamWriter(stream, {})
         self._kid = node_id.encode()
@@ -67,14 +67,14 @@ class UartLink(Window):
 
     def _on_chunk(self, chunk):
         if chunk is None:
-            self.stats.rx_errors += 1
+            self.rx_errors += 1
             return
         try:
             ftype, body = frame.decode(chunk)
         except frame.FrameError as e:
-            self.stats.rx_errors += 1
+            self.rx_errors += 1
             if e.kind == "crc":
-                self.stats.crc_errors += 1
+                self.crc_errors += 1
             return
         if ftype == frame.ACK:
             self._on_ack(body)
@@ -86,9 +86,9 @@ class UartLink(Window):
         try:
             seqs, gw_ms, _ = open_ack(body, self._kid, self._key)
         except BAD_ACK:
-            self.stats.bad_acks += 1
+            self.bad_acks += 1
             return
-        self.stats.last_ack_ms = time.ticks_ms()
+        self.last_ack_ms = time.ticks_ms()
         if self._acked(seqs) and isinstance(gw_ms, int):
             self._clock.set_ms(gw_ms)
         self._wake.set()

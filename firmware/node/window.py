@@ -50,20 +50,6 @@ def open_ack(body, kid, key):
     return seqs, gw_ms, ack
 
 
-class LinkStats:
-    """What both links count; each link adds its transport's counters to its instance."""
-
-    def __init__(self):
-        self.sent = 0
-        self.retransmits = 0
-        self.acked = 0
-        self.rx_errors = 0
-        self.bad_acks = 0
-        self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
-        self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
-        self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
-
-
 class Window:
     """The in-flight map over an outbox, the send task, and the failure log of a link's tasks.
 
@@ -71,7 +57,7 @@ class Window:
     and `async _transmit(conn, data)` (one DATA frame to conn; False if the link dropped).
     """
 
-    def __init__(self, name, outbox, window, rto_ms, stats):
+    def __init__(self, name, outbox, window, rto_ms):
         self._name = name  # "uart", "ble": in what the tasks print
         self._outbox = outbox
         self._window = window
@@ -81,7 +67,17 @@ class Window:
         self._evicted = outbox.evicted  # the outbox's drop count when _inflight was last pruned
         self._wake = asyncio.Event()
         self._failed_once = {}  # task name -> True once its first exception was printed
-        self.stats = stats
+        # what both links count, on the link itself (one object less per link); each link adds
+        # its transport's counters
+        self.stats = self
+        self.sent = 0
+        self.retransmits = 0
+        self.acked = 0
+        self.rx_errors = 0
+        self.bad_acks = 0
+        self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
+        self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
+        self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
 
     def kick(self):
         """A new frame is in the outbox."""
@@ -95,8 +91,8 @@ class Window:
 
     def _rx_failed(self, task, e, where=""):
         """An exception no receive handler expected (a bug, OOM): counted, printed once."""
-        self.stats.rx_errors += 1
-        self.stats.rx_failures += 1
+        self.rx_errors += 1
+        self.rx_failures += 1
         self._failed(task, e, where)
 
     def _backoff(self, attempts):
@@ -114,7 +110,7 @@ class Window:
                 wait = await self._tx_round()
             except Exception as e:  # noqa: BLE001 - e.g. a write error, a frame unreadable
                 # the frames stay in the outbox: the next round, after a pause, tries again
-                self.stats.tx_failures += 1
+                self.tx_failures += 1
                 self._failed("tx", e)
                 await asyncio.sleep_ms(self._rto)
                 continue
@@ -163,9 +159,9 @@ class Window:
                     continue  # acknowledged while the previous one was going out
                 if not await self._transmit(conn, self._outbox.get(seq)):
                     break
-                self.stats.sent += 1
+                self.sent += 1
                 if attempts:
-                    self.stats.retransmits += 1
+                    self.retransmits += 1
                 left = self._backoff(attempts)
                 self._sends += 1
                 self._inflight[seq] = (time.ticks_add(now, left), attempts + 1, self._sends)
@@ -185,7 +181,7 @@ class Window:
                 if e[2] > last:
                     last = e[2]
             if self._outbox.remove(seq):
-                self.stats.acked += 1
+                self.acked += 1
         if last:
             # the link keeps order: a frame that went out before one the gateway has taken,
             # and is not acknowledged, was lost on the way (or refused). It goes again now,
