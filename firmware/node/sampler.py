@@ -75,16 +75,14 @@ class Slot:
     """One sensor of the board: its driver while present, and what the sampler remembers."""
 
     def __init__(self, spec, bus):
+        # the board's entry (chip, address, bus, options, oversample, measurements, power)
+        # stays in the board dict the node keeps: read from it, not copied per slot
+        self.spec = spec
         self.chip = spec["chip"]
-        info = drivers.CHIPS[self.chip]
-        self.address = spec.get("address")
         self.bus = bus
-        self.bus_name = spec["bus"]
-        self.options = spec.get("options") or {}
-        self.oversample = spec.get("oversample", 0)
-        self.names = tuple(spec.get("measurements") or info[3])
-        where = "0x%02x" % self.address if isinstance(self.address, int) else self.bus_name
-        self.label = "%s@%s" % (self.chip, where)
+        a = spec.get("address")
+        where = "0x%02x" % a if isinstance(a, int) else spec["bus"]
+        self.label = self.name = "%s@%s" % (self.chip, where)  # name: a driver's face
         self.driver = None
         self.started = 0
         self.fails = 0
@@ -97,6 +95,15 @@ class Slot:
         self.charge = 0.0
         self.since = time.ticks_ms()
         self.every = 1  # read every n-th interval
+
+    def names(self):
+        """The measurements this slot reports (the board's list, else the chip's)."""
+        return self.spec.get("measurements") or drivers.CHIPS[self.chip][3]
+
+    def open(self):  # noqa: A003
+        s = self.spec
+        self.driver = drivers.open(self.chip, self.bus, s.get("address"), s.get("options"))
+        self.started = time.ticks_ms()
 
     def current(self):
         """mA the chip draws in its present power state (absent: its sleep current)."""
@@ -120,24 +127,14 @@ class Slot:
         d = self.driver
         return m.get("warmup_ms", d.WARMUP_MS) + m.get("measure_ms", d.PERIOD_MS)
 
-    # the driver's face, for self-tests (node/commands.py) while the sensor is present
     @property
-    def name(self):
-        return self.label
-
-    @property
-    def RANGES(self):  # noqa: N802 - mirrors the drivers' attribute
+    def RANGES(self):  # noqa: N802 - the driver's face, for self-tests
         return getattr(self.driver, "RANGES", {})
-
-    @property
-    def PERIOD_MS(self):  # noqa: N802
-        return getattr(self.driver, "PERIOD_MS", 100)
 
     def read(self):
         if self.driver is None:
             try:
-                self.driver = drivers.open(self.chip, self.bus, self.address, self.options)
-                self.started = time.ticks_ms()
+                self.open()
             except Exception as e:  # noqa: BLE001
                 raise SensorError("%s: not answering (%r)" % (self.label, e))
         return self.driver.read()
@@ -171,7 +168,9 @@ class Sampler:
         self.mcu = model.get("mcu") or {}
         self.radio = model.get("radio") or {}
         self.cell_mah = cfg.get("cell_mah", (model.get("cell") or {}).get("mah", 0))
-        self.factor = 1  # the cadence divisor a low battery imposes (1: normal)
+        # how many times interval_ms the node waits now: a low battery stretches the
+        # interval (and with it every cadence) to save the boot, the sensors and the radio
+        self.interval_factor = 1
         self.cycle = 0
         self._values = {}
         self._waited = 0
@@ -189,7 +188,7 @@ class Sampler:
             self.slots.append(slot)
             self._open(slot)
             slot.every = self._every(slot)
-            self._rest(slot, self._long(slot))
+            self._rest(slot)
 
     def __iter__(self):
         return iter(self.slots)
@@ -200,31 +199,18 @@ class Sampler:
     def errors(self):
         return sum(s.errors for s in self.slots)
 
-    def status(self):
-        """(label, present, errors since boot) per sensor, for diagnostics."""
-        return [(s.label, s.driver is not None, s.errors) for s in self.slots]
-
-    @property
-    def interval_factor(self):
-        """How many times interval_ms the node should wait now: a low battery stretches the
-        interval (and with it every cadence) to save the boot, the sensors and the radio."""
-        return self.factor
-
     def _managed(self, slot):
         return self.power_down and slot.driver is not None and hasattr(slot.driver, "sleep")
 
-    def _long(self, slot):
-        """Whether the gap to the chip's next reading pays for its deepest sleep."""
-        gap = slot.every * self.factor * self.interval_ms
-        return gap >= getattr(slot.driver, "SLEEP_AFTER_MS", 0)
-
-    def _rest(self, slot, long):
-        """Put a managed chip to sleep (deep if the gap pays for the wake-up)."""
+    def _rest(self, slot):
+        """Put a managed chip to sleep (deep if the gap to its next reading pays for the
+        wake-up)."""
         if not self._managed(slot):
             return
         slot.account(time.ticks_ms())
+        gap = slot.every * self.interval_factor * self.interval_ms
         try:
-            slot.driver.sleep(long)
+            slot.driver.sleep(gap >= getattr(slot.driver, "SLEEP_AFTER_MS", 0))
         except Exception as e:  # noqa: BLE001 - a chip that cannot sleep is still read
             slot.errors += 1
             self.log("sensor %s: cannot sleep: %r" % (slot.label, e))
@@ -234,11 +220,11 @@ class Sampler:
         if slot.bus is None:
             if not slot.down:
                 self.log("sensor %s: this board's HAL provides no bus '%s'" % (
-                    slot.label, slot.bus_name))
+                    slot.label, slot.spec["bus"]))
                 slot.down = True
             return 0
         try:
-            slot.driver = drivers.open(slot.chip, slot.bus, slot.address, slot.options)
+            slot.open()
         except Exception as e:  # noqa: BLE001 - whatever one sensor does, the others go on
             slot.errors += 1
             if not slot.down:
@@ -246,7 +232,6 @@ class Sampler:
                     slot.label, e))
                 slot.down = True
             return _cause(e)
-        slot.started = time.ticks_ms()
         slot.since = slot.started
         slot.fails = 0
         slot.last = None
@@ -298,88 +283,75 @@ class Sampler:
         self._waited = 0
         c = self.cycle
         self.cycle += 1
-        n = len(self.slots)
-        causes = [0] * n
-        results = [[] for _ in range(n)]
-        failed = [False] * n
-        due = [False] * n
+        scale = self.time_scale
+        due = []  # [slot, cause flags, fresh readings, every attempt failed] per due sensor
         waking = []
-        for i, slot in enumerate(self.slots):
+        for slot in self.slots:
             slot.since = t0  # the previous interval's rest was charged when it ended
             slot.every = self._every(slot)
             if c % slot.every:
                 continue
-            due[i] = True
-            if slot.driver is None:
-                causes[i] = self._open(slot)
+            due.append([slot, self._open(slot) if slot.driver is None else 0, [], False])
             if self._managed(slot):
-                waking.append((int(slot.need_ms() / self.time_scale), i))
+                waking.append((int(slot.need_ms() / scale), len(due) - 1))
         # wake the slowest first and each one just in time, so that all are ready together
         waking.sort(reverse=True)
-        for k, (ms, i) in enumerate(waking):
-            slot = self.slots[i]
+        for k, (ms, j) in enumerate(waking):
+            e = due[j]
+            slot = e[0]
             slot.account(time.ticks_ms())
             try:
                 slot.driver.wake()
                 slot.started = time.ticks_ms()
-            except SensorError as e:
-                causes[i] |= _cause(e)
+            except SensorError as x:
+                e[1] |= _cause(x)
                 slot.errors += 1
-            except Exception as e:  # noqa: BLE001
+            except Exception as x:  # noqa: BLE001
                 slot.errors += 1
-                self.log("sensor %s: cannot wake: %r" % (slot.label, e))
+                self.log("sensor %s: cannot wake: %r" % (slot.label, x))
             gap = ms - (waking[k + 1][0] if k + 1 < len(waking) else 0)
             if gap > 0:
                 self._waited += gap
                 yield gap
-        rounds = 0
-        spacing = 0
-        for i, slot in enumerate(self.slots):
-            d = slot.driver
-            if due[i] and d is not None:
-                k = slot.oversample or d.OVERSAMPLE
+        rounds = spacing = 0
+        for e in due:
+            d = e[0].driver
+            if d is not None:
+                k = e[0].spec.get("oversample") or d.OVERSAMPLE
                 rounds = max(rounds, k)
                 if k > 1:
                     spacing = max(spacing, d.PERIOD_MS)
         for r in range(rounds + 1):
+            ms = spacing
             if r == rounds:
                 # a chip may ask for one more wait (SCD41: the first shot after power-down
                 # is discarded, datasheet §3.10.4)
-                again = [i for i in range(n) if due[i] and self.slots[i].driver is not None
-                         and getattr(self.slots[i].driver, "again_ms", 0)]
-                if not again:
+                ms = max([getattr(e[0].driver, "again_ms", 0) for e in due] + [0])
+                if not ms:
                     break
-                ms = max(self.slots[i].driver.again_ms for i in again)
-                ms = max(1, int(ms / self.time_scale))
-                self._waited += ms
-                yield ms
-            elif r:
+            if r or r == rounds:
                 # the chips' own clock may run faster than ours (simulated boards)
-                ms = max(1, int(spacing / self.time_scale))
+                ms = max(1, int(ms / scale))
                 self._waited += ms
                 yield ms
-            for i, slot in enumerate(self.slots):
+            for e in due:
+                slot = e[0]
                 d = slot.driver
-                if not due[i] or d is None or failed[i]:
-                    continue
-                if r == rounds:
-                    if not getattr(d, "again_ms", 0):
-                        continue
-                elif r >= (slot.oversample or d.OVERSAMPLE):
+                if d is None or e[3] or (not getattr(d, "again_ms", 0) if r == rounds
+                                         else r >= (slot.spec.get("oversample") or d.OVERSAMPLE)):
                     continue
                 slot.account(time.ticks_ms())
                 v, f = self._read(slot)
-                causes[i] |= f
+                e[1] |= f
                 if v is _FAIL:
-                    failed[i] = True
+                    e[3] = True
                 elif v is not None:
-                    results[i].append(v)
+                    e[2].append(v)
         values = {}
         now = time.ticks_ms()
-        for i, slot in enumerate(self.slots):
-            if due[i]:
-                self._finish(slot, results[i], failed[i], causes[i], now, values)
-                self._rest(slot, self._long(slot))
+        for slot, f, fresh, failed in due:
+            self._finish(slot, fresh, failed, f, now, values)
+            self._rest(slot)
         self._battery(values)
         self._values = values
         self._charge(t0, values)
@@ -391,15 +363,15 @@ class Sampler:
         if v is None or not low:
             return
         hyst = low.get("hysteresis_v", 0.05)
-        factor = 1
-        if v < low.get("critical_v", 0) or (self.factor > 1 and v < low.get(
-                "critical_v", 0) + hyst and self.factor == low.get("critical_factor", 6)):
-            factor = low.get("critical_factor", 6)
-        elif v < low.get("low_v", 0) or (self.factor > 1 and v < low.get("low_v", 0) + hyst):
-            factor = low.get("low_factor", 3)
-        if factor != self.factor:
-            self.log("battery %.3f V: cadence divided by %d (was %d)" % (v, factor, self.factor))
-            self.factor = factor
+        was = self.interval_factor
+        crit = low.get("critical_v", 0)
+        lv = low.get("low_v", 0)
+        factor = low.get("critical_factor", 6)
+        if not (v < crit or (was > 1 and v < crit + hyst and was == factor)):
+            factor = low.get("low_factor", 3) if v < lv or (was > 1 and v < lv + hyst) else 1
+        if factor != was:
+            self.log("battery %.3f V: cadence divided by %d (was %d)" % (v, factor, was))
+            self.interval_factor = factor
         if factor > 1:
             values["battery.q"] = values.get("battery.q", 0) | SAVING
 
@@ -414,7 +386,7 @@ class Sampler:
         wait = self._waited if cycle >= self._waited else cycle
         q = (cycle - wait) * active
         q += wait * (mcu.get("light_sleep_ma", active) if self.lightsleep else active)
-        interval = self.interval_ms * self.factor
+        interval = self.interval_ms * self.interval_factor
         boot = mcu.get("boot_ms", 0) if self.deep_sleep else 0
         rest = interval - cycle - boot
         rest = rest if rest > 0 else 0
@@ -500,7 +472,7 @@ class Sampler:
             slot.last = sig
             if slot.same >= STUCK_AFTER - 1:
                 f |= STUCK
-        for name in slot.names:
+        for name in slot.names():
             nf = f
             if fresh is not None:
                 v = _median(fresh, name)
