@@ -5,7 +5,7 @@ datasheet SBOS448, §8.5.1): Cal = trunc(0.04096 / (Current_LSB * R_shunt)),
 Current = Shunt * Cal / 4096, Power = Current * Bus / 5000, Power_LSB = 20 * Current_LSB.
 """
 
-from . import SensorError, ina2xx
+from . import INA2xx, SensorError, ina_calibration
 
 try:
     from micropython import const
@@ -25,7 +25,7 @@ _PGA_MV = (40, 80, 160, 320)  # PG = 0..3: shunt full-scale range
 
 def calibration(lsb, shunt_ohms):
     """Datasheet Equation 1; the register's bit 0 is always 0."""
-    return ina2xx.calibration(INA219.CHIP, lsb, shunt_ohms)
+    return ina_calibration(INA219.CHIP, lsb, shunt_ohms)
 
 
 def config(shunt_mv, bus_max_v):
@@ -37,7 +37,7 @@ def config(shunt_mv, bus_max_v):
     return (brng << 13) | (pg << 11) | (_ADC_12BIT << 7) | (_ADC_12BIT << 3) | _MODE_CONT
 
 
-class INA219(ina2xx.INA2xx):
+class INA219(INA2xx):
     PERIOD_MS = 2  # one shunt + one bus conversion at 12 bits: 2 x 532 us
     RANGES = {"lamp_voltage": (0, 26), "lamp_current": (-3.2, 3.2), "lamp_power": (0, 83)}
     # 320 mV shunt range, 26 V bus in 4 mV steps, Power_LSB 20 x Current_LSB, bit 0 of Cal is 0

@@ -5,7 +5,7 @@ SBOS547, §6.5.1): CAL = 0.00512 / (Current_LSB * R_shunt), Current = Shunt * CA
 Power = Current * Bus / 20000, Power_LSB = 25 * Current_LSB, bus LSB 1.25 mV.
 """
 
-from . import SensorError, ina2xx
+from . import INA2xx, SensorError, ina_calibration
 
 try:
     from micropython import const
@@ -28,10 +28,10 @@ _OVF = const(0x0004)  # Mask/Enable: math overflow
 
 def calibration(lsb, shunt_ohms):
     """Datasheet Equation 1; bit 15 of the register is reserved."""
-    return ina2xx.calibration(INA226.CHIP, lsb, shunt_ohms)
+    return ina_calibration(INA226.CHIP, lsb, shunt_ohms)
 
 
-class INA226(ina2xx.INA2xx):
+class INA226(INA2xx):
     PERIOD_MS = 3  # one shunt + one bus conversion: 2 x 1.1 ms
     # 81.92 mV shunt range, 36 V bus in 1.25 mV steps, Power_LSB 25 x Current_LSB
     CHIP = ("ina226", 0.08193, "81.92 mV", 36, 5, 25, 0.00512, 0x7FFF)
