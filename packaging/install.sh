@@ -17,7 +17,9 @@
 # An upgrade keeps config, keys and the queue; the new version must pass check-config (as user
 # lantern) where the old one did, and start under systemd if the old one was running —
 # otherwise the previous release comes back. Environment knobs:
-#   PREFIX=path        where the releases go (default /opt/lantern)
+#   PREFIX=path        the folder Lantern keeps to itself (default /opt/lantern): an install
+#                      into one that holds anything else (PREFIX=/opt) is refused, and
+#                      --uninstall removes only what Lantern put there
 #   PYTHON=path       the CPython 3.11 the virtualenvs use (default /usr/bin/python3, which
 #                      the service user can run)
 #   DESTDIR=dir        lay out under dir, without users or systemctl (packaging)
@@ -28,6 +30,9 @@ umask 022
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DESTDIR="${DESTDIR:-}"
 PREFIX="${PREFIX:-/opt/lantern}"
+[[ "$PREFIX" == /* ]] || { printf 'install.sh: PREFIX=%s is not an absolute path\n' "$PREFIX" >&2
+    exit 1; }
+PREFIX="$(realpath -m -s -- "$PREFIX")"  # /opt/lantern/ and /opt//lantern are /opt/lantern
 PYTHON="${PYTHON:-/usr/bin/python3}"
 UNIT=lantern-gateway.service
 UNIT_PATH="$DESTDIR/etc/systemd/system/$UNIT"
@@ -38,6 +43,31 @@ say() { printf '%s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 systemd_up() { [[ -z "$DESTDIR" && -d /run/systemd/system ]]; }
 pid1() { cat /proc/1/comm 2>/dev/null || echo unknown; }
+
+# What in PREFIX is Lantern's: its own layout (releases/, current, the bin link, its docs), and
+# the one virtualenv an install from before releases/ made there (pyvenv.cfg). Anything else is
+# someone else's: an install beside it is refused, an uninstall leaves it where it is.
+ours() {  # ours DIR NAME: is DIR/NAME Lantern's?
+    local venv=no
+    [[ ! -f "$1/pyvenv.cfg" ]] || venv=yes
+    case "$2" in
+        releases | current | current.tmp) return 0 ;;
+        bin) [[ -L "$1/bin" || $venv == yes ]] ;;
+        share) [[ $venv == yes ]] || { [[ -d "$1/share" && ! -L "$1/share" ]] && [[ -z "$(find \
+            "$1/share" -mindepth 1 -not -path "$1/share/doc" -not -path "$1/share/doc/lantern" \
+            -not -path "$1/share/doc/lantern/*" -print -quit)" ]]; } ;;
+        include | lib | lib64 | pyvenv.cfg) [[ $venv == yes ]] ;;
+        *) return 1 ;;
+    esac
+}
+others() {  # what else PREFIX holds, space-separated
+    local dir="$DESTDIR$PREFIX" name out=()
+    [[ -d "$dir" ]] || { [[ ! -e "$dir" ]] || printf '%s (a file)' "$PREFIX"; return 0; }
+    while IFS= read -r -d '' name; do
+        ours "$dir" "$name" || out+=("$name")
+    done < <(find -H "$dir" -mindepth 1 -maxdepth 1 -printf '%f\0' | sort -z)
+    printf '%s' "${out[*]}"
+}
 
 # ------------------------------------------------------------------------------- uninstall
 if [[ "${1:-}" == --uninstall ]]; then
@@ -51,8 +81,25 @@ if [[ "${1:-}" == --uninstall ]]; then
     fi
     rm -f "$UNIT_PATH"
     ! systemd_up || systemctl daemon-reload
-    rm -rf "$DESTDIR$PREFIX" "$DESTDIR$PREFIX.legacy"
-    say "removed $PREFIX and $UNIT"
+    [[ ! -f "$DESTDIR$PREFIX.legacy/pyvenv.cfg" ]] || rm -rf "$DESTDIR$PREFIX.legacy"
+    foreign="$(others)"
+    if [[ -z "$foreign" ]]; then
+        if [[ -L "$DESTDIR$PREFIX" ]]; then  # a link to where the operator keeps it: empty that
+            find -H "$DESTDIR$PREFIX" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
+        fi
+        rm -rf "$DESTDIR$PREFIX"
+        say "removed $PREFIX and $UNIT"
+    else  # PREFIX is shared (an install from before install.sh refused that): only Lantern's
+        dir="$DESTDIR$PREFIX"
+        rm -rf "$dir/releases" "$dir/current" "$dir/current.tmp" "$dir/share/doc/lantern"
+        [[ ! -L "$dir/bin" ]] || rm -f "$dir/bin"
+        rmdir "$dir/share/doc" "$dir/share" 2>/dev/null || true
+        say "removed Lantern's releases, current, bin and docs from $PREFIX, and $UNIT;" \
+            "kept $PREFIX itself and what else it holds ($foreign)"
+        [[ ! -f "$dir/pyvenv.cfg" ]] || say "the virtualenv of an install from before" \
+            "releases/ (pyvenv.cfg, bin, lib, include) is mixed with those in $PREFIX and was" \
+            "left there: remove its parts by hand"
+    fi
     if [[ $purge == yes ]]; then
         rm -rf "$DESTDIR/etc/lantern" "$DESTDIR$STATE"
         if [[ -z "$DESTDIR" ]]; then
@@ -68,6 +115,10 @@ if [[ "${1:-}" == --uninstall ]]; then
 fi
 [[ $# -eq 0 ]] || die "unknown argument $1 (usage: install.sh [--uninstall [--purge]])"
 [[ -n "$DESTDIR" || $EUID -eq 0 ]] || die "run as root (sudo $0)"
+foreign="$(others)"
+[[ -z "$foreign" ]] || die "PREFIX=$PREFIX already holds $foreign, which Lantern did not put" \
+    "there: PREFIX is a folder Lantern keeps to itself (releases/, current, bin; --uninstall" \
+    "removes it), e.g. PREFIX=${PREFIX%/}/lantern"
 
 if [[ -f "$HERE/MANIFEST.sha256" ]]; then  # an unpacked bundle
     EXAMPLE="$HERE/gateway.example.toml"
