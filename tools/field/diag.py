@@ -266,8 +266,18 @@ async def run_action(s: nl.NodeSession, args: argparse.Namespace, out: _Out) -> 
     ok = code == 0
     doc = {"node": node, "action": a, "ok": ok, "code": code, "result": jsonable(res),
            "rtt_ms": round(rtt * 1000, 1)}
-    out.emit(doc, f"[green]✓[/] {node}: {says(res)}" if ok else
-             f"[red]✗[/] {node}: {a} failed: {nl.CODES.get(code, code)}: {jsonable(res)}")
+    from rich.text import Text  # the node's answer is text, never rich markup
+
+    if ok:
+        try:
+            said = says(res)
+        except (KeyError, TypeError, ValueError):  # done, but an answer of another shape
+            said = f"done: {jsonable(res)}"
+        human = Text.assemble(("✓", "green"), f" {node}: {said}")
+    else:
+        human = Text.assemble(
+            ("✗", "red"), f" {node}: {a} failed: {nl.CODES.get(code, code)}: {jsonable(res)}")
+    out.emit(doc, human)
     return OK if ok else PROBLEMS
 
 

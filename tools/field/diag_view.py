@@ -124,6 +124,9 @@ def render_node(rep: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    def row(table: Table, *cells: str) -> None:
+        table.add_row(*(Text(c) for c in cells))
+
     i, st = rep["identity"], rep["status"]
     head = Text.assemble(
         (f"{i['id']}", "bold"), f"  firmware {i['firmware']}  board {i['board']}  "
@@ -138,27 +141,28 @@ def render_node(rep: dict[str, Any]) -> Any:
     clock = st.get("clock") or {}
     heap = st.get("heap") or {}
     bat = rep.get("battery")
-    t.add_row("config", f"every {cfg.get('interval_ms', 0) / 1000:g} s, outbox max "
-              f"{cfg.get('max_frames')}, pole {_fmt(cfg.get('pole'))}, location "
-              f"{_fmt(cfg.get('location'))}")
-    t.add_row("uptime", f"{st.get('uptime_s', 0)} s, last cycle {st.get('cycle_ms')} ms")
-    t.add_row("outbox", f"{st.get('outbox')} waiting, next seq {st.get('next_seq')}, "
-              f"{st.get('evicted', 0)} evicted")
-    t.add_row("clock", ("synced" if clock.get("synced") else "NOT synced")
-              + f", {rep['clock_offset_ms'] / 1000:+.2f} s vs this computer")
-    t.add_row("last ACK", _age(link.get("last_ack_age_ms")))
-    t.add_row("link", f"sent {link.get('sent')}, retransmits {link.get('retransmits')}, acked "
-              f"{link.get('acked')}, rx errors {link.get('rx_errors')} (CRC "
-              f"{link.get('crc_errors')}), bad ACKs {link.get('bad_acks')}, "
-              + "".join(f"{label} {link[k]}, " for k, label in _LINK_FAILURES if link.get(k))
-              + f"round trip {rep['rtt_ms']:.0f} ms"
-              + (f", RSSI {link['rssi']} dBm" if link.get("rssi") is not None else ""))
-    t.add_row("battery", f"{_fmt(bat.get('v'))} {bat.get('u', '')}".strip() if isinstance(
+    row(t, "config", f"every {cfg.get('interval_ms', 0) / 1000:g} s, outbox max "
+           f"{cfg.get('max_frames')}, pole {_fmt(cfg.get('pole'))}, location "
+           f"{_fmt(cfg.get('location'))}")
+    row(t, "uptime", f"{st.get('uptime_s', 0)} s, last cycle {st.get('cycle_ms')} ms")
+    row(t, "outbox", f"{st.get('outbox')} waiting, next seq {st.get('next_seq')}, "
+           f"{st.get('evicted', 0)} evicted")
+    row(t, "clock", ("synced" if clock.get("synced") else "NOT synced")
+           + f", {rep['clock_offset_ms'] / 1000:+.2f} s vs this computer")
+    row(t, "last ACK", _age(link.get("last_ack_age_ms")))
+    row(t, "link", f"sent {link.get('sent')}, retransmits {link.get('retransmits')}, acked "
+           f"{link.get('acked')}, rx errors {link.get('rx_errors')} (CRC "
+           f"{link.get('crc_errors')}), bad ACKs {link.get('bad_acks')}, "
+           + "".join(f"{label} {link[k]}, " for k, label in _LINK_FAILURES if link.get(k))
+           + f"round trip {rep['rtt_ms']:.0f} ms"
+           + (f", RSSI {link['rssi']} dBm" if link.get("rssi") is not None else ""))
+    row(t, "battery", f"{_fmt(bat.get('v'))} {bat.get('u', '')}".strip() if isinstance(
         bat, dict) else _fmt(bat))
-    t.add_row("heap", f"{_fmt(heap.get('free'))} B free, peak use {_fmt(heap.get('peak'))} B")
+    row(t, "heap", f"{_fmt(heap.get('free'))} B free, peak use {_fmt(heap.get('peak'))} B")
     sensors = st.get("sensors") or []
-    t.add_row("sensors", ", ".join(
-        (s[0] if s[1] else f"{s[0]} (ABSENT)") if isinstance(s, list) else str(s)
+    row(t, "sensors", ", ".join(
+        (f"{s[0]}" if s[1] else f"{s[0]} (ABSENT)") if isinstance(s, list) and len(s) >= 2
+        else str(s)
         for s in sensors) or "none")
     parts: list[Any] = [head, t]
     lat = rep.get("latest")
@@ -173,10 +177,10 @@ def render_node(rep: dict[str, Any]) -> Any:
             if name.endswith(".q"):
                 continue
             q = flag_names(values.get(name + ".q", {}).get("v"))
-            r.add_row(name, _fmt(v["v"]), v.get("u", ""), ", ".join(q) or "ok")
+            row(r, name, _fmt(v["v"]), str(v.get("u", "")), ", ".join(q) or "ok")
         for name, v in values.items():  # flags of readings without a value this time
             if name.endswith(".q") and name[:-2] not in values:
-                r.add_row(name[:-2], "-", "", ", ".join(flag_names(v["v"])))
+                row(r, name[:-2], "-", "", ", ".join(flag_names(v["v"])))
         parts.append(r)
     if rep.get("self_test") is not None:
         parts.append(render_self_test(rep["self_test"]))
@@ -194,15 +198,18 @@ def _when(t: Any) -> str:
 
 
 def render_self_test(tests: list[dict[str, Any]]) -> Any:
+    """The self-test table; what the node sent (names, errors, values) is text, never markup."""
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title="sensor self-test", title_justify="left")
     for col in ("sensor", "result", "reading", "raw", "ms"):
         t.add_column(col)
     for s in tests:
         vals = s.get("values") or {}
-        t.add_row(str(s.get("name")), "[green]PASS[/]" if s.get("ok") else
-                  f"[red]FAIL[/] {s.get('error') or ''}",
-                  ", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()) or "-",
-                  _fmt(s.get("raw")), _fmt(s.get("ms")))
+        result = Text("PASS", "green") if s.get("ok") else \
+            Text.assemble(("FAIL", "red"), f" {s.get('error') or ''}")
+        t.add_row(Text(str(s.get("name"))), result,
+                  Text(", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()) or "-"),
+                  Text(_fmt(s.get("raw"))), Text(_fmt(s.get("ms"))))
     return t

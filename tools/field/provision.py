@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,9 @@ def plan(args: argparse.Namespace) -> Plan:
     if not NODE_ID.match(args.id):
         raise StepError(f"--id {args.id!r}: a node id is 1-32 letters, digits, '.', '_' or '-'",
                         "e.g. --id SL-0042")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in args.pole):
+        raise StepError(f"--pole {args.pole!r}: a pole number is printable text, without "
+                        "control characters", "e.g. --pole 'A12 north'")
     path, board = _board(args.board)
     firmware = args.firmware or ("frozen" if board["hal"] == "qemu" else "mpy")
     if args.flash and board.get("hal") != "esp32":

@@ -398,14 +398,25 @@ async def read_status(link_port: str, node_id: str, key: bytes, timeout: float
     raise TimeoutError(f"no status within {timeout:g} s ({last})")
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """text as a TOML basic string: quote, backslash and control characters escaped."""
+    return '"' + "".join(
+        _TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c)
+        for c in text) + '"'
+
+
 def gateway_snippet(node_id: str, keys: Path, pole: str, location: tuple[float, float] | None,
                     interval_s: float) -> str:
     """What the installer tells the gateway: the key is in the key file; this goes in its config."""
     lines = [f"tell the gateway: its key file ({keys}) holds the key of {node_id} — copy it to "
              "the gateway's keys_file (mode 0600), then add to gateway.toml:",
-             "", f'[nodes."{node_id}"]']
+             "", f"[nodes.{toml_string(node_id)}]"]
     if pole:
-        lines.append(f'pole = "{pole}"')
+        lines.append(f"pole = {toml_string(pole)}")
     if location:
         lines.append(f"location = [{location[0]}, {location[1]}]")
     lines += [f"interval_s = {interval_s:g}", "",
