@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import plugins
-from .configfile import Doc, one_of, positive
+from .configfile import MAX_BYTES, Doc, one_of, positive
 from .errors import ConfigError
 from .ngsi import NodeMeta
 
@@ -294,9 +294,14 @@ def check_secret_file(path: Path, what: str) -> str:
             f"secret; run: chmod 600 {path}")
     # read it now, so `check-config` finds what the service would stumble on later
     try:
-        return path.read_bytes().decode()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # a secret is a line or a few KiB, never /dev/zero
     except OSError as e:
         raise ConfigError(f"{path}: {what}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"{path}: {what}: larger than {MAX_BYTES >> 20} MiB, not a secret file")
+    try:
+        return raw.decode()
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: {what}: not UTF-8 text") from None
 
