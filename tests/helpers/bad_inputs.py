@@ -151,6 +151,11 @@ CASES = [
          "k.pem", keygen),
     Case("sim: no nodes", ["sim", "--nodes", "0", "--dir", "{dir}/street"], 2,
          "--nodes must be at least 1"),
+    Case("sim: interval not a number", ["sim", "--interval", "nan", "--dir", "{dir}/street"], 2,
+         "--interval nan: a simulated node samples every"),
+    Case("demo: --dir is a file", ["demo", "--nodes", "1", "--seconds", "1", "--dir",
+                                   "{dir}/gateway.toml"], 2,
+         "gateway.toml is not a folder (", cfg()),
 ]
 
 

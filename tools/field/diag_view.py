@@ -12,7 +12,8 @@ OUTBOX_DEEP = 20  # same threshold as the gateway's node table (agent/api.py)
 CLOCK_OFF_MS = 5000
 BATTERY_NAMES = ("battery", "battery_pct", "battery_v", "supply_v")
 # quality flag bits of a "<name>.q" record, lowest first (firmware/node/sampler.py)
-FLAG_NAMES = ("warmup", "range", "stale", "stuck", "crc", "nack", "timeout", "failed", "absent")
+FLAG_NAMES = ("warmup", "range", "stale", "stuck", "crc", "nack", "timeout", "failed", "absent",
+              "saving")  # docs/measurements.md (bit 9 only on battery.q)
 
 
 def flag_names(bits: Any) -> list[str]:

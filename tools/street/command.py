@@ -140,13 +140,13 @@ async def run_until_stopped(seconds: float) -> None:
             return
 
 
-def _setup_failed(workdir: Path, e: OSError) -> int:
+def setup_failed(workdir: Path, e: OSError, who: str = "lantern sim") -> int:
     why = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e.strerror or str(e)
     if isinstance(e, FileExistsError | NotADirectoryError):  # a file where a folder goes
         why = f"--dir {workdir} is not a folder ({why}): give a folder, made if missing"
     else:
         why = f"cannot set up the street in {workdir}: {why}"
-    print(f"lantern sim: {why}", file=sys.stderr)
+    print(f"{who}: {why}", file=sys.stderr)
     return 2
 
 
@@ -154,14 +154,14 @@ async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> 
     try:
         street = Street(n_nodes, interval, workdir)
     except OSError as e:
-        return _setup_failed(workdir, e)
+        return setup_failed(workdir, e)
     links = street.workdir / "links.toml"
     try:
         links.write_text(street.links_toml())
         street.start()
     except OSError as e:
         street.close()
-        return _setup_failed(workdir, e)
+        return setup_failed(workdir, e)
     print(f"Lantern sim: {n_nodes} nodes on MicroPython ({street.nodes[0].heap_kb()} KB heap), "
           f"sampling every {interval:g}s", flush=True)
     for node, port in zip(street.nodes, street.ports, strict=True):

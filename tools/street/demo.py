@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .command import Street, run_until_stopped
+from .command import Street, bad_arguments, run_until_stopped, setup_failed
 from .sim import gateway_toml
 from .upstream import Upstream
 
@@ -57,7 +57,11 @@ def _fresh_queue_if_old(state: Path) -> None:
 async def _run(n_nodes: int, interval: float, seconds: float, workdir: Path) -> int:
     upstream = Upstream(listener=_show)
     url = await upstream.start()
-    street = Street(n_nodes, interval, workdir)  # `lantern sim`, plus a gateway and a receiver
+    try:
+        street = Street(n_nodes, interval, workdir)  # `lantern sim`, plus a gateway, a receiver
+    except OSError as e:
+        await upstream.stop()
+        return setup_failed(workdir, e, "lantern demo")
     workdir = street.workdir
     _fresh_queue_if_old(workdir / "gateway-state")
     gw_cfg = workdir / "gateway.toml"
@@ -120,5 +124,8 @@ def _api_port(preferred: int = 8470) -> int:
 
 
 def main(n_nodes: int, interval: float, seconds: float, workdir: Path) -> int:
+    if why := bad_arguments(n_nodes, interval, seconds):
+        print(f"lantern demo: {why}", file=sys.stderr)
+        return 2
     os.chdir(Path(__file__).resolve().parents[2])
     return asyncio.run(_run(n_nodes, interval, seconds, workdir))
