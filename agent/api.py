@@ -360,7 +360,7 @@ class Api:
                     or paused)
         body = {
             "status": "ok" if ready and not degraded else "degraded" if ready else "unready",
-            "live": True, "ready": ready,
+            "live": True, "ready": ready, "version": __version__,
             "links": {"up": sum(links.values()), "total": len(links), "by_link": links},
             "store": "not answering" if not store_ok else "ok" if failing is None
             else f"commits failing: {failing}",

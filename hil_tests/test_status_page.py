@@ -21,6 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+import lantern
+
 from .harness.cdp import Browser
 from .harness.topology import Topology
 
@@ -144,6 +146,8 @@ async def _health_cards(b: Browser) -> None:
     assert len(links) == 3 and all(x.startswith("up") for x in links)
     summary = await b.eval("document.getElementById('summary').textContent")
     assert summary.startswith("3/3 nodes seen, 3/3 links up")
+    assert await b.eval("document.getElementById('version').textContent") == \
+        f"version {lantern.__version__}"
 
 
 async def _values_are_the_nodes_own(b: Browser, topo: Topology, node: str) -> None:

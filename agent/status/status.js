@@ -73,6 +73,7 @@ function dl(target, rows) {
 
 function renderHealth(st) {
   document.getElementById("summary").textContent = st.summary;
+  document.getElementById("version").textContent = `version ${st.version}`;
   const q = st.queue;
   const age = q.oldest_age_s;
   dl("queue", [

@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+import lantern
 from lantern.agent.api import Api, ApiServer, GatewayView, parse_since
 from lantern.agent.config import ApiConfig
 from lantern.agent.metrics import LATENCY_BUCKETS, REJECT_REASONS, SKIP_REASONS, Metrics, TimedSink
@@ -96,6 +97,7 @@ async def test_healthz_ready_when_store_answers_and_a_link_is_up(rig: Rig) -> No
     body = await r.json()
     assert r.status == 200
     assert body["status"] == "ok" and body["ready"] is True and body["live"] is True
+    assert body["version"] == lantern.__version__  # written once, firmware/node/app.py
     assert body["links"]["up"] == 2 and body["links"]["total"] == 2
     assert body["queue"]["readings"] == 10 * 3 + 3
     assert body["upstream"] == {"http": "ok"}
