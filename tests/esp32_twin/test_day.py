@@ -51,17 +51,21 @@ async def test_a_day_of_deep_sleep_cycles(street: Topology) -> None:
     assert len(node.sampled()) >= DAY_CYCLES - 4  # the cuts and the hang cost a cycle each
     assert ends.count("power_cut") == 2 and ends.count("watchdog") == 1, ends
 
-    # each boot with the cause the port reports; after a cut the RTC starts at the epoch
+    # each boot with the cause the port reports; after a cut the RTC starts at the epoch.
+    # Board time runs `speed` times the host's, and the boot record is read some host
+    # milliseconds after the VM starts (more on a loaded machine): a minute of board time
+    # (1.2 s of the host's) is the slack, against half-hour sleeps and a 26-year clock.
+    slack_us = 60_000_000
     for prev, b in itertools.pairwise(boots):
         want = {"deepsleep": DEEPSLEEP_RESET, "power_cut": PWRON_RESET,
                 "watchdog": WDT_RESET}[prev.end]
         assert b.reset == want, (prev, b)
         if prev.end == "deepsleep":  # the RTC ran on through the sleep
-            assert 0 <= b.rtc_us - prev.rtc_end_us - prev.sleep_ms * 1000 < 1_000_000
+            assert 0 <= b.rtc_us - prev.rtc_end_us - prev.sleep_ms * 1000 < slack_us, (prev, b)
         elif prev.end == "power_cut":
-            assert b.rtc_us < 1_000_000  # 2000-01-01, within a second
+            assert b.rtc_us < slack_us, (prev, b)  # back at 2000-01-01
         else:  # a watchdog reset leaves the RTC running
-            assert 0 <= b.rtc_us - prev.rtc_end_us < 1_000_000
+            assert 0 <= b.rtc_us - prev.rtc_end_us < slack_us, (prev, b)
     # a board without a backup cell: the pack sealed at power-on, before the first ACK set the
     # clock, is stamped January 2000 (docs/esp32.md "The clock"), later ones are not
     times = {int(rid.rsplit(":", 2)[1]): r["t"] for rid, r in street.upstream.readings.items()}
