@@ -18,6 +18,19 @@ from .errors import ConfigError
 MAX_BYTES = 1 << 20  # a config or key file is a few KiB; refuse what cannot be one
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: object) -> str:
+    """text (a path, an id) as a TOML basic string, for the configs Lantern writes: quote,
+    backslash and control characters (DEL too) escaped; other characters as they are."""
+    text = str(text)
+    return '"' + "".join(
+        _TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c)
+        for c in text) + '"'
+
+
 def one_of(names: list[str]) -> str:
     """'a, b or c'."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lantern.tools.street.sim import gateway_toml, toml_str
+from lantern.agent.configfile import toml_string as toml_str
+from lantern.tools.street.sim import gateway_toml
 
 ODD = ['a"b', "back\\slash", "new\nline", "tab\tand\x01ctl", "del\x7f", "é ü 日本", "plain"]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lantern
+from lantern.agent.configfile import toml_string
 from lantern.agent.queue.layout import (
     QUEUE_FILE as QUEUE_FILE,  # the gateway queue, read by provision
 )
@@ -396,17 +397,6 @@ async def read_status(link_port: str, node_id: str, key: bytes, timeout: float
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.5)
     raise TimeoutError(f"no status within {timeout:g} s ({last})")
-
-
-_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
-                 "\f": "\\f", "\r": "\\r"}
-
-
-def toml_string(text: str) -> str:
-    """text as a TOML basic string: quote, backslash and control characters escaped."""
-    return '"' + "".join(
-        _TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c)
-        for c in text) + '"'
 
 
 def gateway_snippet(node_id: str, keys: Path, pole: str, location: tuple[float, float] | None,

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO
 
 from lantern.agent.config import write_secret
+from lantern.agent.configfile import toml_string
 
-from .sim import Relay, SimNode, keys_toml, toml_str
+from .sim import Relay, SimNode, keys_toml
 
 # A simulated node samples at least every 24 h, as a real one (node/commands.py
 # INTERVAL_MAX_MS), and at most ten times a second: below that it seals packs as fast as
@@ -99,9 +100,9 @@ class Street:
 
     def links_toml(self) -> str:
         lines = ["# Serial links to the simulated nodes of `lantern sim` (valid while it runs).",
-                 f"# Their keys: keys_file = {toml_str(self.keys_file)} in [gateway]."]
+                 f"# Their keys: keys_file = {toml_string(self.keys_file)} in [gateway]."]
         for node, port in zip(self.nodes, self.ports, strict=True):
-            lines += ["", f"# {node.node_id}", "[[links.serial]]", f"port = {toml_str(port)}",
+            lines += ["", f"# {node.node_id}", "[[links.serial]]", f"port = {toml_string(port)}",
                       "baud = 115200"]
         return "\n".join(lines) + "\n"
 

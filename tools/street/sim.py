@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lantern
 from lantern.agent.config import write_secret
+from lantern.agent.configfile import toml_string
 from lantern.tools.street.faults import Faults
 
 # The street runs on the MicroPython `make micropython` builds under .build/ (a clone's, or
@@ -281,12 +282,6 @@ class SimNode:
             self.street.wait(timeout=5)
 
 
-def toml_str(value: object) -> str:
-    """A TOML basic string: JSON's escapes are TOML's (quote, backslash, control characters as
-    \\uXXXX); non-ASCII stays as it is (TOML is UTF-8; JSON's surrogate escapes are not TOML)."""
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")  # DEL too
-
-
 def keys_toml(nodes: list[SimNode]) -> str:
     lines = ["# Node keys: node id = 256-bit key as 64 hex digits. Keep this file mode 0600.",
              "[nodes]"]
@@ -299,17 +294,17 @@ def gateway_toml(state_dir: Path, keys_file: Path, ports: list[str], upstream_ur
     """A gateway config for simulated nodes; `extra` is appended (more sinks, [nodes])."""
     out = [
         "[gateway]",
-        f"state_dir = {toml_str(state_dir)}",
-        f"keys_file = {toml_str(keys_file)}",
+        f"state_dir = {toml_string(state_dir)}",
+        f"keys_file = {toml_string(keys_file)}",
         "",
         "[batch]",
         f"max_records = {max_records}",
         f"max_age_s = {max_age_s}",
         "",
         "[sinks.http]",
-        f"url = {toml_str(upstream_url)}",
+        f"url = {toml_string(upstream_url)}",
         "timeout_s = 5",
     ]
     for p in ports:
-        out += ["", "[[links.serial]]", f"port = {toml_str(p)}", "baud = 115200"]
+        out += ["", "[[links.serial]]", f"port = {toml_string(p)}", "baud = 115200"]
     return "\n".join(out) + "\n" + extra
