@@ -10,33 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import cbor2
-
 from lantern.agent import protocol
 from lantern.agent.errors import FrameError
+from lantern.agent.nodecmd import (
+    ALG,
+    CODES,
+    E_BIG,
+    OP_CLEAR_FAULTS,
+    OP_IDENTIFY,
+    OP_LATEST,
+    OP_REBOOT,
+    OP_SELF_TEST,
+    OP_SET_INTERVAL,
+    OP_STATUS,
+    OP_SYNC_TIME,
+    PROTOCOL,
+    R_BAD_MAC,
+    R_MALFORMED,
+    R_PROBE,
+    R_REPLAY,
+    REASONS,
+    TAG_LEN,
+    Identity,
+    aad,
+    command_frame,
+    parse_status,
+    seal,
+    unseal,
+)
 
-PROTOCOL = 1
-OP_STATUS, OP_SELF_TEST, OP_SET_INTERVAL, OP_SYNC_TIME = 1, 2, 3, 4
-OP_REBOOT, OP_CLEAR_FAULTS, OP_IDENTIFY, OP_LATEST = 5, 6, 7, 8
+# the wire, shared with the gateway's command channel (agent/nodecmd.py): defined there once
+__all__ = [
+    "ALG", "CODES", "E_BIG", "OP_CLEAR_FAULTS", "OP_IDENTIFY", "OP_LATEST", "OP_REBOOT",
+    "OP_SELF_TEST", "OP_SET_INTERVAL", "OP_STATUS", "OP_SYNC_TIME", "PROTOCOL", "REASONS",
+    "R_BAD_MAC", "R_MALFORMED", "R_PROBE", "R_REPLAY", "TAG_LEN", "Identity", "aad",
+    "command_frame", "parse_status", "seal", "unseal"]
 OPS = {"status": OP_STATUS, "self-test": OP_SELF_TEST, "set-interval": OP_SET_INTERVAL,
        "sync-time": OP_SYNC_TIME, "reboot": OP_REBOOT, "clear-faults": OP_CLEAR_FAULTS,
        "identify": OP_IDENTIFY, "latest": OP_LATEST}
-CODES = {0: "ok", 1: "unknown operation", 2: "bad argument", 3: "the action failed",
-         4: "answer too large for one frame"}
-E_BIG = 4
-REASONS = {0: "probe", 1: "malformed command", 2: "bad MAC: the key does not match this node",
-           3: "replayed command counter"}
-R_PROBE, R_MALFORMED, R_BAD_MAC, R_REPLAY = 0, 1, 2, 3
-ALG = 4  # HMAC 256/64
-TAG_LEN = 8
 
 
 class DiagError(Exception):
@@ -51,67 +68,7 @@ class Refused(DiagError):
         self.reason = reason
 
 
-def aad(ftype: int) -> bytes:
-    return bytes((ftype,))
-
-
-def seal(key: bytes, kid: bytes, counter: int, payload: bytes, ftype: int) -> bytes:
-    """COSE_Mac0 with external AAD = the frame type byte (a COMMAND, REPLY or STATUS body)."""
-    pbstr = cbor2.dumps({1: ALG, 4: kid, 6: protocol.piv(counter)}, canonical=True)
-    structure = cbor2.dumps(["MAC0", pbstr, aad(ftype), payload])
-    tag = hmac.new(key, structure, hashlib.sha256).digest()[:TAG_LEN]
-    return bytes(cbor2.dumps(cbor2.CBORTag(17, [pbstr, {}, payload, tag])))
-
-
-def unseal(key: bytes | None, body: bytes, ftype: int) -> tuple[str, int, Any]:
-    """(node id, counter, decoded payload); with key None nothing is verified."""
-    m = protocol.parse_mac0(body)
-    if m.protected.get(1) != ALG or len(m.tag) != TAG_LEN:
-        raise FrameError("cose", "diagnostic frames use HMAC 256/64 only")
-    if key is not None:
-        structure = cbor2.dumps(["MAC0", m.protected_bytes, aad(ftype), m.payload])
-        want = hmac.new(key, structure, hashlib.sha256).digest()[:TAG_LEN]
-        if not hmac.compare_digest(want, m.tag):
-            raise FrameError("mac", "bad tag")
-    return m.kid.decode("utf-8", "replace"), m.seq, protocol._loads(m.payload)
-
-
-def command_frame(key: bytes, node_id: str, counter: int, op: int,
-                  args: dict[int, Any] | None = None) -> bytes:
-    payload = cbor2.dumps({1: op, 2: args or {}}, canonical=True)
-    return protocol.encode_frame(protocol.COMMAND,
-                                 seal(key, node_id.encode(), counter, payload, protocol.COMMAND))
-
-
 PROBE = protocol.encode_frame(protocol.COMMAND, b"")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a node's STATUS says about it (verified only when we hold its key)."""
-
-    node_id: str
-    firmware: str
-    board: str
-    floor: int
-    reason: int
-    protocol: int
-    verified: bool
-
-
-def parse_status(body: bytes, key: bytes | None) -> Identity:
-    node, floor, p = unseal(None, body, protocol.STATUS)
-    verified = False
-    if key is not None:
-        unseal(key, body, protocol.STATUS)  # raises FrameError("mac") on the wrong key
-        verified = True
-    if not isinstance(p, dict):
-        raise FrameError("cbor", "STATUS payload is not a map")
-    reason, proto = p.get(5, 0), p.get(6, 0)
-    if type(reason) is not int or type(proto) is not int:  # before any MAC: anyone can send it
-        raise FrameError("cbor", "STATUS reason and protocol must be integers")
-    return Identity(str(p.get(1, node)), str(p.get(2, "?")), str(p.get(3, "?")), floor,
-                    reason, proto, verified)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Signed updates at the gateway: carrying bundles to nodes (transfer) and rolling them out."""
