@@ -211,6 +211,18 @@ class Counters:
         os.replace(tmp, self.path)
 
 
+_COUNTERS: dict[Path, Counters] = {}
+
+
+def counters_for(state_dir: Path) -> Counters:
+    """The one Counters of a gateway's state directory (shared by all its links)."""
+    path = (state_dir / COUNTER_FILE).absolute()
+    c = _COUNTERS.get(path)
+    if c is None:
+        c = _COUNTERS[path] = Counters(path)
+    return c
+
+
 # ---------------------------------------------------------------- the channel
 
 
