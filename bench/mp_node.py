@@ -40,7 +40,8 @@ class MemOutbox:
 
 
 def make_node(cfg_path):
-    cfg = app.load_config(cfg_path)
+    # as app.main does: node/start.py is loaded for the boot and given back (app._unload)
+    cfg = app._boot().load_config(cfg_path)
     with open(cfg["board"]) as f:
         board = json.load(f)
     return app.Node(cfg, hal, board)

@@ -43,7 +43,7 @@ T_OLD = 1_700_000_000_000  # the clock a recorded ACK carries (2023)
 # The node's side, from boot: key, state, frames, then whatever was recorded is played to it.
 NODE_SCRIPT = r"""
 import json, sys
-from node import app, bthome
+from node import app, bthome, start
 from node.outbox import Outbox
 from node.commands import Commands
 from node.link_uart import UartLink
@@ -52,7 +52,7 @@ from node.link_ble import Counter
 state, key_file, node_id, inp = sys.argv[1:5]
 with open(inp) as f:
     rec = json.load(f)
-key = app.load_key(key_file)
+key = start.load_key(key_file)
 ob = Outbox(state)
 bind = getattr(app, "bind_state", None)
 if bind is not None:
@@ -253,7 +253,7 @@ async def test_gateway_accepts_a_reprovisioned_node_under_its_new_key(tmp_path: 
 
 BIND_SCRIPT = r"""
 import sys
-from node import app
+from node import app, start
 from node.outbox import Outbox
 
 class Hal:  # an ESP32-like HAL: the key outlives the filesystem (NVS), so it remembers use
@@ -268,8 +268,8 @@ state = sys.argv[1]
 key = bytes(range(32))
 hal = Hal([])
 Outbox(state)
-print("bound", app.bind_state(state, key, hal), hal.used)
-print("again", app.bind_state(state, key, hal))
+print("bound", start.bind_state(state, key, hal), hal.used)
+print("again", start.bind_state(state, key, hal))
 import os
 for n in os.listdir(state + "/outbox"):
     os.remove(state + "/outbox/" + n)
@@ -278,11 +278,11 @@ for n in os.listdir(state):
         os.remove(state + "/" + n)  # the filesystem lost the counters; NVS kept the key
 Outbox(state)
 try:
-    app.bind_state(state, key, hal)
+    start.bind_state(state, key, hal)
     print("accepted a used key with its counters gone")
 except app.ConfigError as e:
     print("refused", e)
-print("new key", app.bind_state(state, bytes(32), hal))
+print("new key", start.bind_state(state, bytes(32), hal))
 """
 
 
@@ -324,9 +324,9 @@ def test_the_tools_probe_sees_the_counters_the_node_bound(tmp_path: Path) -> Non
     (board / "state/seq").write_text("32")
     assert run_probe() == f"legacy:{ps.key_id(OLD_KEY)}"  # firmware from before key ids
     script = tmp_path / "boot.py"
-    script.write_text("from node import app\nfrom node.outbox import Outbox\n"
+    script.write_text("from node import start\nfrom node.outbox import Outbox\n"
                       "Outbox('state')\n"
-                      "app.bind_state('state', app.load_key('node.key'), None)\n")
+                      "start.bind_state('state', start.load_key('node.key'), None)\n")
     r = subprocess.run([str(MICROPYTHON), str(script)], env={"MICROPYPATH": MP_PATH},
                        capture_output=True, text=True, timeout=60, cwd=board)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -345,8 +345,8 @@ def test_a_key_file_without_permission_bits_is_reported_not_passed(tmp_path: Pat
     key_file.write_text(OLD_KEY.hex() + "\n")
     key_file.chmod(0)
     script = tmp_path / "load.py"
-    script.write_text("import sys\nfrom node import app\n"
-                      "print(app.load_key(sys.argv[1]).hex())\n")
+    script.write_text("import sys\nfrom node import start\n"
+                      "print(start.load_key(sys.argv[1]).hex())\n")
     r = subprocess.run([str(MICROPYTHON), str(script), str(key_file)],
                        env={"MICROPYPATH": MP_PATH}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -67,17 +67,18 @@ def provision(tmp: Path, flash: Flash, monkeypatch: pytest.MonkeyPatch,
 # counters as its BLE link would; prints (key id, bindkey, the next three BTHome counters).
 BOOT_BTHOME = r"""
 import json
-from node import app, bthome
+from node import app, bthome, start
 from node.outbox import Outbox
 from node.link_ble import Counter
 
-cfg = app.load_config("node.json")
+cfg = start.load_config("node.json")
 with open("nvs_lantern_node_key", "rb") as f:
     key = f.read()
 Outbox(cfg["state_dir"])
-app.bind_state(cfg["state_dir"], key, None)
+start.bind_state(cfg["state_dir"], key, None)
 c = Counter(cfg["state_dir"] + "/bthome_counter")
-print(json.dumps([app.key_id(key), bthome.derive_bindkey(key).hex(), [c.next() for _ in range(3)]]))
+print(json.dumps([start.key_id(key), bthome.derive_bindkey(key).hex(),
+                  [c.next() for _ in range(3)]]))
 """
 
 
@@ -259,16 +260,16 @@ async def test_a_retired_keys_recorded_frames_stay_replays_when_an_old_key_file_
 
 BOOT_CMD = r"""
 import sys
-from node import app
+from node import app, start
 from node.hal import unix as hal
 from node.outbox import Outbox
 from node.commands import Commands
 
 state, key_file, body = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
-key = app.load_key(key_file)
+key = start.load_key(key_file)
 Outbox(state)
 try:
-    app.bind_state(state, key, hal)
+    start.bind_state(state, key, hal)
 except app.ConfigError as e:
     print("refused:", e)
     raise SystemExit
@@ -426,13 +427,13 @@ def test_an_esp32_stage_keeps_no_copy_of_the_key(
 
 # The node on a file-key board (unix, qemu): key file and counters as node.json says.
 BOOT_FILE_KEY = r"""
-from node import app
-cfg = app.load_config("node.json")
-key = app.load_key(cfg["key_file"])
+from node import app, start
+cfg = start.load_config("node.json")
+key = start.load_key(cfg["key_file"])
 from node.outbox import Outbox
 Outbox(cfg["state_dir"])
 try:
-    print("bound", app.bind_state(cfg["state_dir"], key, None))
+    print("bound", start.bind_state(cfg["state_dir"], key, None))
 except app.ConfigError as e:
     print("refused", e)
 """

@@ -35,7 +35,7 @@ from .bleak_bumble import Adapter
 mpcompat.install()
 
 import bluetooth  # noqa: E402 - tests/ble/upy, on sys.path after install()
-from node import app  # noqa: E402
+from node import app, start  # noqa: E402
 from node.hal import unix as unix_hal  # noqa: E402
 
 app.gc = mpcompat.MicroGC()  # type: ignore[assignment]
@@ -181,7 +181,7 @@ class BleNode:
         bluetooth.track_tasks(asyncio.get_running_loop())
         self.chip = bluetooth.Chip(link, self.address)
         await self.chip.power_on()
-        cfg = app.load_config(str(self.write_config()))
+        cfg = start.load_config(str(self.write_config()))
         board = json.loads(BOARD.read_text())
 
         async def boot() -> None:

@@ -36,7 +36,7 @@ def test_nvs_settings_outlive_a_reflashed_filesystem(board: TwinNode) -> None:
     assert "600000 -1" in out, out
     assert board.nvs_i32("pending") is None  # set without commit(): not in flash
     # the node adopts it over the file a filesystem reflash would have taken
-    out = board.exec(HAL + "from node import app\ncfg = app.load_config('node.json')\n"
+    out = board.exec(HAL + "from node import app, start\ncfg = start.load_config('node.json')\n"
                      "n = app.Node(cfg, hal, hal._board)\n"
                      "n.attach_diagnostics(type('L', (), {})())\n"
                      "print('interval', n.interval_ms)\n")

@@ -28,17 +28,17 @@ class NVS:
 # apart from Unix time `t0`; prints every waiting frame as [seq, hex].
 SEAL_SCRIPT = r"""
 import json, sys
-from node import app
+from node import app, start
 from node.outbox import Outbox
 
-cfg = app.load_config("node.json")
+cfg = start.load_config("node.json")
 if cfg.get("key_store") == "nvs":
     with open("nvs_lantern_node_key", "rb") as f:
         key = f.read()
 else:
-    key = app.load_key(cfg["key_file"])
+    key = start.load_key(cfg["key_file"])
 ob = Outbox(cfg["state_dir"])
-app.bind_state(cfg["state_dir"], key, None)
+start.bind_state(cfg["state_dir"], key, None)
 
 class Sealer:
     pass

@@ -242,7 +242,7 @@ def load_key():
 
 
 def key_used(kid):
-    """Whether the key with id `kid` has run on this board (node/app.py bind_state)."""
+    """Whether the key with id `kid` has run on this board (node/start.py bind_state)."""
     buf = bytearray(32)
     try:
         n = esp32.NVS(_NVS).get_blob("key_used", buf)
