@@ -1,7 +1,8 @@
 """The gateway's local HTTP API and status page (aiohttp), on 127.0.0.1 unless configured.
 
 /healthz (open), /metrics (Prometheus text), /api/status, /api/nodes, /api/nodes/{id},
-/api/nodes/{id}/readings?since=&name=&limit=, and the status page at / (static files from
+/api/nodes/{id}/readings?since=&name=&limit=, /api/rollout (GET; POST a bundle to start one)
+and /api/rollout/halt (POST; docs/rollout.md), and the status page at / (static files from
 agent/status/, no CDN). With [api] token_file set, /metrics and /api/* want
 `Authorization: Bearer <token>`. Only Host names the API serves are answered (HostRule: a
 DNS-rebinding page never reads node data), and every answer carries SECURITY_HEADERS.
@@ -31,6 +32,7 @@ from lantern import __version__
 
 from .config import ApiConfig
 from .metrics import Gauges, Metrics, registry
+from .ota.rollout import BUNDLE_MAX, RolloutError, RolloutManager
 from .queue.history import find_gaps, typical_interval
 from .queue.store import Store
 
@@ -79,6 +81,7 @@ class GatewayView:
     links: Sequence[Named]
     upstreams: Sequence[Upstream]
     store_files: Sequence[Path] = ()
+    rollout: RolloutManager | None = None  # staged updates (agent/ota/rollout.py)
     _cache: tuple[float, dict[str, Any]] | None = None  # (valid until, overview)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -122,7 +125,20 @@ class GatewayView:
             evictions=int(getattr(cap, "evicted", 0)),
             history_trimmed=int(getattr(cap, "history_trimmed", 0)),
             paused=bool(getattr(cap, "paused", False)),
-            cap_bytes=int(getattr(cap, "max_bytes", 0)))
+            cap_bytes=int(getattr(cap, "max_bytes", 0)),
+            **self.update_gauges())
+
+    def update_gauges(self) -> dict[str, Any]:
+        """The rollout's per-state node counts, whether it halted, every node's firmware."""
+        r = self.rollout
+        if r is None:
+            return {}
+        st = r.status()
+        ro = st["rollout"]
+        return {"update_nodes": dict(ro["counts"]) if ro else {},
+                "rollout_halted": None if ro is None else ro["halted"],
+                "firmware": dict(r.firmware),
+                "bundles_refused": dict(r.refused)}
 
     def last_seen(self, ov: dict[str, Any]) -> dict[str, float]:
         """Newest of what this run saw and what the store remembers from earlier runs."""
@@ -192,6 +208,7 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
         "battery": battery,
         "outbox": outbox,
         "flags": flags,
+        "firmware": view.rollout.firmware.get(node) if view.rollout else None,
         "latest": latest,
     }
 
@@ -314,7 +331,9 @@ class Api:
         self._scrape_gauges = Gauges()
         cfg = cfg or ApiConfig()
         rule = HostRule(cfg.host, cfg.allowed_hosts)
-        self.app = web.Application(middlewares=[_guard(rule, token, view.metrics)])
+        # a bundle is the largest body the API takes (POST /api/rollout)
+        self.app = web.Application(middlewares=[_guard(rule, token, view.metrics)],
+                                   client_max_size=BUNDLE_MAX + 1)
         self.app.on_response_prepare.append(_secure)
         r = self.app.router
         r.add_get("/", self.page)
@@ -326,6 +345,9 @@ class Api:
         r.add_get("/api/nodes", self.nodes)
         r.add_get("/api/nodes/{id}", self.node)
         r.add_get("/api/nodes/{id}/readings", self.readings)
+        r.add_get("/api/rollout", self.rollout)
+        r.add_post("/api/rollout", self.rollout_start)
+        r.add_post("/api/rollout/halt", self.rollout_halt)
 
     def _gauges_for_scrape(self) -> Gauges:
         return self._scrape_gauges
@@ -436,6 +458,85 @@ class Api:
             "node": node, "since": since, "now": now, "interval_s": interval,
             "readings": rows, "more": more,
             "next_since": rows[-1]["t"] if rows else since, "gaps": gaps})
+
+    def _updates(self) -> RolloutManager:
+        if self.view.rollout is None:
+            raise web.HTTPServiceUnavailable(text="this gateway runs no rollouts\n")
+        return self.view.rollout
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        return web.json_response(self._updates().status())
+
+    async def rollout_start(self, request: web.Request) -> web.Response:
+        """POST the bundle itself (application/octet-stream): a type a form cannot send."""
+        _same_origin(request)
+        manager = self._updates()
+        if request.content_type != "application/octet-stream":
+            raise web.HTTPUnsupportedMediaType(text="POST the bundle as "
+                                               "application/octet-stream\n")
+        args = _rollout_args(request.query)
+        bundle = await request.read()  # 413 beyond client_max_size
+        resp = await _rollout_call(self.view, manager.start(bundle, **args))
+        return resp if resp.status != 200 else web.json_response(manager.status(), status=201)
+
+    async def rollout_halt(self, request: web.Request) -> web.Response:
+        """Halt the running rollout; wants a JSON body ({} or {"reason": "..."})."""
+        _same_origin(request)
+        manager = self._updates()
+        if request.content_type != "application/json":
+            raise web.HTTPUnsupportedMediaType(text="POST {} as application/json\n")
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        reason = body.get("reason") if isinstance(body, dict) else None
+        if reason is not None and not (isinstance(reason, str) and reason.isprintable()):
+            raise web.HTTPBadRequest(text="reason: one line of text\n")
+        why = f"halted by the operator: {reason[:200]}" if reason else "halted by the operator"
+        return await _rollout_call(self.view, manager.halt(why))
+
+
+# what a refused start or halt answers, by RolloutError.kind
+ROLLOUT_STATUS = {"refused": 422, "busy": 409, "idle": 409, "unconfigured": 503,
+                  "bad_request": 400}
+
+
+def _same_origin(request: web.Request) -> None:
+    """A browser page of another site may POST to a loopback API (no token needed there):
+    refuse any request a browser marks as coming from another origin. Scripts send none."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise web.HTTPForbidden(text=f"Origin {origin[:100]!r}: rollouts are started and "
+                                "halted from this gateway's own page or `lantern gateway "
+                                "rollout`, not from another site\n")
+
+
+def _rollout_args(q: Any) -> dict[str, Any]:
+    """?canary=N|id,id&step=K&nodes=id,id → RolloutManager.start's arguments."""
+    out: dict[str, Any] = {}
+    canary = q.get("canary")
+    if canary:
+        out["canary"] = int(canary) if canary.isdigit() else [
+            c for c in canary.split(",") if c]
+    step = q.get("step")
+    if step:
+        if not step.isdigit():
+            raise web.HTTPBadRequest(text=f"step={step[:40]!r}: expected a whole number\n")
+        out["step"] = int(step)
+    nodes = q.get("nodes")
+    if nodes:
+        out["nodes"] = [n for n in nodes.split(",") if n]
+    return out
+
+
+async def _rollout_call(view: GatewayView, action: Awaitable[Any]) -> web.Response:
+    try:
+        await action
+    except RolloutError as e:
+        return web.json_response({"error": str(e), "kind": e.kind},
+                                 status=ROLLOUT_STATUS.get(e.kind, 400))
+    assert view.rollout is not None
+    return web.json_response(view.rollout.status())
 
 
 class ApiServer:

@@ -58,6 +58,16 @@ class HistoryConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    """Staged rollouts of signed update bundles ([updates]; docs/rollout.md)."""
+
+    release_key: Path  # the release PUBLIC key (NAME.pub.pem) bundles must be signed by
+    canary: int | tuple[str, ...] = 1  # how many nodes (the first ones), or which, go first
+    step: int = 5  # nodes updated at once after the canary
+    node_timeout_s: float = 1800.0  # one node: transfer, switch and proof of the new version
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -73,6 +83,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    updates: UpdatesConfig | None = None  # no [updates]: the gateway refuses rollouts
 
     # one kind by name (its plug-in's class: typed there, not here, so that this module
     # depends on no plug-in, not even for types)
@@ -121,7 +132,8 @@ def load_config(path: Path | str) -> Config:
     path = Path(path)
     doc = Doc(path)
     d = doc.data
-    known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history", "queue"}
+    known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history", "queue",
+             "updates"}
     for k in d:
         if k not in known:
             raise doc.error(k, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -148,7 +160,8 @@ def load_config(path: Path | str) -> Config:
         raise doc.error("sinks", "no sink configured; add [sinks.http] with a url "
                         "(or [sinks.ngsi_ld], [sinks.mqtt])")
     return Config(path, state_dir, keys_file, links, sinks, max_records, max_age, log_level,
-                  nodes, api=api, history=history, queue=_queue(doc, d))
+                  nodes, api=api, history=history, queue=_queue(doc, d),
+                  updates=_updates(doc, d, base))
 
 
 def _links(doc: Doc, links: dict[str, Any], base: Path) -> dict[str, tuple[Any, ...]]:
@@ -235,6 +248,65 @@ def _allowed_hosts(doc: Doc, a: dict[str, Any]) -> tuple[str, ...]:
                                 f"shows, e.g. \"gateway-7.example\"), got {h!r}") from None
         out.append(name)
     return tuple(out)
+
+
+def _updates(doc: Doc, d: dict[str, Any], base: Path) -> UpdatesConfig | None:
+    """[updates]: the release public key and how a rollout proceeds (docs/rollout.md)."""
+    if "updates" not in d:
+        return None
+    u = doc.table(d, "updates", "updates", ("release_key", "canary", "step", "node_timeout_s"))
+    key = base / doc.get(u, "release_key", "updates.release_key", str,
+                         fix='the release public key, e.g. release_key = "release.pub.pem"')
+    canary = doc.get(u, "canary", "updates.canary", (int, list), 1, _canary)
+    cfg = UpdatesConfig(
+        release_key=key,
+        canary=tuple(canary) if isinstance(canary, list) else canary,
+        step=doc.get(u, "step", "updates.step", int, 5,
+                     lambda v: None if 1 <= v <= 1000 else f"must be 1..1000, got {v}"),
+        node_timeout_s=float(doc.get(u, "node_timeout_s", "updates.node_timeout_s",
+                                     (int, float), 1800.0,
+                                     lambda v: positive(v) or (
+                                         None if v <= 7 * 86400 else
+                                         f"must be at most a week of seconds, got {v}"))))
+    try:
+        check_public_key_file(key, "updates.release_key")
+    except ConfigError as e:
+        raise doc.error("updates.release_key", str(e)) from None
+    return cfg
+
+
+def _canary(v: int | list[Any]) -> str | None:
+    if isinstance(v, int):
+        return None if 0 <= v <= 1000 else f"a count 0..1000 or a list of node ids, got {v}"
+    if not v or not all(isinstance(x, str) and NODE_ID.match(x) for x in v):
+        return 'a count, or a list of node ids, e.g. ["SL-0001", "SL-0007"]'
+    if len(set(v)) != len(v):
+        return "a node id is listed twice"
+    return None
+
+
+def check_public_key_file(path: Path, what: str) -> None:
+    """A release public key file, checked like a secret file except that others may
+    read it: nobody but its owner may change it (whoever can, chooses what the gateway
+    carries), and it must be an Ed25519 key the nodes would take. ConfigError otherwise."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{path}: {what}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: {what}: not a regular file")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: {what}: mode {stat.S_IMODE(st.st_mode):04o} lets other "
+                          f"users replace the release key; run: chmod go-w {path}")
+    if st.st_size > MAX_BYTES:
+        raise ConfigError(f"{path}: {what}: larger than {MAX_BYTES >> 20} MiB, not a key file")
+    from lantern.tools.field.release import ReleaseError, load_public
+
+    try:
+        load_public(path)
+    except ReleaseError as e:
+        raise ConfigError(f"{what}: {e} (the .pub.pem that `lantern release keygen` wrote)"
+                          ) from None
 
 
 def _history(doc: Doc, d: dict[str, Any]) -> HistoryConfig:
@@ -326,14 +398,16 @@ def load_keys(path: Path) -> dict[bytes, bytes]:
     return keys
 
 
-def write_secret(path: Path, text: str) -> None:
-    """Create or replace a secret file with mode 0600 from the start (no window at 0644)."""
+def write_secret(path: Path, text: str | bytes) -> None:
+    """Create or replace a secret file with mode 0600 from the start (no window at 0644);
+    a crash leaves the old file or the new one, never half of one, and the new one on disk
+    once this returns (the directory entry too)."""
     tmp = path.with_name(path.name + ".tmp")
     # a stale temp file would keep its old mode: O_EXCL after removing it guarantees 0600
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
         try:
             # a replaced file keeps its owner: `lantern provision` run as root must not take
             # /etc/lantern/keys.toml away from the gateway's user
@@ -345,3 +419,8 @@ def write_secret(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())  # the keys must be on disk before the old file is gone
     os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the rename itself: a power cut must not bring the old file back
+    finally:
+        os.close(dfd)

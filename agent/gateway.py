@@ -13,6 +13,7 @@ import pwd
 import signal
 import sqlite3
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from .config import Config, load_config, load_keys
 from .errors import ConfigError
 from .ingest import Ingest
 from .metrics import Metrics, TimedSink
+from .ota.rollout import RolloutManager
 from .plugins import LinkContext, SinkContext
 from .plugins import link as link_plugin
 from .plugins import sink as sink_plugin
@@ -56,6 +58,49 @@ async def _line(view: GatewayView) -> str:
         return await asyncio.wait_for(view.summary(), 5.0)
     except Exception as e:
         return f"store not answering ({e!r})"
+
+
+VERSIONS_EVERY_S = 5.0
+
+
+def _reach(links: list[Any], metrics: Metrics) -> Callable[[str], Any]:
+    """node id → the command channel of the link that reaches it now, or None."""
+    from .nodecmd import NoRoute, route
+
+    def reach(node: str) -> Any:
+        seen = metrics.nodes.get(node)
+        try:
+            return route(links, node, seen.link if seen else None)
+        except NoRoute:
+            return None
+
+    return reach
+
+
+async def _learn_versions(rollout: RolloutManager, links: list[Any], nodes: list[str]) -> None:
+    """Each node's firmware and board, as its last STATUS on any link said (agent/nodecmd.py
+    keeps them per channel), handed to the rollout manager and from it to the sinks."""
+    while True:
+        for link in links:
+            channel = getattr(link, "commander", None)
+            identity = getattr(channel, "identity", None)
+            if identity is None:
+                continue
+            for node in nodes:
+                ident = identity(node)
+                if ident is not None and getattr(ident, "verified", False):
+                    rollout.learn(node, ident.firmware, ident.board, ident.upd)
+        await asyncio.sleep(VERSIONS_EVERY_S)
+
+
+def _push() -> Any:
+    """The transfer (agent/ota/transfer.py), or None in a tree without it."""
+    try:
+        from .ota.transfer import push
+    except ImportError as e:
+        log.warning("updates: no transfer module (%s); rollouts are refused", e)
+        return None
+    return push
 
 
 LOCK_FILE = "gateway.lock"
@@ -183,11 +228,13 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
         sinks: list[Any] = []
+        opened: list[Any] = []  # the sinks themselves, as their plug-ins made them
         backoffs: list[tuple[float, float]] = []
         sink_ctx = SinkContext(cfg.nodes)
         for name, sink_cfg in cfg.sinks.items():  # each sink's plug-in opens it (plugins.py)
             plugin = sink_plugin(name)
             sink = await stack.enter_async_context(plugin.open(sink_cfg, sink_ctx))
+            opened.append(sink)
             sinks.append(TimedSink(sink, metrics))  # upstream latency histogram
             backoffs.append(plugin.backoff(sink_cfg))
         ingest = Ingest(store, keys, metrics)
@@ -202,8 +249,15 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             forwarders.append(Forwarder(store, sink, metrics, ev, cfg.batch_max_records,
                                         cfg.batch_max_age_s, *backoff,
                                         all_sinks=[s.name for s in sinks]))
-        view = GatewayView(metrics, store, [k.decode() for k in keys], links, forwarders,
-                           [store.path, store.path.with_name(store.path.name + "-wal")])
+        node_ids = [k.decode() for k in keys]
+        rollout = await stack.enter_async_context(RolloutManager(
+            cfg.state_dir, cfg.updates, _reach(links, metrics), lambda: node_ids, _push()))
+        for sink in opened:  # the sinks that carry firmware versions upstream read them here
+            if hasattr(sink, "firmware"):
+                sink.firmware = rollout.firmware
+        view = GatewayView(metrics, store, node_ids, links, forwarders,
+                           [store.path, store.path.with_name(store.path.name + "-wal")],
+                           rollout=rollout)
         api = await stack.enter_async_context(ApiServer(cfg.api, view))
         notifier = Notifier()
         stack.callback(notifier.close)
@@ -215,6 +269,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             *((f"forward-{f.sink.name}", f.run()) for f in forwarders),
             ("summary", _summaries(metrics, store)),
             ("supervise", supervise(notifier, view.summary)),
+            ("versions", _learn_versions(rollout, links, node_ids)),
             *((link.name, link.run()) for link in links))]
         notifier.ready(("status page " + api.url + "; " if api.url else "")
                        + (api.error + "; " if api.error else "") + await _line(view))

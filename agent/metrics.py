@@ -17,6 +17,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -160,6 +161,12 @@ class Gauges:
     history_trimmed: int = 0
     paused: bool = False
     cap_bytes: int = 0
+    # staged updates (agent/ota/rollout.py): the current or last rollout's nodes by state,
+    # whether it halted (None: no rollout yet), each node's firmware, bundles refused
+    update_nodes: dict[str, int] = field(default_factory=dict)
+    rollout_halted: bool | None = None
+    firmware: dict[str, str] = field(default_factory=dict)
+    bundles_refused: dict[str, int] = field(default_factory=dict)
 
 
 class LanternCollector(Collector):
@@ -278,6 +285,32 @@ class LanternCollector(Collector):
         for node, t in sorted(g.last_seen.items()):
             ls.add_metric([node], t)
         yield ls
+        yield from _update_families(g)
+
+
+def _update_families(g: Gauges) -> Iterator[Metric]:
+    """lantern_update_* and lantern_node_firmware_info (docs/rollout.md)."""
+    from .ota.rollout import NODE_STATES
+
+    un = GaugeMetricFamily("lantern_update_nodes", "Nodes of the current (or last) rollout, by "
+                           "state", labels=["state"])
+    for state in NODE_STATES:
+        un.add_metric([state], g.update_nodes.get(state, 0))
+    yield un
+    yield _gauge("lantern_update_rollout_halted", "1 if the current (or last) rollout halted "
+                 "(a node rolled back or refused it, or the operator stopped it), else 0",
+                 [], 1.0 if g.rollout_halted else 0.0)
+    c = CounterMetricFamily("lantern_update_bundles_refused", "Update bundles the gateway "
+                            "refused before sending them to any node, by reason",
+                            labels=["reason"])
+    for reason, n in sorted(g.bundles_refused.items()):
+        c.add_metric([reason], n)
+    yield c
+    fw = InfoMetricFamily("lantern_node_firmware", "The firmware version each node last "
+                          "reported", labels=["node"])
+    for node, version in sorted(g.firmware.items()):
+        fw.add_metric([node], {"version": version})
+    yield fw
 
 
 def _ble_families(links: dict[str, Counter[str]]) -> Iterator[Metric]:

@@ -8,8 +8,9 @@ time). Values follow the models' conventions: relative humidity as 0-1, pressure
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +114,13 @@ def split_name(n: str) -> tuple[str, str]:
 
 
 def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
-             skipped: Counter[str] | None = None) -> list[dict[str, Any]]:
+             skipped: Counter[str] | None = None, firmware: Mapping[str, str] | None = None,
+             now: float | None = None) -> list[dict[str, Any]]:
     """Entities for resolved SenML records; one per (node, model, observation time).
+
+    firmware: node → the version it last reported (agent/ota/rollout.py), put on its Device
+    entity as `firmwareVersion`, observed at `now` (when the gateway says so: a pack does not
+    carry it, a STATUS does).
 
     A record no model can hold is left out: without a number (`vs`, `vb`, `vd`), or of a
     measurement no model has. One whose name is not a device's or whose time is beyond
@@ -165,6 +171,9 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
             e["controlledProperty"] = _prop(sorted(controlled[node]) or ["temperature"], t)
             e["dateLastValueReported"] = _prop(_datetime(t), t)
             e["deviceState"] = _prop("ok", t)
+            if firmware and node in firmware:
+                e["firmwareVersion"] = _prop(firmware[node],
+                                             time.time() if now is None else now)
         if model != "Device":
             # Streetlight names its observation time differently from the observed models
             e["observationDateTime" if model == "Streetlight" else "dateObserved"] = _prop(

@@ -2,7 +2,9 @@
 
 Topic from a template per node and measurement; payload SenML-JSON or SenML-CBOR (a
 one-record pack with the reading's id). A batch counts as delivered only when the broker
-has acknowledged (PUBACK) every message in it.
+has acknowledged (PUBACK) every message in it. A node's firmware version, once known and
+whenever it changes, goes with the next batch holding its readings: a retained message on
+its "firmware" measurement topic, a one-record pack `{"n": ...:firmware, "vs": version}`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,9 @@ class MqttSink:
         self.last_latency_s: float | None = None
         self.connects = 0
         self.skipped: Counter[str] = Counter()  # readings no topic can carry, by reason
+        # node → its firmware version, set by the gateway (the rollout manager's)
+        self.firmware: Mapping[str, str] = {}
+        self._published: dict[str, str] = {}  # node → the version the broker retains
 
     async def __aenter__(self) -> MqttSink:
         return self
@@ -137,12 +143,38 @@ class MqttSink:
                     continue
                 pubs.append(client.publish(topic, payload(record, self.cfg.payload), qos=1,
                                            timeout=self.cfg.timeout_s))
+            versions = self._versions(batch)
+            for topic, record in versions.values():
+                pubs.append(client.publish(topic, payload(record, self.cfg.payload), qos=1,
+                                           retain=True, timeout=self.cfg.timeout_s))
             await asyncio.gather(*pubs)
         except (aiomqtt.MqttError, TimeoutError) as e:
             await self._disconnect()
             raise DeliveryError(f"MQTT publish to {self.cfg.host}:{self.cfg.port}: {e}") \
                 from None
         self.last_latency_s = time.monotonic() - t0
+        for node, (_, record) in versions.items():
+            self._published[node] = record["vs"]
+
+    def _versions(self, batch: Batch) -> dict[str, tuple[str, dict[str, Any]]]:
+        """node → (topic, record) of each firmware version the broker does not hold yet,
+        for the Lantern nodes with readings in this batch."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        now = time.time()
+        for record in batch.records():
+            try:
+                node, _ = split_name(record["n"])
+            except ValueError:
+                continue
+            fw = self.firmware.get(node)
+            if fw is None or node in out or self._published.get(node) == fw:
+                continue
+            rec = {"n": f"urn:dev:lantern:{node}:firmware", "vs": fw, "t": now,
+                   "id": f"{node}:firmware:{fw}"}
+            topic = self._topic(rec)
+            if topic is not None:
+                out[node] = (topic, rec)
+        return out
 
 
 # ---------------------------------------------------------------- plug-in ([sinks.mqtt])

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class NgsiLdSink:
         self.partial_failures = 0
         self.skipped: Counter[str] = Counter()  # readings no entity can hold, by reason
         self.redirects: Counter[int] = Counter()  # 3xx answers, by status
+        # node → its firmware version, set by the gateway (the rollout manager's)
+        self.firmware: Mapping[str, str] = {}
 
     async def __aenter__(self) -> NgsiLdSink:
         self._session = aiohttp.ClientSession(
@@ -70,7 +73,7 @@ class NgsiLdSink:
 
     async def send(self, batch: Batch) -> None:
         before = sum(self.skipped.values())
-        ents = entities(batch.records(), self.nodes, self.skipped)
+        ents = entities(batch.records(), self.nodes, self.skipped, self.firmware)
         if not before and self.skipped:
             log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, or a "
                         "time no DateTime can hold; counted in "
