@@ -31,6 +31,10 @@ OP_REBOOT = const(5)
 OP_CLEAR_FAULTS = const(6)
 OP_IDENTIFY = const(7)
 OP_LATEST = const(8)
+OP_UPDATE_OFFER = const(9)  # signed updates (docs/protocol.md "Update transfer"): node/ota.py
+OP_UPDATE_CHUNK = const(10)
+OP_UPDATE_APPLY = const(11)
+OP_UPDATE_ABORT = const(12)
 
 # result codes (REPLY payload key 2)
 OK = const(0)
@@ -38,6 +42,7 @@ E_OP = const(1)  # unknown operation
 E_ARG = const(2)  # missing or out-of-range argument
 E_FAIL = const(3)  # the action raised; result {"error": text}
 E_BIG = const(4)  # the result does not fit in one frame
+E_REFUSED = const(5)  # an update step refused: {1: reason, 2: detail, 3: have}
 
 # why a STATUS was sent instead of a REPLY (STATUS payload key 5)
 R_PROBE = const(0)
@@ -130,7 +135,8 @@ class Commands:
     `actions` is the node: identity() → {"id","fw","board"}, status() → dict,
     self_test(index or None) → list, set_interval(ms), sync_time(ms) → the clock it replaced
     (Unix ms), clear_faults() → int,
-    identify(seconds), latest() → DATA body or None, reboot() (called once the REPLY is out).
+    identify(seconds), latest() → DATA body or None, reboot() (called once the REPLY is out),
+    updater() → node.ota.Updater (loaded with the first update op).
     """
 
     def __init__(self, node_id, key, state_dir, actions):
@@ -247,7 +253,39 @@ class Commands:
             return OK, {"identify_s": s, "how": a.identify(s)}, None
         if op == OP_LATEST:
             return OK, {"data": a.latest()}, None
+        if OP_UPDATE_OFFER <= op <= OP_UPDATE_ABORT:
+            return self._update(op, args)
         return E_OP, {"error": "unknown operation %r" % (op,)}, None
+
+    def _update(self, op, args):
+        """One step of an update transfer; a refusal is E_REFUSED with its reason."""
+        from .ota import CHUNK_MAX
+        from .update import Refused
+
+        u = self._actions.updater()
+        a1, a2 = args.get(1), args.get(2)
+        try:
+            if op == OP_UPDATE_OFFER:
+                at = 0 if a2 is None else a2
+                if not isinstance(a1, bytes) or not isinstance(at, int) or at < 0:
+                    return E_ARG, {"error": "offer is {1: head bytes, 2: offset}"}, None
+                have, total = u.offer(a1, at)
+                if have is None:  # a head sent in pieces: the next piece goes at `total`
+                    return OK, {4: total}, None
+                return OK, {1: have, 2: total, 3: CHUNK_MAX}, None
+            if op == OP_UPDATE_CHUNK:
+                if (not isinstance(a1, int) or a1 < 0 or not isinstance(a2, bytes)
+                        or len(a2) > CHUNK_MAX):
+                    return E_ARG, {"error": "chunk is {1: offset, 2: <= %d bytes}" % CHUNK_MAX,
+                                   1: u.have}, None
+                return OK, {1: u.chunk(a1, a2)}, None
+            if op == OP_UPDATE_APPLY:
+                version = u.apply()
+                return OK, {1: version}, self._actions.reboot
+            u.abort()
+            return OK, {}, None
+        except Refused as e:
+            return E_REFUSED, {1: e.reason, 2: e.detail, 3: u.have}, None
 
     def _reply(self, counter, op, code, result):
         payload = cbor.dumps({1: op, 2: code, 3: result})
@@ -261,7 +299,7 @@ class Commands:
         self._last_status = now
         ident = self._actions.identity()
         payload = cbor.dumps({1: ident["id"], 2: ident["fw"], 3: ident["board"], 5: reason,
-                              6: PROTOCOL})
+                              6: PROTOCOL, "upd": self._actions.upd()})
         body = seal(self._key, self._kid, self.floor, payload, frame.STATUS)
         return [(frame.STATUS, body, None)]
 
@@ -275,6 +313,30 @@ class NodeActions:
     def __init__(self, node):
         self.n = node
         self._evicted_seen = 0
+        self._updater = None
+
+    def updater(self):
+        """The node's update receiver (node/ota.py), loaded with the first update op."""
+        if self._updater is None:
+            from . import ota
+
+            n = self.n
+            self._updater = ota.Updater(n.cfg, n.board.get("name", "?"),
+                                        ota.boot_info().get("config") or "node.json")
+        return self._updater
+
+    def upd(self):
+        """STATUS "upd": the transfer in progress, else what the boot record says."""
+        rec = _boot_info().get("rec") or {}
+        st = rec.get("state") or "idle"
+        out = {"state": st, "have": 0, "reason": rec.get("reason"),
+               "version": rec.get("cver") if st in ("candidate", "rolled_back") else rec.get("ver")}
+        u = self._updater
+        if u is not None:
+            if u.man is not None:
+                out.update({"state": "staging", "version": u.version, "have": u.have})
+            out["refused"] = u.refused
+        return out
 
     def identity(self):
         n = self.n
@@ -325,6 +387,7 @@ class NodeActions:
             "faults": [[k, v[0], v[1]] for k, v in sorted(n.faults.items())],
             "boot": _boot(n),
             "energy": _energy(n),
+            "upd": self.upd(),
         })
         return st
 
@@ -406,7 +469,18 @@ def _boot(n):
     return boot
 
 
+def _boot_info():
+    """What main.py recorded about this boot's code slot (node/ota.py boot_info)."""
+    import sys
+
+    return getattr(sys.modules.get("node"), "BOOT", None) or {}
+
+
 def _fw():
+    """The running release: the slot's signed version, else the code's own."""
+    ver = _boot_info().get("ver")
+    if ver:
+        return ver
     from .app import FIRMWARE_VERSION
 
     return FIRMWARE_VERSION

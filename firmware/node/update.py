@@ -272,24 +272,30 @@ class Verifier:
         if hashlib.sha256(data).digest() != digest:
             raise self._refuse("bad_hash", "%s: SHA-256 differs from the manifest" % path)
 
+    def check_part(self, man, index, f):
+        """Refused unless the next bytes of f are file index of man, read 512 at a time: a
+        staged file is checked from flash without ever being whole in RAM (node/ota.py)."""
+        path, size, digest = man.files[index]
+        h = hashlib.sha256()
+        buf = bytearray(_CHUNK)
+        mv = memoryview(buf)
+        left = size
+        while left:
+            got = f.readinto(mv[:min(left, _CHUNK)])
+            if not got:
+                raise self._refuse("truncated", "%s: %d bytes missing" % (path, left))
+            h.update(mv[:got])
+            left -= got
+        if h.digest() != digest:
+            raise self._refuse("bad_hash", "%s: SHA-256 differs from the manifest" % path)
+
     def check_stream(self, f):
         """The Manifest of the whole bundle readable from f, every file checked on the way."""
         head = f.read(HEAD_LEN)
         n = self.envelope_len(head)
         man = self.manifest(head + f.read(n))
-        buf = bytearray(_CHUNK)
-        mv = memoryview(buf)
-        for path, size, digest in man.files:
-            h = hashlib.sha256()
-            left = size
-            while left:
-                got = f.readinto(mv[:min(left, _CHUNK)])
-                if not got:
-                    raise self._refuse("truncated", "%s: %d bytes missing" % (path, left))
-                h.update(mv[:got])
-                left -= got
-            if h.digest() != digest:
-                raise self._refuse("bad_hash", "%s: SHA-256 differs from the manifest" % path)
+        for i in range(len(man.files)):
+            self.check_part(man, i, f)
         if f.read(1):
             raise self._refuse("bad_size", "bytes after the last file")
         return man

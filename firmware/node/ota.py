@@ -1,0 +1,389 @@
+"""Signed updates received over the COMMAND channel: staging, switch, trial and confirmation.
+
+docs/updates.md describes the whole path, docs/protocol.md "Update transfer" the ops. The
+files of an offered bundle are staged straight into the code slot that is not running
+(fw_dir/a or fw_dir/b): each file is appended to `PATH.part` chunk by chunk, read back and
+checked against the signed manifest once complete, and only then renamed to its own name. So
+what is staged survives a power cut: the files under their own names are checked, and the one
+`.part` file is where a resumed transfer goes on. RAM holds one chunk, never the bundle.
+
+The boot record (fw_dir/boot.json, replaced atomically) names the running slot and the
+candidate on trial; main.py reads it before `node` is imported. This module is loaded only
+when an update op arrives or a candidate is on trial (node/app.py keeps its heap small).
+"""
+
+import gc
+import json
+import os
+import sys
+import time
+
+from .outbox import _makedirs, _spare_blocks, _write_atomic
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+CHUNK_MAX = const(768)  # file bytes per CHUNK: a COMMAND carrying them fits one 1024-byte frame
+_READ = const(512)
+RESERVE_BLOCKS = const(64)  # flash blocks kept for the outbox beside its own FREE_BLOCKS
+SLOTS = ("a", "b")
+_OFFER = "/.offer"  # the offered head (8 + N bytes) in a slot being staged: what it is for
+_DONE = "/.done"  # written once every file is staged and checked (a complete slot)
+
+
+def boot_info():
+    """What main.py handed over: {"fw", "slot", "trial", "config", "rec"}; {} without it."""
+    return getattr(sys.modules.get("node"), "BOOT", None) or {}
+
+
+def fw_dir(cfg):
+    return cfg.get("fw_dir") or cfg["state_dir"] + "/fw"
+
+
+def read_record(fw):
+    try:
+        with open(fw + "/boot.json") as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_record(fw, rec):
+    _write_atomic(fw + "/boot.json", json.dumps(rec).encode())
+    info = boot_info()
+    if info:
+        info["rec"] = rec
+
+
+def read_floor(fw):
+    """The security floor this node holds: raised only when a release confirms itself."""
+    try:
+        with open(fw + "/floor") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _rmtree(path):
+    try:
+        names = [e[0] for e in os.ilistdir(path)] if hasattr(os, "ilistdir") else os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        p = path + "/" + name
+        try:
+            os.remove(p)
+        except OSError:
+            _rmtree(p)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _same(path, data):
+    """Whether the file at path holds exactly data (read a piece at a time)."""
+    if _size(path) != len(data):
+        return False
+    buf = bytearray(_READ)
+    at = 0
+    with open(path, "rb") as f:
+        while at < len(data):
+            n = f.readinto(buf)
+            if not n or buf[:n] != data[at:at + n]:
+                return False
+            at += n
+    return True
+
+
+def _size(path):
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return -1
+
+
+class Updater:
+    """The node's side of OFFER / CHUNK / APPLY / ABORT (node/commands.py dispatches here)."""
+
+    def __init__(self, cfg, board_name, config_path="node.json"):
+        self.cfg = cfg
+        self.board = board_name
+        self.fw = fw_dir(cfg)
+        _makedirs(self.fw)
+        d = config_path.rsplit("/", 1)[0] + "/" if "/" in config_path else ""
+        self.key_path = cfg.get("release_key") or d + "release.pub"
+        self.man = None  # the Manifest of the accepted offer
+        self.slot = None  # the directory being staged
+        self.have = 0  # file-area bytes staged and consistent
+        self.total = 0
+        self._i = 0  # index of the file the next byte belongs to
+        self._start = 0  # where that file starts in the file area
+        self._head = None  # the head of an OFFER, filled piece by piece
+        self._got = 0
+        self._verifier = None
+        self.refused = {}  # reason -> count (the Verifier's own reasons included)
+        self.version = None
+
+    # --- refusals ---
+
+    def _refuse(self, reason, detail):
+        from .update import Refused
+
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        print("update refused: %s (%s)" % (reason, detail))
+        return Refused(reason, detail)
+
+    def _target(self):
+        active = boot_info().get("slot")
+        if active is None:
+            active = read_record(self.fw).get("active")
+        return self.fw + "/" + (SLOTS[1] if active == SLOTS[0] else SLOTS[0])
+
+    def _check(self):
+        """The Verifier for this node: release key, board, floor; Refused without a key."""
+        from . import update
+
+        try:
+            with open(self.key_path, "rb") as f:
+                key = f.read(33)
+        except OSError:
+            raise self._refuse("no_release_key", "%s not provisioned" % self.key_path)
+        if len(key) != 32:
+            raise self._refuse("no_release_key", "%s: %d bytes, not 32" % (self.key_path, len(key)))
+        v = self._verifier
+        if v is None or v.key != key:
+            try:
+                v = update.Verifier(key, self.board, read_floor(self.fw))
+            except ValueError as e:
+                raise self._refuse("no_release_key", str(e))
+            self._verifier = v
+        v.floor = read_floor(self.fw)
+        return v
+
+    # --- OFFER ---
+
+    def offer(self, piece, at=0):
+        """Take a bundle's head (8 + N bytes), whole or in pieces at increasing offsets (the
+        first holds at least 8 bytes): (have, total) once it is complete and verified, else
+        (None, head bytes received so far)."""
+        if at == 0:
+            self.man = None  # a new offer replaces the old one (the staged files stay)
+            self._head = None
+            self._got = 0
+            if len(piece) < 8:
+                raise self._refuse("truncated", "an OFFER's first piece holds the 8-byte head")
+            v = self._check()
+            try:
+                n = v.envelope_len(piece)  # a wrong N is refused before its bytes are awaited
+            except ValueError:
+                self._count(v)
+                raise
+            gc.collect()
+            self._head = bytearray(8 + n)  # once: no growing buffer to fragment the heap
+        elif self._head is None or at != self._got:
+            return None, self._got
+        head = self._head
+        if self._got + len(piece) > len(head):
+            self._head = None
+            raise self._refuse("bad_envelope", "head longer than the %d bytes its N gives"
+                               % len(head))
+        head[self._got:self._got + len(piece)] = piece
+        self._got += len(piece)
+        if self._got < len(head):
+            return None, self._got
+        self._head = None
+        return self._accept(head)
+
+    def _count(self, v):
+        """Fold the Verifier's refusal counts into ours (one table for STATUS)."""
+        for r, n in v.refused.items():
+            if n:
+                self.refused[r] = self.refused.get(r, 0) + n
+                v.refused[r] = 0
+
+    def _accept(self, head):
+        v = self._check()
+        rec = read_record(self.fw)
+        if rec.get("cand"):
+            raise self._refuse("busy", "release %s is on trial" % rec.get("cver"))
+        gc.collect()
+        try:
+            man = v.manifest(head)
+        except ValueError:
+            self._count(v)
+            raise
+        slot = self._target()
+        same = _same(slot + _OFFER, head)
+        if not same:
+            _rmtree(slot)  # another bundle's files, or a slot that ran before: not needed
+            self._space(man, slot)
+            _makedirs(slot)
+            _write_atomic(slot + _OFFER, head)
+        self.man, self.slot, self.version = man, slot, man.version
+        self.total = man.size - man.data_start
+        self._resume()
+        return self.have, self.total
+
+    def _space(self, man, slot):
+        spare, block = _spare_blocks(self.fw)
+        reserve = self.cfg.get("update_reserve_blocks", RESERVE_BLOCKS)
+        # each file its blocks and one for its metadata, the directories a few more
+        need = 4
+        for _, size, _ in man.files:
+            need += (size + block - 1) // block + 1
+        if need > spare - reserve:
+            raise self._refuse("space", "%d blocks of %d bytes needed, %d free beside the "
+                               "outbox's %d" % (need, block, max(spare - reserve, 0), reserve))
+
+    def _resume(self):
+        """Find where staging stopped: checked files under their names, then one .part."""
+        start = 0
+        for i, (path, size, _) in enumerate(self.man.files):
+            p = self.slot + "/" + path
+            if _size(p) == size:
+                start += size
+                continue
+            got = _size(p + ".part")
+            if got > size:
+                os.remove(p + ".part")
+                got = 0
+            self._i, self._start, self.have = i, start, start + max(got, 0)
+            return
+        self._i, self._start, self.have = len(self.man.files), start, start
+
+    # --- CHUNK ---
+
+    def chunk(self, offset, data):
+        """Append data at offset if it is where staging stands; the resulting `have`."""
+        if self.man is None:
+            raise self._refuse("no_offer", "no OFFER accepted since boot")
+        if offset != self.have or not data:
+            return self.have
+        mv = memoryview(data)
+        while len(mv):
+            if self._i >= len(self.man.files):
+                raise self._refuse("bad_size", "%d bytes past the last file" % len(mv))
+            path, size, _ = self.man.files[self._i]
+            p = self.slot + "/" + path
+            n = min(len(mv), self._start + size - self.have)
+            try:
+                if self.have == self._start:
+                    _makedirs(p.rsplit("/", 1)[0])
+                with open(p + ".part", "ab") as f:
+                    f.write(mv[:n])
+            except OSError as e:
+                self._resume()  # what reached flash before the error counts, and no more
+                raise self._refuse("space", "%s: %r" % (path, e))
+            self.have += n
+            mv = mv[n:]
+            if self.have == self._start + size:
+                self._finish(p)
+        return self.have
+
+    def _finish(self, p):
+        """A file is complete: check what is on flash, then give it its name."""
+        v = self._verifier
+        try:
+            with open(p + ".part", "rb") as f:
+                v.check_part(self.man, self._i, f)
+        except ValueError as e:
+            self._count(v)
+            os.remove(p + ".part")
+            self.have = self._start
+            raise self._refuse("file", str(e))
+        os.rename(p + ".part", p)
+        self._start = self.have
+        self._i += 1
+
+    # --- APPLY, ABORT ---
+
+    def apply(self):
+        """Record the staged release as the candidate (atomically); the node then reboots."""
+        if self.man is None or self.have != self.total:
+            raise self._refuse("incomplete", "%d of %d bytes staged" % (self.have, self.total))
+        rec = read_record(self.fw)
+        if rec.get("cand"):
+            raise self._refuse("busy", "release %s is on trial" % rec.get("cver"))
+        _write_atomic(self.slot + _DONE, self.version.encode())
+        rec["cand"] = self.slot.rsplit("/", 1)[1]
+        rec["cver"] = self.version
+        rec["cfloor"] = self.man.floor
+        rec["tries"] = 0
+        rec["state"] = "candidate"
+        rec["reason"] = None
+        write_record(self.fw, rec)
+        print("update: release %s staged in %s, rebooting into it" % (self.version, self.slot))
+        self.man = None
+        return self.version
+
+    def abort(self):
+        if self.slot is None:
+            self.slot = self._target()
+        if self.slot.rsplit("/", 1)[1] != read_record(self.fw).get("cand"):
+            _rmtree(self.slot)
+        self.man, self.slot, self.version, self.have, self.total = None, None, None, 0, 0
+        self._head = None
+
+# --- trial: the candidate proves itself, or the node returns to the previous slot ---
+
+def confirm(fw, hal=None):
+    """The candidate booted, sampled and got a pack ACKed: it becomes the active slot."""
+    rec = read_record(fw)
+    cand = rec.get("cand")
+    if not cand:
+        return False
+    floor = rec.get("cfloor") or 0
+    if floor > read_floor(fw):
+        _write_atomic(fw + "/floor", b"%d" % floor)  # first: older bundles are refused now
+    rec.update({"active": cand, "ver": rec.get("cver"), "cand": None, "tries": 0,
+                "state": "confirmed", "reason": None})
+    write_record(fw, rec)
+    print("update: release %s confirmed, security floor %d" % (rec["ver"], floor))
+    return True
+
+
+def roll_back(fw, reason):
+    """Leave the candidate: the next boot runs the previous slot; STATUS tells why."""
+    rec = read_record(fw)
+    if not rec.get("cand"):
+        return rec
+    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason})
+    write_record(fw, rec)
+    print("update: release %s rolled back: %s" % (rec.get("cver"), reason))
+    return rec
+
+
+async def trial(node):
+    """Confirm the running candidate once a pack sealed in this boot is ACKed; roll it back
+    when update_trial_s pass without that (node/app.py runs this task only on trial)."""
+    import asyncio
+
+    fw = boot_info().get("fw") or fw_dir(node.cfg)
+    limit_ms = node.cfg.get("update_trial_s", 600) * 1000
+    t0 = time.ticks_ms()
+    first = node.outbox._next  # the first sequence number this boot seals
+    while True:
+        link = node.link
+        if (link is not None and link.acked and node.outbox._next > first
+                and first not in node.outbox):
+            confirm(fw, node.hal)
+            return
+        if time.ticks_diff(time.ticks_ms(), t0) > limit_ms:
+            roll_back(fw, "no_ack: no pack ACKed within %d s" % (limit_ms // 1000))
+            reset(node.hal)
+        await asyncio.sleep_ms(500)
+
+
+def reset(hal):
+    """Reboot: the board resets; on the unix port the process ends with REBOOT_EXIT."""
+    r = getattr(hal, "reset", None)
+    if r is not None:
+        r()
+    raise SystemExit(75)
