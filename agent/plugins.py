@@ -31,6 +31,8 @@ SINKS: dict[str, str] = {
     "http": "lantern.agent.sinks.http",
     "ngsi_ld": "lantern.agent.sinks.ngsi_ld",
     "mqtt": "lantern.agent.sinks.mqtt",
+    "sensorthings": "lantern.agent.sinks.sensorthings",
+    "sensor_community": "lantern.agent.sinks.sensor_community",
 }
 # [[links.<name>]] → the module that owns it (for BLE, its config half: bleak is loaded by the
 # factory, once a link is built).
