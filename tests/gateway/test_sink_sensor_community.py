@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -194,3 +196,22 @@ def test_config_loads(tmp_path: Path) -> None:
     sc = cfg.sinks["sensor_community"]
     assert sc.measurements == ("pm10", "pm2_5") and sc.interval_s == 145.0
     assert sc.url == "https://api.sensor.community/v1/push-sensor-data/"
+
+
+def test_check_config_shows_both_open_data_sinks_or_the_bad_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[nodes]\n"SL-0001" = "' + "ab" * 32 + '"\n')
+    keys.chmod(0o600)
+    good = ('[gateway]\nstate_dir = "state"\nkeys_file = "keys.toml"\n\n[[links.serial]]\n'
+            'port = "/dev/null"\n\n[sinks.sensorthings]\nurl = "http://frost:8080/FROST/v1.1"\n'
+            '\n[sinks.sensor_community]\nmeasurements = ["pm10"]\n'
+            'sensors = { "SL-0001" = "esp32-1001" }\n')
+    cfg = tmp_path / "gateway.toml"
+    for text, rc, says in (
+            (good, 0, "sinks:   sensorthings → http://frost:8080/FROST/v1.1; sensor_community → "
+                      "https://api.sensor.community/v1/push-sensor-data/"),
+            (good + "pins = [1]\n", 2, f"{cfg} line 14: sinks.sensor_community.pins: unknown key")):
+        cfg.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "lantern", "gateway", "check-config",
+                            "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == rc and says in r.stdout + r.stderr, r
