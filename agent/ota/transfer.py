@@ -46,6 +46,7 @@ STATUSES: tuple[Status, ...] = ("updated", "rolled_back", "refused", "unreachabl
 MAGIC = b"LUB1"
 HEAD_LEN = 8
 CHUNK_LIMIT = 768  # what one COMMAND frame carries with room to spare (1024 bytes a frame)
+HEAD_PIECE = 512  # head bytes per OFFER piece: the node holds the head while it verifies it
 FILE_FAILURES = 2  # a file that fails its hash this often is the bundle's fault, not the line's
 
 
@@ -188,13 +189,32 @@ async def _push(ch: CommandChannel, node: str, bundle: bytes, window: int, timeo
     return await _verdict(ch, node, b.version, timeout, confirm_s, poll_s)
 
 
+async def _offer(ch: CommandChannel, node: str, head: bytes, timeout: float,
+                 offer_timeout: float) -> Any:
+    """Send the head in pieces that fit a frame ({1: piece, 2: offset}); the node verifies
+    it once complete (that answer may take seconds) and says {1: have, 2: total, 3: max}."""
+    at = 0
+    for _ in range(4 * (len(head) // HEAD_PIECE + 1)):  # a node that loses pieces over and over
+        piece = head[at:at + HEAD_PIECE]
+        last = at + len(piece) >= len(head)
+        code, res = await ch.command(node, OP_UPDATE_OFFER, {1: piece, 2: at},
+                                     offer_timeout if last else timeout)
+        if code != OK:
+            raise _refusal(node, OP_UPDATE_OFFER, code, res)
+        if isinstance(res, dict) and 1 not in res and type(res.get(4)) is int:
+            # still incomplete: the node says how much of the head it holds
+            held = res[4]
+            at = held if 0 < held < len(head) else 0
+            continue
+        return res
+    raise CommandError(node, OP_UPDATE_OFFER, "the head did not arrive whole (pieces lost)")
+
+
 async def _transfer(ch: CommandChannel, node: str, b: Bundle, window: int, timeout: float,
                     offer_timeout: float, st: TransferStats) -> None:
     """OFFER, then CHUNKs from the node's `have` until it holds every file byte."""
     st.offers += 1
-    code, res = await ch.command(node, OP_UPDATE_OFFER, {1: b.head}, offer_timeout)
-    if code != OK:
-        raise _refusal(node, OP_UPDATE_OFFER, code, res)
+    res = await _offer(ch, node, b.head, timeout, offer_timeout)
     if not isinstance(res, dict) or not all(type(res.get(k)) is int for k in (1, 2, 3)):
         raise _Refused("reply", f"node {node}: OFFER answer is not {{1: have, 2: total, "
                        f"3: chunk_max}}: {res!r}")

@@ -38,6 +38,7 @@ class NodeLine:
     keys: dict[bytes, bytes]
     log: Path
     boots: int = 1
+    heap: str | None = None  # the MicroPython heap (-X heapsize); None: the board's
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def output(self) -> str:
@@ -45,7 +46,7 @@ class NodeLine:
 
     def start_node(self) -> None:
         with open(self.log, "ab") as f:
-            self.node.start(stdout=f.fileno())
+            self.node.start(stdout=f.fileno(), heap=self.heap)
 
     async def supervise(self) -> None:
         """Start the node again after it exits to reboot (the unix board's reset)."""
@@ -72,14 +73,19 @@ class NodeLine:
 @contextlib.asynccontextmanager
 async def node_line(tmp_path: Path, node_id: str = "SL-0001", interval_ms: int = 500,
                     faults: FaultSpec | None = None, seed: int = 0, baud: int = 115200,
-                    extra: dict[str, object] | None = None) -> AsyncIterator[NodeLine]:
+                    extra: dict[str, object] | None = None, board: str = "unix-sim",
+                    release_pub: bytes | None = None, heap: str | None = None
+                    ) -> AsyncIterator[NodeLine]:
+    """release_pub: the release public key (32 raw bytes) provisioned beside node.json."""
     relay = Relay(node_id)
     if faults is not None:
         relay.faults = Faults(faults, seed)
     relay.start()
     node = SimNode(node_id, tmp_path / "nodes", port=relay.node_port, interval_ms=interval_ms,
-                   extra=dict(extra or {}))
+                   board=board, extra=dict(extra or {}))
     node.write_config()
+    if release_pub is not None:
+        (node.dir / "release.pub").write_bytes(release_pub)
     state = tmp_path / "gw-state"
     state.mkdir(mode=0o700, exist_ok=True)
     keys = {node_id.encode(): node.key}
@@ -90,7 +96,7 @@ async def node_line(tmp_path: Path, node_id: str = "SL-0001", interval_ms: int =
         ctx = LinkContext(ingest, keys, store, state)
         link = serial_link.make(serial_link.SerialLinkConfig(relay.gateway_port, baud), ctx)
         line = NodeLine(node, relay, link, ingest, metrics, state, keys,
-                        tmp_path / f"{node_id}.log")
+                        tmp_path / f"{node_id}.log", heap=heap)
         line.tasks = [asyncio.create_task(ingest.run(), name="ingest"),
                       asyncio.create_task(link.run(), name="serial"),
                       asyncio.create_task(line.supervise(), name="supervise")]
