@@ -45,8 +45,8 @@ GEOJSON = "application/geo+json"  # 1.1's Location encodingType for GeoJSON
 UCUM = "http://unitsofmeasure.org/ucum.html"
 MAX_ARRAY = 1000  # Observations per CreateObservations request at most (a body of ~150 KB)
 
-# SenML unit (IANA registry) → (UCUM case-sensitive code, its name). 1.1 §8.2.5: the
-# unitOfMeasurement's values SHOULD follow UCUM; `symbol` carries the c/s code.
+# SenML unit (IANA registry) → (UCUM case-sensitive code, its name). 18-088's Datastream:
+# the unitOfMeasurement's values SHOULD follow UCUM; `symbol` carries the c/s code.
 UNITS: dict[str, tuple[str, str]] = {
     "Cel": ("Cel", "degree Celsius"), "%RH": ("%", "percent"), "%": ("%", "percent"),
     "Pa": ("Pa", "pascal"), "ug/m3": ("ug/m3", "microgram per cubic metre"),
@@ -122,7 +122,7 @@ def literal(text: str) -> str:
 
 
 def entity_id(location: str | None, body: bytes) -> Any:
-    """The @iot.id of a created entity: from the Location header (§10.2 Req 31), or the body."""
+    """The @iot.id of a created entity: from the 201's Location header, or else the body."""
     if location:
         m = re.search(r"\(([^()]*)\)/?$", urlsplit(location).path)
         if m:
