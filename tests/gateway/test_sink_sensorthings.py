@@ -14,6 +14,7 @@ from pathlib import Path
 
 import frost_sta_client as fsc
 import pytest
+from aiohttp import web
 from frost_sta_client.model.ext.data_array_value import DataArrayValue
 
 from lantern.agent.config import load_config
@@ -22,9 +23,10 @@ from lantern.agent.metrics import Metrics
 from lantern.agent.ngsi import NodeMeta, iso
 from lantern.agent.queue.forward import Forwarder
 from lantern.agent.queue.store import Accepted, Store, Window
+from lantern.agent.sinks.http import DeliveryError
 from lantern.agent.sinks.sensorthings import SensorThingsSink, SensorThingsSinkConfig
 from lantern.tools.street.sta_server import StaServer
-from tests.helpers.ngsi import FULL, T0, records
+from tests.helpers.ngsi import FULL, T0, batch, records
 
 pytestmark = pytest.mark.sensorthings
 
@@ -276,3 +278,31 @@ def test_config_loads_and_refuses_unknown_keys_with_their_line(tmp_path: Path) -
     with pytest.raises(ConfigError, match="chmod 600"):
         load_config(_config(tmp_path, '\n[sinks.sensorthings]\n'
                             'url = "https://frost.example/v1.1"\ntoken_file = "sta.token"\n'))
+
+
+async def test_a_redirect_is_not_followed_and_a_node_without_a_place_is_counted(
+        server: StaServer) -> None:
+    async def moved(_request: web.Request) -> web.Response:
+        return web.Response(status=301, headers={"Location": server.url + "/v1.1"})
+
+    app = web.Application()
+    app.router.add_get("/old/v1.1", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    recs = records(node="SL-0001") + records(node="SL-0099", seq=1)  # SL-0099: no [nodes]
+    try:
+        async with SensorThingsSink(SensorThingsSinkConfig(
+                url=f"http://127.0.0.1:{port}/old/v1.1"), NODES) as sink:
+            with pytest.raises(DeliveryError, match=r"301 redirect .* never follows"):
+                await sink.send(batch(recs))
+            assert sink.redirects == {301: 1} and server.requests == []
+        async with SensorThingsSink(_cfg(server), NODES) as sink:
+            await sink.send(batch(recs))
+        assert sink.skipped == {"location": PER_PACK}
+        assert {t["name"] for t in server.all("Things")} == {"SL-0001"}
+        assert len(server.all("Observations")) == PER_PACK and server.rejected == []
+    finally:
+        await runner.cleanup()
