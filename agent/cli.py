@@ -43,6 +43,91 @@ FIELD = {"diag": ("lantern.tools.field.diag", "inspect a node (serial) or a gate
                      "release keys and signed update bundles (docs/updates.md)")}
 
 
+def _rollout_parser(gw: Any) -> None:
+    ro = gw.add_parser("rollout", help="a staged update of the nodes (docs/rollout.md)",
+                       description="Start, follow or halt a staged rollout on the running "
+                       "gateway, through its local API (its [api] token rules apply).")
+    acts = ro.add_subparsers(dest="rollout", required=True)
+    start = acts.add_parser("start", help="send a signed bundle: canary first, then steps")
+    start.add_argument("bundle", type=Path, help="the bundle `lantern release build` made")
+    start.add_argument("--canary", metavar="N|IDS", help="how many nodes go first, or which "
+                       "(comma-separated ids); default: [updates] canary")
+    start.add_argument("--step", type=int, metavar="K", help="nodes at once after the "
+                       "canary; default: [updates] step")
+    start.add_argument("--nodes", metavar="IDS", help="only these nodes (comma-separated)")
+    acts.add_parser("status", help="where the rollout stands, node by node")
+    halt = acts.add_parser("halt", help="stop it: no further node gets the bundle")
+    halt.add_argument("--reason", help="one line, shown with the halted rollout")
+    for p in acts.choices.values():
+        p.add_argument("--config", type=Path, help="the gateway's config: API URL and token")
+        p.add_argument("--url", help="the API (default: from --config, else "
+                       "http://127.0.0.1:8470/)")
+        p.add_argument("--token-file", type=Path, help="bearer token file ([api] token_file)")
+        p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--json", action="store_true", help="the API's answer as JSON")
+
+
+def rollout_main(args: Any) -> int:
+    """0: done (status: not halted); 1: the gateway refused, or the rollout halted;
+    2: no gateway API answered (or a config or token file it would refuse)."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from lantern.tools.field import diag_gateway as dg
+    from lantern.tools.field.diag_view import rollout_table
+
+    url, token = dg.api_target(args.url, args.config, args.token_file)
+    base = url if url.endswith("/") else url + "/"
+    kw: dict[str, Any] = {}
+    if args.rollout == "start":
+        try:
+            kw["data"] = args.bundle.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{args.bundle}: {e.strerror}") from None
+        kw["headers"] = {"Content-Type": "application/octet-stream"}
+        kw["params"] = {k: str(v) for k, v in (("canary", args.canary), ("step", args.step),
+                                               ("nodes", args.nodes)) if v is not None}
+    elif args.rollout == "halt":
+        kw["json"] = {"reason": args.reason} if args.reason else {}
+    method, path = {"start": ("POST", "api/rollout"), "status": ("GET", "api/rollout"),
+                    "halt": ("POST", "api/rollout/halt")}[args.rollout]
+
+    async def call() -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        t = aiohttp.ClientTimeout(total=args.timeout)
+        async with aiohttp.ClientSession(timeout=t, headers=headers) as s:
+            return await dg.request(s, method, base + path, **kw)
+
+    try:
+        code, body = asyncio.run(call())
+    except dg.Unreachable as e:
+        print(f"lantern gateway rollout: {e}", file=sys.stderr)
+        return 2
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        print(f"lantern gateway rollout: no gateway API at {base} ({type(e).__name__}: "
+              f"{e}): is `lantern gateway run` up, with [api] enabled?", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(body, indent=2))
+    if code >= 300:
+        if not args.json:
+            print(f"lantern gateway rollout {args.rollout}: {body.get('error', body)}",
+                  file=sys.stderr)
+        return 1
+    ro = body.get("rollout")
+    if not args.json:
+        from rich.console import Console
+
+        if ro is None:
+            print("no rollout yet" + ("" if body.get("configured") else
+                                      " (this gateway has no [updates] section)"))
+        else:
+            Console(highlight=False).print(rollout_table(ro))
+    return 1 if ro is not None and ro["state"] == "halted" and args.rollout != "halt" else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="lantern", description="Lantern streetlight sensing network")
@@ -55,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", type=Path, required=True)
     chk = gw.add_parser("check-config", help="validate a config and its key file, then exit")
     chk.add_argument("--config", type=Path, required=True)
+    _rollout_parser(gw)
 
     demo = sub.add_parser("demo", help="simulated nodes on MicroPython → gateway → upstream")
     demo.add_argument("--nodes", type=int, default=3)
@@ -98,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                     "gateway stopped on an unexpected error: %r; this is a bug: please report "
                     "it with the log (log_level = \"debug\" shows where)", e)
                 return 1
+        elif args.cmd == "gateway" and args.action == "rollout":
+            return rollout_main(args)
         elif args.cmd == "gateway" and args.action == "check-config":
             from .config import load_config, load_keys
             from .preflight import check

@@ -33,9 +33,27 @@ def url_from_config(path: Path) -> tuple[str, Path | None]:
     return f"http://{host}:{cfg.api.port}/", cfg.api.token_file
 
 
-async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+def api_target(url: str | None, config: Path | None, token_file: Path | None
+               ) -> tuple[str, str | None]:
+    """The API's URL and bearer token from --url, --config and --token-file (the options
+    override the config). ConfigError if the config or the token file is refused."""
+    if config:
+        cfg_url, cfg_token = url_from_config(config)
+        url, token_file = url or cfg_url, token_file or cfg_token
+    token = None
+    if token_file:
+        from lantern.agent.config import check_secret_file
+
+        # a token others can read is refused here as the gateway refuses it
+        token = check_secret_file(token_file, "API token").strip()
+    return url or DEFAULT_URL, token
+
+
+async def request(session: aiohttp.ClientSession, method: str, url: str,
+                  **kw: Any) -> tuple[int, Any]:
+    """(status, JSON body) of one API call; Unreachable if what answers is not the API."""
     # never followed: the bearer token goes to the URL given and nowhere else
-    async with session.get(url, allow_redirects=False) as r:
+    async with session.request(method, url, allow_redirects=False, **kw) as r:
         if 300 <= r.status < 400:
             raise Unreachable(f"{url}: HTTP {r.status} redirect, not the Lantern API "
                               "(it never redirects): check --url")
@@ -43,9 +61,14 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
             raise Unreachable(f"{url}: the API wants a bearer token: pass --token-file (the "
                               "file named by [api] token_file) or --config gateway.toml")
         if r.content_type != "application/json":
+            text = (await r.text(errors="replace"))[:200].strip()
             raise Unreachable(f"{url}: HTTP {r.status}, not the Lantern API "
-                              f"({r.content_type}): check --url")
+                              f"({r.content_type}{': ' + text if text else ''}): check --url")
         return r.status, await r.json()
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    return await request(session, "GET", url)
 
 
 async def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -55,9 +78,9 @@ async def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> dic
     t = aiohttp.ClientTimeout(total=timeout)
     try:
         async with aiohttp.ClientSession(timeout=t, headers=headers) as s:
-            (_, health), (_, status), (_, nodes) = await asyncio.gather(
+            (_, health), (_, status), (_, nodes), rollout = await asyncio.gather(
                 _get(s, base + "healthz"), _get(s, base + "api/status"),
-                _get(s, base + "api/nodes"))
+                _get(s, base + "api/nodes"), _rollout(s, base))
             gaps = await asyncio.gather(*(
                 _get(s, f"{base}api/nodes/{n['id']}/readings?since=-{GAP_WINDOW_S:.0f}&limit=1")
                 for n in nodes["nodes"] if n.get("last_seen") is not None))
@@ -65,8 +88,17 @@ async def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> dic
         raise Unreachable(f"no gateway API at {base} ({type(e).__name__}: {e}): is "
                           "`lantern gateway run` up (systemctl status lantern-gateway)? is "
                           "[api] enabled, and on this host and port?") from None
-    return {"health": health, "status": status, "nodes": nodes,
+    return {"health": health, "status": status, "nodes": nodes, "rollout": rollout,
             "readings": {g[1]["node"]: g[1] for g in gaps}}
+
+
+async def _rollout(s: aiohttp.ClientSession, base: str) -> dict[str, Any] | None:
+    """GET /api/rollout; None from a gateway without rollouts (older, or none configured)."""
+    try:
+        code, body = await _get(s, base + "api/rollout")
+    except Unreachable:  # an older gateway: 404 in plain text
+        return None
+    return body if code == 200 and isinstance(body, dict) else None
 
 
 def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +115,7 @@ def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
             "age_s": n["age_s"], "interval_s": n["interval_s"], "link": n["link"],
             "last_seq": n["last_seq"], "outbox": n["outbox"], "battery": n["battery"],
             "duplicates": n["duplicates"], "flags": n["flags"],
+            "firmware": n.get("firmware"),
             "gaps": len(gaps), "gap_s": round(sum(b - a for a, b in gaps), 1),
             "missing_since": n["last_seen"] if "stale" in n["flags"] else None})
         for flag in n["flags"]:
@@ -111,6 +144,19 @@ def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
         if rejected.get(kind):
             notes.append(f"{rejected[kind]} frames rejected as {kind}: a node with a wrong key, "
                          "or someone replaying or forging frames")
+    updates = raw.get("rollout") or {}
+    ro = updates.get("rollout")
+    if ro:
+        from lantern.tools.field.diag_view import rollout_summary
+
+        line = rollout_summary(ro)
+        # a rollout that stopped itself needs someone; one the operator stopped, or one
+        # under way, is worth knowing
+        halted_itself = ro["state"] == "halted" and not str(ro.get("reason", "")).startswith(
+            "halted by the operator")
+        (problems if halted_itself else notes).append(line)
+    for reason, n in sorted(updates.get("bundles_refused", {}).items()):
+        notes.append(f"{n} update bundle(s) refused by the gateway: {reason}")
     state = DEGRADED if problems else HEALTHY
     return {
         "url": url, "state": STATES[state], "exit": state, "checked_at": now,
@@ -119,7 +165,7 @@ def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
         "stale": [n["id"] for n in nodes if "stale" in n["flags"]],
         "never_seen": [n["id"] for n in nodes if "never seen" in n["flags"]],
         "queue": q, "upstream": status["upstream"], "links": status["links"],
-        "rejections": rejected, "counters": status["counters"],
+        "rejections": rejected, "counters": status["counters"], "rollout": ro,
         "problems": problems, "notes": notes,
     }
 
@@ -154,12 +200,14 @@ def render(rep: dict[str, Any], console: Any) -> None:
         return
     console.print(escape(f"  {rep['summary']}"))
     t = Table(title="nodes", title_justify="left")
-    for col in ("node", "last seen", "link", "seq", "outbox", "battery", "gaps (1 h)", "flags"):
+    for col in ("node", "firmware", "last seen", "link", "seq", "outbox", "battery",
+                "gaps (1 h)", "flags"):
         t.add_column(col)
     for n in rep["nodes"]:
         bat = n["battery"]
         t.add_row(*map(escape, (
-            n["id"], _ago(n["age_s"]), n["link"] or "-", str(n["last_seq"] or "-"),
+            n["id"], n.get("firmware") or "?", _ago(n["age_s"]), n["link"] or "-",
+            str(n["last_seq"] or "-"),
             "-" if n["outbox"] is None else str(n["outbox"]),
             f"{bat['v']:g} {bat.get('u', '')}" if bat and "v" in bat else "-",
             f"{n['gaps']} ({n['gap_s']:.0f} s)" if n["gaps"] else "0",
@@ -177,6 +225,10 @@ def render(rep: dict[str, Any], console: Any) -> None:
     lines.append(f"rejected frames: {rej or 'none'}")
     for line in lines:
         console.print(escape(line))
+    if rep.get("rollout"):
+        from lantern.tools.field.diag_view import rollout_table
+
+        console.print(rollout_table(rep["rollout"]))
     for n in rep["notes"]:
         console.print(f"  [dim]•[/] {escape(n)}")
 

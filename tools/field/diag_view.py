@@ -214,3 +214,36 @@ def render_self_test(tests: list[dict[str, Any]]) -> Any:
                   Text(", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()) or "-"),
                   Text(_fmt(s.get("raw"))), Text(_fmt(s.get("ms"))))
     return t
+
+
+# ---- a gateway's rollout (GET /api/rollout; docs/rollout.md)
+
+def rollout_summary(ro: dict[str, Any]) -> str:
+    """One line: which release, where it stands, and why it stopped if it did."""
+    counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in ro["counts"].items() if n)
+    where = ("canary" if ro["phase"] == "canary" else
+             f"step {ro['step_now']} of {ro['steps'] - 1}" if ro["phase"] == "steps" else "")
+    head = f"rollout {ro['id']} of {ro['version']}: {ro['state'].upper()}"
+    if ro["state"] == "running" and where:
+        head += f" ({where})"
+    return head + f"; {counts}" + (f"; {ro['reason']}" if ro.get("reason") else "")
+
+
+def rollout_table(ro: dict[str, Any]) -> Any:
+    """Each node of the rollout: its state, the version it runs, why (text, never markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    style = {"updated": "green", "rolled_back": "red", "refused": "red",
+             "unreachable": "yellow", "transferring": "cyan", "applied": "cyan"}
+    t = Table(title=Text(rollout_summary(ro)), title_justify="left")
+    for col in ("node", "role", "state", "runs", "why"):
+        t.add_column(col)
+    for p in ro["nodes"]:
+        t.add_row(Text(p["node"]), Text("canary" if p["node"] in ro["canary"] else ""),
+                  Text(p["state"].replace("_", " "), style.get(p["state"], "")),
+                  Text(p.get("version") or "-"),
+                  Text(p.get("detail") or p.get("reason") or ""))
+    for node, why in sorted(ro.get("skipped", {}).items()):
+        t.add_row(Text(node), Text(""), Text("skipped", "dim"), Text("-"), Text(why))
+    return t
