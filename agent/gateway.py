@@ -93,16 +93,6 @@ async def _learn_versions(rollout: RolloutManager, links: list[Any], nodes: list
         await asyncio.sleep(VERSIONS_EVERY_S)
 
 
-def _push() -> Any:
-    """The transfer (agent/ota/transfer.py), or None in a tree without it."""
-    try:
-        from .ota.transfer import push
-    except ImportError as e:
-        log.warning("updates: no transfer module (%s); rollouts are refused", e)
-        return None
-    return push
-
-
 LOCK_FILE = "gateway.lock"
 _LOCK_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
                | os.O_NONBLOCK)  # a FIFO or a device in its place must not block the start
@@ -251,7 +241,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
                                         all_sinks=[s.name for s in sinks]))
         node_ids = [k.decode() for k in keys]
         rollout = await stack.enter_async_context(RolloutManager(
-            cfg.state_dir, cfg.updates, _reach(links, metrics), lambda: node_ids, _push()))
+            cfg.state_dir, cfg.updates, _reach(links, metrics), lambda: node_ids))
         for sink in opened:  # the sinks that carry firmware versions upstream read them here
             if hasattr(sink, "firmware"):
                 sink.firmware = rollout.firmware

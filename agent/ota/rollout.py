@@ -24,12 +24,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from lantern import __version__
 
 from ..config import UpdatesConfig, write_secret
 from ..errors import LanternError
+from .transfer import Outcome
+from .transfer import push as transfer_push
 
 log = logging.getLogger("lantern.rollout")
 
@@ -51,15 +53,6 @@ class RolloutError(LanternError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-class Outcome(Protocol):
-    """What `push` returns (agent/ota/transfer.py)."""
-
-    node: str
-    status: str  # updated, rolled_back, refused, unreachable
-    reason: str | None
-    version: str | None
 
 
 Push = Callable[..., Awaitable[Outcome]]
@@ -149,7 +142,7 @@ class RolloutManager:
     """Runs at most one rollout at a time and remembers the nodes' firmware versions."""
 
     def __init__(self, state_dir: Path, cfg: UpdatesConfig | None, reach: Reach,
-                 targets: Callable[[], Sequence[str]], push: Push | None = None,
+                 targets: Callable[[], Sequence[str]], push: Push = transfer_push,
                  gateway_version: str = __version__) -> None:
         self.state_dir = state_dir
         self.cfg = cfg
@@ -268,9 +261,6 @@ class RolloutManager:
         if cfg is None:
             raise RolloutError("unconfigured", "this gateway has no [updates] section: add "
                                "one with release_key (docs/rollout.md)")
-        if self._push is None:
-            raise RolloutError("unconfigured", "this gateway has no update transfer "
-                               "(agent/ota/transfer.py)")
         if self.rollout is not None and self.rollout.state == "running":
             raise RolloutError("busy", f"rollout {self.rollout.id} of "
                                f"{self.rollout.version} is running; halt it first")
@@ -421,7 +411,7 @@ class RolloutManager:
         return failure
 
     async def _one(self, bundle: bytes, p: NodeProgress) -> None:
-        assert self.cfg is not None and self._push is not None
+        assert self.cfg is not None
         timeout = self.cfg.node_timeout_s
         deadline = time.monotonic() + timeout
         p.state, p.reason, p.detail = "transferring", None, ""

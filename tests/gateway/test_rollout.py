@@ -7,12 +7,10 @@ import asyncio
 import json
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lantern.agent.config import UpdatesConfig
@@ -23,65 +21,9 @@ from lantern.agent.ota.rollout import (
     RolloutManager,
     version_key,
 )
-from lantern.tools.field import release
+from tests.helpers.rollout import NODES, Street, make_bundle, write_pub
 
 pytestmark = pytest.mark.ota
-
-NODES = [f"SL-{i:04d}" for i in range(1, 8)]
-
-
-def write_pub(key: Ed25519PrivateKey, path: Path) -> Path:
-    path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    path.chmod(0o644)
-    return path
-
-
-def make_bundle(key: Ed25519PrivateKey, version: str = "0.2.0", min_gateway: str = "0.0.1",
-                boards: tuple[str, ...] = ("unix-sim",)) -> bytes:
-    files = [("main.py", b"import node\n"), ("node/app.mpy", b"M\x06" + version.encode())]
-    return release.bundle(key, version, 0, min_gateway, list(boards), (6, 3), files)
-
-
-@dataclass
-class Outcome:
-    node: str
-    status: str
-    reason: str | None = None
-    version: str | None = None
-    detail: str = ""
-
-
-@dataclass
-class Street:
-    """The transfer double: each node answers as `verdicts` says, or waits for `gates`."""
-
-    verdicts: dict[str, str] = field(default_factory=dict)  # node → status (default updated)
-    gates: dict[str, asyncio.Event] = field(default_factory=dict)
-    calls: list[str] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
-    cancelled: list[str] = field(default_factory=list)
-    started: dict[str, asyncio.Event] = field(default_factory=dict)
-
-    def ev(self, node: str) -> asyncio.Event:
-        return self.started.setdefault(node, asyncio.Event())
-
-    async def push(self, channel: Any, node: str, bundle: bytes, **_: Any) -> Outcome:
-        assert channel == f"channel-{node}"
-        self.calls.append(node)
-        self.ev(node).set()
-        try:
-            if node in self.gates:
-                await self.gates[node].wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(node)
-            raise
-        self.finished.append(node)
-        status = self.verdicts.get(node, "updated")
-        version = "0.2.0" if status == "updated" else "0.1.0"
-        reason = {"rolled_back": "boot_exception: ImportError", "refused": "board"}.get(status)
-        return Outcome(node, status, reason, version, f"{node}: {status}")
-
 
 @pytest.fixture
 def key() -> Ed25519PrivateKey:

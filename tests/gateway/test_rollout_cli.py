@@ -14,13 +14,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from lantern.agent.api import Api, GatewayView
-from lantern.agent.config import UpdatesConfig
-from lantern.agent.metrics import Metrics
 from lantern.agent.ota.rollout import RolloutManager
-from lantern.agent.queue.store import Store
-from tests.gateway.test_rollout import NODES, Street, make_bundle, write_pub
-from tests.helpers.api import FakeForwarder, FakeLink
+from tests.helpers.rollout import Street, api_with_rollout, make_bundle
 
 pytestmark = pytest.mark.ota
 
@@ -45,19 +40,12 @@ class Gateway:
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    key = Ed25519PrivateKey.generate()
-    cfg = UpdatesConfig(write_pub(key, tmp_path / "release.pub.pem"), canary=1, step=2)
     street = Street(gates={"SL-0002": asyncio.Event()})
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    async with Store(tmp_path / "queue.sqlite") as store, RolloutManager(
-            state, cfg, lambda n: f"channel-{n}", lambda: NODES, street.push) as manager:
-        view = GatewayView(Metrics(), store, NODES, [FakeLink("serial:/dev/ttyUSB0")],
-                           [FakeForwarder()], rollout=manager)
-        server = TestServer(Api(view, TOKEN).app, host="127.0.0.1")
+    async with api_with_rollout(tmp_path, street, TOKEN, step=2) as (app, manager, key):
+        server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         try:
             yield Gateway(str(server.make_url("/")), token_file, street, manager, key,

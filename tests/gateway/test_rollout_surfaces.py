@@ -16,19 +16,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from lantern.agent import ngsi
-from lantern.agent.api import Api, GatewayView
 from lantern.agent.config import UpdatesConfig, load_config
 from lantern.agent.errors import ConfigError
-from lantern.agent.metrics import Metrics
 from lantern.agent.ota.rollout import RolloutManager
-from lantern.agent.queue.store import Store
 from lantern.agent.sinks.mqtt import MqttSink, MqttSinkConfig
-from tests.gateway.test_rollout import NODES, Street, make_bundle, write_pub
 from tests.helpers import sdm
-from tests.helpers.api import FakeForwarder, FakeLink
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.ngsi import NODES as NGSI_NODES
 from tests.helpers.ngsi import batch, records
+from tests.helpers.rollout import Street, api_with_rollout, make_bundle, write_pub
 
 pytestmark = pytest.mark.ota
 
@@ -49,17 +45,10 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    key = Ed25519PrivateKey.generate()
-    cfg = UpdatesConfig(write_pub(key, tmp_path / "release.pub.pem"), canary=1, step=3)
     street = Street(gates={"SL-0002": asyncio.Event()})
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    async with Store(tmp_path / "queue.sqlite") as store, RolloutManager(
-            state, cfg, lambda n: f"channel-{n}", lambda: NODES, street.push) as manager:
-        view = GatewayView(Metrics(), store, NODES, [FakeLink("serial:/dev/ttyUSB0")],
-                           [FakeForwarder()], rollout=manager)
-        async with TestClient(TestServer(Api(view, TOKEN).app)) as client:
-            yield Rig(client, manager, street, key)
+    async with api_with_rollout(tmp_path, street, TOKEN) as (app, manager, key), \
+            TestClient(TestServer(app)) as client:
+        yield Rig(client, manager, street, key)
 
 
 async def test_start_status_and_halt_over_the_api(rig: Rig) -> None:
@@ -211,7 +200,7 @@ async def test_mqtt_retains_each_nodes_firmware_version_once_per_change(tmp_path
             await c.subscribe("lantern/SL-0042/firmware", qos=1)
             msg = await asyncio.wait_for(anext(aiter(c.messages)), 10)
         assert msg.retain
-        rec = json.loads(msg.payload)[0]  # type: ignore[arg-type]
+        rec = json.loads(msg.payload)[0]
         assert rec["n"] == "urn:dev:lantern:SL-0042:firmware" and rec["vs"] == "0.2.0"
         assert sink._published == {"SL-0042": "0.2.0"}
     finally:
