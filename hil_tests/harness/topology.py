@@ -103,6 +103,9 @@ class Topology:
     node_class: type[SimNode] = SimNode  # QEMU boards: hil_tests/harness/qemu.py
     # node id → seq → frame, as a test read them from the node's flash (power-cut scenario)
     flash_frames: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    # the release public key (32 raw bytes) every node is provisioned with (release.pub), so
+    # tests can update them (hil_tests/harness/ota.py); None: the nodes refuse updates
+    release_pub: bytes | None = None
 
     async def start(self, gateway: bool = True) -> None:
         await self.upstream.start()
@@ -121,6 +124,9 @@ class Topology:
             self.nodes.append(self.node_class(node_id, self.workdir / "nodes",
                                               port=relay.node_port,
                                               interval_ms=self.interval_ms, extra=extra))
+        if self.release_pub is not None:
+            for n in self.nodes:
+                n.release_pub = self.release_pub
         for n in self.nodes:
             n.write_config()
         keys = self.workdir / "keys.toml"

@@ -79,6 +79,10 @@ def add_parser(sub: Any) -> None:
                    help="the gateway's config, when provisioning on the gateway's host: its "
                    "queue tells the highest frame sequence it has taken from this node id, and "
                    "a new key's sequence starts above it (else above the clock: Unix ms)")
+    n.add_argument("--release-pub", type=Path, metavar="NAME.pub.pem",
+                   help="the release public key the node checks every update with "
+                   "(`lantern release keygen`); default: --gateway-config's [updates] "
+                   "release_key. Without one the node refuses every update")
     n.add_argument("--new-key", action="store_true",
                    help="replace an existing key (old unsent frames on the node are dropped)")
     n.add_argument("--keep-key", action="store_true",
@@ -116,6 +120,8 @@ class Plan:
     start: int = 0  # index in STEPS of the first step run (--from)
     queue: Path | None = None  # the gateway's queue (--gateway-config)
     gateway_state: Path | None = None  # its state_dir: whose the key file is (--gateway-config)
+    release: bytes | None = None  # the release public key, 32 raw bytes (release.pub)
+    release_from: str = ""  # where it came from, for the installer
 
 
 def board_module() -> Any:
@@ -179,6 +185,8 @@ def plan(args: argparse.Namespace) -> Plan:
                         f"{ps.INTERVAL_MIN_S:g} to {ps.INTERVAL_MAX_S:g} s",
                         "e.g. --interval 60 (the node's set-interval command has the same range)")
     queue = gateway_state = None
+    release_path: Path | None = args.release_pub
+    release_from = "--release-pub"
     if args.gateway_config is not None:
         try:
             gw = load_config(args.gateway_config)
@@ -190,6 +198,9 @@ def plan(args: argparse.Namespace) -> Plan:
             args.keys = gw.keys_file
         if args.keys.resolve() == gw.keys_file.resolve():
             gateway_state = gw.state_dir
+        if release_path is None and gw.updates is not None:
+            release_path = gw.updates.release_key
+            release_from = f"[updates] release_key of {args.gateway_config}"
     if args.keys is None:
         args.keys = Path("keys.toml")
     if args.flash and not args.dry_run:
@@ -205,9 +216,17 @@ def plan(args: argparse.Namespace) -> Plan:
     except ValueError as e:
         raise StepError(str(e), "set this computer's clock (`timedatectl`, NTP), then run "
                         "this again") from None
+    release = None
+    if release_path is not None:
+        try:
+            release, kid = ps.release_public(release_path)
+        except ValueError as e:
+            raise StepError(str(e), "give the NAME.pub.pem that `lantern release keygen` "
+                            "wrote beside NAME.pem") from None
+        release_from = f"{release_path} (kid {kid}, from {release_from})"
     stage = args.out or STAGING / args.id
     return Plan(args, board, path, stage, _location(args.location), firmware, queue=queue,
-                gateway_state=gateway_state)
+                gateway_state=gateway_state, release=release, release_from=release_from)
 
 
 def _unwritable(path: Path) -> str | None:
@@ -395,13 +414,33 @@ def step_config(p: Plan, dry: bool) -> list[str]:
     files = ["node.json", "board.json"] if nvs else ["node.json", "node.key (0600)", "board.json"]
     where = [f"the key goes into the board's NVS at the deploy ({ps.NVS_SCRIPT}, written for "
              "it and removed after): no copy of it stays here"] if nvs else []
+    if p.release is not None:
+        files.append(ps.RELEASE_FILE)
+        where.append(f"{ps.RELEASE_FILE}: the release public key {p.release_from}")
+    else:
+        where.append(f"no release key (--release-pub NAME.pub.pem, or --gateway-config with "
+                     f"[updates]): the node keeps the {ps.RELEASE_FILE} it has, and without one "
+                     "it refuses every update")
     if dry:
         return [f"write {', '.join(files)} to {p.stage}", *where, json.dumps(node_config(p))]
     p.stage.mkdir(parents=True, exist_ok=True)
     (p.stage / "node.json").write_text(json.dumps(node_config(p), indent=2) + "\n")
     _stage_key(p)
+    _stage_release(p)
     shutil.copyfile(p.board_path, p.stage / "board.json")
     return [f"wrote {', '.join(files)} to {p.stage}", *where]
+
+
+def _stage_release(p: Plan) -> None:
+    """release.pub as this run decided (no stale copy from an earlier run's --release-pub):
+    public, so plain mode; the node reads it beside node.json (node/ota.py)."""
+    path = p.stage / ps.RELEASE_FILE
+    if p.release is None:
+        path.unlink(missing_ok=True)
+    else:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(p.release)
+        os.replace(tmp, path)
 
 
 def _stage_key(p: Plan) -> None:
@@ -499,7 +538,8 @@ def step_deploy(p: Plan, dry: bool) -> list[str]:
     drop = fresh and not (p.key is not None and _holds(p, p.key))
     start = _seq_start(p) if fresh or dry else None
     script = ps.seq_script(node_config(p)["state_dir"], start.value) if fresh and start else None
-    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", drop, nvs_key=nvs, seq=script)
+    argv = ps.deploy_argv(_port(p), p.stage, p.firmware == "mpy", drop, nvs_key=nvs, seq=script,
+                          release=p.release is not None)
     lines = [ps.shown(argv)]
     if dry:
         assert start is not None
@@ -507,6 +547,7 @@ def step_deploy(p: Plan, dry: bool) -> list[str]:
                 f"{start.value} or above: {start.why}"]
     assert p.key is not None
     _stage_key(p)  # the key the key step decided, whatever an earlier run staged
+    _stage_release(p)  # likewise the release key (a resumed run skips the config step)
     if nvs:
         write_secret(p.stage / ps.NVS_SCRIPT, ps.nvs_key_script(p.key))
     if fresh:  # from here on a node may boot with it

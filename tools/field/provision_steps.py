@@ -301,17 +301,50 @@ def esptool_commands(board: dict[str, Any], port: str, image: Path, erase: bool
     return cmds
 
 
+# The release public key on the node (node/ota.py reads it): 32 raw Ed25519 bytes beside
+# node.json, the key every update bundle must be signed with (docs/updates.md).
+RELEASE_FILE = "release.pub"
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def release_public(path: Path) -> tuple[bytes, str]:
+    """The release public key in `path` (`lantern release keygen`'s NAME.pub.pem): its 32 raw
+    bytes and its kid in hex, as bundles name their signer. ValueError, one line, for what a
+    node must not be given: a private key (it never leaves the release manager's safe), a
+    file that is no Ed25519 public key PEM, a key of small order (anyone can sign for it)."""
+    try:
+        pem = path.read_bytes()[:65536]
+    except OSError as e:
+        raise ValueError(f"--release-pub {path}: cannot read: {e.strerror or e}") from None
+    labels = {m.group(1).decode() for m in _PEM_LABEL.finditer(pem)}
+    if any("PRIVATE" in label for label in labels):
+        raise ValueError(f"--release-pub {path}: is a PRIVATE key; give its public half "
+                         "(NAME.pub.pem from `lantern release keygen`), and keep the private "
+                         "key offline")
+    from lantern.tools.field.release import ReleaseError, key_id, load_public
+
+    try:
+        key = load_public(path)
+    except ReleaseError as e:
+        raise ValueError(f"--release-pub {' '.join(str(e).split())}") from None
+    return key.public_bytes_raw(), key_id(key).hex()
+
+
 def mpremote(port: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "mpremote", "connect", port, *args]
 
 
 def deploy_argv(port: str, stage: Path, firmware: bool, drop_outbox: bool,
-                nvs_key: bool = False, seq: str | None = None) -> list[str]:
+                nvs_key: bool = False, seq: str | None = None,
+                release: bool = False) -> list[str]:
     """One mpremote run: config, key and board (and firmware) onto the board; the key into NVS
-    where the board has one (nvs_key), else onto its filesystem; then `seq` (seq_script) if
-    the key is new, after the old frames are dropped."""
+    where the board has one (nvs_key), else onto its filesystem; the release public key
+    (release.pub) beside node.json if `release`; then `seq` (seq_script) if the key is new,
+    after the old frames are dropped."""
     names = ("node.json", "board.json") if nvs_key else ("node.json", "node.key", "board.json")
     files = [str(stage / n) for n in names]
+    if release:
+        files.append(str(stage / RELEASE_FILE))
     if firmware:
         files.append(str(stage / "main.py"))
     args = ["fs", "cp", *files, ":"]

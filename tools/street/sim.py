@@ -27,6 +27,7 @@ from pathlib import Path
 import lantern
 from lantern.agent.config import write_secret
 from lantern.agent.configfile import toml_string
+from lantern.tools.field.provision_steps import RELEASE_FILE
 from lantern.tools.street.faults import Faults
 
 # The street runs on the MicroPython `make micropython` builds under .build/ (a clone's, or
@@ -184,6 +185,9 @@ class SimNode:
     # the process that runs the chip models outside the node's heap (unix boards)
     scenario: dict[str, object] = field(default_factory=dict)
     street: subprocess.Popen[bytes] | None = None
+    # the release public key (32 raw bytes) provisioned beside node.json as release.pub, as
+    # `lantern provision --release-pub` does: the node then takes updates signed by it
+    release_pub: bytes | None = None
 
     @property
     def dir(self) -> Path:
@@ -214,6 +218,11 @@ class SimNode:
         }
         path = self.dir / "node.json"
         path.write_text(json.dumps(cfg, indent=2) + "\n")
+        if self.release_pub is not None:
+            if len(self.release_pub) != 32:
+                raise ValueError(f"{self.node_id}: a release public key is 32 raw bytes, "
+                                 f"got {len(self.release_pub)}")
+            (self.dir / RELEASE_FILE).write_bytes(self.release_pub)
         return path
 
     @property
