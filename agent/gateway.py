@@ -13,6 +13,7 @@ import pwd
 import signal
 import sqlite3
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -61,6 +62,8 @@ async def _line(view: GatewayView) -> str:
 
 
 VERSIONS_EVERY_S = 5.0
+PROBE_UNKNOWN_S = 15.0
+PROBE_EVERY_S = 600.0
 
 
 def _reach(links: list[Any], metrics: Metrics) -> Callable[[str], Any]:
@@ -79,17 +82,27 @@ def _reach(links: list[Any], metrics: Metrics) -> Callable[[str], Any]:
 
 async def _learn_versions(rollout: RolloutManager, links: list[Any], nodes: list[str]) -> None:
     """Each node's firmware and board, as its last STATUS on any link said (agent/nodecmd.py
-    keeps them per channel), handed to the rollout manager and from it to the sinks."""
+    keeps them per channel), handed to the rollout manager and from it to the sinks and the
+    API. A node speaks STATUS only when asked: a link is probed (one empty COMMAND, answered
+    by whoever is on it) every PROBE_UNKNOWN_S while a node's version is unknown, and every
+    PROBE_EVERY_S anyway (a node flashed by cable runs another version)."""
+    probed: dict[str, float] = {}
     while True:
+        now = time.monotonic()
+        unknown = any(n not in rollout.firmware for n in nodes)
         for link in links:
             channel = getattr(link, "commander", None)
-            identity = getattr(channel, "identity", None)
-            if identity is None:
+            if channel is None or not hasattr(channel, "identity"):
                 continue
             for node in nodes:
-                ident = identity(node)
-                if ident is not None and getattr(ident, "verified", False):
+                ident = channel.identity(node)
+                if ident is not None and ident.verified:
                     rollout.learn(node, ident.firmware, ident.board, ident.upd)
+            last = probed.get(link.name)
+            if getattr(link, "connected", False) and (
+                    last is None or now - last > (PROBE_UNKNOWN_S if unknown else PROBE_EVERY_S)):
+                probed[link.name] = now
+                channel.probe()
         await asyncio.sleep(VERSIONS_EVERY_S)
 
 

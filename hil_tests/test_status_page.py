@@ -3,7 +3,11 @@
 Three nodes run the firmware on the unix port and feed the real gateway process; Chromium
 (Debian's package, driven over the DevTools protocol) loads the page the gateway serves.
 One node is frozen (SIGSTOP) for several sampling intervals: the page must flag it while it
-is silent and, once it samples again, draw the gap where its readings are missing.
+is silent and, once it samples again, draw the gap where its readings are missing. Then a
+rollout (`lantern gateway rollout start`) of a signed bundle the canary refuses (these
+nodes hold no release key, and the bundle names another bytecode version: either refuses
+it): the page shows it halted with the node's reason, the other nodes untouched, and every
+node's firmware version as its STATUS said it.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ import os
 import re
 import signal
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import lantern
+from lantern.agent.configfile import toml_string
+from lantern.tools.field import release
 
 from .harness.cdp import Browser
 from .harness.topology import Topology
@@ -42,8 +51,13 @@ async def test_status_page_live_in_chromium(tmp_path: Path, micropython: Path) -
     topo = Topology(tmp_path, n_nodes=3, interval_ms=1000)
     await topo.start(gateway=False)
     assert topo.gw_config is not None
+    release_key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "release.pub.pem"
+    pub.write_bytes(release_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     with open(topo.gw_config, "a") as f:
         f.write("\n[api]\nport = 0\n")  # any free port; the gateway logs which
+        f.write(f"\n[updates]\nrelease_key = {toml_string(pub)}\nnode_timeout_s = 60\n")
     topo.start_gateway()
     try:
         await topo.wait_for(lambda: URL_LINE.search(topo.gateway_log()) is not None, 60,
@@ -85,6 +99,7 @@ async def test_status_page_live_in_chromium(tmp_path: Path, micropython: Path) -
             await b.wait_for(f"!{js(ids[1], 'tr[data-node=NODE] [data-field=flags]')}"
                              ".textContent.includes('stale')", 30,
                              "the frozen node no longer stale once it speaks again")
+            await _rollout_refused_by_the_canary(b, url, ids, release_key, tmp_path)
             png = await b.screenshot(SCREENSHOT)
             (tmp_path / "status-page.png").write_bytes(png)
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,3 +199,41 @@ async def _gap_drawn_where_readings_are_missing(b: Browser, ids: list[str], t_st
             ".map(r => [+r.dataset.from, +r.dataset.to])")
         overlapping = [g for g in rects if g[0] < t_cont - 2 and g[1] > t_stop + 2]
         assert overlapping == [], (other, rects)
+
+
+async def _rollout_refused_by_the_canary(b: Browser, url: str, ids: list[str],
+                                         key: Ed25519PrivateKey, tmp: Path) -> None:
+    """A signed bundle for this board but another bytecode version, to nodes provisioned
+    without a release key: the gateway carries it (signed by the configured key, for a
+    gateway this old), the canary's own check refuses it, the rollout halts."""
+    bundle = tmp / "other-bytecode.lub"
+    bundle.write_bytes(release.bundle(key, "9.9.9", 0, "0.0.1", ["unix-sim"], (6, 99),
+                                      [("main.py", b"print('never runs')\n")]))
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lantern", "gateway", "rollout", "start", str(bundle), "--url",
+        url, "--canary", ids[1], "--step", "1", "--json", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await p.communicate()
+    assert p.returncode == 0, err.decode()
+    assert json.loads(out)["rollout"]["canary"] == [ids[1]]
+    state = await b.wait_for(
+        "(s => !document.getElementById('rollout').hidden && s.dataset.state === 'halted' "
+        "&& s.textContent)(document.getElementById('rollout-state'))", 90,
+        "the rollout panel saying halted")
+    assert state == "halted"
+    rows = await b.eval("""Object.fromEntries([...document.querySelectorAll(
+        '#rollout-nodes tbody tr')].map(tr => [tr.dataset.node, [tr.dataset.state,
+        tr.querySelector('[data-field=role]').textContent,
+        tr.querySelector('[data-field=why]').textContent]]))""")
+    assert rows[ids[1]][:2] == ["refused", "canary"], rows
+    assert rows[ids[1]][2], rows  # the node's reason, as the transfer gave it
+    assert all(rows[n][0] == "pending" for n in (ids[0], ids[2])), rows
+    reason = await b.eval("document.getElementById('rollout-reason').textContent")
+    assert reason.startswith(f"halted: canary {ids[1]} refused"), reason
+    api = await _api(url, "api/rollout")
+    assert api["rollout"]["state"] == "halted"
+    assert api["rollout"]["reason"] == reason.removeprefix("halted: ")
+    # every node's version as its STATUS said (the gateway probes the links for it)
+    await b.wait_for(f"[...document.querySelectorAll('#nodes [data-field=firmware]')]"
+                     f".every(td => td.textContent === {json.dumps(lantern.__version__)})",
+                     60, "every node's firmware version in the node table")

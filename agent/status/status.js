@@ -17,12 +17,13 @@ function token() {
   return sessionStorage.getItem("lantern-token");
 }
 
-async function get(path) {
+async function get(path, optional) {
   const headers = {};
   const t = token();
   if (t) headers.Authorization = "Bearer " + t;
   const r = await fetch(path, {headers, cache: "no-store"});
   if (r.status === 401) throw new Error("this gateway wants a token: open this page as …/#token=YOUR_TOKEN");
+  if (optional && (r.status === 404 || r.status === 503)) return null;  // a gateway without it
   if (!r.ok) throw new Error(path + ": HTTP " + r.status);
   return r.json();
 }
@@ -138,6 +139,7 @@ function renderNodes(data) {
     const bat = n.battery ? fmt(n.battery.v) + (n.battery.u ? " " + n.battery.u : "") : "—";
     const tr = el("tr", {"data-node": n.id, "data-flagged": flags.length ? "1" : "0"},
       el("td", {text: n.id, "data-field": "id"}),
+      el("td", {text: n.firmware || "?", "data-field": "firmware"}),
       el("td", {text: ago(n.age_s), "data-field": "last-seen", "data-age": n.age_s == null ? "" : String(n.age_s),
         title: n.last_seen ? new Date(n.last_seen * 1000).toLocaleString() : "never"}),
       el("td", {text: n.link || "—", "data-field": "link"}),
@@ -147,6 +149,40 @@ function renderNodes(data) {
       el("td", {"data-field": "flags"}, ...(flags.length ? flags.map((f) => el("span", {class: flagClass(f), text: f}))
         : [el("span", {class: "flag none", text: "ok"})])));
     body.append(tr);
+  }
+}
+
+const ROLLOUT_CLASS = {updated: "ok", rolled_back: "bad", refused: "bad", unreachable: "warn",
+  transferring: "busy", applied: "busy", pending: ""};
+
+function renderRollout(data) {
+  const box = document.getElementById("rollout");
+  const ro = data && data.rollout;
+  box.hidden = !ro;
+  if (!ro) return;
+  const st = document.getElementById("rollout-state");
+  st.textContent = ro.state + (ro.state === "running" ? " · " + (ro.phase === "canary" ? "canary"
+    : `step ${ro.step_now} of ${ro.steps - 1}`) : "");
+  st.dataset.state = ro.state;
+  const counts = Object.entries(ro.counts).filter(([, n]) => n).map(([s, n]) => `${n} ${s.replace("_", " ")}`);
+  document.getElementById("rollout-summary").textContent =
+    `release ${ro.version} (bundle ${ro.id}, security floor ${ro.floor}): ${counts.join(", ")}`;
+  const why = document.getElementById("rollout-reason");
+  why.hidden = !ro.reason;
+  why.textContent = !ro.reason ? "" : ro.reason.startsWith("halted") ? ro.reason : "halted: " + ro.reason;
+  const body = document.querySelector("#rollout-nodes tbody");
+  body.replaceChildren();
+  for (const p of ro.nodes) {
+    body.append(el("tr", {"data-node": p.node, "data-state": p.state},
+      el("td", {text: p.node, "data-field": "node"}),
+      el("td", {text: ro.canary.includes(p.node) ? "canary" : "", "data-field": "role"}),
+      el("td", {text: p.state.replace("_", " "), class: ROLLOUT_CLASS[p.state] || "", "data-field": "state"}),
+      el("td", {text: p.version || "—", "data-field": "version"}),
+      el("td", {text: p.detail || p.reason || "", "data-field": "why"})));
+  }
+  for (const [node, why] of Object.entries(ro.skipped || {})) {
+    body.append(el("tr", {"data-node": node, "data-state": "skipped"}, el("td", {text: node}),
+      el("td", {}), el("td", {text: "skipped", class: "muted"}), el("td", {text: "—"}), el("td", {text: why})));
   }
 }
 
@@ -258,7 +294,8 @@ async function refresh() {
   const live = document.getElementById("live");
   const problem = document.getElementById("problem");
   try {
-    const [st, nodes] = await Promise.all([get("api/status"), get("api/nodes")]);
+    const [st, nodes, rollout] = await Promise.all([get("api/status"), get("api/nodes"),
+      get("api/rollout", true)]);
     const now = nodes.now;
     await Promise.all(nodes.nodes.map(async (n) => {
       const ns = nodeState(n.id);
@@ -271,6 +308,7 @@ async function refresh() {
     }));
     renderHealth(st);
     renderNodes(nodes);
+    renderRollout(rollout);
     renderSparks(nodes, now);
     state.refreshes += 1;
     live.dataset.state = "live";
