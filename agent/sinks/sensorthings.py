@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -304,6 +305,9 @@ class SensorThingsSink:
                 device, measurement = split_name(r["n"])
             except ValueError:
                 self._skip("name", f"{r['n']!r} is not a device reading's name")
+                continue
+            if not math.isfinite(v):
+                self._skip("value", f"{r['n']} = {v}: JSON has no number for it")
                 continue
             t = float(r["t"])
             if not TIME_MIN <= t <= TIME_MAX:
