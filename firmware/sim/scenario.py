@@ -24,9 +24,20 @@ K_CLOUD = 7
 K_NODE = 8
 K_LMAX = 9
 K_FAULT = 10
+K_LAMP = 11  # a flickering lamp's on/off dice
 K_CHIP = 16  # chip noise channels start here: K_CHIP + chip-specific offsets
 
 FAULT_KINDS = ("nack", "crc", "stuck", "unplug", "slow")
+# Faults of the street rather than of a chip's bus: target → kinds (docs/sensors.md "Faults")
+STREET_FAULTS = {
+    "lamp": ("dark", "dayburn", "flicker", "degraded"),  # the luminaire and its photocell
+    "node": ("dead",),  # the whole node is off: no packs at all
+    "battery": ("drain",),  # the backup cell loses its charge
+}
+FLICKER_SLOT_S = 120  # a flickering lamp is on or off for two minutes at a time
+DEGRADED = 0.5  # a degraded lamp draws half its power (a failed LED string, a wrong lamp)
+DRAIN_V_PER_H = 0.08  # a draining cell (its charger dead) loses this much an hour
+DRAIN_FLOOR_V = 3.0  # ... down to where its protection cuts it off
 
 
 def _mix(h):
@@ -73,10 +84,18 @@ class Scenario:
         self.faults = []
         for i, f in enumerate(cfg.get("faults", ())):
             kind = f.get("kind")
-            if kind not in FAULT_KINDS:
+            chip = f.get("chip", "bus")
+            street = STREET_FAULTS.get(chip, ())
+            if kind in street:
+                pass
+            elif chip in ("lamp", "node"):
+                raise ValueError("sim.faults[%d].kind: %r is not a %s fault (%s)" % (
+                    i, kind, chip, ", ".join(street)))
+            elif kind not in FAULT_KINDS:
                 raise ValueError("sim.faults[%d].kind: %r is not one of %s" % (
-                    i, kind, ", ".join(FAULT_KINDS)))
-            self.faults.append((f.get("chip", "bus"), kind, float(f.get("from_h", 0)),
+                    i, kind, ", ".join(FAULT_KINDS + STREET_FAULTS["lamp"]
+                                       + STREET_FAULTS["node"] + STREET_FAULTS["battery"])))
+            self.faults.append((chip, kind, float(f.get("from_h", 0)),
                                 float(f.get("to_h", 1e9)), float(f.get("rate", 1.0))))
         self.node_dt = 0.4 * self.u(K_NODE, 1)  # microclimate: a shaded or sunny post
         self.node_alt = 25 + 15 * self.u(K_NODE, 2)  # metres above sea level
@@ -177,11 +196,41 @@ class Scenario:
         """The photocell switches the lamp below 30 lx: ~17 min after sunset until dawn."""
         return self.daylight(t) < 30
 
+    def lamp_burning(self, t):
+        """Whether the lamp gives light: the photocell's wish, unless a lamp fault says
+        otherwise (dark: broken; dayburn: the photocell stuck closed; flicker: a failing lamp
+        going out and striking again every few minutes while it should burn)."""
+        on = self.lamp_on(t)
+        if not self.faults:
+            return on
+        for kind, _ in self.faults_for("lamp", t):
+            if kind == "dark":
+                return False
+            if kind == "dayburn":
+                return True
+            if kind == "flicker" and on:
+                return self.u(K_LAMP, int(t // FLICKER_SLOT_S)) >= 0
+        return on
+
     def lamp_power(self, t):
         """The LED luminaire's draw, W: 36 W, dimmed to 60 % from midnight to 05:00."""
-        if not self.lamp_on(t):
+        if not self.lamp_burning(t):
             return 0.0
-        return 36 * (0.6 if self.hour(t) < 5 else 1.0)
+        p = 36 * (0.6 if self.hour(t) < 5 else 1.0)
+        if self.faults:
+            for kind, _ in self.faults_for("lamp", t):
+                if kind == "degraded":
+                    p *= DEGRADED
+        return p
+
+    def node_up(self, t):
+        """False while a "dead" fault has the node switched off (no packs at all)."""
+        if not self.faults:
+            return True
+        for kind, _ in self.faults_for("node", t):
+            if kind == "dead":
+                return False
+        return True
 
     def lamp_supply(self, t):
         """(volts, amps) at the lamp's 24 V supply, with the cable's drop and driver standby."""
@@ -195,7 +244,18 @@ class Scenario:
 
     def battery(self, t):
         """The node's backup cell, V: charged from the panel by day, drained overnight; with
-        sim.supply "lamp", charged while the lamp is on and drained through the day."""
+        sim.supply "lamp", charged while the lamp is on and drained through the day. A
+        "drain" fault (its charger dead) takes it down DRAIN_V_PER_H from the fault's start."""
+        v = self._battery(t)
+        if self.faults:
+            hrs = self.hours_since_start(t)
+            for c, kind, lo, hi, _ in self.faults:
+                if c == "battery" and kind == "drain" and lo <= hrs < hi:
+                    start = self._battery(self.start_s + lo * 3600)
+                    v = min(v, max(DRAIN_FLOOR_V, start - DRAIN_V_PER_H * (hrs - lo)))
+        return v
+
+    def _battery(self, t):
         h = self.hour(t)
         if self.supply == "lamp":
             rise, sets = self.sunrise_h, self.sunset_h

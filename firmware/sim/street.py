@@ -39,6 +39,11 @@ def build(board, cfg, node_id, wall_ms=None):
         else:
             buses[bus] = SimADC(sc, model)
     for i, (chip, kind, _, _, _) in enumerate(sc.faults):
+        if chip in ("lamp", "node"):
+            if chip == "lamp" and not chips & {"ina219", "ina226"}:
+                raise ValueError("sim.faults[%d]: a lamp fault needs a lamp meter (ina219 or "
+                                 "ina226) on the board" % i)
+            continue
         if chip != "bus" and chip not in chips:
             raise ValueError("sim.faults[%d].chip: %r is not on this board (%s, or 'bus')" % (
                 i, chip, ", ".join(sorted(chips))))

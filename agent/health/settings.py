@@ -1,0 +1,113 @@
+"""The health detectors' thresholds and each lamp's rating, with the defaults docs/alerts.md
+justifies, and their [health] config table (parsed with the config file's own Doc)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..configfile import Doc
+
+# measurement → (identical values in a row that its noise does not allow, floor): a run only
+# counts while |value| > floor (a dark sky, a lamp supply switched off are flat for real)
+STUCK_RUNS: dict[str, tuple[int, float]] = {
+    "temperature": (12, 0.0), "humidity": (12, 0.0), "pressure": (12, 0.0), "co2": (12, 0.0),
+    "illuminance": (12, 100.0), "LAeq": (12, 0.0), "lamp_voltage": (12, 1.0),
+    "battery": (12, 0.0),
+}
+# measurement → what the physical world allows (not the chip's range: the node flags that)
+PHYSICAL: dict[str, tuple[float, float]] = {
+    "temperature": (-50.0, 60.0), "humidity": (0.0, 100.0), "pressure": (80000.0, 110000.0),
+    "co2": (300.0, 10000.0), "pm1": (0.0, 2000.0), "pm2_5": (0.0, 2000.0),
+    "pm4": (0.0, 2000.0), "pm10": (0.0, 2000.0), "illuminance": (0.0, 150000.0),
+    "LAeq": (20.0, 140.0), "LAmax": (20.0, 150.0), "lamp_voltage": (0.0, 300.0),
+    "battery": (2.5, 4.5),
+}
+
+
+@dataclass(frozen=True)
+class Lamp:
+    """One pole's luminaire, from provisioning: its rated power and the dim levels its
+    controller uses (fractions of the rating; none: the lamp is never dimmed)."""
+
+    rating_w: float = 36.0
+    dim_levels: tuple[float, ...] = ()
+    interval_s: float = 300.0  # the node's sampling interval: the span a pack covers
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Thresholds (times in seconds, light in lx, power as a fraction of the lamp's rating)."""
+
+    confirm: int = 3  # samples in a row before a condition is raised: never on one sample
+    clear: int = 3  # samples in a row before it is cleared
+    off_fraction: float = 0.05  # below this share of the rating the lamp is off
+    on_fraction: float = 0.85  # at or above it, on at full power (between: dimmed)
+    rating_tolerance: float = 0.15  # a burning lamp further than this off every level
+    dark_lx: float = 10.0  # darker than this, the lamp must burn (photocells switch at ~30)
+    day_lx: float = 1000.0  # brighter than this, a burning lamp is a day-burner
+    cycling_switches: int = 4  # switch-ons and -offs within cycling_window_s: a failing lamp
+    cycling_window_s: float = 3600.0
+    cycling_clear_s: float = 3600.0  # burning without a switch this long clears it
+    silent_intervals: float = 3.0  # no pack for this many of the node's intervals
+    saving_factor: float = 6.0  # ... times this while the node says it saves its battery
+    battery_low_v: float = 3.5  # the node's own battery_low.low_v default
+    battery_clear_v: float = 3.55  # its hysteresis_v above
+    outbox_high: int = 12  # frames waiting for the gateway's ACK: an hour at 5-min packs
+    outbox_clear: int = 2
+    grid_g_per_kwh: float = 281.0  # EEA, EU-27 (docs/alerts.md "Energy and emissions")
+    max_gap_intervals: float = 2.5  # energy is not integrated across a longer gap
+    stuck_runs: dict[str, tuple[int, float]] = field(default_factory=lambda: dict(STUCK_RUNS))
+    physical: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(PHYSICAL))
+    lamps: dict[str, Lamp] = field(default_factory=dict)  # node → its lamp
+    default_lamp: Lamp = Lamp()
+
+    def lamp(self, node: str) -> Lamp:
+        return self.lamps.get(node, self.default_lamp)
+
+
+_SCALARS = {f.name: f for f in fields(Settings)
+            if f.name not in ("stuck_runs", "physical", "lamps", "default_lamp")}
+_INTS = ("confirm", "clear", "cycling_switches", "outbox_high", "outbox_clear")
+
+
+def parse(doc: Doc, table: dict[str, Any], dotted: str = "health") -> Settings:
+    """[health] (thresholds), [health.lamp] (the default lamp) and [health.lamps."<node>"]."""
+    from ..configfile import positive
+
+    doc.only(table, dotted, (*_SCALARS, "lamp", "lamps"))
+    values: dict[str, Any] = {}
+    for name in _SCALARS:
+        kind: type | tuple[type, ...] = int if name in _INTS else (int, float)
+        if name in table:
+            v = doc.get(table, name, f"{dotted}.{name}", kind, check=positive)
+            values[name] = v if name in _INTS else float(v)
+    s = Settings(**values)
+    if s.on_fraction <= s.off_fraction:
+        raise doc.error(f"{dotted}.on_fraction", "must be above off_fraction")
+    if s.day_lx <= s.dark_lx:
+        raise doc.error(f"{dotted}.day_lx", "must be above dark_lx")
+    default = _lamp(doc, table.get("lamp", {}), f"{dotted}.lamp", Lamp())
+    lamps = {}
+    for node, t in doc.get(table, "lamps", f"{dotted}.lamps", dict, {}).items():
+        lamps[node] = _lamp(doc, t, f'{dotted}.lamps."{node}"', default)
+    return replace(s, default_lamp=default, lamps=lamps)
+
+
+def _lamp(doc: Doc, t: Any, key: str, base: Lamp) -> Lamp:
+    from ..configfile import positive
+
+    if not isinstance(t, dict):
+        raise doc.error(key, "expected a table: rating_w = 36, dim_levels = [0.6]")
+    doc.only(t, key, ("rating_w", "dim_levels", "interval_s"))
+    levels = doc.get(t, "dim_levels", f"{key}.dim_levels", list, list(base.dim_levels),
+                     lambda v: None if all(isinstance(x, int | float) and not isinstance(x, bool)
+                                           and 0 < x < 1 for x in v)
+                     else "expected fractions of the rating between 0 and 1, e.g. [0.6]")
+    return Lamp(
+        rating_w=float(doc.get(t, "rating_w", f"{key}.rating_w", (int, float), base.rating_w,
+                               positive)),
+        dim_levels=tuple(float(x) for x in levels),
+        interval_s=float(doc.get(t, "interval_s", f"{key}.interval_s", (int, float),
+                                 base.interval_s, positive)))
