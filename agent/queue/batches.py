@@ -141,6 +141,9 @@ class Batches:
         self.write_history()
 
     def next_batch(self, max_records: int, after_id: int = 0) -> Batch | None:
+        """Whole frames after `after_id`, leased against eviction (diskcap.py) in the same
+        step: the caller releases the lease once, by delivering the batch (`delivered`,
+        `delivered_to`) or, when it puts the batch back unsent, with `cap.release`."""
         if self.queue.history.upto < after_id:
             self.catch_up(after_id)  # (only after a crash between two writes)
         items: list[Resolved] = []

@@ -15,8 +15,13 @@ queue from the other nodes.
 At the high mark, room is made in this order:
 1. the recent-readings history (a copy of readings for the status page) gives way first;
 2. then the dead letters, oldest first (counted in `dead_dropped`);
-3. then the policy: `evict_oldest` deletes the oldest undelivered frames (never those in a
-   batch a sink is sending), their readings counted in `evicted`; `pause_intake` sets
+3. then the policy: `evict_oldest` deletes the undelivered frames that reached the gateway
+   first (queue order, the frame id), except those in a batch a sink is sending: that batch
+   is retried until it is delivered, and a frame both evicted and delivered would make the
+   count lie. Its readings are counted in `evicted`. So, by arrival: the batch in flight
+   stays, the frames after it go, the newest stay. A node's retransmitted frame arrives after
+   the frames it sent meanwhile, so by sequence number the evicted frames of one node need not
+   be one run (docs/reliability.md); `pause_intake` sets
    `paused`, and the ingest stops acknowledging new frames, so the nodes keep them until the
    queue drains to the low mark. Intake is never paused, and is resumed, while the queue
    holds no frame to deliver: nothing would ever drain it.
@@ -29,6 +34,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +60,11 @@ class DiskCap:
     live_bytes: int = 0
     high: int = 0
     low: int = 0
-    # batches out at sinks, (first id, last id) → how many: two sinks may hold the same range
+    # batches out at sinks, (first id, last id) → how many: two sinks may hold the same range.
+    # Taken on the store's thread (with the read of the batch, so eviction never sees it half
+    # made), given back from either thread: hence the lock
     leases: Counter[tuple[int, int]] = field(default_factory=Counter)
+    _lease_lock: threading.Lock = field(default_factory=threading.Lock)
     _page: int = 0
     _dead_logged: bool = False
 
@@ -169,9 +178,11 @@ class DiskCap:
         """Delete the oldest rows of a table in steps until under the low mark; live bytes."""
         cond = "1"
         args: tuple[int, ...] = ()
-        if table == "frames" and self.leases:
-            cond = " AND ".join("NOT (id BETWEEN ? AND ?)" for _ in self.leases)
-            args = tuple(x for pair in self.leases for x in pair)
+        with self._lease_lock:
+            held = sorted(self.leases) if table == "frames" else []
+        if held:
+            cond = " AND ".join("NOT (id BETWEEN ? AND ?)" for _ in held)
+            args = tuple(x for pair in held for x in pair)
         while live > self.low:
             # RETURNING: an evicted frame counts as the readings it held
             returning = " RETURNING readings" if table == "frames" else " RETURNING 1"
@@ -204,14 +215,18 @@ class DiskCap:
 
     def lease(self, first_id: int, last_id: int) -> None:
         """A sink holds these frames in a batch: eviction leaves them alone."""
-        self.leases[(first_id, last_id)] += 1
+        with self._lease_lock:
+            self.leases[(first_id, last_id)] += 1
 
     def release(self, first_id: int, last_id: int) -> None:
-        """That sink is done with them (another sink may still hold the same range)."""
+        """That sink is done with them, or put the batch back unsent (another sink may still
+        hold the same range). Every lease must be released once: one that is not protects its
+        frames for the process's life, and each adds a term to the eviction's query."""
         key = (first_id, last_id)
-        self.leases[key] -= 1
-        if self.leases[key] <= 0:
-            del self.leases[key]
+        with self._lease_lock:
+            self.leases[key] -= 1
+            if self.leases[key] <= 0:
+                del self.leases[key]
 
 
 def deliverable(db: sqlite3.Connection) -> bool:

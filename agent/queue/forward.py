@@ -76,6 +76,8 @@ class Forwarder:
                 continue
             age = time.time() - batch.first_received
             if not batch.full and age < self.max_age_s:
+                # not sent yet: its lease goes back, it is read again (fuller) after the wait
+                self.store.cap.release(batch.first_id, batch.last_id)
                 await self._wait_new(self.max_age_s - age)
                 continue
             await self._deliver(batch)
