@@ -31,6 +31,12 @@ def describe(cfg: Any) -> str:
              "samples"]
     if (q := getattr(cfg, "queue", None)) is not None:
         lines.insert(4, f"  queue:   at most {q.max_mb:g} MiB on disk, then {q.policy}")
+    if (u := getattr(cfg, "updates", None)) is not None:
+        canary = ", ".join(u.canary) if isinstance(u.canary, tuple) else f"the first {u.canary}"
+        lines.append(f"  updates: bundles signed by {u.release_key}; canary {canary}, then "
+                     f"{u.step} at a time, {u.node_timeout_s:g} s per node")
+    else:
+        lines.append("  updates: no [updates]: rollouts refused")
     return "\n".join(lines)
 
 

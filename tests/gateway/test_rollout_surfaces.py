@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from lantern.agent import ngsi
+from lantern.agent.cli import describe
 from lantern.agent.config import UpdatesConfig, load_config
 from lantern.agent.errors import ConfigError
 from lantern.agent.ota.rollout import RolloutManager
@@ -146,6 +147,8 @@ def test_updates_config(tmp_path: Path) -> None:
                     'canary = ["SL-0003"]\nstep = 4\nnode_timeout_s = 600\n')
     u = load_config(path).updates
     assert u == UpdatesConfig(key, ("SL-0003",), 4, 600.0)
+    assert (f"updates: bundles signed by {key}; canary SL-0003, then 4 at a time, 600 s per "
+            "node") in describe(load_config(path))
     cases = [
         ('release_key = "release.pub.pem"\nsteps = 2\n', "line 13: updates.steps: unknown key"),
         ('release_key = "release.pub.pem"\ncanary = -1\n', "line 13: updates.canary: a count"),
