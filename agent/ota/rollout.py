@@ -29,7 +29,7 @@ from typing import Any
 from lantern import __version__
 
 from ..config import UpdatesConfig, write_secret
-from ..errors import LanternError
+from ..errors import ConfigError, LanternError
 from .transfer import Outcome
 from .transfer import push as transfer_push
 
@@ -167,7 +167,10 @@ class RolloutManager:
         r = self.rollout
         if r is not None and r.state == "running":
             bundle = await asyncio.to_thread(self._read_bundle, r)
-            if bundle is None:
+            if self.cfg is None:
+                await self._halt_now(r, "the gateway restarted without [updates]; start the "
+                                     "rollout again once it is configured")
+            elif bundle is None:
                 await self._halt_now(r, f"the bundle ({BUNDLE_FILE}) is gone or differs "
                                      "from the one started; start the rollout again")
             else:
@@ -189,6 +192,9 @@ class RolloutManager:
             raw = path.read_bytes()
         except FileNotFoundError:
             return
+        except OSError as e:  # never guess about a rollout: a node done must stay done
+            raise ConfigError(f"{path}: cannot read the rollout's state ({e.strerror}); check "
+                              "the state directory's owner and mode") from None
         try:
             d = json.loads(raw)
             known = d.get("nodes", {})
@@ -199,7 +205,11 @@ class RolloutManager:
         except (ValueError, TypeError, AttributeError, KeyError) as e:
             # not ours to delete: kept aside for whoever wants to look, and said once
             bad = path.with_name(path.name + ".unreadable")
-            os.replace(path, bad)
+            try:
+                os.replace(path, bad)
+            except OSError as err:
+                raise ConfigError(f"{path}: unreadable ({e}) and cannot be moved aside "
+                                  f"({err.strerror}); move it away by hand") from None
             log.error("rollout: %s is unreadable (%s); moved to %s, starting without a "
                       "rollout", path, e, bad.name)
             self.rollout = None

@@ -148,6 +148,19 @@ async def test_a_restarted_gateway_resumes_and_never_sends_again_to_a_node_done(
     assert sorted(second.calls) == NODES[3:]
 
 
+async def test_a_gateway_restarted_without_updates_halts_the_rollout_it_cannot_check(
+        tmp_path: Path, cfg: UpdatesConfig, key: Ed25519PrivateKey) -> None:
+    street = Street(gates={"SL-0001": asyncio.Event()})
+    async with manager(tmp_path, cfg, street) as m:
+        await m.start(make_bundle(key))
+        await street.ev("SL-0001").wait()
+    second = Street()
+    async with manager(tmp_path, None, second) as m2:
+        assert m2.rollout is not None and m2.rollout.state == "halted"
+        assert "without [updates]" in (m2.rollout.reason or "")
+    assert second.calls == []
+
+
 async def test_a_lost_bundle_file_halts_the_resumed_rollout_instead_of_guessing(
         tmp_path: Path, cfg: UpdatesConfig, key: Ed25519PrivateKey) -> None:
     street = Street(gates={"SL-0001": asyncio.Event()})
