@@ -465,7 +465,10 @@ class Api:
         return self.view.rollout
 
     async def rollout(self, request: web.Request) -> web.Response:
-        return web.json_response(self._updates().status())
+        if self.view.rollout is None:  # a view without updates: nothing to show, no error
+            return web.json_response({"configured": False, "gateway_version": __version__,
+                                      "rollout": None, "firmware": {}, "bundles_refused": {}})
+        return web.json_response(self.view.rollout.status())
 
     async def rollout_start(self, request: web.Request) -> web.Response:
         """POST the bundle itself (application/octet-stream): a type a form cannot send."""
