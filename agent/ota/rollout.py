@@ -158,6 +158,7 @@ class RolloutManager:
         self.refused: Counter[str] = Counter()  # bundles the gateway refused, by reason
         self._task: asyncio.Task[None] | None = None
         self._save_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
         self._later: set[asyncio.Task[None]] = set()
 
     # ---- life cycle
@@ -267,6 +268,12 @@ class RolloutManager:
 
     async def start(self, bundle: bytes, canary: int | Sequence[str] | None = None,
                     step: int | None = None, nodes: Sequence[str] | None = None) -> Rollout:
+        """Check the bundle and start sending it; RolloutError if refused."""
+        async with self._start_lock:  # two POSTs at once: the second finds the first running
+            return await self._start(bundle, canary, step, nodes)
+
+    async def _start(self, bundle: bytes, canary: int | Sequence[str] | None,
+                     step: int | None, nodes: Sequence[str] | None) -> Rollout:
         cfg = self.cfg
         if cfg is None:
             raise RolloutError("unconfigured", "this gateway has no [updates] section: add "

@@ -148,6 +148,20 @@ async def test_a_restarted_gateway_resumes_and_never_sends_again_to_a_node_done(
     assert sorted(second.calls) == NODES[3:]
 
 
+async def test_two_starts_at_once_make_one_rollout(
+        tmp_path: Path, cfg: UpdatesConfig, key: Ed25519PrivateKey) -> None:
+    street = Street(gates={"SL-0001": asyncio.Event()})
+    async with manager(tmp_path, cfg, street) as m:
+        results = await asyncio.gather(m.start(make_bundle(key)), m.start(make_bundle(key)),
+                                       return_exceptions=True)
+        kinds = sorted(type(x).__name__ if not isinstance(x, RolloutError) else x.kind
+                       for x in results)
+        assert kinds == ["Rollout", "busy"]
+        street.gates["SL-0001"].set()
+        await finished(m)
+    assert sorted(street.calls) == NODES
+
+
 async def test_a_gateway_restarted_without_updates_halts_the_rollout_it_cannot_check(
         tmp_path: Path, cfg: UpdatesConfig, key: Ed25519PrivateKey) -> None:
     street = Street(gates={"SL-0001": asyncio.Event()})
