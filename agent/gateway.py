@@ -280,6 +280,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         notifier.stopping("stopping: " + await _line(view))
         stopper.cancel()
+        await rollout.stop()  # before the links: a node must not look unreachable
         pending = set(tasks)
         while pending:
             # Cancel again until all have ended: a gateway once stayed up after SIGTERM with a

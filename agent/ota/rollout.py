@@ -181,6 +181,12 @@ class RolloutManager:
                 self._launch(r, bundle)
         return self
 
+    async def stop(self) -> None:
+        """Stop sending (the gateway stops): nodes in flight go back to pending, to be
+        resumed by the next start. Call it before the links stop, so that no node is taken
+        for unreachable because its link went away under it."""
+        await self._stop_task()
+
     async def __aexit__(self, *exc: object) -> None:
         await self._stop_task()
         for t in list(self._later):
