@@ -9,6 +9,7 @@ import pytest
 
 from lantern.agent.ngsi import split_name
 from lantern.agent.sinks.sensor_community import UNFIT, VALUES
+from lantern.agent.sinks.session import frame, quality_flags
 from lantern.tools.street.sc_receiver import ScReceiver
 from lantern.tools.street.sta_server import StaServer
 
@@ -95,9 +96,9 @@ async def test_sensor_community_gets_their_documented_requests(topology: Topolog
                                 "every reading on HTTP")
         chosen = {"pm10", "pm2_5", "temperature", "humidity", "pressure", "LAeq"}
         readings = topology.upstream.readings.values()
-        flagged = {(r["n"][:-2], r["t"]) for r in readings
-                   if r["n"].endswith(".q") and r["v"] & UNFIT}  # e.g. a fan still warming up
-        sent = {split_name(r["n"]) for r in readings if (r["n"], r["t"]) not in flagged}
+        flags = quality_flags(list(readings))  # e.g. a fan still warming up
+        sent = {split_name(r["n"]) for r in readings
+                if not flags.get((r["n"], frame(r["id"])), 0) & UNFIT}
         want = {(f"esp32-100{n[-1]}", VALUES[m][0]) for n, m in sent if m in chosen}
         assert want, "no unflagged reading to publish"
         await topology.wait_for(lambda: {(s, p) for s, p, _ in receiver.accepted} == want, 20,

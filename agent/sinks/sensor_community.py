@@ -34,7 +34,8 @@ from ..configfile import Doc, one_of, positive
 from ..ngsi import split_name
 from ..plugins import SinkPlugin
 from ..queue.resolve import Batch
-from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
+from .http import SHOWN_MAX, DeliveryError, read_bounded
+from .session import SessionSink, frame, quality_flags
 
 log = logging.getLogger("lantern.sink.sensor_community")
 
@@ -73,31 +74,20 @@ class Pending:
         default_factory=lambda: defaultdict(list))
 
 
-class SensorCommunitySink:
+class SensorCommunitySink(SessionSink):
     name = "sensor_community"
 
     def __init__(self, cfg: SensorCommunitySinkConfig,
                  now: Callable[[], float] = time.time) -> None:
+        super().__init__(cfg.timeout_s)
         self.cfg = cfg
         self.now = now
-        self._session: aiohttp.ClientSession | None = None
         self._pending: dict[tuple[str, int], Pending] = {}
         self._last: dict[tuple[str, int], float] = {}  # (sensor id, pin) → last push
         self._batch: tuple[int, int] | None = None
         self._seen: set[str] = set()  # reading ids of the current batch already taken
         self.pushes = 0
-        self.last_latency_s: float | None = None
         self.skipped: Counter[str] = Counter()
-        self.redirects: Counter[int] = Counter()
-
-    async def __aenter__(self) -> SensorCommunitySink:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     def _skip(self, reason: str, detail: str, n: int = 1) -> None:
         if not self.skipped[reason]:
@@ -107,8 +97,7 @@ class SensorCommunitySink:
 
     def _take(self, records: list[dict[str, Any]]) -> None:
         now = self.now()
-        flags = {(r["n"][:-2], r["t"]): r["v"] for r in records
-                 if r.get("n", "").endswith(".q") and isinstance(r.get("v"), int)}
+        flags = quality_flags(records)
         for r in records:
             v = r.get("v")
             if r["id"] in self._seen or not isinstance(v, int | float) or isinstance(v, bool):
@@ -124,7 +113,7 @@ class SensorCommunitySink:
             if sensor is None:
                 self._skip("unregistered", f"node {node} has no registered sensor id")
                 continue
-            if not math.isfinite(v) or flags.get((r["n"], r["t"]), 0) & UNFIT:
+            if not math.isfinite(v) or flags.get((r["n"], frame(r["id"])), 0) & UNFIT:
                 self._skip("flagged", f"{r['n']} carries a quality flag")
                 continue
             if not now - self.cfg.max_age_s <= r["t"] <= now + 60:
@@ -173,15 +162,8 @@ class SensorCommunitySink:
                 if 200 <= resp.status < 300:
                     self.pushes += 1
                     return
-                if 300 <= resp.status < 400:
-                    self.redirects[resp.status] += 1
-                    raise redirect_error(url, resp.status, resp.headers.get("Location"))
-                retry_after = None
-                if resp.status in (429, 503):
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                raise DeliveryError(f"HTTP {resp.status} from {shown_url(url)} for sensor "
-                                    f"{sensor} pin {pin}: "
-                                    f"{answer.decode(errors='replace')}", retry_after)
+                raise self.refused(url, resp, f"sensor {sensor} pin {pin}: "
+                                   + answer.decode(errors="replace"))
         except (aiohttp.ClientError, TimeoutError) as e:
             raise DeliveryError(f"{type(e).__name__} posting to {shown_url(url)}: {e}") \
                 from None

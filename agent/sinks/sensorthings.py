@@ -35,7 +35,8 @@ from ..ngsi import NodeMeta, iso, split_name
 from ..plugins import SinkPlugin
 from ..protocol import TIME_MAX, TIME_MIN
 from ..queue.resolve import Batch
-from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
+from .http import SHOWN_MAX, DeliveryError, read_bounded
+from .session import SessionSink, frame, quality_flags
 
 log = logging.getLogger("lantern.sink.sensorthings")
 
@@ -139,14 +140,14 @@ def entity_id(location: str | None, body: bytes) -> Any:
                             "Location nor its @iot.id") from None
 
 
-class SensorThingsSink:
+class SensorThingsSink(SessionSink):
     name = "sensorthings"
 
     def __init__(self, cfg: SensorThingsSinkConfig, nodes: dict[str, NodeMeta]) -> None:
+        super().__init__(cfg.timeout_s)
         self.cfg = cfg
         self.nodes = nodes
         self.root = cfg.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "application/json"}
         if cfg.token_file:
             self._headers["Authorization"] = "Bearer " + cfg.token_file.read_text().strip()
@@ -154,21 +155,10 @@ class SensorThingsSink:
         self.data_array: bool | None = None  # from the landing page, read once
         self._batch: tuple[int, int] | None = None
         self._done: set[str] = set()  # reading ids of the current batch already created
-        self.last_latency_s: float | None = None
         self.created: Counter[str] = Counter()  # entities this sink created, by entity set
         self.found: Counter[str] = Counter()  # entities found again, by entity set
         self.skipped: Counter[str] = Counter()  # readings no Observation can hold, by reason
-        self.redirects: Counter[int] = Counter()
         self.partial_failures = 0
-
-    async def __aenter__(self) -> SensorThingsSink:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -186,18 +176,11 @@ class SensorThingsSink:
                 self.last_latency_s = time.monotonic() - t0
                 if resp.status in ok:
                     return resp.status, answer, resp.headers.get("Location")
-                if 300 <= resp.status < 400:
-                    self.redirects[resp.status] += 1
-                    raise redirect_error(url, resp.status, resp.headers.get("Location"))
-                retry_after = None
-                if resp.status in (429, 503):
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 if 400 <= resp.status < 500 and resp.status != 429:
                     # an entity we cached may be gone (a server reset): look everything up again
                     self._ids.clear()
-                detail = answer[:SHOWN_MAX].decode(errors="replace")
-                raise DeliveryError(f"HTTP {resp.status} from {method} {shown_url(url)}: "
-                                    f"{detail}", retry_after)
+                raise self.refused(url, resp, f"{method}: "
+                                   + answer[:SHOWN_MAX].decode(errors="replace"))
         except (aiohttp.ClientError, TimeoutError) as e:
             raise DeliveryError(f"{type(e).__name__} on {method} {shown_url(url)}: {e}") \
                 from None
@@ -292,10 +275,7 @@ class SensorThingsSink:
 
     def readings(self, records: list[dict[str, Any]]) -> list[Reading]:
         """The batch's numeric readings as Observations; flags (`<name>.q`) in parameters."""
-        flags: dict[tuple[str, float], int] = {}
-        for r in records:
-            if r.get("n", "").endswith(".q") and isinstance(r.get("v"), int):
-                flags[(r["n"][:-2], r["t"])] = r["v"]
+        flags = quality_flags(records)
         out = []
         for r in records:
             v = r.get("v")
@@ -329,7 +309,7 @@ class SensorThingsSink:
                 "phenomenonTime": f"{iso(t - meta.interval_s)}/{when}"
                                   if measurement in PERIOD else when,
                 "resultTime": when, "result": v, "parameters": {"lantern_id": r["id"]}}
-            q = flags.get((r["n"], r["t"]))
+            q = flags.get((r["n"], frame(r["id"])))
             if q:
                 obs["parameters"]["lantern_quality"] = q
                 obs["parameters"]["lantern_flags"] = [

@@ -306,3 +306,16 @@ async def test_a_redirect_is_not_followed_and_a_node_without_a_place_is_counted(
         assert len(server.all("Observations")) == PER_PACK and server.rejected == []
     finally:
         await runner.cleanup()
+
+
+async def test_a_flag_marks_its_own_frame_only_even_in_the_same_second(
+        server: StaServer) -> None:
+    """Two packs sealed in one second share a time: the flag belongs to its frame."""
+    recs = [*records(node="SL-0001", seq=0), *records(node="SL-0001", seq=1),
+            {"n": "urn:dev:lantern:SL-0001:pm10.q", "t": T0, "v": 8, "id": "SL-0001:1:99"}]
+    async with SensorThingsSink(_cfg(server), NODES) as sink:
+        await sink.send(batch(recs))
+    pm10 = _observations_by_stream(server)["SL-0001 pm10"]
+    assert [o["parameters"] for o in pm10] == [
+        {"lantern_id": "SL-0001:0:7"},
+        {"lantern_id": "SL-0001:1:7", "lantern_quality": 8, "lantern_flags": ["stuck"]}]
