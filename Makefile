@@ -11,6 +11,8 @@ APT_PACKAGES := build-essential pkg-config libffi-dev libmbedtls-dev patch xz-ut
 APT_PACKAGES += chromium systemd
 # reliability scenario 6: the gateway's state on a small ext4 image (mkfs.ext4, e2fsck; unshare)
 APT_PACKAGES += e2fsprogs util-linux
+# the cabinet power-cut scenario: the gateway's state on a FUSE filesystem (mfusepy over libfuse3)
+APT_PACKAGES += libfuse3-3 fuse3
 
 .PHONY: all demo test test-unit test-hil lint micropython deps venv clean distclean
 .PHONY: install uninstall dist lock sbom
@@ -75,7 +77,8 @@ adversarial: venv micropython
 
 ## reliability: every reliability scenario at full size (lossy line, gateway SIGKILLs, a day
 ## without upstream under a disk cap, node power cuts, 200,000 fuzz cases, disk full and
-## read-only); prints a JSON table and writes it into docs/reliability.md
+## read-only, 100 cabinet power cuts that drop every unflushed write); prints a JSON table
+## and writes it into docs/reliability.md
 reliability: venv micropython
 	$(BIN)/python -m lantern.tools.street.reliability
 

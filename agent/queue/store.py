@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,10 @@ log = logging.getLogger("lantern.store")
 
 WINDOW = 64
 _MASK = (1 << WINDOW) - 1
+# FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash. Never
+# configurable; only the power-cut scenario lowers it, on purpose, to show it then fails
+# (hil_tests/harness/powercut.py, docs/reliability.md).
+SYNCHRONOUS = "FULL"
 
 
 @dataclass
@@ -82,6 +87,15 @@ class Window:
             self.bits = (self.bits | 1 << (self.high - seq)) & _MASK
 
 
+def _sync_dir(path: Path) -> None:
+    """fsync a directory: the names created in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _to_sql(bits: int) -> int:
     """SQLite integers are signed 64-bit: store the bitmap's top bit as the sign."""
     return bits - (1 << 64) if bits >= 1 << 63 else bits
@@ -126,17 +140,24 @@ class Store:
                     self.on_dead_letter(*report)
 
     def _open(self) -> None:
+        made = [p for p in self.path.parents if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._check_schema(db)
             migrate(db)
             db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed (and so acknowledged) frame survives a power cut, not only a crash
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
             db.executescript(SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self.history.create(db)
+            if new and SYNCHRONOUS == "FULL":
+                # SQLite syncs the directory for a journal or WAL it creates, never for the
+                # database file: without this, a power cut could take the file's name away
+                # with every frame acknowledged in it (the WAL alone is no database)
+                for d in {self.path.parent, *(p.parent for p in made)}:
+                    _sync_dir(d)
         except BaseException:
             db.close()
             raise
@@ -184,7 +205,7 @@ class Store:
                 raise
         finally:
             if not durable:
-                db.execute("PRAGMA synchronous=FULL")
+                db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
 
     async def windows(self) -> dict[str, Window]:
         """Each node's window with the highest sequence (third-party adverts: their only one)."""

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]  # make reliability runs in a clone
 DOC = ROOT / "docs" / "reliability.md"
-TESTS = ["hil_tests/test_reliability.py", "tests/gateway/test_fuzz_gateway.py",
-         "tests/firmware/test_fuzz_node.py"]
+TESTS = ["hil_tests/test_reliability.py", "hil_tests/test_powercut.py",
+         "tests/gateway/test_fuzz_gateway.py", "tests/firmware/test_fuzz_node.py"]
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
 COLUMNS = ("scenario", "sent", "delivered", "lost", "duplicates_upstream", "accepted_forged",
            "accepted_corrupt")
