@@ -358,8 +358,8 @@ def test_the_config_with_every_section_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "key", "says"), [
     ('[links.serail]\nport = "/dev/ttyUSB0"\n', "links.serail", "unknown link; expected serial or "
      "ble"),
-    ('[sinks.htp]\nurl = "http://x"\n', "sinks.htp", "unknown sink; expected http, ngsi_ld or "
-     "mqtt"),
+    ('[sinks.htp]\nurl = "http://x"\n', "sinks.htp", "unknown sink; expected http, ngsi_ld, "
+     "mqtt, sensorthings or sensor_community"),
 ])
 def test_unknown_link_or_sink_kind_is_refused(text: str, key: str, says: str,
                                               cfg_dir: Path) -> None:
