@@ -18,6 +18,7 @@ resets itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from lantern.agent import nodecmd
+from lantern.agent.config import write_secret
 from lantern.agent.ota.transfer import TransferStats, push, split
 from tests.helpers.gateway_node import node_line
 
@@ -57,6 +59,9 @@ pytestmark = pytest.mark.ota
 BOARD = "unix-sim-lite"  # node_line's node: the simple climate model
 STREET_BOARD = "unix-sim"  # the Topology's nodes: real drivers on the simulated street
 TRIAL_S = 8  # update_trial_s: how long a candidate has to get a pack ACKed
+# over BLE the gateway first reconnects to the rebooted node (scan, connect, discover): on
+# two loaded cores that alone took more than 8 s once
+BLE_TRIAL_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +258,100 @@ async def test_a_node_at_its_boards_heap_takes_an_offer(tmp_path: Path, rel: Rel
             code, res = await ch.command(node, 9, {1: head[at:at + 512], 2: at})
             at += 512
         assert code == 0 and res.get(3) == 768, (code, res, line.output()[-1500:])
+
+
+@pytest.mark.ble_virtual
+async def test_rollout_over_uart_and_ble_from_one_gateway(
+        tmp_path: Path, rel: Releases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 MicroPython nodes on ptys and 2 BLE nodes (the firmware on CPython, bumble's virtual
+    radio: tests/ble/harness.py OtaNode) in one gateway; a BLE node is the canary."""
+    from lantern.agent import api as api_mod
+    from lantern.agent.links import ble as ble_link
+    from tests.ble import harness as ble
+
+    topo = Topology(tmp_path / "uart", n_nodes=3, interval_ms=400, release_pub=rel.pub,
+                    node_class=RoomyNode, node_extra={"update_trial_s": TRIAL_S})
+    (tmp_path / "uart").mkdir()
+    (tmp_path / "ble").mkdir()
+    urls: list[str] = []
+    enter = api_mod.ApiServer.__aenter__
+
+    async def served(self: api_mod.ApiServer) -> api_mod.ApiServer:
+        out = await enter(self)
+        if self.url:
+            urls.append(self.url)
+        return out
+
+    monkeypatch.setattr(api_mod.ApiServer, "__aenter__", served)
+    world = ble.World(tmp_path / "ble", upstream=topo.upstream, api=True)
+    init = ble_link.BleLink.__init__
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> None:  # as tests/ble/conftest.py
+        init(self, *args, **kwargs)
+        world.links.append(self)
+
+    monkeypatch.setattr(ble_link.BleLink, "__init__", capture)
+    radios = [ble.OtaNode(f"SL-01{i:02d}", f"F0:00:00:00:01:{i:02X}", world.workdir / "nodes",
+                          {"adv_interval_ms": 50, "rotate_ms": 100}, interval_ms=400,
+                          release_pub=rel.pub, extra={"update_trial_s": BLE_TRIAL_S})
+              for i in (1, 2)]
+    world.nodes.extend(radios)
+    sup = Supervisor(topo)
+    tasks: list[Any] = []
+    try:
+        await topo.start(gateway=False)
+        for r in radios:
+            await r.start(world.link)
+        tasks = [asyncio.create_task(r.supervise(world.link)) for r in radios]
+        sup.start()
+        tap = CommandTap({nd.node_id: nd.key for nd in topo.nodes})
+        tap.attach(topo)
+        serial = "".join(f'\n[[links.serial]]\nport = "{r.gateway_port}"\nbaud = 115200\n'
+                         for r in topo.relays)
+        world.gw_extra = serial + (f'\n[updates]\nrelease_key = "{rel.pub_pem}"\ncanary = 1\n'
+                                   "step = 2\nnode_timeout_s = 90\n")
+        keys = world.workdir / "keys.toml"
+        path = world.gateway_toml()
+        # the pty nodes' keys beside the radio nodes' (World writes only its own)
+        everyone: list[Any] = [*topo.nodes, *radios]
+        write_secret(keys, "[nodes]\n" + "".join(f'"{n.node_id}" = "{n.key.hex()}"\n'
+                                                 for n in everyone))
+        assert path.exists()
+        monkeypatch.setattr(ble.World, "gateway_toml", lambda self: path)
+        await world.start_gateway()
+        await ble.until(lambda: bool(urls) and all(world.ble.serves(r.node_id) for r in radios),
+                        30, "the API and both radio nodes' addresses proven")
+        api = urls[-1]
+        await topo.wait_for(lambda: all(len(topo.sampled(nd)) >= 2 and topo.wires[
+            nd.node_id].acked for nd in topo.nodes), 60, "the pty nodes' first packs ACKed")
+        v2 = rel.save("2.0.0-mixed.lub", rel.build("2.0.0", floor=1))
+        code, out, err = await rollout_cli(api, "start", str(v2), "--canary", "SL-0101")
+        assert code == 0, (out, err)
+        st = await rollout_finished(topo, api, 170)
+        ro = st["rollout"]
+        assert ro["state"] == "done", json.dumps(ro, indent=1)
+        assert ro["nodes"][0]["node"] == "SL-0101"
+        assert {p["node"]: (p["state"], p["version"]) for p in ro["nodes"]} == {
+            n: ("updated", "2.0.0") for n in [*(nd.node_id for nd in topo.nodes),
+                                              *(r.node_id for r in radios)]}
+        for r in radios:
+            # one boot into the candidate; one run saw a radio node boot into it twice (a
+            # reset after the APPLY's reboot, cause not traced: reported, not asserted)
+            assert r.versions[0] != "2.0.0" and set(r.versions[1:]) == {"2.0.0"}, (
+                r.node_id, r.versions)
+        for nd in topo.nodes:
+            assert boot_record(nd).get("ver") == "2.0.0" and floor(nd) == 1
+        # nothing lost or twice, on either kind of link
+        await _drained(topo)
+        await ble.until(lambda: all(
+            r.node is not None and len(r.outbox) == 0 and set(r.sampled)
+            <= ble.senml_seqs(topo.upstream).get(r.node_id, set()) for r in radios),
+            60, "every radio node's packs upstream")
+        assert topo.upstream.duplicates == 0
+    finally:
+        for t in tasks:
+            t.cancel()
+        await sup.stop()
+        await world.close()
+        await topo.stop()
+        ble.restore_boot()
