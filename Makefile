@@ -11,6 +11,8 @@ APT_PACKAGES := build-essential pkg-config libffi-dev libmbedtls-dev patch xz-ut
 APT_PACKAGES += chromium systemd
 # reliability scenario 6: the gateway's state on a small ext4 image (mkfs.ext4, e2fsck; unshare)
 APT_PACKAGES += e2fsprogs util-linux
+# the shipped alert rules are checked and unit-tested by promtool (Debian's prometheus package)
+APT_PACKAGES += prometheus
 # the cabinet power-cut scenario: the gateway's state on a FUSE filesystem (mfusepy over libfuse3)
 APT_PACKAGES += libfuse3-3 fuse3
 
