@@ -162,7 +162,8 @@ $(MP): scripts/build-micropython.sh $(BUILD)/stamp-apt
 	scripts/build-micropython.sh
 
 deps: $(BUILD)/stamp-apt
-$(BUILD)/stamp-apt:
+# re-checked when this file changes: a package added here reaches existing checkouts too
+$(BUILD)/stamp-apt: Makefile
 	@mkdir -p $(BUILD)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done); \
