@@ -162,8 +162,7 @@ $(MP): scripts/build-micropython.sh $(BUILD)/stamp-apt
 	scripts/build-micropython.sh
 
 deps: $(BUILD)/stamp-apt
-# re-checked when this file changes: a package added here reaches existing checkouts too
-$(BUILD)/stamp-apt: Makefile
+$(BUILD)/stamp-apt:
 	@mkdir -p $(BUILD)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done); \
