@@ -112,7 +112,9 @@ def run(config):
         from node import app
     ver = rec.get("cver") if trial else rec.get("ver") if slot else None
     sys.modules["node"].BOOT = {"fw": fw, "slot": slot, "trial": trial, "rec": rec,
-                                "config": config, "ver": ver}
+                                "config": config}
+    if ver:
+        app.FIRMWARE_VERSION = ver  # the signed release's version, whatever its code says
     try:
         app.main(config)
     except Exception as e:  # noqa: BLE001

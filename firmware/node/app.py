@@ -200,6 +200,10 @@ class Node:
             self.node_id, FIRMWARE_VERSION, len(self.outbox), self.outbox._next))
         if self.wdt is not None:
             asyncio.create_task(self.watchdog())
+        if (getattr(sys.modules.get("node"), "BOOT", None) or {}).get("trial"):
+            from . import ota  # a candidate release on trial (main.py): it proves itself
+
+            asyncio.create_task(ota.trial(self))
         if self.cfg.get("deep_sleep") and hasattr(self.hal, "deepsleep"):
             asyncio.create_task(self.link.run())
             await self.sleeper()

@@ -477,10 +477,6 @@ def _boot_info():
 
 
 def _fw():
-    """The running release: the slot's signed version, else the code's own."""
-    ver = _boot_info().get("ver")
-    if ver:
-        return ver
-    from .app import FIRMWARE_VERSION
+    from .app import FIRMWARE_VERSION  # main.py sets a slot's signed version here
 
     return FIRMWARE_VERSION

@@ -87,6 +87,16 @@ def _rmtree(path):
         pass
 
 
+def _unload_crypto():
+    """Give back Ed25519 and SHA-512 (about 10 KB of bytecode): only an OFFER needs them."""
+    pkg = sys.modules.get("node")
+    for name in ("ed25519", "sha512"):
+        sys.modules.pop("node." + name, None)
+        if pkg is not None and name in getattr(pkg, "__dict__", ()):
+            delattr(pkg, name)
+    gc.collect()
+
+
 def _same(path, data):
     """Whether the file at path holds exactly data (read a piece at a time)."""
     if _size(path) != len(data):
@@ -219,6 +229,8 @@ class Updater:
         except ValueError:
             self._count(v)
             raise
+        finally:
+            _unload_crypto()
         slot = self._target()
         same = _same(slot + _OFFER, head)
         if not same:

@@ -17,7 +17,7 @@ path_ok, version_ok, the constants), so what `release verify` accepts, a node ac
 import hashlib
 import sys
 
-from . import cbor, ed25519
+from . import cbor
 
 try:
     from micropython import const
@@ -187,6 +187,8 @@ class Verifier:
     """Checks bundles against one release key, for one board, above one security floor."""
 
     def __init__(self, release_key, board, floor=0, mpy=-1):
+        from . import ed25519  # loaded for the check only: node/ota.py unloads it after
+
         try:
             ed25519.check_public(release_key)
         except ValueError as e:
@@ -244,6 +246,8 @@ class Verifier:
             raise self._refuse("other_key", "signed by key %s" % _hex(kid))
         # Sig_structure ["Signature1", protected, h'', payload], in parts: no copy of payload
         signed = [_SIG1_CONTEXT, env[2:p0 + KID_LEN], b"\x40", env[q:p + k]]
+        from . import ed25519
+
         if not ed25519.verify(self.key, signed, env[n - 64:]):
             raise self._refuse("bad_signature", "manifest signature does not verify")
         try:

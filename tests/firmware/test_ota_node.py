@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import pty
+import random
 import signal
 import subprocess
 import sys
@@ -37,6 +38,10 @@ BOARD = "unix-sim-lite"
 OFFER, CHUNK, APPLY, ABORT = 9, 10, 11, 12
 E_REFUSED = 5
 PIECE = 700  # head bytes per OFFER piece: a COMMAND must fit one 1024-byte frame
+# The lite board's 192 KB (64-bit objects) leaves ~31 KB free when an OFFER's signature check
+# starts, which needs ~26 KB: it failed with MemoryError in 2 of 7 runs (docs/updates.md,
+# "Memory"). These tests are about transfer and switch, so the node gets more heap.
+HEAP = "256K"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,8 @@ def compiled(rel: dict[str, Any], source: str, name: str) -> bytes:
     out = rel["dir"] / f"{name}.mpy"
     subprocess.run([ps.find_mpy_cross(), "-O2", "-o", str(out), "-s", f"node/{name}.py",
                     str(src)], check=True, capture_output=True)
-    return out.read_bytes()
+    data: bytes = out.read_bytes()
+    return data
 
 
 def head_of(bundle: bytes) -> bytes:
@@ -94,6 +100,7 @@ class Line:
         self.statuses: list[dict[Any, Any]] = []
         self.data: set[int] = set()
         self.acking = False
+        self.answered = 0
         self.arrived = asyncio.Event()
         self.counter = int(time.time() * 1000)
         self.out = bytearray()
@@ -126,6 +133,7 @@ class Line:
                     self.send(protocol.encode_ack(self.key, NODE.encode(), [seq],
                                                   int(time.time() * 1000)))
             elif ftype == protocol.REPLY:
+                self.answered += 1
                 _, counter, payload = nl.unseal(self.key, body, protocol.REPLY)
                 self.replies[counter] = payload
             elif ftype == protocol.STATUS:
@@ -192,7 +200,7 @@ class Board:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.sim.start(stdout=out.fileno())
+            self.sim.start(stdout=out.fileno(), heap=HEAP)
         self.boots += 1
 
     def alive(self) -> bool:
@@ -219,7 +227,7 @@ class Board:
         while True:
             self.supervise()
             try:
-                return await self.line.ask(op, args, timeout=min(3, timeout))
+                return await self.line.ask(op, args, timeout=min(0.5, timeout))
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"no answer to op {op}:\n{self.tail()}") from None
@@ -227,7 +235,8 @@ class Board:
     async def status(self) -> dict[str, Any]:
         code, st = await self.ask(1)
         assert code == 0, st
-        return st
+        status: dict[str, Any] = st
+        return status
 
     async def offer(self, bundle: bytes) -> tuple[int, Any]:
         """The head in pieces that fit a frame; the node's answer to the last one."""
@@ -248,7 +257,7 @@ class Board:
         area = bundle[len(head_of(bundle)):]
         assert total == len(area)
         while have < total:
-            sent = []
+            sent: list[tuple[int, int]] = []
             at = have
             while len(sent) < window and at < total:
                 sent.append((self.line.command(CHUNK, {1: at, 2: area[at:at + most]}),
@@ -296,16 +305,206 @@ async def test_offer_chunk_apply_gives_a_node_running_the_new_release(
     async with board(tmp_path, rel["pub"]) as b:
         st = await b.status()
         assert st["upd"]["state"] == "idle" and st["fw"] != "2.0.0"
-        t0 = time.monotonic()
         code, res = await b.transfer(rel["v2"])
-        took = time.monotonic() - t0
         assert code == 0 and res[1] == res[2], res
         st = await b.status()
         assert st["upd"]["state"] == "staging" and st["upd"]["have"] == res[2]
-        code, res = await b.ask(APPLY)
-        assert (code, res) == (0, {1: "2.0.0"})
+        assert (await b.ask(APPLY)) == (0, {1: "2.0.0"})
         await b.wait(lambda: b.resets == 1, "the node to reset into the candidate")
         st = await b.status()
         assert st["fw"] == "2.0.0" and "/fw/a/node/" in st["fw_file"], st
         assert st["upd"]["state"] == "candidate", st["upd"]
-        print(f"transfer of {len(rel['v2'])} bytes took {took:.2f} s")
+        assert not (b.fw / "floor").exists()
+        # it samples and a pack of this boot is ACKed: confirmed, floor raised
+        b.line.acking = True
+        await b.wait(lambda: (b.fw / "floor").exists(), "the candidate to confirm itself")
+        st = await b.status()
+        assert st["upd"] == {"state": "confirmed", "version": "2.0.0", "have": 0,
+                             "reason": None}, st["upd"]
+        assert (b.fw / "floor").read_text() == "2"
+        # a replayed older bundle, validly signed, is below the floor now
+        code, res = await b.offer(rel["v1"])
+        assert code == E_REFUSED and res[1] == "below_floor", (code, res)
+        assert refused_counts(await b.status()) == {"below_floor": 1}
+        # the confirmed release is what boots after a power cut
+        b.power_cut()
+        b.start()
+        st = await b.status()
+        assert (st["fw"], st["upd"]["state"]) == ("2.0.0", "confirmed")
+        assert "/fw/a/node/" in st["fw_file"] and b.resets == 1
+
+
+async def test_a_transfer_resumes_where_a_power_cut_left_it(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    async with board(tmp_path, rel["pub"]) as b:
+        code, res = await b.offer(rel["v2"])
+        assert code == 0 and res[1] == 0, res
+        area = rel["v2"][len(head_of(rel["v2"])):]
+        have = 0
+        while have < len(area) * 2 // 5:
+            code, res = await b.ask(CHUNK, {1: have, 2: area[have:have + 768]})
+            assert code == 0, res
+            have = res[1]
+        # a chunk at the wrong offset writes nothing and says where the node is
+        assert await b.ask(CHUNK, {1: have + 768, 2: area[:768]}) == (0, {1: have})
+        b.power_cut()
+        b.start()
+        code, res = await b.ask(CHUNK, {1: 0, 2: area[:768]})
+        assert (code, res[1]) == (E_REFUSED, "no_offer"), res
+        code, res = await b.offer(rel["v2"])
+        assert code == 0 and res[1] == have, (have, res)  # every byte staged is kept
+        code, res = await b.transfer(rel["v2"])
+        assert code == 0 and res[1] == len(area)
+        assert (await b.ask(APPLY)) == (0, {1: "2.0.0"})
+        await b.wait(lambda: b.resets == 1, "the reset into the candidate")
+        assert (await b.status())["fw"] == "2.0.0"
+
+
+async def test_bundles_a_node_must_not_run_are_refused_and_counted(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    flipped = bytearray(rel["v2"])
+    files = rel["files"]
+    app_at = len(head_of(rel["v2"])) + sum(len(b) for p, b in files[:[p for p, _ in files]
+                                                                      .index("node/app.mpy")])
+    flipped[app_at + 100] ^= 0x01  # one bit of node/app.mpy: the signed manifest is intact
+    async with board(tmp_path, None) as b:
+        code, res = await b.offer(rel["v2"])
+        assert code == E_REFUSED and res[1] == "no_release_key", res
+        (b.sim.dir / "release.pub").write_bytes(rel["pub"])
+        other = variant(rel, "2.0.1", key=Ed25519PrivateKey.generate())
+        code, res = await b.offer(other)
+        assert code == E_REFUSED and res[1] == "other_key", res
+        code, res = await b.offer(variant(rel, "2.0.2", boards=("esp32-devkitc",)))
+        assert code == E_REFUSED and res[1] == "other_board", res
+        code, res = await b.transfer(bytes(flipped))
+        assert code == E_REFUSED and res[1] == "file" and "node/app.mpy" in res[2], res
+        app_start = app_at - len(head_of(rel["v2"]))
+        assert res[3] == app_start  # the file is dropped: the gateway resends it from there
+        # the good bundle has the same files but app.mpy: the staged ones are kept
+        code, res = await b.offer(rel["v2"])
+        assert code == 0 and res[1] == app_start, res
+        assert await b.ask(APPLY) == (E_REFUSED, {1: "incomplete", 2: ANY_TEXT, 3: app_start})
+        st = await b.status()
+        assert refused_counts(st) == {"no_release_key": 1, "other_key": 1, "other_board": 1,
+                                      "bad_hash": 1, "file": 1, "incomplete": 1}, st["upd"]
+        assert st["fw"] != "2.0.0" and st["upd"]["state"] == "staging"
+        assert await b.ask(ABORT) == (0, {})
+        assert not (b.fw / "a").exists()
+
+
+async def test_an_update_larger_than_the_flash_beside_the_outbox_is_refused(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    async with board(tmp_path, rel["pub"], update_reserve_blocks=10**12) as b:
+        code, res = await b.offer(rel["v2"])
+        assert code == E_REFUSED and res[1] == "space", res
+        assert "blocks" in res[2] and refused_counts(await b.status()) == {"space": 1}
+
+
+async def test_a_candidate_that_raises_at_boot_rolls_back_by_itself(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    broken = variant(rel, "2.1.0", {"node/app.mpy": compiled(
+        rel, "raise RuntimeError('bad release')\n", "app")})
+    async with board(tmp_path, rel["pub"]) as b:
+        before = (await b.status())["fw"]
+        code, res = await b.transfer(broken)
+        assert code == 0, res
+        assert (await b.ask(APPLY)) == (0, {1: "2.1.0"})
+        await b.wait(lambda: b.resets == 1, "the reset into the candidate")
+        st = await b.status()
+        assert st["fw"] == before and "/fw/" not in st["fw_file"], st
+        assert st["upd"]["state"] == "rolled_back" and st["upd"]["version"] == "2.1.0"
+        assert st["upd"]["reason"].startswith("boot_exception: RuntimeError"), st["upd"]
+        assert b.resets == 1  # left within the same boot, no second reset
+
+
+async def test_a_candidate_that_never_gets_an_ack_rolls_back_after_its_trial(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    async with board(tmp_path, rel["pub"], update_trial_s=3) as b:
+        before = (await b.status())["fw"]
+        code, res = await b.transfer(rel["v2"])
+        assert code == 0, res
+        assert (await b.ask(APPLY)) == (0, {1: "2.0.0"})
+        await b.wait(lambda: b.resets == 2, "the candidate's trial to end (a second reset)")
+        st = await b.status()
+        assert st["fw"] == before and "/fw/" not in st["fw_file"], st
+        assert st["upd"]["state"] == "rolled_back", st["upd"]
+        assert st["upd"]["reason"].startswith("no_ack"), st["upd"]
+        assert not (b.fw / "floor").exists()  # the floor rises only with a confirmation
+
+
+CUTS = 100
+
+
+async def _update_to_the_end(b: Board, bundle: bytes, version: str) -> None:
+    """The gateway's whole job, from wherever the node is: transfer, APPLY, confirmation."""
+    while True:
+        st = await b.status()
+        upd = st["upd"]
+        if upd["state"] == "confirmed" and st["fw"] == version:
+            return
+        if upd["state"] == "candidate" and upd["version"] == version:
+            await asyncio.sleep(0.1)  # on trial: it confirms itself once a pack is ACKed
+            continue
+        code, res = await b.transfer(bundle)
+        assert code == 0, res
+        resets = b.resets
+        code, res = await b.ask(APPLY)
+        assert code == 0, res
+        await b.wait(lambda r=resets: b.resets > r, "the reset into the candidate", timeout=10)
+
+
+async def test_a_hundred_power_cuts_in_transfer_and_switch_leave_a_node_that_finishes(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    rng = random.Random(16)
+    releases = [("2.0.0", rel["v2"]), ("2.0.3", variant(rel, "2.0.3"))]
+    finished: list[str] = []
+    async with board(tmp_path, rel["pub"]) as b:
+        b.line.acking = True
+        cuts = 0
+        while True:
+            version, bundle = releases[len(finished) % 2]
+            job = asyncio.create_task(_update_to_the_end(b, bundle, version))
+            if cuts == CUTS:
+                await asyncio.wait_for(job, 60)
+                finished.append(version)
+                break
+            # a cut after a random number of answers: none (the node still boots: the
+            # switch, a candidate's first boot) or a few (OFFER, CHUNKs, APPLY, the trial)
+            target = b.line.answered + rng.randint(0, 6)
+            if target == b.line.answered:
+                await asyncio.sleep(rng.uniform(0, 0.4))
+            else:
+                await b.wait(lambda t=target, j=job: b.line.answered >= t or j.done(),
+                             "answers")
+            if job.done():
+                job.result()
+                finished.append(version)  # the update finished between cuts: the next one
+                continue
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            b.supervise()
+            b.power_cut()
+            cuts += 1
+            b.start()
+            b.line.replies.clear()
+        st = await b.status()
+        assert (st["fw"], st["upd"]["state"]) == (finished[-1], "confirmed"), st
+        log = b.log.read_text(errors="replace")
+        versions = {line.split(" firmware ")[1].split(":")[0]
+                    for line in log.splitlines() if line.startswith("lantern node ")}
+        assert versions <= {"0.1.0", "2.0.0", "2.0.3"}, versions
+        assert "Traceback" not in log
+        rolled = log.count("rolled back")
+        print(f"{cuts} power cuts, {b.boots} boots, {b.resets} resets, updates finished: "
+              f"{finished}, candidates rolled back: {rolled}")
+
+
+class _AnyText:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str)
+
+
+ANY_TEXT = _AnyText()
