@@ -298,8 +298,11 @@ class Commands:
             return []
         self._last_status = now
         ident = self._actions.identity()
-        payload = cbor.dumps({1: ident["id"], 2: ident["fw"], 3: ident["board"], 5: reason,
-                              6: PROTOCOL, "upd": self._actions.upd()})
+        st = {1: ident["id"], 2: ident["fw"], 3: ident["board"], 5: reason, 6: PROTOCOL}
+        upd = getattr(self._actions, "upd", None)  # a node's actions have it; a tool's may not
+        if upd is not None:
+            st["upd"] = upd()
+        payload = cbor.dumps(st)
         body = seal(self._key, self._kid, self.floor, payload, frame.STATUS)
         return [(frame.STATUS, body, None)]
 
