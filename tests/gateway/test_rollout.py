@@ -105,8 +105,10 @@ async def test_a_refusal_in_a_step_stops_the_nodes_in_flight_and_the_later_steps
         r = await m.start(make_bundle(key))
         await finished(m)
         assert r.state == "halted" and r.reason == "SL-0003 refused: SL-0003: refused"
-        assert sorted(street.calls) == ["SL-0001", "SL-0002", "SL-0003"]
-        assert street.cancelled == ["SL-0002"]
+        # SL-0002 was stopped: in its transfer, or (on a busy machine) before it began
+        assert {"SL-0001", "SL-0003"} <= set(street.calls) <= {"SL-0001", "SL-0002", "SL-0003"}
+        assert street.cancelled == [n for n in street.calls if n == "SL-0002"]
+        assert "SL-0002" not in street.finished
         states = {p.node: p.state for p in r.nodes}
         assert states["SL-0002"] == "pending"  # stopped before an outcome: not done
         assert states["SL-0003"] == "refused"
