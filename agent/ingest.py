@@ -15,6 +15,7 @@ While too many frames wait for a commit, `intake` is cleared and links stop read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -41,6 +42,14 @@ HOLD_MAX_S = 75.0
 # every one an honest node can have out at once.
 HOLD_SPAN = WINDOW
 _HOLD_MASK = (1 << HOLD_SPAN) - 1
+# Group commit over a bounded window (issue 22, SD-card wear): the first frame waiting for a
+# commit holds it open up to COMMIT_WINDOW_S, or until COMMIT_FRAMES wait, so one fsync (and
+# the pages it writes) carries every frame that came meanwhile. Nodes keep their frames until
+# the ACK and resend on their own timer: a later ACK costs latency and repeats on the link,
+# never data. 0: commit at once (the frames that came during the previous commit share the
+# next one). An ACK still goes only after its frames are on disk.
+COMMIT_WINDOW_S = 0.0
+COMMIT_FRAMES = 256
 # Sources logged per kind of rejection; after them, only counted. A BLE session's name holds
 # the peer's address, which a stranger picks at will: what is remembered stays bounded.
 LOG_SOURCES = 32
@@ -82,6 +91,8 @@ class Ingest:
         self._pending: list[tuple[Source, Accepted]] = []
         self._pending_ids: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
+        self._full = asyncio.Event()  # COMMIT_FRAMES wait: the window closes early
+        self._since = 0.0  # when the oldest frame waiting for a commit came (monotonic)
         self._deframers: dict[str, protocol.Deframer] = {}
         self._logged: dict[str, set[str]] = {}  # kind → sources logged (≤ LOG_SOURCES + 1)
         self.committed = asyncio.Event()  # set after each commit, for the forwarder
@@ -265,9 +276,7 @@ class Ingest:
         # only a frame taken (authentic and new) says the node is alive: a replayed or
         # repeated one could be anybody's recording (docs/gateway.md, "last seen")
         metrics.seen(node, link.name, seq)
-        self._pending.append((link, acc))
-        self._pending_ids.add((node, seq))
-        self._wake.set()
+        self._queue(link, acc)
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
         return node if acc.pack is not None else None
@@ -283,11 +292,29 @@ class Ingest:
         if self.store.cap.paused:
             raise FrameError("queue_full", f"{acc.node}: seq {acc.seq} not taken, the queue is "
                              "at its disk cap (policy pause_intake)")
-        self._pending.append((maker, acc))
-        self._pending_ids.add((acc.node, acc.seq))
-        self._wake.set()
+        self._queue(maker, acc)
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
+
+    def _queue(self, source: Source, acc: Accepted) -> None:
+        """A frame for the next group commit."""
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending.append((source, acc))
+        self._pending_ids.add((acc.node, acc.seq))
+        self._wake.set()
+        if len(self._pending) >= COMMIT_FRAMES:
+            self._full.set()
+
+    async def _hold_open(self) -> None:
+        """Hold the commit open until COMMIT_WINDOW_S after its oldest frame came, or until
+        COMMIT_FRAMES wait (the frames' ACKs are that much later; nothing else waits)."""
+        left = self._since + COMMIT_WINDOW_S - time.monotonic()
+        if left <= 0 or len(self._pending) >= COMMIT_FRAMES:
+            return
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._full.wait(), left)
 
     def _hold(self, source: str, node: str, seq: int) -> None:
         """Refuse new frames while the queue is at its cap (policy pause_intake).
@@ -356,6 +383,8 @@ class Ingest:
         """Group-commit whatever is pending, then acknowledge it."""
         while True:
             await self._wake.wait()
+            if COMMIT_WINDOW_S > 0:
+                await self._hold_open()
             self._wake.clear()
             batch, self._pending = self._pending, []
             self._committing = len(batch)

@@ -7,7 +7,7 @@ sample of one node (all its readings with the same time): the node's pack itself
 frame is one sample (resolved again when the row is read, which is rare: writing is what
 happens for every frame), compact JSON otherwise; the table is trimmed by age and row count.
 The newest value of every measurement is kept in memory and
-saved with the rows every TRIM_EVERY_S. Rows wait in memory until the store's next write
+saved with the rows every LATEST_EVERY_S; rows older than keep_s are trimmed every TRIM_EVERY_S. Rows wait in memory until the store's next write
 (`flush`, in the caller's transaction); `upto` is the last frame id they cover, saved with
 them, so frames a crash kept out of the history are resolved into it again after a restart.
 All functions that take a connection run on the store's thread.
@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS history_meta (key TEXT PRIMARY KEY, value INTEGER NOT
 
 PACK_ROW, JSON_ROW = 0, 1
 TRIM_EVERY_S = 30.0
+# The newest values are saved this often (issue 22, SD-card wear: a street's snapshot is a
+# row per node and measurement, 420 rows for 20 nodes, all rewritten each time); at start
+# the rows written after the snapshot are replayed into it, so a longer interval costs a
+# longer replay, never a value.
+LATEST_EVERY_S = 600.0
 TRIM_CHUNK = 1000  # ids per DELETE while trimming by age
 MAX_LIMIT = 10000
 
@@ -93,6 +98,7 @@ class History:
     upto: int = 0  # frames up to this id are in the history (written, or in _pending)
     _saved: int = 0  # upto as written
     _last_trim: float = 0.0
+    _last_latest: float = 0.0
     _pending: list[tuple[str, float, float, int, bytes | str]] = field(default_factory=list)
     _latest: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _newest: dict[str, float] = field(default_factory=dict)  # node → newest sample time
@@ -181,6 +187,8 @@ class History:
         if force or now - self._last_trim >= TRIM_EVERY_S:
             self._last_trim = now
             self.trim(db, now)
+        if force or now - self._last_latest >= LATEST_EVERY_S:
+            self._last_latest = now
             db.execute("DELETE FROM recent_latest")
             db.executemany("INSERT INTO recent_latest VALUES (?, ?, ?, ?)", [
                 (node, name, _dumps(_view(name, r)), float(r["t"]))

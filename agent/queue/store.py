@@ -38,6 +38,16 @@ _MASK = (1 << WINDOW) - 1
 # configurable; only the power-cut scenario lowers it, on purpose, to show it then fails
 # (hil_tests/harness/powercut.py, docs/reliability.md).
 SYNCHRONOUS = "FULL"
+# A new queue's page size (issue 22, SD-card wear): every page a commit touches is written
+# whole into the WAL, and a street's commit touches a few pages to add a few 300-byte rows.
+# An existing queue keeps the page size it was made with.
+PAGE_SIZE = 1024
+# Deliveries recorded in groups (issue 22): a batch a sink confirmed leaves the queue, with its
+# sink cursor and the history rows of its frames, at most DELIVER_EVERY_S later, in one
+# transaction with the batches confirmed meanwhile — not one per batch. The sink's own cursor
+# (forward.py) moves on at once; only a crash in between sends those batches again (the same
+# reading ids: upstream drops the repeat). 0: each batch is recorded as it is confirmed.
+DELIVER_EVERY_S = 0.0
 
 
 @dataclass
@@ -120,6 +130,10 @@ class Store:
         # the forward stage's store-thread half: batches for sinks, the history's feed
         self.out = Batches(self)
         self.on_dead_letter: DeadLetterHook | None = None  # called on the event loop
+        # sink → (its newest confirmed batch not recorded yet, the sinks, batches folded into
+        # it: their leases end when it is recorded); DELIVER_EVERY_S
+        self._owed: dict[str, tuple[Batch, tuple[str, ...], list[Batch]]] = {}
+        self._owed_since = 0.0
         self._collided: list[tuple[str, int, str, str]] = []  # reports of the last commit
 
     async def __aenter__(self) -> Store:
@@ -147,6 +161,8 @@ class Store:
         try:
             self._check_schema(db)
             migrate(db)
+            if new:
+                db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
             db.executescript(SCHEMA)
@@ -168,6 +184,10 @@ class Store:
 
     def _close(self) -> None:
         if self._db is not None:
+            try:
+                self._settle(now=True)
+            except sqlite3.Error as e:  # (disk full): those batches are sent again next time
+                log.warning("store %s: deliveries not recorded at close (%s)", self.path, e)
             try:
                 self.out.write_history(force=True)
             except sqlite3.Error as e:  # (disk full): the frames are resolved again next time
@@ -292,10 +312,12 @@ class Store:
         # whatever happens here, so a failure must not look like a failed commit (their ACKs
         # would be held back): the next commit tries again, before it inserts
         try:
+            # at the cap, the delivered frames go first, before anything is evicted or paused
+            self._settle(now=bool(self.cap.max_bytes and self.cap.live_bytes > self.cap.low))
             self.cap.make_room(self.db)
         except sqlite3.Error as e:
-            log.warning("store %s: frames committed, but making room after them failed (%s); "
-                        "tried again before the next commit", self.path, e)
+            log.warning("store %s: frames committed, but recording deliveries or making room "
+                        "after them failed (%s); tried again after the next commit", self.path, e)
 
     def _collisions(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]
                     ) -> list[tuple[Any, ...]]:
@@ -331,7 +353,29 @@ class Store:
 
     async def delivered_to(self, sink: str, batch: Batch, sinks: Sequence[str]) -> None:
         """Advance one sink's cursor; frames every configured sink has leave the queue."""
-        await self._run(self.out.delivered_to, sink, batch, tuple(sinks))
+        await self._run(self._delivered_to, sink, batch, tuple(sinks))
+
+    def _delivered_to(self, sink: str, batch: Batch, sinks: tuple[str, ...]) -> None:
+        if DELIVER_EVERY_S <= 0:
+            self.out.delivered_to(sink, batch, sinks)
+            return
+        if not self._owed:
+            self._owed_since = time.monotonic()
+        old = self._owed.get(sink)
+        folded = [] if old is None else old[2] + ([old[0]] if old[0] is not batch else [])
+        self._owed[sink] = (batch, sinks, folded)
+        self._settle()
+
+    def _settle(self, now: bool = False) -> None:
+        """Record the deliveries owed, if DELIVER_EVERY_S has passed (now: whatever the time)."""
+        if not self._owed or not (now or time.monotonic() - self._owed_since >= DELIVER_EVERY_S):
+            return
+        for sink in list(self._owed):
+            batch, sinks, folded = self._owed[sink]
+            self.out.delivered_to(sink, batch, sinks)
+            del self._owed[sink]  # (a failure above keeps it owed: tried again next time)
+            for b in folded:
+                self.cap.release(b.first_id, b.last_id)
 
     async def limit(self, max_bytes: int, policy: str) -> None:
         """Cap the queue's bytes on disk (0: no cap); policy pause_intake or evict_oldest."""
@@ -341,10 +385,21 @@ class Store:
         """Readings waiting, and the age in seconds of the oldest one."""
         return await self._run(self._depth)  # type: ignore[no-any-return]
 
+    def _floor(self) -> int:
+        """Frames up to this id are delivered, if not yet recorded (DELIVER_EVERY_S): they
+        are not waiting. (Reads never record them: a scrape every 15 s would undo the pacing.)"""
+        owed = [(batch.last_id, sinks) for batch, sinks, _ in self._owed.values()]
+        if not owed or set(owed[0][1]) - set(self._owed):
+            return 0
+        return min(last for last, _ in owed)
+
     def _depth(self) -> tuple[int, float | None]:
-        n = self.db.execute("SELECT coalesce(sum(readings), 0) FROM frames").fetchone()[0]
+        floor = self._floor()
+        n = self.db.execute("SELECT coalesce(sum(readings), 0) FROM frames WHERE id > ?",
+                            (floor,)).fetchone()[0]
         oldest = self.db.execute(
-            "SELECT received_at FROM frames ORDER BY id LIMIT 1").fetchone()
+            "SELECT received_at FROM frames WHERE id > ? ORDER BY id LIMIT 1",
+            (floor,)).fetchone()
         oldest = oldest[0] if oldest else None
         return int(n), (time.time() - oldest) if oldest is not None else None
 
@@ -367,7 +422,7 @@ class Store:
         self.out.history_now()
         db = self.db
         n, size = db.execute("SELECT coalesce(sum(readings), 0), coalesce(sum(length(body)), 0)"
-                             " FROM frames").fetchone()
+                             " FROM frames WHERE id > ?", (self._floor(),)).fetchone()
         _, oldest = self._depth()
         nodes = {node: {"last_seen": last, "frames": frames} for node, last, frames in
                  db.execute("SELECT node, last_seen, frames FROM nodes")}

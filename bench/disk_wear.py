@@ -1,0 +1,217 @@
+"""disk_wear: what the gateway writes to its SD card per frame, and how long the card lasts.
+
+A street at its real rate (20 nodes at one frame a minute; 200 nodes at one every 10 s),
+compressed in time by a factor k as cpu_budget does: every duration the gateway acts on is
+scaled by 1/k (the batch window, the group-commit window, the history's save interval), so
+frames meet the same commits, batches and checkpoints as on the street.
+
+The real gateway process writes its queue to this machine's disk; the figure is its
+`write_bytes` in /proc/PID/io (every byte it dirtied in the page cache for the database, its
+WAL, checkpoints and the -shm index), from the first frame to the moment every reading is
+upstream and the queue has let the frames go. Write amplification is that ÷ the bytes of
+the sealed packs (the COSE payloads the nodes authenticated; the physical floor is 1).
+The ACK delay is measured on the wire, frame written → its ACK read, in street seconds.
+
+Each street runs twice on the same machine in the same run: `before`, the gateway as it
+wrote before issue 22 (a commit per frame as it comes, a transaction per delivered batch,
+4 KiB pages), and `now`, with a street cabinet's pacing (NOW: the commit window and the
+grouped deliveries are module constants until [queue] settings carry them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from lantern.agent import protocol
+from lantern.tools.street.upstream import Upstream
+
+from . import frames
+from .cpu_budget import LINKS, StreetPeer
+from .throughput import PtyPair, wait_idle
+
+# The card the projection assumes: Micron i300 industrial microSDXC, 128 GB
+# (MTSD128AKC7MS-1WT), rated "up to 120 TB" written (TBW) in Micron's i300 datasheet, feature
+# list; made for 24/7 surveillance recording. The rating is for that (sequential) workload:
+# small synced writes cost the card more inside than they cost the host, which is one more
+# reason to keep the host's writes few and large.
+CARD = "Micron i300 microSDXC 128 GB (MTSD128AKC7MS-1WT)"
+CARD_TBW_BYTES = 120e12
+CARD_SOURCE = "Micron i300 microSDXC datasheet, Features: Endurance (TBW) 128GB: up to 120TB"
+
+# module constants of the gateway, as they were before issue 22 (the `before` profile)
+BEFORE = {"lantern.agent.ingest": {"COMMIT_WINDOW_S": 0.0},
+          "lantern.agent.queue.store": {"PAGE_SIZE": 4096, "DELIVER_EVERY_S": 0.0},
+          "lantern.agent.queue.history": {"LATEST_EVERY_S": 30.0}}
+# a street cabinet's pacing: frames committed over an 8 s window (the ACK comes at most that
+# much later: <= 10 s), deliveries recorded once a minute; 1 KiB pages (the default now)
+NOW = {"lantern.agent.ingest": {"COMMIT_WINDOW_S": 8.0},
+       "lantern.agent.queue.store": {"DELIVER_EVERY_S": 60.0}}
+PROFILES = {"before": BEFORE, "now": NOW}
+# those scaled by the time compression (durations the gateway acts on), in both profiles
+SCALED = {"lantern.agent.ingest": ("COMMIT_WINDOW_S",),
+          "lantern.agent.queue.store": ("DELIVER_EVERY_S",),
+          "lantern.agent.queue.history": ("TRIM_EVERY_S", "LATEST_EVERY_S")}
+
+
+class WearPeer(StreetPeer):
+    """The street gateway, with its module constants set for a profile and the clock."""
+
+    settings: dict[str, dict[str, Any]] = {}
+    k = 1.0
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        cmd, env = super().command()
+        lines = ["import importlib, sys"]
+        for mod, names in SCALED.items():
+            lines.append(f"m = importlib.import_module({mod!r})")
+            for name in names:
+                given = self.settings.get(mod, {}).get(name)
+                value = f"{given!r}" if given is not None else f"m.{name}"
+                lines.append(f"m.{name} = {value} / {self.k!r}")
+        for mod, values in self.settings.items():
+            lines.append(f"m = importlib.import_module({mod!r})")
+            lines += [f"m.{name} = {v!r}" for name, v in values.items()
+                      if name not in SCALED.get(mod, ())]
+        lines += ["from lantern.agent.cli import main",
+                  f"sys.exit(main({cmd[3:]!r}))"]
+        return [sys.executable, "-c", "\n".join(lines)], env
+
+
+class AckedPty(PtyPair):
+    """A link whose ACKs are read: (node, seq) → when its first ACK came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deframer = protocol.Deframer()
+        self.acked: dict[tuple[str, int], float] = {}
+
+    def _drain(self) -> None:
+        now = time.monotonic()
+        with contextlib.suppress(BlockingIOError, OSError):
+            data = os.read(self.master, 65536)
+            self.received += len(data)
+            for chunk in self.deframer.feed(data):
+                with contextlib.suppress(Exception):  # (the gateway's own ACKs: well formed)
+                    ftype, body = protocol.decode_frame(chunk or b"")
+                    if ftype == protocol.ACK:
+                        m = protocol.parse_mac0(body)
+                        for seq in cbor2.loads(m.payload)[1]:
+                            self.acked.setdefault((m.kid.decode(), seq), now)
+
+
+def write_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/io has no write_bytes")
+
+
+async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period_s: float,
+                 street_minutes: float, frames_per_s: float, profile: str) -> dict[str, Any]:
+    """`nodes` sending one frame each `period_s` street seconds, compressed to frames_per_s."""
+    k = frames_per_s * period_s / nodes  # street seconds per bench second
+    ids = frames.node_ids(nodes)
+    per_node = max(1, round(street_minutes * 60 / period_s))
+    links = [AckedPty() for _ in range(min(LINKS, nodes))]
+    peer = WearPeer(workdir / f"{profile}-{nodes}", links[0].port, upstream.url, ids, cpu)
+    peer.more_ports = tuple(p.port for p in links[1:])
+    peer.max_age_s = 1.0 / k  # the default 1 s batch window, on the street's clock
+    peer.k = k
+    peer.settings = PROFILES[profile]
+    sends = sorted((seq * period_s / k + i * period_s / k / nodes, i, seq)
+                   for seq in range(per_node) for i in range(nodes))
+    want = {f"{ids[i]}:{seq}:{r}" for _, i, seq in sends
+            for r in range(frames.readings_per_frame())}
+    payloads = {(i, seq): frames.pack(ids[i], seq) for _, i, seq in sends}
+    wire = {key: frames.data_frame(ids[key[0]], key[1], p) for key, p in payloads.items()}
+    sent_at: dict[tuple[str, int], float] = {}
+    upstream.readings.clear()
+    try:
+        await asyncio.to_thread(peer.start)
+        await wait_idle(peer.pid, 15.0)
+        w0, t0 = write_bytes(peer.pid), time.monotonic()
+        for at, i, seq in sends:
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_at[(ids[i], seq)] = time.monotonic()
+            os.write(links[i % len(links)].master, wire[(i, seq)])
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and len(want & upstream.readings.keys()) < len(want):
+            await asyncio.sleep(0.02)
+        # the frames leave the queue after their batch is confirmed: let that transaction run
+        await wait_idle(peer.pid, 10.0)
+        written = write_bytes(peer.pid) - w0
+        got = len(want & upstream.readings.keys())
+    finally:
+        await asyncio.to_thread(peer.stop)
+        for link in links:
+            link.close()
+    if got < len(want):
+        raise RuntimeError(f"{profile} street of {nodes} nodes: {len(want) - got} of "
+                           f"{len(want)} readings missing upstream:\n{peer.tail()}")
+    acked = {key: at for link in links for key, at in link.acked.items()}
+    delays = sorted((acked[key] - t) * k for key, t in sent_at.items() if key in acked)
+    n_frames = len(sends)
+    pack_bytes = sum(len(p) for p in payloads.values())
+    per_frame = written / n_frames
+    frames_per_day = nodes * 86400 / period_s
+    per_day = per_frame * frames_per_day
+    return {
+        "nodes": nodes, "frame_every_s": period_s, "frames": n_frames,
+        "time_compression": round(k, 1),
+        "disk_bytes": written, "sealed_pack_bytes": pack_bytes,
+        "bytes_per_frame": round(per_frame),
+        "bytes_per_reading": round(per_frame / frames.readings_per_frame(), 1),
+        "write_amplification": round(written / pack_bytes, 2),
+        "writes_per_day_mb": round(per_day / 1e6, 1),
+        "sd_life_years": round(CARD_TBW_BYTES / per_day / 365.25, 1),
+        "ack_delay_s": {"median": round(statistics.median(delays), 2),
+                        "p99": round(delays[int(0.99 * (len(delays) - 1))], 2),
+                        "max": round(delays[-1], 2)} if delays else None,
+        "frames_acked": len(delays),
+    }
+
+
+async def run(workdir: Path, streets: tuple[tuple[int, float], ...] = ((20, 60.0), (200, 10.0)),
+              street_minutes: float = 60.0, frames_per_s: float = 20.0,
+              profiles: tuple[str, ...] = ("before", "now")) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))
+    peer_cpu, bench_cpu = cpus[-1], cpus[0]
+    old = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {bench_cpu})
+    upstream = Upstream()
+    await upstream.start()
+    out: dict[str, Any] = {}
+    try:
+        for profile in profiles:
+            out[profile] = [await street(workdir / "disk_wear", upstream, peer_cpu, n, period,
+                                         street_minutes, frames_per_s, profile)
+                            for n, period in streets]
+    finally:
+        await upstream.stop()
+        os.sched_setaffinity(0, old)
+    main = out[profiles[-1]][0]  # 20 nodes x 1/min, the last profile
+    out["write_amplification"] = main["write_amplification"]
+    out["ack_delay_max_s"] = main["ack_delay_s"]["max"] if main["ack_delay_s"] else None
+    out["sd_life_years"] = min(s["sd_life_years"] for s in out[profiles[-1]])
+    out["card"] = {"name": CARD, "tbw_bytes": CARD_TBW_BYTES, "source": CARD_SOURCE}
+    out["pack"] = f"{frames.pack_source()}, {frames.readings_per_frame()} readings"
+    out["setup"] = (f"streets of {', '.join(f'{n} nodes x 1 frame/{p:g} s' for n, p in streets)}"
+                    f", {street_minutes:g} street minutes each compressed to {frames_per_s:g} "
+                    "frames/s (every duration the gateway acts on scaled alike); gateway on "
+                    f"this machine's disk, pinned to CPU {peer_cpu}; write_bytes of "
+                    "/proc/PID/io from the first frame to the queue emptied; profiles "
+                    f"{', '.join(profiles)} in the same run")
+    return out
