@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,22 +246,35 @@ class _Node:
 
 
 Sender = Callable[[int, bytes], None]  # (frame type, body): the link frames and queues it
+# (node, frame type, body): a link with one connection per node (BLE); node None = every
+# node it is connected to now (a probe)
+NodeSender = Callable[[str | None, int, bytes], None]
+Reach = Callable[[str], Awaitable[bool]]  # open (or wait for) a connection to the node
 
 
 class Channel:
     """Commands to the nodes one link reaches; REPLY / STATUS from them (`on_frame`).
 
     `send(ftype, body)` queues a frame on the link, behind any ACK; `ready(node)` says whether
-    the link can reach that node now.
+    the link can reach that node now. A link that connects to one node at a time (BLE) passes
+    `send_to(node, ftype, body)` instead, and `reach(node)`, awaited before each command:
+    it connects to the node if need be and says whether it could.
     """
 
-    def __init__(self, name: str, send: Sender, keys: dict[bytes, bytes], counters: Counters,
-                 ready: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, name: str, send: Sender | None, keys: dict[bytes, bytes],
+                 counters: Counters, ready: Callable[[str], bool] | None = None, *,
+                 send_to: NodeSender | None = None, reach: Reach | None = None) -> None:
+        if send_to is None:
+            if send is None:
+                raise ValueError("a channel needs send or send_to")
+            one: Sender = send
+            send_to = lambda _node, ftype, body: one(ftype, body)  # noqa: E731
         self.name = name
-        self._send = send
+        self._send_to = send_to
         self.keys = keys
         self.counters = counters
         self._ready = ready or (lambda _node: True)
+        self._reach = reach
         self._nodes: dict[str, _Node] = {}
         self.stats: Counter[str] = Counter()  # commands, replies, retries, timeouts, refused…
 
@@ -280,6 +293,11 @@ class Channel:
         n = self._nodes.get(node)
         return n.identity if n else None
 
+    def waiting(self, node: str) -> int:
+        """Commands to `node` sent and not answered yet (a connection holds on for them)."""
+        n = self._nodes.get(node)
+        return sum(1 for p in n.pending.values() if not p.answer.done()) if n else 0
+
     async def command(self, node_id: str, op: int, args: dict[int, Any] | None = None,
                       timeout: float = 5.0, *, retries: int = 2) -> tuple[int, Any]:
         """(result code, result) of one authenticated command.
@@ -296,12 +314,15 @@ class Channel:
             while True:
                 if not self._ready(node_id):
                     raise LinkDown(node_id, op, f"{self.name} is not connected to it now")
+                if self._reach is not None and not await self._reach(node_id):
+                    raise LinkDown(node_id, op, f"{self.name} could not connect to it now")
                 fut: asyncio.Future[tuple[int, Any] | int] = (
                     asyncio.get_running_loop().create_future())
                 async with n.order:  # counters reach the line in the order they were taken
                     counter = await self.counters.next(node_id)
                     n.pending[counter] = _Pending(node_id, op, counter, fut)
-                    self._send(protocol.COMMAND, command_body(key, node_id, counter, op, args))
+                    self._send_to(node_id, protocol.COMMAND,
+                                  command_body(key, node_id, counter, op, args))
                 self.stats["commands"] += 1
                 try:
                     answer = await asyncio.wait_for(fut, timeout)
@@ -390,9 +411,10 @@ class Channel:
             return n.identity
         return None
 
-    def probe(self) -> None:
-        """Ask whoever is on the link who they are (an empty COMMAND; answered by a STATUS)."""
-        self._send(protocol.COMMAND, b"")
+    def probe(self, node: str | None = None) -> None:
+        """Ask whoever is on the link who they are (an empty COMMAND; answered by a STATUS);
+        on a link with a connection per node, `node` or every node connected now."""
+        self._send_to(node, protocol.COMMAND, b"")
 
 
 def route(links: Iterable[Any], node_id: str, seen_on: str | None = None) -> Channel:

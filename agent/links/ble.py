@@ -8,6 +8,11 @@ waited longest first, at most `max_connections` at a time; claimers are tried on
 with no proven address on air, one at a time (ble_session.py drains). A failed session is
 retried with exponential backoff and jitter, per address. Frames go to ingest one by one
 (`Ingest.on_frame`), which acknowledges them only after they are committed.
+
+Commands (agent/nodecmd.py, `commander`): REPLY and STATUS go to the channel, COMMANDs to the
+node's session behind its ACKs. A command to a node with no session opens one at the node's
+proven address, backlog or not, and the session stays while commands are unanswered or were
+sent within `idle_timeout_s`, up to `max_command_session_s` (docs/updates-gateway.md).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from bleak.backends.client import BaseBleakClient
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 
-from .. import bthome
+from .. import bthome, protocol
 from ..errors import FrameError
 from ..ingest import Ingest
+from ..nodecmd import Channel, counters_for
 from ..queue.store import Store
 from .ble_adverts import AddressBook, Candidate, CounterBook, ThirdParty
 from .ble_config import BleLinkConfig
@@ -115,6 +121,13 @@ class BleLink:
         # third-party readings reach the queue through ingest, its one writer; `store` is not
         # used here any more (kept while ble_config.make and the tests still pass it)
         self.third_party = ThirdParty(cfg.devices, ingest, cfg.repeat_s, self.stats, self.name)
+        # commands: counted in commander.stats (its own keys, and `unsent`, `command_connects`,
+        # `command_limits` of this link), not in self.stats, which /metrics exports as is
+        self.commander = Channel(self.name, None, keys, counters_for(state_dir), self.serves,
+                                 send_to=self._send_command, reach=self._reach)
+        self._live: dict[str, NodeSession] = {}  # node → its session, once commands can go
+        self._want: dict[str, float] = {}  # node → keep (or open) its session until then
+        self._changed = asyncio.Event()  # a session became ready or ended (pulsed)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -289,6 +302,56 @@ class BleLink:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(scanner.stop(), 5.0)
 
+    # -- commands ---------------------------------------------------------------------------
+
+    def serves(self, node: str) -> bool:
+        """Whether a command can reach `node`: a session is open, or its proven address is on
+        air (a claimer is never commanded: it has proved nothing)."""
+        if node in self._live:
+            return True
+        entry = self.book.nodes.get(node)
+        p = entry.proven if entry is not None else None
+        return p is not None and time.monotonic() - p.seen < self.cfg.scan_stall_s
+
+    def _hold(self, node: str) -> tuple[float, int]:
+        return self._want.get(node, 0.0), self.commander.waiting(node)
+
+    def _send_command(self, node: str | None, ftype: int, body: bytes) -> None:
+        """The channel's sender: into the node's session (every open one for a probe)."""
+        if node is None:
+            for live in self._live.values():
+                live.send_command(ftype, body)
+            return
+        s = self._live.get(node)
+        if s is None or not s.send_command(ftype, body):
+            self.commander.stats["unsent"] += 1  # the session ended: the channel times out
+            return
+        self._want[node] = max(self._want.get(node, 0.0),
+                               time.monotonic() + self.cfg.idle_timeout_s)
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _reach(self, node: str) -> bool:
+        """Wait until `node` has a session that takes commands, asking the scheduler for one
+        if need be (within connect_timeout_s + idle_timeout_s); False if none came."""
+        deadline = time.monotonic() + self.cfg.connect_timeout_s + self.cfg.idle_timeout_s
+        while True:
+            now = time.monotonic()
+            if node in self._live:
+                self._want[node] = max(self._want.get(node, 0.0), now + self.cfg.idle_timeout_s)
+                return True
+            if now >= deadline or not self.serves(node):
+                self._want.pop(node, None)
+                return False
+            self._want[node] = max(self._want.get(node, 0.0), now + self.cfg.idle_timeout_s)
+            if node not in self._busy:
+                self._wake.set()
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(0.5, deadline - now))
+
     # -- connections ------------------------------------------------------------------------
 
     def _pick(self, now: float) -> list[Candidate]:
@@ -306,7 +369,8 @@ class BleLink:
                 continue
             p = entry.proven
             if p is not None and now - p.seen < stall:  # on air: its own word is the one
-                if p.backlog > 0 and p.retry_at <= now:
+                wanted = self._want.get(node, 0.0) > now  # the gateway has commands for it
+                if (p.backlog > 0 or wanted) and p.retry_at <= now:
                     proven.append((entry.last_session, p))
                 continue
             if entry.unproven_retry_at > now:
@@ -345,7 +409,10 @@ class BleLink:
         self._claimer_sessions.discard(addr)
         if self._busy.get(c.node) == addr:
             del self._busy[c.node]
+        if self._want.get(c.node, 0.0) <= time.monotonic():
+            self._want.pop(c.node, None)  # bounded: only nodes with a hold still running
         self._wake.set()
+        self._pulse()
 
     async def _session(self, addr: str, c: Candidate) -> None:
         node = c.node
@@ -354,6 +421,9 @@ class BleLink:
 
         def on_frame(link: NodeSession, ftype: int, body: bytes) -> None:
             nonlocal proved
+            if ftype in (protocol.REPLY, protocol.STATUS):
+                self.commander.on_frame(ftype, body)  # verified there, under the node key
+                return
             # proof is ingest's verdict: a pack of this node's, authentic and new, taken for
             # the queue. Authentic alone proves nothing: the gateway's own start ACK is MACed
             # under the node key too, and a stranger can play it back as DATA (ingest
@@ -362,10 +432,16 @@ class BleLink:
                 proved = True
                 self._proven(node, addr, c.device)
 
+        def on_ready(s: NodeSession) -> None:
+            self._live[node] = s
+            self._pulse()
+
         session = NodeSession(f"{self.name} {addr} {node}", node, self.keys[node.encode()],
-                              on_frame, self._reject)
-        client = BleakClient(c.device, timeout=self.cfg.connect_timeout_s,
-                             backend=self.backend.client)
+                              on_frame, self._reject, on_ready)
+        if self._want.get(node, 0.0) > time.monotonic() and not c.backlog:
+            self.commander.stats["command_connects"] += 1
+        client = BleakClient(c.device, lambda _client: session.lost(),
+                             timeout=self.cfg.connect_timeout_s, backend=self.backend.client)
         drained = False
         self.stats["connects"] += 1
         if claimer:
@@ -376,13 +452,21 @@ class BleLink:
                 await asyncio.wait_for(client.connect(), self.cfg.connect_timeout_s + 5.0)
             log.info("%s: connected (backlog %d, MTU %d%s)", session.name, c.backlog,
                      client.mtu_size, ", address not proven yet" if claimer else "")
-            drained = await session.run(client, self.cfg.idle_timeout_s, self.cfg.max_session_s)
+            drained = await session.run(
+                client, self.cfg.idle_timeout_s, self.cfg.max_session_s,
+                hold=functools.partial(self._hold, node),
+                command_max_s=self.cfg.max_command_session_s)
+            if session.ended_by == "command_limit":
+                self.commander.stats["command_limits"] += 1
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self.stats["session_failures"] += 1
             log.warning("%s: session failed (%s: %s)", session.name, type(e).__name__, e)
         finally:
+            if self._live.get(node) is session:
+                del self._live[node]
+                self._pulse()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), 5.0)
             self.bytes_in += session.bytes_in

@@ -36,6 +36,7 @@ class BleLinkConfig:
     connect_timeout_s: float = 15.0
     idle_timeout_s: float = 10.0
     max_session_s: float = 120.0
+    max_command_session_s: float = 600.0  # a session kept for the gateway's commands, at most
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 120.0
     scan_stall_s: float = 60.0
@@ -45,8 +46,8 @@ class BleLinkConfig:
 
 
 _BLE_ADDRESS = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
-_BLE_FLOATS = ("connect_timeout_s", "idle_timeout_s", "max_session_s", "backoff_initial_s",
-               "backoff_max_s", "scan_stall_s", "repeat_s")
+_BLE_FLOATS = ("connect_timeout_s", "idle_timeout_s", "max_session_s", "max_command_session_s",
+               "backoff_initial_s", "backoff_max_s", "scan_stall_s", "repeat_s")
 KEYS = frozenset({"adapter", "max_connections", "scanning_mode", "require_encrypted_adverts",
                   "devices", *_BLE_FLOATS})
 DEVICE_KEYS = ("address", "name", "bindkey_file")

@@ -5,6 +5,10 @@ gateway → node writes, STATE (read/notify) holds the node's backlog. A message
 `type | body` as on the UART, without COBS or CRC, cut into segments that fit the ATT MTU,
 each behind a header byte (bit 7: more follow; bits 0-6: index). The start ACK carries the
 nonce the node put in STATE for this connection, so a recorded one starts no drain elsewhere.
+
+COMMAND messages (agent/nodecmd.py) wait in their own queue: the writer takes one only when
+no ACK waits, so an ACK is never behind more than one command. While the gateway commands
+the node (`hold`), the session stays open after the backlog reaches 0, up to its own limit.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -92,27 +97,42 @@ def start_message(key: bytes, node: str, nonce: bytes | None = None) -> bytes:
     return bytes((protocol.ACK,)) + protocol.create_mac0(key, node.encode(), 0, payload)
 
 
+# () -> (monotonic time until which the gateway wants the connection kept, commands unanswered)
+Hold = Callable[[], tuple[float, int]]
+
+
 class NodeSession:
-    """The link object ingest sees for one connection (`name`, `send`)."""
+    """The link object ingest sees for one connection (`name`, `send`).
+
+    on_ready(session) is called once notifications are on and the start is queued: from then
+    on `send_command` reaches the node.
+    """
 
     def __init__(self, name: str, node: str, key: bytes,
                  on_frame: Callable[[NodeSession, int, bytes], None],
-                 on_reject: Callable[[str, FrameError], None]) -> None:
+                 on_reject: Callable[[str, FrameError], None],
+                 on_ready: Callable[[NodeSession], None] | None = None) -> None:
         self.name = name
         self.node = node
         self._key = key
         self._on_frame = on_frame
         self._on_reject = on_reject
+        self._on_ready = on_ready
         self._rx = Reassembler()
-        self._out: asyncio.Queue[bytes] = asyncio.Queue()
+        self._acks: deque[bytes] = deque()  # start and ACK messages: written first
+        self._cmds: deque[bytes] = deque()  # COMMAND messages: when no ACK waits
+        self._queued = asyncio.Event()
         self._progress = asyncio.Event()
         self._error: BaseException | None = None
         self.backlog: int | None = None
         self.nonce: bytes | None = None  # the one our last start ACK carried
         self.open = False
+        self.ready = False  # notifications on, start queued: commands may go
         self.frames = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.commands_out = 0
+        self.ended_by = ""  # "drained", "limit", "command_limit", "stall" once run() returned
 
     def send(self, data: bytes) -> None:
         """Take an ACK framed for the UART (what ingest writes) and queue it for CTRL."""
@@ -121,7 +141,26 @@ class NodeSession:
         for chunk in data.split(b"\x00"):
             if chunk:
                 ftype, body = protocol.decode_frame(chunk)
-                self._out.put_nowait(bytes((ftype,)) + body)
+                self._acks.append(bytes((ftype,)) + body)
+        self._queued.set()
+
+    def send_command(self, ftype: int, body: bytes) -> bool:
+        """Queue a COMMAND message behind any ACK; False if the session cannot take it."""
+        if not self.ready or not self.open:
+            return False
+        self._cmds.append(bytes((ftype,)) + body)
+        self._queued.set()
+        return True
+
+    def _idle(self) -> bool:
+        return not self._acks and not self._cmds
+
+    def lost(self) -> None:
+        """The stack says the connection dropped: end now, not after idle_s of silence (the
+        write under way is cancelled by the stack, so the writer cannot say it)."""
+        if self._error is None:
+            self._error = ConnectionError("the connection dropped")
+        self._progress.set()
 
     def _on_data(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
         self.bytes_in += len(data)
@@ -150,12 +189,21 @@ class NodeSession:
 
     def _start(self, nonce: bytes | None) -> None:
         self.nonce = nonce
-        self._out.put_nowait(start_message(self._key, self.node, nonce))
+        self._acks.append(start_message(self._key, self.node, nonce))
+        self._queued.set()
 
     async def _writer(self, client: BleakClient, ctrl: BleakGATTCharacteristic) -> None:
         try:
             while self.open:
-                msg = await self._out.get()
+                if self._acks:
+                    msg = self._acks.popleft()
+                elif self._cmds:
+                    msg = self._cmds.popleft()
+                    self.commands_out += 1
+                else:
+                    self._queued.clear()
+                    await self._queued.wait()
+                    continue
                 # write with response: the node's stack has taken each segment when it returns
                 size = max(20, ctrl.max_write_without_response_size)
                 for seg in segments(msg, size):
@@ -168,8 +216,14 @@ class NodeSession:
             self._error = e
             self._progress.set()
 
-    async def run(self, client: BleakClient, idle_s: float, max_s: float) -> bool:
-        """Drain the node; True when it reports an empty backlog, False on a stall or timeout."""
+    async def run(self, client: BleakClient, idle_s: float, max_s: float, *,
+                  hold: Hold | None = None, command_max_s: float = 0.0) -> bool:
+        """Drain the node; True when it reports an empty backlog, False on a stall or timeout.
+
+        hold: while it says the gateway wants the node (commands unanswered, or a hold time
+        not over), the session goes on after the backlog is 0, up to `command_max_s` in all
+        (a node that keeps commands unanswered cannot keep the gateway's radio for longer).
+        """
         services = client.services
         chars: dict[str, Any] = {u: services.get_characteristic(u)
                                  for u in (DATA_UUID, CTRL_UUID, STATE_UUID)}
@@ -182,29 +236,47 @@ class NodeSession:
             await client.start_notify(chars[DATA_UUID], self._on_data)
             await client.start_notify(chars[STATE_UUID], self._on_state)
             self._start(state_nonce(await client.read_gatt_char(chars[STATE_UUID])))
-            deadline = time.monotonic() + max_s
-            while True:
-                if self._error is not None:
-                    raise self._error
-                if self.backlog == 0 and self._out.empty():
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.info("%s: session limit %.0fs reached with backlog %s; yielding",
-                             self.name, max_s, self.backlog)
-                    return False
-                self._progress.clear()
-                try:
-                    await asyncio.wait_for(self._progress.wait(), min(idle_s, left))
-                except TimeoutError:
-                    if left < idle_s:
-                        continue  # the session limit, not a stall: said at the top
-                    log.warning("%s: no progress for %.0fs (backlog %s); disconnecting",
-                                self.name, idle_s, self.backlog)
-                    return False
+            self.ready = True
+            if self._on_ready is not None:
+                self._on_ready(self)
+            return await self._wait(idle_s, max_s, hold, command_max_s)
         finally:
             self.open = False
+            self.ready = False
             await _stop(writer)
+
+    async def _wait(self, idle_s: float, max_s: float, hold: Hold | None,
+                    command_max_s: float) -> bool:
+        started = time.monotonic()
+        while True:
+            if self._error is not None:
+                raise self._error
+            until, waiting = hold() if hold is not None else (0.0, 0)
+            now = time.monotonic()
+            held = waiting > 0 or until > now
+            if self.backlog == 0 and self._idle() and not held:
+                self.ended_by = "drained"
+                return True
+            limit = max(max_s, command_max_s) if held else max_s
+            left = started + limit - now
+            if left <= 0:
+                self.ended_by = "command_limit" if held else "limit"
+                log.info("%s: session limit %.0fs reached (backlog %s%s); yielding", self.name,
+                         limit, self.backlog, ", commands pending" if held else "")
+                return False
+            # a stall is silence while something is owed: frames, a write, an answer
+            owed = self.backlog != 0 or not self._idle() or waiting > 0
+            wait = min(idle_s, left) if owed else min(idle_s, left, max(until - now, 0.01))
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), wait)
+            except TimeoutError:
+                if not owed or wait < idle_s:
+                    continue  # a hold or a limit ran out, not a stall: said at the top
+                self.ended_by = "stall"
+                log.warning("%s: no progress for %.0fs (backlog %s, %d commands unanswered); "
+                            "disconnecting", self.name, idle_s, self.backlog, waiting)
+                return False
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

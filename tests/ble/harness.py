@@ -7,11 +7,14 @@ bumble backend (tests/ble/bleak_bumble.py); upstream is the project's HTTP recei
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,7 +188,7 @@ class BleNode:
         board = json.loads(BOARD.read_text())
 
         async def boot() -> None:
-            node = app.Node(cfg, SimHal(self.street), board)
+            node = app.Node(cfg, self.make_hal(), board)
             seal = node.seal
 
             def counting_seal(now: Any, values: dict[str, Any]) -> int:
@@ -201,6 +204,9 @@ class BleNode:
         self.task = self.chip.start(boot, name=self.node_id)
         await until(lambda: self.node is not None and self.node.link is not None, 10,
                     f"{self.node_id} to boot")
+
+    def make_hal(self) -> SimHal:
+        return SimHal(self.street)
 
     async def stop(self) -> None:
         """Power cut: the firmware stops wherever it is and the radio goes silent."""
@@ -339,3 +345,120 @@ def check_exported(before: dict[str, int], scraped: dict[str, float],
     for key, value in scraped.items():
         assert before.get(key, 0) <= value <= after.get(key, 0), (key, before.get(key), value,
                                                                   after.get(key))
+
+
+# ---------------------------------------------------------------- signed updates (issue 16)
+
+FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
+
+
+def boot_loader() -> dict[str, Any]:
+    """firmware/main.py's functions (`choose` picks the slot, counts a candidate's tries),
+    without its last line, which would boot a node in this process."""
+    tree = ast.parse((FIRMWARE / "main.py").read_text())
+    tree.body = [n for n in tree.body if not (
+        isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+        and isinstance(n.value.func, ast.Name) and n.value.func.id == "run")]
+    ns: dict[str, Any] = {"__name__": "lantern_boot_loader"}
+    exec(compile(tree, str(FIRMWARE / "main.py"), "exec"), ns)
+    return ns
+
+
+class Reboot(asyncio.CancelledError):
+    """The board resets (node/commands.py, node/ota.py call hal.reset()).
+
+    A reset ends the firmware wherever it is, as a power cut does, and nothing in the
+    firmware may catch it: its loops catch Exception (node/window.py), not cancellation.
+    """
+
+
+class OtaHal(SimHal):
+    """SimHal whose reset() reboots the node (OtaNode.supervise starts it again)."""
+
+    def __init__(self, street: bool, node: OtaNode) -> None:
+        super().__init__(street)
+        self._node = node
+
+    def reset(self) -> None:
+        node = self._node
+        if not node.flush_on_reset and node.chip is not None:
+            node.chip.power_cut()  # at once: what the stack still queues is lost
+        node.resets.set()
+        raise Reboot()
+
+
+@dataclass
+class OtaNode(BleNode):
+    """A BLE node that boots as main.py does: the boot record picks the slot, a candidate is
+    on trial, and a reset starts it again. The slot's code is .mpy, which CPython cannot
+    import, so the tree's sources run in its place under the slot's signed version: what the
+    transfer, the boot record and the trial do is the firmware's own."""
+
+    release_pub: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)  # more node.json keys
+    # the radio sends the notifications the firmware queued before the board resets. The
+    # firmware resets as soon as gatts_notify has queued its last answer (node/commands.py
+    # `after`), which on a radio may lose it (the REPLY to APPLY); False shows that
+    flush_on_reset: bool = True
+    boots: int = 0
+    resets: asyncio.Event = field(default_factory=asyncio.Event)
+    versions: list[str] = field(default_factory=list)  # the version each boot ran
+
+    def write_config(self) -> Path:
+        path = super().write_config()
+        cfg = json.loads(path.read_text())
+        pub = self.state_dir / "release.pub"
+        pub.write_bytes(self.release_pub)
+        cfg.update({"release_key": str(pub), **self.extra})
+        path.write_text(json.dumps(cfg))
+        return path
+
+    def make_hal(self) -> SimHal:
+        return OtaHal(self.street, self)
+
+    async def start(self, link: LocalLink) -> None:
+        """Boot: main.py's choice of slot and trial, then the node as BleNode boots it."""
+        config = str(self.write_config())
+        fw, rec, slot, trial = boot_loader()["choose"](config)
+        ver = rec.get("cver") if trial else rec.get("ver") if slot else None
+        sys.modules["node"].BOOT = {  # type: ignore[attr-defined]
+            "fw": fw, "slot": slot, "trial": trial, "rec": rec, "config": config}
+        app.FIRMWARE_VERSION = ver or BASE_VERSION
+        self.versions.append(app.FIRMWARE_VERSION)
+        self.boots += 1
+        await super().start(link)
+
+    async def supervise(self, link: LocalLink) -> None:
+        """Start the node again each time it resets (a board's reset; run as a task)."""
+        while True:
+            await self.resets.wait()
+            self.resets.clear()
+            ble = self.chip.ble if self.chip is not None else None
+            if self.flush_on_reset and ble is not None:
+                await until(functools.partial(_sent_all, ble), 5, "the radio's last answers")
+            await self.stop()
+            await self.start(link)
+
+
+def _sent_all(ble: Any) -> bool:
+    return ble._queued_notifies == 0  # type: ignore[no-any-return]
+
+
+BASE_VERSION = app.FIRMWARE_VERSION  # what the provisioned firmware says it runs
+
+
+def restore_boot() -> None:
+    """Undo what OtaNode.start set for the whole process (other tests boot the plain way)."""
+    app.FIRMWARE_VERSION = BASE_VERSION
+    with contextlib.suppress(AttributeError):
+        del sys.modules["node"].BOOT
+
+
+def add_ota_node(world: World, release_pub: bytes, **kw: Any) -> OtaNode:
+    """One OtaNode in `world`, named and addressed as add_nodes names its nodes."""
+    link_cfg = kw.pop("link_cfg", {"adv_interval_ms": 50, "rotate_ms": 100})
+    i = len(world.nodes) + 1
+    node = OtaNode(f"SL-{i:04d}", f"F0:00:00:00:01:{i:02X}", world.workdir / "nodes",
+                   dict(link_cfg), release_pub=release_pub, **kw)
+    world.nodes.append(node)
+    return node
