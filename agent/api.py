@@ -1,7 +1,8 @@
 """The gateway's local HTTP API and status page (aiohttp), on 127.0.0.1 unless configured.
 
 /healthz (open), /metrics (Prometheus text), /api/status, /api/nodes, /api/nodes/{id},
-/api/nodes/{id}/readings?since=&name=&limit=, /api/rollout (GET; POST a bundle to start one)
+/api/nodes/{id}/readings?since=&name=&limit=, /api/health (the street: lamps, energy,
+open alerts, pole locations; docs/alerts.md), /api/rollout (GET; POST a bundle to start one)
 and /api/rollout/halt (POST; docs/rollout.md), and the status page at / (static files from
 agent/status/, no CDN). With [api] token_file set, /metrics and /api/* want
 `Authorization: Bearer <token>`. Only Host names the API serves are answered (HostRule: a
@@ -20,10 +21,10 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import exposition
@@ -32,9 +33,13 @@ from lantern import __version__
 
 from .config import ApiConfig
 from .metrics import Gauges, Metrics, registry
+from .ngsi import NodeMeta
 from .ota.rollout import BUNDLE_MAX, RolloutError, RolloutManager
 from .queue.history import find_gaps, typical_interval
 from .queue.store import Store
+
+if TYPE_CHECKING:
+    from .health.service import HealthService
 
 log = logging.getLogger("lantern.api")
 
@@ -82,6 +87,8 @@ class GatewayView:
     upstreams: Sequence[Upstream]
     store_files: Sequence[Path] = ()
     rollout: RolloutManager | None = None  # staged updates (agent/ota/rollout.py)
+    health: HealthService | None = None  # lamp faults, energy, alerts (agent/health/)
+    nodes_meta: Mapping[str, NodeMeta] = field(default_factory=dict)  # poles, coordinates
     _cache: tuple[float, dict[str, Any]] | None = None  # (valid until, overview)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -213,6 +220,42 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
     }
 
 
+def street(view: GatewayView, now: float) -> dict[str, Any]:
+    """/api/health: every configured or seen node at its pole (lat/lon from [nodes]), its
+    lamp as the health monitor sees it, and the open alerts; `configured` false without
+    [health] (then only the places)."""
+    h = view.health
+    lamps = {v.node: v for v in h.lamps(now)} if h is not None else {}
+    alerts: dict[str, list[dict[str, Any]]] = {}
+    if h is not None:
+        from .health.alerts import RULES
+
+        for (alert, node, subject), o in sorted(h.health.conditions.open.items()):
+            alerts.setdefault(node, []).append({
+                "alert": alert, "measurement": subject or None, "severity": RULES[alert][0],
+                "since": o.starts_at, "summary": o.summary})
+    ids = sorted(set(view.node_ids) | set(view.nodes_meta) | set(lamps) | set(alerts))
+    nodes = []
+    for node in ids:
+        meta = view.nodes_meta.get(node, NodeMeta())
+        lamp = lamps.get(node)
+        nodes.append({
+            "id": node, "pole": meta.pole or None, "lat": meta.lat, "lon": meta.lon,
+            "lamp": None if lamp is None else {
+                "state": lamp.state, "power_w": lamp.power_w, "rating_w": lamp.rating_w,
+                "t": lamp.t, "last_on": lamp.last_on, "last_off": lamp.last_off,
+                "kwh": lamp.kwh, "today_kwh": lamp.today_kwh, "burning_h": lamp.burning_h,
+                "dayburn_kwh": lamp.dayburn_kwh, "co2e_kg": lamp.co2e_kg,
+                "unmeasured_h": lamp.unmeasured_h},
+            "alerts": alerts.get(node, [])})
+    totals = {k: sum(getattr(v, k) for v in lamps.values())
+              for k in ("kwh", "today_kwh", "dayburn_kwh", "co2e_kg", "burning_h")}
+    return {"configured": h is not None, "now": now, "nodes": nodes, "totals": totals,
+            "grid_g_per_kwh": h.health.s.grid_g_per_kwh if h is not None else None,
+            "raised": dict(h.health.conditions.raised) if h is not None else {},
+            "cleared": dict(h.health.conditions.cleared) if h is not None else {}}
+
+
 def parse_since(text: str | None, now: float) -> float:
     """`since` as unix seconds, ISO 8601, or a negative offset from now (-900)."""
     if text is None or text == "":
@@ -327,7 +370,12 @@ class Api:
     def __init__(self, view: GatewayView, token: str | None = None,
                  cfg: ApiConfig | None = None) -> None:
         self.view = view
-        self.registry = registry(view.metrics, self._gauges_for_scrape, __version__)
+        extra = []
+        if view.health is not None:
+            from .health.metrics import HealthCollector
+
+            extra.append(HealthCollector(view.health))
+        self.registry = registry(view.metrics, self._gauges_for_scrape, __version__, extra)
         self._scrape_gauges = Gauges()
         cfg = cfg or ApiConfig()
         rule = HostRule(cfg.host, cfg.allowed_hosts)
@@ -345,6 +393,7 @@ class Api:
         r.add_get("/api/nodes", self.nodes)
         r.add_get("/api/nodes/{id}", self.node)
         r.add_get("/api/nodes/{id}/readings", self.readings)
+        r.add_get("/api/health", self.health)
         r.add_get("/api/rollout", self.rollout)
         r.add_post("/api/rollout", self.rollout_start)
         r.add_post("/api/rollout/halt", self.rollout_halt)
@@ -458,6 +507,10 @@ class Api:
             "node": node, "since": since, "now": now, "interval_s": interval,
             "readings": rows, "more": more,
             "next_since": rows[-1]["t"] if rows else since, "gaps": gaps})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """The street: each lamp's state, energy and open alerts, where its pole stands."""
+        return web.json_response(street(self.view, time.time()))
 
     def _updates(self) -> RolloutManager:
         if self.view.rollout is None:

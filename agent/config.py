@@ -68,6 +68,30 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Lamp faults, energy and health alerts ([health]; docs/alerts.md), and where the
+    gateway delivers its alerts itself: a webhook (Alertmanager's format) and/or MQTT."""
+
+    settings: Any  # lantern.agent.health.settings.Settings: thresholds and lamps
+    webhook_url: str | None = None
+    webhook_token_file: Path | None = None  # a bearer token for the webhook (mode 0600)
+    webhook_timeout_s: float = 10.0
+    mqtt_topic: str | None = None  # through [sinks.mqtt]'s broker, a client of its own
+    receiver: str = "lantern"  # the notifications' "receiver"
+    external_url: str = ""  # their "externalURL" (the status page, as operators reach it)
+
+    def describe(self) -> str:
+        """One line for `lantern gateway check-config`."""
+        to = [f"webhook {shown_url(self.webhook_url)}" if self.webhook_url else "",
+              f"MQTT topic {self.mqtt_topic}" if self.mqtt_topic else ""]
+        lamps = len(self.settings.lamps)
+        return (f"  health:  lamp faults, energy ({self.settings.grid_g_per_kwh:g} gCO2e/kWh) "
+                f"and alerts; {self.settings.default_lamp.rating_w:g} W lamps"
+                + (f", {lamps} configured by node" if lamps else "") + "; alerts to "
+                + (", ".join(t for t in to if t) or "/metrics and the status page only"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -84,6 +108,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     updates: UpdatesConfig | None = None  # no [updates]: the gateway refuses rollouts
+    health: HealthConfig | None = None  # no [health]: no lamp faults, energy or alerts
 
     # one kind by name (its plug-in's class: typed there, not here, so that this module
     # depends on no plug-in, not even for types)
@@ -133,7 +158,7 @@ def load_config(path: Path | str) -> Config:
     doc = Doc(path)
     d = doc.data
     known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history", "queue",
-             "updates"}
+             "updates", "health"}
     for k in d:
         if k not in known:
             raise doc.error(k, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -161,7 +186,7 @@ def load_config(path: Path | str) -> Config:
                         "(or [sinks.ngsi_ld], [sinks.mqtt])")
     return Config(path, state_dir, keys_file, links, sinks, max_records, max_age, log_level,
                   nodes, api=api, history=history, queue=_queue(doc, d),
-                  updates=_updates(doc, d, base))
+                  updates=_updates(doc, d, base), health=_health(doc, d, base, sinks))
 
 
 def _links(doc: Doc, links: dict[str, Any], base: Path) -> dict[str, tuple[Any, ...]]:
@@ -273,6 +298,45 @@ def _updates(doc: Doc, d: dict[str, Any], base: Path) -> UpdatesConfig | None:
     except ConfigError as e:
         raise doc.error("updates.release_key", str(e)) from None
     return cfg
+
+
+HEALTH_TARGETS = ("webhook", "mqtt")
+
+
+def _health(doc: Doc, d: dict[str, Any], base: Path, sinks: dict[str, Any]
+            ) -> HealthConfig | None:
+    """[health] (thresholds, lamps: agent/health/settings.py), [health.webhook] and
+    [health.mqtt] (where the gateway delivers its alerts)."""
+    if "health" not in d:
+        return None
+    from .health import settings
+
+    h = doc.get(d, "health", "health", dict)
+    parsed = settings.parse(doc, h, "health", extra=(*HEALTH_TARGETS, "receiver",
+                                                     "external_url"))
+    w = doc.table(h, "webhook", "health.webhook", ("url", "token_file", "timeout_s"), {})
+    url = doc.get(w, "url", "health.webhook.url", str, check=http_url,
+                  fix='the receiver\'s URL, e.g. "https://ops.example/hooks/lantern" '
+                      '(Alertmanager\'s webhook JSON is POSTed to it)') if "webhook" in h else None
+    token = doc.get(w, "token_file", "health.webhook.token_file", str, None)
+    token_file = base / token if token else None
+    if token_file and not check_secret_file(token_file, "health.webhook.token_file").strip():
+        raise doc.error("health.webhook.token_file", f"{token_file} is empty")
+    m = doc.table(h, "mqtt", "health.mqtt", ("topic",), {})
+    topic = doc.get(m, "topic", "health.mqtt.topic", str, "lantern/alerts",
+                    lambda v: None if v and not set(v) & {"+", "#", "\0"}
+                    else "expected a topic name without + # or NUL") if "mqtt" in h else None
+    if topic is not None and "mqtt" not in sinks:
+        raise doc.error("health.mqtt", "alerts go to the broker of [sinks.mqtt], which is not "
+                        "configured; add [sinks.mqtt] with its host, or remove [health.mqtt]")
+    return HealthConfig(
+        parsed, webhook_url=url, webhook_token_file=token_file,
+        webhook_timeout_s=float(doc.get(w, "timeout_s", "health.webhook.timeout_s",
+                                        (int, float), 10.0, positive)),
+        mqtt_topic=topic,
+        receiver=doc.get(h, "receiver", "health.receiver", str, "lantern"),
+        external_url=doc.get(h, "external_url", "health.external_url", str, "",
+                             lambda v: None if not v else http_url(v)))
 
 
 def _canary(v: int | list[Any]) -> str | None:

@@ -20,8 +20,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 from . import preflight
 from .api import ApiServer, GatewayView
-from .config import Config, load_config, load_keys
+from .config import Config, HealthConfig, load_config, load_keys
 from .errors import ConfigError
+from .health.feed import NAME as HEALTH
+from .health.feed import HealthSink
 from .ingest import Ingest
 from .metrics import Metrics, TimedSink
 from .ota.rollout import RolloutManager
@@ -34,6 +36,7 @@ from .queue.store import Store
 from .sdnotify import Notifier, supervise
 
 if TYPE_CHECKING:
+    from .health.service import HealthService
     from .links.ble import BleBackend
 
 log = logging.getLogger("lantern.gateway")
@@ -183,6 +186,56 @@ def claim_state_dir(state_dir: Path) -> IO[bytes]:
     return f
 
 
+HEALTH_TICK_S = 30.0  # how often a silent node is looked for
+
+
+async def _health_ticks(health: HealthService) -> None:
+    """NodeSilent needs a clock, not a reading: the monitor looks every HEALTH_TICK_S."""
+    failures = 0
+    while True:
+        await asyncio.sleep(HEALTH_TICK_S)
+        try:
+            await health.tick()
+        except sqlite3.Error as e:  # its store failing: said once, tried again next tick
+            failures += 1
+            if failures == 1:
+                log.error("health: cannot save the monitor's state (%s); tried again every "
+                          "%g s", e, HEALTH_TICK_S)
+            continue
+        if failures:
+            log.info("health: the monitor's state is saved again after %d failures", failures)
+            failures = 0
+
+
+async def _open_health(cfg: HealthConfig, stack: contextlib.AsyncExitStack, state_dir: Path,
+                       mqtt: Any) -> HealthService:
+    """The health monitor and its alert targets, closed with the stack (targets last)."""
+    from .health import notify
+    from .health.service import HealthService
+
+    targets: list[notify.Target] = []
+    if cfg.webhook_url:
+        import aiohttp
+
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        headers = {}
+        if cfg.webhook_token_file:
+            headers["Authorization"] = "Bearer " + cfg.webhook_token_file.read_text().strip()
+        targets.append(notify.Webhook(cfg.webhook_url, session, timeout_s=cfg.webhook_timeout_s,
+                                      headers=headers))
+    if cfg.mqtt_topic:
+        publisher = notify.MqttPublisher(mqtt)
+        stack.push_async_callback(publisher.aclose)
+        targets.append(notify.Mqtt(publisher.publish, cfg.mqtt_topic))
+    svc = HealthService(cfg.settings, state_dir, targets, receiver=cfg.receiver,
+                        external_url=cfg.external_url)
+    try:
+        return await stack.enter_async_context(svc)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"{state_dir}: cannot open the health monitor's store ({e}); check "
+                          "that the state directory is writable and has free space") from None
+
+
 async def _open_store(path: Path) -> Store:
     try:
         return await Store(path).__aenter__()
@@ -230,37 +283,51 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         store.history.keep_s = cfg.history.keep_hours * 3600.0
         store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
+        links: list[Any] = []  # made below, once ingest runs; the rollout reaches them then
+        node_ids = [k.decode() for k in keys]
+        rollout = RolloutManager(cfg.state_dir, cfg.updates, _reach(links, metrics),
+                                 lambda: node_ids)
+        health = None
+        if cfg.health is not None:
+            health = await _open_health(cfg.health, stack, cfg.state_dir, cfg.sinks.get("mqtt"))
         sinks: list[Any] = []
         opened: list[Any] = []  # the sinks themselves, as their plug-ins made them
         backoffs: list[tuple[float, float]] = []
-        sink_ctx = SinkContext(cfg.nodes)
+        sink_ctx = SinkContext(cfg.nodes, cfg.state_dir, rollout.firmware, health)
         for name, sink_cfg in cfg.sinks.items():  # each sink's plug-in opens it (plugins.py)
             plugin = sink_plugin(name)
             sink = await stack.enter_async_context(plugin.open(sink_cfg, sink_ctx))
             opened.append(sink)
             sinks.append(TimedSink(sink, metrics))  # upstream latency histogram
             backoffs.append(plugin.backoff(sink_cfg))
+        for sink in opened:  # a sink that does not take the context's mapping yet
+            if getattr(sink, "firmware", rollout.firmware) is not rollout.firmware:
+                sink.firmware = rollout.firmware
         ingest = Ingest(store, keys, metrics)
         await ingest.start()
         ctx = LinkContext(ingest, keys, store, cfg.state_dir, backends={"ble": ble_backend})
-        links: list[Any] = [link_plugin(name).make(link_cfg, ctx)
-                            for name, link_cfgs in cfg.links.items() for link_cfg in link_cfgs]
+        links += [link_plugin(name).make(link_cfg, ctx)
+                  for name, link_cfgs in cfg.links.items() for link_cfg in link_cfgs]
+        # every consumer of the queue: a frame leaves it once each one has it
+        consumers = [s.name for s in sinks] + ([HEALTH] if health is not None else [])
         forwarders = []
         for sink, backoff in zip(sinks, backoffs, strict=True):
             ev = asyncio.Event()
             ingest.listeners.append(ev)
             forwarders.append(Forwarder(store, sink, metrics, ev, cfg.batch_max_records,
-                                        cfg.batch_max_age_s, *backoff,
-                                        all_sinks=[s.name for s in sinks]))
-        node_ids = [k.decode() for k in keys]
-        rollout = await stack.enter_async_context(RolloutManager(
-            cfg.state_dir, cfg.updates, _reach(links, metrics), lambda: node_ids))
-        for sink in opened:  # the sinks that carry firmware versions upstream read them here
-            if hasattr(sink, "firmware"):
-                sink.firmware = rollout.firmware
+                                        cfg.batch_max_age_s, *backoff, all_sinks=consumers))
+        fed: list[Forwarder] = []
+        if health is not None:
+            # the monitor reads each frame once it is committed, with no wait for a fuller
+            # batch; its counters are not the sinks' (readings_delivered counts upstream)
+            ev = asyncio.Event()
+            ingest.listeners.append(ev)
+            fed.append(Forwarder(store, HealthSink(health), Metrics(), ev,
+                                 cfg.batch_max_records, 0.0, 0.5, 30.0, all_sinks=consumers))
+        await stack.enter_async_context(rollout)
         view = GatewayView(metrics, store, node_ids, links, forwarders,
                            [store.path, store.path.with_name(store.path.name + "-wal")],
-                           rollout=rollout)
+                           rollout=rollout, health=health, nodes_meta=cfg.nodes)
         api = await stack.enter_async_context(ApiServer(cfg.api, view))
         notifier = Notifier()
         stack.callback(notifier.close)
@@ -269,7 +336,8 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         up.set()  # from here a signal stops the tasks below in order
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("ingest", ingest.run()),
-            *((f"forward-{f.sink.name}", f.run()) for f in forwarders),
+            *((f"forward-{f.sink.name}", f.run()) for f in forwarders + fed),
+            *((("health", _health_ticks(health)),) if health is not None else ()),
             ("summary", _summaries(metrics, store)),
             ("supervise", supervise(notifier, view.summary)),
             ("versions", _learn_versions(rollout, links, node_ids)),

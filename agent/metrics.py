@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,12 +337,16 @@ def _gauge(name: str, doc: str, labels: list[tuple[str, str]], value: float) -> 
     return g
 
 
-def registry(metrics: Metrics, gauges: Callable[[], Gauges], version: str) -> CollectorRegistry:
-    """A registry of our own (never the global one): the gateway's families plus process stats."""
+def registry(metrics: Metrics, gauges: Callable[[], Gauges], version: str,
+             extra: Sequence[Collector] = ()) -> CollectorRegistry:
+    """A registry of our own (never the global one): the gateway's families, those of its
+    optional parts (`extra`: the health monitor's, agent/health/metrics.py) and process stats."""
     from prometheus_client import ProcessCollector
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(LanternCollector(metrics, gauges, version))
+    for collector in extra:
+        reg.register(collector)
     ProcessCollector(registry=reg)
     return reg
 

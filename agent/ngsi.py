@@ -115,12 +115,17 @@ def split_name(n: str) -> tuple[str, str]:
 
 def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
              skipped: Counter[str] | None = None, firmware: Mapping[str, str] | None = None,
-             now: float | None = None) -> list[dict[str, Any]]:
+             now: float | None = None, lamp_state: bool = True) -> list[dict[str, Any]]:
     """Entities for resolved SenML records; one per (node, model, observation time).
 
     firmware: node → the version it last reported (agent/ota/rollout.py), put on its Device
     entity as `firmwareVersion`, observed at `now` (when the gateway says so: a pack does not
     carry it, a STATUS does).
+
+    lamp_state: give the Streetlight entity a `status` ("ok") and a `powerState` from a
+    LAMP_ON_W threshold, as a gateway without [health] must (the model requires a status).
+    False when the health monitor sends them (agent/health/streetlight.py: from the lamp's
+    rating and its open faults); a reading must not overwrite them with a guess.
 
     A record no model can hold is left out: without a number (`vs`, `vb`, `vd`), or of a
     measurement no model has. One whose name is not a device's or whose time is beyond
@@ -148,7 +153,7 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
         if attr is not None:
             group = groups[(node, attr.model, t)]
             group[attr.name] = _prop(attr.convert(r["v"]), t, attr.unit_code)
-            if attr.model == "Streetlight" and measurement == "lamp_power":
+            if lamp_state and attr.model == "Streetlight" and measurement == "lamp_power":
                 group["powerState"] = _prop("on" if r["v"] > LAMP_ON_W else "off", t)
         elif measurement in HEALTH:
             name, unit = HEALTH[measurement]
@@ -164,7 +169,8 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
             e["dateObservedFrom"] = _prop(_datetime(t - meta.interval_s), t)
             e["dateObservedTo"] = _prop(_datetime(t), t)
         elif model == "Streetlight":
-            e["status"] = _prop("ok", t)
+            if lamp_state:
+                e["status"] = _prop("ok", t)
             if meta.pole:
                 e["streetPoleNum"] = _prop(meta.pole, t)
         elif model == "Device":

@@ -14,7 +14,7 @@ and one without `[sinks.mqtt]` never imports aiomqtt.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .configfile import Doc
+    from .health.service import HealthService
     from .ingest import Ingest
     from .ngsi import NodeMeta
     from .queue.store import Store
@@ -51,6 +52,11 @@ class SinkContext:
     """What a sink factory may use besides its own table."""
 
     nodes: dict[str, NodeMeta]  # [nodes."<id>"]: where each node stands
+    state_dir: Path = Path(".")  # the gateway's state folder: a sink's own durable state
+    # node → the firmware version it last reported (the rollout manager's, kept up to date)
+    firmware: Mapping[str, str] = field(default_factory=dict)
+    # the health monitor ([health]; agent/health/service.py), None without one
+    health: HealthService | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class LampView:
     today_kwh: float
     unmeasured_h: float
     alerts: tuple[str, ...]
+    t: float | None = None  # the sample the state is from
 
 
 class _Node:
@@ -121,7 +122,7 @@ class Health:
                 burning_h=m.burning_s / 3600, dayburn_kwh=m.dayburn_wh / 1000,
                 co2e_kg=n.energy.co2e_kg(), unmeasured_h=m.gap_s / 3600,
                 today_kwh=n.energy.today_wh(now if now is not None else sw.t or 0) / 1000,
-                alerts=tuple(self.conditions.of_node(node))))
+                alerts=tuple(self.conditions.of_node(node)), t=sw.t))
         return out
 
     def state(self) -> dict[str, Any]:

@@ -9,10 +9,12 @@ Alertmanager's webhooks takes the gateway's. A target raises on any failure; the
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from .alerts import RULES, Event, fingerprint
 
@@ -68,14 +70,28 @@ class Webhook:
         self.timeout_s = timeout_s
         self.headers = {"Content-Type": "application/json", **(headers or {})}
 
+    @property
+    def shown(self) -> str:
+        """The URL as logs show it: no query (a receiver's token may ride there)."""
+        u = urlsplit(self.url)
+        return urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, "", ""))
+
     async def send(self, body: str) -> None:
         import aiohttp
 
-        async with self.session.post(self.url, data=body.encode(), headers=self.headers,
-                                     allow_redirects=False,
-                                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
-            if not 200 <= r.status < 300:
-                raise DeliveryError(f"{self.url}: HTTP {r.status}")
+        try:
+            async with self.session.post(
+                    self.url, data=body.encode(), headers=self.headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
+                if 300 <= r.status < 400:
+                    raise DeliveryError(f"{self.shown}: HTTP {r.status}, a redirect (not "
+                                        "followed: set the URL it names in [health.webhook])")
+                if not 200 <= r.status < 300:
+                    raise DeliveryError(f"{self.shown}: HTTP {r.status}")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            detail = str(e).replace(self.url, self.shown)
+            raise DeliveryError(f"{self.shown}: {type(e).__name__}"
+                                + (f": {detail}" if detail else "")) from None
 
 
 class Mqtt:
@@ -90,3 +106,44 @@ class Mqtt:
 
     async def send(self, body: str) -> None:
         await self.publish(self.topic, body.encode())
+
+
+class MqttPublisher:
+    """A QoS 1 publisher of the gateway's own on [sinks.mqtt]'s broker (its settings, its
+    client id + "-alerts"): connected when a notification is due, again after a failure."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg  # the MQTT sink's config (agent/sinks/mqtt.py MqttSinkConfig)
+        self._client: Any = None
+        self._password = (cfg.password_file.read_text().strip() if cfg.password_file
+                          else None)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        import aiomqtt
+
+        try:
+            if self._client is None:
+                tls = None
+                if self.cfg.tls:
+                    import ssl
+
+                    tls = ssl.create_default_context(
+                        cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None)
+                client = aiomqtt.Client(self.cfg.host, self.cfg.port,
+                                        identifier=self.cfg.client_id + "-alerts",
+                                        username=self.cfg.username, password=self._password,
+                                        tls_context=tls, timeout=self.cfg.timeout_s)
+                await client.__aenter__()
+                self._client = client
+            await self._client.publish(topic, payload, qos=1)
+        except (aiomqtt.MqttError, OSError) as e:
+            await self.aclose()
+            raise DeliveryError(f"MQTT {self.cfg.host}:{self.cfg.port}: {e}") from None
+
+    async def aclose(self) -> None:
+        import aiomqtt
+
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await client.__aexit__(None, None, None)

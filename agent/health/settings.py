@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..configfile import Doc
 
 # measurement → (identical values in a row that its noise does not allow, floor): a run only
@@ -72,11 +74,13 @@ _SCALARS = {f.name: f for f in fields(Settings)
 _INTS = ("confirm", "clear", "cycling_switches", "outbox_high", "outbox_clear")
 
 
-def parse(doc: Doc, table: dict[str, Any], dotted: str = "health") -> Settings:
-    """[health] (thresholds), [health.lamp] (the default lamp) and [health.lamps."<node>"]."""
+def parse(doc: Doc, table: dict[str, Any], dotted: str = "health",
+          extra: Iterable[str] = ()) -> Settings:
+    """[health] (thresholds), [health.lamp] (the default lamp) and [health.lamps."<node>"];
+    `extra`: the other keys the caller reads from the same table."""
     from ..configfile import positive
 
-    doc.only(table, dotted, (*_SCALARS, "lamp", "lamps"))
+    doc.only(table, dotted, (*_SCALARS, "lamp", "lamps", *extra))
     values: dict[str, Any] = {}
     for name in _SCALARS:
         kind: type | tuple[type, ...] = int if name in _INTS else (int, float)

@@ -4,6 +4,12 @@ POST /ngsi-ld/v1/entityOperations/upsert?options=update with at most 500 entitie
 (some entities failed) retries only the failed ones; tenant and auth headers configurable.
 Delivered means 200, 201 or 204 from the URL configured; a redirect is never followed
 (agent/sinks/http.py says why).
+
+With the health monitor ([health]), each batch also carries the Streetlight entity of every
+lamp whose readings it holds, as the monitor knows it then (agent/health/streetlight.py:
+`status` from its open faults, `powerState` from its rating, switching dates, lifetime
+energy), observed at the lamp's latest sample the monitor has seen; the readings' own
+Streetlight entity then carries neither `status` nor `powerState`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import aiohttp
 
 from ..config import check_secret_file, http_url, shown_url
 from ..configfile import Doc, positive
-from ..ngsi import MAX_BATCH, NodeMeta, entities, rounds
-from ..plugins import SinkPlugin
+from ..ngsi import MAX_BATCH, NodeMeta, entities, rounds, split_name
+from ..plugins import SinkContext, SinkPlugin
 from ..queue.resolve import Batch
 from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
 
@@ -46,9 +52,11 @@ class NgsiLdSinkConfig:
 class NgsiLdSink:
     name = "ngsi_ld"
 
-    def __init__(self, cfg: NgsiLdSinkConfig, nodes: dict[str, NodeMeta]) -> None:
+    def __init__(self, cfg: NgsiLdSinkConfig, nodes: dict[str, NodeMeta],
+                 firmware: Mapping[str, str] | None = None, health: Any = None) -> None:
         self.cfg = cfg
         self.nodes = nodes
+        self.health = health  # a HealthService (agent/health/service.py), or None
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "application/ld+json"}
         if cfg.tenant:
@@ -59,8 +67,8 @@ class NgsiLdSink:
         self.partial_failures = 0
         self.skipped: Counter[str] = Counter()  # readings no entity can hold, by reason
         self.redirects: Counter[int] = Counter()  # 3xx answers, by status
-        # node → its firmware version, set by the gateway (the rollout manager's)
-        self.firmware: Mapping[str, str] = {}
+        # node → its firmware version (the rollout manager's, kept up to date by it)
+        self.firmware: Mapping[str, str] = {} if firmware is None else firmware
 
     async def __aenter__(self) -> NgsiLdSink:
         self._session = aiohttp.ClientSession(
@@ -73,13 +81,30 @@ class NgsiLdSink:
 
     async def send(self, batch: Batch) -> None:
         before = sum(self.skipped.values())
-        ents = entities(batch.records(), self.nodes, self.skipped, self.firmware)
+        records = batch.records()
+        ents = entities(records, self.nodes, self.skipped, self.firmware,
+                        lamp_state=self.health is None)
+        if self.health is not None:
+            ents += self._lamps(records)
         if not before and self.skipped:
             log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, or a "
                         "time no DateTime can hold; counted in "
                         "lantern_sink_skipped_readings_total, logged once", dict(self.skipped))
         for request in rounds(ents, self.cfg.batch_entities):
             await self._upsert(request)
+
+    def _lamps(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The health monitor's Streetlight entity of each lamp the batch has readings of."""
+        from ..health.streetlight import entity
+
+        nodes = set()
+        for r in records:
+            try:
+                nodes.add(split_name(r["n"])[0])
+            except (ValueError, KeyError, TypeError):
+                continue  # counted by entities() already
+        return [entity(lamp, self.nodes.get(lamp.node, NodeMeta()), lamp.t)
+                for lamp in self.health.lamps() if lamp.node in nodes and lamp.t is not None]
 
     async def _upsert(self, ents: list[dict[str, Any]]) -> None:
         """Upsert until every entity is accepted; a 207 retries only the failed ones."""
@@ -161,6 +186,10 @@ def parse(doc: Doc, n: dict[str, Any], key: str, base: Path) -> NgsiLdSinkConfig
     return cfg
 
 
+def _open(cfg: NgsiLdSinkConfig, ctx: SinkContext) -> NgsiLdSink:
+    return NgsiLdSink(cfg, ctx.nodes, ctx.firmware, ctx.health)
+
+
 PLUGIN = SinkPlugin(
     "ngsi_ld", frozenset({"url", "tenant", "token_file", "timeout_s", "batch_entities"}),
-    parse, open=lambda c, ctx: NgsiLdSink(c, ctx.nodes), where=lambda c: c.url)
+    parse, open=lambda c, ctx: _open(c, ctx), where=lambda c: c.url)
