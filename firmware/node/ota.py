@@ -224,6 +224,7 @@ class Updater:
         if rec.get("cand"):
             raise self._refuse("busy", "release %s is on trial" % rec.get("cver"))
         gc.collect()
+        print("update: checking an offer, heap free %d" % gc.mem_free())
         try:
             man = v.manifest(head)
         except ValueError:
@@ -248,8 +249,8 @@ class Updater:
         reserve = self.cfg.get("update_reserve_blocks", RESERVE_BLOCKS)
         # each file its blocks and one for its metadata, the directories a few more
         need = 4
-        for _, size, _ in man.files:
-            need += (size + block - 1) // block + 1
+        for i in range(man.count):
+            need += (man.file(i)[1] + block - 1) // block + 1
         if need > spare - reserve:
             raise self._refuse("space", "%d blocks of %d bytes needed, %d free beside the "
                                "outbox's %d" % (need, block, max(spare - reserve, 0), reserve))
@@ -257,7 +258,8 @@ class Updater:
     def _resume(self):
         """Find where staging stopped: checked files under their names, then one .part."""
         start = 0
-        for i, (path, size, _) in enumerate(self.man.files):
+        for i in range(self.man.count):
+            path, size, _ = self.man.file(i)
             p = self.slot + "/" + path
             if _size(p) == size:
                 start += size
@@ -268,7 +270,7 @@ class Updater:
                 got = 0
             self._i, self._start, self.have = i, start, start + max(got, 0)
             return
-        self._i, self._start, self.have = len(self.man.files), start, start
+        self._i, self._start, self.have = self.man.count, start, start
 
     # --- CHUNK ---
 
@@ -280,9 +282,9 @@ class Updater:
             return self.have
         mv = memoryview(data)
         while len(mv):
-            if self._i >= len(self.man.files):
+            if self._i >= self.man.count:
                 raise self._refuse("bad_size", "%d bytes past the last file" % len(mv))
-            path, size, _ = self.man.files[self._i]
+            path, size, _ = self.man.file(self._i)
             p = self.slot + "/" + path
             n = min(len(mv), self._start + size - self.have)
             try:

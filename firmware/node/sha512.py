@@ -38,18 +38,23 @@ _IV = (0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1
 
 
 def _compress(h, block, off):
-    """Fold one 128-byte block of block[off:] into the state list h."""
+    """Fold one 128-byte block of block[off:] into the state list h.
+
+    The message schedule is a ring of 16 words, each replaced as the rounds reach it: on a
+    port whose ints are 31 or 63 bits, every word is a heap object, so 16 live ones, not 80.
+    """
     w = list(struct.unpack_from(">16Q", block, off))
-    for i in range(16, 80):
-        x = w[i - 15]
-        y = w[i - 2]
-        s0 = ((x >> 1) | (x << 63)) ^ ((x >> 8) | (x << 56)) ^ (x >> 7)
-        s1 = ((y >> 19) | (y << 45)) ^ ((y >> 61) | (y << 3)) ^ (y >> 6)
-        w.append((w[i - 16] + (s0 & _M) + w[i - 7] + (s1 & _M)) & _M)
     a, b, c, d, e, f, g, hh = h
     for i in range(80):
+        j = i & 15
+        if i > 15:
+            x = w[(i - 15) & 15]
+            y = w[(i - 2) & 15]
+            s0 = ((x >> 1) | (x << 63)) ^ ((x >> 8) | (x << 56)) ^ (x >> 7)
+            s1 = ((y >> 19) | (y << 45)) ^ ((y >> 61) | (y << 3)) ^ (y >> 6)
+            w[j] = (w[j] + (s0 & _M) + w[(i - 7) & 15] + (s1 & _M)) & _M
         s1 = ((e >> 14) | (e << 50)) ^ ((e >> 18) | (e << 46)) ^ ((e >> 41) | (e << 23))
-        t1 = hh + (s1 & _M) + (((f ^ g) & e) ^ g) + _K[i] + w[i]
+        t1 = hh + (s1 & _M) + (((f ^ g) & e) ^ g) + _K[i] + w[j]
         s0 = ((a >> 28) | (a << 36)) ^ ((a >> 34) | (a << 30)) ^ ((a >> 39) | (a << 25))
         t2 = (s0 & _M) + ((a & b) | (c & (a | b)))
         hh = g

@@ -17,8 +17,6 @@ path_ok, version_ok, the constants), so what `release verify` accepts, a node ac
 import hashlib
 import sys
 
-from . import cbor
-
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -52,7 +50,13 @@ _SIG1_CONTEXT = b"\x84\x6aSignature1"  # array(4), tstr "Signature1": Sig_struct
 
 _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _NAME_CHARS = _ALNUM + "._-"
+_PATH_CHARS = _NAME_CHARS + "/"
+_ITEMS = const(240)  # boards and file fields in all: what a manifest may list
 _VERSION_CHARS = _ALNUM + ".+-"
+# the same sets as bytes, for checking a manifest's text in place
+_B_VERSION = _VERSION_CHARS.encode()
+_B_NAME = _NAME_CHARS.encode()
+_B_PATH = _PATH_CHARS.encode()
 
 REASONS = ("not_bundle", "truncated", "bad_envelope", "other_key", "bad_signature",
            "bad_manifest", "below_floor", "other_board", "other_mpy", "bad_size", "bad_hash")
@@ -78,22 +82,156 @@ def _this_mpy():
 
 
 class Manifest:
-    """What a verified manifest says; files are (path, size, sha256) in bundle order."""
+    """What a verified manifest says, read in place: the manifest's bytes (in the bundle's
+    head) stay the only copy, with a 2-byte index per file. file(i) is (path, size, sha256)."""
 
-    def __init__(self, m, envelope_len):
-        self.version = m[M_VERSION]
-        self.floor = m[M_FLOOR]
-        self.min_gateway = m[M_MIN_GATEWAY]
-        self.boards = m[M_BOARDS]
-        self.mpy = tuple(m[M_MPY])
-        f = m[M_FILES]
-        self.files = [(f[i], f[i + 1], f[i + 2]) for i in range(0, len(f), 3)]
+    def __init__(self, payload, envelope_len):
+        _, at, self.version, self.floor, self.min_gateway, self.boards, self.mpy = \
+            _scan(payload)
+        self._p = payload
+        self._at = at  # where file i's path starts in the payload: 2 bytes per file
+        self.count = len(at) // 2
         self.data_start = HEAD_LEN + envelope_len  # offset of the first file in the bundle
-        self.size = self.data_start + sum(s for _, s, _ in self.files)
+        total = 0
+        for i in range(self.count):
+            total += self.file(i)[1]
+        self.size = self.data_start + total
+
+    def file(self, i):
+        p = self._p
+        j = self._at[2 * i] << 8 | self._at[2 * i + 1]
+        _, k, j = _head(p, j)
+        path = str(bytes(p[j:j + k]), "ascii")
+        _, size, j = _head(p, j + k)
+        return path, size, bytes(p[j + 2:j + 34])  # bstr(32): a 2-byte head
+
+    @property
+    def files(self):
+        return [self.file(i) for i in range(self.count)]
 
     def offset(self, index):
         """Where file index starts in the bundle (a transfer resumes from there)."""
-        return self.data_start + sum(s for _, s, _ in self.files[:index])
+        at = self.data_start
+        for i in range(index):
+            at += self.file(i)[1]
+        return at
+
+
+def _head(p, i):
+    """(major type, argument, next offset) of the data item head at p[i]; ValueError unless it
+    is definite-length and shortest-form (RFC 8949 §4.2.1)."""
+    if i >= len(p):
+        raise ValueError("undecodable: truncated input")
+    ib = p[i]
+    ai = ib & 0x1F
+    if ai < 24:
+        return ib >> 5, ai, i + 1
+    if ai > 27:
+        raise ValueError("not in deterministic CBOR")
+    k = 1 << (ai - 24)
+    if i + 1 + k > len(p):
+        raise ValueError("undecodable: truncated input")
+    v = 0
+    for j in range(i + 1, i + 1 + k):
+        v = v << 8 | p[j]
+    if v < (24 if k == 1 else 1 << (4 * k)):  # 24, 256, 65536, 2^32
+        raise ValueError("not in deterministic CBOR")
+    return ib >> 5, v, i + 1 + k
+
+
+def _text(p, i, allowed, most):
+    """(text, next offset) of a text string of 1..most characters, each in allowed."""
+    major, k, i = _head(p, i)
+    if major != 3 or not 0 < k <= most or i + k > len(p):
+        raise ValueError(_SHAPE)
+    for j in range(i, i + k):
+        if p[j] not in allowed:  # allowed is bytes: ASCII only
+            raise ValueError(_SHAPE)
+    return str(bytes(p[i:i + k]), "ascii"), i + k
+
+
+def _version(p, i):
+    v, i = _text(p, i, _B_VERSION, 32)
+    if v[0] not in _ALNUM:
+        raise ValueError(_SHAPE)
+    return v, i
+
+
+def _uint(p, i):
+    major, v, i = _head(p, i)
+    if major:
+        raise ValueError(_SHAPE)
+    return v, i
+
+
+def _array(p, i):
+    major, n, i = _head(p, i)
+    if major != 4:
+        raise ValueError(_SHAPE)
+    return n, i
+
+
+_SHAPE = "not a format-1 manifest"
+
+
+def _scan(p):
+    """Check a manifest's bytes against docs/protocol.md by position, building nothing but the
+    fields a node reads: (index, at, version, floor, min gateway, boards, bytecode)."""
+    major, n, i = _head(p, 0)
+    if major != 5 or n != 7:
+        raise ValueError(_SHAPE)
+    for label in range(1, 8):  # integer keys 1..7: deterministic order is this order
+        if i >= len(p) or p[i] != label:
+            raise ValueError(_SHAPE)
+        i += 1
+        if label == M_FORMAT:
+            fmt, i = _uint(p, i)
+            if fmt != FORMAT:
+                raise ValueError(_SHAPE)
+        elif label == M_VERSION:
+            version, i = _version(p, i)
+        elif label == M_FLOOR:
+            floor, i = _uint(p, i)
+        elif label == M_MIN_GATEWAY:
+            gateway, i = _version(p, i)
+        elif label == M_BOARDS:
+            nb, i = _array(p, i)
+            if not 0 < nb <= _ITEMS:
+                raise ValueError(_SHAPE)
+            boards = []
+            for _ in range(nb):
+                b, i = _text(p, i, _B_NAME, 32)
+                boards.append(b)
+        elif label == M_MPY:
+            k, i = _array(p, i)
+            if k != 2:
+                raise ValueError(_SHAPE)
+            major, i = _uint(p, i)
+            minor, i = _uint(p, i)
+        else:
+            nf, i = _array(p, i)
+            if not nf or nf % 3 or nf + nb > _ITEMS:
+                raise ValueError(_SHAPE)
+            at = bytearray(2 * (nf // 3))
+            seen = set()
+            for f in range(nf // 3):
+                at[2 * f] = i >> 8
+                at[2 * f + 1] = i & 0xFF
+                path, i = _text(p, i, _B_PATH, 64)
+                # one name to a case-insensitive file system (FAT) is one file
+                if not path_ok(path) or path.lower() in seen:
+                    raise ValueError(_SHAPE)
+                seen.add(path.lower())
+                _, i = _uint(p, i)
+                kind, k, i = _head(p, i)
+                if kind != 2 or k != 32:
+                    raise ValueError(_SHAPE)
+                i += 32
+            if i > len(p):
+                raise ValueError("undecodable: truncated input")
+    if i != len(p):
+        raise ValueError("undecodable: trailing bytes")
+    return None, at, version, floor, gateway, boards, (major, minor)
 
 
 def _chars_ok(s, allowed, most):
@@ -114,7 +252,7 @@ def version_ok(v):
 def path_ok(p):
     """A bundle file's path: main.py, boards/NAME.json or node/.../NAME.mpy, at most 64
     ASCII letters, digits and ._-/ with no empty, "." or ".." part."""
-    if not _chars_ok(p, _NAME_CHARS + "/", 64):
+    if not _chars_ok(p, _PATH_CHARS, 64):
         return False
     parts = p.split("/")
     for part in parts:
@@ -127,60 +265,17 @@ def path_ok(p):
                               and name.endswith(".mpy") and len(name) > 4)
 
 
-def _uints_ok(xs):
-    for x in xs:
-        if type(x) is not int or x < 0:  # True is a bool, not an int, on MicroPython too
-            return False
-    return True
-
-
-def _shape_ok(m):
-    """True if the decoded manifest has every field, of the right type and form."""
-    if not isinstance(m, dict) or len(m) != 7:
-        return False
-    for k in m:
-        if type(k) is not int:  # True == 1: a key True would pass for label 1
-            return False
-    mpy = m.get(M_MPY)
-    if not isinstance(mpy, list) or len(mpy) != 2:
-        return False
-    if not _uints_ok(mpy + [m.get(M_FORMAT), m.get(M_FLOOR)]) or m[M_FORMAT] != FORMAT:
-        return False
-    if not version_ok(m.get(M_VERSION)) or not version_ok(m.get(M_MIN_GATEWAY)):
-        return False
-    boards = m.get(M_BOARDS)
-    if not isinstance(boards, list) or not boards:
-        return False
-    for b in boards:
-        if not _chars_ok(b, _NAME_CHARS, 32):
-            return False
-    f = m.get(M_FILES)
-    if not isinstance(f, list) or not f or len(f) % 3:
-        return False
-    seen = set()
-    for i in range(0, len(f), 3):
-        p, s, d = f[i], f[i + 1], f[i + 2]
-        # one name to a case-insensitive file system (FAT) is one file
-        if not path_ok(p) or p.lower() in seen or not _uints_ok((s,)):
-            return False
-        if not isinstance(d, bytes) or len(d) != 32:
-            return False
-        seen.add(p.lower())
-    return True
-
-
 def parse_manifest(payload):
-    """The manifest map in an authenticated payload; ValueError if it breaks a rule of
-    docs/protocol.md (deterministic CBOR, every label, each field's type and form)."""
-    try:
-        m = cbor.loads(payload, max_items=256)
-    except cbor.CBORDecodeError as e:
-        raise ValueError("undecodable: %s" % e) from None
-    if not _shape_ok(m):
-        raise ValueError("not a format-1 manifest")
-    if cbor.dumps(m) != payload:  # one manifest, one spelling: what was signed is what is read
-        raise ValueError("not in deterministic CBOR")
-    return m
+    """The manifest map in an authenticated payload (for `lantern release`); ValueError if it
+    breaks a rule of docs/protocol.md (deterministic CBOR, every label, each field's type and
+    form). The node reads the same bytes in place (Manifest); the rules are _scan's."""
+    man = Manifest(payload, 0)
+    flat = []
+    for f in man.files:
+        flat += f
+    return {M_FORMAT: FORMAT, M_VERSION: man.version, M_FLOOR: man.floor,
+            M_MIN_GATEWAY: man.min_gateway, M_BOARDS: man.boards, M_MPY: list(man.mpy),
+            M_FILES: flat}
 
 
 class Verifier:
@@ -251,10 +346,9 @@ class Verifier:
         if not ed25519.verify(self.key, signed, env[n - 64:]):
             raise self._refuse("bad_signature", "manifest signature does not verify")
         try:
-            m = parse_manifest(env[p:p + k])
+            man = Manifest(env[p:p + k], n)
         except ValueError as e:
             raise self._refuse("bad_manifest", "signed but %s" % e) from None
-        man = Manifest(m, n)
         # %s throughout: a refusal's own message must never be what fails
         if man.floor < self.floor:
             raise self._refuse("below_floor", "release %s has security floor %s, node is at %s"
@@ -269,7 +363,7 @@ class Verifier:
 
     def check_file(self, man, index, data):
         """Refused unless data is file index of man, byte for byte."""
-        path, size, digest = man.files[index]
+        path, size, digest = man.file(index)
         if len(data) != size:
             raise self._refuse("bad_size", "%s: %d bytes, manifest says %d"
                                % (path, len(data), size))
@@ -279,7 +373,7 @@ class Verifier:
     def check_part(self, man, index, f):
         """Refused unless the next bytes of f are file index of man, read 512 at a time: a
         staged file is checked from flash without ever being whole in RAM (node/ota.py)."""
-        path, size, digest = man.files[index]
+        path, size, digest = man.file(index)
         h = hashlib.sha256()
         buf = bytearray(_CHUNK)
         mv = memoryview(buf)
@@ -298,7 +392,7 @@ class Verifier:
         head = f.read(HEAD_LEN)
         n = self.envelope_len(head)
         man = self.manifest(head + f.read(n))
-        for i in range(len(man.files)):
+        for i in range(man.count):
             self.check_part(man, i, f)
         if f.read(1):
             raise self._refuse("bad_size", "bytes after the last file")

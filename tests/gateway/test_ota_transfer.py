@@ -25,9 +25,6 @@ pytestmark = [pytest.mark.ota, pytest.mark.micropython]
 NODE = "SL-0001"
 BOARD = "unix-sim-lite"
 NODE_EXTRA = {"update_trial_s": 30}
-# The node's heap for these tests: at the board's 192 KB, the OFFER's signature check raised
-# MemoryError on a node the gateway acknowledges (reported to the node's side); 1 MB here.
-HEAP: str | None = "1M"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def commander(line: Any) -> Channel:
 
 async def test_push_updates_a_node_while_its_packs_keep_flowing(tmp_path: Path,
                                                                  rel: dict[str, Any]) -> None:
-    async with node_line(tmp_path, board=BOARD, release_pub=rel["pub"], heap=HEAP,
+    async with node_line(tmp_path, board=BOARD, release_pub=rel["pub"],
                          extra=NODE_EXTRA) as line:
         await line.until(lambda: line.metrics.frames_received[NODE] >= 1, 30, "a first pack")
         before = line.metrics.frames_received[NODE]
@@ -73,7 +70,7 @@ async def test_push_updates_a_node_while_its_packs_keep_flowing(tmp_path: Path,
 
 async def test_push_resumes_after_a_power_cut_mid_transfer(tmp_path: Path,
                                                            rel: dict[str, Any]) -> None:
-    async with node_line(tmp_path, board=BOARD, release_pub=rel["pub"], heap=HEAP,
+    async with node_line(tmp_path, board=BOARD, release_pub=rel["pub"],
                          extra=NODE_EXTRA) as line:
         area = len(split(rel["v2"]).files)
         stats = TransferStats()
@@ -101,7 +98,7 @@ async def test_a_refusal_reaches_the_outcome(tmp_path: Path, rel: dict[str, Any]
                                       rel["files"]))
     if case == "flipped":
         bundle[-100] ^= 0x01  # in the last file: its hash fails when it completes
-    async with node_line(tmp_path, board=BOARD, release_pub=rel["pub"], heap=HEAP,
+    async with node_line(tmp_path, board=BOARD, release_pub=rel["pub"],
                          extra=NODE_EXTRA) as line:
         stats = TransferStats()
         out = await push(commander(line), NODE, bytes(bundle), stats=stats, confirm_s=30)

@@ -129,6 +129,12 @@ def heap_free():
     return size - live
 
 
+def reset():
+    """Reboot as an ESP32 would, keeping the flash: a soft reset (machine.reset() would end
+    QEMU, and with it the flash). _boot.py and main.py run again (board.c)."""
+    machine.soft_reset()
+
+
 def heap_peak():
     """Most heap in use at any moment since boot: checked by the board at every collection."""
     return mps2.heap_stats()[2]
