@@ -1,8 +1,9 @@
 """Signed updates end to end (issue 16, "Must show"), on MicroPython unix-port nodes.
 
-- A staged rollout to 5 nodes through the real gateway process, started with `lantern gateway
-  rollout start` and followed on its local API: every node ends on the new version, and no
-  reading is lost or duplicated upstream across the transfers and reboots.
+- A staged rollout started with `lantern gateway rollout start` and followed on the local API:
+  to 3 pty nodes through the gateway as its own process, and to 5 nodes (3 over UART, 2 over
+  BLE on bumble's virtual radio, a BLE node as the canary) in one gateway: every node ends on
+  the new version, and no reading is lost or duplicated upstream across transfers and reboots.
 - Deliberately broken releases, validly signed (one raises at boot, one never gets a pack
   ACKed): the canary rolls back by itself, the rollout halts, the other nodes never see an
   OFFER of it.
@@ -107,10 +108,12 @@ async def _drained(topo: Topology) -> int:
     return check_no_loss_no_dup(topo, sealed)
 
 
-async def test_rollout_to_five_nodes_every_node_updated_nothing_lost_or_duplicated(
+async def test_rollout_through_the_gateway_process_every_node_updated_nothing_lost(
         tmp_path: Path, rel: Releases) -> None:
+    """The gateway as its own process (`lantern gateway run`), 3 pty nodes: canary, then a
+    step of 2. Five nodes over UART and BLE: test_rollout_over_uart_and_ble_from_one_gateway."""
     v2 = rel.save("2.0.0.lub", rel.build("2.0.0", floor=1))
-    async with street(tmp_path, rel, 5) as (topo, api, tap):
+    async with street(tmp_path, rel, 3) as (topo, api, tap):
         ids = [nd.node_id for nd in topo.nodes]
         # forged bundles: refused by the gateway before any node hears of them, and counted
         head = len(split(v2.read_bytes()).head)
