@@ -165,7 +165,16 @@ async def _push(ch: CommandChannel, node: str, bundle: bytes, window: int, timeo
     while True:
         try:
             await _transfer(ch, node, b, window, timeout, offer_timeout, st)
-            code, res = await ch.command(node, OP_UPDATE_APPLY, {}, timeout)
+            try:
+                # Sent once, never retried by the channel: the node may act on an APPLY whose
+                # answer is lost (it resets once its REPLY is queued). A retried APPLY would
+                # meet the candidate, hear "incomplete" and send the bundle again, without end
+                # if each answer is lost. Unanswered, the verdict reads the node's STATUS (and
+                # applies once more if the node is still staging).
+                code, res = await ch.command(node, OP_UPDATE_APPLY, {}, timeout, retries=0)
+            except CommandError as e:
+                log.info("node %s: no answer to APPLY (%s); asking for its state", node, e)
+                break
             if code != OK:
                 raise _refusal(node, OP_UPDATE_APPLY, code, res)
             break

@@ -144,6 +144,23 @@ async def test_push_over_ble_resumes_after_the_connection_drops(world: World,
         assert world.upstream.duplicates == 0
 
 
+async def test_an_apply_whose_answer_is_lost_does_not_send_the_bundle_again(
+        world: World, rel: dict[str, Any]) -> None:
+    """The node resets as soon as its answer to APPLY is queued; with the reset immediate
+    (flush_on_reset=False) that answer never leaves. push must then read the node's state,
+    not offer the bundle again: before this was fixed, a retried APPLY met the candidate,
+    heard "incomplete" and the whole bundle went out again, without end."""
+    async with ota_node(world, rel, sample_limit=60, flush_on_reset=False) as node:
+        area = len(split(rel["v2"]).files)
+        stats = TransferStats()
+        out = await asyncio.wait_for(
+            push(commander(world), NODE, rel["v2"], stats=stats, confirm_s=60), 90)
+        assert (out.status, out.version) == ("updated", "2.0.0"), (out, stats)
+        assert stats.offers == 1 and "incomplete" not in stats.refusals, stats
+        assert stats.bytes_sent < 1.5 * area, (stats, area)
+        assert node.boots == 2, node.boots  # one reboot, into the candidate
+
+
 @pytest.mark.parametrize("case", ["other_board", "other_key", "flipped"])
 async def test_a_refusal_over_ble_reaches_the_outcome(world: World, rel: dict[str, Any],
                                                       case: str) -> None:
