@@ -13,13 +13,16 @@ node's firmware version as its STATUS said it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
 import os
 import re
 import signal
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import lantern
 from lantern.agent.configfile import toml_string
 from lantern.tools.field import release
+from lantern.tools.street.sim import SimNode
 
 from .harness.cdp import Browser
 from .harness.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / ".build" / "screenshots" / "status-page.png"
+# the street view alone; docs/street-view.png is a copy of one (docs/alerts.md)
+STREET_SHOT = ROOT / ".build" / "screenshots" / "street-view.png"
 URL_LINE = re.compile(r"status page and API at (http://127\.0\.0\.1:\d+/)")
 FROZEN_S = 7.0
 
@@ -237,3 +243,148 @@ async def _rollout_refused_by_the_canary(b: Browser, url: str, ids: list[str],
     await b.wait_for(f"[...document.querySelectorAll('#nodes [data-field=firmware]')]"
                      f".every(td => td.textContent === {json.dumps(lantern.__version__)})",
                      60, "every node's firmware version in the node table")
+
+
+# ---------------------------------------------------------------- the street view
+
+STREET_SPEED = 600.0  # street seconds per wall second: a 1-s sample every 10 street minutes
+# poles along a gently bending street (lat, lon); SL-0005 has no location in [nodes]
+POLES = {"SL-0001": (52.37020, 4.89520), "SL-0002": (52.37035, 4.89580),
+         "SL-0003": (52.37055, 4.89640), "SL-0004": (52.37080, 4.89695)}
+STREET_FAULTS: dict[str, list[dict[str, object]]] = {
+    "SL-0002": [{"chip": "lamp", "kind": "dark"}],  # broken from the start (before dawn)
+    "SL-0003": [{"chip": "lamp", "kind": "dayburn"}],  # its photocell stuck: burns all day
+}
+
+
+@dataclass
+class DawnNode(SimNode):
+    """A node whose street starts at 05:00 UTC, STREET_SPEED times faster, with its faults."""
+
+    def __post_init__(self) -> None:
+        self.scenario = {"speed": STREET_SPEED,
+                         "start_s": math.floor(time.time() / 86400) * 86400 + 5 * 3600,
+                         "faults": STREET_FAULTS.get(self.node_id, [])}
+
+
+def _street_config() -> str:
+    nodes = "".join(f'\n[nodes."{n}"]\npole = "{n[-2:].lstrip("0")}"\n'
+                    f"location = [{lat}, {lon}]\ninterval_s = 1\n"
+                    for n, (lat, lon) in POLES.items())
+    return f"""
+[api]
+port = 0
+
+[health]
+silent_intervals = 10
+cycling_window_s = 20
+cycling_clear_s = 20
+
+[health.lamp]
+rating_w = 36
+dim_levels = [0.6]
+interval_s = 1
+{nodes}"""
+
+
+async def test_street_view_in_chromium(tmp_path: Path, micropython: Path) -> None:
+    """Five poles at dawn: a broken lamp (dark, critical), a day-burner (burning in daylight,
+    warning), three healthy lamps that switched off at sunrise. Each pole is drawn where
+    [nodes] says it stands, coloured by its lamp and its health; the open alerts are listed;
+    each lamp's energy today is shown; and small values read at their scale."""
+    topo = Topology(tmp_path, n_nodes=5, interval_ms=1000, node_class=DawnNode,
+                    gateway_extra=_street_config())
+    await topo.start()
+    try:
+        await topo.wait_for(lambda: URL_LINE.search(topo.gateway_log()) is not None, 60,
+                            "the gateway's status page URL in its log")
+        m = URL_LINE.search(topo.gateway_log())
+        assert m
+        url = m.group(1)
+        async with Browser(tmp_path / "chrome-profile") as b:
+            await b.goto(url)
+            await b.wait_for("!document.getElementById('street').hidden && "
+                             "document.querySelectorAll('#street-map g.pole').length === 5", 60,
+                             "the street view with five poles")
+            pole = "document.querySelector('#street-map g.pole[data-node=NODE]').dataset"
+            def dataset(node: str) -> str:
+                return f"(d => [d.state, d.health, d.alerts])({pole.replace('NODE', node)})"
+
+            want = {"SL-0001": ["off", "ok", ""], "SL-0002": ["off", "critical",
+                                                              "LampDarkAtNight"],
+                    "SL-0003": ["on", "warning", "LampDayBurner"], "SL-0004": ["off", "ok", ""],
+                    "SL-0005": ["off", "ok", ""]}
+            expr = "[" + ", ".join(dataset(n) for n in want) + "]"
+            got = None
+            for _ in range(300):  # every 0.3 s for 90 s: the states settle after dawn
+                got = await b.eval(expr)
+                if got == list(want.values()):
+                    break
+                await asyncio.sleep(0.3)
+            assert got == list(want.values()), "the broken lamp and the day-burner in daylight"
+            await _poles_where_they_stand(b)
+            await _alerts_and_energy_listed(b, url)
+            await _energy_reads_at_its_scale(b)
+            rect = await b.eval("(r => [r.x, r.y + scrollY, r.width, r.height])("
+                                "document.getElementById('street').getBoundingClientRect())")
+            shot = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                                clip={"x": rect[0], "y": rect[1], "width": rect[2],
+                                      "height": rect[3], "scale": 1})
+            png = base64.b64decode(shot["data"])
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            STREET_SHOT.parent.mkdir(parents=True, exist_ok=True)
+            STREET_SHOT.write_bytes(png)
+            assert b.requests and all(u.startswith(url) for u in b.requests), b.requests
+            assert b.errors == [], b.errors
+    finally:
+        await topo.stop()
+
+
+async def _poles_where_they_stand(b: Browser) -> None:
+    """East is right and north is up, at one scale: the drawn offsets between poles are
+    proportional to their offsets on the ground."""
+    xy = await b.eval("""Object.fromEntries([...document.querySelectorAll('#street-map g.pole')]
+        .map(g => [g.dataset.node, g.getAttribute('transform').match(/[-\\d.]+/g).map(Number)]))""")
+    k = math.cos(math.radians(52.3705))
+    ids = list(POLES)
+    ground = [((POLES[n][1] - POLES[ids[0]][1]) * k, POLES[n][0] - POLES[ids[0]][0]) for n in ids]
+    drawn = [(xy[n][0] - xy[ids[0]][0], xy[ids[0]][1] - xy[n][1]) for n in ids]
+    scale = drawn[-1][0] / ground[-1][0]
+    for (gx, gy), (dx, dy) in zip(ground, drawn, strict=True):
+        assert abs(dx - gx * scale) < 1.5 and abs(dy - gy * scale) < 1.5, (ground, drawn)
+    # the pole without a location stands apart, below the street, not on it
+    assert xy["SL-0005"][1] > max(xy[n][1] for n in ids)
+
+
+async def _alerts_and_energy_listed(b: Browser, url: str) -> None:
+    alerts = await b.eval("[...document.querySelectorAll('#street-alerts li')]"
+                          ".map(li => [li.dataset.node, li.dataset.alert, li.className])")
+    assert sorted(alerts) == [["SL-0002", "LampDarkAtNight", "critical"],
+                              ["SL-0003", "LampDayBurner", "warning"]], alerts
+    api = await _api(url, "api/health")
+    lamps = {n["id"]: n["lamp"] for n in api["nodes"]}
+    assert lamps["SL-0003"]["today_kwh"] > lamps["SL-0001"]["today_kwh"] > 0
+    # the broken lamp's driver draws its standby power only
+    assert lamps["SL-0002"]["today_kwh"] < lamps["SL-0003"]["today_kwh"] / 50
+    shown = await b.eval("""Object.fromEntries([...document.querySelectorAll('#lamps tbody tr')]
+        .map(tr => [tr.dataset.node, tr.querySelector('[data-field=today]').textContent]))""")
+    for node, lamp in lamps.items():
+        value, unit = shown[node].split()
+        wh = float(value) * {"Wh": 1, "mWh": 1e-3, "kWh": 1e3, "µWh": 1e-6}[unit]
+        assert wh == pytest.approx(lamp["today_kwh"] * 1000, rel=0.05, abs=1e-9), (node, shown)
+    today = await b.eval("document.querySelector('#street-map g.pole[data-node=SL-0003] "
+                         "text.kwh').textContent")
+    assert today == shown["SL-0003"] + " today"
+
+
+async def _energy_reads_at_its_scale(b: Browser) -> None:
+    """The node's energy per interval (a few J or less): never "0.00 J"."""
+    text = await b.wait_for("(v => v && v.firstChild.textContent)(document.querySelector("
+                            "'.node-card[data-node=SL-0001] .meas[data-name=energy] .value'))",
+                            30, "the node's energy reading")
+    raw = float(await b.eval("document.querySelector('.node-card[data-node=SL-0001] "
+                             ".meas[data-name=energy] .value').dataset.value"))
+    value, unit = text.split()
+    scale = {"J": 1, "mJ": 1e-3, "µJ": 1e-6, "kJ": 1e3}[unit]
+    assert raw > 0 and float(value) > 0, text
+    assert float(value) * scale == pytest.approx(raw, rel=0.06), (text, raw)

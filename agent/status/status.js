@@ -58,10 +58,29 @@ function bytes(n) {
   return (n / 1048576).toFixed(1) + " MiB";
 }
 
+// A value read at its scale: enough significant digits for a small one (an interval's
+// energy is a few mJ: "0.00 J" said nothing), and SI prefixes for the units that take them.
+const PREFIXED = new Set(["J", "W", "Wh", "A", "V", "g"]);
+
 function fmt(v) {
   if (typeof v !== "number") return String(v);
   const a = Math.abs(v);
-  return Number.isInteger(v) ? String(v) : a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(2);
+  if (Number.isInteger(v)) return String(v);
+  if (a >= 100) return v.toFixed(0);
+  if (a >= 10) return v.toFixed(1);
+  if (a >= 1) return v.toFixed(2);
+  if (a >= 1e-4) return String(Number(v.toPrecision(2)));  // 0.0012, 0.05: never "0.00"
+  return v.toExponential(1);
+}
+
+function quantity(v, unit) {
+  if (!unit) return fmt(v);
+  if (typeof v !== "number" || v === 0 || !PREFIXED.has(unit)) return fmt(v) + " " + unit;
+  const a = Math.abs(v);
+  // kilo and mega from 10,000 on (four digits read well as they are); milli and micro below 1
+  const [scale, prefix] = a >= 1e7 ? [1e6, "M"] : a >= 1e4 ? [1e3, "k"] : a >= 1 ? [1, ""]
+    : a >= 1e-3 ? [1e-3, "m"] : [1e-6, "µ"];
+  return fmt(v / scale) + " " + prefix + unit;
 }
 
 function dl(target, rows) {
@@ -136,7 +155,7 @@ function renderNodes(data) {
   for (const n of data.nodes) {
     const ns = nodeState(n.id);
     const flags = flagsOf(n, ns);
-    const bat = n.battery ? fmt(n.battery.v) + (n.battery.u ? " " + n.battery.u : "") : "—";
+    const bat = n.battery ? quantity(n.battery.v, n.battery.u) : "—";
     const tr = el("tr", {"data-node": n.id, "data-flagged": flags.length ? "1" : "0"},
       el("td", {text: n.id, "data-field": "id"}),
       el("td", {text: n.firmware || "?", "data-field": "firmware"}),
@@ -183,6 +202,114 @@ function renderRollout(data) {
   for (const [node, why] of Object.entries(ro.skipped || {})) {
     body.append(el("tr", {"data-node": node, "data-state": "skipped"}, el("td", {text: node}),
       el("td", {}), el("td", {text: "skipped", class: "muted"}), el("td", {text: "—"}), el("td", {text: why})));
+  }
+}
+
+// ---------------------------------------------------------------- the street (/api/health)
+
+function energy(kwh) {
+  return Math.abs(kwh) >= 1 ? fmt(kwh) + " kWh" : quantity(kwh * 1000, "Wh");
+}
+
+function mass(kg) {
+  return Math.abs(kg) >= 1 ? fmt(kg) + " kg" : quantity(kg * 1000, "g");
+}
+
+function hours(h) {
+  return h >= 1 ? fmt(h) + " h" : h * 60 >= 1 ? fmt(h * 60) + " min" : fmt(h * 3600) + " s";
+}
+
+function healthOf(n) {
+  if (n.alerts.some((a) => a.severity === "critical")) return "critical";
+  if (n.alerts.length) return "warning";
+  return n.lamp ? "ok" : "none";
+}
+
+function placeOf(nodes, W, H) {
+  // Each pole where it stands: an equirectangular projection, one scale for both axes (the
+  // street keeps its shape); poles without coordinates in a row along the bottom.
+  const P = 60;
+  const located = nodes.filter((n) => n.lat != null && n.lon != null);
+  const others = nodes.filter((n) => n.lat == null || n.lon == null);
+  const h = others.length ? H - 60 : H;
+  const pos = new Map();
+  if (located.length) {
+    const k = Math.cos((located.reduce((a, n) => a + n.lat, 0) / located.length) * Math.PI / 180);
+    const xs = located.map((n) => n.lon * k), ys = located.map((n) => n.lat);
+    const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const scale = Math.min((W - 2 * P) / Math.max(x1 - x0, 1e-9), (h - 2 * P) / Math.max(y1 - y0, 1e-9));
+    for (const n of located) {
+      pos.set(n.id, [W / 2 + (n.lon * k - (x0 + x1) / 2) * scale, h / 2 - (n.lat - (y0 + y1) / 2) * scale]);
+    }
+  }
+  const step = Math.min(90, (W - 2 * P) / Math.max(others.length - 1, 1));
+  others.forEach((n, i) => pos.set(n.id, [P + i * step, H - 34]));
+  return [pos, located.length, others.length];
+}
+
+function renderStreet(data) {
+  const box = document.getElementById("street");
+  box.hidden = !data || !data.configured;
+  if (box.hidden) return;
+  const W = 640, H = 320;
+  const map = document.getElementById("street-map");
+  map.replaceChildren();
+  const [pos, located, others] = placeOf(data.nodes, W, H);
+  const along = data.nodes.filter((n) => n.lat != null && n.lon != null).map((n) => pos.get(n.id));
+  if (along.length > 1) map.append(svg("polyline", {class: "road", points: along.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ")}));
+  if (others) {
+    const note = svg("text", {class: "note", x: 8, y: H - 64});
+    note.textContent = located ? "no location in [nodes]:" : "no node has a location in [nodes] (location = [lat, lon]):";
+    map.append(note);
+  }
+  for (const n of data.nodes) {
+    const [x, y] = pos.get(n.id);
+    const lamp = n.lamp;
+    const g = svg("g", {class: "pole", "data-node": n.id, "data-state": lamp ? lamp.state : "unknown",
+      "data-health": healthOf(n), "data-alerts": n.alerts.map((a) => a.alert).join(" "),
+      transform: `translate(${x.toFixed(1)},${y.toFixed(1)})`});
+    const title = svg("title");
+    title.textContent = `${n.id}${n.pole ? " (pole " + n.pole + ")" : ""}: lamp ${lamp ? lamp.state : "—"}`
+      + (lamp && lamp.power_w != null ? `, ${quantity(lamp.power_w, "W")} of ${quantity(lamp.rating_w, "W")}` : "")
+      + (n.alerts.length ? "; " + n.alerts.map((a) => a.alert).join(", ") : "");
+    g.append(title, svg("circle", {class: "lamp", r: 11}));
+    const label = svg("text", {y: -18});
+    label.textContent = n.pole ? "pole " + n.pole : n.id;
+    const today = svg("text", {class: "kwh", y: 28, "data-field": "today"});
+    today.textContent = lamp ? energy(lamp.today_kwh) + " today" : "";
+    g.append(label, today);
+    map.append(g);
+  }
+  const list = document.getElementById("street-alerts");
+  list.replaceChildren();
+  for (const n of data.nodes) {
+    for (const a of n.alerts) {
+      list.append(el("li", {class: a.severity, "data-node": n.id, "data-alert": a.alert},
+        el("strong", {text: `${n.id} ${a.alert}`}), a.measurement ? ` (${a.measurement})` : "",
+        ` since ${new Date(a.since * 1000).toLocaleTimeString()}`, el("br"),
+        el("span", {class: "muted small", text: a.summary})));
+    }
+  }
+  if (!list.children.length) list.append(el("li", {class: "ok", text: "none"}));
+  const t = data.totals;
+  document.getElementById("street-totals").textContent = `today ${energy(t.today_kwh)} · measured `
+    + `${energy(t.kwh)}, ${mass(t.co2e_kg)} CO2e at ${fmt(data.grid_g_per_kwh)} g/kWh · day-burn ${energy(t.dayburn_kwh)}`;
+  const body = document.querySelector("#lamps tbody");
+  body.replaceChildren();
+  for (const n of data.nodes) {
+    const l = n.lamp;
+    const cell = (text, field, cls) => el("td", {text, "data-field": field, class: cls || ""});
+    body.append(el("tr", {"data-node": n.id, "data-health": healthOf(n)},
+      cell(n.id, "id"), cell(n.pole || "—", "pole"), cell(l ? l.state : "—", "state"),
+      cell(l && l.power_w != null ? `${quantity(l.power_w, "W")} of ${quantity(l.rating_w, "W")}` : "—", "power", "num"),
+      cell(l ? energy(l.today_kwh) : "—", "today", "num"),
+      cell(l ? energy(l.kwh) : "—", "kwh", "num"),
+      cell(l ? mass(l.co2e_kg) : "—", "co2e", "num"),
+      cell(l ? hours(l.burning_h) : "—", "burning", "num"),
+      cell(l ? energy(l.dayburn_kwh) : "—", "dayburn", "num"),
+      el("td", {"data-field": "alerts"}, ...(n.alerts.length ? n.alerts.map((a) =>
+        el("span", {class: "flag " + (a.severity === "critical" ? "stale" : "backlog"), text: a.alert}))
+        : [el("span", {class: "flag none", text: "ok"})]))));
   }
 }
 
@@ -278,8 +405,8 @@ function renderSparks(data, now) {
         el("span", {class: "name", text: name, title: name}),
         spark(n.id, name, pts, ns, now, t0),
         el("span", {class: "value", "data-field": "value", "data-value": String(last.v)},
-          fmt(last.v) + (unit ? " " + unit : ""),
-          el("span", {class: "range", text: `${fmt(Math.min(...vs))} – ${fmt(Math.max(...vs))}`}))));
+          quantity(last.v, unit),
+          el("span", {class: "range", text: `${quantity(Math.min(...vs), unit)} – ${quantity(Math.max(...vs), unit)}`}))));
     }
     for (const [name, v] of ns.text) {
       card.append(el("div", {class: "meas", "data-name": name}, el("span", {class: "name", text: name}),
@@ -294,8 +421,8 @@ async function refresh() {
   const live = document.getElementById("live");
   const problem = document.getElementById("problem");
   try {
-    const [st, nodes, rollout] = await Promise.all([get("api/status"), get("api/nodes"),
-      get("api/rollout", true)]);
+    const [st, nodes, rollout, street] = await Promise.all([get("api/status"), get("api/nodes"),
+      get("api/rollout", true), get("api/health", true)]);
     const now = nodes.now;
     await Promise.all(nodes.nodes.map(async (n) => {
       const ns = nodeState(n.id);
@@ -309,6 +436,7 @@ async function refresh() {
     renderHealth(st);
     renderNodes(nodes);
     renderRollout(rollout);
+    renderStreet(street);
     renderSparks(nodes, now);
     state.refreshes += 1;
     live.dataset.state = "live";
