@@ -65,6 +65,7 @@ def rel(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     return Releases(tmp_path_factory.mktemp("release"), [QEMU_BOARD])
 
 
+@pytest.mark.timeout(900)
 async def test_a_qemu_node_updates_from_the_gateway_and_confirms_the_new_slot(
         tmp_path: Path, rel: Releases, image: Path) -> None:
     port = free_port()
@@ -81,7 +82,10 @@ async def test_a_qemu_node_updates_from_the_gateway_and_confirms_the_new_slot(
         bundle = rel.save("2.0.0.lub", rel.build("2.0.0", floor=1))
         code, out, err = await rollout_cli(api, "start", str(bundle))
         assert code == 0, (out, err)
-        st = await rollout_finished(topo, api, 600)
+        try:
+            st = await rollout_finished(topo, api, 400)
+        finally:
+            (tmp_path / "console.txt").write_bytes(node.output())
         text = node.output().decode(errors="replace")
         ro = st["rollout"]
         assert ro["state"] == "done", (ro, text[-3000:], topo.gateway_log()[-3000:])

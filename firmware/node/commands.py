@@ -35,6 +35,7 @@ OP_UPDATE_OFFER = const(9)  # signed updates (docs/protocol.md "Update transfer"
 OP_UPDATE_CHUNK = const(10)
 OP_UPDATE_APPLY = const(11)
 OP_UPDATE_ABORT = const(12)
+OP_UPDATE_ROTATE = const(13)  # a release-key rotation record (docs/updates.md)
 
 # result codes (REPLY payload key 2)
 OK = const(0)
@@ -253,7 +254,7 @@ class Commands:
             return OK, {"identify_s": s, "how": a.identify(s)}, None
         if op == OP_LATEST:
             return OK, {"data": a.latest()}, None
-        if OP_UPDATE_OFFER <= op <= OP_UPDATE_ABORT:
+        if OP_UPDATE_OFFER <= op <= OP_UPDATE_ROTATE:
             return self._update(op, args)
         return E_OP, {"error": "unknown operation %r" % (op,)}, None
 
@@ -282,6 +283,10 @@ class Commands:
             if op == OP_UPDATE_APPLY:
                 version = u.apply()
                 return OK, {1: version}, self._actions.reboot
+            if op == OP_UPDATE_ROTATE:
+                if not isinstance(a1, bytes):
+                    return E_ARG, {"error": "rotate is {1: record bytes}"}, None
+                return OK, {1: u.rotate(a1)}, None
             u.abort()
             return OK, {}, None
         except Refused as e:

@@ -29,7 +29,6 @@ except ImportError:  # CPython
 
 
 CHUNK_MAX = const(768)  # file bytes per CHUNK: a COMMAND carrying them fits one 1024-byte frame
-_READ = const(512)
 RESERVE_BLOCKS = const(64)  # flash blocks kept for the outbox beside its own FREE_BLOCKS
 SLOTS = ("a", "b")
 _OFFER = "/.offer"  # the offered head (8 + N bytes) in a slot being staged: what it is for
@@ -97,18 +96,29 @@ def _unload_crypto():
     gc.collect()
 
 
-def _same(path, data):
-    """Whether the file at path holds exactly data (read a piece at a time)."""
-    if _size(path) != len(data):
+def _hex(b):
+    return "".join("%02x" % c for c in b)
+
+
+def _write_head(path, head):
+    """The head's pieces as one file, in place at once: a .tmp file left by a failed write
+    is in the slot, which the next offer of another head wipes."""
+    tmp = path + ".tmp"
+    _write_atomic(tmp, head.parts[0])
+    with open(tmp, "ab") as f:
+        for part in head.parts[1:]:
+            f.write(part)
+    os.rename(tmp, path)
+
+
+def _same(path, head):
+    """Whether the file at path holds exactly the head's pieces."""
+    if _size(path) != len(head):
         return False
-    buf = bytearray(_READ)
-    at = 0
     with open(path, "rb") as f:
-        while at < len(data):
-            n = f.readinto(buf)
-            if not n or buf[:n] != data[at:at + n]:
+        for part in head.parts:
+            if f.read(len(part)) != part:
                 return False
-            at += n
     return True
 
 
@@ -135,8 +145,9 @@ class Updater:
         self.total = 0
         self._i = 0  # index of the file the next byte belongs to
         self._start = 0  # where that file starts in the file area
-        self._head = None  # the head of an OFFER, filled piece by piece
+        self._head = None  # the head of an OFFER (update.Pieces), piece by piece
         self._got = 0
+        self._need = 0
         self._verifier = None
         self.refused = {}  # reason -> count (the Verifier's own reasons included)
         self.version = None
@@ -156,26 +167,64 @@ class Updater:
             active = read_record(self.fw).get("active")
         return self.fw + "/" + (SLOTS[1] if active == SLOTS[0] else SLOTS[0])
 
+    def _read_key(self, path):
+        try:
+            with open(path, "rb") as f:
+                return f.read(33)
+        except OSError:
+            return None
+
     def _check(self):
-        """The Verifier for this node: release key, board, floor; Refused without a key."""
+        """The Verifier for this node: release key (and a rotation's pending next key),
+        board, floor; Refused without a key."""
         from . import update
 
-        try:
-            with open(self.key_path, "rb") as f:
-                key = f.read(33)
-        except OSError:
+        key = self._read_key(self.key_path)
+        if key is None:
             raise self._refuse("no_release_key", "%s not provisioned" % self.key_path)
         if len(key) != 32:
             raise self._refuse("no_release_key", "%s: %d bytes, not 32" % (self.key_path, len(key)))
+        nxt = self._read_key(self.key_path + ".next")
+        if nxt is not None and len(nxt) != 32:
+            nxt = None  # a torn write cannot happen (_write_atomic); a hand-made file can
         v = self._verifier
-        if v is None or v.key != key:
+        if v is None or v.key != key or v.next != nxt:
             try:
-                v = update.Verifier(key, self.board, read_floor(self.fw))
+                v = update.Verifier(key, self.board, read_floor(self.fw), next_key=nxt)
             except ValueError as e:
                 raise self._refuse("no_release_key", str(e))
             self._verifier = v
         v.floor = read_floor(self.fw)
         return v
+
+    def rotate(self, record):
+        """Take a key-rotation record: its new key is kept beside the current one until a
+        bundle signed by it verifies (then it replaces the current key). Returns its kid."""
+        v = self._check()
+        try:
+            new = v.rotation(record)
+        except ValueError:
+            self._count(v)
+            raise
+        finally:
+            _unload_crypto()
+        _write_atomic(self.key_path + ".next", new)
+        self._verifier = None
+        from .update import key_id
+
+        kid = key_id(new)
+        print("update: release key %s accepted as the next key" % _hex(kid))
+        return kid
+
+    def _promote(self, v):
+        """A bundle signed by the pending next key verified: it is the release key now."""
+        _write_atomic(self.key_path, v.next)
+        try:
+            os.remove(self.key_path + ".next")
+        except OSError:
+            pass
+        print("update: release key %s replaces %s" % (_hex(v.next_kid), _hex(v.kid)))
+        self._verifier = None
 
     # --- OFFER ---
 
@@ -195,18 +244,22 @@ class Updater:
             except ValueError:
                 self._count(v)
                 raise
-            gc.collect()
-            self._head = bytearray(8 + n)  # once: no growing buffer to fragment the heap
+            from .update import Pieces
+
+            # the pieces as they came (no buffer of 8 + N bytes: a heap fragmented by
+            # sampling may have no free block that large)
+            self._head = Pieces()
+            self._need = 8 + n
         elif self._head is None or at != self._got:
             return None, self._got
         head = self._head
-        if self._got + len(piece) > len(head):
+        if self._got + len(piece) > self._need:
             self._head = None
             raise self._refuse("bad_envelope", "head longer than the %d bytes its N gives"
-                               % len(head))
-        head[self._got:self._got + len(piece)] = piece
+                               % self._need)
+        head.append(piece)
         self._got += len(piece)
-        if self._got < len(head):
+        if self._got < self._need:
             return None, self._got
         self._head = None
         return self._accept(head)
@@ -232,13 +285,15 @@ class Updater:
             raise
         finally:
             _unload_crypto()
+        if v.next is not None and v.signer == v.next_kid:
+            self._promote(v)
         slot = self._target()
         same = _same(slot + _OFFER, head)
         if not same:
             _rmtree(slot)  # another bundle's files, or a slot that ran before: not needed
             self._space(man, slot)
             _makedirs(slot)
-            _write_atomic(slot + _OFFER, head)
+            _write_head(slot + _OFFER, head)
         self.man, self.slot, self.version = man, slot, man.version
         self.total = man.size - man.data_start
         self._resume()

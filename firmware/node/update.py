@@ -59,7 +59,15 @@ _B_NAME = _NAME_CHARS.encode()
 _B_PATH = _PATH_CHARS.encode()
 
 REASONS = ("not_bundle", "truncated", "bad_envelope", "other_key", "bad_signature",
-           "bad_manifest", "below_floor", "other_board", "other_mpy", "bad_size", "bad_hash")
+           "bad_manifest", "below_floor", "other_board", "other_mpy", "bad_size", "bad_hash",
+           "bad_rotation")
+
+# A key-rotation record's payload, {1: 2, 2: bstr(32) new key, 3: bstr(8) its kid}, in its one
+# deterministic spelling: format 2 keeps it apart from a manifest (format 1, seven labels)
+ROTATION = const(2)
+_ROT_HEAD = b"\xa3\x01\x02\x02\x58\x20"
+_ROT_KID = b"\x03\x48"
+_ROT_LEN = const(48)  # bytes of that payload
 
 
 class Refused(ValueError):
@@ -81,11 +89,78 @@ def _this_mpy():
     return None if v is None else (v & 0xFF, v >> 8 & 3)
 
 
+class Pieces:
+    """Bytes held as the pieces they arrived in, read as one run from `base` on: a bundle's
+    head comes in OFFER pieces and is never copied into one buffer, since a node's heap may
+    have no free block that large (docs/updates.md, "Memory")."""
+
+    def __init__(self, parts=None, base=0, size=-1):
+        self.parts = parts if parts is not None else []
+        self.base = base
+        total = 0
+        for b in self.parts:
+            total += len(b)
+        self.n = total - base if size < 0 else size
+
+    def append(self, piece):
+        self.parts.append(piece)
+        self.n += len(piece)
+
+    def __len__(self):
+        return self.n
+
+    def _find(self, i):
+        """(piece index, offset in it) of byte i."""
+        i += self.base
+        for k, b in enumerate(self.parts):
+            if i < len(b):
+                return k, i
+            i -= len(b)
+        raise IndexError("past the end")
+
+    def at(self, i):
+        if not 0 <= i < self.n:
+            raise ValueError("undecodable: truncated input")
+        k, o = self._find(i)
+        return self.parts[k][o]
+
+    def views(self, i, j):
+        """memoryviews over bytes i..j, piece by piece (for hashing: no copy)."""
+        out = []
+        if i >= j:
+            return out
+        k, o = self._find(i)
+        left = j - i
+        while left:
+            mv = memoryview(self.parts[k])[o:o + left]
+            out.append(mv)
+            left -= len(mv)
+            k, o = k + 1, 0
+        return out
+
+    def get(self, i, j):
+        """Bytes i..j as one bytes object (short runs only: a path, a digest)."""
+        if not 0 <= i <= j <= self.n:
+            raise ValueError("undecodable: truncated input")
+        vs = self.views(i, j)
+        if len(vs) == 1:
+            return bytes(vs[0])
+        return b"".join([bytes(v) for v in vs])  # MicroPython's join takes no memoryview
+
+    def sub(self, i, j):
+        return Pieces(self.parts, self.base + i, j - i)
+
+
+def pieces(data):
+    return data if isinstance(data, Pieces) else Pieces([data])
+
+
 class Manifest:
     """What a verified manifest says, read in place: the manifest's bytes (in the bundle's
     head) stay the only copy, with a 2-byte index per file. file(i) is (path, size, sha256)."""
 
     def __init__(self, payload, envelope_len):
+        payload = pieces(payload)
         _, at, self.version, self.floor, self.min_gateway, self.boards, self.mpy = \
             _scan(payload)
         self._p = payload
@@ -101,9 +176,9 @@ class Manifest:
         p = self._p
         j = self._at[2 * i] << 8 | self._at[2 * i + 1]
         _, k, j = _head(p, j)
-        path = str(bytes(p[j:j + k]), "ascii")
+        path = str(p.get(j, j + k), "ascii")
         _, size, j = _head(p, j + k)
-        return path, size, bytes(p[j + 2:j + 34])  # bstr(32): a 2-byte head
+        return path, size, p.get(j + 2, j + 34)  # bstr(32): a 2-byte head
 
     @property
     def files(self):
@@ -120,9 +195,7 @@ class Manifest:
 def _head(p, i):
     """(major type, argument, next offset) of the data item head at p[i]; ValueError unless it
     is definite-length and shortest-form (RFC 8949 §4.2.1)."""
-    if i >= len(p):
-        raise ValueError("undecodable: truncated input")
-    ib = p[i]
+    ib = p.at(i)
     ai = ib & 0x1F
     if ai < 24:
         return ib >> 5, ai, i + 1
@@ -133,7 +206,7 @@ def _head(p, i):
         raise ValueError("undecodable: truncated input")
     v = 0
     for j in range(i + 1, i + 1 + k):
-        v = v << 8 | p[j]
+        v = v << 8 | p.at(j)
     if v < (24 if k == 1 else 1 << (4 * k)):  # 24, 256, 65536, 2^32
         raise ValueError("not in deterministic CBOR")
     return ib >> 5, v, i + 1 + k
@@ -142,12 +215,13 @@ def _head(p, i):
 def _text(p, i, allowed, most):
     """(text, next offset) of a text string of 1..most characters, each in allowed."""
     major, k, i = _head(p, i)
-    if major != 3 or not 0 < k <= most or i + k > len(p):
+    if major != 3 or not 0 < k <= most:
         raise ValueError(_SHAPE)
-    for j in range(i, i + k):
-        if p[j] not in allowed:  # allowed is bytes: ASCII only
+    b = p.get(i, i + k)
+    for c in b:
+        if c not in allowed:  # allowed is bytes: ASCII only
             raise ValueError(_SHAPE)
-    return str(bytes(p[i:i + k]), "ascii"), i + k
+    return str(b, "ascii"), i + k
 
 
 def _version(p, i):
@@ -181,7 +255,7 @@ def _scan(p):
     if major != 5 or n != 7:
         raise ValueError(_SHAPE)
     for label in range(1, 8):  # integer keys 1..7: deterministic order is this order
-        if i >= len(p) or p[i] != label:
+        if p.at(i) != label:
             raise ValueError(_SHAPE)
         i += 1
         if label == M_FORMAT:
@@ -281,15 +355,22 @@ def parse_manifest(payload):
 class Verifier:
     """Checks bundles against one release key, for one board, above one security floor."""
 
-    def __init__(self, release_key, board, floor=0, mpy=-1):
+    def __init__(self, release_key, board, floor=0, mpy=-1, next_key=None):
+        """next_key: a rotation's new key, not yet proved by a bundle (node/ota.py): bundles
+        signed by either key verify; a rotation record only by release_key."""
         from . import ed25519  # loaded for the check only: node/ota.py unloads it after
 
-        try:
-            ed25519.check_public(release_key)
-        except ValueError as e:
-            raise ValueError("release key refused: %s" % e) from None
+        for k in (release_key, next_key):
+            try:
+                if k is not None:
+                    ed25519.check_public(k)
+            except ValueError as e:
+                raise ValueError("release key refused: %s" % e) from None
         self.key = bytes(release_key)
         self.kid = key_id(self.key)
+        self.next = None if next_key is None else bytes(next_key)
+        self.next_kid = None if next_key is None else key_id(self.next)
+        self.signer = None  # the kid of the last signature that verified
         self.board = board
         self.floor = floor
         self.mpy = _this_mpy() if mpy == -1 else mpy  # None: any bytecode version
@@ -314,39 +395,16 @@ class Verifier:
         return n
 
     def manifest(self, head):
-        """The Manifest of a bundle whose first 8 + N bytes are head, once it is authentic."""
-        n = self.envelope_len(head)
+        """The Manifest of a bundle whose first 8 + N bytes are head (bytes, or the Pieces
+        an OFFER arrived in), once it is authentic."""
+        head = pieces(head)
+        n = self.envelope_len(head.get(0, min(HEAD_LEN, len(head))))
         if len(head) < HEAD_LEN + n:
             raise self._refuse("truncated", "envelope cut at %d of %d bytes"
                                % (len(head) - HEAD_LEN, n))
-        env = memoryview(head)[HEAD_LEN:HEAD_LEN + n]
-        p0 = len(_SIGN1_HEAD)
-        if bytes(env[:p0]) != _SIGN1_HEAD or env[p0 + KID_LEN] != 0xA0:
-            raise self._refuse("bad_envelope", "not a COSE_Sign1 in Lantern's layout")
-        kid = bytes(env[p0:p0 + KID_LEN])
-        p = p0 + KID_LEN + 1
-        q = p  # the payload's bstr head: Sig_structure encodes the payload the same way
-        ai = env[p] ^ 0x40
-        if ai < 24:
-            k, p = ai, p + 1
-        elif ai == 24 and env[p + 1] >= 24:
-            k, p = env[p + 1], p + 2
-        elif ai == 25 and env[p + 1]:
-            k, p = env[p + 1] << 8 | env[p + 2], p + 3
-        else:
-            raise self._refuse("bad_envelope", "payload is not a shortest-form bstr")
-        if p + k + 66 != n or bytes(env[p + k:p + k + 2]) != _SIG_HEAD:
-            raise self._refuse("bad_envelope", "lengths do not add up")
-        if kid != self.kid:
-            raise self._refuse("other_key", "signed by key %s" % _hex(kid))
-        # Sig_structure ["Signature1", protected, h'', payload], in parts: no copy of payload
-        signed = [_SIG1_CONTEXT, env[2:p0 + KID_LEN], b"\x40", env[q:p + k]]
-        from . import ed25519
-
-        if not ed25519.verify(self.key, signed, env[n - 64:]):
-            raise self._refuse("bad_signature", "manifest signature does not verify")
+        payload = self._open(head.sub(HEAD_LEN, HEAD_LEN + n), n, True)
         try:
-            man = Manifest(env[p:p + k], n)
+            man = Manifest(payload, n)
         except ValueError as e:
             raise self._refuse("bad_manifest", "signed but %s" % e) from None
         # %s throughout: a refusal's own message must never be what fails
@@ -360,6 +418,64 @@ class Verifier:
             raise self._refuse("other_mpy", "bytecode v%s.%s, node runs v%s.%s"
                                % (man.mpy + tuple(self.mpy)))
         return man
+
+    def _open(self, env, n, bundle):
+        """The payload of the COSE_Sign1 env (Pieces, n bytes, Lantern's layout) once its
+        signature verifies: under the release key, or for a bundle the pending next key."""
+        p0 = len(_SIGN1_HEAD)
+        if env.get(0, p0) != _SIGN1_HEAD or env.at(p0 + KID_LEN) != 0xA0:
+            raise self._refuse("bad_envelope", "not a COSE_Sign1 in Lantern's layout")
+        kid = env.get(p0, p0 + KID_LEN)
+        p = p0 + KID_LEN + 1
+        q = p  # the payload's bstr head: Sig_structure encodes the payload the same way
+        ai = env.at(p) ^ 0x40
+        if ai < 24:
+            k, p = ai, p + 1
+        elif ai == 24 and env.at(p + 1) >= 24:
+            k, p = env.at(p + 1), p + 2
+        elif ai == 25 and env.at(p + 1):
+            k, p = env.at(p + 1) << 8 | env.at(p + 2), p + 3
+        else:
+            raise self._refuse("bad_envelope", "payload is not a shortest-form bstr")
+        if p + k + 66 != n or env.get(p + k, p + k + 2) != _SIG_HEAD:
+            raise self._refuse("bad_envelope", "lengths do not add up")
+        if kid == self.kid:
+            key = self.key
+        elif bundle and kid == self.next_kid:
+            key = self.next
+        else:
+            raise self._refuse("other_key", "signed by key %s" % _hex(kid))
+        # Sig_structure ["Signature1", protected, h'', payload], in parts: no copy of payload
+        signed = [_SIG1_CONTEXT, env.get(2, p0 + KID_LEN), b"\x40"] + env.views(q, p + k)
+        from . import ed25519
+
+        if not ed25519.verify(key, signed, env.get(n - 64, n)):
+            raise self._refuse("bad_signature", "signature does not verify")
+        self.signer = kid
+        return env.sub(p, p + k)
+
+    def rotation(self, record):
+        """The new release key in a key-rotation record (a COSE_Sign1, docs/protocol.md) that
+        the current release key signed; Refused otherwise."""
+        n = len(record)
+        if not ENVELOPE_MIN <= n <= ENVELOPE_MAX:
+            raise self._refuse("bad_envelope", "record of %d bytes" % n)
+        payload = self._open(Pieces([record]), n, False)
+        if len(payload) != _ROT_LEN:
+            raise self._refuse("bad_rotation", "signed, but not {1: 2, 2: key, 3: its kid}")
+        new = payload.get(6, 38)
+        if (payload.get(0, 6) != _ROT_HEAD or payload.get(38, 40) != _ROT_KID
+                or payload.get(40, 48) != key_id(new)):
+            raise self._refuse("bad_rotation", "signed, but not {1: 2, 2: key, 3: its kid}")
+        from . import ed25519
+
+        try:
+            ed25519.check_public(new)
+        except ValueError as e:
+            raise self._refuse("bad_rotation", "signed, but %s" % e) from None
+        if new == self.key:
+            raise self._refuse("bad_rotation", "the new key is the current one")
+        return new
 
     def check_file(self, man, index, data):
         """Refused unless data is file index of man, byte for byte."""

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.ota, pytest.mark.micropython]
 
 NODE = "SL-0001"
 BOARD = "unix-sim-lite"
-OFFER, CHUNK, APPLY, ABORT = 9, 10, 11, 12
+OFFER, CHUNK, APPLY, ABORT, ROTATE = 9, 10, 11, 12, 13
 E_REFUSED = 5
 PIECE = 700  # head bytes per OFFER piece: a COMMAND must fit one 1024-byte frame
 
@@ -499,6 +499,45 @@ async def test_a_hundred_power_cuts_in_transfer_and_switch_leave_a_node_that_fin
         rolled = log.count("rolled back")
         print(f"{cuts} power cuts, {b.boots} boots, {b.resets} resets, updates finished: "
               f"{finished}, candidates rolled back: {rolled}")
+
+
+async def test_a_release_key_rotation_takes_over_once_the_new_key_signs_a_bundle(
+        tmp_path: Path, rel: dict[str, Any]) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    new, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    new_pub = new.public_key().public_bytes_raw()
+    by_new = variant(rel, "2.0.6", key=new)
+    async with board(tmp_path, rel["pub"]) as b:
+        key = b.sim.dir / "release.pub"
+        # a stolen gateway (or anyone without the release key) cannot rotate it
+        code, res = await b.ask(ROTATE, {1: release.rotation(other, new.public_key())})
+        assert code == E_REFUSED and res[1] == "other_key", res
+        code, res = await b.offer(by_new)
+        assert code == E_REFUSED and res[1] == "other_key", res
+        code, res = await b.ask(ROTATE, {1: release.rotation(rel["key"], new.public_key())})
+        assert (code, res) == (0, {1: release.key_id(new.public_key())}), res
+        # until the new key has signed a bundle that verifies, the old key stays
+        assert key.read_bytes() == rel["pub"]
+        assert (b.sim.dir / "release.pub.next").read_bytes() == new_pub
+        code, res = await b.offer(rel["v2"])
+        assert code == 0, res
+        b.power_cut()  # the pending key is on flash
+        b.start()
+        code, res = await b.offer(by_new)
+        assert code == 0, res
+        assert key.read_bytes() == new_pub and not (b.sim.dir / "release.pub.next").exists()
+        # the old key's bundles, and its rotations, are refused from now on
+        code, res = await b.offer(rel["v2"])
+        assert code == E_REFUSED and res[1] == "other_key", res
+        code, res = await b.ask(ROTATE, {1: release.rotation(rel["key"], other.public_key())})
+        assert code == E_REFUSED and res[1] == "other_key", res
+        assert refused_counts(await b.status()) == {"other_key": 2}  # since the power cut
+        code, res = await b.transfer(by_new)
+        assert code == 0 and res[1] == res[2], res
+        assert (await b.ask(APPLY)) == (0, {1: "2.0.6"})
+        await b.wait(lambda: b.resets == 1, "the reset into the candidate")
+        assert (await b.status())["fw"] == "2.0.6"
 
 
 OFFERS = 20

@@ -159,3 +159,60 @@ def test_the_node_refuses_the_same_bundles_on_micropython(tmp_path: Path) -> Non
     counts = dict.fromkeys(CASES, 1)
     counts["bad_hash"] = 2
     assert f"COUNTS {sorted(counts.items())}".replace("'", "") in out.replace("'", "")
+
+
+# ---- rotating the release key (Verifier.rotation; node/ota.py keeps the pending key) ------
+
+NEW = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+NEW_PUB = NEW.public_key().public_bytes_raw()
+
+
+def rotation_refusal(record: bytes) -> str:
+    v = verifier()
+    with pytest.raises(update.Refused) as e:
+        v.rotation(record)
+    assert v.refused[e.value.reason] == 1
+    return e.value.reason
+
+
+def test_a_rotation_signed_by_the_release_key_carries_the_new_key() -> None:
+    assert verifier().rotation(release.rotation(KEY, NEW.public_key())) == NEW_PUB
+
+
+@pytest.mark.parametrize(("make_record", "reason"), [
+    (lambda: release.rotation(OTHER, NEW.public_key()), "other_key"),
+    (lambda: release.rotation(NEW, OTHER.public_key()), "other_key"),
+    (lambda: release.sign1(KEY, cbor2.dumps({1: 2, 2: NEW_PUB, 3: bytes(8)}, canonical=True)),
+     "bad_rotation"),  # a kid that is not the key's
+    (lambda: release.sign1(KEY, cbor2.dumps({1: 1, 2: NEW_PUB, 3: update.key_id(NEW_PUB)},
+                                            canonical=True)), "bad_rotation"),
+    (lambda: release.sign1(KEY, cbor2.dumps({1: 2, 2: bytes(32), 3: update.key_id(bytes(32))},
+                                            canonical=True)), "bad_rotation"),  # small order
+    (lambda: release.sign1(KEY, cbor2.dumps({1: 2, 2: PUB, 3: update.key_id(PUB)},
+                                            canonical=True)), "bad_rotation"),  # the same key
+    (lambda: signed_manifest({1: 1})[8:], "bad_rotation"),  # a manifest is no rotation
+    (lambda: make()[8:8 + int.from_bytes(make()[4:8], "big")], "bad_rotation"),
+], ids=["other key", "signed by the new key", "wrong kid", "format 1", "small order",
+        "same key", "malformed manifest", "a real manifest"])
+def test_the_node_refuses_rotations_the_release_key_did_not_sign_as_rotations(
+        make_record, reason) -> None:  # type: ignore[no-untyped-def]
+    assert rotation_refusal(make_record()) == reason
+
+
+def test_a_record_of_a_rotation_is_no_bundle_manifest() -> None:
+    env = release.rotation(KEY, NEW.public_key())
+    data = update.MAGIC + len(env).to_bytes(4, "big") + env
+    assert refusal(verifier(floor=0), data) == "bad_manifest"
+
+
+def test_with_a_pending_key_bundles_of_both_keys_verify_and_say_which_signed() -> None:
+    v = update.Verifier(PUB, "unix-sim", floor=0, mpy=MPY, next_key=NEW_PUB)
+    v.check_stream(io.BytesIO(make()))
+    assert v.signer == update.key_id(PUB)
+    v.check_stream(io.BytesIO(make(key=NEW)))
+    assert v.signer == v.next_kid == update.key_id(NEW_PUB)
+    assert refusal(v, make(key=OTHER)) == "other_key"
+    # a rotation must be signed by the current key, never by the pending one
+    with pytest.raises(update.Refused) as e:
+        v.rotation(release.rotation(NEW, OTHER.public_key()))
+    assert e.value.reason == "other_key"

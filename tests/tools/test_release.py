@@ -195,3 +195,28 @@ def test_the_update_bundle_vector_in_protocol_md() -> None:
     assert release.key_id(key.public_key()).hex() == "21fe31dfa154a261"
     man, files = release.open_bundle(made, key.public_key())
     assert files == [b"print('hi')\n"] and man.boards == ("unix-sim",)
+
+
+def test_rotate_writes_a_record_the_current_key_signs_for_the_new_one(
+        built: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, priv, pub = built
+    assert cli(["release", "keygen", "--out", str(tmp_path / "next")]) == 0
+    new_pem = tmp_path / "next.pub.pem"
+    out = tmp_path / "rotate.cose"
+    assert cli(["release", "rotate", "--key", str(priv), "--new", str(new_pem), "--out",
+                str(out)]) == release.OK
+    new = release.load_public(new_pem)
+    assert release.key_id(new).hex() in capsys.readouterr().out
+    # an independent COSE library verifies it under the current key, and reads the new one
+    msg = CoseMessage.decode(out.read_bytes())
+    msg.key = CoseKey.from_pem_public_key(pub.read_text())
+    assert isinstance(msg, Sign1Message) and msg.verify_signature()
+    assert cbor2.loads(msg.payload) == {1: 2, 2: new.public_bytes_raw(), 3: release.key_id(new)}
+    # never over a file, never to the current key itself
+    assert cli(["release", "rotate", "--key", str(priv), "--new", str(new_pem), "--out",
+                str(out)]) == release.USAGE
+    assert cli(["release", "rotate", "--key", str(priv), "--new", str(pub), "--out",
+                str(tmp_path / "same.cose")]) == release.USAGE
+    assert "current key" in capsys.readouterr().err
+    assert not (tmp_path / "same.cose").exists()

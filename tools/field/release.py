@@ -133,6 +133,16 @@ def sign1(key: Ed25519PrivateKey, payload: bytes) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(TAG_SIGN1, [protected, {}, payload, sig]), canonical=True)
 
 
+def rotation(key: Ed25519PrivateKey, new: Ed25519PublicKey) -> bytes:
+    """A key-rotation record: the COSE_Sign1, by the current release key, of
+    {1: 2, 2: the new key's 32 bytes, 3: its kid} (docs/protocol.md, "Update transfer")."""
+    raw = new.public_bytes_raw()
+    if raw == key.public_key().public_bytes_raw():
+        raise ReleaseError("--new is the current key: a rotation names another key")
+    payload = cbor2.dumps({1: node_update.ROTATION, 2: raw, 3: key_id(new)}, canonical=True)
+    return sign1(key, payload)
+
+
 def bundle(key: Ed25519PrivateKey, version: str, floor: int, min_gateway: str,
            boards: list[str], mpy: tuple[int, int], files: list[tuple[str, bytes]]) -> bytes:
     """A complete bundle: header, signed manifest, then the files in manifest order."""
@@ -346,6 +356,11 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--min-gateway", default=lantern.__version__,
                    help="oldest gateway version that may transfer it (default: this one)")
     b.add_argument("--mpy-cross", help="mpy-cross of the nodes' MicroPython version")
+    t = rs.add_parser("rotate", help="sign a rotation of the nodes' release key to a new one")
+    t.add_argument("--key", type=Path, required=True, help="the current release key (OLD.pem)")
+    t.add_argument("--new", type=Path, required=True, help="the new key's public half "
+                   "(NEW.pub.pem, from `lantern release keygen`)")
+    t.add_argument("--out", type=Path, required=True)
     v = rs.add_parser("verify", help="exit 0 if the bundle is valid under the public key")
     v.add_argument("file", type=Path)
     v.add_argument("--pubkey", type=Path, required=True, help="NAME.pub.pem")
@@ -358,6 +373,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {priv} (private: keep it offline) and {pub} (give it to nodes)")
         elif args.action == "build":
             return _build(args)
+        elif args.action == "rotate":
+            return _rotate(args)
         else:
             return _verify(args)
     except ReleaseError as e:
@@ -381,6 +398,17 @@ def _build(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: release {args.version} for {', '.join(boards)}, {len(data)} "
           f"bytes, MicroPython {found[0]} bytecode v{found[1][0]}.{found[1][1]}, signed by key "
           f"{key_id(key.public_key()).hex()}")
+    return OK
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    if os.path.lexists(args.out):
+        raise ReleaseError(f"{args.out} exists: choose another --out")
+    key = load_private(args.key)
+    new = load_public(args.new)
+    create(args.out, rotation(key, new), 0o644, "choose another --out")
+    print(f"wrote {args.out}: release key {key_id(key.public_key()).hex()} hands over to "
+          f"{key_id(new).hex()}; nodes keep both until a bundle signed by the new key verifies")
     return OK
 
 
