@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import e2e, frames, ingest, link, node_cycle, node_energy, ota, throughput
+from . import cpu_budget, e2e, frames, idle, ingest, link, node_cycle, node_energy, ota, throughput
 from .peers import NODE_RED_HOME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,8 @@ FULL: dict[str, dict[str, Any]] = {
     "e2e_latency_ms": {"nodes": 6, "interval_ms": 500, "seconds": 30.0},
     "node_energy": {"hours": 24.0},
     "ota_verify": {"qemu_runs": 3, "unix_runs": 21},
+    "idle": {"seconds": 60.0},
+    "cpu_budget": {"streets": (20, 200), "minutes": 20.0, "frames_per_s": 40.0},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "gateway_ingest": {"n_frames": 400, "n_nodes": 8},
@@ -45,6 +47,8 @@ SMOKE: dict[str, dict[str, Any]] = {
     "e2e_latency_ms": {"nodes": 2, "interval_ms": 250, "seconds": 2.0},
     "node_energy": {"hours": 1.0},
     "ota_verify": {"qemu_runs": 1, "unix_runs": 1},
+    "idle": {"seconds": 2.0, "settle_s": 0.5},
+    "cpu_budget": {"streets": (4,), "minutes": 2.0, "frames_per_s": 40.0},
 }
 
 
@@ -95,6 +99,8 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
         "e2e_latency_ms": lambda: asyncio.run(e2e.run(w, **sizes["e2e_latency_ms"])),
         "node_energy": lambda: node_energy.run(**sizes["node_energy"]),
         "ota_verify": lambda: ota.run(w / "ota", **sizes["ota_verify"]),
+        "idle": lambda: idle.run(w, **sizes["idle"]),
+        "cpu_budget": lambda: asyncio.run(cpu_budget.run(w, **sizes["cpu_budget"])),
     }
 
 
@@ -149,6 +155,12 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         ratio = res["naive_vs_typical"]
         out[f"node_energy_{board}_naive_ratio"] = _target(
             ratio, ratio >= 10, "naive mAh/day >= 10x typical")
+    idl = r.get("idle", {})
+    if "rss_ratio" in idl:
+        out["idle_rss_vs_node_red"] = _target(idl["rss_ratio"], idl["rss_ratio"] <= 1 / 3,
+                                              "<= 1/3 of idle Node-RED's, 20 silent links each")
+        w = idl["lantern"]["wakeups_per_s"]
+        out["idle_wakeups_per_s"] = _target(w, w <= 2, "<= 2 per second, 20 silent links")
     return out
 
 

@@ -45,7 +45,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms",
-            "node_energy", "ota_verify"]
+            "node_energy", "ota_verify", "idle", "cpu_budget"]
 
 
 def test_every_section_ran(results: dict[str, Any]) -> None:
@@ -130,7 +130,8 @@ def test_e2e_latency(results: dict[str, Any]) -> None:
 def test_targets_are_reported(results: dict[str, Any]) -> None:
     t = results["targets"]
     assert {"ingest_frames_per_s", "vs_node_red_throughput", "vs_node_red_rss",
-            "link_115200", "link_921600", "wire_vs_senml_json", "e2e_p99_ms"} <= set(t)
+            "link_115200", "link_921600", "wire_vs_senml_json", "e2e_p99_ms",
+            "idle_rss_vs_node_red", "idle_wakeups_per_s"} <= set(t)
     for v in t.values():
         assert isinstance(v["met"], bool) and v["target"]
 
@@ -159,3 +160,40 @@ def test_ota_verify(results: dict[str, Any]) -> None:
         for k in ("verify_ms", "manifest_ms", "heap_peak_bytes"):
             assert _number(r[k]) and r[k] > 0, (where, k, r[k])
         assert r["manifest_ms"] >= r["verify_ms"]  # the manifest check includes a verify
+
+
+@pytest.mark.parametrize("peer", ["lantern", "node_red"])
+def test_idle_peer(results: dict[str, Any], peer: str) -> None:
+    """Both peers measured idle with 20 silent links: RSS, wake-ups, time to ready."""
+    p = results["idle"][peer]
+    assert p["links"] == 20
+    assert _number(p["rss_mb"]) and p["rss_mb"] > 5
+    assert _number(p["ready_s"]) and p["ready_s"] > 0
+    w = p["wakeups"]
+    assert w["threads"] >= 1 and w["seconds"] > 0
+    assert _number(w["context_switches_per_s"]) and _number(w["schedstat_runs_per_s"])
+    assert p["wakeups_per_s"] == w["context_switches_per_s"]
+    assert "READY=1" in results["idle"]["lantern"]["ready_signal"]
+
+
+def test_idle_targets(results: dict[str, Any]) -> None:
+    idl, t = results["idle"], results["targets"]
+    assert idl["rss_ratio"] == pytest.approx(
+        idl["lantern"]["rss_mb"] / idl["node_red"]["rss_mb"], abs=0.01)
+    assert t["idle_rss_vs_node_red"]["measured"] == idl["rss_ratio"]
+    assert t["idle_wakeups_per_s"]["measured"] == idl["lantern"]["wakeups_per_s"]
+
+
+def test_cpu_budget(results: dict[str, Any]) -> None:
+    """Every street's readings arrived upstream and its figures add up."""
+    cb = results["cpu_budget"]
+    assert cb["streets"]
+    for s in cb["streets"]:
+        assert s["readings"] == s["frames"] * (s["readings"] // s["frames"]) > 0
+        assert s["frames"] == s["nodes"] * s["street_minutes"]
+        assert s["cpu_us_per_frame"] > 0 and s["cpu_us_per_reading"] > 0
+        assert s["cpu_us_per_reading"] == pytest.approx(
+            s["cpu_us_per_frame"] * s["frames"] / s["readings"], rel=0.01)
+        assert s["nodes_per_core_at_10pct"] == int(0.1 * 60 / (s["cpu_us_per_frame"] / 1e6))
+    worst = max(cb["streets"], key=lambda s: s["cpu_us_per_reading"])
+    assert cb["nodes_per_core_at_10pct"] == worst["nodes_per_core_at_10pct"]

@@ -1,0 +1,213 @@
+"""idle: what a quiet street cabinet pays — RSS, CPU wake-ups and start-up time, at rest.
+
+Lantern's gateway runs with 20 serial links on ptys that nobody writes to, as a systemd
+service would start it (NOTIFY_SOCKET and WATCHDOG_USEC of packaging/systemd: READY=1 is
+the start-up mark and the watchdog pings are part of the idle cost); Node-RED runs the
+bench flow (bench/node-red/flow.json) with 20 `serial in` nodes on 20 silent ptys too. Both
+run pinned to the same CPU, one after the other, in the same run.
+
+Wake-ups: every thread's voluntary + involuntary context switches (/proc/PID/task/*/status)
+over the window; also every thread's run count (/proc/PID/task/*/schedstat, third field).
+A thread that is never scheduled costs nothing; each switch in is a wake-up of the CPU for
+that process (on an idle Pi, a wake-up from a low-power state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import socket
+import subprocess
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+from . import frames
+from .peers import LanternPeer, NodeRedPeer, Peer, cpu_seconds, render_flow, rss_mb
+
+LINKS = 20
+WATCHDOG_USEC = 30_000_000  # packaging/systemd/lantern-gateway.service: WatchdogSec=30s
+
+
+class SilentPtys:
+    """LINKS pty pairs; the bench holds the masters and never writes to them."""
+
+    def __init__(self, n: int) -> None:
+        self.fds: list[int] = []
+        self.ports: list[str] = []
+        for _ in range(n):
+            master, slave = pty.openpty()
+            tty.setraw(slave)
+            self.fds += [master, slave]
+            self.ports.append(os.ttyname(slave))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def thread_counts(pid: int) -> dict[int, tuple[int, int, int]]:
+    """tid → (voluntary, involuntary context switches, schedstat run count)."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                sw = {k: int(v) for k, _, v in (line.partition(":\t") for line in f)
+                      if k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                runs = int(f.read().split()[2])
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (sw["voluntary_ctxt_switches"], sw["nonvoluntary_ctxt_switches"], runs)
+    return out
+
+
+def wakeups(pid: int, seconds: float) -> dict[str, Any]:
+    """Wake-ups per second over `seconds` of the idle process, all threads; its RSS sampled
+    every second meanwhile (reading /proc wakes the bench, not the process)."""
+    before, cpu0, t0 = thread_counts(pid), cpu_seconds(pid), time.monotonic()
+    rss = [rss_mb(pid, "VmRSS")]
+    while time.monotonic() - t0 < seconds:
+        time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - t0))))
+        rss.append(rss_mb(pid, "VmRSS"))
+    after, cpu1, took = thread_counts(pid), cpu_seconds(pid), time.monotonic() - t0
+    zero = (0, 0, 0)
+    d = {tid: tuple(a - b for a, b in zip(c, before.get(tid, zero), strict=True))
+         for tid, c in after.items()}
+    vol, invol, runs = (sum(x[i] for x in d.values()) for i in range(3))
+    rss.sort()
+    return {"seconds": round(took, 1), "threads": len(after),
+            "context_switches_per_s": round((vol + invol) / took, 2),
+            "voluntary": vol, "involuntary": invol,
+            "schedstat_runs_per_s": round(runs / took, 2),
+            "main_thread_switches": sum(d.get(pid, zero)[:2]),
+            "cpu_ms_per_min": round((cpu1 - cpu0) / took * 60e3, 1),
+            "rss_mb_min_median_max": [round(rss[0], 1), round(rss[len(rss) // 2], 1),
+                                      round(rss[-1], 1)]}
+
+
+class NotifySocket:
+    """A service manager's end of sd_notify(3): datagrams on a unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("the gateway exited before READY=1")
+            self.sock.settimeout(0.2)
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            if "READY=1" in msg.splitlines():
+                return
+        raise RuntimeError(f"no READY=1 within {timeout}s")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _launch(peer: Peer, cmd: list[str], env: dict[str, str]
+            ) -> tuple[subprocess.Popen[bytes], float]:
+    cpu = peer.cpu
+    with open(peer.log, "wb") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            cmd, cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu >= 0 else None)
+    peer.proc = proc
+    return proc, t0
+
+
+def gateway_idle(workdir: Path, ptys: SilentPtys, cpu: int, seconds: float, settle_s: float
+                 ) -> dict[str, Any]:
+    peer = LanternPeer(workdir, ptys.ports[0], "http://127.0.0.1:9/unused", frames.node_ids(8),
+                       cpu)
+    peer.more_ports = tuple(ptys.ports[1:])
+    notify = NotifySocket(peer.workdir / "notify.sock")
+    try:
+        cmd, env = peer.command()
+        proc, t0 = _launch(peer, cmd, {**env, "NOTIFY_SOCKET": str(notify.path),
+                                       "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+        notify.wait_ready(proc, 60.0)
+        ready_s = time.monotonic() - t0
+        time.sleep(settle_s)
+        out = {"links": LINKS, "ready_s": round(ready_s, 3),
+               "ready_signal": "sd_notify READY=1 on NOTIFY_SOCKET",
+               **_idle(proc.pid, seconds)}
+    finally:
+        peer.stop()
+        notify.close()
+    if "open at" not in peer.tail(1 << 20):
+        raise RuntimeError(f"the gateway opened no link:\n{peer.tail()}")
+    return out
+
+
+def node_red_flow(ports: list[str], url: str) -> str:
+    """The bench flow with one `serial in` node (and its port) per pty, all into the decoder."""
+    flow = json.loads(render_flow(ports[0], url, 25, 1.0))
+    port = next(n for n in flow if n["id"] == "lantern-port")
+    inp = next(n for n in flow if n["id"] == "lantern-in")
+    for i, p in enumerate(ports[1:], 1):
+        flow.append({**port, "id": f"lantern-port-{i}", "serialport": p})
+        flow.append({**inp, "id": f"lantern-in-{i}", "serial": f"lantern-port-{i}",
+                     "y": inp["y"] + 40 * i})
+    return json.dumps(flow, indent=1)
+
+
+def node_red_idle(workdir: Path, ptys: SilentPtys, cpu: int, seconds: float, settle_s: float
+                  ) -> dict[str, Any]:
+    peer = NodeRedPeer(workdir, ptys.ports[0], "http://127.0.0.1:9/unused", frames.node_ids(8),
+                       cpu)
+    cmd, env = peer.command()  # writes the one-port flow; replaced by the 20-port one below
+    Path(env["LANTERN_NR_FLOW"]).write_text(node_red_flow(ptys.ports, peer.url))
+    try:
+        proc, t0 = _launch(peer, cmd, env)
+        # Node-RED has no sd_notify: ready = every serial port reported open in its log
+        # ("serial port /dev/pts/N opened at 115200 baud"); polled every 10 ms
+        deadline = t0 + 60.0
+        while peer.tail(1 << 20).count("opened at") < LINKS:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node-red not ready:\n{peer.tail()}")
+            time.sleep(0.01)
+        ready_s = time.monotonic() - t0
+        time.sleep(settle_s)
+        return {"links": LINKS, "ready_s": round(ready_s, 3),
+                "ready_signal": f"all {LINKS} 'serial port ... opened at' log lines",
+                **_idle(proc.pid, seconds)}
+    finally:
+        peer.stop()
+
+
+def _idle(pid: int, seconds: float) -> dict[str, Any]:
+    w = wakeups(pid, seconds)
+    return {"rss_mb": w["rss_mb_min_median_max"][1], "wakeups": w,
+            "wakeups_per_s": w["context_switches_per_s"]}
+
+
+def run(workdir: Path, seconds: float = 60.0, settle_s: float = 5.0) -> dict[str, Any]:
+    """Both peers idle, one after the other, on the same CPU; the window starts `settle_s`
+    after ready (start-up work, first timers)."""
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    ptys = SilentPtys(LINKS)
+    try:
+        lantern = gateway_idle(workdir / "idle", ptys, cpu, seconds, settle_s)
+        node_red = node_red_idle(workdir / "idle", ptys, cpu, seconds, settle_s)
+    finally:
+        ptys.close()
+    return {"lantern": lantern, "node_red": node_red,
+            "rss_ratio": round(lantern["rss_mb"] / node_red["rss_mb"], 2),
+            "setup": f"{LINKS} silent serial links (ptys) each, {seconds:g} s window after "
+                     f"{settle_s:g} s of rest, both pinned to CPU {cpu}; the gateway with "
+                     f"NOTIFY_SOCKET and WATCHDOG_USEC={WATCHDOG_USEC} as under systemd, its "
+                     "local API on; Node-RED headless (no editor)"}
