@@ -1,0 +1,114 @@
+"""Pacing the gateway's writes for an SD card (issue 22), without moving an ACK before its
+commit: the group-commit window (ingest.COMMIT_WINDOW_S) and deliveries recorded in groups
+(store.DELIVER_EVERY_S). The power-cut scenario (hil_tests/test_powercut.py) shows the ACKs
+still wait for the disk; these show what each lever does, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from lantern.agent import ingest as ingest_mod
+from lantern.agent import protocol
+from lantern.agent.ingest import Ingest
+from lantern.agent.metrics import Metrics
+from lantern.agent.queue import store as store_mod
+from lantern.agent.queue.store import Accepted, Store, Window
+
+KEY = bytes(range(32))
+NODE = b"SL-0001"
+
+
+def frame(seq: int) -> bytes:
+    payload = cbor2.dumps([{-3: 1700000000 + seq, 0: "temperature", 2: 21.5}])
+    return protocol.encode_frame(protocol.DATA, protocol.create_mac0(KEY, NODE, seq, payload))
+
+
+class Link:
+    name = "ttyPACE0"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def rows(path: Path) -> int:
+    con = sqlite3.connect(path)
+    try:
+        return int(con.execute("SELECT count(*) FROM frames").fetchone()[0])
+    finally:
+        con.close()
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[tuple[Ingest, Link, Path]]:
+    path = tmp_path / "queue.sqlite"
+    async with Store(path) as store:
+        ing = Ingest(store, {NODE: KEY}, Metrics())
+        await ing.start()
+        task = asyncio.create_task(ing.run())
+        try:
+            yield ing, Link(), path
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_commit_window_holds_frames_until_it_is_full_then_acks_them_together(
+        running: tuple[Ingest, Link, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_mod, "COMMIT_WINDOW_S", 3600.0)
+    monkeypatch.setattr(ingest_mod, "COMMIT_FRAMES", 3)
+    ing, link, path = running
+    ing.on_data(link, frame(1) + frame(2))
+    for _ in range(50):  # the loop runs the ingest task: it must keep the window open
+        await asyncio.sleep(0)
+    assert ing.metrics.commits == 0 and link.sent == [] and rows(path) == 0
+    ing.committed.clear()
+    ing.on_data(link, frame(3))  # the third frame fills it: committed at once
+    await asyncio.wait_for(ing.committed.wait(), 10)
+    assert ing.metrics.commits == 1 and rows(path) == 3
+    assert len(link.sent) == 1  # one ACK naming all three, sent after the commit
+
+
+async def test_without_a_window_a_frame_is_committed_as_it_comes(
+        running: tuple[Ingest, Link, Path]) -> None:
+    assert ingest_mod.COMMIT_WINDOW_S == 0.0  # the default until a [queue] setting exists
+    ing, link, path = running
+    ing.on_data(link, frame(1))
+    await asyncio.wait_for(ing.committed.wait(), 10)
+    assert rows(path) == 1 and len(link.sent) == 1
+
+
+async def test_deliveries_are_recorded_together_and_count_as_delivered_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "DELIVER_EVERY_S", 3600.0)
+    path = tmp_path / "queue.sqlite"
+    async with Store(path) as store:
+        frames = [Accepted("SL-0001", s, b"", None, pack=cbor2.dumps(
+            [{-3: 1700000000 + s, 0: "temperature", 2: 21.5}]), n=1) for s in range(1, 5)]
+        w = Window()
+        for f in frames:
+            w.mark(f.seq)
+        await store.commit(frames, {"SL-0001": w})
+        first = await store.next_batch(2)
+        assert first is not None
+        await store.delivered_to("http", first, ["http"])
+        second = await store.next_batch(2, first.last_id)
+        assert second is not None
+        await store.delivered_to("http", second, ["http"])
+        assert rows(path) == 4  # nothing recorded yet: one transaction later, for both
+        assert (await store.depth())[0] == 0  # but none of them is waiting
+        assert await store.cursor("http") == 0
+        assert len(store.cap.leases) == 2  # both batches stay out of eviction's reach
+    # closing records what was owed (nothing is sent again after a clean stop), and both
+    # leases end with it
+    assert not store.cap.leases
+    async with Store(path) as again:
+        assert rows(path) == 0 and await again.cursor("http") == second.last_id
