@@ -1,7 +1,7 @@
 """Build the gateway's offline bundle (`make dist`; docs/install.md).
 
     OUT/lantern-VERSION/                 what install.sh installs from, with no network
-      install.sh  systemd/  gateway.example.toml  doc/
+      install.sh  systemd/  gateway.example.toml  doc/  prometheus/
       requirements.txt                   the lock, plus Lantern's wheel and any wheel built here
       wheels/                            Lantern's wheel and every locked dependency for CPython
                                          3.11 on x86_64, aarch64 and armv7l (glibc <= 2.36)
@@ -249,7 +249,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     bundle, tmp = out / name, out / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("wheels", "systemd", "doc"):
+    for sub in ("wheels", "systemd", "doc", "prometheus"):
         (tmp / sub).mkdir(parents=True)
     lock = locked()
 
@@ -298,8 +298,11 @@ def main() -> int:
     shutil.copy2(ROOT / "packaging" / "install.sh", tmp / "install.sh")
     shutil.copy2(ROOT / "packaging" / "systemd" / "lantern-gateway.service", tmp / "systemd")
     shutil.copy2(ROOT / "docs" / "gateway.example.toml", tmp)
-    for doc in ("docs/gateway.md", "docs/install.md", "docs/gateway.example.toml", "SECURITY.md"):
+    for doc in ("docs/gateway.md", "docs/install.md", "docs/alerts.md",
+                "docs/gateway.example.toml", "SECURITY.md"):
         shutil.copy2(ROOT / doc, tmp / "doc")
+    for rules in sorted((ROOT / "packaging" / "prometheus").glob("*.yml")):
+        shutil.copy2(rules, tmp / "prometheus")  # the alert rules and their promtool tests
     (tmp / "install.sh").chmod(0o755)
     (tmp / "bundle.json").write_text(json.dumps({
         "name": "lantern", "version": version.group(1), "python": f"CPython {PY}",

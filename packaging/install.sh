@@ -10,6 +10,7 @@
 #   /opt/lantern/bin            -> current/bin (the unit runs /opt/lantern/bin/lantern)
 #   /etc/systemd/system/lantern-gateway.service
 #   /etc/lantern/gateway.toml   from gateway.example.toml, only if there is none
+#   PREFIX/share/doc/lantern/prometheus/   the alert rules for Prometheus (docs/alerts.md)
 #   /etc/lantern/keys.toml      an empty [nodes] table, mode 0600, only if there is none
 #   /var/lib/lantern            the queue (the unit's StateDirectory), never touched
 #   user and group "lantern" (system), in groups dialout and bluetooth
@@ -123,10 +124,12 @@ foreign="$(others)"
 if [[ -f "$HERE/MANIFEST.sha256" ]]; then  # an unpacked bundle
     EXAMPLE="$HERE/gateway.example.toml"
     DOCS=("$HERE"/doc/*)
+    RULES=("$HERE"/prometheus/*.yml)
     UNIT_SRC="$HERE/systemd/$UNIT"
 else  # packaging/ in a clone
     EXAMPLE="$HERE/../docs/gateway.example.toml"
-    DOCS=("$HERE/../docs/gateway.md" "$EXAMPLE")
+    DOCS=("$HERE/../docs/gateway.md" "$HERE/../docs/alerts.md" "$EXAMPLE")
+    RULES=("$HERE"/prometheus/*.yml)
     UNIT_SRC="$HERE/systemd/$UNIT"
     [[ -n "${LANTERN_BIN:-}" ]] || die "this is packaging/ in a clone, not a bundle: run" \
         "\`make dist\` and \`make install\`, or copy .build/dist/lantern-*-gateway.tar.gz to" \
@@ -212,6 +215,10 @@ install_unit() {
 install_docs() {
     install -d -m 0755 "$DESTDIR$PREFIX/share/doc/lantern"
     install -m 0644 "${DOCS[@]}" "$DESTDIR$PREFIX/share/doc/lantern/"
+    # the alert rules for the operator's Prometheus (rule_files:) and their unit tests
+    # (docs/alerts.md): with the docs, so that --uninstall removes them with Lantern's docs
+    install -d -m 0755 "$DESTDIR$PREFIX/share/doc/lantern/prometheus"
+    install -m 0644 "${RULES[@]}" "$DESTDIR$PREFIX/share/doc/lantern/prometheus/"
 }
 
 verify_unit() {
