@@ -8,6 +8,7 @@ has update_trial_boots boots (default 3) to confirm itself; one that raises is l
 An update never replaces this file: the loader that rolls back changes only by provisioning.
 """
 
+import gc
 import json
 import os
 import sys
@@ -124,4 +125,26 @@ def run(config):
         _reset()
 
 
-run(sys.argv[1] if len(sys.argv) > 1 else "node.json")
+def _warm():
+    """Whether the board's HAL has main.py do its resets (hal/qemu.py WARM_RESET)."""
+    return getattr(sys.modules.get("node.hal.qemu"), "WARM_RESET", False)
+
+
+def boot(config):
+    """run(config); on a board whose resets main.py does, again after each one, with the
+    node's modules unloaded and sys.path as it was: a reset that keeps the flash."""
+    base = len(sys.path)
+    while True:
+        try:
+            return run(config)
+        except SystemExit as e:
+            if e.args[:1] != (REBOOT_EXIT,) or not _warm():
+                raise
+        while len(sys.path) > base:
+            sys.path.pop(0)
+        _unload()
+        gc.collect()
+        print("boot: reset (warm: the flash is kept)")
+
+
+boot(sys.argv[1] if len(sys.argv) > 1 else "node.json")

@@ -330,7 +330,7 @@ class NodeActions:
 
             n = self.n
             self._updater = ota.Updater(n.cfg, n.board.get("name", "?"),
-                                        ota.boot_info().get("config") or "node.json")
+                                        ota.boot_info().get("config") or "node.json", n.hal)
         return self._updater
 
     def upd(self):

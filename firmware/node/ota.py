@@ -60,13 +60,24 @@ def write_record(fw, rec):
         info["rec"] = rec
 
 
-def read_floor(fw):
-    """The security floor this node holds: raised only when a release confirms itself."""
+_NVS_FLOOR = "ota_floor"  # NVS keys (ESP32): they outlive an erased or reflashed filesystem
+_NVS_KEY = "rel_key"
+_NVS_NEXT = "rel_next"
+
+
+def read_floor(fw, hal=None):
+    """The security floor this node holds: raised only when a release confirms itself. On a
+    board with NVS the higher of NVS and the file counts, so erasing the filesystem (or
+    writing a lower file) cannot lower it."""
     try:
         with open(fw + "/floor") as f:
-            return int(f.read())
+            floor = int(f.read())
     except (OSError, ValueError):
-        return 0
+        floor = 0
+    nvs_get = getattr(hal, "nvs_get", None)
+    if nvs_get is not None:
+        floor = max(floor, nvs_get(_NVS_FLOOR, 0))
+    return floor
 
 
 def _rmtree(path):
@@ -132,8 +143,11 @@ def _size(path):
 class Updater:
     """The node's side of OFFER / CHUNK / APPLY / ABORT (node/commands.py dispatches here)."""
 
-    def __init__(self, cfg, board_name, config_path="node.json"):
+    def __init__(self, cfg, board_name, config_path="node.json", hal=None):
         self.cfg = cfg
+        self.hal = hal
+        # ESP32: the release key (and a rotation's next key) in NVS as well as the files
+        self._nvs = hasattr(hal, "nvs_blob")
         self.board = board_name
         self.fw = fw_dir(cfg)
         _makedirs(self.fw)
@@ -174,27 +188,57 @@ class Updater:
         except OSError:
             return None
 
+    def _keys(self):
+        """(release key, next key or None). With NVS, NVS wins; a key provisioned as a file
+        only is copied into NVS at its first use, so erasing the filesystem keeps it."""
+        key = self._read_key(self.key_path)
+        nxt = self._read_key(self.key_path + ".next")
+        if self._nvs:
+            stored = self.hal.nvs_blob(_NVS_KEY)
+            if stored:
+                key = stored
+            elif key is not None and len(key) == 32:
+                self.hal.nvs_set_blob(_NVS_KEY, key)
+            nxt = self.hal.nvs_blob(_NVS_NEXT)
+        return key, nxt
+
+    def _store_keys(self, key, nxt):
+        """The release key and the next key (None: none pending), NVS first."""
+        if self._nvs:  # the key before the next key: a cut between leaves both the same key
+            if key is not None:
+                self.hal.nvs_set_blob(_NVS_KEY, key)
+            self.hal.nvs_set_blob(_NVS_NEXT, nxt)
+        if key is not None:
+            _write_atomic(self.key_path, key)
+        if nxt is None:
+            try:
+                os.remove(self.key_path + ".next")
+            except OSError:
+                pass
+        else:
+            _write_atomic(self.key_path + ".next", nxt)
+
     def _check(self):
         """The Verifier for this node: release key (and a rotation's pending next key),
         board, floor; Refused without a key."""
         from . import update
 
-        key = self._read_key(self.key_path)
+        key, nxt = self._keys()
         if key is None:
             raise self._refuse("no_release_key", "%s not provisioned" % self.key_path)
         if len(key) != 32:
             raise self._refuse("no_release_key", "%s: %d bytes, not 32" % (self.key_path, len(key)))
-        nxt = self._read_key(self.key_path + ".next")
         if nxt is not None and len(nxt) != 32:
             nxt = None  # a torn write cannot happen (_write_atomic); a hand-made file can
+        floor = read_floor(self.fw, self.hal)
         v = self._verifier
         if v is None or v.key != key or v.next != nxt:
             try:
-                v = update.Verifier(key, self.board, read_floor(self.fw), next_key=nxt)
+                v = update.Verifier(key, self.board, floor, next_key=nxt)
             except ValueError as e:
                 raise self._refuse("no_release_key", str(e))
             self._verifier = v
-        v.floor = read_floor(self.fw)
+        v.floor = floor
         return v
 
     def rotate(self, record):
@@ -208,7 +252,7 @@ class Updater:
             raise
         finally:
             _unload_crypto()
-        _write_atomic(self.key_path + ".next", new)
+        self._store_keys(None, new)
         self._verifier = None
         from .update import key_id
 
@@ -218,11 +262,7 @@ class Updater:
 
     def _promote(self, v):
         """A bundle signed by the pending next key verified: it is the release key now."""
-        _write_atomic(self.key_path, v.next)
-        try:
-            os.remove(self.key_path + ".next")
-        except OSError:
-            pass
+        self._store_keys(v.next, None)
         print("update: release key %s replaces %s" % (_hex(v.next_kid), _hex(v.kid)))
         self._verifier = None
 
@@ -409,7 +449,10 @@ def confirm(fw, hal=None):
     if not cand:
         return False
     floor = rec.get("cfloor") or 0
-    if floor > read_floor(fw):
+    if floor > read_floor(fw, hal):
+        nvs_set = getattr(hal, "nvs_set", None)
+        if nvs_set is not None:
+            nvs_set(_NVS_FLOOR, floor)  # NVS first: a filesystem erased later keeps it
         _write_atomic(fw + "/floor", b"%d" % floor)  # first: older bundles are refused now
     rec.update({"active": cand, "ver": rec.get("cver"), "cand": None, "tries": 0,
                 "state": "confirmed", "reason": None})

@@ -219,6 +219,29 @@ def nvs_set(key, value):
     nvs.commit()
 
 
+def nvs_blob(key, size=32):
+    """A small binary value from NVS (the release key: node/ota.py), or None."""
+    buf = bytearray(size)
+    try:
+        n = esp32.NVS("lantern").get_blob(key, buf)
+    except OSError:
+        return None
+    return bytes(buf[:n])
+
+
+def nvs_set_blob(key, value):
+    """Set a binary value in NVS; None erases it."""
+    nvs = esp32.NVS("lantern")
+    if value is None:
+        try:
+            nvs.erase_key(key)
+        except OSError:
+            return  # not there: nothing to erase
+    else:
+        nvs.set_blob(key, value)
+    nvs.commit()
+
+
 # ------------------------------------------------------------------ node key (docs/security.md)
 # The key sits in NVS, written there by `lantern provision` (tools/field/provision_steps.py
 # nvs_key_script): `mpremote fs cat`, a filesystem dump or a reflash of the filesystem

@@ -34,6 +34,11 @@ _MP_STREAM_CLOSE = const(4)
 _POLL_RD = const(0x0001)
 _POLL_WR = const(0x0004)
 
+# A reset (SystemExit(75), node/ota.py and node/commands.py) is done by main.py, which boots
+# the node again in place: machine.reset() ends QEMU and its flash, and a soft reset raised
+# from the frozen main.py leaves the board at its REPL (board.c runs main.py inside mp_init).
+WARM_RESET = True
+
 # The board's UARTs by name; UART0 is the REPL
 _UARTS = {"uart1": 0x40005000, "uart2": 0x40006000}
 
@@ -127,12 +132,6 @@ def heap_free():
         gc.collect()
         size, live = mps2.heap_stats()[:2]
     return size - live
-
-
-def reset():
-    """Reboot as an ESP32 would, keeping the flash: a soft reset (machine.reset() would end
-    QEMU, and with it the flash). _boot.py and main.py run again (board.c)."""
-    machine.soft_reset()
 
 
 def heap_peak():
