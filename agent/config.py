@@ -82,7 +82,9 @@ class HealthConfig:
 
     def describe(self) -> str:
         """One line for `lantern gateway check-config`."""
-        to = [f"webhook {shown_url(self.webhook_url)}" if self.webhook_url else "",
+        # without its query either: a receiver's token may ride there
+        hook = shown_url(self.webhook_url).split("?")[0] if self.webhook_url else ""
+        to = [f"webhook {hook}" if hook else "",
               f"MQTT topic {self.mqtt_topic}" if self.mqtt_topic else ""]
         lamps = len(self.settings.lamps)
         return (f"  health:  lamp faults, energy ({self.settings.grid_g_per_kwh:g} gCO2e/kWh) "

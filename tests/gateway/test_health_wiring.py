@@ -51,7 +51,7 @@ dim_levels = [0.5]
 rating_w = 36
 
 [health.webhook]
-url = "https://ops.example/hooks/lantern"
+url = "https://ops.example/hooks/lantern?key=query-secret"
 timeout_s = 5
 """
 
@@ -75,9 +75,10 @@ def test_health_table_parsed(tmp_path: Path) -> None:
     assert h.settings.default_lamp == Lamp(60.0, (0.5,), 300.0)
     assert h.settings.lamp("SL-0042") == Lamp(36.0, (0.5,), 300.0)  # the default's levels
     assert (h.webhook_url, h.webhook_timeout_s, h.mqtt_topic) == (
-        "https://ops.example/hooks/lantern", 5.0, None)
-    line = h.describe()
+        "https://ops.example/hooks/lantern?key=query-secret", 5.0, None)
+    line = h.describe()  # check-config's line
     assert "350 gCO2e/kWh" in line and "webhook https://ops.example/hooks/lantern" in line
+    assert "query-secret" not in line
     assert load(tmp_path, BASE).health is None  # type: ignore[attr-defined]
 
 
@@ -135,7 +136,7 @@ async def test_streetlight_status_and_power_state_reach_the_broker_and_validate(
     """A lamp that goes dark at night: the broker's Streetlight (the readings merged with the
     monitor's entity) says defectiveLamp and off, and validates against the official schema
     with format checking; the readings never overwrite them with a guess."""
-    cfg = load(tmp_path, BASE + HEALTH.replace("https://ops.example/hooks/lantern",
+    cfg = load(tmp_path, BASE + HEALTH.replace("https://ops.example/hooks/lantern?key=query-secret",
                                                "http://127.0.0.1:9/never") + f"""
 [sinks.ngsi_ld]
 url = "{broker.url}"
