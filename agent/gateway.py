@@ -196,14 +196,14 @@ async def _health_ticks(health: HealthService) -> None:
         await asyncio.sleep(HEALTH_TICK_S)
         try:
             await health.tick()
-        except sqlite3.Error as e:  # its store failing: said once, tried again next tick
+        except Exception as e:  # its store failing, or a bug: said once, tried next tick
             failures += 1
             if failures == 1:
-                log.error("health: cannot save the monitor's state (%s); tried again every "
-                          "%g s", e, HEALTH_TICK_S)
+                log.error("health: the silence check failed (%r); tried again every %g s",
+                          e, HEALTH_TICK_S, exc_info=not isinstance(e, sqlite3.Error))
             continue
         if failures:
-            log.info("health: the monitor's state is saved again after %d failures", failures)
+            log.info("health: the silence check works again after %d failures", failures)
             failures = 0
 
 

@@ -9,6 +9,8 @@ a sample no newer than the lamp's latest as a backlog (counted, never integrated
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections import defaultdict
 from typing import Any
 
@@ -17,6 +19,8 @@ from ..queue.resolve import Batch
 from .service import HealthService, Pack
 
 NAME = "health"  # its cursor in the queue; no sink has this name
+
+log = logging.getLogger("lantern.health")
 
 
 def packs(records: list[dict[str, Any]]) -> list[Pack]:
@@ -38,15 +42,31 @@ def packs(records: list[dict[str, Any]]) -> list[Pack]:
 
 class HealthSink:
     """The monitor as the forward stage sees a sink: a batch is taken once it is committed
-    in the monitor's own store (health.sqlite)."""
+    in the monitor's own store (health.sqlite).
+
+    Its store failing (sqlite3.Error: disk trouble) keeps the batch, tried again with backoff
+    like a sink's. Anything else is a bug of the monitor's on these readings: the batch is
+    skipped (counted, its traceback logged once), never retried forever — the monitor must
+    not hold the queue, and with it the nodes' data, behind one batch it cannot judge."""
 
     name = NAME
 
     def __init__(self, service: HealthService) -> None:
         self.service = service
         self.fed = 0  # packs fed
+        self.skipped = 0  # batches the monitor failed on (a bug of ours)
 
     async def send(self, batch: Batch) -> None:
         got = packs(batch.records())
-        await self.service.feed_many(got)
+        try:
+            await self.service.feed_many(got)
+        except sqlite3.Error:
+            raise
+        except Exception as e:
+            self.skipped += 1
+            if self.skipped == 1:
+                log.error("health: the monitor failed on frames %d to %d (%r); skipped, the "
+                          "readings go on to the sinks. This is a bug: please report it with "
+                          "this traceback", batch.first_id, batch.last_id, e, exc_info=True)
+            return
         self.fed += len(got)

@@ -18,7 +18,7 @@ from lantern.agent.errors import ConfigError
 from lantern.agent.health.feed import HealthSink, packs
 from lantern.agent.health.notify import DeliveryError, Webhook
 from lantern.agent.health.service import HealthService
-from lantern.agent.health.settings import Lamp
+from lantern.agent.health.settings import Lamp, Settings
 from lantern.agent.plugins import SinkContext
 from lantern.agent.plugins import sink as sink_plugin
 from lantern.tools.street.ngsi_broker import NgsiBroker
@@ -207,3 +207,33 @@ async def test_webhook_refuses_a_redirect_and_never_shows_its_secrets(
     assert "HTTP 302" in str(exc.value) and "redirect" in str(exc.value)
     for text in (str(exc.value), str(exc2.value), caplog.text):
         assert "query-secret" not in text and "header-secret" not in text
+
+
+async def test_a_monitor_bug_skips_its_batch_and_a_store_failure_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The queue must not wait forever on a batch the monitor cannot judge; a batch its
+    store could not save is kept for the forward stage to try again."""
+    import sqlite3
+
+    from lantern.agent.health.monitor import Health
+
+    async with HealthService(Settings(), tmp_path) as svc:
+        feed = HealthSink(svc)
+        monkeypatch.setattr(Health, "feed", lambda *a: 1 / 0)
+        with caplog.at_level(logging.ERROR):
+            await feed.send(batch(night(0, 36.0)))
+            await feed.send(batch(night(1, 36.0)))
+        assert feed.skipped == 2 and feed.fed == 0
+        assert caplog.text.count("This is a bug") == 1  # logged once, counted each time
+
+        def full(*a: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.undo()
+        monkeypatch.setattr(svc.store, "save", full)
+        with pytest.raises(sqlite3.OperationalError):
+            await feed.send(batch(night(2, 36.0)))
+        monkeypatch.undo()
+        await feed.send(batch(night(3, 36.0)))
+        assert feed.fed == 1
