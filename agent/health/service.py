@@ -138,8 +138,10 @@ class HealthService:
 
     def _notify(self, events: list[Event]) -> None:
         for e in events:
+            # one template per alert and status: the log's rate limit (agent/logsetup.py, per
+            # template) then never folds one alert's raise into another's
             log.log(logging.WARNING if e.status == "firing" else logging.INFO,
-                    "alert %s %s %s%s: %s", e.status, e.alert, e.node,
+                    f"alert {e.status} {e.alert} %s%s: %s", e.node,
                     f" {e.subject}" if e.subject else "", e.summary)
         if events:
             for wake in self._wake.values():
