@@ -5,7 +5,7 @@ import gc
 import sys
 import time
 
-from . import ConfigError, cbor, cose, senml
+from . import ConfigError, cbor, cose, senml, untimed
 
 FIRMWARE_VERSION = "0.1.0"
 _BOOT_MS = time.ticks_ms()  # the node's first instant (an ESP32 has booted ~0.3-1 s before)
@@ -107,7 +107,8 @@ class Node:
         try:
             now, values = await self.sample_async()
             t_sampled = time.ticks_ms()
-            seq = self.seal(now, values)
+            # sealed with its time, or held while the clock is not known (docs/time.md)
+            seq = await untimed.take(self, now, values)
             awake = getattr(self.sensors, "awake", None)
             if awake is not None:  # the node's own work after sampling, for the energy model
                 awake(time.ticks_diff(time.ticks_ms(), t_sampled))
@@ -115,7 +116,9 @@ class Node:
             used = gc.mem_alloc()
             if used > self.heap_peak:
                 self.heap_peak = used
-            print("sample seq=%d readings=%d outbox=%d" % (seq, len(values), len(self.outbox)))
+            if seq is not None:
+                print("sample seq=%d readings=%d outbox=%d" % (
+                    seq, len(values), len(self.outbox)))
             if self.link:
                 self.link.kick()
         except Exception as e:  # noqa: BLE001 - one lost pack, not the end of sampling

@@ -1,4 +1,8 @@
-"""Wall clock set from the gateway's ACKs; until then the board's own RTC is used."""
+"""The node's clock: the board's own (RTC) until the gateway's time sets it (docs/time.md).
+
+Until then `synced` is False and the node seals no absolute time (node/untimed.py): an ESP32
+after a power cut counts from the port's epoch, and its readings would say 1970/2000.
+"""
 
 import time
 
@@ -8,29 +12,52 @@ _EPOCH_MS = 946684800000 if time.gmtime(0)[0] == 2000 else 0
 
 class Clock:
     """`hal` may keep the time in a clock that outlives this boot (ESP32: the RTC runs on
-    through deep sleep): its set_clock(ms) and clock_synced() then hold it, not an offset."""
+    through deep sleep): its set_clock(ms) and clock_synced() then hold it, not an offset.
+    A HAL with rtc_ms() gives the board's clock in Unix ms (the unix board's clock-at-epoch
+    option); else it is the port's time."""
 
     def __init__(self, hal=None):
         self._offset_ms = 0
         self._set = getattr(hal, "set_clock", None)
+        self._rtc = getattr(hal, "rtc_ms", None)
         synced = getattr(hal, "clock_synced", None)
-        self.synced = bool(synced and synced())
+        self.synced = bool(synced and synced())  # set from a gateway (or a tool)
+        self._known = getattr(hal, "clock_known", None)
+        # how far setting the clock moved it since this boot (ms): a time read before the
+        # first set plus this is the gateway's time of that instant (node/untimed.py)
+        self.shift_ms = 0
+        self.on_set = None  # called with shift_ms after the first set of this boot
+
+    @property
+    def known(self):
+        """The time is right: set from a gateway, or a board clock that holds the true time
+        without one (the unix board's is the host's)."""
+        return self.synced or bool(self._known is not None and self._known())
 
     def _local_ms(self):
+        if self._rtc is not None:
+            return self._rtc()
         return time.time_ns() // 1000000 + _EPOCH_MS
 
     def set_ms(self, epoch_ms):
         """Adopt the gateway's clock (Unix epoch, milliseconds)."""
+        first = not self.synced
+        self.shift_ms += epoch_ms - self.now_ms()
         if self._set is not None:
             try:
                 self._set(epoch_ms)
                 self._offset_ms = 0
-                self.synced = True
+                self._adopted(first)
                 return
             except (OSError, ValueError) as e:  # the RTC refused: keep an offset instead
                 print("clock: RTC not set: %r" % (e,))
         self._offset_ms = epoch_ms - self._local_ms()
+        self._adopted(first)
+
+    def _adopted(self, first):
         self.synced = True
+        if first and self.on_set is not None:
+            self.on_set(self.shift_ms)
 
     def now_ms(self):
         return self._local_ms() + self._offset_ms

@@ -3,6 +3,7 @@ the sensors on a simulated street (firmware/sim)."""
 
 import gc
 import struct
+import time
 
 # Linux termios c_cc indices (MicroPython's termios module does not export them)
 _VTIME = 5
@@ -21,6 +22,37 @@ def open_uart(port, baud):
     attrs[6][_VTIME] = 0
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
     return f
+
+
+# The board's clock (node/clock.py, docs/time.md): the host's, which NTP keeps right, unless
+# node.json says "clock_at_epoch": true. Then it starts at the Unix epoch on every boot, as an
+# ESP32's RTC does after a power cut, and holds no true time until the gateway's sets it.
+_rtc = None  # [Unix ms, ticks_ms then] once set, or from boot with clock_at_epoch
+_at_epoch = False
+
+
+def _start_clock(cfg):
+    global _rtc, _at_epoch
+    if cfg.get("clock_at_epoch") and not _at_epoch:
+        _at_epoch = True
+        _rtc = [0, time.ticks_ms()]
+
+
+def rtc_ms():
+    """The board's clock in Unix ms."""
+    if _rtc is None:
+        return time.time_ns() // 1000000
+    return _rtc[0] + time.ticks_diff(time.ticks_ms(), _rtc[1])
+
+
+def set_clock(epoch_ms):
+    global _rtc
+    _rtc = [epoch_ms, time.ticks_ms()]
+
+
+def clock_known():
+    """Whether the clock holds the true time without a gateway's: the host's does."""
+    return not _at_epoch
 
 
 def heap_free():
@@ -125,6 +157,7 @@ def sensor_buses(board, cfg):
     cfg["sim"] holds the scenario (docs/sensors.md). With sim.socket the chips run in their own
     process (tools/street/sim.py starts it) and cost this heap nothing; without it they run here.
     """
+    _start_clock(cfg)
     sim = cfg.get("sim") or {}
     scale = sim.get("chip_speed", 1)
     if sim.get("socket"):
