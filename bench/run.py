@@ -36,6 +36,7 @@ FULL: dict[str, dict[str, Any]] = {
     "e2e_latency_ms": {"nodes": 6, "interval_ms": 500, "seconds": 30.0},
     "node_energy": {"hours": 24.0},
     "ota_verify": {"qemu_runs": 3, "unix_runs": 21},
+    "ota_transfer": {"bauds": (115200, 921600), "window": 4},
     "idle": {"seconds": 60.0},
     "cpu_budget": {"streets": (20, 200), "minutes": 20.0, "frames_per_s": 40.0},
 }
@@ -47,6 +48,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "e2e_latency_ms": {"nodes": 2, "interval_ms": 250, "seconds": 2.0},
     "node_energy": {"hours": 1.0},
     "ota_verify": {"qemu_runs": 1, "unix_runs": 1},
+    "ota_transfer": {"bauds": (921600,), "window": 4},
     "idle": {"seconds": 2.0, "settle_s": 0.5},
     "cpu_budget": {"streets": (4,), "minutes": 2.0, "frames_per_s": 40.0},
 }
@@ -99,6 +101,7 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
         "e2e_latency_ms": lambda: asyncio.run(e2e.run(w, **sizes["e2e_latency_ms"])),
         "node_energy": lambda: node_energy.run(**sizes["node_energy"]),
         "ota_verify": lambda: ota.run(w / "ota", **sizes["ota_verify"]),
+        "ota_transfer": lambda: ota.ota_transfer(w / "ota_transfer", **sizes["ota_transfer"]),
         "idle": lambda: idle.run(w, **sizes["idle"]),
         "cpu_budget": lambda: asyncio.run(cpu_budget.run(w, **sizes["cpu_budget"])),
     }
@@ -161,6 +164,11 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
                                               "<= 1/3 of idle Node-RED's, 20 silent links each")
         w = idl["lantern"]["wakeups_per_s"]
         out["idle_wakeups_per_s"] = _target(w, w <= 2, "<= 2 per second, 20 silent links")
+    for baud, res in r.get("ota_transfer", {}).items():
+        if isinstance(res, dict) and "bundle_fraction_of_line_rate" in res:
+            f = res["bundle_fraction_of_line_rate"]
+            out[f"ota_transfer_{baud}"] = _target(
+                f, f >= 0.8 and res["outcome"] == "updated", ">= 0.8 of line rate, node updated")
     return out
 
 
