@@ -183,8 +183,11 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
     }
 
 
-async def run(workdir: Path, streets: tuple[tuple[int, float], ...] = ((20, 60.0), (200, 10.0)),
-              street_minutes: float = 60.0, frames_per_s: float = 20.0,
+# (nodes, one frame every s, street minutes, compressed to frames/s)
+STREETS = ((20, 60.0, 30.0, 5.0), (200, 10.0, 5.0, 40.0))
+
+
+async def run(workdir: Path, streets: tuple[tuple[int, float, float, float], ...] = STREETS,
               profiles: tuple[str, ...] = ("before", "now")) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     peer_cpu, bench_cpu = cpus[-1], cpus[0]
@@ -197,8 +200,8 @@ async def run(workdir: Path, streets: tuple[tuple[int, float], ...] = ((20, 60.0
     try:
         for profile in profiles:
             out[profile] = [await street(workdir / "disk_wear", upstream, peer_cpu, n, period,
-                                         street_minutes, frames_per_s, profile)
-                            for n, period in streets]
+                                         minutes, fps, profile)
+                            for n, period, minutes, fps in streets]
     finally:
         await upstream.stop()
         os.sched_setaffinity(0, old)
@@ -208,9 +211,10 @@ async def run(workdir: Path, streets: tuple[tuple[int, float], ...] = ((20, 60.0
     out["sd_life_years"] = min(s["sd_life_years"] for s in out[profiles[-1]])
     out["card"] = {"name": CARD, "tbw_bytes": CARD_TBW_BYTES, "source": CARD_SOURCE}
     out["pack"] = f"{frames.pack_source()}, {frames.readings_per_frame()} readings"
-    out["setup"] = (f"streets of {', '.join(f'{n} nodes x 1 frame/{p:g} s' for n, p in streets)}"
-                    f", {street_minutes:g} street minutes each compressed to {frames_per_s:g} "
-                    "frames/s (every duration the gateway acts on scaled alike); gateway on "
+    out["setup"] = ("streets of " + ", ".join(
+                        f"{n} nodes x 1 frame/{p:g} s for {m:g} street minutes at {f:g} frames/s"
+                        for n, p, m, f in streets) +
+                    " (every duration the gateway acts on scaled alike); gateway on "
                     f"this machine's disk, pinned to CPU {peer_cpu}; write_bytes of "
                     "/proc/PID/io from the first frame to the queue emptied; profiles "
                     f"{', '.join(profiles)} in the same run")
