@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import time
@@ -34,6 +35,7 @@ TIME_ERROR = 5
 STA_UNSYNC = 0x0040
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by timesyncd on sync
 CHECK_S = 1.0  # how long one reading of the kernel's state is reused
+SPANS_MAX = 64  # unsynchronised spans remembered (each: start, end, step)
 RELATIVE_BELOW = 1 << 28  # RFC 8428 §4.5.3: a time below 2**28 is relative to "now"
 # bits of a pack's time.q record (docs/time.md); the node sets 1 and 2, the gateway 4
 TIME_Q = "time.q"
@@ -119,21 +121,55 @@ class TimeSync:
 
     def __init__(self, probe: Callable[[], ClockState] = probe, mode: str = "kernel",
                  wall: Callable[[], float] = time.time,
-                 mono: Callable[[], float] = time.monotonic) -> None:
+                 mono: Callable[[], float] = time.monotonic,
+                 path: Path | None = None) -> None:
+        """path: where the unsynchronised spans are kept across restarts (state_dir/clock.json):
+        a frame received in a span that never closed (the gateway stopped first) stays
+        flagged, never silently taken for right."""
         if mode not in ("kernel", "trust"):
             raise ValueError(f"clock mode must be 'kernel' or 'trust', got {mode!r}")
         self._probe = probe
         self.mode = mode
         self._wall = wall
         self._mono = mono
+        self._path = path
         self._state: ClockState | None = None
         self._checked = -1e18
-        self._spans: list[_Step] = []  # unsynchronised spans, oldest first (bounded)
+        self._spans: list[_Step] = self._load()  # unsynchronised spans, oldest first (bounded)
         self._open: tuple[_Step, float] | None = None  # the open span, and wall - mono then
         self.withheld = 0  # ACKs sent without a time
         self.corrected = 0  # times corrected by a step (frames' receipt times)
         self.flagged = 0  # packs flagged: stamped unsynchronised, no step known
         self.since: float | None = None  # wall time of the last change of state
+
+    def _load(self) -> list[_Step]:
+        if self._path is None:
+            return []
+        try:
+            raw = json.loads(self._path.read_text())
+            spans = [_Step(float(a), float(b), None if c is None else float(c))
+                     for a, b, c in raw["spans"]][-SPANS_MAX:]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("clock: %s unreadable (%s); earlier unsynchronised spans forgotten",
+                        self._path, e)
+            return []
+        for span in spans:
+            if span.step is None:  # open when the gateway stopped: it lasted until now
+                span.end = max(span.end, self._wall())
+        return spans
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        data = json.dumps({"spans": [[s.start, s.end, s.step] for s in self._spans]})
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        try:
+            tmp.write_text(data)
+            os.replace(tmp, self._path)
+        except OSError as e:
+            log.warning("clock: %s not written (%s)", self._path, e)
 
     def state(self) -> ClockState:
         """The clock's state, read again at most every CHECK_S."""
@@ -172,13 +208,15 @@ class TimeSync:
                 span = _Step(wall, wall)
                 self._open = (span, offset)
                 self._spans.append(span)
-                del self._spans[:-64]
+                del self._spans[:-SPANS_MAX]
+                self._save()
             else:
                 self._open[0].end = wall
         elif self._open is not None:
             span, before = self._open
             span.step = offset - before  # how far the wall clock jumped against monotonic
             self._open = None
+            self._save()
             if abs(span.step) >= 1:
                 log.info("clock: stepped %+.3f s on synchronising; times stamped since %s "
                          "are corrected", span.step, _iso(span.start))
