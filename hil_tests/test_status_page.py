@@ -287,6 +287,7 @@ interval_s = 1
 {nodes}"""
 
 
+@pytest.mark.alerts
 async def test_street_view_in_chromium(tmp_path: Path, micropython: Path) -> None:
     """Five poles at dawn: a broken lamp (dark, critical), a day-burner (burning in daylight,
     warning), three healthy lamps that switched off at sunrise. Each pole is drawn where
