@@ -309,9 +309,9 @@ def main() -> int:
         "platforms": arches, "glibc_max": f"2.{GLIBC_MAX}",
         "compile_on_gateway": compile_on_gateway,
         "files": {k: serves[k] for k in sorted(serves)}}, indent=2) + "\n")
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    listing = sorted(p for p in tmp.rglob("*") if p.is_file())
     (tmp / "MANIFEST.sha256").write_text("".join(
-        f"{sha256(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files))
+        f"{sha256(p)}  {p.relative_to(tmp).as_posix()}\n" for p in listing))
     for p in [*tmp.rglob("*"), tmp]:
         os.utime(p, (epoch, epoch), follow_symlinks=False)
     shutil.rmtree(bundle, ignore_errors=True)
