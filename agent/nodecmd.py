@@ -136,14 +136,6 @@ class CommandTimeout(CommandError):
     """No REPLY within the timeout, after every retry."""
 
 
-class CommandRefused(CommandError):
-    """The node answered with a STATUS: it did not obey (`reason`, REASONS)."""
-
-    def __init__(self, node: str, op: int, reason: int) -> None:
-        super().__init__(node, op, f"refused the command: {REASONS.get(reason, reason)}")
-        self.reason = reason
-
-
 class LinkDown(CommandError):
     """The link that reaches the node is not connected now."""
 
@@ -173,11 +165,10 @@ class Counters:
         self._saved: dict[str, int] = {}
         self._lock = asyncio.Lock()
         try:
-            data = json.loads(path.read_text())
-            self._saved = {str(k): int(v) for k, v in data.items()}
+            self._saved = _parse_counters(json.loads(path.read_text()))
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError) as e:
             # without it a counter might be reused: refuse to guess; say what to do
             raise LanternError(f"{path}: unreadable ({e}); delete it to count from the "
                                "current time again (nodes then refuse commands only until "
@@ -211,6 +202,16 @@ class Counters:
         os.replace(tmp, self.path)
 
 
+def _parse_counters(data: Any) -> dict[str, int]:
+    """{node id: counter} from the counter file's JSON; ValueError naming what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a map of node id to counter, got {type(data).__name__}")
+    for node, v in data.items():
+        if type(v) is not int or v < 0:  # a null, a list, a map, a bool, a string
+            raise ValueError(f"{node}: {json.dumps(v)[:40]} is not a counter")
+    return {str(k): v for k, v in data.items()}
+
+
 _COUNTERS: dict[Path, Counters] = {}
 
 
@@ -231,7 +232,7 @@ class _Pending:
     node: str
     op: int
     counter: int
-    answer: asyncio.Future[tuple[int, Any] | int]  # (code, result) or a STATUS reason
+    answer: asyncio.Future[tuple[int, Any] | int]  # (code, result) or R_REPLAY
 
 
 @dataclass
@@ -303,7 +304,8 @@ class Channel:
         """(result code, result) of one authenticated command.
 
         Sent again with a fresh counter after a timeout or a refused counter (a tool went
-        ahead), up to `retries` times. Raises LinkDown, CommandTimeout or CommandRefused.
+        ahead), up to `retries` times. Raises LinkDown or CommandTimeout. A STATUS never
+        refuses a command: only one saying "replayed" names a counter (the node's floor).
         """
         key = self.keys.get(node_id.encode())
         if key is None:
@@ -332,10 +334,7 @@ class Channel:
                     n.pending.pop(counter, None)
                 if isinstance(answer, tuple):
                     return answer
-                tries += 1
-                if answer is not None and answer != R_REPLAY:
-                    self.stats[f"refused_{answer}"] += 1
-                    raise CommandRefused(node_id, op, answer)
+                tries += 1  # no answer, or a STATUS saying our counter was below its floor
                 if tries > retries:
                     self.stats["timeouts"] += 1
                     hint = ("; the node said our key is not its key (provisioned again?)"
@@ -392,13 +391,23 @@ class Channel:
         n.identity = ident
         self.stats["status"] += 1
         n.changed.set()
-        if ident.reason == R_REPLAY:
+        if ident.reason == R_MALFORMED:
+            # The node could not read some COMMAND, so its STATUS names no counter (its
+            # Partial IV is the node's floor). Ours are sealed here and always well formed:
+            # this one answers someone else's junk, which anyone on the line can send. It
+            # refuses none of ours; they get their REPLY, or time out and are sent again.
+            self.stats["status_malformed"] += 1
+            if self.stats["status_malformed"] == 1:
+                log.warning("%s: node %s could not read a COMMAND that was not ours (junk "
+                            "on the line?); further ones are only counted", self.name,
+                            ident.node_id)
+        elif ident.reason == R_REPLAY:
             self.counters.learn(ident.node_id, ident.floor)
-        if ident.reason in (R_REPLAY, R_MALFORMED):
             # the node answers in order: the refusal is the oldest command still waiting
+            # at or below the floor it names
             for c in sorted(n.pending):
                 p = n.pending[c]
-                if not p.answer.done() and (ident.reason != R_REPLAY or c <= ident.floor):
+                if not p.answer.done() and c <= ident.floor:
                     p.answer.set_result(ident.reason)
                     break
 

@@ -125,17 +125,72 @@ class Rollout:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Rollout:
-        """A rollout read back from STATE_FILE; ValueError if it is not one."""
+    def from_dict(cls, d: Any) -> Rollout:
+        """A rollout read back from STATE_FILE; ValueError naming the first field that is
+        not what this gateway writes (a hand edit, another version's file)."""
+        if not isinstance(d, dict) or not isinstance(d.get("nodes"), list):
+            raise ValueError("not a rollout (no list of nodes)")
+        _check("rollout", d, _ROLLOUT_RULES)
+        for p in d["nodes"]:
+            if not isinstance(p, dict):
+                raise ValueError("rollout.nodes: an entry that is not a map")
+            _check(f"rollout.nodes[{p.get('node')!r}]", p, _NODE_RULES)
+        ids = [p["node"] for p in d["nodes"]]
+        if len(set(ids)) != len(ids):
+            raise ValueError("rollout.nodes: a node listed twice")
         try:
             nodes = [NodeProgress(**p) for p in d["nodes"]]
             keep = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "nodes"}
-            r = cls(nodes=nodes, **keep)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a rollout ({e!r})") from None
-        if r.state not in STATES or any(p.state not in NODE_STATES for p in r.nodes):
-            raise ValueError("unknown state")
-        return r
+            return cls(nodes=nodes, **keep)
+        except TypeError as e:  # a field missing, or one NodeProgress has not
+            raise ValueError(f"not a rollout ({e})") from None
+
+
+Rule = Callable[[Any], bool]
+
+
+def _check(where: str, d: dict[str, Any], rules: dict[str, Rule]) -> None:
+    for k, ok in rules.items():
+        if k in d and not ok(d[k]):
+            raise ValueError(f"{where}.{k}: {json.dumps(d[k])[:60]} is not what the gateway "
+                             "writes there")
+
+
+def _whole(lo: int, hi: int) -> Rule:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _maybe(rule: Rule) -> Rule:
+    return lambda v: v is None or rule(v)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _texts(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _time(v: Any) -> bool:
+    return type(v) in (int, float) and v >= 0
+
+
+# what `Rollout` and `NodeProgress` hold, as `start` and `_one` write them
+_ROLLOUT_RULES: dict[str, Rule] = {
+    "id": lambda v: isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef"
+                                                                 for c in v),
+    "version": lambda v: _version_ok(v), "floor": _whole(0, 2**64 - 1),
+    "boards": _texts, "min_gateway": lambda v: _version_ok(v), "size": _whole(1, BUNDLE_MAX),
+    "canary": _texts, "step": _whole(1, 1000), "state": lambda v: v in STATES,
+    "reason": _maybe(_text), "created": _time, "finished": _maybe(_time),
+    "skipped": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+}
+_NODE_RULES: dict[str, Rule] = {
+    "node": lambda v: isinstance(v, str) and v != "", "state": lambda v: v in NODE_STATES,
+    "reason": _maybe(_text), "version": _maybe(lambda v: _version_ok(v)), "detail": _text,
+    "started": _maybe(_time), "finished": _maybe(_time),
+}
 
 
 class RolloutManager:
@@ -204,12 +259,17 @@ class RolloutManager:
                               "the state directory's owner and mode") from None
         try:
             d = json.loads(raw)
-            known = d.get("nodes", {})
-            # updated in place: the sinks hold this very dict (gateway.py)
-            self.firmware.update({n: str(v["fw"]) for n, v in known.items() if v.get("fw")})
-            self.boards.update({n: str(v["board"]) for n, v in known.items() if v.get("board")})
+            if not isinstance(d, dict):
+                raise ValueError("not a map of rollout and nodes")
+            known = d.get("nodes") or {}
+            if not isinstance(known, dict) or not all(isinstance(v, dict)
+                                                      for v in known.values()):
+                raise ValueError("nodes: not a map of node to {fw, board}")
             self.rollout = Rollout.from_dict(d["rollout"]) if d.get("rollout") else None
-        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            # updated in place: the sinks hold this very dict (gateway.py); by learn's rules
+            for n, v in known.items():
+                self._learn_firmware(n, v.get("fw"), v.get("board"))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             # not ours to delete: kept aside for whoever wants to look, and said once
             bad = path.with_name(path.name + ".unreadable")
             try:
@@ -254,13 +314,7 @@ class RolloutManager:
               upd: object = None) -> None:
         """A node's STATUS (identity or OP_STATUS reply): its firmware, board and update
         state. Called by whatever receives STATUS frames; bad values are ignored."""
-        changed = False
-        if _version_ok(fw) and self.firmware.get(node) != fw:
-            self.firmware[node] = str(fw)
-            changed = True
-        if isinstance(board, str) and 0 < len(board) <= 32 and self.boards.get(node) != board:
-            self.boards[node] = board
-            changed = True
+        changed = self._learn_firmware(node, fw, board)
         r = self.rollout
         if (isinstance(upd, dict) and upd.get("state") == "candidate" and r is not None
                 and r.state == "running"):
@@ -269,6 +323,17 @@ class RolloutManager:
                     p.state, changed = "applied", True
         if changed:
             self._save_soon()
+
+    def _learn_firmware(self, node: str, fw: object, board: object) -> bool:
+        """Keep what matches the node's own rules; True if something changed."""
+        changed = False
+        if _version_ok(fw) and self.firmware.get(node) != fw:
+            self.firmware[node] = str(fw)
+            changed = True
+        if isinstance(board, str) and 0 < len(board) <= 32 and self.boards.get(node) != board:
+            self.boards[node] = board
+            changed = True
+        return changed
 
     # ---- operator actions
 
@@ -453,8 +518,11 @@ class RolloutManager:
                 p.state = out.status if out.status in DONE else "refused"
                 p.reason = out.reason if out.status in DONE else "unknown_outcome"
                 p.detail = str(getattr(out, "detail", "") or "")
-                if out.version:
+                if _version_ok(out.version):
                     p.version = self.firmware[p.node] = str(out.version)
+                elif out.version is not None:  # a node's word, from a STATUS: not kept
+                    log.warning("rollout: %s reported firmware %r, not a version (the node's "
+                                "own version rule); ignored", p.node, str(out.version)[:40])
         except asyncio.CancelledError:
             p.state, p.reason = "pending", "interrupted before an outcome"
             raise

@@ -402,8 +402,6 @@ def test_a_slot_is_complete_only_with_every_file_of_its_manifest(tmp_path: Path)
 
 # ---- the gateway ----------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="review 4: a rollout.json of the wrong shape is loaded, "
-                   "then status(), /metrics and /api/rollout raise")
 def test_a_rollout_state_of_the_wrong_shape_is_set_aside_not_a_broken_metrics_page(
         tmp_path: Path) -> None:
     """A careless operator (a hand-edited rollout.json, a file from another version) leaves
@@ -437,8 +435,6 @@ def test_a_rollout_state_of_the_wrong_shape_is_set_aside_not_a_broken_metrics_pa
         assert aside and shown is None, (change, shown)
 
 
-@pytest.mark.xfail(strict=True, reason="review 4: a null in cmd_counters.json is a TypeError "
-                   "traceback, not one line")
 def test_a_counter_file_holding_a_null_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """A careless operator (or a restore from a broken backup) leaves cmd_counters.json with
     `{"SL-0001": null}`.
@@ -456,8 +452,6 @@ def test_a_counter_file_holding_a_null_is_one_line_not_a_traceback(tmp_path: Pat
             nodecmd.Counters(path)
 
 
-@pytest.mark.xfail(strict=True, reason="review 4: a rollout outcome's version is kept "
-                   "without the version pattern check")
 def test_a_nodes_reported_firmware_outside_the_version_pattern_is_not_kept(
         tmp_path: Path) -> None:
     """Attack: whoever holds one node's key (a stolen node) answers the rollout's STATUS polls
@@ -492,8 +486,6 @@ def test_a_nodes_reported_firmware_outside_the_version_pattern_is_not_kept(
     assert bad not in firmware.values(), firmware
 
 
-@pytest.mark.xfail(strict=True, reason="review 4: a STATUS(malformed) provoked by a keyless "
-                   "stranger refuses the gateway's pending command")
 async def test_a_malformed_status_a_stranger_provokes_does_not_refuse_the_gateways_command(
         tmp_path: Path) -> None:
     """Attack: a stranger on the shared serial line or the radio, with no key, writes junk
