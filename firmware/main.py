@@ -143,6 +143,11 @@ def boot(config):
         while len(sys.path) > base:
             sys.path.pop(0)
         _unload()
+        # the old node's tasks are still queued (asyncio.run leaves them when SystemExit goes
+        # through it): a new loop drops them, or two nodes would run in one heap
+        import asyncio
+
+        asyncio.new_event_loop()
         gc.collect()
         print("boot: reset (warm: the flash is kept)")
 
