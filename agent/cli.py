@@ -37,6 +37,9 @@ def describe(cfg: Any) -> str:
                      f"{u.step} at a time, {u.node_timeout_s:g} s per node")
     else:
         lines.append("  updates: no [updates]: rollouts refused")
+    health = getattr(cfg, "health", None)
+    lines.append(health.describe() if health is not None
+                 else "  health:  no [health]: no lamp faults, energy or alerts")
     return "\n".join(lines)
 
 
