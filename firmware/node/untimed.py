@@ -104,6 +104,8 @@ class Untimed:
                 self._save_run()  # a deep sleep before they are sealed must not lose it
             except OSError as e:
                 print("untimed: clock shift not saved: %r" % (e,))
+            # sealed now, not at the next sample (an interval may be half an hour)
+            asyncio.create_task(self.flush())
 
     def hold(self, now, values):
         """Keep one sample until the time is known; the oldest goes RELATIVE if full."""
@@ -123,13 +125,19 @@ class Untimed:
         return node.seal(0, {TIME_Q: RELATIVE})
 
     async def flush(self):
-        """Seal every held sample with its time (or a flag); the clock is known."""
+        """Seal every held sample with its time (or a flag); the clock is known.
+
+        Runs from the clock's first set (a task) and from a cycle, which waits for it to end
+        before it seals its own sample: each call seals the oldest, so they share the work
+        and the packs keep their sampling order."""
         while len(self):
             for _ in range(_BATCH):
                 if not len(self):
                     break
                 self._seal_oldest(None)
             self.node.beat_ms = time.ticks_ms()
+            if self.node.link:
+                self.node.link.kick()
             await asyncio.sleep_ms(0)
 
     def _seal_oldest(self, how):
