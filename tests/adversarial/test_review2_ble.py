@@ -66,7 +66,8 @@ class StrangerClient:
 
     instances: list[StrangerClient] = []
 
-    def __init__(self, device: BLEDevice, **kwargs: Any) -> None:
+    def __init__(self, device: BLEDevice, disconnected_callback: Any = None,
+                 **kwargs: Any) -> None:  # BleakClient's own signature
         self.device = device
         self.services = _Services()
         self.mtu_size = 247
