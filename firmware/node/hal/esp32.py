@@ -286,3 +286,57 @@ def lock_repl():
     import micropython
 
     micropython.kbd_intr(-1)
+
+
+# ------------------------------------------------- whole-firmware images (docs/updates.md)
+# The app partition that is not running, written block by block as an update's chunks arrive,
+# checked by reading it back, then set to boot. With the bootloader's app rollback on, the new
+# image runs once on trial: unless it calls image_confirm() before the next reset, the
+# bootloader returns to the previous one by itself.
+
+_IMG_BLOCK = 4096
+
+
+class Image:
+    """The next update partition (esp32.Partition.get_next_update()) as a byte-addressed
+    store: write(offset, data) in any pieces, a block erased as writing enters it."""
+
+    def __init__(self):
+        # Partition(RUNNING): docs/library/esp32.rst takes BOOT or RUNNING; the stub says str
+        running = esp32.Partition(esp32.Partition.RUNNING)  # type: ignore[arg-type]
+        self.part = running.get_next_update()
+        info = self.part.info()
+        self.size = info[3]
+        self.label = info[4]
+
+    def write(self, offset, data):
+        if offset + len(data) > self.size:
+            raise ValueError("image of %d bytes: partition %s holds %d"
+                             % (offset + len(data), self.label, self.size))
+        mv = memoryview(data)
+        while len(mv):
+            block, at = offset // _IMG_BLOCK, offset % _IMG_BLOCK
+            if at == 0:
+                self.part.ioctl(6, block)  # erase: a write only clears bits
+            n = min(len(mv), _IMG_BLOCK - at)
+            # any buffer: the port takes it by the buffer protocol (the stub says bytes)
+            self.part.writeblocks(block, mv[:n], at)  # type: ignore[call-overload]
+            offset += n
+            mv = mv[n:]
+
+    def readinto(self, offset, buf):
+        self.part.readblocks(offset // _IMG_BLOCK, buf, offset % _IMG_BLOCK)
+
+    def boot(self):
+        """Boot this image at the next reset (on trial: see image_confirm)."""
+        self.part.set_boot()
+
+
+def image_running():
+    """The label of the app partition this boot runs from (ota_0, ota_1)."""
+    return esp32.Partition(esp32.Partition.RUNNING).info()[4]  # type: ignore[arg-type]
+
+
+def image_confirm():
+    """The running image proved itself: the bootloader keeps it (no rollback)."""
+    esp32.Partition.mark_app_valid_cancel_rollback()
