@@ -48,6 +48,8 @@ HEAD_LEN = 8
 CHUNK_LIMIT = 768  # what one COMMAND frame carries with room to spare (1024 bytes a frame)
 HEAD_PIECE = 512  # head bytes per OFFER piece: the node holds the head while it verifies it
 FILE_FAILURES = 2  # a file that fails its hash this often is the bundle's fault, not the line's
+IDLE_ROUNDS = 5  # rounds in a row in which the node comes no further: the push ends
+BACKOFF_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Outcome:
     itself; `reason` is its own, e.g. "boot_exception: ..." or "no_ack"), "refused" (the node
     or the gateway would not take the bundle; `reason` is the node's code, e.g. "signature",
     "board", "floor", "space", "version", "busy", "file"), "unreachable" (no answer in time;
-    `reason` "link" or "no_confirmation"). version: the firmware the node runs at the end,
+    `reason` "link", "no_progress" or "no_confirmation"). version: the firmware the node
+    runs at the end,
     if it said. detail: one line for a person.
     """
 
@@ -78,6 +81,8 @@ class TransferStats:
     chunks_resent: int = 0  # sent again from the node's `have`
     bytes_sent: int = 0  # file bytes in CHUNK commands, resent ones included
     resumes: int = 0  # transfers taken up again after a link loss or timeout
+    stalls: int = 0  # rounds that ended with the node holding no more than before
+    backoff_s: float = 0.0  # time spent waiting between rounds
     refusals: Counter[str] = field(default_factory=Counter)  # by the node's reason
     outcomes: Counter[str] = field(default_factory=Counter)  # by Outcome.status
 
@@ -121,6 +126,59 @@ class _Refused(Exception):
         self.detail = detail
 
 
+class _Stuck(Exception):
+    """The node answers but comes no further: IDLE_ROUNDS rounds, or give_up_s."""
+
+
+@dataclass
+class _Rounds:
+    """The rounds of one push: where the node got to, and the backoff between rounds.
+
+    A round ends when the gateway must start over from the node's `have`: a CHUNK answered
+    from elsewhere, an OFFER forgotten (no_offer), an APPLY that finds the slot incomplete,
+    a lost link. A node that answers every time and never comes further would otherwise
+    be sent the same bytes at once and forever, until the rollout's node_timeout_s."""
+
+    node: str
+    give_up: float  # monotonic: no round starts after this
+    first_delay: float
+    st: TransferStats
+    delay: float = 0.0
+    seen: int = -1  # the most file bytes the node said it holds, in this push
+    mark: int = -1  # `seen` when the last round ended
+    idle: int = 0  # rounds in a row that ended at `mark`
+    last_error: str = ""  # the last link error, for the outcome
+
+    def saw(self, have: int) -> None:
+        if self.mark < 0:  # the node's first `have`: where this push starts from
+            self.mark = have
+        self.seen = max(self.seen, have)
+
+    async def end(self, why: str) -> None:
+        """A round ended (why: the node's answer). No wait if the node came further; else
+        back off, and _Stuck after IDLE_ROUNDS such rounds in a row or past give_up."""
+        if self.seen > self.mark:
+            self.mark, self.idle, self.delay = self.seen, 0, self.first_delay
+            return
+        self.idle += 1
+        self.st.stalls += 1
+        at = f"at {max(self.seen, 0)} file bytes"
+        if self.idle >= IDLE_ROUNDS:
+            raise _Stuck(f"node {self.node}: no progress in {self.idle} rounds {at} "
+                         f"(last: {why})")
+        await self.wait(f"no progress {at} ({why})")
+
+    async def wait(self, why: str) -> None:
+        """Back off before the next round; _Stuck if that would pass give_up."""
+        self.delay = self.delay or self.first_delay
+        if time.monotonic() + self.delay > self.give_up:
+            raise _Stuck(f"node {self.node}: gave up ({why})")
+        log.info("node %s: %s; again in %.1f s", self.node, why, self.delay)
+        self.st.backoff_s += self.delay
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, BACKOFF_MAX)
+
+
 def _refusal(node: str, op: int, code: int, result: Any) -> _Refused:
     if code == E_REFUSED and isinstance(result, dict):
         reason, detail = str(result.get(1, "refused")), str(result.get(2, ""))
@@ -135,17 +193,19 @@ def _refusal(node: str, op: int, code: int, result: Any) -> _Refused:
 
 async def push(channel: CommandChannel, node_id: str, bundle: bytes, *, window: int = 4,
                timeout: float = 5.0, offer_timeout: float = 60.0, give_up_s: float = 3600.0,
-               confirm_s: float = 900.0, poll_s: float = 2.0,
+               confirm_s: float = 900.0, poll_s: float = 2.0, backoff_s: float = 0.5,
                stats: TransferStats | None = None) -> Outcome:
     """Carry `bundle` to `node_id` and wait for its verdict; never raises for the node's sake.
 
     offer_timeout: a node checks the signature before it answers an OFFER (about 2 s on a
-    Cortex-M3). give_up_s: how long link losses may interrupt the transfer before the node
-    is "unreachable". confirm_s: how long after APPLY the candidate may take to prove itself.
+    Cortex-M3). give_up_s: how long link losses and rounds without progress may go on before
+    the node is "unreachable". confirm_s: how long after APPLY the candidate may take to prove
+    itself. backoff_s: the first wait between rounds (doubling up to 30 s).
     """
     st = stats if stats is not None else TransferStats()
+    rounds = _Rounds(node_id, time.monotonic() + give_up_s, backoff_s, st)
     out = await _push(channel, node_id, bundle, max(1, min(window, 4)), timeout, offer_timeout,
-                      give_up_s, confirm_s, poll_s, st)
+                      rounds, confirm_s, poll_s, st)
     st.outcomes[out.status] += 1
     log.info("node %s: update %s%s", node_id, out.status,
              f" ({out.detail})" if out.detail else "")
@@ -153,18 +213,30 @@ async def push(channel: CommandChannel, node_id: str, bundle: bytes, *, window: 
 
 
 async def _push(ch: CommandChannel, node: str, bundle: bytes, window: int, timeout: float,
-                offer_timeout: float, give_up_s: float, confirm_s: float, poll_s: float,
+                offer_timeout: float, rounds: _Rounds, confirm_s: float, poll_s: float,
                 st: TransferStats) -> Outcome:
     try:
         b = split(bundle)
     except ValueError as e:
         return Outcome(node, "refused", "format", None, f"gateway: {e}")
-    give_up = time.monotonic() + give_up_s
+    try:
+        if not await _rounds(ch, node, b, window, timeout, offer_timeout, rounds, st):
+            return Outcome(node, "unreachable", "link", None, rounds.last_error)
+    except _Refused as r:
+        return Outcome(node, "refused", r.reason, None, r.detail)
+    except _Stuck as e:
+        return Outcome(node, "unreachable", "no_progress", None, str(e))
+    return await _verdict(ch, node, b.version, timeout, confirm_s, poll_s)
+
+
+async def _rounds(ch: CommandChannel, node: str, b: Bundle, window: int, timeout: float,
+                  offer_timeout: float, rounds: _Rounds, st: TransferStats) -> bool:
+    """Rounds of OFFER, CHUNKs and APPLY until APPLY was sent: True, or False when link
+    losses outlast give_up. Raises _Refused (the node's final word) or _Stuck."""
     file_failures = 0
-    delay = 0.5
     while True:
         try:
-            await _transfer(ch, node, b, window, timeout, offer_timeout, st)
+            await _transfer(ch, node, b, window, timeout, offer_timeout, st, rounds)
             try:
                 # Sent once, never retried by the channel: the node may act on an APPLY whose
                 # answer is lost (it resets once its REPLY is queued). A retried APPLY would
@@ -174,28 +246,29 @@ async def _push(ch: CommandChannel, node: str, bundle: bytes, window: int, timeo
                 code, res = await ch.command(node, OP_UPDATE_APPLY, {}, timeout, retries=0)
             except CommandError as e:
                 log.info("node %s: no answer to APPLY (%s); asking for its state", node, e)
-                break
+                return True
             if code != OK:
                 raise _refusal(node, OP_UPDATE_APPLY, code, res)
-            break
+            return True
         except _Refused as r:
             st.refusals[r.reason] += 1
             if r.reason == "file":
                 file_failures += 1
                 if file_failures < FILE_FAILURES:
                     continue  # resent from the file's start, after a new OFFER
-            if r.reason in ("no_offer", "incomplete"):
-                st.resumes += 1
-                continue
-            return Outcome(node, "refused", r.reason, None, r.detail)
-        except CommandError as e:
-            if time.monotonic() + delay > give_up:
-                return Outcome(node, "unreachable", "link", None, str(e))
+            if r.reason not in ("no_offer", "incomplete"):
+                raise
+            # the node forgot the offer (it rebooted) or its slot lacks bytes: offer again,
+            # at once if it came further since, else after a backoff, and not for ever
             st.resumes += 1
-            log.info("node %s: transfer interrupted (%s); resuming in %.1f s", node, e, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-    return await _verdict(ch, node, b.version, timeout, confirm_s, poll_s)
+            await rounds.end(r.reason)
+        except CommandError as e:
+            rounds.last_error = str(e)
+            st.resumes += 1
+            try:
+                await rounds.wait(f"transfer interrupted ({e})")
+            except _Stuck:
+                return False
 
 
 async def _offer(ch: CommandChannel, node: str, head: bytes, timeout: float,
@@ -220,7 +293,7 @@ async def _offer(ch: CommandChannel, node: str, head: bytes, timeout: float,
 
 
 async def _transfer(ch: CommandChannel, node: str, b: Bundle, window: int, timeout: float,
-                    offer_timeout: float, st: TransferStats) -> None:
+                    offer_timeout: float, st: TransferStats, rounds: _Rounds) -> None:
     """OFFER, then CHUNKs from the node's `have` until it holds every file byte."""
     st.offers += 1
     res = await _offer(ch, node, b.head, timeout, offer_timeout)
@@ -231,6 +304,7 @@ async def _transfer(ch: CommandChannel, node: str, b: Bundle, window: int, timeo
     if total != len(b.files) or not 0 <= have <= total or chunk_max < 1:
         raise _Refused("reply", f"node {node}: counts {have}/{total} bytes for a file area "
                        f"of {len(b.files)}")
+    rounds.saw(have)
     size = min(chunk_max, CHUNK_LIMIT)
     sent_up_to = have  # everything below was sent at least once (a resend is counted)
     nxt = have
@@ -257,6 +331,7 @@ async def _transfer(ch: CommandChannel, node: str, b: Bundle, window: int, timeo
                 raise _refusal(node, OP_UPDATE_CHUNK, code, res)
             if res[1] == off + n:
                 have = res[1]
+                rounds.saw(have)
                 continue
             # the node is elsewhere (a chunk before this one was lost): the chunks behind
             # this one were not written either; their answers say where it is
@@ -271,6 +346,8 @@ async def _transfer(ch: CommandChannel, node: str, b: Bundle, window: int, timeo
             inflight.clear()
             if not 0 <= have <= total:
                 raise _Refused("reply", f"node {node}: have {have} outside 0..{total}")
+            rounds.saw(have)
+            await rounds.end(f"CHUNK at {off} answered have {have}")
             nxt = have
     finally:
         for _, _, t in inflight:

@@ -18,6 +18,9 @@ DEFAULT_URL = "http://127.0.0.1:8470/"
 GAP_WINDOW_S = 3600.0
 QUEUE_OLD_S = 600.0  # readings older than this still waiting for upstream: a stuck sink
 SECURITY_KINDS = ("mac", "unknown_node", "replay")  # rejections a technician must look into
+# the API's own refusals in plain text (agent/api.py: a bad option, a foreign Origin, a
+# content type a form could send); anything else that is not JSON is not the Lantern API
+API_PLAIN = (400, 403, 415)
 
 
 class Unreachable(Exception):
@@ -51,7 +54,10 @@ def api_target(url: str | None, config: Path | None, token_file: Path | None
 
 async def request(session: aiohttp.ClientSession, method: str, url: str,
                   **kw: Any) -> tuple[int, Any]:
-    """(status, JSON body) of one API call; Unreachable if what answers is not the API."""
+    """(status, JSON body) of one API call; Unreachable if what answers is not the API.
+
+    The API's answers that are not JSON (a body over its size limit, an exception in the
+    gateway, its plain-text refusals) come back as {"kind", "error"}, saying what happened."""
     # never followed: the bearer token goes to the URL given and nowhere else
     async with session.request(method, url, allow_redirects=False, **kw) as r:
         if 300 <= r.status < 400:
@@ -60,11 +66,26 @@ async def request(session: aiohttp.ClientSession, method: str, url: str,
         if r.status == 401:
             raise Unreachable(f"{url}: the API wants a bearer token: pass --token-file (the "
                               "file named by [api] token_file) or --config gateway.toml")
-        if r.content_type != "application/json":
-            text = (await r.text(errors="replace"))[:200].strip()
-            raise Unreachable(f"{url}: HTTP {r.status}, not the Lantern API "
-                              f"({r.content_type}{': ' + text if text else ''}): check --url")
-        return r.status, await r.json()
+        if r.content_type == "application/json":
+            return r.status, await r.json()
+        text = (await r.text(errors="replace"))[:200].strip()
+        said = f"{r.content_type}{': ' + text if text else ''}"
+        if r.status == 413:  # aiohttp's answer beyond the API's client_max_size
+            from lantern.agent.ota.rollout import BUNDLE_MAX
+
+            data = kw.get("data")
+            size = f" ({len(data):,} bytes)" if isinstance(data, bytes) else ""
+            return 413, {"kind": "too_large", "error": (
+                f"{url}: HTTP 413: the bundle{size} is too big: the gateway takes at most "
+                f"{BUNDLE_MAX:,} bytes (4 MiB); a node's whole firmware is a few hundred KiB, "
+                "so check that this is a bundle from `lantern release build`")}
+        if r.status == 500:  # an exception in the gateway: aiohttp answers in plain text
+            return 500, {"kind": "server_error", "error": (
+                f"{url}: HTTP 500: the gateway failed on this request ({said}); see its log "
+                "(journalctl -u lantern-gateway) and report it with the log")}
+        if r.status in API_PLAIN and r.content_type == "text/plain" and text:
+            return r.status, {"kind": "bad_request", "error": f"HTTP {r.status}: {text}"}
+        raise Unreachable(f"{url}: HTTP {r.status}, not the Lantern API ({said}): check --url")
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -78,9 +99,9 @@ async def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> dic
     t = aiohttp.ClientTimeout(total=timeout)
     try:
         async with aiohttp.ClientSession(timeout=t, headers=headers) as s:
-            (_, health), (_, status), (_, nodes), rollout = await asyncio.gather(
-                _get(s, base + "healthz"), _get(s, base + "api/status"),
-                _get(s, base + "api/nodes"), _rollout(s, base))
+            (_, health), status, nodes, rollout = await asyncio.gather(
+                _get(s, base + "healthz"), _must(s, base + "api/status"),
+                _must(s, base + "api/nodes"), _rollout(s, base))
             gaps = await asyncio.gather(*(
                 _get(s, f"{base}api/nodes/{n['id']}/readings?since=-{GAP_WINDOW_S:.0f}&limit=1")
                 for n in nodes["nodes"] if n.get("last_seen") is not None))
@@ -90,6 +111,15 @@ async def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> dic
                           "[api] enabled, and on this host and port?") from None
     return {"health": health, "status": status, "nodes": nodes, "rollout": rollout,
             "readings": {g[1]["node"]: g[1] for g in gaps}}
+
+
+async def _must(s: aiohttp.ClientSession, url: str) -> Any:
+    """The body of a GET the report cannot do without; Unreachable with the API's word."""
+    code, body = await _get(s, url)
+    if code != 200:
+        why = body.get("error") if isinstance(body, dict) else None
+        raise Unreachable(why or f"{url}: HTTP {code}")
+    return body
 
 
 async def _rollout(s: aiohttp.ClientSession, base: str) -> dict[str, Any] | None:
