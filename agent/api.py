@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import exposition
+from prometheus_client.registry import Collector
 
 from lantern import __version__
 
@@ -37,6 +38,7 @@ from .ngsi import NodeMeta
 from .ota.rollout import BUNDLE_MAX, RolloutError, RolloutManager
 from .queue.history import find_gaps, typical_interval
 from .queue.store import Store
+from .timesync import TimeSync
 
 if TYPE_CHECKING:
     from .health.service import HealthService
@@ -89,6 +91,7 @@ class GatewayView:
     rollout: RolloutManager | None = None  # staged updates (agent/ota/rollout.py)
     health: HealthService | None = None  # lamp faults, energy, alerts (agent/health/)
     nodes_meta: Mapping[str, NodeMeta] = field(default_factory=dict)  # poles, coordinates
+    clock: TimeSync | None = None  # the gateway's clock's synchronisation (agent/timesync.py)
     _cache: tuple[float, dict[str, Any]] | None = None  # (valid until, overview)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -370,11 +373,13 @@ class Api:
     def __init__(self, view: GatewayView, token: str | None = None,
                  cfg: ApiConfig | None = None) -> None:
         self.view = view
-        extra = []
+        extra: list[Collector] = []
         if view.health is not None:
             from .health.metrics import HealthCollector
 
             extra.append(HealthCollector(view.health))
+        if view.clock is not None:
+            extra.append(view.clock.collector())
         self.registry = registry(view.metrics, self._gauges_for_scrape, __version__, extra)
         self._scrape_gauges = Gauges()
         cfg = cfg or ApiConfig()
@@ -427,8 +432,9 @@ class Api:
         failing = self.view.metrics.commit_error  # answers reads, but cannot take a frame
         ready = store_ok and failing is None and any(links.values())
         paused = bool(getattr(getattr(self.view.store, "cap", None), "paused", False))
+        clock = None if self.view.clock is None else self.view.clock.health()
         degraded = (not all(links.values()) or any(v is False for v in up.values())
-                    or paused)
+                    or paused or (clock is not None and not clock["synchronized"]))
         body = {
             "status": "ok" if ready and not degraded else "degraded" if ready else "unready",
             "live": True, "ready": ready, "version": __version__,
@@ -440,6 +446,8 @@ class Api:
                                               "oldest_age_s": ov["oldest_age_s"]},
             "upstream": {s: "unknown" if ok is None else "ok" if ok else "failing"
                          for s, ok in up.items()},
+            # not synchronised: nodes are not given the time (docs/time.md)
+            "clock": clock,
         }
         return web.json_response(body, status=200 if ready else 503)
 
@@ -464,6 +472,7 @@ class Api:
             "upstream": {s: {"state": "unknown" if ok is None else "ok" if ok else "failing"}
                          for s, ok in g.upstream_up.items()},
             "upstream_latency": latency,
+            "clock": None if v.clock is None else v.clock.health(),
             "links": [{"name": n, "up": up, "bytes_in": g.link_bytes[n][0],
                        "bytes_out": g.link_bytes[n][1]} for n, up in g.links_up.items()],
             "counters": m.snapshot(),

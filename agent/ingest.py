@@ -26,6 +26,7 @@ from . import protocol
 from .errors import AuthError, FrameError
 from .metrics import Metrics
 from .queue.store import WINDOW, Accepted, Store, Window
+from .timesync import TimeSync
 
 log = logging.getLogger("lantern.ingest")
 
@@ -104,6 +105,9 @@ class Ingest:
         self._committing = 0  # frames in the commit under way
         self.intake = asyncio.Event()  # set: links may read; cleared at INTAKE_HIGH
         self.intake.set()
+        # the gateway's clock (agent/timesync.py): ACKs carry the time only while it is
+        # synchronised; None: always (tests, tools)
+        self.clock: TimeSync | None = None
 
     async def start(self) -> None:
         stored = await self.store.key_windows()
@@ -376,7 +380,8 @@ class Ingest:
         assert nk is not None  # only frames verified with its key are acknowledged
         now_ms = time.time_ns() // 1_000_000
         for i in range(0, len(seqs), MAX_SEQS_PER_ACK):
-            link.send(nk.ack(seqs[i:i + MAX_SEQS_PER_ACK], now_ms))
+            part = seqs[i:i + MAX_SEQS_PER_ACK]
+            link.send(nk.ack(part, now_ms) if self.clock is None else self.clock.ack(nk, part))
             self.metrics.acks_sent += 1
 
     async def run(self) -> None:

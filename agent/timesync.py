@@ -266,7 +266,8 @@ class TimeSync:
         if not relative_records(records):
             return records
         at, ok = self.correct(received_at)
-        if ok and at != received_at:
+        final = self.state().synchronized  # else resolved again later (not counted yet)
+        if final and ok and abs(at - received_at) >= 0.5:  # (a 0 s step: microseconds)
             self.corrected += 1
         flag = None
         for r in records:
@@ -276,7 +277,7 @@ class TimeSync:
             if r.get("n", "").endswith(":" + TIME_Q):
                 flag = r
         if not ok:
-            self.flagged += 1
+            self.flagged += final
             if flag is None:
                 base = records[0]["n"].rpartition(":")[0]
                 flag = {"n": f"{base}:{TIME_Q}", "t": records[0]["t"], "v": 0}

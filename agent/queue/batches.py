@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..errors import FrameError
+from ..timesync import TimeSync, relative_records
 from .diskcap import DiskCap
 from .history import History
-from .resolve import PACK, Batch, Cache, Resolved, resolve
+from .resolve import PACK, Batch, Cache, Resolved, dumps, resolve
 
 log = logging.getLogger("lantern.forward")
 
@@ -54,6 +55,9 @@ class Batches:
         self._bugs = 0  # frames resolution failed on with anything but a FrameError
         # dead letters found, for the event loop: (node, seq, kind, detail)
         self.reports: collections.deque[tuple[str, int, str, str]] = collections.deque()
+        # the gateway's clock (agent/timesync.py): anchors relative SenML times at a frame's
+        # receipt, corrected by the step the clock took if it was unsynchronised then
+        self.clock: TimeSync | None = None
 
     def resolved(self, row: tuple[Any, ...]) -> Resolved | None:
         """A frames row as SenML-JSON (cached); None if its pack is a dead letter."""
@@ -64,6 +68,12 @@ class Batches:
         history = self.queue.history
         try:
             records, text = resolve(node, seq, fmt, body)
+            provisional = False
+            if self.clock is not None and relative_records(records):  # docs/time.md
+                records = self.clock.fix_times(records, received_at)
+                text = dumps(records)[1:-1]
+                # anchored at a receipt the clock may still correct: not kept in the cache
+                provisional = not self.clock.synchronized
             res = Resolved(fid, node, seq, received_at, [r["id"] for r in records], text)
             if fid > history.upto:
                 history.add(fid, node, received_at, records, body if fmt == PACK else None)
@@ -84,7 +94,8 @@ class Batches:
             if fid > history.upto:
                 history.skip(fid)
             return None
-        self.cache.put(res)
+        if not provisional:
+            self.cache.put(res)
         return res
 
     def _frames(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:

@@ -117,8 +117,13 @@ function renderHealth(st) {
   }
   up.push(["delivered", String(st.counters.readings_delivered), "", "delivered"]);
   dl("upstream", up);
-  dl("links", st.links.map((l) => [l.name, (l.up ? "up" : "DOWN") + " · " + bytes(l.bytes_in) + " in",
-    l.up ? "ok" : "bad", "link"]));
+  const links = st.links.map((l) => [l.name, (l.up ? "up" : "DOWN") + " · " + bytes(l.bytes_in) + " in",
+    l.up ? "ok" : "bad", "link"]);
+  if (st.clock) {  // docs/time.md: an unsynchronised gateway gives nodes no time
+    links.push(["gateway clock", st.clock.synchronized ? "synchronised (" + st.clock.source + ")"
+      : "NOT synchronised: nodes get no time", st.clock.synchronized ? "ok" : "bad", "clock"]);
+  }
+  dl("links", links);
   const c = st.counters;
   const received = Object.values(c.frames_received).reduce((a, b) => a + b, 0);
   const rejected = Object.entries(c.frames_rejected);
