@@ -354,11 +354,10 @@ FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 
 def boot_loader() -> dict[str, Any]:
     """firmware/main.py's functions (`choose` picks the slot, counts a candidate's tries),
-    without its last line, which would boot a node in this process."""
+    without its top-level calls (its last line boots a node: not in this process)."""
     tree = ast.parse((FIRMWARE / "main.py").read_text())
-    tree.body = [n for n in tree.body if not (
-        isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
-        and isinstance(n.value.func, ast.Name) and n.value.func.id == "run")]
+    tree.body = [n for n in tree.body
+                 if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Call))]
     ns: dict[str, Any] = {"__name__": "lantern_boot_loader"}
     exec(compile(tree, str(FIRMWARE / "main.py"), "exec"), ns)
     return ns
