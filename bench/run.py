@@ -22,7 +22,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cpu_budget, e2e, frames, idle, ingest, link, node_cycle, node_energy, ota, throughput
+from . import (
+    cpu_budget,
+    disk_wear,
+    e2e,
+    frames,
+    idle,
+    ingest,
+    link,
+    node_cycle,
+    node_energy,
+    ota,
+    throughput,
+)
 from .peers import NODE_RED_HOME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +50,7 @@ FULL: dict[str, dict[str, Any]] = {
     "ota_verify": {"qemu_runs": 3, "unix_runs": 21},
     "ota_transfer": {"bauds": (115200, 921600), "window": 4},
     "idle": {"seconds": 60.0},
+    "disk_wear": {},  # disk_wear.STREETS
     "cpu_budget": {"streets": (20, 200), "minutes": 20.0, "frames_per_s": 40.0},
 }
 SMOKE: dict[str, dict[str, Any]] = {
@@ -50,6 +63,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "ota_verify": {"qemu_runs": 1, "unix_runs": 1},
     "ota_transfer": {"bauds": (921600,), "window": 4},
     "idle": {"seconds": 2.0, "settle_s": 0.5},
+    "disk_wear": {"streets": ((4, 60.0, 2.0, 8.0),)},
     "cpu_budget": {"streets": (4,), "minutes": 2.0, "frames_per_s": 40.0},
 }
 
@@ -103,6 +117,8 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
         "ota_verify": lambda: ota.run(w / "ota", **sizes["ota_verify"]),
         "ota_transfer": lambda: ota.ota_transfer(w / "ota_transfer", **sizes["ota_transfer"]),
         "idle": lambda: idle.run(w, **sizes["idle"]),
+        # after node_cycle: it sends the firmware's pack
+        "disk_wear": lambda: asyncio.run(disk_wear.run(w, **sizes["disk_wear"])),
         "cpu_budget": lambda: asyncio.run(cpu_budget.run(w, **sizes["cpu_budget"])),
     }
 
@@ -164,6 +180,17 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
                                               "<= 1/3 of idle Node-RED's, 20 silent links each")
         w = idl["lantern"]["wakeups_per_s"]
         out["idle_wakeups_per_s"] = _target(w, w <= 2, "<= 2 per second, 20 silent links")
+    dw = r.get("disk_wear", {})
+    if "write_amplification" in dw:
+        wa, delay = dw["write_amplification"], dw["ack_delay_max_s"]
+        out["disk_write_amplification"] = _target(
+            {"now": wa, "before": dw["before"][0]["write_amplification"],
+             "ack_delay_max_s": delay},
+            wa <= 8 and delay is not None and delay <= 10,
+            "<= 8 at 20 nodes x 1 frame/min, ACK delay <= 10 s (before: same run)")
+        out["sd_card_life_years"] = _target(
+            dw["sd_life_years"], dw["sd_life_years"] >= 10,
+            f">= 10 years, {dw['card']['name']}, {dw['card']['tbw_bytes'] / 1e12:g} TBW")
     for baud, res in r.get("ota_transfer", {}).items():
         if isinstance(res, dict) and "bundle_fraction_of_line_rate" in res:
             f = res["bundle_fraction_of_line_rate"]

@@ -45,7 +45,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms",
-            "node_energy", "ota_verify", "ota_transfer", "idle", "cpu_budget"]
+            "node_energy", "ota_verify", "ota_transfer", "idle", "cpu_budget",
+            "disk_wear"]
 
 
 def test_every_section_ran(results: dict[str, Any]) -> None:
@@ -160,6 +161,24 @@ def test_ota_verify(results: dict[str, Any]) -> None:
         for k in ("verify_ms", "manifest_ms", "heap_peak_bytes"):
             assert _number(r[k]) and r[k] > 0, (where, k, r[k])
         assert r["manifest_ms"] >= r["verify_ms"]  # the manifest check includes a verify
+
+
+def test_disk_wear(results: dict[str, Any]) -> None:
+    """Bytes the gateway process wrote, per sealed pack byte, before and after the levers of
+    issue 22 (commit window, deliveries recorded together), on the same street and run."""
+    dw = results["disk_wear"]
+    for profile in ("before", "now"):
+        for s in dw[profile]:
+            assert s["frames_acked"] == s["frames"] > 0, s
+            assert s["write_amplification"] == pytest.approx(
+                s["disk_bytes"] / s["sealed_pack_bytes"], rel=0.01)
+            assert s["sealed_pack_bytes"] > 0 and s["sd_life_years"] > 0
+    # the levers only take writes away, and the ACK still waits for the disk (<= 10 s)
+    assert dw["now"][0]["disk_bytes"] < dw["before"][0]["disk_bytes"]
+    assert 0 < dw["ack_delay_max_s"] <= 10
+    t = results["targets"]
+    assert t["disk_write_amplification"]["measured"]["now"] == dw["write_amplification"]
+    assert t["sd_card_life_years"]["measured"] == dw["sd_life_years"]
 
 
 def test_ota_transfer(results: dict[str, Any]) -> None:
