@@ -7,6 +7,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -340,3 +341,49 @@ async def test_dead_letters_give_way_before_frames_and_never_pause_intake(
         await fill(store, range(1000, 3000), stop_when_paused=True, page=False)
         assert store.cap.paused and dead_rows(store.path) == []
         assert store.cap.evicted == 0
+
+
+async def test_batches_put_back_unsent_leave_no_lease(tmp_path: Path) -> None:
+    """Frames arriving one by one, each younger than the batch age when the forwarder looks:
+    it reads a batch and puts it back unsent, over and over. Each of those reads once left a
+    lease behind (37 of 40 here): leases grew without bound, each one a term of the eviction
+    query, which SQLite refuses past about 1,000 terms, so a capped gateway's commits would
+    fail within the hour. The lease of a batch put back is given back."""
+    from lantern.agent.queue.forward import Forwarder
+
+    got = asyncio.Event()
+
+    class Sink:
+        name = "s"
+        sent = 0
+
+        async def send(self, batch: Any) -> None:
+            self.sent += len(batch.rids)
+            if self.sent >= 40:
+                got.set()
+
+    sink = Sink()
+    async with capped(tmp_path, "evict_oldest") as store:
+        new = asyncio.Event()
+        fwd = Forwarder(store, sink, Metrics(), new, 500, 0.05)
+        task = asyncio.create_task(fwd.run())
+        try:
+            w = Window()
+            for seq in range(40):
+                w.mark(seq)
+                await store.commit([frame(seq, 1)], {NODE: Window(w.high, w.bits)})
+                new.set()
+                await asyncio.sleep(0.02)  # the street's pace: one frame at a time
+            await asyncio.wait_for(got.wait(), 30)
+            assert sink.sent == 40
+            # the forwarder records the last delivery after send returns: the queue empties
+            for _ in range(500):
+                if not queued(store.path):
+                    break
+                await asyncio.sleep(0.02)
+            assert not queued(store.path)
+            assert sum(store.cap.leases.values()) == 0, store.cap.leases
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
