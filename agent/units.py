@@ -35,4 +35,14 @@ UNITS = MappingProxyType({
     "heap_peak": "B",
     "cycle_ms": "ms",
     "energy": "J",
+    # corrections (docs/corrections.md): particulate mass corrected for humidity, beside the
+    # raw value, and the provisioning offsets a node added to a reading
+    "pm1_corr": "ug/m3",
+    "pm2_5_corr": "ug/m3",
+    "pm4_corr": "ug/m3",
+    "pm10_corr": "ug/m3",
+    "temperature_offset": "Cel",
+    "humidity_offset": "%RH",
+    "LAeq_offset": "dB",
+    "LAmax_offset": "dB",
 })

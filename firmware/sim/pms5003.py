@@ -1,6 +1,9 @@
-"""PMS5003 model on a UART: active streaming or passive read-on-command, sleep/wake, frames."""
+"""PMS5003 model on a UART: active streaming or passive read-on-command, sleep/wake, frames.
+
+Humid air grows the mass it reads as the SPS30 model's does (sim/sps30.py growth)."""
 
 from .scenario import K_CHIP
+from .sps30 import growth
 
 _PERIOD_MS = 1000
 
@@ -44,7 +47,8 @@ class Model:
         if stuck and self.frozen:
             return self.frozen
         self.n += 1
-        pm25 = sc.pm2_5(sc.t()) * (1 + 0.05 * sc.gauss(K_CHIP, self.n))
+        t = sc.t()
+        pm25 = sc.pm2_5(t) * growth(sc, t) * (1 + 0.05 * sc.gauss(K_CHIP, self.n))
         atm = [int(round(max(0.0, pm25 * r))) for r in (0.68, 1.0, 1.4)]
         cf1 = atm  # CF=1 equals atmospheric below ~30 ug/m3 on real units
         counts = [int(pm25 * c) for c in (160, 48, 9, 1.1, 0.3, 0.1)]

@@ -3,7 +3,13 @@ NACK when busy or asleep (datasheet §3.5, §3.10).
 
 Powered down, the chip NACKs everything; wake_up wakes it and is itself not acknowledged. The
 first single shot after a wake-up reads high (the datasheet says to discard it): a driver that
-keeps it reports CO2 off by _FIRST_SHOT_PPM."""
+keeps it reports CO2 off by _FIRST_SHOT_PPM.
+
+Pressure: the chip senses CO2 molecules per volume, which scale with the air's pressure, and
+reports ppm at the pressure it compensates for: the one set_ambient_pressure (0xE000) gave it,
+else the one of its altitude setting (0x2427, 0 m by default). So a chip that is not told
+reads the street's CO2 times p_street / p_assumed: 9 % low at 800 m. Both settings are RAM
+(lost at power-down and power-on). ASC state: 0x2313 / 0x2416, on from the factory."""
 
 import errno
 
@@ -15,6 +21,11 @@ _STOP_MS = 500
 _SHOT_MS = 5000
 _WAKE_MS = 20
 _FIRST_SHOT_PPM = 150
+
+
+def altitude_hpa(metres):
+    """The pressure the chip assumes at an altitude (the standard atmosphere's), hPa."""
+    return 1013.25 * (1 - 2.25577e-5 * metres) ** 5.25588
 
 
 class Model(SensirionChip):
@@ -29,6 +40,9 @@ class Model(SensirionChip):
         self.shot_at = None  # chip ms when the single shot in progress completes
         self.shots = 0
         self.fresh = False  # the next shot is the first after a wake-up
+        self.ambient_hpa = None  # set_ambient_pressure (RAM)
+        self.altitude = 0  # set_sensor_altitude (RAM here; the chip could persist it)
+        self.asc = True
 
     def _shot_ready(self):
         return self.shot_at is not None and self.sc.chip_ms() >= self.shot_at
@@ -42,7 +56,8 @@ class Model(SensirionChip):
             return self.frozen
         sc = self.sc
         t = sc.t()
-        co2 = int(round(sc.co2(t) + 6 * sc.gauss(K_CHIP, 3 * k)))
+        assumed = self.ambient_hpa or altitude_hpa(self.altitude)
+        co2 = int(round(sc.co2(t) * sc.pressure(t) / 100 / assumed + 6 * sc.gauss(K_CHIP, 3 * k)))
         temp = sc.temperature(t) + 0.8 + 0.05 * sc.gauss(K_CHIP, 3 * k + 1)  # self-heating
         rh = sc.humidity(t) * 0.95 + 0.3 * sc.gauss(K_CHIP, 3 * k + 2)
         self.frozen = (co2, int((temp + 45) * 65535 / 175), int(max(0, min(100, rh)) * 655.35))
@@ -85,6 +100,22 @@ class Model(SensirionChip):
         if cmd == 0x36E0:  # power_down, from idle
             self.asleep = True
             self.shot_at = None
+            self.ambient_hpa = None
+            return None
+        if cmd == 0xE000:  # set_ambient_pressure (hPa), also while measuring; or get it
+            if not args:
+                return words((self.ambient_hpa or int(altitude_hpa(self.altitude) + 0.5),))
+            if not 700 <= args[0] <= 1200:
+                raise OSError(errno.EIO)
+            self.ambient_hpa = args[0]
+            return None
+        if cmd == 0x2427 and args:  # set_sensor_altitude (m)
+            self.altitude = args[0]
+            return None
+        if cmd == 0x2313:  # get_automatic_self_calibration_enabled
+            return words((1 if self.asc else 0,))
+        if cmd == 0x2416 and args:  # set_automatic_self_calibration_enabled
+            self.asc = bool(args[0])
             return None
         if cmd == 0xE4B8:  # get_data_ready_status: low 11 bits non-zero when ready
             ready = self._k() > self.read_k or self._shot_ready()

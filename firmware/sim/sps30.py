@@ -3,7 +3,11 @@
 Asleep, the interface is off (datasheet, I2C commands Sleep 0x1001 and Wake-up 0x1103): every
 transaction is NACKed, and only a wake-up command twice in a row (the first switches the
 interface on and is NACKed as well) brings the sensor back to idle. Sleep is only taken in
-idle mode: a driver has to stop the measurement first."""
+idle mode: a driver has to stop the measurement first.
+
+Humid air: particles take up water and scatter as bigger ones, so the mass an optical counter
+reports grows with humidity. A street whose aerosol has a hygroscopicity (`sc.aerosol_kappa`,
+0 by default: dry) makes the model read its dry mass times `growth()`."""
 
 import errno
 import struct
@@ -12,6 +16,16 @@ from .scenario import K_CHIP
 from .sensirion import SensirionChip, words
 
 _PERIOD_MS = 1000
+_DENSITY = 1.65  # dry particle density relative to water
+
+
+def growth(sc, t):
+    """kappa-Koehler mass growth of the street's aerosol at its humidity (1: dry air)."""
+    kappa = getattr(sc, "aerosol_kappa", 0)
+    if not kappa:
+        return 1.0
+    aw = min(sc.humidity(t), 99.0) / 100
+    return 1 + kappa / _DENSITY * aw / (1 - aw)
 
 
 class Model(SensirionChip):
@@ -47,7 +61,8 @@ class Model(SensirionChip):
         if self.stuck() and self.frozen:
             return self.frozen
         sc = self.sc
-        pm25 = sc.pm2_5(sc.t()) * (1 + 0.03 * sc.gauss(K_CHIP, 2 * k)) + 0.3 * sc.gauss(
+        t = sc.t()
+        pm25 = sc.pm2_5(t) * growth(sc, t) * (1 + 0.03 * sc.gauss(K_CHIP, 2 * k)) + 0.3 * sc.gauss(
             K_CHIP, 2 * k + 1)
         pm25 = max(0.0, pm25)
         mass = (pm25 * 0.7, pm25, pm25 * 1.15, pm25 * 1.45)

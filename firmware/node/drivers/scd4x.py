@@ -7,6 +7,14 @@ Once the sampler manages its power (sleep/wake) the driver switches to the SCD41
 mode (§3.10): wake() starts one 5 s measurement, read() collects it, sleep() leaves the chip
 idle (0.15 mA) or, when the next shot is far enough away, powers it down; after a power-down
 the first shot is discarded (§3.10.4), which costs a second shot.
+
+Pressure: the chip converts what it senses (CO2 molecules per volume) to ppm at the pressure it
+is told; by default that of its altitude setting (0 m: 1013 hPa). The sampler hands it the
+node's own BME280 pressure every interval (set_pressure: set_ambient_pressure, hPa); the chip
+takes it while measuring, and in single-shot mode it is sent again before each shot.
+Self-calibration (ASC, on from the factory): with the board option "asc" (true/false) the
+driver reads the chip's state at start, sets it if it differs and reads it back (`asc`); it
+never persists it, so the chip's EEPROM is not worn (docs/corrections.md).
 """
 
 import time
@@ -34,6 +42,11 @@ _CMD_POWER_DOWN = const(0x36E0)
 _CMD_WAKE_UP = const(0x36F6)
 _WAKE_MS = const(20)  # wake_up max. command duration (§3.10.4)
 _SHOT_MS = const(5000)  # measure_single_shot max. command duration (§3.10.1)
+_CMD_AMBIENT_PRESSURE = const(0xE000)  # set (argument) / get ambient pressure, hPa
+_CMD_SET_ASC = const(0x2416)  # set_automatic_self_calibration_enabled (idle only)
+_CMD_GET_ASC = const(0x2313)  # get_automatic_self_calibration_enabled (idle only)
+_P_MIN_HPA = const(700)  # set_ambient_pressure's range
+_P_MAX_HPA = const(1200)
 
 
 def convert(co2, t_raw, rh_raw):
@@ -54,8 +67,9 @@ class SCD4X(Sensirion):
     # than the discarded first shot after wake-up (243 mJ typ. at 3.3 V): 243/3.3/0.15 ms
     SLEEP_AFTER_MS = 491000
 
-    def __init__(self, i2c, address=0x62):
-        super().__init__(i2c, address, "scd4x", 3)
+    def __init__(self, i2c, address=0x62, asc=None):
+        super().__init__(i2c, address, "scd4x", 3, with_arg=True)
+        self.pressure_hpa = None  # the ambient pressure the chip compensates for (None: its own)
         self.power = 2
         self.single = False
         self.again_ms = 0  # the sampler waits this long again before the next read
@@ -68,6 +82,13 @@ class SCD4X(Sensirion):
         self._query(_CMD_SERIAL, 3, _SERIAL_MS)
         b = self._buf
         self.serial = (word(b, 0) << 32) | (word(b, 1) << 16) | word(b, 2)
+        self.asc = None  # not read: the factory default is on
+        if asc is not None:
+            self.asc = bool(self._query(_CMD_GET_ASC, 1, _EXEC_MS))
+            if bool(asc) != self.asc:
+                self._command(_CMD_SET_ASC, 1 if asc else 0)
+                time.sleep_ms(_EXEC_MS)
+                self.asc = bool(self._query(_CMD_GET_ASC, 1, _EXEC_MS))
         self._command(_CMD_START_PERIODIC)
         self._last_data = time.ticks_ms()
 
@@ -83,6 +104,21 @@ class SCD4X(Sensirion):
         except NackError:
             pass  # never acknowledged (§3.10.4)
         time.sleep_ms(_WAKE_MS)
+
+    def set_pressure(self, pa):
+        """Compensate for an ambient pressure of `pa` Pa from now on; False (and ignored)
+        outside the command's 700-1200 hPa."""
+        hpa = int(pa / 100 + 0.5)
+        if not _P_MIN_HPA <= hpa <= _P_MAX_HPA:
+            return False
+        self.pressure_hpa = hpa
+        if not self.single:
+            self._send_pressure()
+        return True
+
+    def _send_pressure(self):
+        self._command(_CMD_AMBIENT_PRESSURE, self.pressure_hpa)
+        time.sleep_ms(_EXEC_MS)
 
     def _shot(self):
         self._command(_CMD_SINGLE_SHOT)
@@ -107,6 +143,8 @@ class SCD4X(Sensirion):
         if self.power == 0:
             self._wake_up()
             self.again_ms = _SHOT_MS
+        if self.pressure_hpa is not None:
+            self._send_pressure()  # not kept across a power-down
         self._shot()
 
     def read(self):
