@@ -1,6 +1,7 @@
 """The gateway's local HTTP API and status page (aiohttp), on 127.0.0.1 unless configured.
 
-/healthz (open), /metrics (Prometheus text), /api/status, /api/nodes, /api/nodes/{id},
+/healthz (open), /metrics (Prometheus text), /api/status, /api/nodes (with the fleet
+registry's record of each node; /api/nodes.csv the same as CSV, docs/fleet.md), /api/nodes/{id},
 /api/nodes/{id}/readings?since=&name=&limit=, /api/health (the street: lamps, energy,
 open alerts, pole locations; docs/alerts.md), /api/rollout (GET; POST a bundle to start one)
 and /api/rollout/halt (POST; docs/rollout.md), and the status page at / (static files from
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import datetime
 import hmac
 import importlib.resources
+import io
 import ipaddress
 import logging
 import math
@@ -38,6 +41,7 @@ from .ngsi import NodeMeta
 from .ota.rollout import BUNDLE_MAX, RolloutError, RolloutManager
 from .queue.history import find_gaps, typical_interval
 from .queue.store import Store
+from .registry import CSV_FIELDS, Registry
 from .timesync import TimeSync
 
 if TYPE_CHECKING:
@@ -91,6 +95,7 @@ class GatewayView:
     rollout: RolloutManager | None = None  # staged updates (agent/ota/rollout.py)
     health: HealthService | None = None  # lamp faults, energy, alerts (agent/health/)
     nodes_meta: Mapping[str, NodeMeta] = field(default_factory=dict)  # poles, coordinates
+    registry: Registry | None = None  # the fleet registry (agent/registry.py)
     clock: TimeSync | None = None  # the gateway's clock's synchronisation (agent/timesync.py)
     _cache: tuple[float, dict[str, Any]] | None = None  # (valid until, overview)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -136,7 +141,21 @@ class GatewayView:
             history_trimmed=int(getattr(cap, "history_trimmed", 0)),
             paused=bool(getattr(cap, "paused", False)),
             cap_bytes=int(getattr(cap, "max_bytes", 0)),
+            fleet_states=self.fleet_states(ov),
             **self.update_gauges())
+
+    def fleet(self, ov: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each registry record as a row, with this run's last-seen times."""
+        if self.registry is None:
+            return {}
+        now = time.time()
+        return {r.id: r.row(now) for r in self.registry.live(self.last_seen(ov))}
+
+    def fleet_states(self, ov: dict[str, Any]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.fleet(ov).values():
+            counts[str(row["state"])] = counts.get(str(row["state"]), 0) + 1
+        return counts
 
     def update_gauges(self) -> dict[str, Any]:
         """The rollout's per-state node counts, whether it halted, every node's firmware."""
@@ -180,7 +199,10 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
     interval = ov["intervals"].get(node)
     live = m.nodes.get(node)
     flags = []
-    if node not in view.node_ids:
+    rec = view.fleet(ov).get(node, {})
+    if rec.get("state") == "revoked":
+        flags.append("revoked")
+    elif node not in view.node_ids:
         flags.append("no key")
     if seen is None:
         flags.append("never seen")
@@ -218,9 +240,31 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
         "battery": battery,
         "outbox": outbox,
         "flags": flags,
-        "firmware": view.rollout.firmware.get(node) if view.rollout else None,
+        "firmware": (view.rollout.firmware.get(node) if view.rollout else None
+                     ) or rec.get("firmware"),
         "latest": latest,
+        # the fleet registry's record (docs/fleet.md); None where the node has none
+        **{k: rec.get(k) for k in ("pole", "board", "key_id", "key_version",
+                                   "config_version", "state", "revoked", "revoked_why")},
     }
+
+
+def fleet_csv(rows: Any) -> str:
+    """Registry rows as CSV (CSV_FIELDS), times as ISO 8601 UTC."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _csv_value(k, row.get(k)) for k in CSV_FIELDS})
+    return out.getvalue()
+
+
+def _csv_value(k: str, v: Any) -> Any:
+    if v is None:
+        return ""
+    if k in ("last_seen", "revoked"):
+        return datetime.datetime.fromtimestamp(v, datetime.UTC).isoformat(timespec="seconds")
+    return v
 
 
 def street(view: GatewayView, now: float) -> dict[str, Any]:
@@ -396,6 +440,7 @@ class Api:
         r.add_get("/metrics", self.prometheus)
         r.add_get("/api/status", self.status)
         r.add_get("/api/nodes", self.nodes)
+        r.add_get("/api/nodes.csv", self.nodes_csv)
         r.add_get("/api/nodes/{id}", self.node)
         r.add_get("/api/nodes/{id}/readings", self.readings)
         r.add_get("/api/health", self.health)
@@ -479,7 +524,15 @@ class Api:
         })
 
     def _all_nodes(self, ov: dict[str, Any]) -> list[str]:
-        return sorted(set(self.view.node_ids) | set(ov["nodes"]) | set(self.view.metrics.nodes))
+        reg = self.view.registry
+        return sorted(set(self.view.node_ids) | set(ov["nodes"]) | set(self.view.metrics.nodes)
+                      | {r.id for r in (reg.records() if reg else ())})
+
+    async def nodes_csv(self, request: web.Request) -> web.Response:
+        """The fleet registry as CSV (`lantern gateway nodes --csv` reads the file)."""
+        rows = self.view.fleet(await self.view.overview())
+        return web.Response(text=fleet_csv(rows[n] for n in sorted(rows)),
+                            content_type="text/csv")
 
     async def nodes(self, request: web.Request) -> web.Response:
         ov = await self.view.overview()

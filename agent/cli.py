@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     chk = gw.add_parser("check-config", help="validate a config and its key file, then exit")
     chk.add_argument("--config", type=Path, required=True)
     _rollout_parser(gw)
+    if argv[:2] == ["gateway", "nodes"]:  # the fleet registry (docs/fleet.md)
+        from lantern.tools.field.fleet import nodes_parser
+
+        nodes_parser(gw)
+    else:
+        gw.add_parser("nodes", help="the fleet registry: list, import, revoke")
 
     demo = sub.add_parser("demo", help="simulated nodes on MicroPython → gateway → upstream")
     demo.add_argument("--nodes", type=int, default=3)
@@ -195,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.cmd == "gateway" and args.action == "rollout":
             return rollout_main(args)
+        elif args.cmd == "gateway" and args.action == "nodes":
+            from lantern.tools.field.fleet import nodes_main
+
+            return nodes_main(args)
         elif args.cmd == "gateway" and args.action == "check-config":
             from .config import load_config, load_keys
             from .preflight import check

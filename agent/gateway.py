@@ -33,6 +33,7 @@ from .plugins import sink as sink_plugin
 from .queue.forward import Forwarder
 from .queue.layout import QUEUE_FILE
 from .queue.store import Store
+from .registry import REGISTRY_FILE, Fleet, Registry
 from .sdnotify import Notifier, supervise
 
 if TYPE_CHECKING:
@@ -236,6 +237,14 @@ async def _open_health(cfg: HealthConfig, stack: contextlib.AsyncExitStack, stat
                           "that the state directory is writable and has free space") from None
 
 
+async def _open_registry(path: Path) -> Registry:
+    try:
+        return await asyncio.to_thread(Registry, path)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"{path}: cannot open the fleet registry ({e}); check that the "
+                          "state directory is writable and has free space") from None
+
+
 async def _open_store(path: Path) -> Store:
     try:
         return await Store(path).__aenter__()
@@ -285,6 +294,12 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
         links: list[Any] = []  # made below, once ingest runs; the rollout reaches them then
         node_ids = [k.decode() for k in keys]
+        # the fleet registry (docs/fleet.md): the keys ingest and the links are given leave
+        # out a revoked node's and a retired key; nodes imported while running are added
+        registry = await _open_registry(cfg.state_dir / REGISTRY_FILE)
+        stack.callback(registry.close)
+        fleet = Fleet(registry, cfg.keys_file, keys, cfg.nodes, node_ids)
+        await fleet.start()
         rollout = RolloutManager(cfg.state_dir, cfg.updates, _reach(links, metrics),
                                  lambda: node_ids)
         health = None
@@ -293,7 +308,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         sinks: list[Any] = []
         opened: list[Any] = []  # the sinks themselves, as their plug-ins made them
         backoffs: list[tuple[float, float]] = []
-        sink_ctx = SinkContext(cfg.nodes, cfg.state_dir, rollout.firmware, health)
+        sink_ctx = SinkContext(fleet.nodes_meta, cfg.state_dir, rollout.firmware, health)
         for name, sink_cfg in cfg.sinks.items():  # each sink's plug-in opens it (plugins.py)
             plugin = sink_plugin(name)
             sink = await stack.enter_async_context(plugin.open(sink_cfg, sink_ctx))
@@ -303,9 +318,14 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         for sink in opened:  # a sink that does not take the context's mapping yet
             if getattr(sink, "firmware", rollout.firmware) is not rollout.firmware:
                 sink.firmware = rollout.firmware
-        ingest = Ingest(store, keys, metrics)
+        for sink in opened:
+            if hasattr(sink, "registry"):  # deviceState from the registry (NGSI-LD)
+                sink.registry = registry
+        ingest = Ingest(store, fleet.ingest_keys, metrics)
         await ingest.start()
-        ctx = LinkContext(ingest, keys, store, cfg.state_dir, backends={"ble": ble_backend})
+        fleet.ingest_keys.armed = True  # from here a refused key is counted by its reason
+        ctx = LinkContext(ingest, fleet.link_keys, store, cfg.state_dir,
+                          backends={"ble": ble_backend})
         links += [link_plugin(name).make(link_cfg, ctx)
                   for name, link_cfgs in cfg.links.items() for link_cfg in link_cfgs]
         # every consumer of the queue: a frame leaves it once each one has it
@@ -327,7 +347,8 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         await stack.enter_async_context(rollout)
         view = GatewayView(metrics, store, node_ids, links, forwarders,
                            [store.path, store.path.with_name(store.path.name + "-wal")],
-                           rollout=rollout, health=health, nodes_meta=cfg.nodes)
+                           rollout=rollout, health=health, nodes_meta=fleet.nodes_meta,
+                           registry=registry)
         api = await stack.enter_async_context(ApiServer(cfg.api, view))
         notifier = Notifier()
         stack.callback(notifier.close)
@@ -341,6 +362,8 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             ("summary", _summaries(metrics, store)),
             ("supervise", supervise(notifier, view.summary)),
             ("versions", _learn_versions(rollout, links, node_ids)),
+            ("fleet", fleet.run(lambda: {n: s.last_seen for n, s in metrics.nodes.items()},
+                                rollout.firmware, getattr(ingest, "forget", None), opened)),
             *((link.name, link.run()) for link in links))]
         notifier.ready(("status page " + api.url + "; " if api.url else "")
                        + (api.error + "; " if api.error else "") + await _line(view))

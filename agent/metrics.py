@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # before the first one so that rate() and alerts work from the start.
 REJECT_REASONS = ("oversize", "cobs", "short", "crc", "type", "cbor", "cose", "mac",
                   "unknown_node", "replay", "senml", "unexpected", "queue_full", "internal",
-                  "seq_collision", "reflected")
+                  "seq_collision", "reflected", "revoked", "retired")
 # A BLE link's counters (agent/links/ble.py, BleLink.stats) exported as lantern_ble_<key>
 BLE_COUNTERS = (
     ("connects", "GATT connections attempted to nodes"),
@@ -167,6 +167,8 @@ class Gauges:
     rollout_halted: bool | None = None
     firmware: dict[str, str] = field(default_factory=dict)
     bundles_refused: dict[str, int] = field(default_factory=dict)
+    # the fleet registry (agent/registry.py): its nodes by state
+    fleet_states: dict[str, int] = field(default_factory=dict)
 
 
 class LanternCollector(Collector):
@@ -234,6 +236,13 @@ class LanternCollector(Collector):
         yield _gauge("lantern_history_samples", "Samples (a node's readings at one time) kept "
                      "for the status page", [], g.recent_rows)
         yield _gauge("lantern_nodes_configured", "Nodes with a key", [], g.nodes_configured)
+        if g.fleet_states:
+            fs = GaugeMetricFamily("lantern_fleet_nodes", "Nodes of the fleet registry, by "
+                                   "state (provisioned, active, silent, revoked)",
+                                   labels=["state"])
+            for state in ("provisioned", "active", "silent", "revoked"):
+                fs.add_metric([state], g.fleet_states.get(state, 0))
+            yield fs
         lu = GaugeMetricFamily("lantern_link_up", "1 if the link's device is open",
                                labels=["link"])
         for link, up in sorted(g.links_up.items()):

@@ -115,7 +115,8 @@ def split_name(n: str) -> tuple[str, str]:
 
 def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
              skipped: Counter[str] | None = None, firmware: Mapping[str, str] | None = None,
-             now: float | None = None, lamp_state: bool = True) -> list[dict[str, Any]]:
+             now: float | None = None, lamp_state: bool = True,
+             states: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Entities for resolved SenML records; one per (node, model, observation time).
 
     firmware: node → the version it last reported (agent/ota/rollout.py), put on its Device
@@ -126,6 +127,9 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
     LAMP_ON_W threshold, as a gateway without [health] must (the model requires a status).
     False when the health monitor sends them (agent/health/streetlight.py: from the lamp's
     rating and its open faults); a reading must not overwrite them with a guess.
+
+    states: node → its state in the fleet registry (agent/registry.py), the Device entity's
+    `deviceState` ("ok" for a node the registry does not hold).
 
     A record no model can hold is left out: without a number (`vs`, `vb`, `vd`), or of a
     measurement no model has. One whose name is not a device's or whose time is beyond
@@ -176,7 +180,7 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
         elif model == "Device":
             e["controlledProperty"] = _prop(sorted(controlled[node]) or ["temperature"], t)
             e["dateLastValueReported"] = _prop(_datetime(t), t)
-            e["deviceState"] = _prop("ok", t)
+            e["deviceState"] = _prop((states or {}).get(node, "ok"), t)
             if firmware and node in firmware:
                 e["firmwareVersion"] = _prop(firmware[node],
                                              time.time() if now is None else now)
@@ -191,6 +195,35 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
         e["@context"] = CONTEXTS
         out.append(e)
     return out
+
+
+# what a Lantern node measures, for a Device entity of a node no reading has shown yet
+LANTERN_CONTROLLED = ("airPollution", "atmosphericPressure", "humidity", "light", "noiseLevel",
+                      "power", "temperature")
+
+
+def device_entity(node: str, state: str, now: float, *, firmware: str | None = None,
+                  last_seen: float | None = None, lat: float | None = None,
+                  lon: float | None = None, board: str = "",
+                  controlled: Iterable[str] = ()) -> dict[str, Any]:
+    """A node's Device entity from its fleet registry record (agent/registry.py): its state
+    (provisioned, active, silent, revoked) as `deviceState`, observed at `now`."""
+    meta = NodeMeta(lat=lat, lon=lon)
+    e: dict[str, Any] = {
+        "id": entity_id("Device", node, meta), "type": "Device",
+        "controlledProperty": _prop(sorted(set(controlled)) or list(LANTERN_CONTROLLED), now),
+        "deviceState": _prop(state, now)}
+    if firmware:
+        e["firmwareVersion"] = _prop(firmware, now)
+    if board:
+        e["hardwareVersion"] = _prop(board, now)
+    if last_seen is not None and TIME_MIN <= last_seen <= TIME_MAX:
+        e["dateLastValueReported"] = _prop(_datetime(last_seen), now)
+    if lat is not None and lon is not None:
+        e["location"] = {"type": "GeoProperty", "value": {"type": "Point",
+                                                          "coordinates": [lon, lat]}}
+    e["@context"] = CONTEXTS
+    return e
 
 
 def rounds(ents: list[dict[str, Any]], max_batch: int = MAX_BATCH) -> list[list[dict[str, Any]]]:

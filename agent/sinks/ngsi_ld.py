@@ -10,6 +10,11 @@ lamp whose readings it holds, as the monitor knows it then (agent/health/streetl
 `status` from its open faults, `powerState` from its rating, switching dates, lifetime
 energy), observed at the lamp's latest sample the monitor has seen; the readings' own
 Streetlight entity then carries neither `status` nor `powerState`.
+
+With the fleet registry (agent/registry.py, set as `registry` by the gateway), a Device
+entity's `deviceState` is the node's state there, and `push_devices` upserts the Device
+entity of each node whose record changed (revoked, silent, new firmware) — a revoked node
+sends no readings that could carry it (docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import aiohttp
 
 from ..config import check_secret_file, http_url, shown_url
 from ..configfile import Doc, positive
-from ..ngsi import MAX_BATCH, NodeMeta, entities, rounds, split_name
+from ..ngsi import MAX_BATCH, NodeMeta, device_entity, entities, rounds, split_name
 from ..plugins import SinkContext, SinkPlugin
 from ..queue.resolve import Batch
 from .http import SHOWN_MAX, DeliveryError, parse_retry_after, read_bounded, redirect_error
@@ -69,6 +74,8 @@ class NgsiLdSink:
         self.redirects: Counter[int] = Counter()  # 3xx answers, by status
         # node → its firmware version (the rollout manager's, kept up to date by it)
         self.firmware: Mapping[str, str] = {} if firmware is None else firmware
+        self.registry: Any = None  # the fleet registry (agent/registry.py), set by the gateway
+        self.controlled: dict[str, set[str]] = {}  # node → controlledProperty seen in readings
 
     async def __aenter__(self) -> NgsiLdSink:
         self._session = aiohttp.ClientSession(
@@ -82,14 +89,32 @@ class NgsiLdSink:
     async def send(self, batch: Batch) -> None:
         before = sum(self.skipped.values())
         records = batch.records()
+        states = None
+        if self.registry is not None:
+            now = time.time()
+            states = {r.id: r.state(now) for r in self.registry.records()}
         ents = entities(records, self.nodes, self.skipped, self.firmware,
-                        lamp_state=self.health is None)
+                        lamp_state=self.health is None, states=states)
+        for e in ents:
+            if e["type"] == "Device":
+                node = e["id"].rsplit(":", 1)[-1]
+                self.controlled.setdefault(node, set()).update(e["controlledProperty"]["value"])
         if self.health is not None:
             ents += self._lamps(records)
         if not before and self.skipped:
             log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, or a "
                         "time no DateTime can hold; counted in "
                         "lantern_sink_skipped_readings_total, logged once", dict(self.skipped))
+        for request in rounds(ents, self.cfg.batch_entities):
+            await self._upsert(request)
+
+    async def push_devices(self, records: list[Any], now: float) -> None:
+        """Upsert the Device entity of each registry record (agent/registry.py NodeRecord);
+        DeliveryError if the broker does not take them (the caller tries again later)."""
+        ents = [device_entity(r.id, r.state(now), now, firmware=self.firmware.get(r.id)
+                              or r.firmware, last_seen=r.last_seen, lat=r.lat, lon=r.lon,
+                              board=r.board, controlled=self.controlled.get(r.id, ()))
+                for r in records]
         for request in rounds(ents, self.cfg.batch_entities):
             await self._upsert(request)
 

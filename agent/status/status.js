@@ -163,6 +163,10 @@ function renderNodes(data) {
     const bat = n.battery ? quantity(n.battery.v, n.battery.u) : "—";
     const tr = el("tr", {"data-node": n.id, "data-flagged": flags.length ? "1" : "0"},
       el("td", {text: n.id, "data-field": "id"}),
+      el("td", {text: n.pole || "—", "data-field": "pole"}),
+      el("td", {"data-field": "state"}, el("span", {class: "state " + (n.state || "unknown"), text: n.state || "—"})),
+      el("td", {text: n.key_id ? `v${n.key_version} ${n.key_id.slice(0, 8)}` : "—", "data-field": "key",
+        title: n.key_id ? `key id ${n.key_id} (key ${n.key_version} of this node)` : "no key in the registry"}),
       el("td", {text: n.firmware || "?", "data-field": "firmware"}),
       el("td", {text: ago(n.age_s), "data-field": "last-seen", "data-age": n.age_s == null ? "" : String(n.age_s),
         title: n.last_seen ? new Date(n.last_seen * 1000).toLocaleString() : "never"}),

@@ -104,6 +104,9 @@ def add_parser(sub: Any) -> None:
     n.add_argument("--from", dest="start", choices=STEPS, help="resume at this step")
     n.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node")
     n.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+    from lantern.tools.field import fleet
+
+    fleet.add_parser(ps_)
 
 
 @dataclass
@@ -631,6 +634,10 @@ RUNNERS = {"key": step_key, "config": step_config, "flash": step_flash,
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.target == "fleet":
+        from lantern.tools.field import fleet
+
+        return fleet.main(args)
     dry = args.dry_run
     t0 = time.monotonic()
     print(f"provisioning {args.id}" + (" (dry run: nothing is changed)" if dry else ""))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import re
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from lantern.agent.configfile import toml_string
 from lantern.agent.queue.layout import (
     QUEUE_FILE as QUEUE_FILE,  # the gateway queue, read by provision
 )
+from lantern.agent.registry import key_id as registry_key_id
 
 # the mpy-cross `make micropython` builds in a clone (the same MicroPython as the tests run)
 BUNDLED_MPY_CROSS = (lantern.CHECKOUT / ".build/micropython/mpy-cross" if lantern.CHECKOUT
@@ -203,10 +203,9 @@ def seq_start(now: float, mark: GatewayMark | None) -> SeqStart:
                     f"{mark.high} (from {mark.queue})")
 
 
-def key_id(key: bytes) -> str:
-    """A key's public name (16 hex digits): the node keeps it beside its counters, the key file
-    names a retired key by it. It tells nothing about the key."""
-    return hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex()
+# A key's public name (16 hex digits): the node keeps it beside its counters, the key file and
+# the gateway's fleet registry name a retired key by it. It tells nothing about the key.
+key_id = registry_key_id
 
 
 def shown(argv: list[str]) -> str:
@@ -236,11 +235,17 @@ def keys_text(path: Path, node_id: str, key: bytes, retired: str | None = None) 
 
     `retired`: why a replaced key is retired; a comment names it by its key id, never the key.
     """
+    return merge_key(path.read_text() if path.exists() else None, str(path), node_id, key,
+                     retired)
+
+
+def merge_key(text: str | None, where: str, node_id: str, key: bytes,
+              retired: str | None = None) -> str:
+    """keys_text on the file's text (None: no file yet); `where` names it in errors."""
     line = f'"{node_id}" = "{key.hex()}"'
-    if not path.exists():
+    if text is None:
         return ("# Node keys: node id = 256-bit key as 64 hex digits. Keep this file mode 0600."
                 f"\n[nodes]\n{line}\n")
-    text = path.read_text()
     pat = re.compile(_KEY_LINE.format(id=re.escape(node_id)), re.M)
     if (old := pat.search(text)) is not None:
         if retired:
@@ -261,9 +266,9 @@ def keys_text(path: Path, node_id: str, key: bytes, retired: str | None = None) 
         before = tomllib.loads(text).get("nodes", {})
         after = tomllib.loads(new).get("nodes", {})
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path} is not valid TOML ({e}): fix it by hand first") from None
+        raise ValueError(f"{where} is not valid TOML ({e}): fix it by hand first") from None
     if after != {**before, node_id: key.hex()}:
-        raise ValueError(f"{path}: could not place the key of {node_id} under [nodes] without "
+        raise ValueError(f"{where}: could not place the key of {node_id} under [nodes] without "
                          "changing other lines (an unusual layout): add it by hand")
     return new
 
@@ -434,15 +439,20 @@ async def read_status(link_port: str, node_id: str, key: bytes, timeout: float
 
 def gateway_snippet(node_id: str, keys: Path, pole: str, location: tuple[float, float] | None,
                     interval_s: float) -> str:
-    """What the installer tells the gateway: the key is in the key file; this goes in its config."""
-    lines = [f"tell the gateway: its key file ({keys}) holds the key of {node_id} — copy it to "
-             "the gateway's keys_file (mode 0600), then add to gateway.toml:",
-             "", f"[nodes.{toml_string(node_id)}]"]
+    """What the installer tells the gateway: merge this node's key (and only this node's) into
+    its key file and registry; the place goes in its config. Never a copy of this file over
+    the gateway's: that would roll back every other node's key (docs/fleet.md)."""
+    lines = [f"tell the gateway: {keys} holds the key of {node_id}; on the gateway, merge it "
+             f"(only {node_id}'s entry; its other nodes are not touched):",
+             "", f"  lantern gateway nodes import {shlex.quote(str(keys))} --node "
+             f"{shlex.quote(node_id)} --config /etc/lantern/gateway.toml",
+             "", "the running gateway takes the key within seconds; optionally add to "
+             "gateway.toml:", "", f"[nodes.{toml_string(node_id)}]"]
     if pole:
         lines.append(f"pole = {toml_string(pole)}")
     if location:
         lines.append(f"location = [{location[0]}, {location[1]}]")
     lines += [f"interval_s = {interval_s:g}", "",
-              "then: lantern gateway check-config --config gateway.toml && "
-              "systemctl restart lantern-gateway"]
+              "then: lantern gateway check-config --config gateway.toml && systemctl restart "
+              "lantern-gateway (a [nodes] change is read at start; the key is not)"]
     return "\n".join(lines)
