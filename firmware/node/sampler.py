@@ -341,7 +341,7 @@ class Sampler:
         c = self.cycle
         self.cycle += 1
         scale = self.time_scale
-        due = []  # [slot, cause flags, fresh readings, every attempt failed] per due sensor
+        due = []  # [slot, cause flags, fresh readings, every attempt failed, again ms] per sensor
         waking = []
         for slot in self.slots:
             slot.since = t0  # the previous interval's rest was charged when it ended
@@ -374,6 +374,10 @@ class Sampler:
         rounds = spacing = 0
         for e in due:
             d = e[0].driver
+            # one more wait and read after the last round (SCD41: the first shot after a
+            # power-down is discarded, datasheet §3.10.4), as the chip asked once awake: its
+            # driver clears the wish when it discards that shot
+            e.append(getattr(d, "again_ms", 0) if d is not None else 0)
             if d is not None:
                 k = e[0].spec.get("oversample") or d.OVERSAMPLE
                 rounds = max(rounds, k)
@@ -382,9 +386,7 @@ class Sampler:
         for r in range(rounds + 1):
             ms = spacing
             if r == rounds:
-                # a chip may ask for one more wait (SCD41: the first shot after power-down
-                # is discarded, datasheet §3.10.4)
-                ms = max([getattr(e[0].driver, "again_ms", 0) for e in due] + [0])
+                ms = max([e[4] for e in due] + [0])
                 if not ms:
                     break
             if r or r == rounds:
@@ -395,7 +397,7 @@ class Sampler:
             for e in due:
                 slot = e[0]
                 d = slot.driver
-                if d is None or e[3] or (not getattr(d, "again_ms", 0) if r == rounds
+                if d is None or e[3] or (not e[4] if r == rounds
                                          else r >= (slot.spec.get("oversample") or d.OVERSAMPLE)):
                     continue
                 slot.account(time.ticks_ms())
@@ -407,7 +409,7 @@ class Sampler:
                     e[2].append(v)
         values = {}
         now = time.ticks_ms()
-        for slot, f, fresh, failed in due:
+        for slot, f, fresh, failed, _ in due:
             self._finish(slot, fresh, failed, f, now, values)
             self._rest(slot)
         self._correct(values)

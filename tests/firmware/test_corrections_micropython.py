@@ -24,6 +24,8 @@ FIRMWARE = ROOT / "firmware"
 MICROPYTHON = ROOT / ".build/micropython/unix/micropython"
 MP_EXTMOD = ROOT / ".build/micropython/extmod"
 HELPERS = ROOT / "tests/helpers"  # vm_clock.py: a virtual clock both VMs can import
+MP = [str(MICROPYTHON), "-X", "heapsize=2M"]
+MP_ENV = {"MICROPYPATH": f"{FIRMWARE}:{HELPERS}:{MP_EXTMOD}"}
 
 pytestmark = pytest.mark.micropython
 
@@ -79,8 +81,7 @@ def run(cmd: list[str], env: dict[str, str], tmp: Path, board: str, spec: dict[s
 def both(tmp: Path, board: str, spec: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """The unix port's intervals, after checking that CPython sampled the same packs."""
     assert MICROPYTHON.exists(), "run `make micropython`"
-    mp = run([str(MICROPYTHON), "-X", "heapsize=2M"], {"MICROPYPATH": f"{FIRMWARE}:{HELPERS}:{MP_EXTMOD}"},
-             tmp, board, spec, name)
+    mp = run(MP, MP_ENV, tmp, board, spec, name)
     cp = run([sys.executable], {"PYTHONPATH": f"{FIRMWARE}:{HELPERS}"}, tmp, board, spec, name)
     assert len(mp) == len(cp)
     for i, (m, c) in enumerate(zip(mp, cp, strict=True)):
@@ -133,9 +134,8 @@ def co2_errors(out: list[dict[str, Any]]) -> list[float]:
 def test_co2_at_800_m_corrected_by_the_nodes_pressure(tmp_path: Path) -> None:
     spec = {"alt_m": 800, "kappa": 0, "sweep": [], "n": 25, "cfg": {}}
     on = both(tmp_path, "unix-sim", spec, "co2_on")
-    off = run([str(MICROPYTHON), "-X", "heapsize=2M"], {"MICROPYPATH": f"{FIRMWARE}:{HELPERS}:{MP_EXTMOD}"},
-              tmp_path, "unix-sim", {**spec, "cfg": {"corrections": {"co2_pressure": False}}},
-              "co2_off")
+    off = run(MP, MP_ENV, tmp_path, "unix-sim",
+              {**spec, "cfg": {"corrections": {"co2_pressure": False}}}, "co2_off")
     assert all(88000 < s["v"]["pressure"] < 94000 for s in on)  # the post is at 800 m
     p_ratio = sum(s["pressure"] for s in on) / len(on) / 101325
     # the first interval has no pressure yet: the chip assumes sea level
