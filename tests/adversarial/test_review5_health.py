@@ -461,7 +461,7 @@ async def test_a_broken_health_store_does_not_hold_the_queue(
     Expected (the brief: the queue must never be held up by the monitor): frames the sinks
     have leave the queue; the monitor's loss is counted and visible.
     Instead: feed.py:63-64 re-raises every sqlite3.Error, the forward stage retries the batch
-    forever, and since a frame leaves only once every consumer has it (gateway.py:312),
+    forever, and since a frame leaves only once every consumer has it (gateway.py:332),
     nothing is ever deleted: the queue grows to its cap, then evicts readings or pauses
     intake (the nodes' data lost or stuck) for a fault in derived state."""
 
@@ -490,9 +490,9 @@ async def test_a_damaged_health_store_does_not_stop_the_gateway(tmp_path: Path) 
     """Attack (a power cut on an SD card): health.sqlite is damaged — here, not a database.
     Expected: the gateway starts and forwards readings; the monitor starts afresh (the damaged
     file moved aside, said once in the log), since its state is derived from readings.
-    Instead: service.py:69-72 raises sqlite3.DatabaseError, which gateway.py:232-236 turns
-    into a ConfigError: the whole gateway refuses to start, and no node's readings are taken
-    or forwarded until someone deletes the file by hand."""
+    Instead: service.py:69-72 raises sqlite3.DatabaseError, which gateway.py:233-237
+    (`_open_health`) turns into a ConfigError: the whole gateway refuses to start, and no
+    node's readings are taken or forwarded until someone deletes the file by hand."""
     (tmp_path / "health.sqlite").write_bytes(b"not a database, a torn page" * 200)
     async with HealthService(Settings(), tmp_path) as svc:
         await svc.feed(NODE, T, LIT)
@@ -507,7 +507,7 @@ async def test_the_monitor_failing_shows_in_metrics(
     Expected: /metrics says so (a counter of the monitor's failed feeds or store errors, which
     a shipped rule can alert on), as it says for the queue (lantern_store_errors_total).
     Instead: the forward stage that feeds the monitor is given a Metrics() of its own
-    (gateway.py:325), so its store errors are counted nowhere; HealthSink.skipped,
+    (gateway.py:345, `_serve`), so its store errors are counted nowhere; HealthSink.skipped,
     Health.ignored and the energy meters' out_of_order are not exported either: /metrics
     after three failed feeds is byte for byte that of three good ones (the monitor even
     advanced its energy in memory, service.py:119-123), and no rule in lantern-alerts.yml can
@@ -592,7 +592,7 @@ async def test_a_slow_receiver_does_not_get_an_alert_twice_across_a_stop(
     Expected (docs/alerts.md): "a graceful stop lets a delivery under way finish and leave
     the outbox, so a restart sends nothing twice".
     Instead: HealthService waits `stop_timeout_s` = 15 s (service.py:56, not derived from the
-    webhook's timeout: gateway.py:230 never passes it) and cancels the delivery; the
+    webhook's timeout: gateway.py:231 never passes it) and cancels the delivery; the
     notification stays in the outbox and the restart sends it again. Played here at 1/20
     scale: stop after 0.75 s, answer after 1 s, timeout 1.5 s (the same ratios)."""
     slow = SlowReceiver(1.0)
