@@ -323,7 +323,10 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
                 sink.registry = registry
         ingest = Ingest(store, fleet.ingest_keys, metrics)
         await ingest.start()
-        fleet.ingest_keys.armed = True  # from here a refused key is counted by its reason
+        if hasattr(ingest, "refused"):  # asked on every frame: a revocation applies at once
+            ingest.refused = fleet.refused
+        else:  # asked at a node's first frame: from here a refused key counts by its reason
+            fleet.ingest_keys.armed = True
         ctx = LinkContext(ingest, fleet.link_keys, store, cfg.state_dir,
                           backends={"ble": ble_backend})
         links += [link_plugin(name).make(link_cfg, ctx)

@@ -276,8 +276,8 @@ class KeyView(dict[bytes, bytes]):
     """The node keys ingest verifies with: the key file's (its contents), minus a revoked
     node's and a key the registry retired. Once `armed` (after ingest started: its start
     must read every stored window), asking for a refused key raises AuthError with the reason
-    ("revoked", "retired"), which ingest counts as lantern_frames_rejected_total{reason}.
-    For the links (`strict=False`) a refused key is absent (None, KeyError, not `in`)."""
+    ("revoked", "retired"), which ingest counts as lantern_frames_rejected_total{reason};
+    with `strict` False (or before), a refused key is absent (None, KeyError, not `in`)."""
 
     def __init__(self, keys: Mapping[bytes, bytes], registry: Registry, strict: bool = True
                  ) -> None:
@@ -328,7 +328,9 @@ class Fleet:
         self.registry = registry
         self.keys_file = keys_file
         self.ingest_keys = KeyView(keys, registry)
-        self.link_keys = KeyView(keys, registry, strict=False)
+        # the links' keys stay whole: a link looks a node's key up where a missing one is a
+        # bug (a BLE session, a command's reply); what a revoked node sends is refused at ingest
+        self.link_keys: dict[bytes, bytes] = dict(keys)
         self.config_nodes = config_nodes
         self.node_ids = node_ids  # the gateway's list of keyed nodes, extended in place
         self.nodes_meta: dict[str, NodeMeta] = {}  # registry places, [nodes] winning
@@ -336,6 +338,13 @@ class Fleet:
         self._refusals: dict[str, tuple[str | None, str | None]] = {}
         self._pushed: dict[str, tuple[object, ...]] = {}
         self._failing: set[str] = set()  # what is logged once until it works again
+
+    def refused(self, kid: bytes) -> str | None:
+        """Why ingest must refuse frames of `kid` now ("revoked", "retired"), or None: for an
+        ingest that asks on every frame (its `refused` hook, when it has one)."""
+        key = dict.get(self.ingest_keys, kid)
+        return None if key is None else self.registry.refusal(kid.decode("utf-8", "replace"),
+                                                             key)
 
     def _stat(self) -> float | None:
         try:
@@ -394,7 +403,8 @@ class Fleet:
                 self._mtime = mtime
                 self._once(f"reading {self.keys_file}", None)
                 self.ingest_keys.replace_all(keys)
-                self.link_keys.replace_all(keys)
+                self.link_keys.clear()
+                self.link_keys.update(keys)
         meta = {n: (m.pole, m.lat, m.lon, m.interval_s) for n, m in self.config_nodes.items()}
         try:
             await asyncio.to_thread(self.registry.observe, seen, dict(firmware), meta)
@@ -405,15 +415,18 @@ class Fleet:
         self._places()
         now_refused = self._now_refused()
         for node, state in now_refused.items():
-            if self._refusals.get(node, state) != state or node not in self._refusals:
-                why, kid = state
-                log.warning("registry: node %s: %s", node, f"its frames are refused ({why})"
-                            if why else f"key {kid} in use")
+            before = self._refusals.get(node)
+            if before == state:
+                continue
+            why, kid = state
+            log.warning("registry: node %s: %s", node, f"its frames are refused ({why})"
+                        if why else f"key {kid} in use")
+            if before is not None and before[1] != kid:  # a new key: ingest reads it again
                 if forget is not None:
                     forget(node.encode())
-                elif node in self._refusals:
-                    log.warning("registry: node %s: a key ingest holds since its first frame "
-                                "changes at the gateway's next restart", node)
+                else:
+                    log.warning("registry: node %s: ingest keeps the key it read at the "
+                                "node's first frame until the gateway restarts", node)
         self._refusals = now_refused
         await self._push(seen, sinks)
 

@@ -64,7 +64,10 @@ async def gateway(tmp: Path, keys: dict[str, bytes] | None = None, state: Path |
             await fleet.start()
             ingest = Ingest(store, fleet.ingest_keys, metrics)
             await ingest.start()
-            fleet.ingest_keys.armed = True
+            if hasattr(ingest, "refused"):  # as agent/gateway.py wires it
+                ingest.refused = fleet.refused
+            else:
+                fleet.ingest_keys.armed = True
             task = asyncio.create_task(ingest.run())
             try:
                 yield ingest, fleet, metrics, store

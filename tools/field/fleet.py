@@ -399,7 +399,8 @@ def nodes_main(args: argparse.Namespace) -> int:
                 for line in import_fragment(args.fragment, cfg.keys_file, reg, args.node,
                                             args.replace):
                     print(line)
-                print("the running gateway takes the new keys within seconds")
+                print("a running gateway takes a new node's key within seconds, a replaced key "
+                      "at its next restart (systemctl restart lantern-gateway)")
             elif args.nodes == "revoke":
                 r = reg.revoke(args.id, args.reason)
                 print(f"{r.id}: revoked (key {r.key_id}); its frames are refused and counted "

@@ -446,8 +446,9 @@ def gateway_snippet(node_id: str, keys: Path, pole: str, location: tuple[float, 
              f"(only {node_id}'s entry; its other nodes are not touched):",
              "", f"  lantern gateway nodes import {shlex.quote(str(keys))} --node "
              f"{shlex.quote(node_id)} --config /etc/lantern/gateway.toml",
-             "", "the running gateway takes the key within seconds; optionally add to "
-             "gateway.toml:", "", f"[nodes.{toml_string(node_id)}]"]
+             "", "a running gateway takes a new node's key within seconds, a replaced key "
+             "at its next restart; optionally add to gateway.toml:", "",
+             f"[nodes.{toml_string(node_id)}]"]
     if pole:
         lines.append(f"pole = {toml_string(pole)}")
     if location:
