@@ -4,6 +4,13 @@ Delivery means a 2xx from the URL configured. No sink ever follows a redirect (a
 default would, and a 200 from an http→https landing page or a captive portal would mark the
 batch delivered): a 3xx is a failed delivery, kept and retried, counted by status in the
 sink's `redirects`, and its message says where it pointed and what to change.
+
+The body is a SenML-JSON pack (RFC 8428 §5) of records with absolute names and times. A record
+whose unit is a secondary unit (RFC 8798 §3: ppm, ug/m3, ms, ...) carries "bver": 26, the
+version with the Secondary Units feature (RFC 9100 §4, feature code 4), which such a unit
+needs; the others keep version 10, left out. Per record, not once per batch: each record is
+then complete on its own (RFC 8428 §4.6 wants the version in every resolved record that is not
+version 10) and the same bytes in every batch it is retried in (docs/upstream.md).
 """
 
 from __future__ import annotations
@@ -35,6 +42,16 @@ log = logging.getLogger("lantern.sink.http")
 # upstream one request per ten minutes, while a stale or hostile "a year from now" would hold
 # the whole queue back that long (docs/upstream.md).
 RETRY_AFTER_MAX_S = 600.0
+# RFC 9100 §2: the version is a bitmap of features; 10 is the base, feature 4 (Secondary Units)
+# adds 2**4
+SECONDARY_VERSION = 10 + (1 << 4)
+# The IANA "Secondary Units" registry as RFC 8798 §3 created it: names from the SenML units'
+# namespace that scale a primary unit (only these need SECONDARY_VERSION)
+SECONDARY_UNITS = frozenset((
+    "ms", "min", "h", "MHz", "kW", "kVA", "kvar", "Ah", "Wh", "kWh", "varh", "kvarh", "kVAh",
+    "Wh/km", "KiB", "GB", "Mbit/s", "B/s", "MB/s", "mV", "mA", "dBm", "ug/m3", "mm/h", "m/h",
+    "ppm", "/100", "/1000", "hPa", "mm", "cm", "km", "km/h"))
+_UNIT_FIELD = re.compile(r'"u":("(?:[^"\\]|\\.)*")')
 BODY_MAX = 1 << 20  # bytes of an answer a sink reads at most (a 207 of 500 entities: ~100 KB)
 SHOWN_MAX = 200  # characters of a peer's URL or text a message shows at most
 
@@ -104,6 +121,18 @@ async def read_bounded(resp: aiohttp.ClientResponse, limit: int = BODY_MAX) -> b
     return b"".join(chunks)
 
 
+def _versioned(m: re.Match[str]) -> str:
+    unit = m.group(1)
+    if unit[1:-1] in SECONDARY_UNITS:  # every secondary unit name is plain ASCII: no escapes
+        return f'{m.group(0)},"bver":{SECONDARY_VERSION}'
+    return m.group(0)
+
+
+def senml_body(batch: Batch) -> bytes:
+    """The batch as a SenML-JSON pack: a record with a secondary unit says its version."""
+    return _UNIT_FIELD.sub(_versioned, "[" + ",".join(batch.json_items) + "]").encode()
+
+
 def idempotency_key(batch: Batch) -> str:
     """The same readings always give the same key, so a retried POST is recognisable."""
     h = hashlib.sha256()
@@ -136,7 +165,7 @@ class HttpSink:
 
     async def send(self, batch: Batch) -> None:
         assert self._session is not None
-        body = batch.body()
+        body = senml_body(batch)
         headers = dict(self._headers)
         headers["Idempotency-Key"] = idempotency_key(batch)
         t0 = time.monotonic()
