@@ -315,9 +315,6 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             opened.append(sink)
             sinks.append(TimedSink(sink, metrics))  # upstream latency histogram
             backoffs.append(plugin.backoff(sink_cfg))
-        for sink in opened:  # a sink that does not take the context's mapping yet
-            if getattr(sink, "firmware", rollout.firmware) is not rollout.firmware:
-                sink.firmware = rollout.firmware
         for sink in opened:
             if hasattr(sink, "registry"):  # deviceState from the registry (NGSI-LD)
                 sink.registry = registry

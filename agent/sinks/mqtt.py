@@ -27,7 +27,7 @@ import cbor2
 from ..config import check_secret_file
 from ..configfile import Doc, positive
 from ..ngsi import split_name
-from ..plugins import SinkPlugin
+from ..plugins import SinkContext, SinkPlugin
 from ..queue.resolve import Batch
 from .http import DeliveryError
 
@@ -65,15 +65,15 @@ class MqttSinkConfig:
 class MqttSink:
     name = "mqtt"
 
-    def __init__(self, cfg: MqttSinkConfig) -> None:
+    def __init__(self, cfg: MqttSinkConfig, firmware: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
         self._client: aiomqtt.Client | None = None
         self._password = cfg.password_file.read_text().strip() if cfg.password_file else None
         self.last_latency_s: float | None = None
         self.connects = 0
         self.skipped: Counter[str] = Counter()  # readings no topic can carry, by reason
-        # node → its firmware version, set by the gateway (the rollout manager's)
-        self.firmware: Mapping[str, str] = {}
+        # node → its firmware version (the rollout manager's, kept up to date by it)
+        self.firmware: Mapping[str, str] = {} if firmware is None else firmware
         self._published: dict[str, str] = {}  # node → the version the broker retains
 
     async def __aenter__(self) -> MqttSink:
@@ -212,7 +212,11 @@ def parse(doc: Doc, m: dict[str, Any], key: str, base: Path) -> MqttSinkConfig:
     return cfg
 
 
+def _open(cfg: MqttSinkConfig, ctx: SinkContext) -> MqttSink:
+    return MqttSink(cfg, ctx.firmware)
+
+
 PLUGIN = SinkPlugin(
     "mqtt", frozenset({"host", "port", "client_id", "topic", "payload", "username",
                        "password_file", "tls", "ca_file", "timeout_s"}),
-    parse, open=lambda c, _cfg: MqttSink(c), where=lambda c: c.host)
+    parse, open=_open, where=lambda c: c.host)
