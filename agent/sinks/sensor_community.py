@@ -8,7 +8,8 @@ registered sensor and sensor kind, headers `X-Sensor: <registered id>` and `X-Pi
 
 The API has no time field: the server dates a value when it arrives. So a value goes out only
 while it is fresh (`max_age_s`), as the mean of the readings since the previous push, and at
-most once per `interval_s` (the reference firmware's 145 s) per sensor and pin; a backlog
+most once per `interval_s` (the reference firmware's 145 s) per sensor and pin — across a
+gateway restart too (the last push per sensor and pin is kept in the state folder); a backlog
 after an outage is not published late (counted as `stale`). Off unless the table exists, and
 only the measurements it lists, of the nodes it maps to a registered id. docs/upstream.md.
 """
@@ -23,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -32,10 +33,11 @@ from lantern import __version__
 from ..config import http_url, shown_url
 from ..configfile import Doc, one_of, positive
 from ..ngsi import split_name
-from ..plugins import SinkPlugin
+from ..plugins import SinkContext, SinkPlugin
 from ..queue.resolve import Batch
 from .http import SHOWN_MAX, DeliveryError, read_bounded
 from .session import SessionSink, frame, quality_flags
+from .state import SinkState
 
 log = logging.getLogger("lantern.sink.sensor_community")
 
@@ -77,17 +79,33 @@ class Pending:
 class SensorCommunitySink(SessionSink):
     name = "sensor_community"
 
-    def __init__(self, cfg: SensorCommunitySinkConfig,
-                 now: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: SensorCommunitySinkConfig, now: Callable[[], float] = time.time,
+                 state_dir: Path | None = None) -> None:
         super().__init__(cfg.timeout_s)
         self.cfg = cfg
         self.now = now
+        # the last pushes, kept across restarts (None: this run's only)
+        self.state = SinkState(state_dir, "sensor_community") if state_dir else None
         self._pending: dict[tuple[str, int], Pending] = {}
         self._last: dict[tuple[str, int], float] = {}  # (sensor id, pin) → last push
         self._batch: tuple[int, int] | None = None
         self._seen: set[str] = set()  # reading ids of the current batch already taken
         self.pushes = 0
         self.skipped: Counter[str] = Counter()
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        if self.state is not None:
+            saved = await self.state.load()
+            pins = {(sensor, pin) for sensor in self.cfg.sensors.values()
+                    for pin, _ in VALUES.values()}
+            last = saved.get("last") if saved.get("url") == self.cfg.url else None
+            for key, t in (last.items() if isinstance(last, dict) else ()):
+                sensor, _, pin = key.rpartition(":")
+                if (pin.isdigit() and (sensor, int(pin)) in pins
+                        and isinstance(t, int | float) and not isinstance(t, bool)):
+                    self._last[(sensor, int(pin))] = float(t)
+        return self
 
     def _skip(self, reason: str, detail: str, n: int = 1) -> None:
         if not self.skipped[reason]:
@@ -129,10 +147,20 @@ class SensorCommunitySink(SessionSink):
             self._batch, self._seen = (batch.first_id, batch.last_id), set()
         self._take(batch.records())
         now = self.now()
+        try:
+            await self._push_due(now)
+        finally:
+            if self.state is not None:
+                await self.state.save({"url": self.cfg.url, "last": {
+                    f"{sensor}:{pin}": t for (sensor, pin), t in self._last.items()}})
+
+    async def _push_due(self, now: float) -> None:
         for (sensor, pin), pending in list(self._pending.items()):
             last = self._last.get((sensor, pin))
-            if last is not None and now - last < self.cfg.interval_s:
-                continue  # their rate: the next push takes the mean of these too
+            # their rate: the next push takes the mean of these too (a last push after now
+            # is a clock set back since: it holds nothing back)
+            if last is not None and 0 <= now - last < self.cfg.interval_s:
+                continue
             values = []
             for value_type, tv in pending.values.items():
                 fresh = [v for t, v in tv if t >= now - self.cfg.max_age_s]
@@ -202,8 +230,12 @@ def parse(doc: Doc, s: dict[str, Any], key: str, base: Path) -> SensorCommunityS
                                     (int, float), 300.0, positive)))
 
 
+def _open(cfg: SensorCommunitySinkConfig, ctx: SinkContext) -> SensorCommunitySink:
+    return SensorCommunitySink(cfg, state_dir=ctx.state_dir)
+
+
 PLUGIN = SinkPlugin(
     "sensor_community", frozenset({"url", "measurements", "sensors", "interval_s", "max_age_s",
                                    "timeout_s", "backoff_initial_s", "backoff_max_s"}),
-    parse, open=lambda c, _ctx: SensorCommunitySink(c), where=lambda c: c.url,
+    parse, open=_open, where=lambda c: c.url,
     backoff=lambda c: (c.backoff_initial_s, c.backoff_max_s))

@@ -4,7 +4,9 @@ One Thing per node (with its Location from `[nodes."…"]`), one Sensor per node
 family, one ObservedProperty per measurement (shared by every node and gateway), one Datastream
 per node and measurement. Each is found again by the stable `properties/lantern_id` it was
 created with (`$filter=properties/lantern_id eq '…'`) before it is created, so a restarted
-gateway, or a second one, never duplicates it. Observations go in `CreateObservations`
+gateway, or a second one, never duplicates it. The ids found or created are kept in the state
+folder: after a restart one `$filter` shows the server still holds what they name (below), and
+the rest are used without looking each up again. Observations go in `CreateObservations`
 dataArray requests (§14) where the landing page's `serverSettings.conformance` lists the data
 array extension, else one POST each. Delivered means every Observation of the batch created;
 a redirect is never followed (agent/sinks/http.py says why). docs/upstream.md lists the fields.
@@ -17,12 +19,11 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -37,6 +38,8 @@ from ..protocol import TIME_MAX, TIME_MIN
 from ..queue.resolve import Batch
 from .http import SHOWN_MAX, DeliveryError, read_bounded
 from .session import SessionSink, frame, quality_flags
+from .sta_terms import FAMILIES, FAMILY, OBSERVED, PERIOD, UNIT_OVERRIDE, UNITS, entity_id, literal
+from .state import SinkState
 
 log = logging.getLogger("lantern.sink.sensorthings")
 
@@ -46,55 +49,6 @@ OM_MEASUREMENT = "http://www.opengis.net/def/observationType/OGC-OM/2.0/OM_Measu
 GEOJSON = "application/geo+json"  # 1.1's Location encodingType for GeoJSON
 UCUM = "http://unitsofmeasure.org/ucum.html"
 MAX_ARRAY = 1000  # Observations per CreateObservations request at most (a body of ~150 KB)
-
-# SenML unit (IANA registry) → (UCUM case-sensitive code, its name). 18-088's Datastream:
-# the unitOfMeasurement's values SHOULD follow UCUM; `symbol` carries the c/s code.
-UNITS: dict[str, tuple[str, str]] = {
-    "Cel": ("Cel", "degree Celsius"), "%RH": ("%", "percent"), "%": ("%", "percent"),
-    "Pa": ("Pa", "pascal"), "ug/m3": ("ug/m3", "microgram per cubic metre"),
-    "ppm": ("[ppm]", "part per million"), "lx": ("lx", "lux"), "dB": ("dB", "decibel"),
-    "V": ("V", "volt"), "A": ("A", "ampere"), "W": ("W", "watt"), "J": ("J", "joule"),
-    "s": ("s", "second"), "ms": ("ms", "millisecond"), "B": ("By", "byte"),
-    "m": ("m", "metre"), "m/s": ("m/s", "metre per second"), "Hz": ("Hz", "hertz"),
-}
-# measurements whose UCUM unit says more than the SenML one: sound pressure levels are bels
-# of sound pressure re 20 uPa (UCUM B[SPL]); a count of frames is an annotated 1
-UNIT_OVERRIDE = {"LAeq": ("dB[SPL]", "decibel (A-weighted sound pressure level)"),
-                 "LAmax": ("dB[SPL]", "decibel (A-weighted sound pressure level)"),
-                 "outbox": ("{frames}", "frames")}
-# measurements whose value covers the interval before its time (phenomenonTime is a period)
-PERIOD = {"LAeq", "LAmax", "energy"}
-
-_CF = "https://cfconventions.org/Data/cf-standard-names/current/build/cf-standard-name-table.html#"
-_EEA = "http://dd.eionet.europa.eu/vocabulary/aq/pollutant/"
-_QUDT = "http://qudt.org/vocab/quantitykind/"
-# measurement → (ObservedProperty definition URI, description); others: urn:lantern:measurement:
-OBSERVED = {
-    "temperature": (_CF + "air_temperature", "air temperature"),
-    "humidity": (_CF + "relative_humidity", "relative humidity"),
-    "pressure": (_CF + "air_pressure", "station air pressure (not reduced to sea level)"),
-    "pm1": (_EEA + "6002", "PM1 mass concentration"),
-    "pm2_5": (_EEA + "6001", "PM2.5 mass concentration"),
-    "pm10": (_EEA + "5", "PM10 mass concentration"),
-    "co2": (_EEA + "71", "carbon dioxide mole fraction"),
-    "illuminance": (_QUDT + "Illuminance", "illuminance on the upward-facing sensor"),
-    "lamp_voltage": (_QUDT + "Voltage", "the luminaire's supply voltage"),
-    "lamp_current": (_QUDT + "ElectricCurrent", "the luminaire's current"),
-    "lamp_power": (_QUDT + "Power", "the luminaire's power"),
-}
-# measurement → the sensor family that measures it (one Sensor per node and family)
-FAMILY = {"temperature": "climate", "humidity": "climate", "pressure": "climate",
-          "pm1": "particulate", "pm2_5": "particulate", "pm4": "particulate",
-          "pm10": "particulate", "co2": "co2", "LAeq": "sound", "LAmax": "sound",
-          "illuminance": "light", "lamp_voltage": "lamp", "lamp_current": "lamp",
-          "lamp_power": "lamp", "battery": "battery"}
-FAMILIES = {"climate": "BME280 temperature, humidity and pressure sensor",
-            "particulate": "particulate matter sensor (Sensirion SPS30 or Plantower PMS5003)",
-            "co2": "Sensirion SCD4x CO2 sensor", "sound": "A-weighted sound level module",
-            "light": "ambient light sensor (BH1750 or VEML7700)",
-            "lamp": "luminaire power monitor (INA219 or INA226)",
-            "battery": "backup cell voltage (ADC through a divider)",
-            "node": "the Lantern node's own firmware (health)"}
 
 
 @dataclass(frozen=True)
@@ -118,32 +72,11 @@ class Reading:
     rid: str
 
 
-def literal(text: str) -> str:
-    """An OData string literal: single quotes doubled (OData ABNF, SQUOTE-in-string)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def entity_id(location: str | None, body: bytes) -> Any:
-    """The @iot.id of a created entity: from the 201's Location header, or else the body."""
-    if location:
-        m = re.search(r"\(([^()]*)\)/?$", urlsplit(location).path)
-        if m:
-            raw = m.group(1)
-            if re.fullmatch(r"-?[0-9]+", raw):
-                return int(raw)
-            if len(raw) >= 2 and raw[0] == raw[-1] == "'":
-                return raw[1:-1].replace("''", "'")
-    try:
-        return json.loads(body)["@iot.id"]
-    except (ValueError, TypeError, KeyError):
-        raise DeliveryError("SensorThings server created an entity but said neither its "
-                            "Location nor its @iot.id") from None
-
-
 class SensorThingsSink(SessionSink):
     name = "sensorthings"
 
-    def __init__(self, cfg: SensorThingsSinkConfig, nodes: dict[str, NodeMeta]) -> None:
+    def __init__(self, cfg: SensorThingsSinkConfig, nodes: dict[str, NodeMeta],
+                 state_dir: Path | None = None) -> None:
         super().__init__(cfg.timeout_s)
         self.cfg = cfg
         self.nodes = nodes
@@ -152,6 +85,10 @@ class SensorThingsSink(SessionSink):
         if cfg.token_file:
             self._headers["Authorization"] = "Bearer " + cfg.token_file.read_text().strip()
         self._ids: dict[str, Any] = {}  # lantern_id → @iot.id, found or created this run
+        # ids an earlier run kept (state_dir), used once one of them is checked this run
+        self.state = SinkState(state_dir, "sensorthings") if state_dir else None
+        self._saved: dict[str, Any] = {}
+        self.stale = 0  # earlier runs' ids dropped: the server no longer held what they named
         self.data_array: bool | None = None  # from the landing page, read once
         self._batch: tuple[int, int] | None = None
         self._done: set[str] = set()  # reading ids of the current batch already created
@@ -159,6 +96,43 @@ class SensorThingsSink(SessionSink):
         self.found: Counter[str] = Counter()  # entities found again, by entity set
         self.skipped: Counter[str] = Counter()  # readings no Observation can hold, by reason
         self.partial_failures = 0
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        if self.state is not None:
+            saved = await self.state.load()
+            ids = saved.get("ids")
+            if saved.get("root") == self.root and isinstance(ids, dict):
+                self._saved = {k: v for k, v in ids.items()
+                               if isinstance(v, int | str) and not isinstance(v, bool)}
+        return self
+
+    async def _save(self) -> None:
+        if self.state is not None:
+            await self.state.save({"root": self.root, "ids": {**self._saved, **self._ids}})
+
+    async def _check_saved(self, device: str) -> None:
+        """Use the ids an earlier run kept only if the server still holds what they name.
+
+        A server wiped since (or restored from a backup) numbers its entities from the start
+        again, so a kept id may now name another node's Datastream: one $filter for a kept
+        Thing decides for all of them. After that, a kept id the server refuses (an entity
+        deleted since) clears every id, as a found one does (_call).
+        """
+        saved = self._saved
+        key = f"lantern:thing:{device}"
+        if key not in saved:
+            key = min((k for k in saved if k.startswith("lantern:thing:")), default="")
+        # (a server that does not answer leaves them for the next try)
+        held = bool(key) and await self._lookup("Things", key) == [saved[key]]
+        self._saved = {}
+        if held:
+            self._ids = {**saved, **self._ids}
+            return
+        self.stale += len(saved)
+        log.warning("sensorthings: %s no longer holds the %d entities this gateway made or "
+                    "found before (reset or wiped?): each is looked up again, or created",
+                    shown_url(self.root), len(saved))
 
     # ------------------------------------------------------------------ HTTP
 
@@ -198,16 +172,20 @@ class SensorThingsSink(SessionSink):
         log.info("sensorthings: %s: Observations %s", shown_url(self.root),
                  "in CreateObservations data arrays" if self.data_array else "one POST each")
 
+    async def _lookup(self, entity_set: str, lantern_id: str) -> list[Any]:
+        """The @iot.ids of the entities that carry `lantern_id` ($filter)."""
+        query = "$filter=" + quote(f"properties/lantern_id eq {literal(lantern_id)}", safe="/':")
+        _, answer, _ = await self._call("GET", f"{self.root}/{entity_set}?{query}", ok=(200,))
+        try:
+            return [e["@iot.id"] for e in json.loads(answer)["value"]]
+        except (ValueError, TypeError, KeyError):
+            raise DeliveryError(f"unreadable answer to a $filter on {entity_set}") from None
+
     async def _entity(self, entity_set: str, lantern_id: str, body: dict[str, Any]) -> Any:
         """The entity's @iot.id: cached, found by its lantern_id, or created (never twice)."""
         if lantern_id in self._ids:
             return self._ids[lantern_id]
-        query = "$filter=" + quote(f"properties/lantern_id eq {literal(lantern_id)}", safe="/':")
-        _, answer, _ = await self._call("GET", f"{self.root}/{entity_set}?{query}", ok=(200,))
-        try:
-            found = [e["@iot.id"] for e in json.loads(answer)["value"]]
-        except (ValueError, TypeError, KeyError):
-            raise DeliveryError(f"unreadable answer to a $filter on {entity_set}") from None
+        found = await self._lookup(entity_set, lantern_id)
         if found:
             if len(found) > 1:
                 log.warning("sensorthings: %d %s carry lantern_id %r (created by something "
@@ -327,6 +305,14 @@ class SensorThingsSink(SessionSink):
             return
         if self.data_array is None:
             await self._landing()
+        try:
+            await self._send(todo)
+        finally:  # what it found or created, and a clear after a refusal: kept
+            await self._save()
+
+    async def _send(self, todo: list[Reading]) -> None:
+        if self._saved:
+            await self._check_saved(todo[0].device)
         streams: defaultdict[Any, list[Reading]] = defaultdict(list)
         for r in todo:
             streams[await self._datastream(r)].append(r)
@@ -408,5 +394,6 @@ def parse(doc: Doc, s: dict[str, Any], key: str, base: Path) -> SensorThingsSink
 PLUGIN = SinkPlugin(
     "sensorthings", frozenset({"url", "token_file", "timeout_s", "batch_observations",
                                "sensor_metadata_url", "backoff_initial_s", "backoff_max_s"}),
-    parse, open=lambda c, ctx: SensorThingsSink(c, ctx.nodes), where=lambda c: c.url,
+    parse, open=lambda c, ctx: SensorThingsSink(c, ctx.nodes, ctx.state_dir),
+    where=lambda c: c.url,
     backoff=lambda c: (c.backoff_initial_s, c.backoff_max_s))

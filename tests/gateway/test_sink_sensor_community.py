@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -145,6 +146,46 @@ async def test_a_refusal_is_a_failed_delivery(receiver: ScReceiver, clock: Clock
         receiver.registered = {"esp32-1001": {1, 11, 15}}
         await sink.send(batch(_pack("SL-0001", 0, T)))  # the retry sends what was left
     assert sorted(pin for _, pin, _ in receiver.accepted) == [1, 11, 15]  # each once
+
+
+async def test_the_interval_holds_across_a_gateway_restart(
+        receiver: ScReceiver, clock: Clock, tmp_path: Path) -> None:
+    """Their API refuses (429) a sensor and pin pushing again within the interval: a gateway
+    restarted a minute after a push waits out the rest of it."""
+    async with SensorCommunitySink(_cfg(receiver), now=clock, state_dir=tmp_path) as sink:
+        await sink.send(batch(_pack("SL-0001", 0, T)))
+    kept = tmp_path / "sensor_community.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert json.loads(kept.read_text()) == {"url": receiver.url, "last": {
+        "esp32-1001:1": T, "esp32-1001:11": T, "esp32-1001:15": T}}
+    async with SensorCommunitySink(_cfg(receiver), now=clock, state_dir=tmp_path) as sink:
+        clock.t = T + 60
+        await sink.send(batch(_pack("SL-0001", 1, clock.t, scale=2)))
+        assert sink.pushes == 0  # held: the next push takes this pack too
+        clock.t = T + 150
+        await sink.send(batch(_pack("SL-0001", 2, clock.t, scale=4)))
+        assert sink.pushes == 3
+    assert receiver.rejected == []
+    pm = [values for _, pin, values in receiver.accepted if pin == 1]
+    assert pm == [{"P1": "20.00", "P2": "12.50"}, {"P1": "60.00", "P2": "37.50"}]
+    assert json.loads(kept.read_text())["last"]["esp32-1001:1"] == T + 150
+
+
+@pytest.mark.parametrize("kept", [
+    '{"url": "https://elsewhere.example/push", "last": {"esp32-1001:1": %s}}',  # another API
+    '{"url": "%s", "last": {"esp32-1001:1": %s}}',  # a push "later" than now: clock set back
+    '{"url": "%s", "last": {"esp32-1001:1": "soon"}}',  # not a time
+    "not JSON",
+])
+async def test_kept_push_times_that_cannot_hold_a_push_back_do_not(
+        receiver: ScReceiver, clock: Clock, tmp_path: Path, kept: str) -> None:
+    text = kept.replace('"%s"', json.dumps(receiver.url)).replace("%s", str(T + 3600))
+    (tmp_path / "sensor_community.json").write_text(text)
+    async with SensorCommunitySink(_cfg(receiver), now=clock, state_dir=tmp_path) as sink:
+        await sink.send(batch(_pack("SL-0001", 0, T)))
+    assert sink.pushes == 3 and receiver.rejected == []
+    assert json.loads((tmp_path / "sensor_community.json").read_text())["last"] == {
+        "esp32-1001:1": T, "esp32-1001:11": T, "esp32-1001:15": T}
 
 
 @pytest.mark.parametrize(("headers", "body", "status"), [

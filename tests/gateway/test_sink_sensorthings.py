@@ -319,3 +319,131 @@ async def test_a_flag_marks_its_own_frame_only_even_in_the_same_second(
     assert [o["parameters"] for o in pm10] == [
         {"lantern_id": "SL-0001:0:7"},
         {"lantern_id": "SL-0001:1:7", "lantern_quality": 8, "lantern_flags": ["stuck"]}]
+
+
+# ---------------------------------------------------------------- ids kept across restarts
+
+FILTER_THING = "$filter=properties/lantern_id%20eq%20'lantern:thing:"
+
+
+def _kept(state: Path) -> dict[str, object]:
+    kept = state / "sensorthings.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    saved: dict[str, object] = json.loads(kept.read_text())
+    return saved
+
+
+def _misdirected(server: StaServer) -> list[str]:
+    """Observations whose Datastream is not their own node's and measurement's."""
+    names = {d["@iot.id"]: d["name"] for d in server.all("Datastreams")}
+    out = []
+    for o in server.all("Observations"):
+        node, _, i = str(o["parameters"]["lantern_id"]).split(":")
+        if names[o["Datastream@iot.id"]] != f"{node} {FULL[int(i)][0]}":
+            out.append(str(o["parameters"]["lantern_id"]))
+    return out
+
+
+async def _restart(server: StaServer, persist: Path | None) -> StaServer:
+    """The server stopped and started on the same URL (with its entities, or wiped)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    await server.stop()
+    again = StaServer(persist=persist)
+    await again.start(port=port)
+    return again
+
+
+async def test_kept_ids_spare_the_lookups_after_a_gateway_restart(
+        server: StaServer, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    async with SensorThingsSink(_cfg(server), NODES, state) as sink:
+        await sink.send(batch(records(node="SL-0001") + records(node="SL-0002", seq=1)))
+    saved = _kept(state)
+    assert saved["root"] == server.url + "/v1.1"
+    streams = {d["properties"]["lantern_id"]: d["@iot.id"] for d in server.all("Datastreams")}
+    ids = saved["ids"]
+    assert isinstance(ids, dict) and {k: ids[k] for k in streams} == streams
+    counts = {s: len(server.sets[s]) for s in server.sets if s != "Observations"}
+
+    before = len(server.requests)
+    async with SensorThingsSink(_cfg(server), NODES, state) as again:
+        await again.send(batch(records(node="SL-0001", seq=2) + records(node="SL-0002", seq=3)))
+    lookups = [r for r in server.requests[before:] if "$filter" in r]
+    assert len(lookups) == 1 and FILTER_THING + "SL-0001'" in lookups[0], lookups
+    assert not again.created and not again.found and again.stale == 0
+    assert {s: len(server.sets[s]) for s in server.sets if s != "Observations"} == counts
+    assert len(server.all("Observations")) == 4 * PER_PACK and _misdirected(server) == []
+    assert server.rejected == []
+
+
+async def test_a_wiped_server_that_numbered_others_alike_gets_no_reading_misdirected(
+        server: StaServer, tmp_path: Path) -> None:
+    """After a wipe the server numbers from 1 again: another gateway's first entities take the
+    ids this one kept. One $filter shows the kept Thing is gone; nothing kept is used."""
+    state = tmp_path / "state"
+    state.mkdir()
+    async with SensorThingsSink(_cfg(server), NODES, state) as sink:
+        await sink.send(batch(records(node="SL-0001")))
+    kept = _kept(state)["ids"]
+    assert isinstance(kept, dict)
+
+    wiped = await _restart(server, None)
+    try:
+        async with SensorThingsSink(_cfg(wiped), NODES) as other:  # no kept ids
+            await other.send(batch(records(node="SL-0002", seq=1)))
+        # the wiped server gave SL-0002's entities the very ids SL-0001's had
+        reused = {d["@iot.id"] for d in wiped.all("Datastreams")} & set(kept.values())
+        assert reused
+        async with SensorThingsSink(_cfg(wiped), NODES, state) as sink:
+            await sink.send(batch(records(node="SL-0001", seq=2)))
+        assert sink.stale == len(kept) and sink.created["Datastreams"] == PER_PACK
+        assert _misdirected(wiped) == [] and wiped.rejected == []
+        assert len(wiped.all("Things")) == 2 and len(wiped.all("Datastreams")) == 2 * PER_PACK
+        now = _kept(state)["ids"]
+        assert isinstance(now, dict)
+        assert {d["@iot.id"] for d in wiped.all("Datastreams")
+                if d["name"].startswith("SL-0001 ")} <= set(now.values())
+    finally:
+        await wiped.stop()
+
+
+async def test_a_kept_id_the_server_refuses_is_dropped_and_looked_up_again(
+        server: StaServer, tmp_path: Path) -> None:
+    """An entity deleted on the server since: its kept id is refused once, then found again."""
+    state = tmp_path / "state"
+    state.mkdir()
+    async with SensorThingsSink(_cfg(server), NODES, state) as sink:
+        await sink.send(batch(records(node="SL-0001")))
+    gone = next(d["@iot.id"] for d in server.all("Datastreams")
+                if d["name"] == "SL-0001 temperature")
+    del server.sets["Datastreams"][gone]
+    async with SensorThingsSink(_cfg(server), NODES, state) as again:
+        recs = records(node="SL-0001", seq=1)
+        with pytest.raises(DeliveryError, match="HTTP 400"):
+            await again.send(batch(recs))
+        ids = _kept(state)["ids"]
+        assert isinstance(ids, dict) and gone not in ids.values()  # not kept for a restart
+        await again.send(batch(recs))  # the forwarder's retry
+    assert again.created == {"Datastreams": 1}
+    new = next(d["@iot.id"] for d in server.all("Datastreams")
+               if d["name"] == "SL-0001 temperature")
+    assert new != gone
+    assert [o["parameters"]["lantern_id"] for o in server.all("Observations")
+            if o["Datastream@iot.id"] == new] == ["SL-0001:1:0"]
+    ids = [o["parameters"]["lantern_id"] for o in server.all("Observations")]
+    assert len(ids) == len(set(ids)) == 2 * PER_PACK  # each once
+
+
+async def test_an_unreadable_kept_file_is_said_once_and_replaced(
+        server: StaServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "sensorthings.json").write_text("{not json")
+    async with SensorThingsSink(_cfg(server), NODES, state) as sink:
+        await sink.send(batch(records(node="SL-0001")))
+    assert sink.state is not None and sink.state.failures == 1
+    assert sum("sensorthings.json: cannot read it" in r.message for r in caplog.records) == 1
+    assert sink.created["Datastreams"] == PER_PACK and server.rejected == []
+    ids = _kept(state)["ids"]
+    assert isinstance(ids, dict) and len(ids) >= PER_PACK
