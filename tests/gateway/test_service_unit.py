@@ -6,19 +6,17 @@ itself reads it; the installer runs into a DESTDIR, as a package build would.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.install import LANTERN, ROOT, install
+
 UNIT = ROOT / "packaging" / "systemd" / "lantern-gateway.service"
-LANTERN = Path(sys.executable).parent / "lantern"
 ANALYZE = shutil.which("systemd-analyze")
 
 
@@ -90,9 +88,7 @@ def mode(p: Path) -> int:
 @pytest.fixture
 def installed(tmp_path: Path) -> Path:
     dest = tmp_path / "root"
-    env = dict(os.environ, DESTDIR=str(dest), LANTERN_BIN=str(LANTERN))
-    r = subprocess.run(["bash", str(ROOT / "packaging" / "install.sh")], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = install(dest)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "systemctl enable --now lantern-gateway" in r.stdout
     return dest
@@ -123,9 +119,7 @@ def test_install_again_keeps_the_operators_files(installed: Path) -> None:
     keys = installed / "etc/lantern/keys.toml"
     cfg.write_text(cfg.read_text().replace("/dev/ttyUSB0", "/dev/ttyAMA0"))
     keys.write_text(keys.read_text() + '"SL-0001" = "' + "ab" * 32 + '"\n')
-    env = dict(os.environ, DESTDIR=str(installed), LANTERN_BIN=str(LANTERN))
-    r = subprocess.run(["bash", str(ROOT / "packaging" / "install.sh")], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = install(installed)
     assert r.returncode == 0, r.stderr
     assert "/dev/ttyAMA0" in cfg.read_text() and "SL-0001" in keys.read_text()
     assert mode(keys) == 0o600
