@@ -15,11 +15,8 @@ put back to sleep. Every state a chip spends time in is charged at the board's c
 and energy() adds the microcontroller and the radio: mJ per interval and per reading, and the
 days a cell lasts. A low battery (node config "battery_low") stretches every cadence.
 
-Corrections (docs/corrections.md), all on the node, the raw value kept beside each: provisioning
-offsets (node config "offsets") added to temperature, humidity and the sound levels and sent
-as "<name>_offset"; particulate mass corrected for humidity by kappa-Koehler hygroscopic growth
-as "<pm>_corr" (with "pm_kappa" when the node's kappa is not the default); the CO2 chip given
-the node's own pressure.
+Corrections (docs/corrections.md, node/drivers/corrections.py), loaded only by a board that
+has something to correct: offsets, particulate humidity correction, the CO2 chip's pressure.
 """
 
 import asyncio
@@ -56,13 +53,6 @@ SLEEP = const(0)
 IDLE = const(1)
 MEASURE = const(2)
 
-# corrections (docs/corrections.md)
-OFFSETS = ("temperature", "humidity", "LAeq", "LAmax")  # what node config "offsets" may shift
-PM_NAMES = ("pm1", "pm2_5", "pm4", "pm10")
-KAPPA = 0.4  # bulk hygroscopicity of the street's aerosol, node config corrections.kappa
-DENSITY = 1.65  # dry particle density relative to water (Crilley et al. 2018)
-RH_MAX = 98  # at and above it no corrected value: the growth term diverges (fog, condensation)
-
 STUCK_AFTER = const(6)
 ABSENT_AFTER = const(3)
 _FAIL = "fail"  # sentinel: every attempt of a read failed
@@ -74,18 +64,16 @@ def flag_names(bits):
     return [n for i, n in enumerate(FLAG_NAMES) if bits & (1 << i)]
 
 
-def humidity_factor(rh, kappa=KAPPA, rh_max=RH_MAX):
-    """kappa-Koehler mass growth of particles at relative humidity rh (%): the factor a wet
-    reading is divided by, C = 1 + (kappa / DENSITY) * aw / (1 - aw) with aw = rh / 100;
-    None at or above rh_max (docs/corrections.md)."""
-    if rh >= rh_max:
-        return None
-    aw = rh / 100 if rh > 0 else 0.0
-    return 1 + kappa / DENSITY * aw / (1 - aw)
-
-
-def _number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x - x == 0
+def corrections_apply(slots, cfg):
+    """Whether this board and config have anything to correct (docs/corrections.md)."""
+    corr = cfg.get("corrections") or {}
+    names = set()
+    for slot in slots:
+        names.update(slot.names())
+    return bool(cfg.get("offsets")) or (
+        "humidity" in names and corr.get("pm_humidity", True) is not False and (
+            "pm2_5" in names or "pm10" in names or "pm1" in names)) or (
+        "co2" in names and corr.get("co2_pressure", True) is not False)
 
 
 def _cause(e):
@@ -198,7 +186,6 @@ class Sampler:
         # how many times interval_ms the node waits now: a low battery stretches the
         # interval (and with it every cadence) to save the boot, the sensors and the radio
         self.interval_factor = 1
-        self._corrections_cfg(cfg)
         self.cycle = 0
         self._values = {}
         self._waited = 0
@@ -217,35 +204,12 @@ class Sampler:
             self._open(slot)
             slot.every = self._every(slot)
             self._rest(slot)
+        self.fix = None
+        if corrections_apply(self.slots, cfg):
+            # only a board with something to correct loads the corrections' code
+            from .drivers.corrections import Corrections
 
-    def _corrections_cfg(self, cfg):
-        """Node config "offsets" and "corrections", checked once; a bad entry is logged and
-        left out (the node still samples)."""
-        corr = cfg.get("corrections") or {}
-        self.pm_humidity = corr.get("pm_humidity", True) is not False
-        self.co2_pressure = corr.get("co2_pressure", True) is not False
-        k = corr.get("kappa", KAPPA)
-        if not (_number(k) and 0 <= k <= 2):
-            self.log("corrections.kappa: expected a number 0..2, got %r; using %s" % (k, KAPPA))
-            k = KAPPA
-        self.kappa = k
-        m = corr.get("rh_max", RH_MAX)
-        if not (_number(m) and 50 <= m <= 100):
-            self.log("corrections.rh_max: expected 50..100 %%RH, got %r; using %s" % (
-                m, RH_MAX))
-            m = RH_MAX
-        self.rh_max = m
-        self.offsets = {}
-        offsets = cfg.get("offsets") or {}
-        for name in offsets:
-            off = offsets[name]
-            if name not in OFFSETS or not _number(off):
-                self.log("offsets.%s: expected a number for one of %s, got %r; ignored" % (
-                    name, ", ".join(OFFSETS), off))
-            elif off:
-                self.offsets[name] = off
-        self._pressure = None  # Pa, the last good pressure reading (fed to the CO2 chip)
-        self._places = {}  # measurement -> its driver's PLACES (the offsets keep them)
+            self.fix = Corrections(self.slots, cfg, log)
 
     def __iter__(self):
         return iter(self.slots)
@@ -351,7 +315,8 @@ class Sampler:
             due.append([slot, self._open(slot) if slot.driver is None else 0, [], False])
             if self._managed(slot):
                 waking.append((int(slot.need_ms() / scale), len(due) - 1))
-        self._feed_pressure(due)
+        if self.fix is not None:
+            self.fix.feed(due)
         # wake the slowest first and each one just in time, so that all are ready together
         waking.sort(reverse=True)
         for k, (ms, j) in enumerate(waking):
@@ -412,71 +377,11 @@ class Sampler:
         for slot, f, fresh, failed, _ in due:
             self._finish(slot, fresh, failed, f, now, values)
             self._rest(slot)
-        self._correct(values)
+        if self.fix is not None:
+            self.fix.apply(values)
         self._battery(values)
         self._values = values
         self._charge(t0, values)
-
-    def _feed_pressure(self, due):
-        """Give chips that compensate for pressure (SCD4x) the last good pressure reading."""
-        p = self._pressure
-        if p is None or not self.co2_pressure:
-            return
-        for e in due:
-            slot = e[0]
-            d = slot.driver
-            if d is None or not hasattr(d, "set_pressure"):
-                continue
-            try:
-                d.set_pressure(p)
-            except SensorError as x:
-                e[1] |= _cause(x)
-                slot.errors += 1
-            except Exception as x:  # noqa: BLE001 - a driver bug must not stop the node
-                slot.errors += 1
-                if not slot.down:
-                    self.log("sensor %s: cannot set pressure: %r" % (slot.label, x))
-
-    def _correct(self, values):
-        """Offsets, then the particulate humidity correction, each beside the raw value
-        (docs/corrections.md); keep the pressure for the CO2 chip's next measurement."""
-        places = self._places
-        for name in self.offsets:
-            v = values.get(name)
-            if v is None:
-                continue
-            off = self.offsets[name]
-            v = v + off
-            if name == "humidity":
-                v = 0 if v < 0 else 100 if v > 100 else v
-            p = places.get(name)
-            values[name] = quantize(float(v), p)
-            values[name + "_offset"] = quantize(float(off), p)
-        p = values.get("pressure")
-        if p is not None and not values.get("pressure.q", 0) & (RANGE | STUCK):
-            self._pressure = p
-        rh = values.get("humidity")
-        if not self.pm_humidity or rh is None:
-            return
-        hq = values.get("humidity.q", 0) & (WARMUP | RANGE | STUCK)
-        c = humidity_factor(rh, self.kappa, self.rh_max)
-        done = False
-        for name in PM_NAMES:
-            v = values.get(name)
-            if v is None:
-                continue
-            f = values.get(name + ".q", 0) | hq
-            if c is None:
-                f |= RANGE  # too humid to correct: the raw value alone goes out
-            else:
-                p = places.get(name)
-                values[name + "_corr"] = quantize(v / c, 0 if p is None else p)
-                done = True
-            if f:
-                values[name + "_corr.q"] = f
-        if done and self.kappa != KAPPA:
-            # the method's parameter travels with the data unless it is the documented default
-            values["pm_kappa"] = quantize(float(self.kappa), 3)
 
     def _battery(self, values):
         """Lower the cadence below battery_low.low_v (more below critical_v); flag it."""
@@ -586,9 +491,6 @@ class Sampler:
             f |= WARMUP
         ranges = getattr(d, "RANGES", None) or {}
         places = getattr(d, "PLACES", None) or {}
-        for name in slot.names():
-            if name in places:
-                self._places[name] = places[name]
         if fresh is not None and getattr(d, "STUCK", ()):
             # a frozen chip repeats every output exactly; noise makes that vanishingly rare
             # for a live one, so all watched outputs must repeat, not just one

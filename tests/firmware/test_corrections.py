@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from node.drivers import scd4x
-from node.sampler import KAPPA, RANGE, STUCK, WARMUP, Sampler, humidity_factor
+from node.drivers.corrections import KAPPA, humidity_factor
+from node.sampler import RANGE, STUCK, WARMUP, Sampler
 from sim import sensirion
 
 from tests.helpers.clock import VirtualClock, one_chip, street

@@ -6,7 +6,8 @@ values in SenML units, or None when the chip has no new data yet. `PLACES` gives
 measurement's resolution as decimal places, from the datasheet's step: the sampler rounds to
 it (node/senml.py quantize) so that a value is the same number on every VM. Failures raise the
 specific exceptions below, never a bare OSError, so the sampler can flag each reading with its
-cause.
+cause. One module here is not a chip: corrections.py, the corrections of the readings
+(docs/corrections.md), loaded like a driver only by a board that needs it.
 """
 
 import errno
