@@ -244,6 +244,7 @@ class Updater:
     def rotate(self, record):
         """Take a key-rotation record: its new key is kept beside the current one until a
         bundle signed by it verifies (then it replaces the current key). Returns its kid."""
+        gc.collect()
         v = self._check()
         try:
             new = v.rotation(record)
@@ -278,13 +279,12 @@ class Updater:
             self._got = 0
             if len(piece) < 8:
                 raise self._refuse("truncated", "an OFFER's first piece holds the 8-byte head")
-            v = self._check()
+            from .update import Pieces, Refused, envelope_len
+
             try:
-                n = v.envelope_len(piece)  # a wrong N is refused before its bytes are awaited
-            except ValueError:
-                self._count(v)
-                raise
-            from .update import Pieces
+                n = envelope_len(piece)  # a wrong N is refused before its bytes are awaited
+            except Refused as e:
+                raise self._refuse(e.reason, e.detail) from None
 
             # the pieces as they came (no buffer of 8 + N bytes: a heap fragmented by
             # sampling may have no free block that large)
@@ -312,10 +312,13 @@ class Updater:
                 v.refused[r] = 0
 
     def _accept(self, head):
-        v = self._check()
         rec = read_record(self.fw)
         if rec.get("cand"):
             raise self._refuse("busy", "release %s is on trial" % rec.get("cver"))
+        gc.collect()  # Ed25519 and SHA-512 load now, into the heap as tidy as it gets
+        v = self._check()
+        from . import ed25519  # noqa: F401 - loaded before the figure below, every time
+
         gc.collect()
         print("update: checking an offer, heap free %d" % gc.mem_free())
         try:

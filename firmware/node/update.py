@@ -79,6 +79,19 @@ class Refused(ValueError):
         self.detail = detail
 
 
+def envelope_len(head):
+    """N from a bundle's first 8 bytes (Refused, uncounted, if they are not a bundle's): no
+    key and no Ed25519 needed, so an OFFER's first piece loads neither."""
+    if len(head) < HEAD_LEN:
+        raise Refused("truncated", "%d bytes, a bundle starts with 8" % len(head))
+    if bytes(head[:4]) != MAGIC:
+        raise Refused("not_bundle", "no LUB1 magic")
+    n = int.from_bytes(bytes(head[4:HEAD_LEN]), "big")
+    if not ENVELOPE_MIN <= n <= ENVELOPE_MAX:
+        raise Refused("bad_envelope", "envelope of %d bytes" % n)
+    return n
+
+
 def key_id(public):
     """The kid a release key's signatures carry."""
     return hashlib.sha256(bytes(public)).digest()[:KID_LEN]
@@ -385,14 +398,10 @@ class Verifier:
 
     def envelope_len(self, head):
         """N from a bundle's first 8 bytes: how many bytes manifest() needs after them."""
-        if len(head) < HEAD_LEN:
-            raise self._refuse("truncated", "%d bytes, a bundle starts with 8" % len(head))
-        if bytes(head[:4]) != MAGIC:
-            raise self._refuse("not_bundle", "no LUB1 magic")
-        n = int.from_bytes(bytes(head[4:HEAD_LEN]), "big")
-        if not ENVELOPE_MIN <= n <= ENVELOPE_MAX:
-            raise self._refuse("bad_envelope", "envelope of %d bytes" % n)
-        return n
+        try:
+            return envelope_len(head)
+        except Refused as e:
+            raise self._refuse(e.reason, e.detail) from None
 
     def manifest(self, head):
         """The Manifest of a bundle whose first 8 + N bytes are head (bytes, or the Pieces
