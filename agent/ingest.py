@@ -20,6 +20,7 @@ import logging
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Protocol
 
 from . import protocol
@@ -102,6 +103,9 @@ class Ingest:
         self._refused: dict[str, int] = {}  # node → bit i: oldest + i refused, not back yet
         self.listeners: list[asyncio.Event] = []  # one per forwarder: each clears its own
         self._node_keys: dict[bytes, protocol.NodeKey] = {}
+        # the fleet registry's verdict on a node id, asked on every frame so that a
+        # revocation applies at once ("revoked", "retired" or None: agent/registry.py)
+        self.refused: Callable[[bytes], str | None] = lambda kid: None
         self._committing = 0  # frames in the commit under way
         self.intake = asyncio.Event()  # set: links may read; cleared at INTAKE_HIGH
         self.intake.set()
@@ -237,6 +241,9 @@ class Ingest:
         if ftype != protocol.DATA:
             raise FrameError("unexpected", f"frame type 0x{ftype:02x} from a node")
         m = protocol.parse_mac0(body)
+        if (why := self.refused(m.kid)) is not None:
+            raise AuthError(why, f"node {m.kid.decode('utf-8', 'replace')!r}: {why} in the "
+                            "fleet registry")
         nk = self._node_key(m.kid)
         if nk is None:
             raise AuthError("unknown_node", f"no key for node {m.kid.decode('utf-8', 'replace')!r}")
@@ -375,9 +382,14 @@ class Ingest:
         del self._held[node]
         del self._refused[node]
 
+    def forget(self, kid: bytes) -> None:
+        """Read the node's key again at its next frame (replaced while running)."""
+        self._node_keys.pop(kid, None)
+
     def _ack(self, link: Link, node: str, seqs: list[int]) -> None:
         nk = self._node_key(node.encode())
-        assert nk is not None  # only frames verified with its key are acknowledged
+        if nk is None:  # revoked or re-keyed since its frames were verified: no ACK
+            return
         now_ms = time.time_ns() // 1_000_000
         for i in range(0, len(seqs), MAX_SEQS_PER_ACK):
             part = seqs[i:i + MAX_SEQS_PER_ACK]

@@ -87,3 +87,44 @@ async def test_a_revoked_node_is_refused_counted_and_flagged(tmp_path: Path,
     finally:
         await topo.stop()
         await broker.stop()
+
+
+async def test_a_revocation_applies_without_a_restart(tmp_path: Path, micropython: Path) -> None:
+    """`lantern gateway nodes revoke` while the gateway runs: from then on the node's frames
+    are refused and counted as revoked (ingest asks the registry on every frame), and the
+    other node keeps delivering."""
+    topo = Topology(tmp_path, n_nodes=2, interval_ms=300)
+    try:
+        await topo.start(gateway=False)
+        assert topo.gw_config is not None
+        with open(topo.gw_config, "a") as f:
+            f.write("\n[api]\nport = 0\n")
+        topo.start_gateway()
+        keep, gone = (n.node_id for n in topo.nodes)
+        await topo.wait_for(lambda: readings_of(topo, keep) and readings_of(topo, gone), 60,
+                            "readings of both nodes upstream")
+        await topo.wait_for(lambda: URL_LINE.search(topo.gateway_log()) is not None, 60,
+                            "the gateway's API URL in its log")
+        m = URL_LINE.search(topo.gateway_log())
+        assert m
+        url = m.group(1)
+        assert cli.main(["gateway", "nodes", "revoke", gone, "--reason", "test",
+                         "--config", str(topo.gw_config)]) == 0
+        async with aiohttp.ClientSession() as s:
+            async def revoked_count() -> int:
+                async with s.get(url + "metrics") as r:
+                    found = REVOKED.search(await r.text())
+                return int(found.group(1)) if found else 0
+
+            # another process's counter: polled (the node resends on its own timer)
+            for _ in range(600):
+                if await revoked_count() >= 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert await revoked_count() >= 3
+            at_refusal = {n: readings_of(topo, n) for n in (keep, gone)}
+            await topo.wait_for(lambda: readings_of(topo, keep) > at_refusal[keep], 30,
+                                "the other node's readings keep coming")
+        assert readings_of(topo, gone) == at_refusal[gone]  # nothing more of it taken
+    finally:
+        await topo.stop()
