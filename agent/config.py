@@ -94,6 +94,15 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ClockConfig:
+    """The gateway's own clock ([clock]; docs/time.md): "kernel" hands nodes its time only
+    while the kernel says a time daemon has synchronised it; "trust" always (a host whose clock
+    is kept right by means the kernel does not see: a container, simulated streets)."""
+
+    mode: str = "kernel"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -111,6 +120,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     updates: UpdatesConfig | None = None  # no [updates]: the gateway refuses rollouts
     health: HealthConfig | None = None  # no [health]: no lamp faults, energy or alerts
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
     # one kind by name (its plug-in's class: typed there, not here, so that this module
     # depends on no plug-in, not even for types)
@@ -160,7 +170,7 @@ def load_config(path: Path | str) -> Config:
     doc = Doc(path)
     d = doc.data
     known = {"gateway", "links", "batch", "sinks", "nodes", "api", "history", "queue",
-             "updates", "health"}
+             "updates", "health", "clock"}
     for k in d:
         if k not in known:
             raise doc.error(k, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -188,7 +198,8 @@ def load_config(path: Path | str) -> Config:
                         "(or [sinks.ngsi_ld], [sinks.mqtt])")
     return Config(path, state_dir, keys_file, links, sinks, max_records, max_age, log_level,
                   nodes, api=api, history=history, queue=_queue(doc, d),
-                  updates=_updates(doc, d, base), health=_health(doc, d, base, sinks))
+                  updates=_updates(doc, d, base), health=_health(doc, d, base, sinks),
+                  clock=_clock(doc, d))
 
 
 def _links(doc: Doc, links: dict[str, Any], base: Path) -> dict[str, tuple[Any, ...]]:
@@ -300,6 +311,15 @@ def _updates(doc: Doc, d: dict[str, Any], base: Path) -> UpdatesConfig | None:
     except ConfigError as e:
         raise doc.error("updates.release_key", str(e)) from None
     return cfg
+
+
+def _clock(doc: Doc, d: dict[str, Any]) -> ClockConfig:
+    c = doc.table(d, "clock", "clock", ("mode",), {})
+    return ClockConfig(mode=doc.get(
+        c, "mode", "clock.mode", str, "kernel",
+        lambda v: None if v in ("kernel", "trust")
+        else f"expected \"kernel\" (nodes get the time once a time daemon has synchronised "
+             f"this machine's clock) or \"trust\" (always), got {v!r}"))
 
 
 HEALTH_TARGETS = ("webhook", "mqtt")

@@ -35,6 +35,7 @@ from .queue.layout import QUEUE_FILE
 from .queue.store import Store
 from .registry import REGISTRY_FILE, Fleet, Registry
 from .sdnotify import Notifier, supervise
+from .timesync import CLOCK_FILE, TimeSync
 
 if TYPE_CHECKING:
     from .health.service import HealthService
@@ -319,6 +320,12 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             if hasattr(sink, "registry"):  # deviceState from the registry (NGSI-LD)
                 sink.registry = registry
         ingest = Ingest(store, fleet.ingest_keys, metrics)
+        # its own clock (docs/time.md): ACKs carry the time only while it is synchronised,
+        # and relative times are anchored at receipt, corrected by the step it takes on syncing
+        clock = TimeSync(mode=cfg.clock.mode, path=cfg.state_dir / CLOCK_FILE)
+        ingest.clock = clock
+        store.out.clock = clock
+        clock.state()  # logged now: an unsynchronised clock is the first thing an operator sees
         await ingest.start()
         if hasattr(ingest, "refused"):  # asked on every frame: a revocation applies at once
             ingest.refused = fleet.refused
@@ -348,7 +355,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         view = GatewayView(metrics, store, node_ids, links, forwarders,
                            [store.path, store.path.with_name(store.path.name + "-wal")],
                            rollout=rollout, health=health, nodes_meta=fleet.nodes_meta,
-                           registry=registry)
+                           registry=registry, clock=clock)
         api = await stack.enter_async_context(ApiServer(cfg.api, view))
         notifier = Notifier()
         stack.callback(notifier.close)

@@ -34,6 +34,7 @@ log = logging.getLogger("lantern.timesync")
 TIME_ERROR = 5
 STA_UNSYNC = 0x0040
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by timesyncd on sync
+CLOCK_FILE = "clock.json"  # in the state directory: the unsynchronised spans, across restarts
 CHECK_S = 1.0  # how long one reading of the kernel's state is reused
 SPANS_MAX = 64  # unsynchronised spans remembered (each: start, end, step)
 RELATIVE_BELOW = 1 << 28  # RFC 8428 §4.5.3: a time below 2**28 is relative to "now"

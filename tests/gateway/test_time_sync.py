@@ -4,6 +4,7 @@ unsynchronised, receipt times corrected by the step it takes, relative SenML tim
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from node.window import open_ack
 from prometheus_client import CollectorRegistry, generate_latest
 
 from lantern.agent import protocol
+from lantern.agent.config import load_config
+from lantern.agent.errors import ConfigError
 from lantern.agent.timesync import (
     GATEWAY_UNSYNCED,
     ClockState,
@@ -161,3 +164,34 @@ def test_a_probe_that_fails_is_unknown_and_logged_once(caplog: pytest.LogCapture
     ts.state()
     assert len(calls) == 2
     assert len([r for r in caplog.records if "cannot read" in r.message]) == 1
+
+
+GATEWAY_TOML = """[gateway]
+state_dir = "state"
+keys_file = "keys.toml"
+
+[[links.serial]]
+port = "/dev/ttyUSB-lantern-test"
+
+[sinks.http]
+url = "http://127.0.0.1:9/"
+"""
+
+
+@pytest.mark.parametrize(("table", "mode"), [("", "kernel"), ('[clock]\nmode = "kernel"\n',
+                                                             "kernel"),
+                                             ('[clock]\nmode = "trust"\n', "trust")])
+def test_clock_mode_config(tmp_path: Path, table: str, mode: str) -> None:
+    (tmp_path / "gateway.toml").write_text(GATEWAY_TOML + table)
+    assert load_config(tmp_path / "gateway.toml").clock.mode == mode
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    ('[clock]\nmode = "ntp"\n', 'line 11: clock.mode: expected "kernel"'),
+    ('[clock]\nmode = "trust"\nstep = true\n', "line 12: clock.step: unknown key; expected"),
+    ('[clock]\nmode = 1\n', "clock.mode"),
+])
+def test_clock_config_refused(tmp_path: Path, table: str, says: str) -> None:
+    (tmp_path / "gateway.toml").write_text(GATEWAY_TOML + table)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(tmp_path / "gateway.toml")
