@@ -1,10 +1,11 @@
 """Lamp faults on the simulated street, end to end: MicroPython nodes → the real gateway's
 health monitor → alerts to a webhook, once each across a gateway restart.
 
-Three nodes run the firmware on the unix port over the simulated street (firmware/sim), its
+Four nodes run the firmware on the unix port over the simulated street (firmware/sim), its
 day compressed SPEED times (one sample every SPEED seconds of street time): SL-0001 healthy,
 SL-0002's lamp broken for the first hours of the night (LampDarkAtNight), SL-0003's photocell
-stuck until the afternoon (LampDayBurner). Each alert must be raised once and cleared once,
+stuck until the afternoon (LampDayBurner), SL-0004 dead from midnight to the early afternoon
+(the street cuts its power: NodeSilent). Each alert must be raised once and cleared once,
 reach the webhook receiver exactly once per raise and clear although the gateway is
 restarted (SIGTERM, then started again) while the broken lamp's alert is open, and show in
 /metrics and /api/health. The healthy node raises nothing.
@@ -38,7 +39,11 @@ URL_LINE = re.compile(r"status page and API at (http://127\.0\.0\.1:\d+/)")
 FAULTS: dict[str, list[dict[str, object]]] = {
     "SL-0002": [{"chip": "lamp", "kind": "dark", "from_h": 0, "to_h": 5}],  # fixed at 03:00
     "SL-0003": [{"chip": "lamp", "kind": "dayburn", "from_h": 0, "to_h": 17}],  # until 15:00
+    # no power from 00:00 to 13:00 (7.5 to 56 s): silent for longer than the gateway's 10
+    # intervals plus its 30-s silence check, even across its restart
+    "SL-0004": [{"chip": "node", "kind": "dead", "from_h": 2, "to_h": 15}],
 }
+ALERTS = ("LampDarkAtNight", "LampDayBurner", "NodeSilent")
 
 
 def _start_s() -> float:
@@ -98,7 +103,7 @@ async def test_broken_lamp_and_day_burner_raised_once_cleared_once_delivered_onc
     token = tmp_path / "hook.token"
     token.write_text("hook-secret\n")
     token.chmod(0o600)
-    topo = Topology(tmp_path, n_nodes=3, interval_ms=1000, node_class=StreetNode)
+    topo = Topology(tmp_path, n_nodes=4, interval_ms=1000, node_class=StreetNode)
     # Time compressed: a day in 90 s, so the windows that are an hour in the street are
     # seconds here; lamps 36 W, dimmed to 60 % after midnight, sampled every second.
     topo.gateway_extra = f"""
@@ -130,7 +135,8 @@ token_file = "{token}"
         url = await _api(topo, 1)
         want = {dark: 1, ("LampDarkAtNight", "SL-0002", "resolved"): 1,
                 ("LampDayBurner", "SL-0003", "firing"): 1,
-                ("LampDayBurner", "SL-0003", "resolved"): 1}
+                ("LampDayBurner", "SL-0003", "resolved"): 1,
+                ("NodeSilent", "SL-0004", "firing"): 1, ("NodeSilent", "SL-0004", "resolved"): 1}
         async with aiohttp.ClientSession() as http:
             await topo.wait_for(lambda: receiver.seen() == want, 150,
                                 f"each alert raised and cleared once (got {receiver.seen()})")
@@ -139,20 +145,29 @@ token_file = "{token}"
             async with http.get(url + "api/health") as r:
                 street = await r.json()
         assert receiver.seen() == want  # nothing more, nothing twice
-        for alert in ("LampDarkAtNight", "LampDayBurner"):
+        for alert in ALERTS:
             assert f'lantern_health_raised_total{{alertname="{alert}"}} 1.0' in metrics
             assert f'lantern_health_cleared_total{{alertname="{alert}"}} 1.0' in metrics
         assert 'lantern_alert_deliveries_total{target="webhook"}' in metrics
         assert street["configured"] is True
-        assert street["raised"] == {"LampDarkAtNight": 1, "LampDayBurner": 1}, street
-        assert street["cleared"] == {"LampDarkAtNight": 1, "LampDayBurner": 1}, street
+        assert street["raised"] == dict.fromkeys(ALERTS, 1), street
+        assert street["cleared"] == dict.fromkeys(ALERTS, 1), street
         lamps = {n["id"]: n for n in street["nodes"]}
-        assert set(lamps) == {"SL-0001", "SL-0002", "SL-0003"}
+        assert set(lamps) == {"SL-0001", "SL-0002", "SL-0003", "SL-0004"}
         for n in lamps.values():
             assert n["alerts"] == [] and n["lamp"]["kwh"] > 0, n
         # the day-burner burned in daylight; the others did not
         assert lamps["SL-0003"]["lamp"]["dayburn_kwh"] > 0
         assert lamps["SL-0001"]["lamp"]["dayburn_kwh"] == 0
+        # the dead node was off, and measured nothing while it was (no power, no samples)
+        dead = topo.nodes[3]
+        assert dead.supply_error is None
+        [(off, up_a), (on, up_b)] = dead.power_log
+        assert (up_a, up_b) == (False, True)
+        times = sorted(r["t"] for r in topo.upstream.readings.values()
+                       if r["n"].split(":")[3] == "SL-0004")
+        assert [t for t in times if off + 1 < t < on - 1] == []
+        assert times[0] < off and times[-1] > on  # before it died, and after it came back
         log = topo.gateway_log()
         assert "query-secret" not in log and "hook-secret" not in log
         assert "Traceback" not in log

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib
 import json
 import os
 import pty
@@ -18,11 +19,13 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lantern
 from lantern.agent.config import write_secret
@@ -188,6 +191,12 @@ class SimNode:
     # the release public key (32 raw bytes) provisioned beside node.json as release.pub, as
     # `lantern provision --release-pub` does: the node then takes updates signed by it
     release_pub: bytes | None = None
+    # the street's supply to this node: (wall time, powered) at each switch it made, while a
+    # "node"/"dead" fault in the scenario has it cut (follow_supply)
+    power_log: list[tuple[float, bool]] = field(default_factory=list)
+    supply_error: BaseException | None = None  # why the supply stopped following, if it did
+    _supply: asyncio.Task[None] | None = field(default=None, repr=False)
+    _boot_args: tuple[int | None, str | None] = field(default=(None, None), repr=False)
 
     @property
     def dir(self) -> Path:
@@ -199,6 +208,10 @@ class SimNode:
 
     def write_config(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._power_faults() and "anchor_ms" not in self.scenario:
+            # the street's clock runs on while the node is off: a node that boots again, and
+            # the chips powered up with it, continue the street's day rather than restart it
+            self.scenario["anchor_ms"] = time.time_ns() // 1_000_000
         key_file = self.dir / "node.key"
         if key_file.exists():
             self.key = bytes.fromhex(key_file.read_text().strip())
@@ -256,11 +269,34 @@ class SimNode:
         board = json.loads((BOARDS / f"{self.board}.json").read_text())
         return int(board.get("heap_kb", 110))
 
-    def start(self, stdout: int | None = None, heap: str | None = None) -> subprocess.Popen[bytes]:
+    def start(self, stdout: int | None = None,
+              heap: str | None = None) -> subprocess.Popen[bytes] | None:
+        """Boot the node; with a "node"/"dead" fault in its scenario, the street's supply
+        (follow_supply, on the running event loop) switches it off and on from then on. A node
+        whose supply is off now does not boot (None) until the supply comes on."""
+        self._boot_args = (stdout, heap)
+        if self._power_faults():
+            self.write_config()  # pins the street's clock before the plan is read
+            if self._supply is None or self._supply.done():
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    raise RuntimeError(f"{self.node_id}: a node fault in the scenario needs the "
+                                       "street's supply: start the node in a running event "
+                                       "loop") from None
+                self._supply = loop.create_task(self.follow_supply(),
+                                                name=f"supply {self.node_id}")
+            if not self.powered():
+                return None
+        return self.boot(stdout, heap)
+
+    def boot(self, stdout: int | None = None,
+             heap: str | None = None) -> subprocess.Popen[bytes]:
+        """Power the node on: its chips (the street process) and its MicroPython VM."""
         if not MICROPYTHON.exists():
             raise FileNotFoundError(f"{MICROPYTHON} is missing: run `make micropython` first")
         if self.proc is not None:
-            self.close()
+            self._halt()
         if heap is None:
             heap = f"{self.heap_kb()}K"
         cfg = self.write_config()
@@ -283,12 +319,69 @@ class SimNode:
 
     def close(self) -> None:
         """Kill and release the output pipe (after the caller has read what it wants)."""
+        if self._supply is not None:
+            self._supply.cancel()
+        self._halt()
+
+    def _halt(self) -> None:
         self.kill()
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
+        self._stop_street()
+
+    def _stop_street(self) -> None:
         if self.street and self.street.poll() is None:
             self.street.kill()
             self.street.wait(timeout=5)
+
+    # ------------------------------------------------------------ the street's supply
+    # A dead node is a node without power: the street cuts its supply (SIGKILL, the power cut
+    # the firmware survives: docs/reliability.md) and its chips' (the street process), and
+    # restores it (a boot from flash). Below the firmware, as a supply is: the node never asks.
+
+    def _power_faults(self) -> list[Any]:
+        faults = self.scenario.get("faults") or []
+        assert isinstance(faults, list)
+        return [f for f in faults if f.get("chip") == "node"]
+
+    def _scenario(self) -> Any:
+        module = importlib.import_module("lantern.firmware.sim.scenario")
+        return module.Scenario(self.scenario, self.node_id)
+
+    def supply_plan(self) -> list[tuple[float, bool]]:
+        """(wall time in s, powered from then on) at each switch of this node's supply."""
+        sc = self._scenario()
+        hours = sorted({h for chip, _, lo, hi, _ in sc.faults if chip == "node"
+                        for h in (lo, hi) if h < 1e8})
+        plan: list[tuple[float, bool]] = []
+        for i, h in enumerate(hours):
+            # the state between this switch and the next (at their middle: no rounding at edges)
+            later = hours[i + 1] if i + 1 < len(hours) else h + 2
+            up = bool(sc.node_up(sc.start_s + (h + later) * 1800))
+            if not plan or plan[-1][1] != up:
+                plan.append((sc.anchor_ms / 1000 + h * 3600 / sc.speed, up))
+        return plan
+
+    def powered(self) -> bool:
+        """Whether the street supplies the node now."""
+        sc = self._scenario()
+        return bool(sc.node_up(sc.t()))
+
+    async def follow_supply(self) -> None:
+        """Switch the node off and on at its scenario's times, until cancelled (close())."""
+        try:
+            for wall_s, up in self.supply_plan():
+                await asyncio.sleep(max(0.0, wall_s - time.time()))
+                running = self.proc is not None and self.proc.poll() is None
+                if up and not running:
+                    self.boot(*self._boot_args)
+                elif not up:
+                    self.kill()  # a power cut: the output pipe stays for the reader
+                    self._stop_street()
+                self.power_log.append((time.time(), up))
+        except Exception as e:  # a node that cannot boot again: said, and kept for the test
+            self.supply_error = e
+            print(f"{self.node_id}: the street's supply stopped: {e!r}", file=sys.stderr)
 
 
 def keys_toml(nodes: list[SimNode]) -> str:
