@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from node.drivers import scd4x
 from node.drivers.corrections import KAPPA, humidity_factor
-from node.sampler import RANGE, STUCK, WARMUP, Sampler
+from node.sampler import CRC, RANGE, STUCK, WARMUP, Sampler
 from sim import sensirion
 
 from tests.helpers.clock import VirtualClock, one_chip, street
@@ -121,6 +121,20 @@ def test_corrected_values_carry_both_inputs_flags(clock: VirtualClock) -> None:
         clock.advance(MINUTE)
         v = s.sample_blocking()
     assert v["humidity.q"] & STUCK and v["pm2_5_corr.q"] & STUCK and "pm2_5.q" not in v
+
+
+def test_bus_diagnostics_stay_on_the_raw_reading(clock: VirtualClock) -> None:
+    b = climate_and_pm()
+    buses, scale, _ = street(b, clock, faults=[{"chip": "sps30", "kind": "crc", "rate": 0.5}])
+    s = Sampler(b, buses, scale, log=lambda m: None)
+    crc = 0
+    for _ in range(12):
+        clock.advance(MINUTE)
+        v = s.sample_blocking()
+        if "pm2_5" in v and v.get("pm2_5.q", 0) & CRC:
+            crc += 1  # read on the retry: the value is good, and so is its correction
+            assert "pm2_5_corr" in v and not v.get("pm2_5_corr.q", 0) & CRC
+    assert crc
 
 
 def test_no_humidity_no_correction(clock: VirtualClock) -> None:

@@ -124,14 +124,17 @@ class Corrections:
         rh = values.get("humidity")
         if not self.pm_humidity or rh is None:
             return
-        hq = values.get("humidity.q", 0) & (self._warmup | rng | stuck)
+        # what makes a corrected value suspect: either input warming up, out of range or
+        # frozen; the bus diagnostics (crc, nack, timeout: a retry succeeded) stay on the raw
+        valid = self._warmup | rng | stuck
+        hq = values.get("humidity.q", 0)
         c = humidity_factor(rh, self.kappa, self.rh_max)
         done = False
         for name in PM_NAMES:
             v = values.get(name)
             if v is None:
                 continue
-            f = values.get(name + ".q", 0) | hq
+            f = (values.get(name + ".q", 0) | hq) & valid
             if c is None:
                 f |= rng  # too humid to correct: the raw value alone goes out
             else:
