@@ -75,6 +75,12 @@ HEALTH = {"battery": ("batteryVoltage", "VLT"), "uptime": ("uptime", "SEC"),
           "heap_free": ("heapFree", "AD"), "outbox": ("outboxDepth", None)}
 
 
+# a location that says "not known" (Streetlight requires one): GeoJSON with empty
+# coordinates, which RFC 7946 §3.1 lets a reader take as a null geometry, and which the
+# Smart Data Models' location (MultiPoint) allows
+NOWHERE: dict[str, Any] = {"type": "MultiPoint", "coordinates": []}
+
+
 def iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
@@ -175,6 +181,8 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
         elif model == "Streetlight":
             if lamp_state:
                 e["status"] = _prop("ok", t)
+            if "location" not in e:  # the model requires one: a pole without coordinates
+                e["location"] = {"type": "GeoProperty", "value": dict(NOWHERE)}
             if meta.pole:
                 e["streetPoleNum"] = _prop(meta.pole, t)
         elif model == "Device":

@@ -4,6 +4,7 @@ samples — never across a gap: a silent node's time is counted as unmeasured, n
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,8 +37,14 @@ class EnergyMeter:
         self.off_w = settings.off_fraction * rating_w
         self.m = Meter()
 
-    def update(self, t: float, power: float, lux: float | None) -> None:
-        """One sample: the trapezoid between it and the previous one, if they are close."""
+    def update(self, t: float, power: float, lux: float | None,
+               since: float | None = None) -> None:
+        """One sample: the trapezoid between it and the previous one, if they are close.
+
+        `power` must be plausible (monitor.py `plausible_w`: finite, not below 0, bounded), so
+        every total stays finite and only grows. since: when the gateway first heard the node;
+        a gap is unmeasured only from there (a first pack stamped in year 1, or a node's
+        backlog from before the gateway ran, is time nobody could have measured)."""
         m = self.m
         daylight = lux is not None and lux >= self.s.day_lx
         if m.last_t is not None and t <= m.last_t:
@@ -46,7 +53,7 @@ class EnergyMeter:
         if m.last_t is not None and m.last_w is not None:
             span = t - m.last_t
             if span > self.max_gap_s:
-                m.gap_s += span
+                m.gap_s += max(0.0, t - max(m.last_t, since if since is not None else m.last_t))
             else:
                 wh = (m.last_w + power) / 2 * span / 3600
                 m.wh += wh
@@ -75,4 +82,13 @@ class EnergyMeter:
         return asdict(self.m)
 
     def restore(self, d: dict[str, Any]) -> None:
-        self.m = Meter(**{k: v for k, v in d.items() if k in Meter.__dataclass_fields__})
+        """A meter as state() saved it; a value no meter can hold (not finite, below 0: an
+        older gateway integrated absurd powers) starts again from 0."""
+        kept: dict[str, Any] = {}
+        for k, v in d.items():
+            if k not in Meter.__dataclass_fields__:
+                continue
+            if isinstance(v, float) and not (math.isfinite(v) and (v >= 0 or k == "last_t")):
+                continue
+            kept[k] = v
+        self.m = Meter(**kept)

@@ -40,33 +40,61 @@ def packs(records: list[dict[str, Any]]) -> list[Pack]:
     return [(node, t, readings) for (node, t), readings in out.items()]
 
 
+STORE_TRIES = 3  # a batch health.sqlite could not save is tried this often, then let go
+
+
 class HealthSink:
     """The monitor as the forward stage sees a sink: a batch is taken once it is committed
     in the monitor's own store (health.sqlite).
 
-    Its store failing (sqlite3.Error: disk trouble) keeps the batch, tried again with backoff
-    like a sink's. Anything else is a bug of the monitor's on these readings: the batch is
-    skipped (counted, its traceback logged once), never retried forever — the monitor must
-    not hold the queue, and with it the nodes' data, behind one batch it cannot judge."""
+    The monitor's state is derived from readings: it never holds the queue, and with it the
+    nodes' data. Its store failing (sqlite3.Error: disk trouble, a lock) keeps the batch for
+    the forward stage to try again, STORE_TRIES times in all (a lock passes), then lets it go:
+    counted (svc.skipped["store"], /metrics), said once per episode in one line. Anything else
+    is a bug of the monitor's on these readings: the batch is skipped at once (counted, its
+    traceback logged once)."""
 
     name = NAME
 
     def __init__(self, service: HealthService) -> None:
         self.service = service
         self.fed = 0  # packs fed
-        self.skipped = 0  # batches the monitor failed on (a bug of ours)
+        self.skipped = 0  # batches the monitor let go (a bug of ours, or its store failing)
+        self._tries: tuple[int, int, int, int] | None = None  # (batch, failures)
+        self._store_down = False
 
     async def send(self, batch: Batch) -> None:
         got = packs(batch.records())
         try:
             await self.service.feed_many(got)
-        except sqlite3.Error:
-            raise
+        except sqlite3.Error as e:
+            same = (batch.first_id, batch.last_id, hash(tuple((n, t) for n, t, _ in got)))
+            tries = 1 + (self._tries[3] if self._tries and self._tries[:3] == same else 0)
+            self._tries = (*same, tries)
+            if tries < STORE_TRIES:
+                raise
+            self._tries = None
+            self._skip("store")
+            if not self._store_down:
+                self._store_down = True
+                log.error("health: %s: %s; frames %d to %d let go after %d tries: their lamps "
+                          "and sensors are not judged (counted in lantern_health_skipped_total), "
+                          "the readings go on to the sinks", self.service.store.path, e,
+                          batch.first_id, batch.last_id, tries)
+            return
         except Exception as e:
-            self.skipped += 1
-            if self.skipped == 1:
+            self._skip("bug")
+            if self.service.skipped["bug"] == 1:
                 log.error("health: the monitor failed on frames %d to %d (%r); skipped, the "
                           "readings go on to the sinks. This is a bug: please report it with "
                           "this traceback", batch.first_id, batch.last_id, e, exc_info=True)
             return
+        if self._store_down:
+            self._store_down = False
+            log.info("health: %s takes batches again", self.service.store.path)
+        self._tries = None
         self.fed += len(got)
+
+    def _skip(self, why: str) -> None:
+        self.skipped += 1
+        self.service.skipped[why] += 1

@@ -91,11 +91,19 @@ class LampTracker:
         verdicts.append(("LampPowerOffRating", "", rating, f"burning at {w}", s.confirm, s.clear))
         return verdicts
 
+    def forget_times(self) -> None:
+        """The node's clock was put right: switch times from its future mean nothing."""
+        self._switches.clear()
+        self._steady_since = None
+
     def state(self) -> dict[str, Any]:
         sw = self.sw
         return {"state": sw.state, "power_w": sw.power_w, "last_on": sw.last_on,
                 "last_off": sw.last_off, "t": sw.t}
 
     def restore(self, d: dict[str, Any]) -> None:
-        self.sw = Switching(d.get("state", "unknown"), d.get("power_w"), d.get("last_on"),
+        power = d.get("power_w")
+        if not isinstance(power, int | float) or not 0 <= power < float("inf"):
+            power = None  # (an older gateway kept any power it was sent)
+        self.sw = Switching(d.get("state", "unknown"), power, d.get("last_on"),
                             d.get("last_off"), d.get("t"))

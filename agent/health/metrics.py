@@ -88,3 +88,38 @@ class HealthCollector(Collector):
         yield w
         yield d
         yield f
+        dropped = CounterMetricFamily(
+            "lantern_alert_notifications_dropped", "Alert notifications that left the outbox "
+            "undelivered: a firing and its resolved never tried (coalesced), or the oldest "
+            "beyond the outbox's cap (cap)", labels=["target", "reason"])
+        for t in svc.targets:
+            dropped.add_metric([t.name, "coalesced"], svc.store.coalesced.get(t.name, 0))
+            dropped.add_metric([t.name, "cap"], svc.store.dropped.get(t.name, 0))
+        yield dropped
+        yield from self._monitor()
+
+    def _monitor(self) -> Iterator[Metric]:
+        """The monitor's own trouble: what it could not save, take or judge."""
+        svc = self.service
+        health = svc.health
+        yield CounterMetricFamily("lantern_health_store_errors", "health.sqlite failing "
+                                  "(a feed, a silence check or a delivery's bookkeeping)",
+                                  value=svc.store_errors)
+        c = CounterMetricFamily("lantern_health_skipped", "Batches of the queue the monitor "
+                                "let go unjudged: its store failing (store) or a bug (bug)",
+                                labels=["reason"])
+        for why in ("store", "bug"):
+            c.add_metric([why], svc.skipped.get(why, 0))
+        yield c
+        r = CounterMetricFamily("lantern_health_readings_refused", "Readings the monitor does "
+                                "not judge: a pack ahead of the gateway's clock (future), a lamp "
+                                "power no lamp draws (power), a name no sensor has (name), a "
+                                "pack without a time (malformed)", labels=["reason"])
+        for why in ("future", "power", "name"):
+            r.add_metric([why], health.refused.get(why, 0))
+        r.add_metric(["malformed"], health.ignored)
+        yield r
+        yield CounterMetricFamily("lantern_health_backlog_samples", "Lamp samples older than "
+                                  "the lamp's latest (a backlog): counted, not integrated",
+                                  value=sum(n.energy.m.out_of_order
+                                            for n in health.nodes.values()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -89,9 +90,20 @@ class Webhook:
                 if not 200 <= r.status < 300:
                     raise DeliveryError(f"{self.shown}: HTTP {r.status}")
         except (aiohttp.ClientError, TimeoutError) as e:
-            detail = str(e).replace(self.url, self.shown)
+            detail = no_url(str(e.message) if isinstance(e, aiohttp.ClientResponseError)
+                             else str(e))
             raise DeliveryError(f"{self.shown}: {type(e).__name__}"
                                 + (f": {detail}" if detail else "")) from None
+
+
+# a URL in an error's text, however the client spelt it (yarl normalises %7E to ~, drops
+# default ports...): only its scheme, host and path are ever shown
+_URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@'\"]*@)?([^?#\s'\"]*)[^\s'\")]*")
+
+
+def no_url(text: str) -> str:
+    """`text` with every URL in it cut to scheme://host/path: no query, no userinfo."""
+    return _URL.sub(r"\1\2", text)
 
 
 class Mqtt:

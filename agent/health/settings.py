@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from ..configfile import positive
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -72,36 +74,66 @@ class Settings:
 _SCALARS = {f.name: f for f in fields(Settings)
             if f.name not in ("stuck_runs", "physical", "lamps", "default_lamp")}
 _INTS = ("confirm", "clear", "cycling_switches", "outbox_high", "outbox_clear")
+_ZERO_OK = ("grid_g_per_kwh",)
 
 
 def parse(doc: Doc, table: dict[str, Any], dotted: str = "health",
           extra: Iterable[str] = ()) -> Settings:
     """[health] (thresholds), [health.lamp] (the default lamp) and [health.lamps."<node>"];
     `extra`: the other keys the caller reads from the same table."""
-    from ..configfile import positive
+    from ..config import NODE_ID
 
     doc.only(table, dotted, (*_SCALARS, "lamp", "lamps", *extra))
     values: dict[str, Any] = {}
     for name in _SCALARS:
         kind: type | tuple[type, ...] = int if name in _INTS else (int, float)
         if name in table:
-            v = doc.get(table, name, f"{dotted}.{name}", kind, check=positive)
+            v = doc.get(table, name, f"{dotted}.{name}", kind,
+                        check=not_negative if name in _ZERO_OK else positive)
             values[name] = v if name in _INTS else float(v)
     s = Settings(**values)
-    if s.on_fraction <= s.off_fraction:
-        raise doc.error(f"{dotted}.on_fraction", "must be above off_fraction")
-    if s.day_lx <= s.dark_lx:
-        raise doc.error(f"{dotted}.day_lx", "must be above dark_lx")
+    for name, why in _order(s):
+        raise doc.error(f"{dotted}.{name}", why)
     default = _lamp(doc, table.get("lamp", {}), f"{dotted}.lamp", Lamp())
     lamps = {}
     for node, t in doc.get(table, "lamps", f"{dotted}.lamps", dict, {}).items():
+        if not NODE_ID.match(node):
+            raise doc.error(f'{dotted}.lamps."{node}"', "not a node id (1-32 letters, digits, "
+                            "'.', '_' or '-', as in the key file): this lamp would never apply")
         lamps[node] = _lamp(doc, t, f'{dotted}.lamps."{node}"', default)
     return replace(s, default_lamp=default, lamps=lamps)
 
 
-def _lamp(doc: Doc, t: Any, key: str, base: Lamp) -> Lamp:
-    from ..configfile import positive
+def not_negative(v: float) -> str | None:
+    """An intensity that may be 0 (a 100 % renewable contract): at or above 0 and finite."""
+    return None if positive(v) is None or v == 0 else f"must be a finite number >= 0, got {v!r}"
 
+
+def _order(s: Settings) -> Iterable[tuple[str, str]]:
+    """Thresholds out of order with their partner, or outside what they can mean."""
+    if s.on_fraction <= s.off_fraction:
+        yield "on_fraction", "must be above off_fraction"
+    if s.on_fraction > 1:
+        yield "on_fraction", "is a fraction of the rating: at most 1"
+    if s.rating_tolerance >= 1:
+        yield "rating_tolerance", "is a fraction of the rating below 1 (at 1 any lamp is fine)"
+    if s.day_lx <= s.dark_lx:
+        yield "day_lx", "must be above dark_lx"
+    if s.battery_clear_v < s.battery_low_v:
+        yield "battery_clear_v", "must be at or above battery_low_v (it clears the alert)"
+    if s.outbox_clear >= s.outbox_high:
+        yield "outbox_clear", "must be below outbox_high (it clears the alert)"
+    if s.cycling_switches < 3:
+        yield "cycling_switches", "must be at least 3 (a healthy lamp switches twice a day)"
+    if s.max_gap_intervals < 1:
+        yield "max_gap_intervals", "must be at least 1 (samples are one interval apart)"
+    if s.silent_intervals < 1:
+        yield "silent_intervals", "must be at least 1 (a pack comes once an interval)"
+    if s.saving_factor < 1:
+        yield "saving_factor", "must be at least 1 (a saving node stretches its interval)"
+
+
+def _lamp(doc: Doc, t: Any, key: str, base: Lamp) -> Lamp:
     if not isinstance(t, dict):
         raise doc.error(key, "expected a table: rating_w = 36, dim_levels = [0.6]")
     doc.only(t, key, ("rating_w", "dim_levels", "interval_s"))

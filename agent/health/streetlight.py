@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..ngsi import CONTEXTS, NodeMeta, entity_id, iso
+from ..ngsi import CONTEXTS, NOWHERE, NodeMeta, entity_id, iso
 from .monitor import LampView
 
 POWER_STATE = {"on": "on", "dimmed": "low", "off": "off"}
@@ -52,9 +52,11 @@ def entity(lamp: LampView, meta: NodeMeta, t: float) -> dict[str, Any]:
         e["dateLastSwitchingOn"] = when(lamp.last_on)
     if lamp.last_off is not None:
         e["dateLastSwitchingOff"] = when(lamp.last_off)
-    if meta.lat is not None and meta.lon is not None:
-        e["location"] = {"type": "GeoProperty",
-                         "value": {"type": "Point", "coordinates": [meta.lon, meta.lat]}}
+    # the model requires a location: a pole without coordinates ([nodes] location unset)
+    # gets the null geometry (the sink counts those, agent/sinks/ngsi_ld.py)
+    e["location"] = {"type": "GeoProperty", "value": (
+        {"type": "Point", "coordinates": [meta.lon, meta.lat]}
+        if meta.lat is not None and meta.lon is not None else dict(NOWHERE))}
     if meta.pole:
         e["streetPoleNum"] = prop(meta.pole)
     e["refDevice"] = {"type": "Relationship", "object": [entity_id("Device", lamp.node, meta)]}

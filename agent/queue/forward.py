@@ -109,7 +109,9 @@ class Forwarder:
                 self.metrics.upstream_failures += 1
                 retry_after = e.retry_after if isinstance(e, DeliveryError) else None
                 delay = self.retry_delay(failures, retry_after)
-                if not isinstance(e, DeliveryError):
+                # sqlite3.Error: the health monitor's own store failing (agent/health/feed.py),
+                # disk trouble like an upstream's: one line, no traceback
+                if not isinstance(e, DeliveryError | sqlite3.Error):
                     # A sink's bug, not the upstream's answer. Ending this task would stop the
                     # gateway, and after a restart the same batch would stop it again: the
                     # batch is kept and retried like a failed delivery, and the traceback

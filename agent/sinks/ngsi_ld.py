@@ -72,6 +72,7 @@ class NgsiLdSink:
         self.partial_failures = 0
         self.skipped: Counter[str] = Counter()  # readings no entity can hold, by reason
         self.redirects: Counter[int] = Counter()  # 3xx answers, by status
+        self.unlocated: Counter[str] = Counter()  # Streetlights sent without a place, by node
         # node → its firmware version (the rollout manager's, kept up to date by it)
         self.firmware: Mapping[str, str] = {} if firmware is None else firmware
         self.registry: Any = None  # the fleet registry (agent/registry.py), set by the gateway
@@ -100,7 +101,9 @@ class NgsiLdSink:
                 node = e["id"].rsplit(":", 1)[-1]
                 self.controlled.setdefault(node, set()).update(e["controlledProperty"]["value"])
         if self.health is not None:
-            ents += self._lamps(records)
+            lamps = self._lamps(records)
+            self._unjudged(ents, {e["id"] for e in lamps})
+            ents += lamps
         if not before and self.skipped:
             log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, or a "
                         "time no DateTime can hold; counted in "
@@ -128,8 +131,28 @@ class NgsiLdSink:
                 nodes.add(split_name(r["n"])[0])
             except (ValueError, KeyError, TypeError):
                 continue  # counted by entities() already
-        return [entity(lamp, self.nodes.get(lamp.node, NodeMeta()), lamp.t)
-                for lamp in self.health.lamps() if lamp.node in nodes and lamp.t is not None]
+        out = []
+        for lamp in self.health.lamps():
+            if lamp.node in nodes and lamp.t is not None:
+                meta = self.nodes.get(lamp.node, NodeMeta())
+                if meta.lat is None or meta.lon is None:
+                    self.unlocated[lamp.node] += 1
+                    if self.unlocated[lamp.node] == 1:
+                        log.warning("ngsi-ld: %s has no location ([nodes.\"%s\"] location): "
+                                    "its Streetlight goes with an empty location (a null "
+                                    "geometry), counted, said once", lamp.node, lamp.node)
+                out.append(entity(lamp, meta, lamp.t))
+        return out
+
+    @staticmethod
+    def _unjudged(ents: list[dict[str, Any]], judged: set[str]) -> None:
+        """A lamp the monitor has no verdict on yet (it reads the queue at its own pace):
+        its readings' Streetlight says `ok` (the model requires a status; no fault is known),
+        until the monitor's entity says otherwise."""
+        for e in ents:
+            if e["type"] == "Streetlight" and "status" not in e and e["id"] not in judged:
+                e["status"] = {"type": "Property", "value": "ok",
+                               "observedAt": e["observationDateTime"]["observedAt"]}
 
     async def _upsert(self, ents: list[dict[str, Any]]) -> None:
         """Upsert until every entity is accepted; a 207 retries only the failed ones."""

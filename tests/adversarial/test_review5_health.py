@@ -158,8 +158,6 @@ def strict_json(text: str | bytes) -> Any:
 # ----------------------------------------------------------------- peer-controlled values
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a reading from the far future blinds the "
-                   "monitor to its node for good")
 async def test_a_reading_from_the_far_future_blinds_the_monitor_to_its_node(
         tmp_path: Path) -> None:
     """Attack: the node (a key holder, or a node whose clock jumped) seals one pack ten years
@@ -180,8 +178,6 @@ async def test_a_reading_from_the_far_future_blinds_the_monitor_to_its_node(
         assert cond.is_open("NodeSilent", NODE), sorted(cond.open)
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a reading from year 1 counts millions of "
-                   "unmeasured lamp hours")
 async def test_a_reading_from_year_one_does_not_count_millions_of_unmeasured_hours(
         tmp_path: Path) -> None:
     """Attack: the node's first pack is sealed at 0001-01-01 (TIME_MIN: the wire takes it),
@@ -199,8 +195,6 @@ async def test_a_reading_from_year_one_does_not_count_millions_of_unmeasured_hou
         assert lamp.unmeasured_h < 24 * 366, lamp.unmeasured_h
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a negative lamp power is integrated as "
-                   "negative energy")
 async def test_a_negative_lamp_power_never_takes_energy_away(tmp_path: Path) -> None:
     """Attack: the lamp's meter (or a key holder) reports -5 kW for half an hour after the lamp
     burned an hour at its 36 W.
@@ -220,8 +214,6 @@ async def test_a_negative_lamp_power_never_takes_energy_away(tmp_path: Path) -> 
     assert after.kwh >= before.kwh and after.co2e_kg >= 0, (before.kwh, after.kwh)
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: an absurd lamp power makes /api/health "
-                   "invalid JSON (Infinity): the status page stops")
 async def test_an_absurd_lamp_power_keeps_api_health_valid_json(tmp_path: Path) -> None:
     """Attack: two packs with lamp_power 1.7e308 W (a finite double: the wire takes it).
     Expected: /api/health stays JSON a browser can parse, with finite energies.
@@ -241,8 +233,6 @@ async def test_an_absurd_lamp_power_keeps_api_health_valid_json(tmp_path: Path) 
     assert all(n["lamp"] is None or n["lamp"]["kwh"] < 1e6 for n in body["nodes"])
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: an absurd lamp power puts Infinity in "
-                   "the Streetlight entity: the NGSI-LD sink is refused forever")
 async def test_an_absurd_lamp_power_does_not_hold_the_ngsi_ld_sink(tmp_path: Path) -> None:
     """Attack: as above, two packs of 1.7e308 W from one node.
     Expected: the Streetlight entity the NGSI-LD sink sends is JSON a broker accepts
@@ -279,8 +269,6 @@ async def test_an_absurd_lamp_power_does_not_hold_the_ngsi_ld_sink(tmp_path: Pat
 # ------------------------------------------------------ state that grows under hostile traffic
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: reading names nobody expects open alerts, "
-                   "notifications and metric series without bound")
 async def test_reading_names_nobody_expects_do_not_open_alerts_without_bound(
         tmp_path: Path) -> None:
     """Attack: authentic packs (five, at the frame's 1 KiB limit) holding 300 flags
@@ -310,8 +298,6 @@ async def test_reading_names_nobody_expects_do_not_open_alerts_without_bound(
     assert owed <= 32, f"{owed} notifications owed"
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: the monitor's per-name maps grow with every "
-                   "reading name a node invents")
 def test_reading_names_nobody_expects_do_not_grow_the_monitor() -> None:
     """Attack: a key holder sends packs whose readings carry fresh names each time (values
     only, no flags): 200 packs of 500 new names.
@@ -333,8 +319,6 @@ def test_reading_names_nobody_expects_do_not_grow_the_monitor() -> None:
     assert grown < 1 << 20, f"the monitor grew by {grown / 1048576:.1f} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: the alert outbox has no bound: a flapping "
-                   "node fills health.sqlite while the webhook is down")
 async def test_the_alert_outbox_is_bounded_while_the_webhook_is_down(tmp_path: Path) -> None:
     """Attack: the webhook receiver is down (for days), and a key holder makes its sensors
     flap: every other pack flags temperature, humidity, pressure and co2 absent (256), the
@@ -362,8 +346,6 @@ async def test_the_alert_outbox_is_bounded_while_the_webhook_is_down(tmp_path: P
 # ------------------------------------------------------------ the monitor and its own store
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a store failure during a feed loses the "
-                   "alert's notification for good")
 async def test_a_store_failure_during_a_feed_does_not_lose_the_alert(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attack (a careless operator, or a full SD card): health.sqlite refuses one commit —
@@ -418,9 +400,6 @@ class LockingTarget(Recorder):
             self.operator.execute("BEGIN IMMEDIATE")
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: one store error ends the alert delivery "
-                   "task for good (and the delivered notification is sent again after a "
-                   "restart)")
 async def test_one_store_error_does_not_end_alert_delivery(tmp_path: Path) -> None:
     """Attack (a careless operator): while a notification is being delivered, someone holds a
     write lock on health.sqlite for a few seconds (BEGIN IMMEDIATE in the sqlite3 shell).
@@ -451,8 +430,6 @@ async def test_one_store_error_does_not_end_alert_delivery(tmp_path: Path) -> No
                                ("resolved", "LampDarkAtNight", "")]
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a health store that cannot write holds "
-                   "every reading in the queue")
 async def test_a_broken_health_store_does_not_hold_the_queue(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attack (a power cut on the SD card): health.sqlite's page is damaged, every commit
@@ -484,8 +461,6 @@ async def test_a_broken_health_store_does_not_hold_the_queue(
     assert left == 0, f"{left} readings delivered upstream still held in the queue"
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a damaged health.sqlite keeps the gateway "
-                   "from starting")
 async def test_a_damaged_health_store_does_not_stop_the_gateway(tmp_path: Path) -> None:
     """Attack (a power cut on an SD card): health.sqlite is damaged — here, not a database.
     Expected: the gateway starts and forwards readings; the monitor starts afresh (the damaged
@@ -499,8 +474,6 @@ async def test_a_damaged_health_store_does_not_stop_the_gateway(tmp_path: Path) 
         assert svc.lamps()
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: the monitor failing leaves no trace in "
-                   "/metrics (its store errors go to a throwaway Metrics)")
 async def test_the_monitor_failing_shows_in_metrics(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attack: health.sqlite refuses commits (disk full) — the monitor stops judging.
@@ -540,8 +513,6 @@ async def test_the_monitor_failing_shows_in_metrics(
     assert failed != healthy, "/metrics after three failed feeds is that of three good ones"
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: NodeSilent fires and resolves again every "
-                   "tick while a node's backlog drains")
 def test_a_draining_backlog_does_not_make_node_silent_flap() -> None:
     """Attack: none needed — a node out of reach for six hours comes back and its outbox
     (72 packs of 5 min) drains slowly, six packs per 30-s silence check (a BLE drain).
@@ -582,8 +553,6 @@ class SlowReceiver:
         return web.Response(status=200)
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a slow receiver gets an alert twice across a "
-                   "graceful stop when [health.webhook] timeout_s exceeds the stop's 15 s")
 async def test_a_slow_receiver_does_not_get_an_alert_twice_across_a_stop(
         tmp_path: Path) -> None:
     """Attack: a slow receiver (it takes the notification, answers 2xx after 20 s) and an
@@ -616,8 +585,6 @@ async def test_a_slow_receiver_does_not_get_an_alert_twice_across_a_stop(
 
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: the webhook's query secret is logged when "
-                   "aiohttp shows the URL normalised")
 async def test_a_broken_receiver_never_gets_the_webhook_secret_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Attack: the receiver (broken, or a proxy in front of it) answers a malformed status
@@ -671,8 +638,6 @@ url = "http://platform.example/senml"
     return p
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: [health] accepts thresholds that make no "
-                   "sense, silently")
 @pytest.mark.parametrize("text, key", [
     ("[health]\nbattery_clear_v = 3.3", "battery_clear_v"),  # clears below where it raises
     ("[health]\noutbox_clear = 20", "outbox_clear"),  # clears above outbox_high (12)
@@ -706,8 +671,6 @@ def test_health_thresholds_that_make_no_sense_are_refused(tmp_path: Path, text: 
 # --------------------------------------------------------------------- Streetlight entity
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: a Streetlight without a location fails the "
-                   "official schema (location is required)")
 def test_the_streetlight_entity_of_a_pole_without_location_validates() -> None:
     """Attack (a careless operator): [nodes."SL-0001"] has no `location` (it is optional in
     the config) — or the node is not in [nodes] at all.
@@ -724,8 +687,6 @@ def test_the_streetlight_entity_of_a_pole_without_location_validates() -> None:
     assert sdm.errors("Streetlight", kv) == [], kv
 
 
-@pytest.mark.xfail(strict=True, reason="review 5: the NGSI-LD sink ahead of the monitor "
-                   "creates a Streetlight without status")
 async def test_the_broker_never_holds_a_streetlight_without_status(tmp_path: Path) -> None:
     """Attack: none needed — the NGSI-LD sink and the monitor read the queue each at its own
     pace (docs/alerts.md); at start-up with a backlog, or while the monitor is behind (its
