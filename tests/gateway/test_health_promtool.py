@@ -34,7 +34,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules() -> None:
     r = promtool("check", "rules", RULES.name, cwd=RULES.parent)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 11 rules found" in r.stdout
+    assert "SUCCESS: 12 rules found" in r.stdout
 
 
 def test_promtool_test_rules() -> None:
