@@ -144,12 +144,16 @@ def boot(config):
             sys.path.pop(0)
         _unload()
         # the old node's tasks are still queued (asyncio.run leaves them when SystemExit goes
-        # through it): a new loop drops them, or two nodes would run in one heap
+        # through it): a new loop drops them, or two nodes would run in one heap; and the
+        # task SystemExit left, asyncio's cur_task, holds the old node's frames
         import asyncio
 
         asyncio.new_event_loop()
+        core = sys.modules.get("asyncio.core")
+        if core is not None:
+            core.cur_task = None
         gc.collect()
-        print("boot: reset (warm: the flash is kept)")
+        print("boot: reset (warm: the flash is kept), heap free %d" % gc.mem_free())
 
 
 boot(sys.argv[1] if len(sys.argv) > 1 else "node.json")
