@@ -325,6 +325,19 @@ def _clock(doc: Doc, d: dict[str, Any]) -> ClockConfig:
 HEALTH_TARGETS = ("webhook", "mqtt")
 
 
+
+# the unit's TimeoutStopSec is 30 s: a stop waits out one delivery (timeout + 1 s), so a
+# longer timeout would get the gateway killed mid-delivery and the alert sent twice
+WEBHOOK_TIMEOUT_MAX_S = 20.0
+
+
+def _webhook_timeout(v: float) -> str | None:
+    why = positive(v)
+    if why is None and v > WEBHOOK_TIMEOUT_MAX_S:
+        why = (f"must be at most {WEBHOOK_TIMEOUT_MAX_S:g} s (the service stops within 30 s "
+               f"and waits out a delivery), got {v!r}")
+    return why
+
 def _health(doc: Doc, d: dict[str, Any], base: Path, sinks: dict[str, Any]
             ) -> HealthConfig | None:
     """[health] (thresholds, lamps: agent/health/settings.py), [health.webhook] and
@@ -354,7 +367,7 @@ def _health(doc: Doc, d: dict[str, Any], base: Path, sinks: dict[str, Any]
     return HealthConfig(
         parsed, webhook_url=url, webhook_token_file=token_file,
         webhook_timeout_s=float(doc.get(w, "timeout_s", "health.webhook.timeout_s",
-                                        (int, float), 10.0, positive)),
+                                        (int, float), 10.0, _webhook_timeout)),
         mqtt_topic=topic,
         receiver=doc.get(h, "receiver", "health.receiver", str, "lantern"),
         external_url=doc.get(h, "external_url", "health.external_url", str, "",

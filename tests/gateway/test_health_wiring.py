@@ -96,6 +96,10 @@ def test_health_table_parsed(tmp_path: Path) -> None:
     ("[health]\n[health.lamps.\"SL-1\"]\nrating_w = -36\n", "health.lamps.\"SL-1\".rating_w",
      None, "> 0"),
     ("[health]\nday_lx = 5\n", "health.day_lx", 11, "above dark_lx"),
+    # the service stops within 30 s and waits out one delivery: a longer one is killed
+    # mid-delivery and its alert sent again after the restart
+    ("[health]\n[health.webhook]\nurl = \"https://x/h\"\ntimeout_s = 25\n",
+     "health.webhook.timeout_s", 13, "at most 20 s"),
 ])
 def test_health_table_refuses_with_file_line_and_key(
         tmp_path: Path, extra: str, key: str, line: int | None, says: str) -> None:
