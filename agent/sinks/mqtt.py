@@ -29,16 +29,21 @@ from ..configfile import Doc, positive
 from ..ngsi import split_name
 from ..plugins import SinkContext, SinkPlugin
 from ..queue.resolve import Batch
-from .http import DeliveryError
+from .http import SECONDARY_UNITS, SECONDARY_VERSION, DeliveryError
 
 log = logging.getLogger("lantern.sink.mqtt")
 
 # SenML CBOR labels for the one-record packs (RFC 8428 §6)
-_CBOR_LABELS = {"n": 0, "u": 1, "v": 2, "vs": 3, "vb": 4, "t": 6}
+_CBOR_LABELS = {"bver": -1, "n": 0, "u": 1, "v": 2, "vs": 3, "vb": 4, "t": 6}
 
 
 def payload(record: dict[str, Any], kind: str) -> bytes:
-    """One reading as a SenML pack of one record, keeping its stable id."""
+    """One reading as a SenML pack of one record, keeping its stable id.
+
+    A secondary unit (ppm, ug/m3, ms…) says its version: RFC 8798 §3, RFC 9100 §4.
+    """
+    if record.get("u") in SECONDARY_UNITS:
+        record = {**record, "bver": SECONDARY_VERSION}
     if kind == "senml+cbor":
         rec: dict[Any, Any] = {_CBOR_LABELS[k]: v for k, v in record.items()
                                if k in _CBOR_LABELS}

@@ -56,7 +56,8 @@ def test_full_board_steady_state(clock: VirtualClock) -> None:
         v = run(s, clock)
     measured = {k for k in v if not k.endswith(".q")}
     assert measured == {"temperature", "humidity", "pressure", "co2", "pm1", "pm2_5", "pm4",
-                        "pm10", "illuminance", "lamp_voltage", "lamp_current", "lamp_power",
+                        "pm10", "pm1_corr", "pm2_5_corr", "pm4_corr", "pm10_corr",
+                        "illuminance", "lamp_voltage", "lamp_current", "lamp_power",
                         "LAeq", "LAmax", "battery"}
     # three minutes in, nothing is warming up, stale or failing
     assert {k: v for k, v in v.items() if k.endswith(".q")} == {}

@@ -220,8 +220,6 @@ def test_a_record_is_the_same_bytes_in_every_batch() -> None:
     assert whole == alone
 
 
-@pytest.mark.xfail(strict=True, reason="agent/sinks/mqtt.py: a one-record pack with a secondary "
-                   "unit carries no bver 26 (RFC 9100 §4); the fix is in the MQTT sink")
 @pytest.mark.parametrize("kind", ["senml+json", "senml+cbor"])
 def test_mqtt_one_record_packs_say_their_version(kind: str) -> None:
     import cbor2
