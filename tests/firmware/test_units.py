@@ -16,6 +16,10 @@ from lantern.agent.units import UNITS
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "firmware"))
 
+from tests.ble import mpcompat  # noqa: E402
+
+mpcompat.install()  # node.app reads time.ticks_ms at import: MicroPython's time, on CPython
+
 from node import app, drivers  # noqa: E402
 
 # The table as protocol version 2 released it. Nodes in the field rely on every entry: this
