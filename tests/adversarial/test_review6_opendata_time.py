@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from lantern.agent.config import load_config
+from lantern.agent.errors import ConfigError
 from lantern.agent.ngsi import NodeMeta
 from lantern.agent.sinks.http import DeliveryError
 from lantern.agent.sinks.sensor_community import SensorCommunitySink, SensorCommunitySinkConfig
@@ -60,17 +62,23 @@ class Hostile:
         app = web.Application()
         app.router.add_get("/v1.1{rest:.*}", self._get)
         app.router.add_post("/v1.1/{rest:.*}", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1.1"
+        self._runner, origin = await _serve(app)
+        self.url = origin + "/v1.1"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
         await self._runner.cleanup()
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """The app on a free local port: its runner (to clean up) and its origin."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
 
 
 def _sta(url: str) -> SensorThingsSinkConfig:
@@ -212,14 +220,10 @@ async def test_sc_refusal_does_not_log_the_registered_sensor_id() -> None:
 
     app = web.Application()
     app.router.add_post("/push", push)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, origin = await _serve(app)
     clock = _Clock()
     cfg = SensorCommunitySinkConfig(sensors={"SL-0001": "esp32-1001"},
-                                    measurements=("pm2_5",), url=f"http://127.0.0.1:{port}/push")
+                                    measurements=("pm2_5",), url=origin + "/push")
     try:
         async with SensorCommunitySink(cfg, now=clock) as sink:
             with pytest.raises(DeliveryError) as e:
@@ -227,6 +231,25 @@ async def test_sc_refusal_does_not_log_the_registered_sensor_id() -> None:
     finally:
         await runner.cleanup()
     assert "esp32-1001" not in str(e.value), str(e.value)
+
+
+@pytest.mark.sensor_community
+@pytest.mark.xfail(strict=True, reason="review 6: two nodes mapped to one registered id are "
+                   "accepted; their readings are averaged into one sensor's")
+def test_sc_two_nodes_mapped_to_one_registered_id_are_refused(tmp_path: Path) -> None:
+    """Attack (careless operator): `sensors = { "SL-0001" = "esp32-1001", "SL-0002" =
+    "esp32-1001" }` — a copy-paste slip. Expected: the config is refused naming the key (one
+    registered sensor stands at one place). Instead: it loads; the sink keys its pending
+    values and its rate by (registered id, pin) only, so both poles' readings are averaged
+    into one published value at the first pole's registered location."""
+    (tmp_path / "keys.toml").write_text("[nodes]\n")
+    conf = tmp_path / "gateway.toml"
+    conf.write_text('[gateway]\nkeys_file = "keys.toml"\n\n[[links.serial]]\n'
+                    'port = "/dev/ttyUSB0"\n\n[sinks.sensor_community]\n'
+                    'measurements = ["pm10"]\n'
+                    'sensors = { "SL-0001" = "esp32-1001", "SL-0002" = "esp32-1001" }\n')
+    with pytest.raises(ConfigError, match=r"sensor_community\.sensors"):
+        load_config(conf)
 
 
 # ---------------------------------------------------------------- the gateway's clock
