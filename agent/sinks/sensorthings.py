@@ -38,7 +38,17 @@ from ..protocol import TIME_MAX, TIME_MIN
 from ..queue.resolve import Batch
 from .http import SHOWN_MAX, DeliveryError, read_bounded
 from .session import SessionSink, frame, quality_flags
-from .sta_terms import FAMILIES, FAMILY, OBSERVED, PERIOD, UNIT_OVERRIDE, UNITS, entity_id, literal
+from .sta_terms import (
+    FAMILIES,
+    FAMILY,
+    OBSERVED,
+    PERIOD,
+    UNIT_OVERRIDE,
+    UNITS,
+    checked_id,
+    entity_id,
+    literal,
+)
 from .state import SinkState
 
 log = logging.getLogger("lantern.sink.sensorthings")
@@ -96,6 +106,8 @@ class SensorThingsSink(SessionSink):
         self.found: Counter[str] = Counter()  # entities found again, by entity set
         self.skipped: Counter[str] = Counter()  # readings no Observation can hold, by reason
         self.partial_failures = 0
+        self.unmatched = 0  # $filter answers' entities without the lantern_id asked for
+        self.duplicates = 0  # lookups that found several entities with one lantern_id
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
@@ -103,8 +115,7 @@ class SensorThingsSink(SessionSink):
             saved = await self.state.load()
             ids = saved.get("ids")
             if saved.get("root") == self.root and isinstance(ids, dict):
-                self._saved = {k: v for k, v in ids.items()
-                               if isinstance(v, int | str) and not isinstance(v, bool)}
+                self._saved = {k: v for k, v in ids.items() if checked_id(v) is not None}
         return self
 
     async def _save(self) -> None:
@@ -172,14 +183,37 @@ class SensorThingsSink(SessionSink):
         log.info("sensorthings: %s: Observations %s", shown_url(self.root),
                  "in CreateObservations data arrays" if self.data_array else "one POST each")
 
-    async def _lookup(self, entity_set: str, lantern_id: str) -> list[Any]:
-        """The @iot.ids of the entities that carry `lantern_id` ($filter)."""
+    async def _lookup(self, entity_set: str, lantern_id: str) -> list[int | str]:
+        """The @iot.ids of the entities that carry `lantern_id` ($filter).
+
+        Only what the answer shows carrying that very `properties/lantern_id` counts: a server
+        that ignores the filter (or a proxy's cached answer, or a liar) may list any entity,
+        and a node's Observations must never land under someone else's Datastream.
+        """
         query = "$filter=" + quote(f"properties/lantern_id eq {literal(lantern_id)}", safe="/':")
         _, answer, _ = await self._call("GET", f"{self.root}/{entity_set}?{query}", ok=(200,))
         try:
-            return [e["@iot.id"] for e in json.loads(answer)["value"]]
-        except (ValueError, TypeError, KeyError):
+            listed = json.loads(answer)["value"]
+            assert isinstance(listed, list)
+        except (ValueError, TypeError, KeyError, AssertionError):
             raise DeliveryError(f"unreadable answer to a $filter on {entity_set}") from None
+        found = []
+        for e in listed:
+            props = e.get("properties") if isinstance(e, dict) else None
+            if not isinstance(props, dict) or props.get("lantern_id") != lantern_id:
+                self.unmatched += 1
+                if self.unmatched == 1:
+                    log.warning("sensorthings: %s answered a $filter on %s with an entity "
+                                "that does not carry lantern_id %r: ignored (counted; logged "
+                                "once)", shown_url(self.root), entity_set, lantern_id)
+                continue
+            ident = checked_id(e.get("@iot.id"))
+            if ident is None:
+                raise DeliveryError(f"SensorThings server listed a {entity_set} entity whose "
+                                    "@iot.id no client can use (a number below 2**63 or a "
+                                    "short plain string)")
+            found.append(ident)
+        return found
 
     async def _entity(self, entity_set: str, lantern_id: str, body: dict[str, Any]) -> Any:
         """The entity's @iot.id: cached, found by its lantern_id, or created (never twice)."""
@@ -188,15 +222,17 @@ class SensorThingsSink(SessionSink):
         found = await self._lookup(entity_set, lantern_id)
         if found:
             if len(found) > 1:
-                log.warning("sensorthings: %d %s carry lantern_id %r (created by something "
-                            "else than this gateway?); using the oldest", len(found),
-                            entity_set, lantern_id)
+                self.duplicates += 1
+                if self.duplicates == 1:
+                    log.warning("sensorthings: %d %s carry lantern_id %r (created by something "
+                                "else than this gateway?); using the oldest (counted; logged "
+                                "once)", len(found), entity_set, lantern_id)
             ident = min(found, key=lambda i: (isinstance(i, str), i))
             self.found[entity_set] += 1
         else:
             _, answer, location = await self._call("POST", f"{self.root}/{entity_set}", body,
                                                    ok=(201,))
-            ident = entity_id(location, answer)
+            ident = entity_id(location, answer, f"{self.root}/{entity_set}")
             self.created[entity_set] += 1
         self._ids[lantern_id] = ident
         return ident

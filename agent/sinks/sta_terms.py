@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
-from .http import DeliveryError
+from ..config import shown_url
+from .http import SHOWN_MAX, DeliveryError
 
 # SenML unit (IANA registry) → (UCUM case-sensitive code, its name). 18-088's Datastream:
 # the unitOfMeasurement's values SHOULD follow UCUM; `symbol` carries the c/s code.
@@ -65,18 +65,57 @@ def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def entity_id(location: str | None, body: bytes) -> Any:
-    """The @iot.id of a created entity: from the 201's Location header, or else the body."""
+ID_MAX = 2 ** 63  # a numeric @iot.id fits a signed 64-bit integer (FROST's and SQL's ids)
+_ID_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:-]{0,127}")  # a UUID, a name: nothing more
+
+
+def checked_id(value: object) -> int | str | None:
+    """An @iot.id the sink can use: an int of bounded size or a short, plain string; else None.
+
+    18-088 §8.2 leaves an id's type to the server: a number or a string. Anything else (an
+    object, a list, a boolean, a 5000-digit number, text holding quotes or slashes) is a
+    server's answer the sink cannot put in a URL, a cache or a JSON link safely.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -ID_MAX < value < ID_MAX else None
+    if isinstance(value, str) and _ID_TEXT.fullmatch(value):
+        return value
+    return None
+
+
+def entity_id(location: str | None, body: bytes, collection: str) -> int | str:
+    """The @iot.id of a created entity: from the 201's Location header, or else the body.
+
+    `collection` is the URL the entity was POSTed to: a Location elsewhere (another entity
+    set, another host) does not name the entity created, and is refused.
+    """
     if location:
-        m = re.search(r"\(([^()]*)\)/?$", urlsplit(location).path)
-        if m:
-            raw = m.group(1)
-            if re.fullmatch(r"-?[0-9]+", raw):
-                return int(raw)
-            if len(raw) >= 2 and raw[0] == raw[-1] == "'":
-                return raw[1:-1].replace("''", "'")
+        where = urlsplit(urljoin(collection, location))
+        home = urlsplit(collection)
+        m = re.fullmatch(re.escape(home.path.rstrip("/")) + r"\(([^()/]{1,130})\)/?", where.path)
+        if (where.scheme, where.netloc) != (home.scheme, home.netloc) or not m:
+            raise DeliveryError("SensorThings server created an entity but its Location "
+                                f"points elsewhere than {shown_url(collection)}(…): "
+                                f"{shown_url(urljoin(collection, location))[:SHOWN_MAX]}")
+        raw = m.group(1)
+        ident: object = raw
+        if re.fullmatch(r"-?[0-9]{1,19}", raw):
+            ident = int(raw)
+        elif len(raw) >= 2 and raw[0] == raw[-1] == "'":
+            ident = raw[1:-1].replace("''", "'")
+        return _usable(ident, "in its Location")
     try:
-        return json.loads(body)["@iot.id"]
-    except (ValueError, TypeError, KeyError):
+        ident = json.loads(body)["@iot.id"]
+    except (ValueError, TypeError, KeyError, IndexError):
         raise DeliveryError("SensorThings server created an entity but said neither its "
                             "Location nor its @iot.id") from None
+    return _usable(ident, "as its @iot.id")
+
+
+def _usable(ident: object, where: str) -> int | str:
+    checked = checked_id(ident)
+    if checked is None:
+        raise DeliveryError(f"SensorThings server created an entity but gave {where} an id no "
+                            "client can use (a number below 2**63 or a short plain string, "
+                            f"OGC 18-088 §8.2): {str(ident)[:40]!r}")
+    return checked

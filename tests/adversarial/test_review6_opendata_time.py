@@ -95,8 +95,6 @@ def _two(which: list[tuple[str, float, str | None]]) -> list[dict[str, object]]:
 
 
 @pytest.mark.sensorthings
-@pytest.mark.xfail(strict=True, reason="review 6: a $filter answer naming another entity is "
-                   "taken as the one asked for")
 async def test_sta_filter_answer_with_another_entity_is_not_taken_for_ours() -> None:
     """Attack: a server that ignores `$filter` on properties (or lies) answers every lookup
     with the same entity, whose `properties/lantern_id` is another node's Datastream.
@@ -122,8 +120,6 @@ async def test_sta_filter_answer_with_another_entity_is_not_taken_for_ours() -> 
 
 
 @pytest.mark.sensorthings
-@pytest.mark.xfail(strict=True, reason="review 6: an @iot.id of an unexpected type escapes as "
-                   "TypeError (a 'bug' traceback), not a failed delivery")
 async def test_sta_iot_id_of_an_unexpected_type_is_a_failed_delivery() -> None:
     """Attack: a server answers each create with 201, no Location, and a body whose
     `@iot.id` is a JSON object. Expected: a DeliveryError saying the server's answer is
@@ -143,8 +139,6 @@ async def test_sta_iot_id_of_an_unexpected_type_is_a_failed_delivery() -> None:
 
 
 @pytest.mark.sensorthings
-@pytest.mark.xfail(strict=True, reason="review 6: a huge numeric id in a Location header "
-                   "raises ValueError (int max str digits), not a failed delivery")
 async def test_sta_huge_numeric_id_in_location_is_a_failed_delivery() -> None:
     """Attack: a server answers a create with `Location: …/Things(<5000 digits>)`.
     Expected: a DeliveryError (an id no one can use), or the id refused some other counted
