@@ -290,8 +290,8 @@ class Updater:
             # sampling may have no free block that large)
             self._head = Pieces()
             self._need = 8 + n
-        elif self._head is None or at != self._got:
-            return None, self._got
+        elif self._head is None or at != self._got or not piece:
+            return None, self._got  # (an empty piece changes nothing and holds nothing)
         head = self._head
         if self._got + len(piece) > self._need:
             self._head = None
@@ -359,6 +359,8 @@ class Updater:
         for i in range(self.man.count):
             path, size, _ = self.man.file(i)
             p = self.slot + "/" + path
+            if size == 0 and _size(p) != 0:
+                self._empty(i, p)  # no CHUNK ever carries an empty file: staged here
             if _size(p) == size:
                 start += size
                 continue
@@ -369,6 +371,17 @@ class Updater:
             self._i, self._start, self.have = i, start, start + max(got, 0)
             return
         self._i, self._start, self.have = self.man.count, start, start
+
+    def _empty(self, i, p):
+        """Stage file i, an empty one, once its signed digest says it is empty."""
+        v = self._verifier
+        try:
+            v.check_file(self.man, i, b"")
+        except ValueError as e:
+            self._count(v)
+            raise self._refuse("file", str(e))
+        _makedirs(p.rsplit("/", 1)[0])
+        _write_atomic(p, b"")
 
     # --- CHUNK ---
 
@@ -418,7 +431,9 @@ class Updater:
 
     def apply(self):
         """Record the staged release as the candidate (atomically); the node then reboots."""
-        if self.man is None or self.have != self.total:
+        if self.man is not None:
+            self._resume()  # every file under its own name, empty ones too
+        if self.man is None or self.have != self.total or self._i != self.man.count:
             raise self._refuse("incomplete", "%d of %d bytes staged" % (self.have, self.total))
         rec = read_record(self.fw)
         if rec.get("cand"):
@@ -438,7 +453,10 @@ class Updater:
     def abort(self):
         if self.slot is None:
             self.slot = self._target()
-        if self.slot.rsplit("/", 1)[1] != read_record(self.fw).get("cand"):
+        rec = read_record(self.fw)
+        # never the slot on trial, the one to roll back to, or the one running
+        if self.slot.rsplit("/", 1)[1] not in (rec.get("cand"), rec.get("active"),
+                                                boot_info().get("slot")):
             _rmtree(self.slot)
         self.man, self.slot, self.version, self.have, self.total = None, None, None, 0, 0
         self._head = None
@@ -484,7 +502,12 @@ async def trial(node):
     limit_ms = node.cfg.get("update_trial_s", 600) * 1000
     t0 = time.ticks_ms()
     first = node.outbox._next  # the first sequence number this boot seals
+    evicted = node.outbox.evicted
     while True:
+        if node.outbox.evicted != evicted:
+            # a pack gone by eviction is not one ACKed: only packs sealed from now count
+            evicted = node.outbox.evicted
+            first = node.outbox._next
         link = node.link
         if (link is not None and link.acked and node.outbox._next > first
                 and first not in node.outbox):

@@ -32,6 +32,7 @@ ENVELOPE_MAX = const(8192)  # bytes of COSE_Sign1 a node reads into RAM at once
 ENVELOPE_MIN = const(86)
 KID_LEN = const(8)  # a release key's id: the first 8 bytes of SHA-256 of its 32 raw bytes
 _CHUNK = const(512)  # file bytes hashed per read
+_GATHER = const(512)  # OFFER pieces shorter than this are gathered (Pieces.append)
 
 # manifest labels (docs/protocol.md)
 M_FORMAT = const(1)
@@ -116,7 +117,16 @@ class Pieces:
         self.n = total - base if size < 0 else size
 
     def append(self, piece):
-        self.parts.append(piece)
+        """Keep piece; short ones are gathered into bytearrays of up to _GATHER bytes, so
+        many tiny pieces cannot cost many times their size in object headers."""
+        last = self.parts[-1] if self.parts else None
+        if len(piece) < _GATHER:
+            if isinstance(last, bytearray) and len(last) + len(piece) <= _GATHER:
+                last.extend(piece)
+            else:
+                self.parts.append(bytearray(piece))
+        else:
+            self.parts.append(piece)
         self.n += len(piece)
 
     def __len__(self):

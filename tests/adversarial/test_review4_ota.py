@@ -226,8 +226,6 @@ async def carry(p: Pole, bundle: bytes, confirm_s: float,
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 4: ABORT during a trial deletes the confirmed "
-                   "slot; the rollback then runs the provisioned firmware, below the floor")
 async def test_an_abort_during_a_trial_keeps_the_confirmed_release_to_roll_back_to(
         tmp_path: Path, rel: dict[str, bytes]) -> None:
     """Attack: a stolen gateway updates a node to 2.0.0 (floor 2, confirmed: slot a, floor 2),
@@ -260,8 +258,6 @@ async def test_an_abort_during_a_trial_keeps_the_confirmed_release_to_roll_back_
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 4: a candidate whose own packs are never ACKed "
-                   "confirms itself (and raises the floor) once its outbox evicts them")
 async def test_a_candidate_none_of_whose_packs_is_acked_does_not_confirm_itself(
         tmp_path: Path, rel: dict[str, bytes]) -> None:
     """Attack / broken release: the candidate cannot get one of its own packs acknowledged (a
@@ -340,8 +336,6 @@ print("HELD", gc.mem_alloc() - before, len(head))
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 4: OFFER pieces (empty or 1-byte) grow the "
-                   "node's heap without a bound of their own")
 def test_offer_pieces_cannot_make_a_node_hold_many_times_the_head(tmp_path: Path) -> None:
     """Attack: a stolen gateway (it holds the node key) sends an OFFER whose first piece is the
     8-byte prefix of a real head, then pieces at the offset the node asks for: 2,000 empty
@@ -376,8 +370,6 @@ print("EMPTY", "empty.mpy" in os.listdir(slot + "/node") if "node" in os.listdir
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 4: a slot is marked .done while a trailing "
-                   "empty file of its manifest was never staged")
 def test_a_slot_is_complete_only_with_every_file_of_its_manifest(tmp_path: Path) -> None:
     """A release author's mistake (or a build that emits an empty module): a validly signed
     manifest whose last file is empty (`node/empty.mpy`, 0 bytes, SHA-256 of nothing). Nothing
