@@ -51,6 +51,14 @@ VALUES: dict[str, tuple[int, str]] = {
     "pressure": (11, "pressure"),  # Pa, as the BME280 library gives it and SenML carries it
     "LAeq": (15, "noise_LAeq"), "LAmax": (15, "noise_LA_max"),
 }
+# value_type → the range the sensor kind the pin stands for can measure (datasheets): SDS011
+# 0.0-999.9 ug/m3, SPS30 0-1000 ug/m3; BME280 -40..85 Cel, 0..100 %RH, 300..1100 hPa; the
+# DNMS noise module 0..140 dB(A). A value outside is no reading of that sensor: not published.
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "P0": (0.0, 1000.0), "P1": (0.0, 1000.0), "P2": (0.0, 1000.0), "P4": (0.0, 1000.0),
+    "temperature": (-40.0, 85.0), "humidity": (0.0, 100.0), "pressure": (30000.0, 110000.0),
+    "noise_LAeq": (0.0, 140.0), "noise_LA_max": (0.0, 140.0),
+}
 SENSOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 # quality bits that make a value unfit to publish: all but "stale" (4) and "saving" (512)
 UNFIT = ~(4 | 512)
@@ -90,6 +98,7 @@ class SensorCommunitySink(SessionSink):
         self._last: dict[tuple[str, int], float] = {}  # (sensor id, pin) → last push
         self._batch: tuple[int, int] | None = None
         self._seen: set[str] = set()  # reading ids of the current batch already taken
+        self._nodes = {sensor: node for node, sensor in cfg.sensors.items()}  # for messages
         self.pushes = 0
         self.skipped: Counter[str] = Counter()
 
@@ -139,6 +148,11 @@ class SensorCommunitySink(SessionSink):
                            "arrival, so only fresh values go out")
                 continue
             pin, value_type = VALUES[measurement]
+            low, high = PLAUSIBLE[value_type]
+            if not low <= v <= high:
+                self._skip("range", f"{r['n']} = {v:g}: outside {low:g}..{high:g}, the range "
+                           "of the sensor it is published as")
+                continue
             self._pending.setdefault((sensor, pin), Pending()).values[value_type].append(
                 (r["t"], float(v)))
 
@@ -166,15 +180,23 @@ class SensorCommunitySink(SessionSink):
                 fresh = [v for t, v in tv if t >= now - self.cfg.max_age_s]
                 if len(fresh) < len(tv):
                     self._skip("stale", "readings waited past max_age_s", len(tv) - len(fresh))
-                if fresh:
-                    values.append({"value_type": value_type,
-                                   "value": f"{sum(fresh) / len(fresh):.2f}"})
-            if values:
-                await self._push(sensor, pin, values)
+                if fresh:  # a mean that cannot overflow: each term at most max / n
+                    mean = math.fsum(v / len(fresh) for v in fresh)
+                    values.append({"value_type": value_type, "value": f"{mean:.2f}"})
+            if values and await self._push(sensor, pin, values):
                 self._last[(sensor, pin)] = now
             del self._pending[(sensor, pin)]
 
-    async def _push(self, sensor: str, pin: int, values: list[dict[str, str]]) -> None:
+    async def _push(self, sensor: str, pin: int, values: list[dict[str, str]]) -> bool:
+        """Push one sensor and pin: True if accepted, False if their API refused the values.
+
+        A 400 or 422 refuses what was sent: sending it again would be refused again and hold
+        every later push of that sensor and pin back, so those values are dropped (counted,
+        logged once). Anything else that is not a 2xx (a 403 for a sensor not registered on
+        the pin, a 429, a 5xx, no answer) fails the delivery and the values wait for the retry.
+        The registered id is all their API asks to publish as that sensor: no message names
+        it (the node does).
+        """
         assert self._session is not None
         software = f"Lantern-{__version__}"
         headers = {"Content-Type": "application/json", "X-Sensor": sensor, "X-Pin": str(pin),
@@ -189,9 +211,19 @@ class SensorCommunitySink(SessionSink):
                 self.last_latency_s = time.monotonic() - t0
                 if 200 <= resp.status < 300:
                     self.pushes += 1
-                    return
-                raise self.refused(url, resp, f"sensor {sensor} pin {pin}: "
-                                   + answer.decode(errors="replace"))
+                    return True
+                said = answer.decode(errors="replace").replace(sensor, "<sensor id>")
+                what = f"node {self._nodes.get(sensor, '?')} pin {pin}"
+                if resp.status in (400, 422):
+                    if not self.skipped["refused"]:
+                        log.warning("sensor_community: HTTP %d: %s: values refused and dropped "
+                                    "(%s; counted in lantern_sink_skipped_readings_total; "
+                                    "logged once): %s", resp.status, what,
+                                    ", ".join(f"{v['value_type']}={v['value']}" for v in values),
+                                    said)
+                    self.skipped["refused"] += len(values)
+                    return False
+                raise self.refused(url, resp, f"{what}: {said}")
         except (aiohttp.ClientError, TimeoutError) as e:
             raise DeliveryError(f"{type(e).__name__} posting to {shown_url(url)}: {e}") \
                 from None
@@ -209,10 +241,16 @@ def parse(doc: Doc, s: dict[str, Any], key: str, base: Path) -> SensorCommunityS
                             f"expected {one_of(list(VALUES))}")
     sensors = doc.get(s, "sensors", f"{key}.sensors", dict,
                       fix='map each node to its registered id: { "SL-0001" = "esp32-1234567" }')
+    first: dict[str, str] = {}  # registered id → the node it was first given to
     for node, ident in sensors.items():
         if not isinstance(ident, str) or not SENSOR_ID.match(ident):
             raise doc.error(f"{key}.sensors.{node}", "expected the sensor id registered at "
                             'devices.sensor.community, e.g. "esp32-1234567"')
+        if ident in first:  # one registered sensor stands at one place
+            raise doc.error(f"{key}.sensors.{node}", f"the same registered id as node "
+                            f"{first[ident]}: each node needs its own (register it at "
+                            "devices.sensor.community)")
+        first[ident] = node
     return SensorCommunitySinkConfig(
         sensors=dict(sensors), measurements=tuple(measurements),
         url=doc.get(s, "url", f"{key}.url", str, URL, http_url),

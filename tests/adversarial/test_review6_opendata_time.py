@@ -178,8 +178,6 @@ async def receiver() -> AsyncIterator[tuple[ScReceiver, _Clock]]:
 
 
 @pytest.mark.sensor_community
-@pytest.mark.xfail(strict=True, reason="review 6: two huge finite readings average to inf; the "
-                   "push is refused forever and blocks the sink")
 async def test_sc_huge_finite_readings_do_not_push_inf_and_block_the_sink(
         receiver: tuple[ScReceiver, _Clock]) -> None:
     """Attack: a node key holder sends pm2_5 = 1.7e308 twice (finite, so every check passes).
@@ -200,8 +198,6 @@ async def test_sc_huge_finite_readings_do_not_push_inf_and_block_the_sink(
 
 
 @pytest.mark.sensor_community
-@pytest.mark.xfail(strict=True, reason="review 6: the registered Sensor.Community id (the only "
-                   "credential of their push API) is written into every refusal's log line")
 async def test_sc_refusal_does_not_log_the_registered_sensor_id() -> None:
     """Attack (careless operator / anyone reading logs or /api/status): their push API has no
     key; the registered id in `X-Sensor` is all it takes to publish as that sensor.
@@ -228,8 +224,6 @@ async def test_sc_refusal_does_not_log_the_registered_sensor_id() -> None:
 
 
 @pytest.mark.sensor_community
-@pytest.mark.xfail(strict=True, reason="review 6: two nodes mapped to one registered id are "
-                   "accepted; their readings are averaged into one sensor's")
 def test_sc_two_nodes_mapped_to_one_registered_id_are_refused(tmp_path: Path) -> None:
     """Attack (careless operator): `sensors = { "SL-0001" = "esp32-1001", "SL-0002" =
     "esp32-1001" }` — a copy-paste slip. Expected: the config is refused naming the key (one

@@ -256,3 +256,43 @@ def test_check_config_shows_both_open_data_sinks_or_the_bad_key(tmp_path: Path) 
         r = subprocess.run([sys.executable, "-m", "lantern", "gateway", "check-config",
                             "--config", str(cfg)], capture_output=True, text=True, timeout=60)
         assert r.returncode == rc and says in r.stdout + r.stderr, r
+
+
+async def test_values_no_such_sensor_gives_are_not_published(
+        receiver: ScReceiver, clock: Clock) -> None:
+    """Authentic but impossible values (a node key holder's, a broken sensor's) stay home."""
+    recs = records("SL-0001", 0, T, [("pm10", -1.0, "ug/m3"), ("pm2_5", 1001.0, "ug/m3"),
+                                     ("temperature", 85.0, "Cel"), ("humidity", 100.5, "%RH"),
+                                     ("pressure", 29_999.0, "Pa"), ("LAeq", 140.0, "dB"),
+                                     ("LAmax", 1.7e308, "dB")])
+    async with SensorCommunitySink(_cfg(receiver), now=clock) as sink:
+        await sink.send(batch(recs))
+    assert receiver.rejected == []
+    assert sorted(receiver.accepted) == [("esp32-1001", 11, {"temperature": "85.00"}),
+                                         ("esp32-1001", 15, {"noise_LAeq": "140.00"})]
+    assert sink.skipped == {"range": 5}
+
+
+async def test_a_value_their_api_refuses_is_dropped_not_held_against_later_pushes(
+        receiver: ScReceiver, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    receiver.refuse = {"noise_LAeq"}  # a 400 for the noise push, every time
+    async with SensorCommunitySink(_cfg(receiver), now=clock) as sink:
+        await sink.send(batch(_pack("SL-0001", 0, T)))  # not a failed delivery
+        assert sorted(pin for _, pin, _ in receiver.accepted) == [1, 11]
+        assert sink.skipped == {"refused": 2}  # noise_LAeq and noise_LA_max, in one push
+        receiver.refuse = set()
+        clock.t = T + 150
+        await sink.send(batch(_pack("SL-0001", 1, clock.t)))  # the next push goes: not held
+    assert sorted(pin for _, pin, _ in receiver.accepted) == [1, 1, 11, 11, 15]
+    assert [r.message for r in caplog.records if "refused and dropped" in r.message] != []
+    assert not any("esp32-1001" in r.getMessage() for r in caplog.records)
+
+
+def test_two_nodes_with_one_registered_id_name_the_line_and_the_second_node(
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.toml line \d+: sinks\.sensor_community"
+                       r"\.sensors\.SL-0002: the same registered id as node SL-0001") as e:
+        load_config(_config(tmp_path, 'measurements = ["pm10"]\n'
+                                      'sensors = { "SL-0001" = "esp32-1001", '
+                                      '"SL-0002" = "esp32-1001" }\n'))
+    assert "esp32-1001" not in str(e.value)

@@ -41,6 +41,7 @@ class ScReceiver:
     min_interval_s: float = 145.0
     clock: Callable[[], float] = time.time
     down: bool = False
+    refuse: set[str] = field(default_factory=set)  # value types answered 400 (as a bad value)
     accepted: list[tuple[str, int, dict[str, str]]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     url: str = ""
@@ -83,6 +84,8 @@ class ScReceiver:
                 return self._refuse(400, f"{vt!r} is not a valid choice on pin {pin}, or twice")
             if not isinstance(val, str) or not _decimal(val):
                 return self._refuse(400, f"{vt}: value {val!r} is not decimal text")
+            if vt in self.refuse:
+                return self._refuse(400, f"{vt}: value {val!r} refused")
             got[vt] = val
         now = self.clock()
         last = self._last.get((sensor, pin))
