@@ -21,6 +21,7 @@ from lantern.agent.timesync import (
     read_adjtimex,
     read_timesyncd,
 )
+from lantern.tools.street.sim import gateway_toml
 from tests.helpers.timecheck import KernelClock
 
 KEY = bytes(range(32))
@@ -195,3 +196,13 @@ def test_clock_config_refused(tmp_path: Path, table: str, says: str) -> None:
     (tmp_path / "gateway.toml").write_text(GATEWAY_TOML + table)
     with pytest.raises(ConfigError, match=re.escape(says)):
         load_config(tmp_path / "gateway.toml")
+
+
+def test_a_simulated_street_trusts_the_host_clock(tmp_path: Path) -> None:
+    """tools/street/sim.py's config (lantern sim, lantern demo, the hil tests): nodes are given
+    this machine's time even where no time daemon has synchronised it (docs/time.md)."""
+    args = (tmp_path / "state", tmp_path / "keys.toml", ["/dev/pts/99"], "http://127.0.0.1:9/")
+    (tmp_path / "gateway.toml").write_text(gateway_toml(*args))
+    assert load_config(tmp_path / "gateway.toml").clock.mode == "trust"
+    (tmp_path / "gateway.toml").write_text(gateway_toml(*args, clock=None))
+    assert load_config(tmp_path / "gateway.toml").clock.mode == "kernel"

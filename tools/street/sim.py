@@ -392,13 +392,20 @@ def keys_toml(nodes: list[SimNode]) -> str:
 
 
 def gateway_toml(state_dir: Path, keys_file: Path, ports: list[str], upstream_url: str,
-                 max_age_s: float = 1.0, max_records: int = 500, extra: str = "") -> str:
-    """A gateway config for simulated nodes; `extra` is appended (more sinks, [nodes])."""
+                 max_age_s: float = 1.0, max_records: int = 500, extra: str = "",
+                 clock: str | None = "trust") -> str:
+    """A gateway config for simulated nodes; `extra` is appended (more sinks, [nodes]).
+
+    clock: the gateway's [clock] mode (docs/time.md). "trust": the gateway hands nodes this
+    machine's time whatever the kernel says of it (a fresh machine or a container whose clock
+    no time daemon has synchronised); nodes on the unix port keep the host's time anyway, and
+    a QEMU board's starts at 2000 until a gateway gives it one. None: the gateway's default."""
     out = [
         "[gateway]",
         f"state_dir = {toml_string(state_dir)}",
         f"keys_file = {toml_string(keys_file)}",
         "",
+        *((["[clock]", f"mode = {toml_string(clock)}", ""]) if clock is not None else ()),
         "[batch]",
         f"max_records = {max_records}",
         f"max_age_s = {max_age_s}",
