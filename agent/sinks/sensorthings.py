@@ -73,6 +73,10 @@ class SensorThingsSinkConfig:
     backoff_max_s: float = 60.0
 
 
+class Refused(DeliveryError):
+    """A 4xx other than 429: the server will not take what was sent, as it was sent."""
+
+
 @dataclass(frozen=True)
 class Reading:
     device: str
@@ -148,7 +152,8 @@ class SensorThingsSink(SessionSink):
     # ------------------------------------------------------------------ HTTP
 
     async def _call(self, method: str, url: str, body: Any = None,
-                    ok: tuple[int, ...] = (200, 201)) -> tuple[int, bytes, str | None]:
+                    ok: tuple[int, ...] = (200, 201), forget: bool = True
+                    ) -> tuple[int, bytes, str | None]:
         assert self._session is not None
         data = None if body is None else json.dumps(body, separators=(",", ":"))
         t0 = time.monotonic()
@@ -161,11 +166,13 @@ class SensorThingsSink(SessionSink):
                 self.last_latency_s = time.monotonic() - t0
                 if resp.status in ok:
                     return resp.status, answer, resp.headers.get("Location")
-                if 400 <= resp.status < 500 and resp.status != 429:
-                    # an entity we cached may be gone (a server reset): look everything up again
-                    self._ids.clear()
-                raise self.refused(url, resp, f"{method}: "
+                err = self.refused(url, resp, f"{method}: "
                                    + answer[:SHOWN_MAX].decode(errors="replace"))
+                if 400 <= resp.status < 500 and resp.status != 429:
+                    if forget:  # an entity we cached may be gone (a server reset)
+                        self._ids.clear()
+                    raise Refused(str(err)) from None
+                raise err
         except (aiohttp.ClientError, TimeoutError) as e:
             raise DeliveryError(f"{type(e).__name__} on {method} {shown_url(url)}: {e}") \
                 from None
@@ -357,10 +364,34 @@ class SensorThingsSink(SessionSink):
                 for i in range(0, len(rs), self.cfg.batch_observations):
                     await self._create_array(ds, rs[i:i + self.cfg.batch_observations])
             else:
-                for r in rs:
-                    await self._call("POST", f"{self.root}/Observations",
-                                     {**r.obs, "Datastream": {"@iot.id": ds}}, ok=(201,))
-                    self._done.add(r.rid)
+                await self._one_by_one(ds, rs)
+
+    async def _one_by_one(self, ds: int | str, rs: list[Reading]) -> None:
+        """One POST per Observation; one the server refuses (4xx) is a poison reading.
+
+        Refused while its Datastream is still there (a $filter shows it under its lantern_id),
+        the Observation itself is what the server will never take: sending it again would
+        hold the whole queue back for ever, so it is left out (reason `refused`, logged once)
+        and the ids are kept. Refused because the Datastream is gone (a server reset): every
+        cached id is dropped and the batch fails, to be retried with everything looked up again.
+        """
+        for r in rs:
+            try:
+                await self._call("POST", f"{self.root}/Observations",
+                                 {**r.obs, "Datastream": {"@iot.id": ds}}, ok=(201,),
+                                 forget=False)
+            except Refused as e:
+                await self._still_there(ds, r, e)
+                self._skip("refused", f"reading {r.rid}: the server refuses its Observation "
+                           f"({e})")
+            self._done.add(r.rid)
+
+    async def _still_there(self, ds: int | str, r: Reading, refusal: Refused) -> None:
+        """Return if Datastream `ds` is still r's; else forget every id and raise `refusal`."""
+        if ds not in await self._lookup("Datastreams",
+                                        f"lantern:datastream:{r.device}:{r.measurement}"):
+            self._ids.clear()
+            raise refusal
 
     async def _create_array(self, ds: Any, rs: list[Reading]) -> None:
         """CreateObservations until each is created; an "error" entry retries only its own."""
@@ -370,8 +401,13 @@ class SensorThingsSink(SessionSink):
             body = [{"Datastream": {"@iot.id": ds}, "components": comps,
                      "dataArray@iot.count": len(rs),
                      "dataArray": [[r.obs[c] for c in comps] for r in rs]}]
-            _, answer, _ = await self._call("POST", f"{self.root}/CreateObservations", body,
-                                            ok=(201,))
+            try:
+                _, answer, _ = await self._call("POST", f"{self.root}/CreateObservations",
+                                                body, ok=(201,), forget=False)
+            except Refused as e:  # one row may be what it refuses: find which, one by one
+                await self._still_there(ds, rs[0], e)
+                await self._one_by_one(ds, rs)
+                return
             try:
                 links = json.loads(answer)
                 assert isinstance(links, list) and len(links) == len(rs)
@@ -385,9 +421,9 @@ class SensorThingsSink(SessionSink):
                 return
             attempt += 1
             self.partial_failures += 1
-            if attempt > self.cfg.partial_retries:
-                raise DeliveryError(f"SensorThings server keeps refusing {len(failed)} "
-                                    f"Observations, e.g. reading {failed[0].rid}")
+            if attempt > self.cfg.partial_retries:  # each alone: created, poison, or a failure
+                await self._one_by_one(ds, failed)
+                return
             rs = failed
             await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 2 ** attempt)))
 

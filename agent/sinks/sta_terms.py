@@ -99,8 +99,8 @@ def entity_id(location: str | None, body: bytes, collection: str) -> int | str:
                                 f"{shown_url(urljoin(collection, location))[:SHOWN_MAX]}")
         raw = m.group(1)
         ident: object = raw
-        if re.fullmatch(r"-?[0-9]{1,19}", raw):
-            ident = int(raw)
+        if re.fullmatch(r"-?[0-9]+", raw):  # a number, never read past 64 bits
+            ident = int(raw) if len(raw) <= 20 else None
         elif len(raw) >= 2 and raw[0] == raw[-1] == "'":
             ident = raw[1:-1].replace("''", "'")
         return _usable(ident, "in its Location")

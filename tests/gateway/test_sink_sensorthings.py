@@ -15,6 +15,7 @@ from pathlib import Path
 import frost_sta_client as fsc
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from frost_sta_client.model.ext.data_array_value import DataArrayValue
 
 from lantern.agent.config import load_config
@@ -447,3 +448,56 @@ async def test_an_unreadable_kept_file_is_said_once_and_replaced(
     assert sink.created["Datastreams"] == PER_PACK and server.rejected == []
     ids = _kept(state)["ids"]
     assert isinstance(ids, dict) and len(ids) >= PER_PACK
+
+
+@pytest.mark.parametrize("data_array", [True, False])
+async def test_an_observation_the_server_refuses_is_left_out_not_retried_for_ever(
+        tmp_path: Path, data_array: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A 4xx for one Observation (its Datastream still there) is a poison reading: counted,
+    logged once, left out; the ids stay cached and every other reading is delivered."""
+    server = StaServer(data_array=data_array, poison={"SL-0001:0:0", "SL-0002:1:0"})
+    await server.start()
+    try:
+        cfg = SensorThingsSinkConfig(url=server.url + "/v1.1", partial_retries=1)
+        async with Store(tmp_path / "q.sqlite") as store, \
+                SensorThingsSink(cfg, NODES) as sink:
+            street = Street(store)
+            async with forwarding(store, sink, street) as fwd:
+                await street.packs(2)
+                await _until(lambda: fwd.delivered == 2 * 2 * PER_PACK)
+            assert (await store.depth())[0] == 0
+        assert sink.skipped == {"refused": 2}
+        assert sink.created["Datastreams"] == 2 * PER_PACK and sink.found == {}  # kept
+        ids = sorted(o["parameters"]["lantern_id"] for o in server.all("Observations"))
+        assert len(ids) == 2 * 2 * PER_PACK - 2 and "SL-0001:0:0" not in ids
+        assert sum("refuses its Observation" in r.message for r in caplog.records) == 1
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("location", [
+    "http://elsewhere.example/v1.1/Things(1)",      # another host
+    "/v1.1/Sensors(1)",                              # another entity set
+    "/v1.1/Things(1)/Datastreams",                   # not an entity
+    "/v1.1/Things(" + "9" * 30 + ")",                # no 64-bit id
+    "/v1.1/Things('a/b')"])                          # no plain id
+async def test_a_created_entity_located_elsewhere_is_a_failed_delivery(location: str) -> None:
+    async def landing(_r: web.Request) -> web.Response:
+        return web.json_response({"value": [], "serverSettings": {"conformance": []}})
+
+    async def none(_r: web.Request) -> web.Response:
+        return web.json_response({"value": []})
+
+    async def created(_r: web.Request) -> web.Response:
+        return web.json_response({"@iot.id": 1}, status=201, headers={"Location": location})
+
+    app = web.Application()
+    app.router.add_get("/v1.1", landing)
+    app.router.add_get("/v1.1/{set}", none)
+    app.router.add_post("/v1.1/{set}", created)
+    async with TestServer(app) as upstream, \
+            SensorThingsSink(SensorThingsSinkConfig(url=str(upstream.make_url("/v1.1"))),
+                             NODES) as sink:
+        with pytest.raises(DeliveryError, match=r"Location|id no client can use"):
+            await sink.send(batch(records(node="SL-0001")))
+        assert sink.created == {}

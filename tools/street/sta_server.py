@@ -92,6 +92,7 @@ class StaServer:
     down: bool = False
     persist: Path | None = None
     fail_rows: int = 0  # the next N dataArray rows answer "error"
+    poison: set[str] = field(default_factory=set)  # reading ids whose Observation it refuses
     sets: dict[str, dict[int, dict[str, Any]]] = field(
         default_factory=lambda: {s: {} for s in FIELDS})
     next_id: int = 1
@@ -168,6 +169,9 @@ class StaServer:
             else:
                 linked[nav] = self._link(target, body[nav], f"{what}.{nav}", made)
         if entity_set == "Observations":
+            params = props.get("parameters")
+            if isinstance(params, dict) and params.get("lantern_id") in self.poison:
+                raise Invalid(f"{what}: this server will never take this Observation")
             self._observation(props, linked, what, made)
         ident = self.next_id
         self.next_id += 1
