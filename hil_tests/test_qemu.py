@@ -13,6 +13,7 @@ import re
 import signal
 import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,8 +62,10 @@ async def qemu_topology(tmp_path: Path, qemu_image: Path) -> AsyncIterator[QemuT
 
 async def drained(topo: QemuTopology, samples: int, timeout: float = 60) -> None:
     """Every node took `samples` packs, all acknowledged, all readings upstream."""
+    # (a QEMU board's clock starts at 2000 at every boot: its first samples are held and a
+    # time request goes first; docs/time.md)
     await topo.wait_for(
-        lambda: all(len(topo.sampled(n)) == samples and not topo.outbox(n) for n in topo.nodes),
+        lambda: all(len(topo.samples(n)) == samples and not topo.outbox(n) for n in topo.nodes),
         timeout, f"{samples} samples per node, all acknowledged")
     await topo.wait_for(
         lambda: len(topo.upstream.readings) >= sum(sum(topo.sampled(n).values())
@@ -70,20 +73,46 @@ async def drained(topo: QemuTopology, samples: int, timeout: float = 60) -> None
         30, "all readings upstream")
 
 
+def assert_times_right(topo: QemuTopology, t0: float, t1: float) -> None:
+    """Every reading upstream dated within the run (the board's clock starts at 2000), the
+    samples in the order they were taken, the time requests flagged (docs/time.md)."""
+    for node in topo.qemu_nodes():
+        assert topo.time_requests(node), f"{node.node_id}: its clock was known at boot?"
+        times: dict[int, set[float]] = {}
+        for rid, r in topo.upstream.readings.items():
+            nid, seq, _ = rid.rsplit(":", 2)
+            if nid == node.node_id:
+                times.setdefault(int(seq), set()).add(r["t"])
+                if int(seq) in topo.time_requests(node):
+                    assert r["n"].endswith(":time.q") and r["v"] == 1, r
+        assert set(times) == set(topo.sampled(node))
+        for seq, ts in times.items():
+            (t,) = ts  # one time per pack
+            assert t0 - 1 <= t <= t1 + 1, (node.node_id, seq, t - t0)
+        ordered = [min(times[s]) for s in sorted(topo.samples(node))]
+        assert ordered == sorted(ordered), ordered
+
+
 async def test_every_reading_arrives_once_bit_exact(qemu_topology: QemuTopology) -> None:
     topo = qemu_topology
     topo.sample_limit = 12
     topo.interval_ms = 300
+    t0 = time.time()
     await topo.start()
     await drained(topo, 12)
     total = check_delivery(topo)
     assert total >= 12 * 4 * len(topo.nodes)
     assert topo.upstream.duplicates == 0
+    assert_times_right(topo, t0, time.time())
     for node in topo.qemu_nodes():
-        packs = topo.packs(node)
+        # the node's own figures ride in every sample (held ones too), not in time requests
+        samples = topo.samples(node)
+        packs = {s: p for s, p in topo.packs(node).items() if s in samples}
+        assert len(packs) == 12 and all("heap_peak" in p for p in packs.values()), packs
         reported_peak = max(p["heap_peak"] for p in packs.values())
         assert 0 < reported_peak < HEAP_LIMIT, f"{node.node_id}: heap_peak {reported_peak}"
-        assert all(p["cycle_ms"] > 0 for s, p in packs.items() if s > 0), "cycle time missing"
+        first = min(packs)
+        assert all(p["cycle_ms"] > 0 for s, p in packs.items() if s > first), "cycle time missing"
         assert all(64 * 1024 < p["heap_free"] < max(ESP32_HEAP) for p in packs.values())
         # the board's flash, read over mpremote (this stops the node): nothing left to send
         assert await topo.device_outbox(node) == []
@@ -164,7 +193,7 @@ async def test_mpremote_drives_the_board(qemu_topology: QemuTopology, tmp_path: 
     node = topo.qemu_nodes()[0]
     assert node.console is not None
     await drained(topo, 4)
-    first_boot = dict(topo.sampled(node))
+    first_boot = dict(topo.sampled(node))  # its time request(s) included
 
     # exec: Ctrl-C stops the running node (asyncio loop and all), then the raw REPL answers
     mark = len(node.console.text)
@@ -190,8 +219,9 @@ async def test_mpremote_drives_the_board(qemu_topology: QemuTopology, tmp_path: 
     probe.write_text("import os\nst = os.statvfs('/')\n"
                      "print('FS', st[0], st[2], sorted(os.listdir('state')))\n")
     out = await node.mpremote("resume", "run", str(probe))
-    # 2 MB of 4 KB blocks, like an ESP32; key_id names the key the counters belong to
-    assert "FS 4096 512 ['key_id', 'outbox', 'seq']" in out, out
+    # 2 MB of 4 KB blocks, like an ESP32; key_id names the key the counters belong to;
+    # untimed holds samples taken before the clock was set (docs/time.md)
+    assert "FS 4096 512 ['key_id', 'outbox', 'seq', 'untimed']" in out, out
 
     # soft-reset: RAM forgotten, flash kept
     out = await node.mpremote("resume", "exec", "marker = 42", "soft-reset", "exec",
@@ -201,12 +231,15 @@ async def test_mpremote_drives_the_board(qemu_topology: QemuTopology, tmp_path: 
 
     # Ctrl-D at the friendly REPL boots the node again from its flash: same identity and key,
     # sequence numbers never reused (the next block of reserved numbers), all delivered
+    # (its clock starts at 2000 again: a time request, then the held sample, timed)
     mark = len(node.console.text)
+    requests = len(topo.time_requests(node))
     node.console.type(b"\x04")
-    await topo.wait_for(lambda: len(topo.sampled(node)) == 8 and not topo.outbox(node), 60,
+    await topo.wait_for(lambda: len(topo.samples(node)) == 8 and not topo.outbox(node), 60,
                         "4 more samples after the reboot, acknowledged")
     second = [int(m.group(1)) for m in SAMPLE_LINE.finditer(node.console.text, mark)]
-    assert len(second) == 4 and min(second) > max(first_boot), second
+    assert len(second) == 5 and min(second) > max(first_boot), second
+    assert len(topo.time_requests(node)) == requests + 1 and second[0] in topo.time_requests(node)
     await topo.wait_for(
         lambda: all(f"{node.node_id}:{seq}:0" in topo.upstream.readings for seq in second), 30,
         "the packs sampled after the reboot upstream")
@@ -252,7 +285,7 @@ async def test_soak(qemu_topology: QemuTopology) -> None:
     def progress() -> bool:
         assert topo.gateway is not None and topo.gateway.poll() is None, "gateway died"
         rss.append(_rss_kib(topo.gateway.pid))
-        return len(topo.sampled(node)) == samples and not topo.outbox(node)
+        return len(topo.samples(node)) == samples and not topo.outbox(node)
 
     await topo.wait_for(progress, SOAK_S * 1.5 + 120, f"{samples} packs, all acknowledged")
     await topo.wait_for(lambda: len(topo.upstream.readings) >= sum(topo.sampled(node).values()),
@@ -262,7 +295,7 @@ async def test_soak(qemu_topology: QemuTopology) -> None:
     assert await topo.device_outbox(node) == []
     board = await heap_stats(node)
 
-    packs = [p for _, p in sorted(topo.packs(node).items())]
+    packs = [p for s, p in sorted(topo.packs(node).items()) if s in topo.samples(node)]
     peak = _windows([p["heap_peak"] for p in packs])
     free = _windows([p["heap_free"] for p in packs])
     depth = _windows([p["outbox"] for p in packs])

@@ -35,7 +35,7 @@ from lantern.agent import protocol
 from lantern.agent.config import write_secret
 from lantern.tools.street.sim import BOARDS, FIRMWARE, MP_EXTMOD, ROOT, Relay, SimNode
 
-from .topology import SAMPLE_LINE, Topology
+from .topology import Topology
 
 QEMU_IMAGE = ROOT / ".build/qemu/firmware.elf"
 QEMU_BOARD = "qemu-mps2-an385"
@@ -331,8 +331,7 @@ class QemuTopology(Topology):
             if start > len(text):  # the board was restarted: its console starts afresh
                 start = 0
             end = text.rfind(b"\n") + 1
-            for m in SAMPLE_LINE.finditer(text, start, max(start, end)):
-                self.sampled(n)[int(m.group(1))] = int(m.group(2))
+            self.parse_samples(n, text, start, max(start, end))
             self._parsed[n.node_id] = max(start, end)
             if n.proc is not None and n.proc.poll() is not None:
                 log = n.log_path.read_text(errors="replace")
@@ -368,9 +367,9 @@ def figures(workdir: Path, samples: int = 20, interval_ms: int = 500) -> dict[st
         try:
             await topo.start()
             node = topo.qemu_nodes()[0]
-            await topo.wait_for(lambda: len(topo.sampled(node)) == samples
+            await topo.wait_for(lambda: len(topo.samples(node)) == samples
                                 and not topo.outbox(node), 120, "samples acknowledged")
-            packs = [p for _, p in sorted(topo.packs(node).items())]
+            packs = [p for _, p in sorted(topo.packs(node).items()) if "heap_peak" in p]
             running = await heap_stats(node)
             boot = await heap_stats(node, "soft-reset")
             return {

@@ -23,6 +23,9 @@ from lantern.tools.street.sim import Relay, SimNode, gateway_toml, keys_toml
 from lantern.tools.street.upstream import Upstream
 
 SAMPLE_LINE = re.compile(rb"sample seq=(\d+) readings=(\d+)")
+# a node whose clock is not set yet seals a time request (node/untimed.py, docs/time.md): a
+# pack of one record and no reading, printed as a sample line with this tail
+TIME_REQUEST = re.compile(rb"sample seq=(\d+) readings=1 outbox=\d+ \(time request")
 
 
 def _ack_seqs(chunk: bytes) -> list[int]:
@@ -162,7 +165,17 @@ class Topology:
         """seq → number of readings, from what the node printed when it sealed each pack."""
         return self._samples.setdefault(node.node_id, {})
 
+    def time_requests(self, node: SimNode) -> set[int]:
+        """The seqs of `sampled` that are time requests, not samples of the sensors."""
+        return self._requests.setdefault(node.node_id, set())
+
+    def samples(self, node: SimNode) -> dict[int, int]:
+        """`sampled` without the time requests: the packs of the node's sensors."""
+        requests = self.time_requests(node)
+        return {s: n for s, n in self.sampled(node).items() if s not in requests}
+
     _samples: dict[str, dict[int, int]] = field(default_factory=dict)
+    _requests: dict[str, set[int]] = field(default_factory=dict)
     _outputs: dict[str, bytearray] = field(default_factory=dict)
 
     def collect_output(self) -> None:
@@ -178,8 +191,14 @@ class Topology:
             with contextlib.suppress(BlockingIOError, TypeError):
                 while chunk := os.read(fd, 65536):
                     buf += chunk
-            for m in SAMPLE_LINE.finditer(buf):
-                self.sampled(n)[int(m.group(1))] = int(m.group(2))
+            self.parse_samples(n, buf, 0, len(buf))
+
+    def parse_samples(self, node: SimNode, text: bytes | bytearray, start: int, end: int) -> None:
+        """Record the packs (and which are time requests) the node printed in text[start:end]."""
+        for m in SAMPLE_LINE.finditer(text, start, end):
+            self.sampled(node)[int(m.group(1))] = int(m.group(2))
+        for m in TIME_REQUEST.finditer(text, start, end):
+            self.time_requests(node).add(int(m.group(1)))
 
     def output(self, node: SimNode) -> str:
         return self._outputs.get(node.node_id, bytearray()).decode(errors="replace")

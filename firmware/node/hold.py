@@ -1,0 +1,205 @@
+"""The hold: samples taken before the node knows the time, unsealed until it does (docs/time.md).
+
+Loaded by node/untimed.py only while it has work, and given back once it is empty.
+
+A pack is sealed (MAC, sequence number) with its absolute time, so a node whose clock was
+never set (an ESP32 after a power cut counts from 2000-01-01) seals nothing it samples:
+each sample waits on flash with the clock's reading at the time, and is sealed once the
+gateway's time is known, shifted by what setting the clock moved it. To get that time the
+node sends a *time request*: a pack of one record, `time.q` = 1, with base time 0 (SenML
+"now", RFC 8428 §4.5.3), whenever nothing else is waiting for an ACK; an ACK's key 2 sets
+the clock (node/window.py).
+
+What can no longer be timed is sealed with a `time.q` flag instead of a wrong time:
+- RELATIVE: the hold is full (`max_untimed`): the oldest sample goes with base time -age,
+  relative to when the gateway receives the pack (RFC 8428 §4.5.3): right if it goes at once.
+- BEFORE: sampled in an earlier run of the board's clock (a power cut since): its time is when
+  this run began, and the reading is older by an unknown span.
+"""
+
+import asyncio
+import os
+import time
+
+from . import cbor
+from .outbox import _makedirs, _names, _write_atomic
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+TIME_Q = "time.q"
+RELATIVE = const(1)
+BEFORE = const(2)
+HOLD_MAX = const(256)  # samples held by default (node.json max_untimed)
+_BATCH = const(8)  # packs sealed between yields to the loop (the link, the watchdog)
+_ITEMS = const(256)
+# resets through which the board's clock runs on (ESP32: the RTC counts through deep sleep and
+# a soft reset; a power cut, a brown-out or the reset pin start it again at the epoch)
+_CONTINUOUS = ("deep_sleep", "soft")
+
+
+class Hold:
+    """The held samples: files `<n>` holding CBOR [run, clock s, values], oldest first.
+
+    `done` is called once the clock is known and nothing is held any more."""
+
+    def __init__(self, node, done):
+        self.node = node
+        self._done = done
+        self.dir = node.cfg["state_dir"] + "/untimed"
+        self._run_path = self.dir + "/run"
+        self.limit = node.cfg.get("max_untimed", HOLD_MAX)
+        _makedirs(self.dir)
+        first = last = -1
+        for name in _names(self.dir):
+            if name.isdigit():
+                n = int(name)
+                if first < 0 or n < first:
+                    first = n
+                if n > last:
+                    last = n
+            elif name.endswith(".tmp"):  # a write a power cut interrupted: never renamed
+                os.remove(self.dir + "/" + name)
+        self._first = first if first >= 0 else 0
+        self._next = last + 1
+        run, shift = self._read_run()
+        boot = getattr(node, "boot", None) or {}
+        if boot.get("reset") in _CONTINUOUS:
+            self.run, self.shift_ms = run, shift  # the same run of the clock: its shift holds
+            self._run_saved = True
+        else:
+            self.run, self.shift_ms = run + 1, None
+            self._run_saved = False
+        clock = node.clock
+        # when this boot began, in the clock's scale; once known, the bound for BEFORE
+        self._boot_ms = clock.now_ms() - time.ticks_diff(time.ticks_ms(), node.boot_ms)
+        self._boot_abs = self._boot_ms if clock.synced or clock.known else None
+        clock.on_set = self._on_set
+        self.requests = 0  # time requests sealed (diagnostics)
+        self.flagged = 0  # samples sealed with a time.q flag
+
+    def __len__(self):
+        return self._next - self._first
+
+    def _read_run(self):
+        try:
+            with open(self._run_path) as f:
+                parts = f.read().split()
+            return int(parts[0]), (int(parts[1]) if len(parts) > 1 else None)
+        except (OSError, ValueError, IndexError):
+            return 0, None
+
+    def _save_run(self):
+        data = b"%d" % self.run if self.shift_ms is None else b"%d %d" % (self.run, self.shift_ms)
+        _write_atomic(self._run_path, data)
+        self._run_saved = True
+
+    def _on_set(self, shift_ms):
+        """The clock was set for the first time this boot (from the link's task)."""
+        self._boot_abs = self._boot_ms + shift_ms
+        if self.shift_ms is None:  # (known already: the clock was set earlier in this run)
+            self.shift_ms = shift_ms
+        if not len(self):
+            self._done()
+            return
+        try:
+            self._save_run()  # a deep sleep before they are sealed must not lose it
+        except OSError as e:
+            print("untimed: clock shift not saved: %r" % (e,))
+        # sealed now, not at the next sample (an interval may be half an hour)
+        asyncio.create_task(self.flush())
+
+    async def take(self, now, values):
+        """Seal this sample (its seq), or hold it while the clock is not known (None)."""
+        node = self.node
+        clock = node.clock
+        if clock.synced or clock.known:
+            await self.flush()  # the held ones first: the packs keep their sampling order
+            return node.seal(now, values)
+        self.hold(now, values)
+        seq = self.request()
+        if seq is not None:
+            # a sealed pack like any other (harnesses count them): one reading, time.q
+            print("sample seq=%d readings=1 outbox=%d (time request: clock not set, %d held)" % (
+                seq, len(node.outbox), len(self)))
+        else:
+            print("sample held: clock not set (%d held, outbox %d)" % (len(self), len(node.outbox)))
+        return None
+
+    def hold(self, now, values):
+        """Keep one sample until the time is known; the oldest goes RELATIVE if full."""
+        if not self._run_saved:
+            self._save_run()
+        while len(self) >= self.limit:
+            self._seal_oldest(RELATIVE)
+        _write_atomic("%s/%d" % (self.dir, self._next), cbor.dumps([self.run, now, values]))
+        self._next += 1
+
+    def request(self):
+        """Seal a time request (a pack without time) if nothing else can bring an ACK."""
+        node = self.node
+        if len(node.outbox):
+            return None
+        self.requests += 1
+        return node.seal(0, {TIME_Q: RELATIVE})
+
+    async def flush(self):
+        """Seal every held sample with its time (or a flag); the clock is known.
+
+        Runs from the clock's first set (a task) and from a cycle, which waits for it to end
+        before it seals its own sample: each call seals the oldest, so they share the work
+        and the packs keep their sampling order."""
+        while len(self):
+            for _ in range(_BATCH):
+                if not len(self):
+                    break
+                self._seal_oldest(None)
+            self.node.beat_ms = time.ticks_ms()
+            if self.node.link:
+                self.node.link.kick()
+            await asyncio.sleep_ms(0)
+        clock = self.node.clock
+        if clock.synced or clock.known:
+            self._done()
+
+    def _seal_oldest(self, how):
+        path = "%s/%d" % (self.dir, self._first)
+        try:
+            with open(path, "rb") as f:
+                run, t, values = cbor.loads(f.read(), _ITEMS)
+        except (OSError, ValueError, TypeError) as e:
+            # unreadable (a flash error): counted and skipped, never a stuck hold
+            print("untimed: held sample %d unreadable: %r" % (self._first, e))
+            self.node.seal_errors += 1
+            run = None
+        if run is not None:
+            flag = 0
+            if how == RELATIVE:
+                at = t - self.node.clock.now()  # seconds before "now" (negative)
+                if at > 0:
+                    at = 0
+                flag = RELATIVE
+            elif run == self.run and self.shift_ms is not None:
+                at = t + self.shift_ms // 1000  # (within a second)
+            else:
+                at = self._boot_abs // 1000 if self._boot_abs is not None else 0
+                flag = BEFORE if self._boot_abs is not None else RELATIVE
+            if flag:
+                values[TIME_Q] = flag
+                self.flagged += 1
+            seq = self.node.seal(at, values)
+            print("sample seq=%d readings=%d outbox=%d (held)" % (
+                seq, len(values), len(self.node.outbox)))
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        self._first += 1
+        if not len(self):
+            self._first = self._next = 0
+
