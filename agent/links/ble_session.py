@@ -89,8 +89,12 @@ def state_nonce(data: bytes | bytearray) -> bytes | None:
 
 def start_message(key: bytes, node: str, nonce: bytes | None = None) -> bytes:
     """An ACK naming no frame, bound to one connection by its nonce: only the key holder can
-    start a drain, and only on the connection it read the nonce from."""
-    ack: dict[int, Any] = {protocol.ACK_SEQS: [], protocol.ACK_TIME: time.time_ns() // 1_000_000}
+    start a drain, and only on the connection it read the nonce from.
+
+    It carries no time (key 2): a node sets its clock only from an ACK for a frame in flight
+    (node/link_ble.py), which a start never is, and the gateway hands out no time it has not
+    checked (docs/time.md) — the ACKs that follow carry it when its clock is synchronised."""
+    ack: dict[int, Any] = {protocol.ACK_SEQS: []}
     if nonce is not None:
         ack[ACK_NONCE] = nonce
     payload = cbor2.dumps(ack, canonical=True)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from lantern.agent import protocol
 from lantern.agent.config import load_config
 from lantern.agent.errors import ConfigError
+from lantern.agent.links.ble_session import start_message
 from lantern.agent.timesync import (
     GATEWAY_UNSYNCED,
     ClockState,
@@ -206,3 +207,13 @@ def test_a_simulated_street_trusts_the_host_clock(tmp_path: Path) -> None:
     assert load_config(tmp_path / "gateway.toml").clock.mode == "trust"
     (tmp_path / "gateway.toml").write_text(gateway_toml(*args, clock=None))
     assert load_config(tmp_path / "gateway.toml").clock.mode == "kernel"
+
+
+def test_the_ble_start_carries_no_time() -> None:
+    """A start ACK names no frame, so no node sets its clock from it; it carries no time at all,
+    synchronised or not (the ACKs of the drain carry it when the clock is synchronised)."""
+    nonce = bytes(range(8))
+    msg = start_message(KEY, KID.decode(), nonce)
+    assert msg[0] == protocol.ACK
+    seqs, gw_ms, ack = open_ack(msg[1:], KID, KEY)  # the node's own check: authentic
+    assert seqs == [] and gw_ms is None and ack == {1: [], 3: nonce}
