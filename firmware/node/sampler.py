@@ -20,6 +20,8 @@ has something to correct: offsets, particulate humidity correction, the CO2 chip
 """
 
 import asyncio
+import gc
+import sys
 import time
 
 from . import drivers
@@ -74,6 +76,20 @@ def corrections_apply(slots, cfg):
         "humidity" in names and corr.get("pm_humidity", True) is not False and (
             "pm2_5" in names or "pm10" in names or "pm1" in names)) or (
         "co2" in names and corr.get("co2_pressure", True) is not False)
+
+
+def _corrections():
+    """node/drivers/corrections.py, loaded only while it computes (see its docstring)."""
+    from .drivers import corrections
+
+    return corrections
+
+
+def _corrections_done():
+    sys.modules.pop("node.drivers.corrections", None)
+    if "corrections" in getattr(drivers, "__dict__", ()):
+        delattr(drivers, "corrections")
+    gc.collect()
 
 
 def _cause(e):
@@ -207,9 +223,8 @@ class Sampler:
         self.fix = None
         if corrections_apply(self.slots, cfg):
             # only a board with something to correct loads the corrections' code
-            from .drivers.corrections import Corrections
-
-            self.fix = Corrections(self.slots, cfg, log)
+            self.fix = _corrections().setup(cfg, log)
+            _corrections_done()
 
     def __iter__(self):
         return iter(self.slots)
@@ -298,6 +313,27 @@ class Sampler:
             n = max(1, (ms + self.interval_ms // 2) // self.interval_ms)
         return n
 
+    def _feed(self, due):
+        """Give the due chips that compensate for pressure the last good pressure reading
+        (node config corrections.co2_pressure); due is [slot, cause flags, ...] per sensor."""
+        p = self.fix["pressure"]
+        if p is None or not self.fix["co2_pressure"]:
+            return
+        for e in due:
+            slot = e[0]
+            d = slot.driver
+            if d is None or not hasattr(d, "set_pressure"):
+                continue
+            try:
+                d.set_pressure(p)
+            except SensorError as x:
+                e[1] |= _cause(x)
+                slot.errors += 1
+            except Exception as x:  # noqa: BLE001 - a driver bug must not stop the node
+                slot.errors += 1
+                if not slot.down:
+                    self.log("sensor %s: cannot set pressure: %r" % (slot.label, x))
+
     def _rounds(self):
         """Wake, read and put to sleep the due sensors; yields each pause (ms) on the way."""
         t0 = time.ticks_ms()
@@ -316,7 +352,7 @@ class Sampler:
             if self._managed(slot):
                 waking.append((int(slot.need_ms() / scale), len(due) - 1))
         if self.fix is not None:
-            self.fix.feed(due)
+            self._feed(due)
         # wake the slowest first and each one just in time, so that all are ready together
         waking.sort(reverse=True)
         for k, (ms, j) in enumerate(waking):
@@ -378,7 +414,8 @@ class Sampler:
             self._finish(slot, fresh, failed, f, now, values)
             self._rest(slot)
         if self.fix is not None:
-            self.fix.apply(values)
+            _corrections().apply(self.fix, self.slots, values)
+            _corrections_done()
         self._battery(values)
         self._values = values
         self._charge(t0, values)
