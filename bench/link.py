@@ -46,6 +46,8 @@ class Watch:
             if chunk is None:
                 continue
             ftype, body = protocol.decode_frame(chunk)
+            if ftype not in (protocol.DATA, protocol.ACK):
+                continue  # the gateway's STATUS probes (it learns firmware versions) and answers
             m = protocol.parse_mac0(body)
             if ftype == protocol.DATA:
                 self.copies += 1
