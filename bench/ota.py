@@ -29,6 +29,9 @@ ESP32's flash write time (the node writes to the host's filesystem), line noise 
 lost, so no resend), and BLE.
 
     python -m bench.ota --transfer [--baud B ...] [--window W]
+
+ota_transfer_ble: the same over the gateway's BLE link through the virtual radio, at node
+MTU 247 and 23, with an estimate for a real radio (bench/ota_ble.py says what it means).
 """
 
 from __future__ import annotations
@@ -382,6 +385,24 @@ def ota_transfer(workdir: Path, bauds: tuple[int, ...] = (115200, 921600), windo
     bundle = release.bundle(key, "9.9.9", 0, "0.0.1", [TRANSFER_BOARD], found[1], files)
     pub = key.public_key().public_bytes_raw()
     return {str(b): asyncio.run(transfer_one(workdir, b, bundle, pub, window)) for b in bauds}
+
+
+def ota_transfer_ble(workdir: Path, mtus: tuple[int, ...] = (247, 23), window: int = 4
+                     ) -> dict[str, Any]:
+    """bench.run's section: a whole bundle over the gateway's BLE link through the virtual
+    radio at each node MTU (bench/ota_ble.py), with an estimate for a real radio. In a process
+    of its own: the BLE harness installs a fake `bluetooth` module and MicroPython's names."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "bench.ota_ble", "--workdir", str(workdir),
+           "--window", str(window)]
+    for mtu in mtus:
+        cmd += ["--mtu", str(mtu)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+    (workdir / "ota_ble.log").write_text(proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"bench.ota_ble: {proc.stderr[-1500:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:

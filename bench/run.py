@@ -49,6 +49,7 @@ FULL: dict[str, dict[str, Any]] = {
     "node_energy": {"hours": 24.0},
     "ota_verify": {"qemu_runs": 3, "unix_runs": 21},
     "ota_transfer": {"bauds": (115200, 921600), "window": 4},
+    "ota_transfer_ble": {"mtus": (247, 23), "window": 4},
     "idle": {"seconds": 60.0},
     "disk_wear": {},  # disk_wear.STREETS
     "cpu_budget": {"streets": (20, 200), "minutes": 20.0, "frames_per_s": 40.0},
@@ -62,6 +63,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "node_energy": {"hours": 1.0},
     "ota_verify": {"qemu_runs": 1, "unix_runs": 1},
     "ota_transfer": {"bauds": (921600,), "window": 4},
+    "ota_transfer_ble": {"mtus": (247,), "window": 4},
     "idle": {"seconds": 2.0, "settle_s": 0.5},
     "disk_wear": {"streets": ((4, 60.0, 2.0, 8.0),)},
     "cpu_budget": {"streets": (4,), "minutes": 2.0, "frames_per_s": 40.0},
@@ -116,6 +118,9 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
         "node_energy": lambda: node_energy.run(**sizes["node_energy"]),
         "ota_verify": lambda: ota.run(w / "ota", **sizes["ota_verify"]),
         "ota_transfer": lambda: ota.ota_transfer(w / "ota_transfer", **sizes["ota_transfer"]),
+        # no target: a virtual radio has no line rate (its figures: bench/ota_ble.py)
+        "ota_transfer_ble": lambda: ota.ota_transfer_ble(w / "ota_transfer_ble",
+                                                         **sizes["ota_transfer_ble"]),
         "idle": lambda: idle.run(w, **sizes["idle"]),
         # after node_cycle: it sends the firmware's pack
         "disk_wear": lambda: asyncio.run(disk_wear.run(w, **sizes["disk_wear"])),

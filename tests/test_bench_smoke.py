@@ -45,8 +45,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms",
-            "node_energy", "ota_verify", "ota_transfer", "idle", "cpu_budget",
-            "disk_wear"]
+            "node_energy", "ota_verify", "ota_transfer", "ota_transfer_ble", "idle",
+            "cpu_budget", "disk_wear"]
 
 
 def test_every_section_ran(results: dict[str, Any]) -> None:
@@ -192,6 +192,36 @@ def test_ota_transfer(results: dict[str, Any]) -> None:
         r["bundle_bytes"] * 10 / 921600 / r["offer_to_apply_s"], abs=0.01)
     t = results["targets"]["ota_transfer_921600"]
     assert t["measured"] == r["bundle_fraction_of_line_rate"]
+
+
+def test_ota_transfer_ble(results: dict[str, Any]) -> None:
+    """A whole bundle over the gateway's BLE link through the virtual radio: the node ends on
+    the new version with packs taken meanwhile, the figures are what the bytes and times
+    say, and the real-radio estimate follows its formula. No target: no line rate."""
+    r = results["ota_transfer_ble"]
+    assert "no airtime" in r["meaning"]
+    m = r["mtu_247"]
+    assert (m["outcome"], m["version"], m["boots"]) == ("updated", "2.0.0", 2), m
+    assert m["att_mtu_seen"] == [247]
+    assert m["chunks"] > 10 and 0 <= m["chunks_resent"] < m["chunks"]
+    assert m["file_bytes"] < m["bundle_bytes"]
+    assert 0 < m["chunk_phase_s"] <= m["offer_to_apply_s"]
+    assert m["file_bytes_per_s"] == pytest.approx(m["file_bytes"] / m["chunk_phase_s"],
+                                                  rel=0.01)
+    assert m["packs_taken_during_transfer"] >= 1
+    e = r["estimate_real_radio"]["mtu_247"]
+    assert e["file_bytes"] == m["file_bytes"] and e["segment_message_bytes"] == 243
+    # the segments carry every file byte and each CHUNK's seal (>= 20 bytes), and the seal
+    # costs a chunk at most one segment more than its bytes alone
+    n = -(-e["file_bytes"] // e["chunk_bytes"])
+    assert e["file_bytes"] + 20 * n <= e["ctrl_segments"] * 243
+    assert e["ctrl_segments"] <= n * (-(-e["chunk_bytes"] // 243) + 1)
+    for ms in (7.5, 30):
+        f = e[f"interval_{ms:g}ms"]
+        assert f["file_bytes_per_s"] == pytest.approx(
+            e["file_bytes"] / (e["ctrl_segments"] * ms / 1000), rel=0.01)
+    assert e["interval_7.5ms"]["file_bytes_per_s"] > e["interval_30ms"]["file_bytes_per_s"]
+    assert not [k for k in results["targets"] if "ble" in k]
 
 
 @pytest.mark.parametrize("peer", ["lantern", "node_red"])
