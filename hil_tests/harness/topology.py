@@ -28,15 +28,19 @@ SAMPLE_LINE = re.compile(rb"sample seq=(\d+) readings=(\d+)")
 TIME_REQUEST = re.compile(rb"sample seq=(\d+) readings=1 outbox=\d+ \(time request")
 
 
-def _ack_seqs(chunk: bytes) -> list[int]:
-    """The sequence numbers an ACK frame names (its MAC is the node's business)."""
+def _ack(chunk: bytes) -> tuple[list[int], bool]:
+    """The sequence numbers an ACK frame names, and whether it carries the gateway's time
+    (key 2; its MAC is the node's business)."""
     payload = protocol.parse_mac0(protocol.decode_frame(chunk)[1]).payload
     try:
         ack = cbor2.loads(payload)
     except ValueError:  # CBORDecodeError
-        return []
-    seqs = ack.get(1) if isinstance(ack, dict) else None
-    return [s for s in seqs if isinstance(s, int)] if isinstance(seqs, list) else []
+        return [], False
+    if not isinstance(ack, dict):
+        return [], False
+    seqs = ack.get(1)
+    return ([s for s in seqs if isinstance(s, int)] if isinstance(seqs, list) else [],
+            isinstance(ack.get(2), int))
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Wire:
     down: protocol.Deframer = field(default_factory=protocol.Deframer)
     ack_frames: int = 0  # exact: ACK frames the gateway sent (as sent, before any line fault)
     acked: set[int] = field(default_factory=set)  # sequence numbers those ACKs named
+    timed_acks: int = 0  # of those ACK frames, the ones carrying the gateway's time (key 2)
     _sizes: dict[int, int] = field(default_factory=dict)  # seq → readings, authentic frames
     _sized: int = 0  # data_frames[:_sized] are in _sizes
 
@@ -71,7 +76,9 @@ class Wire:
                 with contextlib.suppress(FrameError):
                     if chunk is not None and protocol.decode_frame(chunk)[0] == protocol.ACK:
                         self.ack_frames += 1
-                        self.acked.update(_ack_seqs(chunk))
+                        seqs, timed = _ack(chunk)
+                        self.acked.update(seqs)
+                        self.timed_acks += timed
             return
         for chunk in self.deframer.feed(data):
             if chunk is None:
@@ -109,6 +116,7 @@ class Topology:
     # the release public key (32 raw bytes) every node is provisioned with (release.pub), so
     # tests can update them (hil_tests/harness/ota.py); None: the nodes refuse updates
     release_pub: bytes | None = None
+    clock: str | None = "trust"  # the gateway's [clock] mode (docs/time.md); None: its default
 
     async def start(self, gateway: bool = True) -> None:
         await self.upstream.start()
@@ -138,7 +146,7 @@ class Topology:
         self.gw_config.write_text(gateway_toml(self.workdir / "gw-state", keys,
                                                [r.gateway_port for r in self.relays],
                                                self.upstream.url, max_age_s=0.2,
-                                               extra=self.gateway_extra))
+                                               extra=self.gateway_extra, clock=self.clock))
         if gateway:
             self.start_gateway()
         for n in self.nodes:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
+import cbor2
 import pytest
 from node.window import open_ack
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,6 +17,7 @@ from lantern.agent import protocol
 from lantern.agent.config import load_config
 from lantern.agent.errors import ConfigError
 from lantern.agent.links.ble_session import start_message
+from lantern.agent.queue.store import Accepted, Store
 from lantern.agent.timesync import (
     GATEWAY_UNSYNCED,
     ClockState,
@@ -23,10 +26,12 @@ from lantern.agent.timesync import (
     read_timesyncd,
 )
 from lantern.tools.street.sim import gateway_toml
+from tests.helpers.api import commit
 from tests.helpers.timecheck import KernelClock
 
 KEY = bytes(range(32))
 KID = b"SL-0042"
+Y2001 = 978_307_200
 
 
 class Clocks:
@@ -217,3 +222,27 @@ def test_the_ble_start_carries_no_time() -> None:
     assert msg[0] == protocol.ACK
     seqs, gw_ms, ack = open_ack(msg[1:], KID, KEY)  # the node's own check: authentic
     assert seqs == [] and gw_ms is None and ack == {1: [], 3: nonce}
+
+
+async def test_the_readings_api_shows_relative_times_anchored(tmp_path: Path) -> None:
+    """The history behind /api/nodes/<id>/readings keeps what the queue resolved: a time request
+    and a full hold's oldest sample at their receipt (less their age), never 1970."""
+    request = cbor2.dumps([{0: "time.q", 2: 1, -3: 0}])
+    full = cbor2.dumps([{0: "time.q", 2: 1, -3: -30}, {0: "uptime", 2: 40}])
+    async with Store(tmp_path / "queue.sqlite") as store:
+        store.out.clock = TimeSync(probe=KernelClock(True))
+        t0 = time.time()
+        await commit(store, [Accepted("SL-0042", 6, b"cose", None, pack=request, n=1),
+                             Accepted("SL-0042", 8, b"cose", None, pack=full, n=2)])
+        rows, more, times = await store.recent("SL-0042", 0, 100)
+        t1 = time.time()
+        overview = await store.overview()
+    assert not more and len(rows) == 3, rows
+    request_t = [r["t"] for r in rows if r["n"] == "time.q"]
+    uptime_t = [r["t"] for r in rows if r["n"] == "uptime"]
+    assert len(request_t) == 2 and uptime_t
+    assert all(round(t0) - 31 <= t <= t1 + 1 for t in request_t + uptime_t), rows
+    assert max(request_t) - uptime_t[0] == pytest.approx(30, abs=1), rows
+    assert all(t > Y2001 for t in times)
+    latest = overview["latest"]["SL-0042"]
+    assert latest["uptime"]["t"] == uptime_t[0] and latest["time.q"]["t"] > Y2001
