@@ -167,7 +167,9 @@ class Topology:
             self.gateway.wait(timeout=10)
 
     def gateway_log(self) -> str:
-        return (self.workdir / "gateway.log").read_text(errors="replace")
+        """What the gateway printed ("" if none was started)."""
+        log = self.workdir / "gateway.log"
+        return log.read_text(errors="replace") if log.exists() else ""
 
     def sampled(self, node: SimNode) -> dict[int, int]:
         """seq → number of readings, from what the node printed when it sealed each pack."""
