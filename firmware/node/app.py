@@ -229,10 +229,13 @@ class Node:
         if hasattr(self.sensors, "interval_ms"):
             self.sensors.interval_ms = self.interval_ms  # cadences count in intervals
         self._commands = None
+        self._probe_ms = None  # when the last probe was answered (node/probe.py)
         link.commands = self
 
     def handle(self, body):
         """A COMMAND frame from the link: [(frame type, body, after)] to send back."""
+        if not body and self._commands is None:
+            return self._probed()
         if self._commands is None:
             # Loaded on demand: most nodes never meet a technician, and RAM is scarce.
             try:
@@ -244,6 +247,22 @@ class Node:
                 print("diagnostics: not enough RAM to load them")
                 return []
         return self._commands.handle(body)
+
+    def _probed(self):
+        """An empty COMMAND (who is there?), answered without loading node/commands.py: the
+        gateway probes every node it serves (node/probe.py says why)."""
+        from . import probe
+
+        now = time.ticks_ms()
+        if self._probe_ms is not None and time.ticks_diff(now, self._probe_ms) < 100:
+            return []  # commands.STATUS_GAP_MS: a stranger cannot make the node talk faster
+        self._probe_ms = now
+        ident = {"id": self.node_id, "fw": FIRMWARE_VERSION,
+                 "board": self.board.get("name", "?")}
+        body = probe.status_body(self.key, self.kid, probe.floor(self.cfg["state_dir"]
+                                                                 + "/cmd_counter"),
+                                 ident, probe.R_PROBE, probe.boot_upd())
+        return [(0x03, body, None)]  # node/frame.py STATUS
 
     def fault(self, name, detail=""):
         """Latch a fault for `lantern diag` until a technician clears it."""

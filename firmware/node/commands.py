@@ -9,8 +9,9 @@ type byte keeps the three kinds apart from each other and from DATA and ACK.
 import gc
 import time
 
-from . import cbor, cose, frame
+from . import cbor, cose, frame, probe
 from .outbox import _write_atomic
+from .probe import aad, seal  # noqa: F401 - the diagnostics frames, shared with probes
 
 try:
     from micropython import const
@@ -20,7 +21,7 @@ except ImportError:  # CPython
         return x
 
 
-PROTOCOL = const(1)
+PROTOCOL = probe.PROTOCOL
 
 # operations (COMMAND payload key 1)
 OP_STATUS = const(1)
@@ -57,20 +58,7 @@ IDENTIFY_MAX_S = const(600)
 STATUS_GAP_MS = const(100)  # unauthenticated probes cannot make the node talk faster than this
 
 _ALG = cose.ALG_HMAC_256_64
-_TAG = const(8)
 _CMD_ITEMS = const(64)  # a COMMAND payload is {1: op, 2: {args}}: what its decoding may build
-
-
-def aad(ftype):
-    """External AAD of a diagnostic frame: its type byte, so no kind can pose as another."""
-    return bytes((ftype,))
-
-
-def seal(key, kid, counter, payload, ftype):
-    """Tagged COSE_Mac0 bytes of one diagnostic frame body."""
-    pbstr = cbor.dumps({cose.H_ALG: _ALG, cose.H_KID: kid, cose.H_PIV: cose.piv(counter)})
-    tag = cose.hmac_sha256(key, cbor.dumps(["MAC0", pbstr, aad(ftype), payload]))[:_TAG]
-    return cbor.dumps(cbor.Tag(cose.TAG_MAC0, [pbstr, {}, payload, tag]))
 
 
 def unseal(key, body, ftype):
@@ -145,12 +133,8 @@ class Commands:
         self._key = key
         self._path = state_dir + "/cmd_counter"
         self._actions = actions
-        self.floor = 0  # highest counter accepted so far; only larger ones are obeyed
-        try:
-            with open(self._path, "rb") as f:
-                self.floor = int(f.read())
-        except (OSError, ValueError):
-            self.floor = 0
+        # highest counter accepted so far; only larger ones are obeyed
+        self.floor = probe.floor(self._path)
         self.accepted = 0
         self.refused = 0
         self.other_node = 0
@@ -302,13 +286,9 @@ class Commands:
         if last is not None and time.ticks_diff(now, last) < STATUS_GAP_MS:
             return []
         self._last_status = now
-        ident = self._actions.identity()
-        st = {1: ident["id"], 2: ident["fw"], 3: ident["board"], 5: reason, 6: PROTOCOL}
         upd = getattr(self._actions, "upd", None)  # a node's actions have it; a tool's may not
-        if upd is not None:
-            st["upd"] = upd()
-        payload = cbor.dumps(st)
-        body = seal(self._key, self._kid, self.floor, payload, frame.STATUS)
+        body = probe.status_body(self._key, self._kid, self.floor, self._actions.identity(),
+                                 reason, None if upd is None else upd())
         return [(frame.STATUS, body, None)]
 
 
@@ -335,10 +315,7 @@ class NodeActions:
 
     def upd(self):
         """STATUS "upd": the transfer in progress, else what the boot record says."""
-        rec = _boot_info().get("rec") or {}
-        st = rec.get("state") or "idle"
-        out = {"state": st, "have": 0, "reason": rec.get("reason"),
-               "version": rec.get("cver") if st in ("candidate", "rolled_back") else rec.get("ver")}
+        out = probe.boot_upd()
         u = self._updater
         if u is not None:
             if u.man is not None:
@@ -475,13 +452,6 @@ def _boot(n):
         boot["rtc"] = {"wakes": wakes, "awake_ms": awake_ms, "energy_mj": mj}
     boot["deep_sleep"] = bool(n.cfg.get("deep_sleep"))
     return boot
-
-
-def _boot_info():
-    """What main.py recorded about this boot's code slot (node/ota.py boot_info)."""
-    import sys
-
-    return getattr(sys.modules.get("node"), "BOOT", None) or {}
 
 
 def _fw():
