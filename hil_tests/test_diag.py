@@ -323,12 +323,15 @@ async def test_diag_a_qemu_board(tmp_path: Path) -> None:
     topo = QemuTopology(tmp_path, n_nodes=1, interval_ms=500)
     await topo.start(gateway=False)
     try:
-        await topo.wait_for(lambda: len(topo.sampled(topo.nodes[0])) >= 2, 60, "two samples")
+        # no gateway: the board's clock is never set, so it seals one time request and holds
+        # its samples unsealed (docs/time.md)
+        await topo.wait_for(lambda: "sample held" in topo.output(topo.nodes[0]), 60,
+                            "a sample held")
         code, rep = await diag_json(topo, "status")
         st = rep["status"]
         assert rep["identity"]["board"] == "qemu-mps2-an385" and rep["identity"]["verified"]
         assert st["fw_file"] == "node/commands.py"  # frozen into the image
-        assert st["outbox"] >= 2 and st["link"]["acked"] == 0
+        assert st["outbox"] >= 1 and st["link"]["acked"] == 0
         assert st["heap"]["free"] > 20000
         code, rep = await diag_json(topo, "self-test")
         assert rep["self_test"] and all(t["ok"] for t in rep["self_test"]), rep
