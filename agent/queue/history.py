@@ -6,8 +6,9 @@ sink takes them, or when the API asks first — never on the ACK path. One row h
 sample of one node (all its readings with the same time): the node's pack itself when the
 frame is one sample (resolved again when the row is read, which is rare: writing is what
 happens for every frame), compact JSON otherwise; the table is trimmed by age and row count.
-The newest value of every measurement is kept in memory and
-saved with the rows every LATEST_EVERY_S; rows older than keep_s are trimmed every TRIM_EVERY_S. Rows wait in memory until the store's next write
+The newest value of every measurement is kept in memory and saved with the rows every
+LATEST_EVERY_S; rows older than keep_s are trimmed every TRIM_EVERY_S. Rows wait in memory
+until the store's next write
 (`flush`, in the caller's transaction); `upto` is the last frame id they cover, saved with
 them, so frames a crash kept out of the history are resolved into it again after a restart.
 All functions that take a connection run on the store's thread.
