@@ -163,8 +163,13 @@ async def _health_cards(b: Browser) -> None:
     assert cards["sink-http"] == "ok"
     assert cards["readings"].isdigit()
     assert cards["intake"] == "open"
-    links = await b.eval("[...document.querySelectorAll('#links dd')].map(d => d.textContent)")
+    links = await b.eval("[...document.querySelectorAll('#links dd')]"
+                         ".filter(d => d.dataset.field === 'link').map(d => d.textContent)")
     assert len(links) == 3 and all(x.startswith("up") for x in links)
+    # the gateway's clock has its own line among the links (docs/time.md)
+    clock = await b.eval("document.querySelector('#links dd[data-field=\"clock\"]')"
+                         ".textContent")
+    assert clock.startswith("synchronised"), clock
     summary = await b.eval("document.getElementById('summary').textContent")
     assert summary.startswith("3/3 nodes seen, 3/3 links up")
     assert await b.eval("document.getElementById('version').textContent") == \

@@ -102,11 +102,16 @@ async def test_ble_node_survives_allocation_bombs_and_hears_the_next_ack(
             for seg in segments(msg, size):
                 await client.write_gatt_char(CTRL_UUID, seg, response=True)
 
-        # a probe first: the node loads its diagnostics on the first COMMAND (once per boot,
-        # whoever sends it), which is not what a bomb costs
+        # a probe and a command first: the node loads its diagnostics on the first real
+        # COMMAND (once per boot, whoever sends it; a probe is answered by node/probe.py
+        # without them), which is not what a bomb costs
         await write(bytes((protocol.COMMAND,)))
         await until(lambda: got.statuses == 1, 30, "the STATUS answering a probe")
         counter = int(time.time() * 1000)
+        await write(bytes((protocol.COMMAND,)) + nl.seal(
+            node.key, node.node_id.encode(), counter,
+            cbor2.dumps({1: nl.OP_STATUS, 2: {}}), protocol.COMMAND))
+        await until(got.answered(counter), 30, "the REPLY that loaded the diagnostics")
         sent = 0
         for rnd in range(3):
             for body in bombs():
