@@ -327,10 +327,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         store.out.clock = clock
         clock.state()  # logged now: an unsynchronised clock is the first thing an operator sees
         await ingest.start()
-        if hasattr(ingest, "refused"):  # asked on every frame: a revocation applies at once
-            ingest.refused = fleet.refused
-        else:  # asked at a node's first frame: from here a refused key counts by its reason
-            fleet.ingest_keys.armed = True
+        ingest.refused = fleet.refused  # asked on every frame: a revocation applies at once
         ctx = LinkContext(ingest, fleet.link_keys, store, cfg.state_dir,
                           backends={"ble": ble_backend})
         links += [link_plugin(name).make(link_cfg, ctx)

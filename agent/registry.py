@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_keys
-from .errors import AuthError, ConfigError, LanternError
+from .errors import ConfigError, LanternError
 from .ngsi import NodeMeta
 
 log = logging.getLogger("lantern.registry")
@@ -274,26 +274,16 @@ class Registry:
 
 class KeyView(dict[bytes, bytes]):
     """The node keys ingest verifies with: the key file's (its contents), minus a revoked
-    node's and a key the registry retired. Once `armed` (after ingest started: its start
-    must read every stored window), asking for a refused key raises AuthError with the reason
-    ("revoked", "retired"), which ingest counts as lantern_frames_rejected_total{reason};
-    with `strict` False (or before), a refused key is absent (None, KeyError, not `in`)."""
+    node's and a key the registry retired: a refused key is absent (None, KeyError, not
+    `in`). Ingest asks `Fleet.refused` first on every frame (its `refused` hook), so such a
+    frame is counted by its reason ("revoked", "retired") before any key is looked up."""
 
-    def __init__(self, keys: Mapping[bytes, bytes], registry: Registry, strict: bool = True
-                 ) -> None:
+    def __init__(self, keys: Mapping[bytes, bytes], registry: Registry) -> None:
         super().__init__(keys)
         self.registry = registry
-        self.strict = strict
-        self.armed = False
 
     def _check(self, kid: bytes, key: bytes) -> bool:
-        why = self.registry.refusal(kid.decode("utf-8", "replace"), key)
-        if why is None:
-            return True
-        if self.strict and self.armed:
-            raise AuthError(why, f"node {kid.decode('utf-8', 'replace')!r}: its key is {why} "
-                            "in the fleet registry (docs/fleet.md)")
-        return False
+        return self.registry.refusal(kid.decode("utf-8", "replace"), key) is None
 
     def get(self, kid: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
         key = super().get(kid)

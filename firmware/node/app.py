@@ -251,18 +251,19 @@ class Node:
     def _probed(self):
         """An empty COMMAND (who is there?), answered without loading node/commands.py: the
         gateway probes every node it serves (node/probe.py says why)."""
-        from . import probe
+        from . import frame, probe
 
         now = time.ticks_ms()
-        if self._probe_ms is not None and time.ticks_diff(now, self._probe_ms) < 100:
-            return []  # commands.STATUS_GAP_MS: a stranger cannot make the node talk faster
+        if (self._probe_ms is not None
+                and time.ticks_diff(now, self._probe_ms) < probe.STATUS_GAP_MS):
+            return []  # a stranger cannot make the node talk faster
         self._probe_ms = now
         ident = {"id": self.node_id, "fw": FIRMWARE_VERSION,
                  "board": self.board.get("name", "?")}
         body = probe.status_body(self.key, self.kid, probe.floor(self.cfg["state_dir"]
                                                                  + "/cmd_counter"),
                                  ident, probe.R_PROBE, probe.boot_upd())
-        return [(0x03, body, None)]  # node/frame.py STATUS
+        return [(frame.STATUS, body, None)]
 
     def fault(self, name, detail=""):
         """Latch a fault for `lantern diag` until a technician clears it."""

@@ -55,7 +55,7 @@ R_REPLAY = const(3)
 INTERVAL_MIN_MS = const(1000)
 INTERVAL_MAX_MS = const(86400000)
 IDENTIFY_MAX_S = const(600)
-STATUS_GAP_MS = const(100)  # unauthenticated probes cannot make the node talk faster than this
+STATUS_GAP_MS = probe.STATUS_GAP_MS
 
 _ALG = cose.ALG_HMAC_256_64
 _CMD_ITEMS = const(64)  # a COMMAND payload is {1: op, 2: {args}}: what its decoding may build

@@ -9,7 +9,7 @@ status body and update state (docs/protocol.md, "Diagnostics").
 
 import sys
 
-from . import cbor, cose
+from . import cbor, cose, frame
 
 try:
     from micropython import const
@@ -21,7 +21,7 @@ except ImportError:  # CPython
 
 PROTOCOL = const(1)
 R_PROBE = const(0)
-STATUS = const(0x03)  # node/frame.py STATUS
+STATUS_GAP_MS = const(100)  # unauthenticated probes cannot make the node talk faster than this
 _ALG = cose.ALG_HMAC_256_64
 _TAG = const(8)
 
@@ -51,7 +51,7 @@ def status_body(key, kid, floor, ident, reason, upd):
     st = {1: ident["id"], 2: ident["fw"], 3: ident["board"], 5: reason, 6: PROTOCOL}
     if upd is not None:
         st["upd"] = upd
-    return seal(key, kid, floor, cbor.dumps(st), STATUS)
+    return seal(key, kid, floor, cbor.dumps(st), frame.STATUS)
 
 
 def floor(path):

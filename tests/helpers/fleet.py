@@ -64,10 +64,7 @@ async def gateway(tmp: Path, keys: dict[str, bytes] | None = None, state: Path |
             await fleet.start()
             ingest = Ingest(store, fleet.ingest_keys, metrics)
             await ingest.start()
-            if hasattr(ingest, "refused"):  # as agent/gateway.py wires it
-                ingest.refused = fleet.refused
-            else:
-                fleet.ingest_keys.armed = True
+            ingest.refused = fleet.refused  # as agent/gateway.py wires it
             task = asyncio.create_task(ingest.run())
             try:
                 yield ingest, fleet, metrics, store
