@@ -5,7 +5,7 @@ import gc
 import sys
 import time
 
-from . import ConfigError, cbor, cose, senml, untimed
+from . import ConfigError, cbor, cose, senml, unload, untimed
 
 FIRMWARE_VERSION = "0.1.0"
 _BOOT_MS = time.ticks_ms()  # the node's first instant (an ESP32 has booted ~0.3-1 s before)
@@ -283,11 +283,7 @@ def _boot():
 
 
 def _unload():
-    sys.modules.pop("node.start", None)
-    pkg = sys.modules.get("node")
-    if pkg is not None and "start" in getattr(pkg, "__dict__", ()):
-        delattr(pkg, "start")
-    gc.collect()
+    unload("start")
 
 
 def main(config_path):

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from . import unload
 from .outbox import _makedirs, _spare_blocks, _write_atomic
 
 try:
@@ -99,12 +100,7 @@ def _rmtree(path):
 
 def _unload_crypto():
     """Give back Ed25519 and SHA-512 (about 10 KB of bytecode): only an OFFER needs them."""
-    pkg = sys.modules.get("node")
-    for name in ("ed25519", "sha512"):
-        sys.modules.pop("node." + name, None)
-        if pkg is not None and name in getattr(pkg, "__dict__", ()):
-            delattr(pkg, name)
-    gc.collect()
+    unload("ed25519", "sha512")
 
 
 def _hex(b):

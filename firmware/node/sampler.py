@@ -20,11 +20,9 @@ has something to correct: offsets, particulate humidity correction, the CO2 chip
 """
 
 import asyncio
-import gc
-import sys
 import time
 
-from . import drivers
+from . import drivers, unload
 from .drivers import CRCError, NackError, SensorError, SensorTimeout
 from .senml import quantize
 
@@ -86,10 +84,7 @@ def _corrections():
 
 
 def _corrections_done():
-    sys.modules.pop("node.drivers.corrections", None)
-    if "corrections" in getattr(drivers, "__dict__", ()):
-        delattr(drivers, "corrections")
-    gc.collect()
+    unload("drivers.corrections")
 
 
 def _cause(e):

@@ -6,9 +6,9 @@ only while it has work — the clock not known yet, or samples left on flash fro
 given back once it is empty: on a deployed ESP32 its bytecode would sit in the heap for nothing.
 """
 
-import gc
 import os
-import sys
+
+from . import unload
 
 # node._untimed: None (not looked yet this boot), False (the time known and nothing held: every
 # sample sealed at once from here on; a clock once set stays set), or the loaded hold
@@ -46,8 +46,4 @@ def _release(node):
     """The hold is empty and the clock known: its code and state are given back."""
     node.clock.on_set = None  # (the hold's)
     node._untimed = False
-    sys.modules.pop("node.hold", None)
-    pkg = sys.modules.get("node")
-    if pkg is not None and "hold" in getattr(pkg, "__dict__", ()):
-        delattr(pkg, "hold")
-    gc.collect()
+    unload("hold")
