@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,8 @@ TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by timesy
 CLOCK_FILE = "clock.json"  # in the state directory: the unsynchronised spans, across restarts
 CHECK_S = 1.0  # how long one reading of the kernel's state is reused
 SPANS_MAX = 64  # unsynchronised spans remembered (each: start, end, step)
+STATE_MAX = 16 * 1024  # bytes of clock.json read: SPANS_MAX spans take about 4 KiB
+TIME_LIMIT = float(protocol.TIME_MAX)  # a span's times and step are within 0..this (9999)
 RELATIVE_BELOW = 1 << 28  # RFC 8428 §4.5.3: a time below 2**28 is relative to "now"
 # bits of a pack's time.q record (docs/time.md); the node sets 1 and 2, the gateway 4
 TIME_Q = "time.q"
@@ -136,6 +139,7 @@ class TimeSync:
         self._path = path
         self._state: ClockState | None = None
         self._checked = -1e18
+        self.state_refused = 0  # clock.json files refused (not a state this gateway wrote)
         self._spans: list[_Step] = self._load()  # unsynchronised spans, oldest first (bounded)
         self._open: tuple[_Step, float] | None = None  # the open span, and wall - mono then
         self.withheld = 0  # ACKs sent without a time
@@ -147,19 +151,37 @@ class TimeSync:
         if self._path is None:
             return []
         try:
-            raw = json.loads(self._path.read_text())
-            spans = [_Step(float(a), float(b), None if c is None else float(c))
-                     for a, b, c in raw["spans"]][-SPANS_MAX:]
+            with self._path.open("rb") as f:
+                data = f.read(STATE_MAX + 1)
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("clock: %s unreadable (%s); earlier unsynchronised spans forgotten",
-                        self._path, e)
+        except OSError as e:
+            self._refuse(f"cannot be read ({e})", move=False)
+            return []
+        try:
+            spans = _parse_spans(data)
+        except ValueError as e:
+            self._refuse(str(e), move=True)
             return []
         for span in spans:
             if span.step is None:  # open when the gateway stopped: it lasted until now
                 span.end = max(span.end, self._wall())
         return spans
+
+    def _refuse(self, why: str, move: bool) -> None:
+        """clock.json is not a state this gateway wrote: said once, counted, set aside."""
+        assert self._path is not None
+        self.state_refused += 1
+        aside = self._path.with_name(self._path.name + ".bad")
+        if move:
+            try:
+                os.replace(self._path, aside)
+            except OSError as e:
+                why += f"; not set aside ({e})"
+                move = False
+        log.warning("clock: %s refused: %s; earlier unsynchronised spans forgotten (times "
+                    "stamped in them are taken as they are)%s", self._path, why,
+                    f"; the file is kept as {aside.name}" if move else "")
 
     def _save(self) -> None:
         if self._path is None:
@@ -292,7 +314,8 @@ class TimeSync:
         return {"synchronized": st.synchronized, "source": st.source,
                 "maxerror_s": st.maxerror_s, "detail": st.detail, "mode": self.mode,
                 "since": self.since, "acks_without_time": self.withheld,
-                "corrected": self.corrected, "flagged": self.flagged}
+                "corrected": self.corrected, "flagged": self.flagged,
+                "state_refused": self.state_refused}
 
     def collector(self) -> Collector:
         """Prometheus families for metrics.registry(extra=...)."""
@@ -313,12 +336,51 @@ class _ClockCollector(Collector):
                          "system clock's error", st.maxerror_s)
         yield _gauge("lantern_clock_acks_without_time", "ACKs sent without the time "
                      "(the clock was not synchronised)", self._ts.withheld)
+        yield _gauge("lantern_clock_state_refused", "clock.json files refused at start (not "
+                     "a state this gateway wrote; set aside as clock.json.bad)",
+                     self._ts.state_refused)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], value)
     return g
+
+
+def _parse_spans(data: bytes) -> list[_Step]:
+    """clock.json's spans as this gateway writes them; ValueError naming what is not."""
+    if len(data) > STATE_MAX:
+        raise ValueError(f"larger than {STATE_MAX} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"not JSON ({e})") from None
+    raw = doc.get("spans") if isinstance(doc, dict) else None
+    if not isinstance(raw, list):
+        raise ValueError('no "spans" list')
+    if len(raw) > SPANS_MAX:
+        raise ValueError(f"{len(raw)} spans, at most {SPANS_MAX} are ever written")
+    out = []
+    for i, span in enumerate(raw):
+        if not (isinstance(span, list) and len(span) == 3):
+            raise ValueError(f"span {i} is not [start, end, step]")
+        start, end, step = span
+        if not (_time_ok(start) and _time_ok(end) and start <= end):
+            raise ValueError(f"span {i}: start and end must be times, in order: {span!r:.80}")
+        if step is not None and not (_finite(step) and _time_ok(start + step)
+                                     and _time_ok(end + step)):
+            raise ValueError(f"span {i}: step {step!r:.40} is not a finite step to a time "
+                             "between 1970 and 9999")
+        out.append(_Step(float(start), float(end), None if step is None else float(step)))
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return type(v) is int or (type(v) is float and math.isfinite(v))
+
+
+def _time_ok(v: Any) -> bool:
+    return _finite(v) and 0 <= v <= TIME_LIMIT
 
 
 def ack_without_time(nk: protocol.NodeKey, seqs: list[int]) -> bytes:
@@ -343,7 +405,7 @@ def relative_records(records: Iterable[dict[str, Any]]) -> bool:
 
 
 def _relative(t: Any) -> bool:
-    return type(t) in (int, float) and bool(t < RELATIVE_BELOW)
+    return _finite(t) and bool(t < RELATIVE_BELOW)
 
 
 def _iso(t: float) -> str:
