@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import protocol
+from ..timesync import GATEWAY_UNSYNCED, TIME_Q, TimeSync
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS recent (
@@ -44,6 +45,9 @@ CREATE TABLE IF NOT EXISTS recent_latest (
     t REAL NOT NULL,
     PRIMARY KEY (node, name)
 ) WITHOUT ROWID;
+-- rows anchored at a receipt stamped while the gateway's clock was unsynchronised (time.q
+-- bit 4): corrected by the clock's step once it is known, else left flagged (docs/time.md)
+CREATE TABLE IF NOT EXISTS recent_unsynced (id INTEGER PRIMARY KEY, received_at REAL NOT NULL);
 -- upto: the last frame id in the history; latest_rows: recent.id the snapshot includes
 CREATE TABLE IF NOT EXISTS history_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -100,7 +104,11 @@ class History:
     _saved: int = 0  # upto as written
     _last_trim: float = 0.0
     _last_latest: float = 0.0
+    # the gateway's clock: corrects rows stamped while it was unsynchronised (docs/time.md)
+    clock: TimeSync | None = None
     _pending: list[tuple[str, float, float, int, bytes | str]] = field(default_factory=list)
+    _pending_unsynced: set[int] = field(default_factory=set)  # indices into _pending
+    _unsynced: int = 0  # rows in recent_unsynced
     _latest: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _newest: dict[str, float] = field(default_factory=dict)  # node → newest sample time
     _unreadable: int = 0  # rows a later resolve_pack refuses (logged once)
@@ -108,6 +116,7 @@ class History:
     def create(self, db: sqlite3.Connection) -> None:
         db.executescript(SCHEMA)
         self.upto = self._saved = self._meta(db, "upto")
+        self._unsynced = db.execute("SELECT count(*) FROM recent_unsynced").fetchone()[0]
         for node, name, text in db.execute("SELECT node, name, record FROM recent_latest"):
             self._latest.setdefault(node, {})[name] = json.loads(text)
         # rows written after the snapshot (a crash came before the next one)
@@ -148,10 +157,16 @@ class History:
         if not records:
             return
         t0 = records[0]["t"]
-        if pack is None or not all(r["t"] == t0 for r in records):
+        # a pack anchored at an unvouched receipt (its time.q flag is the gateway's): kept as
+        # resolved, flag included, and corrected once the clock's step is known
+        unsynced = _unsynced_flag(records)
+        if unsynced or pack is None or not all(r["t"] == t0 for r in records):
             by_t: dict[float, list[dict[str, Any]]] = {}
             for r in records:
                 by_t.setdefault(float(r["t"]), []).append(_compact(node, r))
+            if unsynced:
+                self._pending_unsynced.update(range(len(self._pending),
+                                                    len(self._pending) + len(by_t)))
             self._pending += [(node, t, received_at, JSON_ROW, _dumps(rs))
                               for t, rs in by_t.items()]
             self._keep_all(node, records)
@@ -181,9 +196,17 @@ class History:
     def flush(self, db: sqlite3.Connection, now: float, force: bool = False) -> None:
         """Write waiting rows and `upto` (in the caller's transaction); trim and save the
         newest values every TRIM_EVERY_S. Call `written` once the transaction commits."""
-        if self._pending:
-            db.executemany("INSERT INTO recent (node, t, received_at, format, body)"
-                           " VALUES (?, ?, ?, ?, ?)", self._pending)
+        insert = "INSERT INTO recent (node, t, received_at, format, body) VALUES (?, ?, ?, ?, ?)"
+        if self._pending_unsynced:  # (rare: one row at a time, to learn their ids)
+            for i, row in enumerate(self._pending):
+                rid = db.execute(insert, row).lastrowid
+                if i in self._pending_unsynced:
+                    db.execute("INSERT INTO recent_unsynced VALUES (?, ?)", (rid, row[2]))
+                    self._unsynced += 1
+        elif self._pending:
+            db.executemany(insert, self._pending)
+        if self._unsynced and self.clock is not None and self.clock.synchronized:
+            self.correct(db, self.clock)
         db.execute("INSERT OR REPLACE INTO history_meta VALUES ('upto', ?)", (self.upto,))
         if force or now - self._last_trim >= TRIM_EVERY_S:
             self._last_trim = now
@@ -197,14 +220,54 @@ class History:
             db.execute("INSERT OR REPLACE INTO history_meta SELECT 'latest_rows',"
                        " coalesce(max(id), 0) FROM recent")
 
+    def correct(self, db: sqlite3.Connection, clock: TimeSync) -> int:
+        """Rows stamped while the clock was unsynchronised, as the sinks now resolve them:
+        moved by the step it took and the gateway's flag cleared, or (no step known, ever)
+        left flagged. Returns the rows corrected."""
+        done = 0
+        for rid, received_at in db.execute("SELECT id, received_at FROM recent_unsynced"
+                                           ).fetchall():
+            at, ok = clock.correct(received_at)
+            row = db.execute("SELECT node, t, body FROM recent WHERE id = ?", (rid,)).fetchone()
+            if ok and row is not None:
+                node, t, body = row
+                # the node's relative times are whole seconds: as fix_times rounds them
+                new_t = float(t + round(at) - round(received_at))
+                old = json.loads(body)
+                recs = _unflagged(old)
+                db.execute("UPDATE recent SET t = ?, body = ? WHERE id = ?",
+                           (new_t, _dumps(recs), rid))
+                self._recorrect(node, t, new_t, [r["n"] for r in old], recs)
+                done += 1
+            db.execute("DELETE FROM recent_unsynced WHERE id = ?", (rid,))
+            self._unsynced -= 1
+        if done:
+            log.info("history: %d sample(s) stamped while the clock was unsynchronised, "
+                     "corrected by its step", done)
+        return done
+
+    def _recorrect(self, node: str, t: float, new_t: float, names: list[str],
+                   recs: list[dict[str, Any]]) -> None:
+        """The newest values, if they came from a corrected row."""
+        lat = self._latest.get(node, {})
+        for name in names:
+            if name in lat and lat[name]["t"] == t:
+                del lat[name]  # (a gateway-made time.q the correction removed stays gone)
+        for r in recs:
+            self._keep(node, r["n"], {**r, "t": new_t})
+        if lat:
+            self._newest[node] = max(r["t"] for r in lat.values())
+
     def written(self) -> None:
         """The transaction holding `flush` committed: its rows are on disk."""
         self._pending = []
+        self._pending_unsynced = set()
         self._saved = self.upto
 
     @property
     def dirty(self) -> bool:
-        return bool(self._pending) or self._saved != self.upto
+        return (bool(self._pending) or self._saved != self.upto
+                or bool(self._unsynced and self.clock is not None and self.clock.synchronized))
 
     def trim(self, db: sqlite3.Connection, now: float) -> int:
         """Drop rows past the age or count bound."""
@@ -219,6 +282,9 @@ class History:
         top = db.execute("SELECT max(id) FROM recent").fetchone()[0]
         if top is not None:
             n += db.execute("DELETE FROM recent WHERE id <= ?", (top - self.max_rows,)).rowcount
+        if n and self._unsynced:
+            self._unsynced -= db.execute("DELETE FROM recent_unsynced WHERE id NOT IN"
+                                         " (SELECT id FROM recent)").rowcount
         return n
 
     def readings(self, db: sqlite3.Connection, node: str, since: float, limit: int,
@@ -263,6 +329,24 @@ class History:
 
     def rows(self, db: sqlite3.Connection) -> int:
         return int(db.execute("SELECT count(*) FROM recent").fetchone()[0])
+
+
+def _unsynced_flag(records: list[dict[str, Any]]) -> bool:
+    """Whether a frame's time.q carries the gateway's bit: anchored at an unvouched receipt."""
+    return any(r["n"].endswith(":" + TIME_Q) and type(r.get("v")) is int
+               and r["v"] & GATEWAY_UNSYNCED for r in records)
+
+
+def _unflagged(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Compact records without the gateway's time.q bit (a time.q left at 0 is dropped)."""
+    out = []
+    for r in recs:
+        if r["n"] == TIME_Q and type(r.get("v")) is int:
+            r = {**r, "v": r["v"] & ~GATEWAY_UNSYNCED}
+            if not r["v"]:
+                continue
+        out.append(r)
+    return out
 
 
 def typical_interval(times: list[float]) -> float | None:
