@@ -37,6 +37,10 @@ def describe(cfg: Any) -> str:
                      f"{u.step} at a time, {u.node_timeout_s:g} s per node")
     else:
         lines.append("  updates: no [updates]: rollouts refused")
+    if (c := getattr(cfg, "clock", None)) is not None:
+        lines.append(f"  clock:   mode {c.mode}: " + (
+            "nodes get the time only while the kernel says it is synchronised"
+            if c.mode == "kernel" else "nodes always get this machine's time"))
     health = getattr(cfg, "health", None)
     lines.append(health.describe() if health is not None
                  else "  health:  no [health]: no lamp faults, energy or alerts")
