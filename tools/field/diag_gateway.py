@@ -167,8 +167,16 @@ def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
     for link in status["links"]:
         if not link["up"]:
             problems.append(f"link {link['name']}: down")
+    clock = health.get("clock") if isinstance(health.get("clock"), dict) else None
+    if clock is not None and not clock.get("synchronized"):
+        problems.append(clock_trouble(clock, now))
+    if clock is not None and clock.get("state_refused"):
+        notes.append("gateway clock: its saved state (clock.json) was refused at start and "
+                     "set aside as clock.json.bad: see the gateway's log")
     if health.get("status") != "ok":
-        problems.append(f"gateway reports itself {health.get('status')}")
+        problems.append(f"gateway reports itself {health.get('status')}"
+                        + (" (its clock, above)" if clock is not None
+                           and not clock.get("synchronized") else ""))
     rejected = status["counters"].get("frames_rejected", {})
     for kind in SECURITY_KINDS:
         if rejected.get(kind):
@@ -196,8 +204,25 @@ def report(url: str, raw: dict[str, Any]) -> dict[str, Any]:
         "never_seen": [n["id"] for n in nodes if "never seen" in n["flags"]],
         "queue": q, "upstream": status["upstream"], "links": status["links"],
         "rejections": rejected, "counters": status["counters"], "rollout": ro,
+        "clock": clock,
         "problems": problems, "notes": notes,
     }
+
+
+def clock_trouble(clock: dict[str, Any], now: float) -> str:
+    """An unsynchronised gateway clock in one line: source, since when, what it does to data."""
+    source = str(clock.get("source") or "unknown")
+    detail = f": {clock['detail']}" if clock.get("detail") else ""
+    since = clock.get("since")
+    when = (f" since {_clock_time(since)} ({_ago(max(0.0, now - since))})"
+            if isinstance(since, int | float) else "")
+    return (f"gateway clock NOT synchronised ({source}{detail}){when}: nodes are not given "
+            "the time, so they hold their samples until it syncs; readings timed at their "
+            "receipt carry time.q until then (check NTP: timedatectl timesync-status)")
+
+
+def _clock_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def unreachable(url: str, why: str) -> dict[str, Any]:
@@ -253,6 +278,12 @@ def render(rep: dict[str, Any], console: Any) -> None:
     lines.append(f"links: {links or 'none'}")
     rej = ", ".join(f"{k} {v}" for k, v in sorted(rep["rejections"].items()) if v)
     lines.append(f"rejected frames: {rej or 'none'}")
+    clock = rep.get("clock")
+    if clock is not None:
+        lines.append("clock: " + ("synchronised" if clock.get("synchronized") else
+                                  "NOT synchronised") + f" ({clock.get('source')}, mode "
+                     f"{clock.get('mode')}), {clock.get('acks_without_time', 0)} ACKs without "
+                     "the time")
     for line in lines:
         console.print(escape(line))
     if rep.get("rollout"):

@@ -61,9 +61,12 @@ def node_problems(st: dict[str, Any], offset_ms: float | None,
     for name, count, detail in st.get("faults") or []:
         out.append(f"fault {name} (x{count}): {detail}" if detail else f"fault {name} (x{count})")
     clock = st.get("clock") or {}
+    held = st.get("held")
     if not clock.get("synced"):
-        out.append("clock never set by a gateway since boot (no ACK yet): readings carry the "
-                   "board's own time; `sync-time` sets it")
+        out.append("clock never set by a gateway since boot (no ACK with the time yet): "
+                   "samples are held unsealed until it is"
+                   + (f" ({held} held)" if isinstance(held, int) and held else "")
+                   + "; is the gateway's clock synchronised? `sync-time` sets it")
     elif offset_ms is not None and abs(offset_ms) > CLOCK_OFF_MS:
         out.append(f"clock is {offset_ms / 1000:+.1f} s off this computer's")
     if (st.get("outbox") or 0) >= OUTBOX_DEEP:
@@ -146,8 +149,10 @@ def render_node(rep: dict[str, Any]) -> Any:
            f"{cfg.get('max_frames')}, pole {_fmt(cfg.get('pole'))}, location "
            f"{_fmt(cfg.get('location'))}")
     row(t, "uptime", f"{st.get('uptime_s', 0)} s, last cycle {st.get('cycle_ms')} ms")
+    held = st.get("held")
     row(t, "outbox", f"{st.get('outbox')} waiting, next seq {st.get('next_seq')}, "
-           f"{st.get('evicted', 0)} evicted")
+           f"{st.get('evicted', 0)} evicted"
+           + (f", {held} held for the time (unsealed)" if held is not None else ""))
     row(t, "clock", ("synced" if clock.get("synced") else "NOT synced")
            + f", {rep['clock_offset_ms'] / 1000:+.2f} s vs this computer")
     row(t, "last ACK", _age(link.get("last_ack_age_ms")))
