@@ -44,7 +44,8 @@ _CONTINUOUS = ("deep_sleep", "soft")
 
 
 class Hold:
-    """The held samples: files `<n>` holding CBOR [run, clock s, values], oldest first.
+    """The held samples: files `<n>` holding CBOR [run, clock s, values], oldest first (and
+    the records of their seal, `_seal_oldest`).
 
     `done` is called once the clock is known and nothing is held any more."""
 
@@ -82,6 +83,8 @@ class Hold:
         clock.on_set = self._on_set
         self.requests = 0  # time requests sealed (diagnostics)
         self.flagged = 0  # samples sealed with a time.q flag
+        if len(self):
+            self._recover()
 
     def __len__(self):
         return self._next - self._first
@@ -167,17 +170,48 @@ class Hold:
         if clock.synced or clock.known:
             self._done()
 
-    def _seal_oldest(self, how):
-        path = "%s/%d" % (self.dir, self._first)
+    def _recover(self):
+        """Settle the seal a power cut interrupted: sealed already (its file goes), or not.
+
+        Runs before this boot seals anything: a pack newer than the record's `after` (still in
+        the outbox, or acknowledged since the boot) can only be that seal's."""
+        rec = self._read(self._first)
+        if rec is None or not _sealing(rec):
+            return
+        at, values, after = rec
+        newest = self.node.outbox.newest()
+        acked = getattr(self.node.link, "acked_top", -1)
+        if (newest is not None and newest > after) or acked > after:
+            print("untimed: held sample %d was sealed before a power cut" % self._first)
+            self._drop_first()
+        else:
+            # not sealed: its time (decided before the cut, in the run it was taken) stays
+            _write_atomic(self._path(self._first), cbor.dumps([at, values]))
+
+    def _path(self, n):
+        return "%s/%d" % (self.dir, n)
+
+    def _read(self, n):
+        """The record of held sample n, or None (unreadable: counted, printed)."""
         try:
-            with open(path, "rb") as f:
-                run, t, values = cbor.loads(f.read(), _ITEMS)
+            with open(self._path(n), "rb") as f:
+                return cbor.loads(f.read(), _ITEMS)
         except (OSError, ValueError, TypeError) as e:
             # unreadable (a flash error): counted and skipped, never a stuck hold
-            print("untimed: held sample %d unreadable: %r" % (self._first, e))
+            print("untimed: held sample %d unreadable: %r" % (n, e))
             self.node.seal_errors += 1
-            run = None
-        if run is not None:
+            return None
+
+    def _seal_oldest(self, how):
+        """Seal the oldest held sample exactly once, whenever the power fails.
+
+        Its file goes through three records: [run, clock s, values] (held), [at, values]
+        (timed) and [at, values, after] (being sealed: `after` is the outbox's newest sequence
+        number before the seal). The last is written before the outbox takes the pack, so a
+        boot finds either the pack or no pack newer than `after` (`_recover`)."""
+        rec = self._read(self._first)
+        if rec is not None and len(rec) == 3 and not _sealing(rec):
+            run, t, values = rec
             flag = 0
             if how == RELATIVE:
                 at = t - self.node.clock.now()  # seconds before "now" (negative)
@@ -191,15 +225,29 @@ class Hold:
                 flag = BEFORE if self._boot_abs is not None else RELATIVE
             if flag:
                 values[TIME_Q] = flag
-                self.flagged += 1
+        elif rec is not None:
+            at, values = rec[0], rec[1]  # timed in an earlier attempt
+        if rec is not None:
+            newest = self.node.outbox.newest()
+            _write_atomic(self._path(self._first),
+                          cbor.dumps([at, values, -1 if newest is None else newest]))
             seq = self.node.seal(at, values)
+            if TIME_Q in values:
+                self.flagged += 1
             print("sample seq=%d readings=%d outbox=%d (held)" % (
                 seq, len(values), len(self.node.outbox)))
+        self._drop_first()
+
+    def _drop_first(self):
         try:
-            os.remove(path)
+            os.remove(self._path(self._first))
         except OSError:
             pass
         self._first += 1
         if not len(self):
             self._first = self._next = 0
 
+
+def _sealing(rec):
+    """A record written just before its seal: [at, values, after] (held: [run, t, values])."""
+    return len(rec) == 3 and isinstance(rec[1], dict)

@@ -47,3 +47,9 @@ def _release(node):
     node.clock.on_set = None  # (the hold's)
     node._untimed = False
     unload("hold")
+
+
+def held(node):
+    """Samples the hold keeps unsealed (node STATUS "held"); 0 when it is not loaded."""
+    hold = getattr(node, "_untimed", None)
+    return len(hold) if hold else 0
