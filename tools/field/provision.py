@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,13 @@ def add_parser(sub: Any) -> None:
     n.add_argument("--interval", type=float, default=60.0,
                    help=f"seconds between samples ({ps.INTERVAL_MIN_S:g} to "
                    f"{ps.INTERVAL_MAX_S:g})")
+    n.add_argument("--offset", action="append", default=[], metavar="NAME=VALUE",
+                   help="a calibration offset the node adds and reports (docs/corrections.md): "
+                   "temperature (Cel), humidity (%%RH), LAeq, LAmax or sound (both, dB); "
+                   "repeat for each, e.g. --offset temperature=-0.8 --offset sound=1.5")
+    n.add_argument("--kappa", metavar="K", help="the street aerosol's "
+                   "hygroscopicity for the particulate humidity correction, 0 to 2 (the node's "
+                   "default 0.4)")
     n.add_argument("--flash", type=Path, metavar="IMAGE", help="flash this MicroPython image")
     n.add_argument("--erase", action="store_true", help="with --flash: erase the flash first")
     n.add_argument("--firmware", choices=("mpy", "frozen"),
@@ -125,6 +132,7 @@ class Plan:
     gateway_state: Path | None = None  # its state_dir: whose the key file is (--gateway-config)
     release: bytes | None = None  # the release public key, 32 raw bytes (release.pub)
     release_from: str = ""  # where it came from, for the installer
+    calibration: dict[str, Any] = field(default_factory=dict)  # node.json offsets, corrections
 
 
 def board_module() -> Any:
@@ -187,6 +195,13 @@ def plan(args: argparse.Namespace) -> Plan:
         raise StepError(f"--interval {args.interval:g}: a node samples every "
                         f"{ps.INTERVAL_MIN_S:g} to {ps.INTERVAL_MAX_S:g} s",
                         "e.g. --interval 60 (the node's set-interval command has the same range)")
+    try:
+        calibration = ps.calibration(getattr(args, "offset", None) or [],
+                                     getattr(args, "kappa", None))
+    except ValueError as e:
+        raise StepError(str(e), "measure the offset against a reference (docs/corrections.md) "
+                        "and give it in the reading's unit, e.g. --offset temperature=-0.8"
+                        ) from None
     queue = gateway_state = None
     release_path: Path | None = args.release_pub
     release_from = "--release-pub"
@@ -229,7 +244,8 @@ def plan(args: argparse.Namespace) -> Plan:
         release_from = f"{release_path} (kid {kid}, from {release_from})"
     stage = args.out or STAGING / args.id
     return Plan(args, board, path, stage, _location(args.location), firmware, queue=queue,
-                gateway_state=gateway_state, release=release, release_from=release_from)
+                gateway_state=gateway_state, release=release, release_from=release_from,
+                calibration=calibration)
 
 
 def _unwritable(path: Path) -> str | None:
@@ -409,6 +425,7 @@ def node_config(p: Plan) -> dict[str, Any]:
         cfg["pole"] = str(p.args.pole)
     if p.location:
         cfg["location"] = list(p.location)
+    cfg.update(p.calibration)
     return cfg
 
 

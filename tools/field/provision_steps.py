@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import shlex
 import shutil
@@ -94,6 +95,59 @@ DROP_OUTBOX = ("import os\n"
 INTERVAL_MIN_S, INTERVAL_MAX_S = 1.0, 86400.0
 SANE_CLOCK = 1_767_225_600  # 2026-01-01 UTC: a computer's clock before this is wrong
 _SEQ_REPORT = re.compile(r"LANTERN-SEQ (\d+)")
+
+
+# per-node calibration (node.json "offsets" and "corrections", docs/corrections.md): the names
+# the node shifts, and how far an installer's offset may sensibly go (a larger one is a
+# mistyped value or a broken sensor, not an enclosure's self-heating)
+OFFSET_LIMITS = {"temperature": 20.0, "humidity": 50.0, "LAeq": 40.0, "LAmax": 40.0}
+OFFSET_ALIASES = {"sound": ("LAeq", "LAmax")}  # one offset for both sound levels
+KAPPA_MIN, KAPPA_MAX = 0.0, 2.0  # as the node accepts corrections.kappa
+
+
+def calibration(offsets: list[str], kappa: str | None) -> dict[str, Any]:
+    """node.json's "offsets" and "corrections" from --offset NAME=VALUE and --kappa K.
+
+    ValueError naming the option and what is wrong: an unknown name, a value that is not a
+    finite number or beyond OFFSET_LIMITS, a name given twice, a kappa outside 0..2."""
+    out: dict[str, float] = {}
+    for item in offsets:
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        names = OFFSET_ALIASES.get(name, (name,))
+        if not eq or any(n not in OFFSET_LIMITS for n in names):
+            raise ValueError(f"--offset {item!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join([*OFFSET_LIMITS, *OFFSET_ALIASES])}")
+        value = _number(text)
+        for n in names:
+            limit = OFFSET_LIMITS[n]
+            if not (math.isfinite(value) and abs(value) <= limit):
+                raise ValueError(f"--offset {item!r}: {n} takes a number from {-limit:g} to "
+                                 f"{limit:g} ({_UNITS[n]})")
+            if n in out:
+                raise ValueError(f"--offset {item!r}: {n} is given twice")
+            out[n] = value
+    cfg: dict[str, Any] = {}
+    if any(out.values()):  # a zero offset is no offset (the node sends nothing for it)
+        cfg["offsets"] = {n: v for n, v in out.items() if v}
+    if kappa is not None:
+        k = _number(kappa)
+        if not (math.isfinite(k) and KAPPA_MIN <= k <= KAPPA_MAX):
+            raise ValueError(f"--kappa {kappa!r}: the aerosol's hygroscopicity is a number "
+                             f"from {KAPPA_MIN:g} to {KAPPA_MAX:g}")
+        cfg["corrections"] = {"kappa": k}
+    return cfg
+
+
+_UNITS = {"temperature": "Cel", "humidity": "%RH", "LAeq": "dB", "LAmax": "dB"}
+
+
+def _number(text: str) -> float:
+    """A decimal number, NaN for anything else (refused by the caller's range check)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 # Run at the board's REPL before the node first boots under a new key: its frame sequence file
