@@ -160,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         nodes_parser(gw)
     else:
         gw.add_parser("nodes", help="the fleet registry: list, import, revoke")
+    if argv[:2] in (["gateway", "rekey"], ["gateway", "group"]):  # live fleet operations
+        from lantern.tools.field.fleet_cli import add_parsers as fleet_ops_parsers
+
+        fleet_ops_parsers(gw)
+    else:
+        gw.add_parser("rekey", help="rotate nodes' keys live (docs/fleet.md)")
+        gw.add_parser("group", help="group settings pushed to nodes (docs/fleet.md)")
 
     demo = sub.add_parser("demo", help="simulated nodes on MicroPython → gateway → upstream")
     demo.add_argument("--nodes", type=int, default=3)
@@ -209,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             from lantern.tools.field.fleet import nodes_main
 
             return nodes_main(args)
+        elif args.cmd == "gateway" and args.action in ("rekey", "group"):
+            from lantern.tools.field import fleet_cli
+
+            return fleet_cli.rekey_main(args) if args.action == "rekey" \
+                else fleet_cli.group_main(args)
         elif args.cmd == "gateway" and args.action == "check-config":
             from .config import load_config, load_keys
             from .preflight import check
