@@ -113,6 +113,11 @@ class Metrics:
         self.upstream_latency: dict[tuple[str, str], Histogram] = {}  # (sink, outcome)
         self.ble_links: dict[str, Counter[str]] = {}  # BLE link name → its stats (links/ble.py)
         self.api_refused: Counter[str] = Counter()  # by reason (API_REFUSALS)
+        # the fleet's live operations (agent/fleetops.py): key rotations and group settings
+        # pushed, by outcome; nodes off their group's config version (set by the fleet task)
+        self.rekeys: Counter[str] = Counter()
+        self.config_pushes: Counter[str] = Counter()
+        self.config_drift: int | None = None
         self.started = time.time()
 
     def seen(self, node: str, link: str, seq: int) -> None:
@@ -282,6 +287,7 @@ class LanternCollector(Collector):
         for reason in sorted(set(API_REFUSALS) | set(m.api_refused)):
             c.add_metric([reason], m.api_refused.get(reason, 0))
         yield c
+        yield from _fleet_families(m)
         h = HistogramMetricFamily("lantern_upstream_request_duration_seconds",
                                   "Time for one batch POST upstream, by sink and outcome",
                                   labels=["sink", "outcome"])
@@ -295,6 +301,29 @@ class LanternCollector(Collector):
             ls.add_metric([node], t)
         yield ls
         yield from _update_families(g)
+
+
+REKEY_OUTCOMES = ("done", "promoted", "refused", "failed")  # agent/fleetops.py
+CONFIG_OUTCOMES = ("applied", "refused", "failed")
+
+
+def _fleet_families(m: Metrics) -> Iterator[Metric]:
+    c = CounterMetricFamily("lantern_fleet_key_rotations", "Live key rotations by outcome "
+                            "(done; promoted: the node's frames under its next key before the "
+                            "COMMIT answer; refused; failed: no answer, tried again)",
+                            labels=["outcome"])
+    for k in sorted(set(REKEY_OUTCOMES) | set(m.rekeys)):
+        c.add_metric([k], m.rekeys.get(k, 0))
+    yield c
+    c = CounterMetricFamily("lantern_fleet_config_pushes", "Group settings sent to nodes, by "
+                            "outcome (refused: the node named a setting it does not take)",
+                            labels=["outcome"])
+    for k in sorted(set(CONFIG_OUTCOMES) | set(m.config_pushes)):
+        c.add_metric([k], m.config_pushes.get(k, 0))
+    yield c
+    if m.config_drift is not None:
+        yield _gauge("lantern_fleet_config_drift", "Nodes of a group not on its config version "
+                     "(or refusing it)", [], m.config_drift)
 
 
 def _update_families(g: Gauges) -> Iterator[Metric]:

@@ -23,7 +23,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ PROTOCOL = 1
 OP_STATUS, OP_SELF_TEST, OP_SET_INTERVAL, OP_SYNC_TIME = 1, 2, 3, 4
 OP_REBOOT, OP_CLEAR_FAULTS, OP_IDENTIFY, OP_LATEST = 5, 6, 7, 8
 OP_UPDATE_OFFER, OP_UPDATE_CHUNK, OP_UPDATE_APPLY, OP_UPDATE_ABORT = 9, 10, 11, 12
+OP_REKEY, OP_REKEY_COMMIT, OP_CONFIG = 14, 15, 16  # docs/fleet.md (agent/fleetops.py)
 OK, E_OP, E_ARG, E_FAIL, E_BIG, E_REFUSED = 0, 1, 2, 3, 4, 5
 CODES = {OK: "ok", E_OP: "unknown operation", E_ARG: "bad argument", E_FAIL: "the action failed",
          E_BIG: "answer too large for one frame", E_REFUSED: "refused"}
@@ -102,6 +103,10 @@ class Identity:
     protocol: int
     verified: bool
     upd: dict[str, Any] | None = None  # the update state, from nodes that report it
+    # from a full STATUS (docs/fleet.md): None where the node did not say
+    config_version: int | None = None
+    key_version: int | None = None
+    held: int | None = None  # samples held unsealed, waiting for the time
 
 
 def parse_status(body: bytes, key: bytes | None) -> Identity:
@@ -116,8 +121,10 @@ def parse_status(body: bytes, key: bytes | None) -> Identity:
     if type(reason) is not int or type(proto) is not int:  # before any MAC: anyone can send it
         raise FrameError("cbor", "STATUS reason and protocol must be integers")
     upd = p.get("upd")
+    counts = [v if type(v) is int and v >= 0 else None
+              for v in (p.get("config_version"), p.get("key_version"), p.get("held"))]
     return Identity(str(p.get(1, node)), str(p.get(2, "?")), str(p.get(3, "?")), floor,
-                    reason, proto, verified, upd if isinstance(upd, dict) else None)
+                    reason, proto, verified, upd if isinstance(upd, dict) else None, *counts)
 
 
 # ---------------------------------------------------------------- errors
@@ -277,6 +284,9 @@ class Channel:
         self._ready = ready or (lambda _node: True)
         self._reach = reach
         self._nodes: dict[str, _Node] = {}
+        # a node's next key while a key rotation commits (agent/fleetops.py): its answers
+        # may already be sealed with it
+        self.next_keys: dict[bytes, bytes] = {}
         self.stats: Counter[str] = Counter()  # commands, replies, retries, timeouts, refused…
 
     def _node(self, node: str) -> _Node:
@@ -363,7 +373,7 @@ class Channel:
         key = self.keys.get(node.encode())
         if key is None:
             raise FrameError("unknown_node", f"REPLY from {node!r}")
-        _, _, payload = unseal(key, body, protocol.REPLY)
+        _, _, payload = self._unseal(node, key, body, protocol.REPLY)
         n = self._node(node)
         n.heard = time.monotonic()
         p = n.pending.get(counter)
@@ -375,6 +385,16 @@ class Channel:
         self.stats["replies"] += 1
         p.answer.set_result((payload[2], payload.get(3)))
 
+    def _unseal(self, node: str, key: bytes, body: bytes, ftype: int) -> tuple[str, int, Any]:
+        """unseal under the node's key, else under its next key (a rotation committing)."""
+        try:
+            return unseal(key, body, ftype)
+        except FrameError as e:
+            nxt = self.next_keys.get(node.encode())
+            if e.kind != "mac" or nxt is None:
+                raise
+            return unseal(nxt, body, ftype)
+
     def _on_status(self, body: bytes) -> None:
         ident = parse_status(body, None)
         key = self.keys.get(ident.node_id.encode())
@@ -385,7 +405,8 @@ class Channel:
             n.other_key = True  # not verifiable (the node holds another key): only noted
             self.stats["status_other_key"] += 1
             return
-        ident = parse_status(body, key)
+        self._unseal(ident.node_id, key, body, protocol.STATUS)  # FrameError("mac") if neither
+        ident = replace(ident, verified=True)
         n.heard = time.monotonic()
         n.other_key = False
         n.identity = ident

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -24,11 +25,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import load_keys
 from .errors import ConfigError, LanternError
 from .ngsi import NodeMeta
+
+if TYPE_CHECKING:
+    from .fleetops import FleetOps
 
 log = logging.getLogger("lantern.registry")
 
@@ -46,7 +50,15 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE TABLE IF NOT EXISTS retired (
     node TEXT NOT NULL, key_id TEXT NOT NULL, at REAL NOT NULL, why TEXT NOT NULL,
     PRIMARY KEY (node, key_id));
+CREATE TABLE IF NOT EXISTS rotations (
+    node TEXT PRIMARY KEY, base TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 0,
+    key BLOB, prev BLOB, first_new INTEGER, next BLOB, next_version INTEGER,
+    requested REAL, outcome TEXT, at REAL);
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, settings TEXT NOT NULL, at REAL NOT NULL);
 """
+# columns added since the first registries were written: (name, declaration)
+_ADDED = (("grp", "TEXT NOT NULL DEFAULT ''"), ("config_refused", "TEXT"))
 
 
 class RegistryError(LanternError):
@@ -56,6 +68,35 @@ class RegistryError(LanternError):
 def key_id(key: bytes) -> str:
     """A key's public name (16 hex digits), as the node and the key file comments name it."""
     return hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex()
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A node's live key rotations (agent/fleetops.py): the key it seals with now when that is
+    no longer the key file's, the one before it (taken for DATA frames below `first_new`),
+    and a next key agreed and not committed yet."""
+
+    node: str
+    base: str  # key id of the key-file key the rotations started from (re-provisioning ends them)
+    version: int = 0  # the node's key version (0: the provisioned key), as its STATUS says
+    key: bytes | None = None
+    prev: bytes | None = None
+    first_new: int | None = None  # the first frame sequence sealed with `key`
+    next: bytes | None = None
+    next_version: int | None = None
+    requested: float | None = None  # a rotation asked for (`lantern gateway rekey`), not done
+    outcome: str | None = None  # "done", or why the last attempt failed
+    at: float | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Settings for a group of nodes, versioned: a node on another version is drifting."""
+
+    name: str
+    version: int
+    settings: dict[str, Any]
+    at: float
 
 
 @dataclass(frozen=True)
@@ -75,6 +116,17 @@ class NodeRecord:
     revoked: float | None = None
     revoked_why: str | None = None
     retired: tuple[str, ...] = ()  # key ids retired for this node
+    group: str = ""
+    config_refused: str | None = None  # "vN: why" when the node refused its group's settings
+    config_want: int | None = None  # its group's config version
+    key_rotation: int = 0  # the node's own key version (0: the provisioned key)
+    rekey: str | None = None  # the last rotation's outcome, "requested" while one waits
+
+    @property
+    def config_drift(self) -> bool:
+        """On another config version than its group's, or refusing it (revoked: no)."""
+        return self.revoked is None and self.config_want is not None and (
+            self.config_version != self.config_want or self.config_refused is not None)
 
     def state(self, now: float) -> str:
         if self.revoked is not None:
@@ -90,11 +142,19 @@ class NodeRecord:
                 "board": self.board, "firmware": self.firmware, "key_id": self.key_id,
                 "key_version": self.key_version, "config_version": self.config_version,
                 "state": self.state(now), "last_seen": self.last_seen,
-                "revoked": self.revoked, "revoked_why": self.revoked_why}
+                "revoked": self.revoked, "revoked_why": self.revoked_why,
+                "group": self.group, "config_want": self.config_want,
+                "config_drift": self.config_drift, "config_refused": self.config_refused,
+                "key_rotation": self.key_rotation, "rekey": self.rekey}
 
 
 CSV_FIELDS = ("id", "pole", "lat", "lon", "board", "firmware", "key_id", "key_version",
-              "config_version", "state", "last_seen", "revoked", "revoked_why")
+              "config_version", "state", "last_seen", "revoked", "revoked_why", "group",
+              "config_want", "config_drift", "config_refused", "key_rotation", "rekey")
+# what /api/nodes adds to each node from its record (agent/api.py)
+API_FIELDS = ("pole", "board", "key_id", "key_version", "config_version", "state", "revoked",
+              "revoked_why", "group", "config_want", "config_drift", "config_refused",
+              "key_rotation", "rekey")
 
 
 class Registry:
@@ -107,8 +167,15 @@ class Registry:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False)
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
+        for col, decl in _ADDED:
+            if col not in have:
+                self._db.execute(f"ALTER TABLE nodes ADD COLUMN {col} {decl}")
+        self._db.commit()
         self._version = -1
         self._records: dict[str, NodeRecord] = {}
+        self._rotations: dict[str, Rotation] = {}
+        self._groups: dict[str, Group] = {}
         self._written: dict[str, float] = {}  # node → last_seen last written
         self.refresh()
 
@@ -142,13 +209,24 @@ class Registry:
         retired: dict[str, list[str]] = {}
         for node, kid in self._db.execute("SELECT node, key_id FROM retired ORDER BY at"):
             retired.setdefault(node, []).append(kid)
+        rcols = tuple(Rotation.__dataclass_fields__)
+        self._rotations = {row[0]: Rotation(*row) for row in self._db.execute(
+            f"SELECT {', '.join(rcols)} FROM rotations")}
+        self._groups = {n: Group(n, v, json.loads(js), at) for n, v, js, at in self._db.execute(
+            "SELECT name, version, settings, at FROM groups")}
         cols = ("id", "pole", "lat", "lon", "board", "firmware", "key_id", "config_version",
                 "interval_s", "provisioned", "last_seen", "revoked", "revoked_why")
         recs = {}
-        for row in self._db.execute(f"SELECT {', '.join(cols)} FROM nodes ORDER BY id"):
-            r = NodeRecord(**dict(zip(cols, row, strict=True)))
+        for row in self._db.execute(f"SELECT {', '.join(cols)}, grp, config_refused FROM nodes "
+                                    "ORDER BY id"):
+            r = NodeRecord(**dict(zip(cols, row[:-2], strict=True)), group=row[-2],
+                           config_refused=row[-1])
             old = tuple(retired.get(r.id, ()))
-            recs[r.id] = replace(r, retired=old, key_version=len(old) + 1)
+            g, rot = self._groups.get(r.group), self._rotations.get(r.id)
+            recs[r.id] = replace(r, retired=old, key_version=len(old) + 1,
+                                 config_want=g.version if g else None,
+                                 key_rotation=rot.version if rot else 0,
+                                 rekey=rot.outcome if rot else None)
         self._records = recs
         return True
 
@@ -175,6 +253,25 @@ class Registry:
         if kid in r.retired and kid != r.key_id:
             return "retired"
         return None
+
+    def rotation(self, node: str) -> Rotation | None:
+        return self._rotations.get(node)
+
+    def groups(self) -> list[Group]:
+        return sorted(self._groups.values(), key=lambda g: g.name)
+
+    def group(self, name: str) -> Group | None:
+        return self._groups.get(name)
+
+    def overlay(self, keys: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+        """The key file's keys with each node's rotated key in place of the key it was
+        rotated from (a key file with another key: the node was provisioned again)."""
+        out = dict(keys)
+        for kid, key in keys.items():
+            rot = self._rotations.get(kid.decode("utf-8", "replace"))
+            if rot is not None and rot.key is not None and rot.base == key_id(key):
+                out[kid] = rot.key
+        return out
 
     # ---- writes
 
@@ -204,11 +301,13 @@ class Registry:
                        (r.id, r.key_id, now, why))
         # a new key is a new node as far as revocation goes: re-provisioning un-revokes
         db.execute("UPDATE nodes SET key_id = ?, provisioned = ?, revoked = NULL, "
-                   "revoked_why = NULL, last_seen = NULL WHERE id = ?", (kid, now, r.id))
+                   "revoked_why = NULL, last_seen = NULL, config_version = 0, "
+                   "config_refused = NULL WHERE id = ?", (kid, now, r.id))
+        db.execute("DELETE FROM rotations WHERE node = ?", (r.id,))  # the node starts at 0
 
     def provisioned(self, node: str, kid: str, pole: str = "", lat: float | None = None,
                     lon: float | None = None, board: str = "", interval_s: float = 60.0,
-                    now: float | None = None) -> None:
+                    now: float | None = None, group: str | None = None) -> None:
         """A node (re-)provisioned with key `kid`: its record made or updated, an old key
         retired. RegistryError if `kid` was retired for it (a stale fragment)."""
         now = time.time() if now is None else now
@@ -225,6 +324,8 @@ class Registry:
                 self._rekey(db, r, kid, "re-provisioned", now)
             db.execute("UPDATE nodes SET pole = ?, lat = ?, lon = ?, board = ?, interval_s = ? "
                        "WHERE id = ?", (pole, lat, lon, board, interval_s, node))
+            if group is not None:
+                db.execute("UPDATE nodes SET grp = ? WHERE id = ?", (group, node))
 
     def revoke(self, node: str, why: str = "", now: float | None = None) -> NodeRecord:
         now = time.time() if now is None else now
@@ -235,6 +336,98 @@ class Registry:
             db.execute("UPDATE nodes SET revoked = coalesce(revoked, ?), revoked_why = ? "
                        "WHERE id = ?", (now, why or "revoked by the operator", node))
         return self._records[node]
+
+    # ---- key rotation (agent/fleetops.py)
+
+    def request_rekey(self, nodes: list[str], now: float | None = None) -> None:
+        """Rotations asked for: the gateway runs each when it next hears from the node."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            for node in nodes:
+                r = self._records.get(node)
+                if r is None:
+                    raise RegistryError(f"no node {node!r} in {self.path} (`lantern gateway "
+                                        "nodes` lists them)")
+                if r.revoked is not None:
+                    raise RegistryError(f"{node} is revoked: provision it again instead")
+                db.execute("INSERT INTO rotations (node, base) VALUES (?, ?) "
+                           "ON CONFLICT (node) DO NOTHING", (node, r.key_id or ""))
+                db.execute("UPDATE rotations SET requested = ?, outcome = 'requested', at = ? "
+                           "WHERE node = ?", (now, now, node))
+
+    def rekey_next(self, node: str, version: int, key: bytes, base: str) -> None:
+        """The next key agreed with the node (REKEY answered), before the COMMIT."""
+        with self._tx() as db:
+            db.execute("INSERT INTO rotations (node, base) VALUES (?, ?) "
+                       "ON CONFLICT (node) DO NOTHING", (node, base))
+            db.execute("UPDATE rotations SET next = ?, next_version = ? WHERE node = ?",
+                       (key, version, node))
+
+    def rekey_done(self, node: str, version: int, old: bytes, first_new: int,
+                   now: float | None = None) -> None:
+        """The node seals with its next key from frame `first_new` on: it becomes current,
+        `old` is kept for the frames before, and its key id retired. Called again with the
+        exact `first_new` after a promotion by a frame (which only bounds it), it lowers it."""
+        now = time.time() if now is None else now
+        rot = self._rotations.get(node)
+        if rot is None:
+            raise RegistryError(f"{node}: no rotation under way")
+        with self._tx() as db:
+            if rot.next is not None and rot.next_version == version:
+                db.execute("INSERT OR IGNORE INTO retired VALUES (?, ?, ?, 'rotated')",
+                           (node, key_id(old), now))
+                db.execute("UPDATE nodes SET key_id = ? WHERE id = ?",
+                           (key_id(rot.next), node))
+                db.execute("UPDATE rotations SET key = next, prev = ?, version = ?, "
+                           "first_new = ?, next = NULL, next_version = NULL, requested = NULL, "
+                           "outcome = 'done', at = ? WHERE node = ?",
+                           (old, version, first_new, now, node))
+            elif rot.version == version and (rot.first_new is None or first_new < rot.first_new):
+                db.execute("UPDATE rotations SET first_new = ? WHERE node = ?",
+                           (first_new, node))
+
+    def rekey_outcome(self, node: str, outcome: str, keep: bool = True,
+                      drop_next: bool = False) -> None:
+        """A rotation that did not finish: why; `keep` False drops the request (refused),
+        `drop_next` the next key (a COMMIT refused: agreed again)."""
+        with self._tx() as db:
+            db.execute("UPDATE rotations SET outcome = ?, requested = CASE WHEN ? THEN "
+                       "requested ELSE NULL END WHERE node = ?", (outcome, keep, node))
+            if drop_next:
+                db.execute("UPDATE rotations SET next = NULL, next_version = NULL "
+                           "WHERE node = ?", (node,))
+
+    # ---- groups
+
+    def set_group(self, name: str, settings: Mapping[str, Any],
+                  now: float | None = None) -> Group:
+        """The group's settings, under a version above every version any node or group has
+        had (a node moved to another group still takes its settings)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            top = max([g.version for g in self._groups.values()]
+                      + [r.config_version for r in self._records.values()] + [0])
+            db.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?)",
+                       (name, top + 1, json.dumps(dict(settings), sort_keys=True), now))
+        return self._groups[name]
+
+    def assign(self, group: str, nodes: list[str]) -> None:
+        """Put nodes in a group ("" takes them out)."""
+        with self._tx() as db:
+            for node in nodes:
+                if node not in self._records:
+                    raise RegistryError(f"no node {node!r} in {self.path} (`lantern gateway "
+                                        "nodes` lists them)")
+                db.execute("UPDATE nodes SET grp = ? WHERE id = ?", (group, node))
+
+    def config_reported(self, node: str, version: int, refused: str | None = None) -> None:
+        """The config version a node says it runs, and why it refused its group's, if so."""
+        r = self._records.get(node)
+        if r is None or (r.config_version, r.config_refused) == (version, refused):
+            return
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET config_version = ?, config_refused = ? WHERE id = ?",
+                       (version, refused, node))
 
     def observe(self, seen: Mapping[str, float], firmware: Mapping[str, str],
                 meta: Mapping[str, tuple[str, float | None, float | None, float]] = {}
@@ -317,10 +510,12 @@ class Fleet:
                  config_nodes: Mapping[str, NodeMeta], node_ids: list[str]) -> None:
         self.registry = registry
         self.keys_file = keys_file
+        keys = registry.overlay(keys)  # a rotated key in place of the key file's
         self.ingest_keys = KeyView(keys, registry)
         # the links' keys stay whole: a link looks a node's key up where a missing one is a
         # bug (a BLE session, a command's reply); what a revoked node sends is refused at ingest
         self.link_keys: dict[bytes, bytes] = dict(keys)
+        self.ops: FleetOps | None = None  # rotations and group settings, once attached
         self.config_nodes = config_nodes
         self.node_ids = node_ids  # the gateway's list of keyed nodes, extended in place
         self.nodes_meta: dict[str, NodeMeta] = {}  # registry places, [nodes] winning
@@ -335,6 +530,16 @@ class Fleet:
         key = dict.get(self.ingest_keys, kid)
         return None if key is None else self.registry.refusal(kid.decode("utf-8", "replace"),
                                                              key)
+
+    def attach(self, ingest: Any, links: list[Any], metrics: Any) -> FleetOps:
+        """Give ingest the registry's hooks (its `refused` verdict, a rotating node's other
+        key) and start the live operations over the links' command channels."""
+        from .fleetops import FleetOps
+
+        ingest.refused = self.refused
+        self.ops = FleetOps(self, links, metrics, ingest.forget)
+        ingest.other_key = self.ops.other_key
+        return self.ops
 
     def _stat(self) -> float | None:
         try:
@@ -392,6 +597,7 @@ class Fleet:
             else:
                 self._mtime = mtime
                 self._once(f"reading {self.keys_file}", None)
+                keys = self.registry.overlay(keys)
                 self.ingest_keys.replace_all(keys)
                 self.link_keys.clear()
                 self.link_keys.update(keys)
@@ -418,6 +624,9 @@ class Fleet:
                     log.warning("registry: node %s: ingest keeps the key it read at the "
                                 "node's first frame until the gateway restarts", node)
         self._refusals = now_refused
+        if self.ops is not None:
+            self.ops.heard(seen)
+            self.ops.metrics.config_drift = self.ops.drift()
         await self._push(seen, sinks)
 
     async def _push(self, seen: Mapping[str, float], sinks: list[Any]) -> None:

@@ -34,7 +34,7 @@ from lantern.agent.configfile import toml_string
 from lantern.agent.errors import ConfigError
 from lantern.agent.registry import REGISTRY_FILE, Registry, RegistryError, key_id
 
-COLUMNS = ("id", "pole", "location", "board", "port")
+COLUMNS = ("id", "pole", "location", "board", "port", "group")
 PASS = ("interval", "flash", "erase", "firmware", "mpy_cross", "release_pub", "gateway_config",
         "timeout", "lock_repl")
 
@@ -47,6 +47,7 @@ class Row:
     location: str
     board: str
     port: str
+    group: str = ""  # the node's configuration group (docs/fleet.md)
 
 
 @dataclass
@@ -114,7 +115,7 @@ def read_rows(path: Path) -> list[Row]:
     missing = [c for c in COLUMNS[:4] if c not in (reader.fieldnames or [])]
     if missing:
         raise ConfigError(f"{path}: no column {', '.join(missing)}; the header is "
-                          f"{','.join(COLUMNS)} (port may be left out)")
+                          f"{','.join(COLUMNS)} (port and group may be left out)")
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for i, r in enumerate(reader, start=2):
@@ -252,7 +253,7 @@ def add_meta(fragment: Path, row: Row, kid: str, interval_s: float,
     meta = dict(doc.get("meta", {}))
     meta[row.id] = {"pole": row.pole, "board": row.board, "key_id": kid,
                     "provisioned": time.time() if provisioned is None else provisioned,
-                    "interval_s": interval_s,
+                    "interval_s": interval_s, **({"group": row.group} if row.group else {}),
                     **({"location": [float(x) for x in row.location.split(",")]}
                        if row.location else {})}
     head = text.split("\n[meta.", 1)[0].rstrip("\n")
@@ -356,7 +357,7 @@ def import_fragment(fragment: Path, keys_file: Path, registry: Registry,
                                  lat=loc[0], lon=loc[1],
                                  board=m.get("board", rec.board if rec else ""),
                                  interval_s=float(m.get("interval_s", rec.interval_s if rec
-                                                        else 60.0)))
+                                                        else 60.0)), group=m.get("group"))
             out.append(f"{node}: " + ("already here" if cur == key and rec and rec.key_id == kid
                                       else f"key {kid} added" if cur is None
                                       else f"key {kid} replaces {key_id(cur)} (retired)"))
@@ -381,6 +382,16 @@ def nodes_parser(gw: Any) -> None:
     rev.add_argument("--reason", default="")
     for p in (imp, rev):  # `... import F --config C` as well as `... --config C import F`
         p.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+
+
+def _config_text(row: dict[str, Any]) -> str:
+    """A node's group and config version, and its drift, for `lantern gateway nodes`."""
+    if not row["group"]:
+        return f"config v{row['config_version']}"
+    text = f"group {row['group']} config v{row['config_version']}"
+    if row["config_refused"]:
+        return text + f" REFUSED {row['config_refused']}"
+    return text + (f" DRIFT (group v{row['config_want']})" if row["config_drift"] else "")
 
 
 def nodes_main(args: argparse.Namespace) -> int:
@@ -416,8 +427,9 @@ def nodes_main(args: argparse.Namespace) -> int:
                 else:
                     for row in rows:
                         print(f"{row['id']:<20} {row['state']:<12} pole {row['pole'] or '-':<8}"
-                              f" key v{row['key_version']} {row['key_id']}  fw "
-                              f"{row['firmware'] or '?'}")
+                              f" key v{row['key_version']} {row['key_id']} (node's "
+                              f"v{row['key_rotation']})  fw {row['firmware'] or '?'}  "
+                              + _config_text(row))
         except RegistryError as e:
             print(f"lantern gateway nodes: {e}", file=sys.stderr)
             return 1
