@@ -154,6 +154,12 @@ function flagClass(f) {
   return "flag " + f.split(/[ :]/)[0];
 }
 
+function configText(n) {
+  const v = `v${n.config_version || 0}`;
+  if (!n.group) return v;
+  return `${n.group} ${v}` + (n.config_refused ? " refused" : n.config_drift ? ` → v${n.config_want}` : "");
+}
+
 function renderNodes(data) {
   const body = document.querySelector("#nodes tbody");
   body.replaceChildren();
@@ -166,7 +172,11 @@ function renderNodes(data) {
       el("td", {text: n.pole || "—", "data-field": "pole"}),
       el("td", {"data-field": "state"}, el("span", {class: "state " + (n.state || "unknown"), text: n.state || "—"})),
       el("td", {text: n.key_id ? `v${n.key_version} ${n.key_id.slice(0, 8)}` : "—", "data-field": "key",
-        title: n.key_id ? `key id ${n.key_id} (key ${n.key_version} of this node)` : "no key in the registry"}),
+        title: n.key_id ? `key id ${n.key_id} (key ${n.key_version} of this node; its own key version ${n.key_rotation || 0}` +
+          (n.rekey && n.rekey !== "done" ? `; rotation: ${n.rekey}` : "") + ")" : "no key in the registry"}),
+      el("td", {text: configText(n), "data-field": "config", class: n.config_drift ? "drift" : "",
+        title: n.config_refused ? `refused: ${n.config_refused}` :
+          n.config_drift ? `group ${n.group} is on config v${n.config_want}` : "config version the node reports"}),
       el("td", {text: n.firmware || "?", "data-field": "firmware"}),
       el("td", {text: ago(n.age_s), "data-field": "last-seen", "data-age": n.age_s == null ? "" : String(n.age_s),
         title: n.last_seen ? new Date(n.last_seen * 1000).toLocaleString() : "never"}),
