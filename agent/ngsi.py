@@ -63,6 +63,16 @@ ATTRS: dict[str, Attr] = {
     "lamp_voltage": Attr("Streetlight", "voltage", "VLT"),
     "lamp_current": Attr("Streetlight", "current", "AMP"),
 }
+# the node's corrections (docs/corrections.md), each attached to the attribute it corrects as
+# an NGSI-LD sub-property: the model's attribute keeps the value the node sent under that name
+# (docs/upstream.md says why)
+CORRECTED = ("pm1", "pm2_5", "pm4", "pm10")  # "<pm>_corr": humidity-corrected mass
+OFFSET = ("temperature", "humidity", "LAeq", "LAmax")  # "<name>_offset": included in the value
+KAPPA = "pm_kappa"  # the kappa of the pack's "<pm>_corr" when not the default
+KAPPA_DEFAULT = 0.4  # node/drivers/corrections.py KAPPA
+PM_METHOD = ("kappa-Koehler hygroscopic growth correction (Crilley et al. 2018, "
+             "doi:10.5194/amt-11-709-2018): raw / (1 + (kappa / 1.65) * aw / (1 - aw)), "
+             "aw = relative humidity")
 # the Device model's controlledProperty vocabulary
 CONTROLLED = {"temperature": "temperature", "humidity": "humidity",
               "pressure": "atmosphericPressure", "illuminance": "light", "pm1": "airPollution",
@@ -143,6 +153,8 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
     """
     groups: defaultdict[tuple[str, str, float], dict[str, Any]] = defaultdict(dict)
     controlled: defaultdict[str, set[str]] = defaultdict(set)
+    # corrections of one sample: (node, t) → measurement → ("corr" | "offset", value)
+    fixes: defaultdict[tuple[str, float], dict[tuple[str, str], Any]] = defaultdict(dict)
     for r in records:
         if "v" not in r:
             continue
@@ -159,6 +171,10 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
             continue
         if measurement in CONTROLLED:
             controlled[node].add(CONTROLLED[measurement])
+        fix = _fix(measurement)
+        if fix is not None:
+            fixes[(node, t)][fix] = r["v"]
+            continue
         attr = ATTRS.get(measurement)
         if attr is not None:
             group = groups[(node, attr.model, t)]
@@ -168,6 +184,8 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
         elif measurement in HEALTH:
             name, unit = HEALTH[measurement]
             groups[(node, "Device", t)][name] = _prop(r["v"], t, unit)
+    for (node, t), found in fixes.items():
+        _attach(groups, node, t, found, skipped)
     out = []
     for (node, model, t), attrs in sorted(groups.items(), key=lambda kv: kv[0][2]):
         meta = nodes.get(node, NodeMeta())
@@ -203,6 +221,45 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
         e["@context"] = CONTEXTS
         out.append(e)
     return out
+
+
+def _fix(measurement: str) -> tuple[str, str] | None:
+    """("corr" | "offset" | "kappa", the measurement it belongs to) for a correction record."""
+    base, _, kind = measurement.rpartition("_")
+    if kind == "corr" and base in CORRECTED:
+        return "corr", base
+    if kind == "offset" and base in OFFSET:
+        return "offset", base
+    if measurement == KAPPA:
+        return "kappa", ""
+    return None
+
+
+def _attach(groups: dict[tuple[str, str, float], dict[str, Any]], node: str, t: float,
+            found: dict[tuple[str, str], Any], skipped: Counter[str] | None) -> None:
+    """One sample's corrections as sub-properties of the attributes they correct.
+
+    `<pm>_corr` → the pm attribute's `humidityCorrected` (its value, unit, `method`, `kappa`);
+    `<name>_offset` → the attribute's `calibrationOffset` (the value includes it: the raw
+    reading is value - offset), converted as the attribute is. A correction whose attribute
+    is not in the sample has nothing to qualify: counted in `skipped` as "unpaired"."""
+    kappa = found.get(("kappa", ""), KAPPA_DEFAULT)
+    for (kind, name), v in found.items():
+        if kind == "kappa":
+            continue
+        attr = ATTRS[name]
+        prop = groups.get((node, attr.model, t), {}).get(attr.name)
+        if prop is None:
+            if skipped is not None:
+                skipped["unpaired"] += 1
+            continue
+        if kind == "corr":
+            sub = _prop(attr.convert(v), t, attr.unit_code)
+            sub["method"] = _prop(PM_METHOD, t)
+            sub["kappa"] = _prop(kappa, t)
+            prop["humidityCorrected"] = sub
+        else:
+            prop["calibrationOffset"] = _prop(attr.convert(v), t, attr.unit_code)
 
 
 # what a Lantern node measures, for a Device entity of a node no reading has shown yet

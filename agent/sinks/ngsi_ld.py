@@ -105,8 +105,9 @@ class NgsiLdSink:
             self._unjudged(ents, {e["id"] for e in lamps})
             ents += lamps
         if not before and self.skipped:
-            log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, or a "
-                        "time no DateTime can hold; counted in "
+            log.warning("ngsi-ld: readings left out (%s): a name that is not a device's, a "
+                        "time no DateTime can hold, or a correction without the reading it "
+                        "corrects; counted in "
                         "lantern_sink_skipped_readings_total, logged once", dict(self.skipped))
         for request in rounds(ents, self.cfg.batch_entities):
             await self._upsert(request)
