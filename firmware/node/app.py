@@ -265,6 +265,18 @@ class Node:
                                  ident, probe.R_PROBE, probe.boot_upd())
         return [(frame.STATUS, body, None)]
 
+    def use_key(self, key, version, prev, first):
+        """Seal and check everything under `key` from now on (node/rekey.py commit); frames
+        already in the outbox keep the MAC they were sealed with."""
+        self.key = key
+        self.key_version = version
+        self.key_prev = prev
+        self.key_first = first
+        if self.link is not None:
+            self.link._key = key  # ACKs and the BLE drain are checked under it
+        if getattr(self, "_commands", None) is not None:
+            self._commands._key = key
+
     def fault(self, name, detail=""):
         """Latch a fault for `lantern diag` until a technician clears it."""
         f = self.faults.get(name)
@@ -289,7 +301,9 @@ def _unload():
 def main(config_path):
     cfg, hal, board, locked = _boot().prepare(config_path)
     try:
-        asyncio.run(Node(cfg, hal, board).run())
+        node = Node(cfg, hal, board)
+        node.config_path = config_path  # OP_CONFIG writes it (node/netcfg.py)
+        asyncio.run(node.run())
     except Exception as e:  # noqa: BLE001 - a locked board must not fall into its REPL
         if not locked:
             raise

@@ -7,6 +7,7 @@ type byte keeps the three kinds apart from each other and from DATA and ACK.
 """
 
 import gc
+import sys
 import time
 
 from . import cbor, cose, frame, probe
@@ -37,6 +38,9 @@ OP_UPDATE_CHUNK = const(10)
 OP_UPDATE_APPLY = const(11)
 OP_UPDATE_ABORT = const(12)
 OP_UPDATE_ROTATE = const(13)  # a release-key rotation record (docs/updates.md)
+OP_REKEY = const(14)  # key rotation (docs/protocol.md "Key rotation and configuration")
+OP_REKEY_COMMIT = const(15)
+OP_CONFIG = const(16)  # versioned settings from the gateway: node/netcfg.py
 
 # result codes (REPLY payload key 2)
 OK = const(0)
@@ -172,8 +176,9 @@ class Commands:
         try:
             cose.mac0_check(self._key, protected, payload, tag, aad(frame.COMMAND))
         except (cose.CoseError, ValueError):
-            self.refused += 1
-            return self._status(R_BAD_MAC)
+            if not self._recommit(protected, payload, tag):
+                self.refused += 1
+                return self._status(R_BAD_MAC)
         if counter <= self.floor:
             self.refused += 1
             return self._status(R_REPLAY)
@@ -203,6 +208,20 @@ class Commands:
             body = self._reply(counter, op, E_BIG, {"bytes": len(body)})
             after = None
         return [(frame.REPLY, body, after)]
+
+    def _recommit(self, protected, payload, tag):
+        """Whether a COMMAND MAC'd with the key before the last rotation asks only for that
+        rotation's commit again (a gateway that lost its REPLY); nothing else passes."""
+        prev = getattr(self._actions, "key_prev", None)
+        prev = prev() if prev is not None else None
+        if prev is None:
+            return False
+        try:
+            cose.mac0_check(prev, protected, payload, tag, aad(frame.COMMAND))
+            msg = cbor.loads(payload, _CMD_ITEMS)
+            return msg[1] == OP_REKEY_COMMIT and msg[2][2] == self._actions.key_version()
+        except (ValueError, TypeError, KeyError, IndexError):
+            return False
 
     def _run(self, op, args):
         a = self._actions
@@ -240,6 +259,12 @@ class Commands:
             return OK, {"data": a.latest()}, None
         if OP_UPDATE_OFFER <= op <= OP_UPDATE_ROTATE:
             return self._update(op, args)
+        if op == OP_REKEY or op == OP_REKEY_COMMIT or op == OP_CONFIG:
+            code, result = a.fleet(op, args)
+            key = getattr(a, "key", None)
+            if key is not None:
+                self._key = key()  # a commit: the REPLY, and all after it, under the new key
+            return code, result, None
         return E_OP, {"error": "unknown operation %r" % (op,)}, None
 
     def _update(self, op, args):
@@ -313,6 +338,33 @@ class NodeActions:
                                         ota.boot_info().get("config") or "node.json", n.hal)
         return self._updater
 
+    def fleet(self, op, args):
+        """A rekey, its commit or a configuration (node/rekey.py, node/netcfg.py): (code,
+        result). Their code is loaded for the command and given back after it."""
+        from . import unload
+
+        try:
+            if op == OP_CONFIG:
+                from .netcfg import configure
+
+                return configure(self, args.get(1), args.get(2))
+            from .rekey import commit, rekey
+
+            if op == OP_REKEY:
+                return rekey(self.n, args.get(1), args.get(2))
+            return commit(self.n, args.get(2))
+        finally:
+            unload("netcfg", "rekey", "x25519")
+
+    def key(self):
+        return self.n.key
+
+    def key_prev(self):
+        return getattr(self.n, "key_prev", None)
+
+    def key_version(self):
+        return getattr(self.n, "key_version", 0)
+
     def upd(self):
         """STATUS "upd": the transfer in progress, else what the boot record says."""
         out = probe.boot_upd()
@@ -336,8 +388,6 @@ class NodeActions:
         return [(getattr(s, "name", None) or type(s).__name__.lower(), s, 0) for s in sensors]
 
     def status(self):
-        import sys
-
         n = self.n
         new = n.outbox.evicted - self._evicted_seen
         if new > 0:  # evictions lose data: latch them (the total stays in "evicted")
@@ -373,6 +423,9 @@ class NodeActions:
             "boot": _boot(n),
             "energy": _energy(n),
             "upd": self.upd(),
+            "config_version": n.cfg.get("config_version", 0),
+            "key_version": getattr(n, "key_version", 0),
+            "held": _held(n),
         })
         return st
 
@@ -430,6 +483,18 @@ class NodeActions:
         if reset:
             reset()
         raise SystemExit(REBOOT_EXIT)
+
+
+def _held(n):
+    """Samples the hold keeps unsealed until the time is known (node/untimed.py), 0 if none."""
+    held = getattr(sys.modules.get("node.untimed"), "held", None)
+    if held is not None:
+        return held(n)
+    hold = getattr(n, "_untimed", None)
+    try:
+        return len(hold) if hold else 0
+    except TypeError:  # a hold that does not count itself
+        return 0
 
 
 def _energy(n):

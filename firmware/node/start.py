@@ -88,6 +88,23 @@ def node_key(cfg, hal):
     return load_key(cfg["key_file"])
 
 
+def keys(node, cfg, hal):
+    """node.key and its rotation state: version, previous key, first sequence under it.
+
+    A key rotated over the air (node/rekey.py) is the key store's key, its version in the
+    rotation record beside it; a commit a power cut interrupted is finished here.
+    """
+    from . import unload
+    from .rekey import boot
+
+    global _key_file
+    key = node_key(cfg, hal)
+    node.key, node.key_version, node.key_prev, node.key_first = boot(cfg, hal, key)
+    unload("rekey")
+    if node.key != key and _key_file is not None:  # rolled forward: the file holds it now
+        _key_file = (key_id(node.key), _key_file[1])
+
+
 def key_id(key):
     """A key's public name (16 hex digits; tools/field/provision_steps.py key_id gives the same)."""
     return hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex()
@@ -189,7 +206,7 @@ def setup(node, cfg, hal, board):
     from .clock import Clock
     from .outbox import Outbox
 
-    node.key = node_key(cfg, hal)
+    keys(node, cfg, hal)
     node.outbox = Outbox(cfg["state_dir"], cfg.get("max_frames", 1000))
     node.key_id = bind_state(cfg["state_dir"], node.key, hal)
     node.clock = Clock(hal)
