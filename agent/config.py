@@ -37,12 +37,23 @@ class ApiConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides the listen address
 
 
+# [queue] commit_window_ms is at most this: a node resends an unacknowledged frame from 1 s
+# on (UART rto_ms), doubling up to 30 s; 10 s is issue 22's bound on the added ACK delay
+COMMIT_WINDOW_MAX_MS = 10_000
+DELIVER_EVERY_MAX_S = 3600
+
+
 @dataclass(frozen=True)
 class QueueConfig:
-    """The queue's disk cap ([queue]): bytes on disk, and what happens when they run out."""
+    """The queue ([queue]): its disk cap, what happens when that runs out, and how its writes
+    are paced for an SD card (docs/performance.md, disk_wear)."""
 
     max_mb: float = 1024.0
     policy: str = "pause_intake"  # or "evict_oldest"
+    # a group commit waits this long for the frames of other (slow) nodes (agent/ingest.py)
+    commit_window_ms: int = 8000
+    # confirmed deliveries are recorded in the queue this often (agent/queue/store.py)
+    deliver_every_s: float = 60.0
 
     @property
     def max_bytes(self) -> int:
@@ -237,8 +248,19 @@ def _sinks(doc: Doc, sinks: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _queue(doc: Doc, d: dict[str, Any]) -> QueueConfig:
-    q = doc.table(d, "queue", "queue", ("max_mb", "policy"), {})
+    q = doc.table(d, "queue", "queue", ("max_mb", "policy", "commit_window_ms",
+                                        "deliver_every_s"), {})
     return QueueConfig(
+        commit_window_ms=doc.get(
+            q, "commit_window_ms", "queue.commit_window_ms", int, 8000,
+            lambda v: None if 0 <= v <= COMMIT_WINDOW_MAX_MS
+            else f"must be 0..{COMMIT_WINDOW_MAX_MS} (milliseconds; 0: commit every frame at "
+                 f"once), got {v}"),
+        deliver_every_s=float(doc.get(
+            q, "deliver_every_s", "queue.deliver_every_s", (int, float), 60.0,
+            lambda v: None if 0 <= v <= DELIVER_EVERY_MAX_S
+            else f"must be 0..{DELIVER_EVERY_MAX_S} (seconds; 0: record each delivery at "
+                 f"once), got {v}")),
         max_mb=float(doc.get(q, "max_mb", "queue.max_mb", (int, float), 1024.0,
                              lambda v: None if 1 <= v <= 1 << 20
                              else f"must be 1..1048576 (MiB), got {v}")),

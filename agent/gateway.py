@@ -293,6 +293,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         store.history.keep_s = cfg.history.keep_hours * 3600.0
         store.history.max_rows = cfg.history.max_samples
         await store.limit(cfg.queue.max_bytes, cfg.queue.policy)
+        store.deliver_every_s = cfg.queue.deliver_every_s
         links: list[Any] = []  # made below, once ingest runs; the rollout reaches them then
         node_ids = [k.decode() for k in keys]
         # the fleet registry (docs/fleet.md): the keys ingest and the links are given leave
@@ -320,6 +321,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             if hasattr(sink, "registry"):  # deviceState from the registry (NGSI-LD)
                 sink.registry = registry
         ingest = Ingest(store, fleet.ingest_keys, metrics)
+        ingest.commit_window_s = cfg.queue.commit_window_ms / 1000.0
         # its own clock (docs/time.md): ACKs carry the time only while it is synchronised,
         # and relative times are anchored at receipt, corrected by the step it takes on syncing
         clock = TimeSync(mode=cfg.clock.mode, path=cfg.state_dir / CLOCK_FILE)

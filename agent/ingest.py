@@ -44,12 +44,19 @@ HOLD_MAX_S = 75.0
 # every one an honest node can have out at once.
 HOLD_SPAN = WINDOW
 _HOLD_MASK = (1 << HOLD_SPAN) - 1
-# Group commit over a bounded window (issue 22, SD-card wear): the first frame waiting for a
-# commit holds it open up to COMMIT_WINDOW_S, or until COMMIT_FRAMES wait, so one fsync (and
-# the pages it writes) carries every frame that came meanwhile. Nodes keep their frames until
-# the ACK and resend on their own timer: a later ACK costs latency and repeats on the link,
-# never data. 0: commit at once (the frames that came during the previous commit share the
-# next one). An ACK still goes only after its frames are on disk.
+# Group commit over a bounded window (issue 22, SD-card wear; [queue] commit_window_ms): the
+# first frame waiting for a commit holds it open up to the window, so one fsync (and the pages
+# it writes) carries every frame that came meanwhile. Nodes keep their frames until the ACK
+# and resend on their own timer: a later ACK costs latency and repeats on the link, never
+# data. An ACK still goes only after its frames are on disk. The window closes early when
+# COMMIT_FRAMES wait, or when a frame comes from a node whose previous frame came less than a
+# window ago: that node is draining a backlog or samples fast, and waiting would cost it the
+# whole window per send window (4 frames on UART) — a backlog would drain at a few frames per
+# window, and a fast node's readings would reach upstream a window later. So the window only
+# holds frames of slow nodes (a street's: one a minute), where it saves the most. 0: commit
+# at once (the frames that came during the previous commit share the next one). This default
+# is for an Ingest made without configuration (tests, tools); the gateway sets
+# `commit_window_s` ([queue] commit_window_ms).
 COMMIT_WINDOW_S = 0.0
 COMMIT_FRAMES = 256
 # Sources logged per kind of rejection; after them, only counted. A BLE session's name holds
@@ -93,7 +100,10 @@ class Ingest:
         self._pending: list[tuple[Source, Accepted]] = []
         self._pending_ids: set[tuple[str, int]] = set()
         self._wake = asyncio.Event()
-        self._full = asyncio.Event()  # COMMIT_FRAMES wait: the window closes early
+        self._full = asyncio.Event()  # the window closes early (COMMIT_FRAMES, a fast node)
+        self._taken_at: dict[str, float] = {}  # node → when its last frame was taken
+        # the group-commit window in seconds ([queue] commit_window_ms); None: COMMIT_WINDOW_S
+        self.commit_window_s: float | None = None
         self._since = 0.0  # when the oldest frame waiting for a commit came (monotonic)
         self._deframers: dict[str, protocol.Deframer] = {}
         self._logged: dict[str, set[str]] = {}  # kind → sources logged (≤ LOG_SOURCES + 1)
@@ -309,21 +319,29 @@ class Ingest:
 
     def _queue(self, source: Source, acc: Accepted) -> None:
         """A frame for the next group commit."""
+        now = time.monotonic()
         if not self._pending:
-            self._since = time.monotonic()
+            self._since = now
         self._pending.append((source, acc))
         self._pending_ids.add((acc.node, acc.seq))
         self._wake.set()
-        if len(self._pending) >= COMMIT_FRAMES:
-            self._full.set()
+        last = self._taken_at.get(acc.node)
+        self._taken_at[acc.node] = now
+        if len(self._pending) >= COMMIT_FRAMES or (last is not None
+                                                   and now - last < self.window_s):
+            self._full.set()  # full, or a node that is not slow: commit now
 
-    async def _hold_open(self) -> None:
-        """Hold the commit open until COMMIT_WINDOW_S after its oldest frame came, or until
-        COMMIT_FRAMES wait (the frames' ACKs are that much later; nothing else waits)."""
-        left = self._since + COMMIT_WINDOW_S - time.monotonic()
-        if left <= 0 or len(self._pending) >= COMMIT_FRAMES:
+    @property
+    def window_s(self) -> float:
+        """The group-commit window in use, in seconds."""
+        return COMMIT_WINDOW_S if self.commit_window_s is None else self.commit_window_s
+
+    async def _hold_open(self, window: float) -> None:
+        """Hold the commit open until `window` after its oldest frame came, unless it is full
+        or a node is not slow (the frames' ACKs are that much later; nothing else waits)."""
+        left = self._since + window - time.monotonic()
+        if left <= 0 or self._full.is_set():
             return
-        self._full.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._full.wait(), left)
 
@@ -400,9 +418,11 @@ class Ingest:
         """Group-commit whatever is pending, then acknowledge it."""
         while True:
             await self._wake.wait()
-            if COMMIT_WINDOW_S > 0:
-                await self._hold_open()
+            window = self.window_s
+            if window > 0:
+                await self._hold_open(window)
             self._wake.clear()
+            self._full.clear()
             batch, self._pending = self._pending, []
             self._committing = len(batch)
             try:
@@ -461,9 +481,16 @@ class Ingest:
         other error is ours, tied to some frame (a bug): the frames are then committed one by
         one, so one frame the gateway fails on never costs the others their ACK.
         """
-        windows = {n: Window(w.high, w.bits, w.key) for n, w in self.windows.items()}
+        # only the windows this commit moves are copied (a street's commit holds a few of its
+        # nodes; copying every window made it O(nodes) per frame)
+        windows: dict[str, Window] = {}
         for _, acc in batch:
-            windows.setdefault(acc.node, Window()).mark(acc.seq)
+            w = windows.get(acc.node)
+            if w is None:
+                old = self.windows.get(acc.node)
+                w = windows[acc.node] = (Window() if old is None
+                                         else Window(old.high, old.bits, old.key))
+            w.mark(acc.seq)
         try:
             await self.store.commit([acc for _, acc in batch], windows)
         except sqlite3.Error:

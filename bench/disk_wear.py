@@ -12,10 +12,13 @@ upstream and the queue has let the frames go. Write amplification is that ÷ the
 the sealed packs (the COSE payloads the nodes authenticated; the physical floor is 1).
 The ACK delay is measured on the wire, frame written → its ACK read, in street seconds.
 
-Each street runs twice on the same machine in the same run: `before`, the gateway as it
-wrote before issue 22 (a commit per frame as it comes, a transaction per delivered batch,
-4 KiB pages), and `now`, with a street cabinet's pacing (NOW: the commit window and the
-grouped deliveries are module constants until [queue] settings carry them).
+Each street runs with each profile on the same machine in the same run: `before`, the gateway
+as it wrote before issue 22 (a commit per frame as it comes, a transaction per delivered
+batch, 4 KiB pages, the newest values saved every 30 s), and `now`, the gateway with its
+defaults ([queue] commit_window_ms and deliver_every_s as agent/config.py sets them). The
+first street also runs with one lever of `now` changed at a time (LEVERS), so what each costs
+and saves is measured side by side. The latency cost of a lever is the ACK delay and the
+upstream delay (frame written → its first reading upstream), both in street seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 import cbor2
 
 from lantern.agent import protocol
+from lantern.agent.config import QueueConfig
 from lantern.tools.street.upstream import Upstream
 
 from . import frames
@@ -47,37 +51,56 @@ CARD = "Micron i300 microSDXC 128 GB (MTSD128AKC7MS-1WT)"
 CARD_TBW_BYTES = 120e12
 CARD_SOURCE = "Micron i300 microSDXC datasheet, Features: Endurance (TBW) 128GB: up to 120TB"
 
-# module constants of the gateway, as they were before issue 22 (the `before` profile)
-BEFORE = {"lantern.agent.ingest": {"COMMIT_WINDOW_S": 0.0},
-          "lantern.agent.queue.store": {"PAGE_SIZE": 4096, "DELIVER_EVERY_S": 0.0},
-          "lantern.agent.queue.history": {"LATEST_EVERY_S": 30.0}}
-# a street cabinet's pacing: frames committed over an 8 s window (the ACK comes at most that
-# much later: <= 10 s), deliveries recorded once a minute; 1 KiB pages (the default now)
-NOW = {"lantern.agent.ingest": {"COMMIT_WINDOW_S": 8.0},
-       "lantern.agent.queue.store": {"DELIVER_EVERY_S": 60.0}}
-PROFILES = {"before": BEFORE, "now": NOW}
-# those scaled by the time compression (durations the gateway acts on), in both profiles
-SCALED = {"lantern.agent.ingest": ("COMMIT_WINDOW_S",),
-          "lantern.agent.queue.store": ("DELIVER_EVERY_S",),
-          "lantern.agent.queue.history": ("TRIM_EVERY_S", "LATEST_EVERY_S")}
+# what each profile changes: [queue] keys on the street's clock (scaled by the compression
+# when written), and module constants with no configuration (store.PAGE_SIZE applies to a
+# new queue; history.LATEST_EVERY_S: how often the newest values are saved)
+BEFORE: dict[str, Any] = {
+    "queue": {"commit_window_ms": 0, "deliver_every_s": 0.0},
+    "modules": {"lantern.agent.queue.store": {"PAGE_SIZE": 4096},
+                "lantern.agent.queue.history": {"LATEST_EVERY_S": 30.0}}}
+NOW: dict[str, Any] = {"queue": {}, "modules": {}}  # the defaults
+LEVERS: dict[str, dict[str, Any]] = {
+    "now_without_commit_window": {"queue": {"commit_window_ms": 0}, "modules": {}},
+    "now_with_4s_commit_window": {"queue": {"commit_window_ms": 4000}, "modules": {}},
+    "now_recording_each_delivery": {"queue": {"deliver_every_s": 0.0}, "modules": {}},
+    "now_with_4k_pages": {"queue": {},
+                          "modules": {"lantern.agent.queue.store": {"PAGE_SIZE": 4096}}},
+}
+PROFILES = {"before": BEFORE, "now": NOW, **LEVERS}
+# durations the gateway acts on that have no configuration: scaled by the compression
+SCALED = {"lantern.agent.queue.history": ("TRIM_EVERY_S", "LATEST_EVERY_S")}
+
+
+def queue_settings(profile: str) -> dict[str, float]:
+    """The profile's [queue] pacing on the street's clock: its own, else the defaults."""
+    d = QueueConfig()
+    return {"commit_window_ms": d.commit_window_ms, "deliver_every_s": d.deliver_every_s,
+            **PROFILES[profile]["queue"]}
 
 
 class WearPeer(StreetPeer):
-    """The street gateway, with its module constants set for a profile and the clock."""
+    """The street gateway with a profile's [queue] keys and module constants, on the clock."""
 
-    settings: dict[str, dict[str, Any]] = {}
+    profile = "now"
     k = 1.0
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         cmd, env = super().command()
+        q = queue_settings(self.profile)
+        window_ms = q["commit_window_ms"] / self.k
+        cfg = self.workdir / "gateway.toml"
+        cfg.write_text(cfg.read_text() + "\n[queue]\n"
+                       f"commit_window_ms = {max(1, round(window_ms)) if window_ms else 0}\n"
+                       f"deliver_every_s = {q['deliver_every_s'] / self.k:.6f}\n")
+        settings = PROFILES[self.profile]["modules"]
         lines = ["import importlib, sys"]
         for mod, names in SCALED.items():
             lines.append(f"m = importlib.import_module({mod!r})")
             for name in names:
-                given = self.settings.get(mod, {}).get(name)
+                given = settings.get(mod, {}).get(name)
                 value = f"{given!r}" if given is not None else f"m.{name}"
                 lines.append(f"m.{name} = {value} / {self.k!r}")
-        for mod, values in self.settings.items():
+        for mod, values in settings.items():
             lines.append(f"m = importlib.import_module({mod!r})")
             lines += [f"m.{name} = {v!r}" for name, v in values.items()
                       if name not in SCALED.get(mod, ())]
@@ -127,7 +150,7 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
     peer.more_ports = tuple(p.port for p in links[1:])
     peer.max_age_s = 1.0 / k  # the default 1 s batch window, on the street's clock
     peer.k = k
-    peer.settings = PROFILES[profile]
+    peer.profile = profile
     sends = sorted((seq * period_s / k + i * period_s / k / nodes, i, seq)
                    for seq in range(per_node) for i in range(nodes))
     want = {f"{ids[i]}:{seq}:{r}" for _, i, seq in sends
@@ -135,10 +158,13 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
     payloads = {(i, seq): frames.pack(ids[i], seq) for _, i, seq in sends}
     wire = {key: frames.data_frame(ids[key[0]], key[1], p) for key, p in payloads.items()}
     sent_at: dict[tuple[str, int], float] = {}
+    arrived: dict[tuple[str, int], float] = {}  # a frame's first reading upstream: when
     upstream.readings.clear()
+    watch = None
     try:
         await asyncio.to_thread(peer.start)
         await wait_idle(peer.pid, 15.0)
+        watch = asyncio.create_task(_watch(upstream, arrived))
         w0, t0 = write_bytes(peer.pid), time.monotonic()
         for at, i, seq in sends:
             delay = t0 + at - time.monotonic()
@@ -154,6 +180,9 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
         written = write_bytes(peer.pid) - w0
         got = len(want & upstream.readings.keys())
     finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await asyncio.to_thread(peer.stop)
         for link in links:
             link.close()
@@ -162,12 +191,15 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
                            f"{len(want)} readings missing upstream:\n{peer.tail()}")
     acked = {key: at for link in links for key, at in link.acked.items()}
     delays = sorted((acked[key] - t) * k for key, t in sent_at.items() if key in acked)
+    upstream_delays = sorted((arrived[key] - t) * k for key, t in sent_at.items()
+                             if key in arrived)
     n_frames = len(sends)
     pack_bytes = sum(len(p) for p in payloads.values())
     per_frame = written / n_frames
     frames_per_day = nodes * 86400 / period_s
     per_day = per_frame * frames_per_day
     return {
+        "profile": profile, "queue": queue_settings(profile),
         "nodes": nodes, "frame_every_s": period_s, "frames": n_frames,
         "time_compression": round(k, 1),
         "disk_bytes": written, "sealed_pack_bytes": pack_bytes,
@@ -176,11 +208,31 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
         "write_amplification": round(written / pack_bytes, 2),
         "writes_per_day_mb": round(per_day / 1e6, 1),
         "sd_life_years": round(CARD_TBW_BYTES / per_day / 365.25, 1),
-        "ack_delay_s": {"median": round(statistics.median(delays), 2),
-                        "p99": round(delays[int(0.99 * (len(delays) - 1))], 2),
-                        "max": round(delays[-1], 2)} if delays else None,
+        "ack_delay_s": _spread(delays),
+        "upstream_delay_s": _spread(upstream_delays),
         "frames_acked": len(delays),
     }
+
+
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    if not xs:
+        return None
+    return {"median": round(statistics.median(xs), 2),
+            "p99": round(xs[int(0.99 * (len(xs) - 1))], 2), "max": round(xs[-1], 2)}
+
+
+async def _watch(upstream: Upstream, arrived: dict[tuple[str, int], float]) -> None:
+    """When each frame's first reading (`node:seq:0`) reached the receiver, to 20 ms."""
+    seen = 0
+    while True:
+        keys = list(upstream.readings)
+        now = time.monotonic()
+        for rid in keys[seen:]:  # (a dict keeps the order readings arrived in)
+            node, seq, r = rid.rsplit(":", 2)
+            if r == "0":
+                arrived.setdefault((node, int(seq)), now)
+        seen = len(keys)
+        await asyncio.sleep(0.02)
 
 
 # (nodes, one frame every s, street minutes, compressed to frames/s)
@@ -188,7 +240,9 @@ STREETS = ((20, 60.0, 30.0, 5.0), (200, 10.0, 5.0, 40.0))
 
 
 async def run(workdir: Path, streets: tuple[tuple[int, float, float, float], ...] = STREETS,
-              profiles: tuple[str, ...] = ("before", "now")) -> dict[str, Any]:
+              profiles: tuple[str, ...] = ("before", "now"),
+              levers: tuple[str, ...] = tuple(LEVERS)) -> dict[str, Any]:
+    """Every street with every profile, then the first street with each lever."""
     cpus = sorted(os.sched_getaffinity(0))
     peer_cpu, bench_cpu = cpus[-1], cpus[0]
     old = os.sched_getaffinity(0)
@@ -202,6 +256,9 @@ async def run(workdir: Path, streets: tuple[tuple[int, float, float, float], ...
             out[profile] = [await street(workdir / "disk_wear", upstream, peer_cpu, n, period,
                                          minutes, fps, profile)
                             for n, period, minutes, fps in streets]
+        first = streets[0]
+        out["levers"] = {lever: await street(workdir / "disk_wear", upstream, peer_cpu, *first,
+                                             lever) for lever in levers}
     finally:
         await upstream.stop()
         os.sched_setaffinity(0, old)
@@ -217,5 +274,6 @@ async def run(workdir: Path, streets: tuple[tuple[int, float, float, float], ...
                     " (every duration the gateway acts on scaled alike); gateway on "
                     f"this machine's disk, pinned to CPU {peer_cpu}; write_bytes of "
                     "/proc/PID/io from the first frame to the queue emptied; profiles "
-                    f"{', '.join(profiles)} in the same run")
+                    f"{', '.join(profiles)} in the same run, then levers "
+                    f"{', '.join(levers) or 'none'} on the first street")
     return out

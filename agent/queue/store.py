@@ -42,11 +42,13 @@ SYNCHRONOUS = "FULL"
 # whole into the WAL, and a street's commit touches a few pages to add a few 300-byte rows.
 # An existing queue keeps the page size it was made with.
 PAGE_SIZE = 1024
-# Deliveries recorded in groups (issue 22): a batch a sink confirmed leaves the queue, with its
-# sink cursor and the history rows of its frames, at most DELIVER_EVERY_S later, in one
-# transaction with the batches confirmed meanwhile — not one per batch. The sink's own cursor
-# (forward.py) moves on at once; only a crash in between sends those batches again (the same
-# reading ids: upstream drops the repeat). 0: each batch is recorded as it is confirmed.
+# Deliveries recorded in groups (issue 22; [queue] deliver_every_s): a batch a sink confirmed
+# leaves the queue, with its sink cursor and the history rows of its frames, at most that
+# much later, in one transaction with the batches confirmed meanwhile — not one per batch.
+# The sink's own cursor (forward.py) moves on at once; only a crash in between sends those
+# batches again (the same reading ids: upstream drops the repeat). 0: each batch is recorded
+# as it is confirmed. This default is for a Store made without configuration (tests, tools);
+# the gateway sets `deliver_every_s`.
 DELIVER_EVERY_S = 0.0
 
 
@@ -131,9 +133,12 @@ class Store:
         self.out = Batches(self)
         self.on_dead_letter: DeadLetterHook | None = None  # called on the event loop
         # sink → (its newest confirmed batch not recorded yet, the sinks, batches folded into
-        # it: their leases end when it is recorded); DELIVER_EVERY_S
+        # it: their leases end when it is recorded); deliver_every_s
         self._owed: dict[str, tuple[Batch, tuple[str, ...], list[Batch]]] = {}
         self._owed_since = 0.0
+        # deliveries recorded every this many seconds ([queue] deliver_every_s); None: the
+        # module's DELIVER_EVERY_S
+        self.deliver_every_s: float | None = None
         self._collided: list[tuple[str, int, str, str]] = []  # reports of the last commit
 
     async def __aenter__(self) -> Store:
@@ -355,8 +360,12 @@ class Store:
         """Advance one sink's cursor; frames every configured sink has leave the queue."""
         await self._run(self._delivered_to, sink, batch, tuple(sinks))
 
+    @property
+    def _deliver_every(self) -> float:
+        return DELIVER_EVERY_S if self.deliver_every_s is None else self.deliver_every_s
+
     def _delivered_to(self, sink: str, batch: Batch, sinks: tuple[str, ...]) -> None:
-        if DELIVER_EVERY_S <= 0:
+        if self._deliver_every <= 0:
             self.out.delivered_to(sink, batch, sinks)
             return
         if not self._owed:
@@ -367,8 +376,9 @@ class Store:
         self._settle()
 
     def _settle(self, now: bool = False) -> None:
-        """Record the deliveries owed, if DELIVER_EVERY_S has passed (now: whatever the time)."""
-        if not self._owed or not (now or time.monotonic() - self._owed_since >= DELIVER_EVERY_S):
+        """Record the deliveries owed, if deliver_every_s has passed (now: whatever the time)."""
+        if not self._owed or not (now or time.monotonic() - self._owed_since
+                                  >= self._deliver_every):
             return
         for sink in list(self._owed):
             batch, sinks, folded = self._owed[sink]
@@ -386,7 +396,7 @@ class Store:
         return await self._run(self._depth)  # type: ignore[no-any-return]
 
     def _floor(self) -> int:
-        """Frames up to this id are delivered, if not yet recorded (DELIVER_EVERY_S): they
+        """Frames up to this id are delivered, if not yet recorded (deliver_every_s): they
         are not waiting. (Reads never record them: a scrape every 15 s would undo the pacing.)"""
         owed = [(batch.last_id, sinks) for batch, sinks, _ in self._owed.values()]
         if not owed or set(owed[0][1]) - set(self._owed):
