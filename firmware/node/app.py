@@ -265,18 +265,6 @@ class Node:
                                  ident, probe.R_PROBE, probe.boot_upd())
         return [(frame.STATUS, body, None)]
 
-    def use_key(self, key, version, prev, first):
-        """Seal and check everything under `key` from now on (node/rekey.py commit); frames
-        already in the outbox keep the MAC they were sealed with."""
-        self.key = key
-        self.key_version = version
-        self.key_prev = prev
-        self.key_first = first
-        if self.link is not None:
-            self.link._key = key  # ACKs and the BLE drain are checked under it
-        if getattr(self, "_commands", None) is not None:
-            self._commands._key = key
-
     def fault(self, name, detail=""):
         """Latch a fault for `lantern diag` until a technician clears it."""
         f = self.faults.get(name)

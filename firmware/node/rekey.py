@@ -164,6 +164,20 @@ def commit(node, version):
         # the record is committed: the node seals under the new key now, and its next boot
         # writes the key store again
         print("rekey: key store not written (%r): the next boot does it" % (e,))
-    node.use_key(new, version, old, first)
+    use_key(node, new, version, old, first)
     return 0, {2: version, 3: first}
+
+
+def use_key(node, key, version, prev, first):
+    """Seal and check everything under `key` from now on; frames already in the outbox keep
+    the MAC they were sealed with. (Here, not a Node method: its bytecode would stay loaded.)"""
+    node.key = key
+    node.key_version = version
+    node.key_prev = prev
+    node.key_first = first
+    if node.link is not None:
+        node.link._key = key  # ACKs and the BLE drain are checked under it
+    commands = getattr(node, "_commands", None)
+    if commands is not None:
+        commands._key = key
 

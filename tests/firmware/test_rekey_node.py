@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from lantern.agent import protocol
+from lantern.agent import fleetops, protocol
 from lantern.tools.field import nodelink as nl
 from lantern.tools.street.sim import SimNode
 
@@ -38,9 +38,12 @@ R_BAD_MAC = 2
 
 
 def new_key(shared: bytes, old: bytes, version: int) -> bytes:
-    """The contract's derivation, computed independently of the firmware."""
+    """The contract's derivation, computed independently of the firmware, and as the gateway
+    computes it (agent/fleetops.py): the three must agree."""
     info = b"lantern rekey v1" + NODE.encode() + version.to_bytes(4, "big")
-    return HKDF(hashes.SHA256(), len(old), old, info).derive(shared)
+    key = HKDF(hashes.SHA256(), len(old), old, info).derive(shared)
+    assert fleetops.derive(shared, old, NODE, version) == key
+    return key
 
 
 class Line:

@@ -48,9 +48,6 @@ class Node:
     outbox = Outbox()
     cfg = {"key_file": d + "/node.key", "state_dir": d + "/state"}
 
-    def use_key(self, key, version, prev, first):
-        self.key, self.key_version, self.key_prev, self.key_first = key, version, prev, first
-
 
 def show(n):
     from node import rekey
