@@ -1,10 +1,12 @@
 """`lantern provision fleet` and `lantern gateway nodes`: many nodes, one registry (docs/fleet.md).
 
 provision fleet --csv nodes.csv runs `lantern provision node` for each row (columns id, pole,
-location "lat,lon", board, port; port empty: the installer plugs each board in when asked).
-Each node's key goes into a fragment beside the CSV (nodes.fragment.toml, 0600), never into
-the gateway's key file; a progress file beside it (nodes.progress.json, written atomically)
-says which rows are done, so a run resumed after a failure does not redo them.
+location "lat,lon", board, port, group, link_port; port empty: the installer plugs each board
+in when asked). Each node's key goes into a fragment beside the CSV (nodes.fragment.toml, 0600),
+never into the gateway's key file; a progress file beside it (nodes.progress.json, written
+atomically) says which rows are done and which row a run was busy with, so a run resumed after
+a failure, Ctrl-C or a kill does not redo finished rows and starts the broken one from its
+first step.
 
 gateway nodes import FRAGMENT merges finished nodes into the gateway's key file and registry
 under a lock, entry by entry: another node's line is never rewritten, and a fragment that
@@ -34,7 +36,7 @@ from lantern.agent.configfile import toml_string
 from lantern.agent.errors import ConfigError
 from lantern.agent.registry import REGISTRY_FILE, Registry, RegistryError, key_id
 
-COLUMNS = ("id", "pole", "location", "board", "port", "group")
+COLUMNS = ("id", "pole", "location", "board", "port", "group", "link_port")
 PASS = ("interval", "flash", "erase", "firmware", "mpy_cross", "release_pub", "gateway_config",
         "timeout", "lock_repl")
 
@@ -48,15 +50,18 @@ class Row:
     board: str
     port: str
     group: str = ""  # the node's configuration group (docs/fleet.md)
+    link_port: str = ""  # the node's link UART as seen from here: the verify step reads it
 
 
 @dataclass
 class Progress:
-    """nodes.progress.json: done rows (id → key id, when) and the last failure of each."""
+    """nodes.progress.json: done rows (id → key id, when), the last failure of each, and the
+    row a run is busy with (`running`: still there after a kill, gone once the row ends)."""
 
     path: Path
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    running: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: Path) -> Progress:
@@ -67,12 +72,13 @@ class Progress:
         except ValueError as e:
             raise ConfigError(f"{path}: not the progress file this tool writes ({e}); move "
                               "it away to start over") from None
-        return cls(path, dict(d.get("done", {})), dict(d.get("failed", {})))
+        return cls(path, dict(d.get("done", {})), dict(d.get("failed", {})), d.get("running"))
 
     def save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"done": self.done, "failed": self.failed}, f, indent=1)
+            json.dump({"done": self.done, "failed": self.failed, "running": self.running}, f,
+                      indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -81,9 +87,10 @@ class Progress:
 def add_parser(sub: Any) -> None:
     f = sub.add_parser("fleet", help="provision many nodes from a CSV (docs/fleet.md)",
                        description="Provision every row of a CSV (columns: id, pole, location "
-                       "as \"lat,lon\", board, port) as `lantern provision node` would, keys "
-                       "into a fragment for `lantern gateway nodes import`. Resumable: rows "
-                       "done are skipped.")
+                       "as \"lat,lon\", board, port, group, link_port) as `lantern provision "
+                       "node` would, keys into a fragment for `lantern gateway nodes import`. "
+                       "Resumable: rows done are skipped, a row broken off (a failure, Ctrl-C, "
+                       "a kill) starts again from its first step.")
     f.add_argument("--csv", type=Path, required=True, help="the nodes, one row each")
     f.add_argument("--fragment", type=Path, help="where the keys go (default: beside the "
                    "CSV, NAME.fragment.toml)")
@@ -115,7 +122,7 @@ def read_rows(path: Path) -> list[Row]:
     missing = [c for c in COLUMNS[:4] if c not in (reader.fieldnames or [])]
     if missing:
         raise ConfigError(f"{path}: no column {', '.join(missing)}; the header is "
-                          f"{','.join(COLUMNS)} (port and group may be left out)")
+                          f"{','.join(COLUMNS)} (port, group and link_port may be left out)")
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for i, r in enumerate(reader, start=2):
@@ -172,6 +179,8 @@ def node_argv(row: Row, port: str, fragment: Path, args: argparse.Namespace) -> 
         argv += ["--pole", row.pole]
     if row.location:
         argv += ["--location", row.location]
+    if row.link_port:
+        argv += ["--link-port", row.link_port]
     if args.out:
         argv += ["--out", str(args.out / row.id)]
     for name in PASS:
@@ -188,19 +197,64 @@ def node_argv(row: Row, port: str, fragment: Path, args: argparse.Namespace) -> 
 
 
 def main(args: argparse.Namespace) -> int:
-    from lantern.tools.field import provision as pv
-
     rows = read_rows(args.csv)
     base = args.csv.with_suffix("")
     fragment = args.fragment or base.with_name(base.name + ".fragment.toml")
     progress = Progress.load(base.with_name(base.name + ".progress.json"))
+    if args.dry_run:
+        print(f"fleet: {len(rows)} nodes from {args.csv}; keys into {fragment} (dry run: "
+              "nothing is changed)")
+        return _run_rows(rows, fragment, progress, args)
+    with run_lock(progress.path):
+        progress = Progress.load(progress.path)  # as the run before this one left it
+        print(f"fleet: {len(rows)} nodes from {args.csv}; keys into {fragment}; progress in "
+              f"{progress.path}")
+        if progress.running:  # the last run was killed (or lost power) in the middle of a row
+            r = progress.running
+            print(f"{r['id']}: the last run stopped while provisioning it (started "
+                  f"{_when(r['started'])}, on {r.get('port') or '?'}) and never finished it: "
+                  "it is provisioned again from its first step")
+            progress.failed[r["id"]] = "interrupted: the run was killed"
+            progress.running = None
+            progress.save()
+        return _run_rows(rows, fragment, progress, args)
+
+
+@contextlib.contextmanager
+def run_lock(progress: Path) -> Iterator[None]:
+    """One run per CSV at a time (two terminals on one fleet would share its progress file);
+    the kernel drops the lock of a killed run."""
+    lock = progress.with_name("." + progress.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{progress}: another `lantern provision fleet` is running on "
+                              "this CSV; let it finish (or stop it), then run this again"
+                              ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _run_rows(rows: list[Row], fragment: Path, progress: Progress,
+              args: argparse.Namespace) -> int:
+    from lantern.tools.field import provision as pv
+
     dry = args.dry_run
-    print(f"fleet: {len(rows)} nodes from {args.csv}; keys into {fragment}"
-          + (" (dry run: nothing is changed)" if dry else f"; progress in {progress.path}"))
     report: list[tuple[str, str, str]] = []
     parser = argparse.ArgumentParser(prog="lantern")
     pv.add_parser(parser.add_subparsers(dest="cmd"))
+    stopped = ""  # the row Ctrl-C broke off: the rows after it are not started
     for n, row in enumerate(rows, 1):
+        if stopped:
+            report.append((row.id, "not started", ""))
+            continue
         print(f"\n== {n}/{len(rows)} {row.id} (line {row.line}, pole {row.pole or '-'}) ==")
         if row.id in progress.done and not dry:
             report.append((row.id, "done before", progress.done[row.id]["key_id"]))
@@ -208,41 +262,63 @@ def main(args: argparse.Namespace) -> int:
             continue
         t0 = time.monotonic()
         try:
-            port = _port_for(row, args, dry)
-        except ConfigError as e:
-            report.append((row.id, f"FAILED: {e}", ""))
-            progress.failed[row.id] = str(e)
-            progress.save()
-            continue
-        node_args = parser.parse_args(["provision", "node",
-                                       *node_argv(row, port, fragment, args)])
-        code = pv.main(node_args)
-        took = f"{time.monotonic() - t0:.1f} s"
-        if dry:
-            report.append((row.id, "dry run" if code == 0 else "FAILED (dry run)", ""))
-            continue
-        if code != 0:
-            progress.failed[row.id] = "see the output above"
-            progress.save()
-            report.append((row.id, f"FAILED after {took}", ""))
-            continue
-        kid = key_id(load_keys(fragment)[row.id.encode()])
-        add_meta(fragment, row, kid, args.interval)
-        progress.done[row.id] = {"key_id": kid, "at": time.time(), "port": port}
-        progress.failed.pop(row.id, None)
-        progress.save()
-        report.append((row.id, f"done in {took}", kid))
+            report.append(_row(row, n, fragment, progress, args, parser, pv))
+        except KeyboardInterrupt:
+            stopped = row.id
+            took = f"{time.monotonic() - t0:.1f} s"
+            print(f"\n  interrupted (Ctrl-C) after {took}")
+            report.append((row.id, f"INTERRUPTED after {took}", ""))
+            if not dry:
+                progress.running = None
+                progress.failed[row.id] = "interrupted (Ctrl-C)"
+                progress.save()
     print("\nfleet report:")
     for node, result, kid in report:
         print(f"  {node:<32} {result}" + (f" (key {kid})" if kid else ""))
-    failed = sum(1 for _, r, _ in report if r.startswith("FAILED"))
+    failed = sum(1 for _, r, _ in report if r.startswith(("FAILED", "INTERRUPTED")))
     if not dry:
-        print(f"{len(report) - failed}/{len(report)} done" + (
+        done = sum(1 for _, r, _ in report if r.startswith("done"))
+        print(f"{done}/{len(report)} done" + (
             f"; {failed} failed: run the same command again to retry them (done rows are "
-            "skipped)" if failed else "") +
+            "skipped)" if failed and not stopped else "") + (
+            f"; interrupted at {stopped}: run the same command again to go on (done rows "
+            f"are skipped, {stopped} starts again from its first step)" if stopped else "") +
             f"\nthen, on the gateway: lantern gateway nodes import {fragment} --config "
             "/etc/lantern/gateway.toml")
-    return 1 if failed else 0
+    return 130 if stopped else 1 if failed else 0
+
+
+def _row(row: Row, n: int, fragment: Path, progress: Progress, args: argparse.Namespace,
+         parser: argparse.ArgumentParser, pv: Any) -> tuple[str, str, str]:
+    """Provision one row: (id, result, key id). The progress file names the row while it runs:
+    a run killed in the middle of it leaves that behind for the next run to see."""
+    dry = args.dry_run
+    t0 = time.monotonic()
+    try:
+        port = _port_for(row, args, dry)
+    except ConfigError as e:
+        progress.failed[row.id] = str(e)
+        progress.save()
+        return row.id, f"FAILED: {e}", ""
+    if not dry:
+        progress.running = {"id": row.id, "row": n, "port": port, "started": time.time()}
+        progress.save()
+    node_args = parser.parse_args(["provision", "node", *node_argv(row, port, fragment, args)])
+    code = pv.main(node_args)
+    took = f"{time.monotonic() - t0:.1f} s"
+    if dry:
+        return row.id, "dry run" if code == 0 else "FAILED (dry run)", ""
+    progress.running = None
+    if code != 0:
+        progress.failed[row.id] = "see the output above"
+        progress.save()
+        return row.id, f"FAILED after {took}", ""
+    kid = key_id(load_keys(fragment)[row.id.encode()])
+    add_meta(fragment, row, kid, args.interval)
+    progress.done[row.id] = {"key_id": kid, "at": time.time(), "port": port}
+    progress.failed.pop(row.id, None)
+    progress.save()
+    return row.id, f"done in {took}", kid
 
 
 def add_meta(fragment: Path, row: Row, kid: str, interval_s: float,
