@@ -174,3 +174,20 @@ def test_a_power_cut_at_any_write_leaves_one_usable_key(tmp_path: Path, cut: int
         assert after[0]["rekey"] == 0
         assert final["key"] == derived(gw, after[0]["node_pub"], old).hex()
     assert run(tmp_path, "boot", gw_pub) == [final]
+
+
+def test_a_node_provisioned_again_forgets_its_rotations(tmp_path: Path) -> None:
+    old = bytes(range(32))
+    key_file = tmp_path / "node.key"
+    key_file.write_text(old.hex() + "\n")
+    key_file.chmod(0o600)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "run.py").write_text(SCRIPT)
+    gw_pub = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    assert run(tmp_path, "rotate", gw_pub)[-1]["v"] == 1
+    # `lantern provision` writes a new key file; the rotation record beside it is stale
+    fresh = bytes(range(100, 132))
+    key_file.write_text(fresh.hex() + "\n")
+    (st,) = run(tmp_path, "boot", gw_pub)
+    assert (st["key"], st["v"], st["prev"], st["p"]) == (fresh.hex(), 0, None, None)
+    assert not (tmp_path / "node.key.rk").exists()
