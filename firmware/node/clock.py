@@ -6,6 +6,10 @@ after a power cut counts from the port's epoch, and its readings would say 1970/
 
 import time
 
+# A set that moves a synced clock back further than this is counted (`back_steps`): a fresh ACK's
+# time is at most node/window.py TIME_FRESH_MS old, so a step back beyond it is the board's
+# clock running fast (an ESP32's RTC oscillator drifts) or the gateway's clock stepping back.
+STEP_BACK_MS = 5000
 # Ports whose epoch is 2000-01-01 (esp32, qemu) are shifted to the Unix epoch.
 _EPOCH_MS = 946684800000 if time.gmtime(0)[0] == 2000 else 0
 
@@ -27,6 +31,7 @@ class Clock:
         # first set plus this is the gateway's time of that instant (node/untimed.py)
         self.shift_ms = 0
         self.on_set = None  # called with shift_ms after the first set of this boot
+        self.back_steps = 0  # sets that moved the synced clock back more than STEP_BACK_MS
 
     @property
     def known(self):
@@ -42,7 +47,13 @@ class Clock:
     def set_ms(self, epoch_ms):
         """Adopt the gateway's clock (Unix epoch, milliseconds)."""
         first = not self.synced
-        self.shift_ms += epoch_ms - self.now_ms()
+        step = epoch_ms - self.now_ms()
+        if not first and step < -STEP_BACK_MS:
+            self.back_steps += 1
+            if self.back_steps == 1:  # (later ones only counted)
+                print("clock: set back %d ms (the board's clock ran fast, or the gateway's "
+                      "stepped back)" % -step)
+        self.shift_ms += step
         if self._set is not None:
             try:
                 self._set(epoch_ms)

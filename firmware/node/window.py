@@ -2,7 +2,8 @@
 
 Up to `window` frames of the outbox are in flight; each is resent with exponential backoff and
 jitter until an ACK names its sequence number. Only the gateway (holding the node key) can make
-the node forget a frame, and only an ACK for a frame in flight may set the clock. A link
+the node forget a frame, and only a fresh ACK for a frame in flight may set the clock: one that
+arrives within TIME_FRESH_MS of that frame's first transmission (docs/time.md). A link
 subclasses `Window` and keeps only its transport: `_transmit` puts one DATA frame on the wire,
 `_tx_round` says what goes out in one round (calling `_send_due` for the frames).
 """
@@ -30,6 +31,11 @@ RTO_MAX_MS = const(30000)
 # Frames in flight never span more, or an old one whose ACK was lost would come back
 # below the window, be refused as a replay and stay in the outbox, and its slot, forever.
 _REPLAY_WINDOW = const(64)
+# An ACK's time is taken only if it arrives at most this long after the first transmission of
+# a frame it names: the gateway wrote it after that frame reached it, so the time is at most
+# this old. A relay that holds an authentic ACK back (and lets the resends through) cannot
+# hand the node an older one; a late ACK still removes its frames.
+TIME_FRESH_MS = const(5000)
 # what an ACK that is not authentic or not well formed raises out of open_ack
 BAD_ACK = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
@@ -62,7 +68,8 @@ class Window:
         self._outbox = outbox
         self._window = window
         self._rto = rto_ms
-        self._inflight = {}  # seq -> (due ticks_ms, attempts, order of its latest send)
+        # seq -> (due ticks_ms, attempts, order of its latest send, ticks_ms of its first send)
+        self._inflight = {}
         self._sends = 0  # transmissions so far: the order frames went out on the link
         self._evicted = outbox.evicted  # the outbox's drop count when _inflight was last pruned
         self._wake = asyncio.Event()
@@ -78,6 +85,9 @@ class Window:
         self.rx_failures = 0  # also in rx_errors: exceptions no handler expected (a bug, OOM)
         self.tx_failures = 0  # send rounds an exception cut short (retried after rto_ms)
         self.last_ack_ms = None  # ticks_ms of the last authentic ACK (diagnostics)
+        self.late_acks = 0  # ACKs of frames in flight that came too late to give the time
+        # the newest sequence number an ACK took out of the outbox this boot (node/hold.py)
+        self.acked_top = -1
 
     def kick(self):
         """A new frame is in the outbox."""
@@ -139,7 +149,8 @@ class Window:
         for seq in seqs:
             if seq - seqs[0] >= _REPLAY_WINDOW:
                 break  # the gateway would take the oldest, resent later, for a replay
-            due, attempts, _ = self._inflight.get(seq, (now, 0, 0))
+            e = self._inflight.get(seq)
+            due, attempts = (now, 0) if e is None else (e[0], e[1])
             left = time.ticks_diff(due, now)
             if held:
                 continue
@@ -164,31 +175,42 @@ class Window:
                     self.retransmits += 1
                 left = self._backoff(attempts)
                 self._sends += 1
-                self._inflight[seq] = (time.ticks_add(now, left), attempts + 1, self._sends)
+                first = e[3] if e is not None and len(e) > 3 else now
+                self._inflight[seq] = (time.ticks_add(now, left), attempts + 1, self._sends, first)
             if left < wait:
                 wait = left
         return wait
 
     def _acked(self, seqs):
-        """Forget the frames an authentic ACK names; True if one of them was in flight."""
-        fresh = False
+        """Forget the frames an authentic ACK names; True if it is news: it names a frame in
+        flight and came within TIME_FRESH_MS of that frame's first send (its time, if any,
+        is then at most that old)."""
+        named = fresh = False
         last = 0  # the latest send an ACK names
+        now = time.ticks_ms()
         for seq in seqs:
             # an authentic ACK removes what it names, whoever writes it
             e = self._inflight.pop(seq, None)
             if e is not None:
-                fresh = True
+                named = True
+                if len(e) > 3 and time.ticks_diff(now, e[3]) <= TIME_FRESH_MS:
+                    fresh = True
                 if e[2] > last:
                     last = e[2]
             if self._outbox.remove(seq):
                 self.acked += 1
+                if seq > self.acked_top:
+                    self.acked_top = seq
+        if named and not fresh:
+            self.late_acks += 1
+            if self.late_acks == 1:
+                print("%s: an ACK came over %d ms after its frame first went out: no time "
+                      "taken from it (later ones only counted)" % (self._name, TIME_FRESH_MS))
         if last:
             # the link keeps order: a frame that went out before one the gateway has taken,
             # and is not acknowledged, was lost on the way (or refused). It goes again now,
             # before anything newer, so the gateway still takes the node's frames in order
             # (after a gateway restart, the frames sent while its port was closed)
-            now = time.ticks_ms()
             for seq in [s for s, e in self._inflight.items() if e[2] < last]:
-                _, attempts, order = self._inflight[seq]
-                self._inflight[seq] = (now, attempts, order)
+                self._inflight[seq] = (now,) + self._inflight[seq][1:]
         return fresh
