@@ -42,10 +42,27 @@ def _complete(fw, slot):
 
 
 def _leave(fw, rec, reason):
-    """The candidate failed: record why; the previous slot runs from now on."""
+    """The candidate failed: record why; the previous slot runs from now on (and the previous
+    app image, if the candidate brought one: hal/esp32.py image_leave resets into it)."""
     print("update: release %s rolled back: %s" % (rec.get("cver"), reason))
-    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason})
+    img = rec.get("cimg")
+    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason,
+                "cimg": None})
     _save(fw, rec)
+    if img:
+        try:
+            _image_hal().image_leave(img, rec.get("cprev"))
+        except Exception as e:  # noqa: BLE001 - the bootloader's rollback remains
+            print("boot: %r" % (e,))
+
+
+def _image_hal():
+    """hal/esp32.py, for a record that names an app image (docs/updates.md); the node
+    package it loads is unloaded again: the slot chosen next imports its own."""
+    from node.hal import esp32
+
+    _unload()
+    return esp32
 
 
 def choose(config):
@@ -60,7 +77,9 @@ def choose(config):
     cand = rec.get("cand")
     if cand:
         tries = rec.get("tries") or 0
-        if tries >= cfg.get("update_trial_boots", 3):
+        if rec.get("cimg") and not _image_hal().image_trial(fw, rec, _save, _leave):
+            pass  # the old image runs (the bootloader went back): left, the old slot runs
+        elif tries >= cfg.get("update_trial_boots", 3):
             _leave(fw, rec, "trial_boots: %d boots without a pack ACKed" % tries)
         elif not _complete(fw, cand):
             _leave(fw, rec, "slot %s incomplete" % cand)

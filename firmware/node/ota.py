@@ -34,6 +34,7 @@ RESERVE_BLOCKS = const(64)  # flash blocks kept for the outbox beside its own FR
 SLOTS = ("a", "b")
 _OFFER = "/.offer"  # the offered head (8 + N bytes) in a slot being staged: what it is for
 _DONE = "/.done"  # written once every file is staged and checked (a complete slot)
+_IMG = "/.img"  # an app image's progress in the slot (hal/esp32.py Image.resume)
 
 
 def boot_info():
@@ -64,6 +65,8 @@ def write_record(fw, rec):
 _NVS_FLOOR = "ota_floor"  # NVS keys (ESP32): they outlive an erased or reflashed filesystem
 _NVS_KEY = "rel_key"
 _NVS_NEXT = "rel_next"
+_NVS_RETIRED = "rel_retired"  # kids of next keys a later rotation superseded (8 bytes each)
+RETIRED_MAX = const(8)  # superseded next keys remembered (a replay of older ones: docs)
 
 
 def read_floor(fw, hal=None):
@@ -103,10 +106,6 @@ def _unload_crypto():
     unload("ed25519", "sha512")
 
 
-def _hex(b):
-    return "".join("%02x" % c for c in b)
-
-
 def _write_head(path, head):
     """The head's pieces as one file, in place at once: a .tmp file left by a failed write
     is in the slot, which the next offer of another head wipes."""
@@ -129,6 +128,17 @@ def _same(path, head):
     return True
 
 
+def _put_file(path, value):
+    """value into path atomically; None removes it."""
+    if value is not None:
+        _write_atomic(path, value)
+        return
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def _size(path):
     try:
         return os.stat(path)[6]
@@ -142,7 +152,9 @@ class Updater:
     def __init__(self, cfg, board_name, config_path="node.json", hal=None):
         self.cfg = cfg
         self.hal = hal
-        # ESP32: the release key (and a rotation's next key) in NVS as well as the files
+        # The release key, a rotation's next key and the superseded next keys live in a
+        # store the provisioning leaves alone: NVS on ESP32, else files in fw_dir
+        # (docs/updates.md "Rotating the release key"); release.pub(.next) mirror it
         self._nvs = hasattr(hal, "nvs_blob")
         self.board = board_name
         self.fw = fw_dir(cfg)
@@ -161,6 +173,7 @@ class Updater:
         self._verifier = None
         self.refused = {}  # reason -> count (the Verifier's own reasons included)
         self.version = None
+        self._img = None  # the HAL's Image (the next OTA partition) of an image entry
 
     # --- refusals ---
 
@@ -177,42 +190,59 @@ class Updater:
             active = read_record(self.fw).get("active")
         return self.fw + "/" + (SLOTS[1] if active == SLOTS[0] else SLOTS[0])
 
-    def _read_key(self, path):
+    def _read_key(self, path, size=32):
         try:
             with open(path, "rb") as f:
-                return f.read(33)
+                return f.read(size + 1)
         except OSError:
             return None
 
-    def _keys(self):
-        """(release key, next key or None). With NVS, NVS wins; a key provisioned as a file
-        only is copied into NVS at its first use, so erasing the filesystem keeps it."""
-        key = self._read_key(self.key_path)
-        nxt = self._read_key(self.key_path + ".next")
+    def _get(self, name, size=32):
         if self._nvs:
-            stored = self.hal.nvs_blob(_NVS_KEY)
-            if stored:
-                key = stored
-            elif key is not None and len(key) == 32:
-                self.hal.nvs_set_blob(_NVS_KEY, key)
-            nxt = self.hal.nvs_blob(_NVS_NEXT)
+            return self.hal.nvs_blob(name, size)
+        return self._read_key(self.fw + "/" + name, size)
+
+    def _put(self, name, value):
+        if self._nvs:
+            self.hal.nvs_set_blob(name, value)
+        else:
+            _put_file(self.fw + "/" + name, value)
+
+    def _retired(self, kid=None):
+        """The superseded next keys' kids; with kid, whether it is one of them."""
+        old = self._get(_NVS_RETIRED, 8 * RETIRED_MAX) or b""
+        if kid is None:
+            return old
+        return any(old[i:i + 8] == kid for i in range(0, len(old), 8))
+
+    def _keys(self):
+        """(release key, next key or None). The store wins: a key provisioned in release.pub
+        is copied into it at its first use, after which neither an erased filesystem (NVS)
+        nor a re-provisioning that rewrites release.pub (fw_dir) swaps the key back."""
+        key = self._get(_NVS_KEY)
+        if not key:
+            key = self._read_key(self.key_path)
+            if key is not None and len(key) == 32:
+                self._put(_NVS_KEY, key)
+        nxt = self._get(_NVS_NEXT)
+        if nxt is not None and len(nxt) == 32:
+            from .update import key_id
+
+            if self._retired(key_id(nxt)):
+                nxt = None  # a cut between retiring it and storing its successor
         return key, nxt
 
     def _store_keys(self, key, nxt):
-        """The release key and the next key (None: none pending), NVS first."""
-        if self._nvs:  # the key before the next key: a cut between leaves both the same key
-            if key is not None:
-                self.hal.nvs_set_blob(_NVS_KEY, key)
-            self.hal.nvs_set_blob(_NVS_NEXT, nxt)
+        """The release key and the next key (None: none pending), the store first;
+        release.pub and release.pub.next mirror them."""
+        # the key before the next key: a cut between leaves both the same key
         if key is not None:
+            self._put(_NVS_KEY, key)
+        self._put(_NVS_NEXT, nxt)
+        if key is not None:
+            self._put(_NVS_RETIRED, None)  # the old key's rotations are refused from now on
             _write_atomic(self.key_path, key)
-        if nxt is None:
-            try:
-                os.remove(self.key_path + ".next")
-            except OSError:
-                pass
-        else:
-            _write_atomic(self.key_path + ".next", nxt)
+        _put_file(self.key_path + ".next", nxt)
 
     def _check(self):
         """The Verifier for this node: release key (and a rotation's pending next key),
@@ -249,16 +279,24 @@ class Updater:
             raise
         finally:
             _unload_crypto()
-        self._store_keys(None, new)
-        self._verifier = None
-        from .update import key_id
+        from .update import _hex, key_id
 
         kid = key_id(new)
+        if self._retired(kid):
+            raise self._refuse("bad_rotation", "key %s superseded" % _hex(kid))
+        if v.next is not None and v.next != new:
+            # superseded: its record, replayed, must not bring it back (retired first: a cut
+            # before the new next key is stored leaves no pending key, not the old one)
+            self._put(_NVS_RETIRED, (self._retired() + v.next_kid)[-8 * RETIRED_MAX:])
+        self._store_keys(None, new)
+        self._verifier = None
         print("update: release key %s accepted as the next key" % _hex(kid))
         return kid
 
     def _promote(self, v):
         """A bundle signed by the pending next key verified: it is the release key now."""
+        from .update import _hex
+
         self._store_keys(v.next, None)
         print("update: release key %s replaces %s" % (_hex(v.next_kid), _hex(v.kid)))
         self._verifier = None
@@ -338,13 +376,25 @@ class Updater:
         self._resume()
         return self.have, self.total
 
+    def _image(self):
+        """The next OTA partition (hal/esp32.py Image): only ESP32 boards get an image."""
+        if self._img is None:
+            self._img = self.hal.Image()
+        return self._img
+
     def _space(self, man, slot):
         spare, block = _spare_blocks(self.fw)
         reserve = self.cfg.get("update_reserve_blocks", RESERVE_BLOCKS)
         # each file its blocks and one for its metadata, the directories a few more
         need = 4
         for i in range(man.count):
-            need += (man.file(i)[1] + block - 1) // block + 1
+            size = man.file(i)[1]
+            if i == man.image:  # into the app partition, not the filesystem
+                if size > self._image().size:
+                    raise self._refuse("space", "image of %d bytes, partition %s holds %d"
+                                       % (size, self._img.label, self._img.size))
+                continue
+            need += (size + block - 1) // block + 1
         if need > spare - reserve:
             raise self._refuse("space", "%d blocks of %d bytes needed, %d free beside the "
                                "outbox's %d" % (need, block, max(spare - reserve, 0), reserve))
@@ -355,6 +405,13 @@ class Updater:
         for i in range(self.man.count):
             path, size, _ = self.man.file(i)
             p = self.slot + "/" + path
+            if i == self.man.image:
+                got = self._image().resume(self.slot + _IMG, size)
+                if got == size and (self._img.ok or not size):
+                    start += size
+                    continue
+                self._i, self._start, self.have = i, start, start + got
+                return
             if size == 0 and _size(p) != 0:
                 self._empty(i, p)  # no CHUNK ever carries an empty file: staged here
             if _size(p) == size:
@@ -391,21 +448,30 @@ class Updater:
         while len(mv):
             if self._i >= self.man.count:
                 raise self._refuse("bad_size", "%d bytes past the last file" % len(mv))
-            path, size, _ = self.man.file(self._i)
+            path, size, digest = self.man.file(self._i)
             p = self.slot + "/" + path
             n = min(len(mv), self._start + size - self.have)
+            img = self._i == self.man.image  # into the partition, checked as it is written
             try:
-                if self.have == self._start:
-                    _makedirs(p.rsplit("/", 1)[0])
-                with open(p + ".part", "ab") as f:
-                    f.write(mv[:n])
-            except OSError as e:
-                self._resume()  # what reached flash before the error counts, and no more
-                raise self._refuse("space", "%s: %r" % (path, e))
+                if img:
+                    self._img.put(self.have - self._start, mv[:n], size, digest)
+                else:
+                    if self.have == self._start:
+                        _makedirs(p.rsplit("/", 1)[0])
+                    with open(p + ".part", "ab") as f:
+                        f.write(mv[:n])
+            except (OSError, ValueError) as e:
+                self._resume()  # what reached flash (and hashes right) counts, and no more
+                raise self._refuse("file" if "bad_hash" in str(e) else "space",
+                                   "%s: %s" % (path, e))
             self.have += n
             mv = mv[n:]
             if self.have == self._start + size:
-                self._finish(p)
+                if img:
+                    self._start = self.have
+                    self._i += 1
+                else:
+                    self._finish(p)
         return self.have
 
     def _finish(self, p):
@@ -441,7 +507,15 @@ class Updater:
         rec["tries"] = 0
         rec["state"] = "candidate"
         rec["reason"] = None
+        img = self.man.image >= 0 and self._image()
+        # the record first, then the switch: main.py on the old image tells a cut between
+        # the two (tries 0) from a rollback, and switches once more
+        rec["cimg"] = img and img.label
+        rec["cprev"] = img and self.hal.image_running()
+        rec["reswitch"] = 0
         write_record(self.fw, rec)
+        if img:
+            img.boot()
         print("update: release %s staged in %s, rebooting into it" % (self.version, self.slot))
         self.man = None
         return self.version
@@ -466,25 +540,34 @@ def confirm(fw, hal=None):
     if not cand:
         return False
     floor = rec.get("cfloor") or 0
+    if rec.get("cimg"):
+        # the bootloader keeps the new image first: a cut before the record then boots it
+        # again on trial (tries counted on), never the old image under a "confirmed" record
+        hal.image_confirm()
     if floor > read_floor(fw, hal):
         nvs_set = getattr(hal, "nvs_set", None)
         if nvs_set is not None:
             nvs_set(_NVS_FLOOR, floor)  # NVS first: a filesystem erased later keeps it
         _write_atomic(fw + "/floor", b"%d" % floor)  # first: older bundles are refused now
     rec.update({"active": cand, "ver": rec.get("cver"), "cand": None, "tries": 0,
-                "state": "confirmed", "reason": None})
+                "state": "confirmed", "reason": None, "cimg": None})
     write_record(fw, rec)
     print("update: release %s confirmed, security floor %d" % (rec["ver"], floor))
     return True
 
 
-def roll_back(fw, reason):
-    """Leave the candidate: the next boot runs the previous slot; STATUS tells why."""
+def roll_back(fw, reason, hal=None):
+    """Leave the candidate: the next boot runs the previous slot (and the previous app image,
+    if it brought one: hal.image_leave resets into it); STATUS tells why."""
     rec = read_record(fw)
     if not rec.get("cand"):
         return rec
-    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason})
+    img = rec.get("cimg")
+    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason,
+                "cimg": None})
     write_record(fw, rec)
+    if img:
+        hal.image_leave(img, rec.get("cprev"))
     print("update: release %s rolled back: %s" % (rec.get("cver"), reason))
     return rec
 
@@ -510,7 +593,7 @@ async def trial(node):
             confirm(fw, node.hal)
             return
         if time.ticks_diff(time.ticks_ms(), t0) > limit_ms:
-            roll_back(fw, "no_ack: no pack ACKed within %d s" % (limit_ms // 1000))
+            roll_back(fw, "no_ack: no pack ACKed within %d s" % (limit_ms // 1000), node.hal)
             reset(node.hal)
         await asyncio.sleep_ms(500)
 

@@ -10,8 +10,9 @@ of the manifest is decoded. Only then are the manifest's claims (security floor,
 bytecode version) and each file's size and SHA-256 checked. Every refusal is a `Refused` with
 a reason from REASONS, counted in Verifier.refused and printed once.
 
-`lantern release` (tools/field/release.py) imports this module's rules (parse_manifest,
-path_ok, version_ok, the constants), so what `release verify` accepts, a node accepts.
+`lantern release` (tools/field/release.py) imports this module's rules (Manifest, which
+reads a manifest by _scan's rules, path_ok, version_ok, the constants), so what `release
+verify` accepts, a node accepts.
 """
 
 import hashlib
@@ -184,7 +185,8 @@ class Manifest:
 
     def __init__(self, payload, envelope_len):
         payload = pieces(payload)
-        _, at, self.version, self.floor, self.min_gateway, self.boards, self.mpy = \
+        # image: the index of the app image entry (image/NAME.bin), -1 without one
+        self.image, at, self.version, self.floor, self.min_gateway, self.boards, self.mpy = \
             _scan(payload)
         self._p = payload
         self._at = at  # where file i's path starts in the payload: 2 bytes per file
@@ -311,6 +313,7 @@ def _scan(p):
                 raise ValueError(_SHAPE)
             at = bytearray(2 * (nf // 3))
             seen = set()
+            image = -1
             for f in range(nf // 3):
                 at[2 * f] = i >> 8
                 at[2 * f + 1] = i & 0xFF
@@ -319,6 +322,11 @@ def _scan(p):
                 if not path_ok(path) or path.lower() in seen:
                     raise ValueError(_SHAPE)
                 seen.add(path.lower())
+                if is_image(path):
+                    # one app image, for ESP32 boards only (esp32.Partition)
+                    if image >= 0 or not all_esp32(boards):
+                        raise ValueError(_SHAPE)
+                    image = f
                 _, i = _uint(p, i)
                 kind, k, i = _head(p, i)
                 if kind != 2 or k != 32:
@@ -328,7 +336,7 @@ def _scan(p):
                 raise ValueError("undecodable: truncated input")
     if i != len(p):
         raise ValueError("undecodable: trailing bytes")
-    return None, at, version, floor, gateway, boards, (major, minor)
+    return image, at, version, floor, gateway, boards, (major, minor)
 
 
 def _chars_ok(s, allowed, most):
@@ -346,9 +354,24 @@ def version_ok(v):
     return _chars_ok(v, _VERSION_CHARS, 32) and v[0] in _ALNUM
 
 
+def is_image(path):
+    """Whether a manifest entry is an app image (kind "image": written to the next OTA
+    partition, not to a file), which its path says: image/NAME.bin."""
+    return path.startswith("image/")
+
+
+def all_esp32(boards):
+    """Whether every board is an ESP32 one (esp32*): an app image is only for those."""
+    for b in boards:
+        if not b.startswith("esp32"):
+            return False
+    return True
+
+
 def path_ok(p):
-    """A bundle file's path: main.py, boards/NAME.json or node/.../NAME.mpy, at most 64
-    ASCII letters, digits and ._-/ with no empty, "." or ".." part."""
+    """A bundle file's path: main.py, boards/NAME.json, node/.../NAME.mpy or an app image
+    image/NAME.bin, at most 64 ASCII letters, digits and ._-/ with no empty, "." or ".."
+    part."""
     if not _chars_ok(p, _PATH_CHARS, 64):
         return False
     parts = p.split("/")
@@ -358,21 +381,10 @@ def path_ok(p):
     name = parts[-1]
     if parts[0] == "boards":
         return len(parts) == 2 and name.endswith(".json") and len(name) > 5
+    if parts[0] == "image":
+        return len(parts) == 2 and name.endswith(".bin") and len(name) > 4
     return p == "main.py" or (parts[0] == "node" and len(parts) > 1
                               and name.endswith(".mpy") and len(name) > 4)
-
-
-def parse_manifest(payload):
-    """The manifest map in an authenticated payload (for `lantern release`); ValueError if it
-    breaks a rule of docs/protocol.md (deterministic CBOR, every label, each field's type and
-    form). The node reads the same bytes in place (Manifest); the rules are _scan's."""
-    man = Manifest(payload, 0)
-    flat = []
-    for f in man.files:
-        flat += f
-    return {M_FORMAT: FORMAT, M_VERSION: man.version, M_FLOOR: man.floor,
-            M_MIN_GATEWAY: man.min_gateway, M_BOARDS: man.boards, M_MPY: list(man.mpy),
-            M_FILES: flat}
 
 
 class Verifier:

@@ -13,6 +13,7 @@ script.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -20,6 +21,7 @@ import json
 import os
 import pty
 import subprocess
+import threading
 import time
 import tty
 from collections.abc import AsyncIterator, Callable
@@ -508,3 +510,132 @@ async def test_a_malformed_status_a_stranger_provokes_does_not_refuse_the_gatewa
                                              protocol.REPLY))
     assert await task == (0, {"fw": "2.0.0"})
 
+
+
+# ---- review 4's untested notes (issue 16), written as tests ---------------------------------
+
+K1 = Ed25519PrivateKey.from_private_bytes(bytes(range(50, 82)))
+K2 = Ed25519PrivateKey.from_private_bytes(bytes(range(90, 122)))
+
+ROTATIONS = UPDATER + """
+def rotate(name):
+    try:
+        print(name, "ok", u.rotate(open(d + "/" + name, "rb").read()).hex())
+    except ValueError as e:
+        print(name, "refused", e.reason)
+for name in sys.argv[2:]:
+    if name == "reboot":  # a new Updater: what a reboot leaves on flash
+        u = ota.Updater({"state_dir": d + "/state", "release_key": d + "/release.pub"},
+                        "unix-sim", d + "/node.json")
+    else:
+        rotate(name)
+nxt = u._keys()[1]
+print("NEXT", nxt.hex() if nxt else None)
+"""
+
+
+@pytest.mark.micropython
+def test_a_superseded_rotation_record_replayed_does_not_bring_its_key_back(
+        tmp_path: Path) -> None:
+    """Attack: the release manager signs a rotation to K1, then (K1's private half lost or
+    leaked) a second rotation to K2 before any K2 bundle has reached the nodes. A stolen
+    gateway kept the first record and replays it while the second is pending.
+
+    Expected: a rotation the node has seen superseded is refused (`bad_rotation`), before and
+    after a reboot; K2 stays the pending key.
+
+    Instead: `Updater.rotate` (firmware/node/ota.py) takes any record the current key signed,
+    so the replay makes K1 the pending key again, and whoever holds K1 can sign bundles."""
+    (tmp_path / "release.pub").write_bytes(PUB)
+    (tmp_path / "bundle.lub").write_bytes(small_bundle([("main.py", b"x\n")]))
+    (tmp_path / "r1").write_bytes(release.rotation(KEY, K1.public_key()))
+    (tmp_path / "r2").write_bytes(release.rotation(KEY, K2.public_key()))
+    out = run_micropython(tmp_path, ROTATIONS, str(tmp_path), "r1", "r2", "r1", "reboot", "r1",
+                          "r2")
+    lines = [ln for ln in out.splitlines() if ln.split(" ")[0] in ("r1", "r2", "NEXT")]
+    k2 = K2.public_key().public_bytes_raw()
+    assert lines == [f"r1 ok {release.key_id(K1.public_key()).hex()}",
+                     f"r2 ok {release.key_id(K2.public_key()).hex()}",
+                     "r1 refused bad_rotation", "r1 refused bad_rotation",
+                     f"r2 ok {release.key_id(K2.public_key()).hex()}",
+                     f"NEXT {k2.hex()}"], out
+
+
+REPROVISION = UPDATER + """
+def offer(name):
+    b = open(d + "/" + name, "rb").read()
+    try:
+        u.offer(b[:8 + int.from_bytes(b[4:8], "big")], 0)
+        print(name, "ok")
+    except ValueError as e:
+        print(name, "refused", e.reason)
+step = sys.argv[2]
+if step == "rotate":
+    u.rotate(open(d + "/r1", "rb").read())
+    offer("by_k1")  # the new key's first bundle: K1 is the release key now
+else:
+    offer("by_key")
+    offer("by_k1")
+"""
+
+
+@pytest.mark.micropython
+def test_re_provisioning_a_node_without_nvs_does_not_undo_its_key_rotation(
+        tmp_path: Path) -> None:
+    """A careless operator (or a scripted fleet re-provision) runs `lantern provision` again
+    on a unix/QEMU-class node after its release key was rotated: provisioning writes the
+    release key it was given, the old one, into release.pub (tools/field/provision.py
+    `_stage_release`), and leaves the state directory alone.
+
+    Expected: the rotation survives (docs/updates.md "Rotating the release key"): the old key's
+    bundles stay refused, the new key's verify.
+
+    Instead: on boards without NVS the node's only copy of its release key is release.pub
+    (firmware/node/ota.py `_keys`), so the re-provisioned file brings the retired key back and
+    refuses every bundle of the new one."""
+    (tmp_path / "release.pub").write_bytes(PUB)
+    (tmp_path / "bundle.lub").write_bytes(small_bundle([("main.py", b"x\n")]))
+    (tmp_path / "r1").write_bytes(release.rotation(KEY, K1.public_key()))
+    for name, key in (("by_key", KEY), ("by_k1", K1)):
+        (tmp_path / name).write_bytes(release.bundle(key, "3.0.0", 0, "0.1.0", ["unix-sim"],
+                                                     (6, 3), [("main.py", b"y\n")]))
+    assert "by_k1 ok" in run_micropython(tmp_path, REPROVISION, str(tmp_path), "rotate")
+    (tmp_path / "release.pub").write_bytes(PUB)  # re-provisioned with the key it was given
+    out = run_micropython(tmp_path, REPROVISION, str(tmp_path), "offer")
+    assert "by_key refused other_key" in out and "by_k1 ok" in out, out
+
+
+def test_release_verify_reads_no_more_than_the_manifest_says(tmp_path: Path) -> None:
+    """A careless operator (or a tampered download) hands `lantern release verify` a bundle
+    followed by an endless stream: a FIFO fed from /dev/zero, a huge file.
+
+    Expected: verify reads the 8-byte head, at most ENVELOPE_MAX bytes of envelope, each file's
+    signed size and one byte more, then refuses (`bad_size`): memory and time bounded by the
+    manifest, whatever follows.
+
+    Instead: `_verify` (tools/field/release.py) reads the whole file into memory first
+    (`Path.read_bytes`): an endless input never returns and grows without bound."""
+    bundle = small_bundle([("main.py", b"z" * 1000)])
+    fifo = tmp_path / "endless.lub"
+    os.mkfifo(fifo)
+    pem = tmp_path / "k.pub.pem"
+    write_pub(KEY, pem)
+    limit = 32 << 20  # the writer stops here (an endless stream, cut short for the test)
+    written = 0
+
+    def feed() -> None:
+        nonlocal written
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
+            f.write(bundle)
+            written += len(bundle)
+            zeros = bytes(1 << 16)
+            while written < limit:
+                f.write(zeros)
+                written += len(zeros)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    code = release.main(argparse.Namespace(action="verify", file=fifo, pubkey=pem))
+    t.join(timeout=60)
+    assert code == release.REFUSED
+    assert written <= len(bundle) + (1 << 20), f"{written} bytes read, bundle {len(bundle)}"

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import io
 import os
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -48,6 +49,7 @@ FORMAT: int = node_update.FORMAT
 M_FORMAT, M_VERSION, M_FLOOR, M_MIN_GATEWAY, M_BOARDS, M_MPY, M_FILES = (
     node_update.M_FORMAT, node_update.M_VERSION, node_update.M_FLOOR,
     node_update.M_MIN_GATEWAY, node_update.M_BOARDS, node_update.M_MPY, node_update.M_FILES)
+READ_MAX = 1 << 16  # bytes of a bundle's file `verify` holds at once
 # A node decodes at most 256 CBOR items per manifest: 16 + one per board + three per file.
 FILES_MAX = 76
 BOARDS_MAX = 12
@@ -100,15 +102,28 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         """The manifest in data (already authenticated), by the node's own rules
-        (update.parse_manifest); BundleRefused if it breaks one."""
+        (parse_manifest, on the node's Manifest); BundleRefused if it breaks one."""
         try:
-            m = node_update.parse_manifest(data)
+            m = parse_manifest(data)
         except ValueError as e:
             raise BundleRefused("bad_manifest", f"signed but {e}") from None
         flat = m[M_FILES]
         return cls(m[M_VERSION], m[M_FLOOR], m[M_MIN_GATEWAY], tuple(m[M_BOARDS]),
                    (m[M_MPY][0], m[M_MPY][1]),
                    tuple(FileEntry(*flat[i:i + 3]) for i in range(0, len(flat), 3)))
+
+
+def parse_manifest(payload: bytes) -> dict[int, Any]:
+    """The manifest map in an authenticated payload; ValueError if it breaks a rule of
+    docs/protocol.md (deterministic CBOR, every label, each field's type and form). The rules
+    are the node's: its Manifest reads the same bytes in place (node/update.py _scan)."""
+    man = node_update.Manifest(payload, 0)
+    flat: list[Any] = []
+    for i in range(man.count):
+        flat += man.file(i)
+    return {M_FORMAT: FORMAT, M_VERSION: man.version, M_FLOOR: man.floor,
+            M_MIN_GATEWAY: man.min_gateway, M_BOARDS: man.boards, M_MPY: list(man.mpy),
+            M_FILES: flat}
 
 
 def key_id(public: Ed25519PublicKey) -> bytes:
@@ -168,7 +183,7 @@ def bundle(key: Ed25519PrivateKey, version: str, floor: int, min_gateway: str,
                    tuple(FileEntry(p, len(b), hashlib.sha256(b).digest()) for p, b in files))
     payload = man.encode()
     try:
-        node_update.parse_manifest(payload)  # what a node would say of it
+        parse_manifest(payload)  # what a node would say of it
     except ValueError as e:
         raise ReleaseError(f"a node would refuse this manifest: {e}") from None
     envelope = sign1(key, payload)
@@ -192,21 +207,43 @@ def _bstr_head(b: bytes, p: int) -> tuple[int, int]:
 
 
 def open_bundle(data: bytes, public: Ed25519PublicKey) -> tuple[Manifest, list[bytes]]:
-    """The manifest and files of a bundle signed by public; BundleRefused(reason) if not.
+    """The manifest and files of a bundle signed by public; BundleRefused(reason) if not."""
+    return read_bundle(io.BytesIO(data), public, keep=True)
 
-    The envelope is read by position, in the one layout `bundle` writes, as the node reads
-    it: what this accepts, a node accepts.
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    """Up to n bytes of f, fewer only at its end."""
+    parts, left = [], n
+    while left:
+        b = f.read(left)
+        if not b:
+            break
+        parts.append(b)
+        left -= len(b)
+    return b"".join(parts)
+
+
+def read_bundle(f: BinaryIO, public: Ed25519PublicKey,
+                keep: bool = False) -> tuple[Manifest, list[bytes]]:
+    """The manifest (and with keep, the files) of the bundle read from f, signed by public;
+    BundleRefused(reason) if not.
+
+    Every read is bounded: the 8-byte head, at most ENVELOPE_MAX bytes of envelope, each
+    file's signed size (READ_MAX at a time), then one byte to find the end. A huge or endless
+    input costs no more than the bundle it starts with. The envelope is read by position, in
+    the one layout `bundle` writes, as the node reads it: what this accepts, a node accepts.
     """
-    if len(data) < HEAD_LEN:
-        raise BundleRefused("truncated", f"{len(data)} bytes, a bundle starts with 8")
-    if data[:4] != MAGIC:
+    head = _read(f, HEAD_LEN)
+    if len(head) < HEAD_LEN:
+        raise BundleRefused("truncated", f"{len(head)} bytes, a bundle starts with 8")
+    if head[:4] != MAGIC:
         raise BundleRefused("not_bundle", "no LUB1 magic: not a Lantern update bundle")
-    n = int.from_bytes(data[4:8], "big")
+    n = int.from_bytes(head[4:8], "big")
     if not ENVELOPE_MIN <= n <= ENVELOPE_MAX:
         raise BundleRefused("bad_envelope", f"envelope of {n} bytes")
-    if len(data) < HEAD_LEN + n:
-        raise BundleRefused("truncated", f"envelope cut at {len(data) - HEAD_LEN} of {n} bytes")
-    env = data[HEAD_LEN:HEAD_LEN + n]
+    env = _read(f, n)
+    if len(env) < n:
+        raise BundleRefused("truncated", f"envelope cut at {len(env)} of {n} bytes")
     p = len(SIGN1_HEAD) + KID_LEN
     if not env.startswith(SIGN1_HEAD) or env[p:p + 1] != b"\xa0":
         raise BundleRefused("bad_envelope", "not a COSE_Sign1 in Lantern's layout")
@@ -222,17 +259,22 @@ def open_bundle(data: bytes, public: Ed25519PublicKey) -> tuple[Manifest, list[b
     except InvalidSignature:
         raise BundleRefused("bad_signature", "manifest signature does not verify") from None
     man = Manifest.decode(payload)
-    files, at = [], HEAD_LEN + n
-    for f in man.files:
-        chunk = data[at:at + f.size]
-        if len(chunk) < f.size:
-            raise BundleRefused("truncated", f"{f.path}: {f.size - len(chunk)} bytes missing")
-        if hashlib.sha256(chunk).digest() != f.sha256:
-            raise BundleRefused("bad_hash", f"{f.path}: SHA-256 differs from the manifest")
-        files.append(chunk)
-        at += f.size
-    if at != len(data):
-        raise BundleRefused("bad_size", f"{len(data) - at} bytes after the last file")
+    files = []
+    for e in man.files:
+        h, left, kept = hashlib.sha256(), e.size, []
+        while left:
+            chunk = _read(f, min(left, READ_MAX))
+            if not chunk:
+                raise BundleRefused("truncated", f"{e.path}: {left} bytes missing")
+            h.update(chunk)
+            if keep:
+                kept.append(chunk)
+            left -= len(chunk)
+        if h.digest() != e.sha256:
+            raise BundleRefused("bad_hash", f"{e.path}: SHA-256 differs from the manifest")
+        files.append(b"".join(kept))
+    if f.read(1):
+        raise BundleRefused("bad_size", "bytes after the last file")
     return man, files
 
 
@@ -264,6 +306,27 @@ def firmware_files(mpy_cross: str, boards: list[str]) -> list[tuple[str, bytes]]
     out.append(("main.py", (lantern.FIRMWARE / "main.py").read_bytes()))
     out += [(f"boards/{b}.json", (lantern.BOARDS / f"{b}.json").read_bytes()) for b in boards]
     return out
+
+
+IMAGE_PATH = "image/app.bin"  # the manifest entry of kind "image" (node/update.py is_image)
+ESP_IMAGE_MAGIC = 0xE9  # the first byte of every ESP32 app image (esptool's image format)
+
+
+def app_image(path: Path, boards: list[str]) -> bytes:
+    """The ESP32 app image at path, for boards that must all be ESP32 ones."""
+    other = [b for b in boards if not node_update.all_esp32([b])]
+    if other or not boards:
+        raise ReleaseError(f"--image is for ESP32 boards only (esp32*), not "
+                           f"{', '.join(other) or 'none'}: pass --board esp32-...")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ReleaseError(f"--image {path}: {e.strerror}") from None
+    if not data or data[0] != ESP_IMAGE_MAGIC:
+        raise ReleaseError(f"--image {path}: not an ESP32 app image (it starts with 0xE9: "
+                           "the firmware.bin or micropython.bin of an ESP-IDF build, not the "
+                           "bootloader or a whole-flash dump)")
+    return data
 
 
 # ---- keys ----
@@ -356,6 +419,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--min-gateway", default=lantern.__version__,
                    help="oldest gateway version that may transfer it (default: this one)")
     b.add_argument("--mpy-cross", help="mpy-cross of the nodes' MicroPython version")
+    b.add_argument("--image", type=Path, metavar="APP.bin",
+                   help="an ESP32 app image (esptool's .bin) to carry as well, written by the "
+                   "node into its next OTA partition; ESP32 boards only (default: esp32*)")
     t = rs.add_parser("rotate", help="sign a rotation of the nodes' release key to a new one")
     t.add_argument("--key", type=Path, required=True, help="the current release key (OLD.pem)")
     t.add_argument("--new", type=Path, required=True, help="the new key's public half "
@@ -388,12 +454,17 @@ def _build(args: argparse.Namespace) -> int:
         raise ReleaseError(f"{args.out} exists: choose another --out")
     key = load_private(args.key)
     boards = board_names(args.board)
+    image: list[tuple[str, bytes]] = []
+    if getattr(args, "image", None) is not None:
+        if not args.board:
+            boards = [b for b in boards if b.startswith("esp32")]
+        image = [(IMAGE_PATH, app_image(args.image, boards))]
     tool = args.mpy_cross or ps.find_mpy_cross()
     found = ps.mpy_cross_version(tool)
     if found is None:
         raise ReleaseError(f"{tool}: not an mpy-cross that states its version; pass --mpy-cross")
     data = bundle(key, args.version, args.security_floor, args.min_gateway, boards, found[1],
-                  firmware_files(tool, boards))
+                  image + firmware_files(tool, boards))
     create(args.out, data, 0o644, "choose another --out")
     print(f"wrote {args.out}: release {args.version} for {', '.join(boards)}, {len(data)} "
           f"bytes, MicroPython {found[0]} bytecode v{found[1][0]}.{found[1][1]}, signed by key "
@@ -415,11 +486,10 @@ def _rotate(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     public = load_public(args.pubkey)
     try:
-        data = args.file.read_bytes()
+        with open(args.file, "rb") as f:
+            man, _ = read_bundle(f, public)
     except OSError as e:
         raise ReleaseError(f"{args.file}: {e.strerror}") from None
-    try:
-        man, _ = open_bundle(data, public)
     except BundleRefused as e:
         print(f"{args.file}: refused: {e}", file=sys.stderr)
         return REFUSED

@@ -299,7 +299,14 @@ _IMG_BLOCK = 4096
 
 class Image:
     """The next update partition (esp32.Partition.get_next_update()) as a byte-addressed
-    store: write(offset, data) in any pieces, a block erased as writing enters it."""
+    store: write(offset, data) in any pieces, a block erased as writing enters it.
+
+    Staging an update's image entry (node/ota.py): put() writes each chunk, reads it back
+    from flash into a running SHA-256 and, at each block boundary, records the progress in a
+    small file ("N LABEL": N bytes written and hashed, a multiple of the block; "N LABEL ok"
+    once the whole image matched). After a reset, resume() hashes those N bytes again from
+    flash (a hash's state cannot be kept, the flash can) and the transfer goes on from N.
+    """
 
     def __init__(self):
         # Partition(RUNNING): docs/library/esp32.rst takes BOOT or RUNNING; the stub says str
@@ -308,6 +315,62 @@ class Image:
         info = self.part.info()
         self.size = info[3]
         self.label = info[4]
+        self.ok = False  # the whole image in the partition matched its digest
+        self._mark = ""
+        self._h = None  # type: Any
+        self._buf = bytearray(768)  # node/ota.py CHUNK_MAX: one chunk read back
+
+    def resume(self, mark, size):
+        """Bytes of a size-byte image already written and checked, per the progress file
+        mark; the hash of them is taken again from flash."""
+        import hashlib
+
+        self._mark = mark
+        try:
+            with open(mark) as f:
+                rec = f.read().split()
+            got, ok = int(rec[0]), rec[2:] == ["ok"]
+            if rec[1] != self.label or got > size or (got % _IMG_BLOCK and not ok):
+                got, ok = 0, False  # another partition's (a switch since), or not ours
+        except (OSError, ValueError, IndexError):
+            got, ok = 0, False
+        self.ok = ok and got == size
+        self._h = hashlib.sha256()
+        at = 0
+        while at < got and not self.ok:  # an image checked whole needs no second look
+            n = min(got - at, len(self._buf))
+            self._readback(at, n)
+            at += n
+        return got
+
+    def _readback(self, at, n):
+        mv = memoryview(self._buf)[:n]
+        self.readinto(at, mv)
+        self._h.update(mv)
+
+    def _save(self, got, ok=False):
+        import os
+
+        with open(self._mark + ".tmp", "w") as f:
+            f.write("%d %s%s" % (got, self.label, " ok" if ok else ""))
+        os.rename(self._mark + ".tmp", self._mark)
+
+    def put(self, at, data, size, digest):
+        """Write the image's bytes at..at+len(data) (after resume()), check them by reading
+        back; ValueError("bad_hash ...") if the whole image differs from digest."""
+        self.write(at, data)
+        end = at + len(data)
+        for i in range(at, end, len(self._buf)):
+            self._readback(i, min(len(self._buf), end - i))
+        if end == size:
+            if self._h.digest() != digest:
+                self._save(0)  # anew from the start
+                raise ValueError("bad_hash: what reached partition %s differs from the "
+                                 "manifest's SHA-256" % self.label)
+            self._save(size, True)
+            self.ok = True
+        elif end // _IMG_BLOCK != at // _IMG_BLOCK:
+            self._save(end // _IMG_BLOCK * _IMG_BLOCK)
 
     def write(self, offset, data):
         if offset + len(data) > self.size:
@@ -337,6 +400,45 @@ def image_running():
     return esp32.Partition(esp32.Partition.RUNNING).info()[4]  # type: ignore[arg-type]
 
 
+def image_trial(fw, rec, save, leave):
+    """main.py, before a candidate that brought an app image runs: True if that image is
+    the one running. If not, either the switch never happened (a cut between the boot
+    record and set_boot: the record says no boot yet; switched once more, then reset) or the
+    bootloader went back to the old image because the new one reset before it confirmed
+    itself (a crash, the watchdog, a power cut): leave(fw, rec, reason), False."""
+    running = image_running()
+    if running == rec["cimg"]:
+        return True
+    if not rec.get("tries") and not rec.get("reswitch"):
+        rec["reswitch"] = 1
+        save(fw, rec)
+        print("boot: image %s was never switched to: switching" % rec["cimg"])
+        image_boot(rec["cimg"])
+        reset()
+    leave(fw, rec, "image_rollback: the bootloader went back to %s: the image in %s reset "
+          "before it confirmed itself" % (running, rec["cimg"]))
+    return False
+
+
+def image_leave(img, prev):
+    """A candidate with the image img is left: if img runs, boot prev again and reset (the
+    node's own rollback, whether or not the bootloader's is built in)."""
+    if image_running() == img:
+        image_boot(prev)
+        reset()
+
+
+def image_boot(label):
+    """Boot the app partition `label` at the next reset (a rollback chosen by the node)."""
+    esp32.Partition(label).set_boot()
+
+
 def image_confirm():
-    """The running image proved itself: the bootloader keeps it (no rollback)."""
-    esp32.Partition.mark_app_valid_cancel_rollback()
+    """The running image proved itself: the bootloader keeps it (no rollback). False on a
+    firmware built without the bootloader's app rollback (the port raises OSError -261):
+    there, only the node's own rollback (node/ota.py roll_back, main.py) returns."""
+    try:
+        esp32.Partition.mark_app_valid_cancel_rollback()
+    except OSError:
+        return False
+    return True
