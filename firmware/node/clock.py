@@ -9,7 +9,7 @@ import time
 # A set that moves a synced clock back further than this is counted (`back_steps`): a fresh ACK's
 # time is at most node/window.py TIME_FRESH_MS old, so a step back beyond it is the board's
 # clock running fast (an ESP32's RTC oscillator drifts) or the gateway's clock stepping back.
-STEP_BACK_MS = 5000
+STEP_BACK_MS = 15000
 # Ports whose epoch is 2000-01-01 (esp32, qemu) are shifted to the Unix epoch.
 _EPOCH_MS = 946684800000 if time.gmtime(0)[0] == 2000 else 0
 

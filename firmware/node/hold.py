@@ -81,6 +81,8 @@ class Hold:
         self._boot_ms = clock.now_ms() - time.ticks_diff(time.ticks_ms(), node.boot_ms)
         self._boot_abs = self._boot_ms if clock.synced or clock.known else None
         clock.on_set = self._on_set
+        if node.link is not None:
+            node.link.on_late = self._on_late
         self.requests = 0  # time requests sealed (diagnostics)
         self.flagged = 0  # samples sealed with a time.q flag
         if len(self):
@@ -116,6 +118,19 @@ class Hold:
             print("untimed: clock shift not saved: %r" % (e,))
         # sealed now, not at the next sample (an interval may be half an hour)
         asyncio.create_task(self.flush())
+
+    def _on_late(self):
+        """An ACK came too late to give the time (node/window.py): ask again, now."""
+        clock = self.node.clock
+        if not (clock.synced or clock.known):
+            asyncio.create_task(self._ask())
+
+    async def _ask(self):
+        seq = self.request()
+        if seq is not None:
+            print("sample seq=%d readings=1 outbox=%d (time request: the last ACK came late)" % (
+                seq, len(self.node.outbox)))
+            self.node.link.kick()
 
     async def take(self, now, values):
         """Seal this sample (its seq), or hold it while the clock is not known (None)."""

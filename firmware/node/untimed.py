@@ -45,6 +45,8 @@ def _waiting(node):
 def _release(node):
     """The hold is empty and the clock known: its code and state are given back."""
     node.clock.on_set = None  # (the hold's)
+    if node.link is not None:
+        node.link.on_late = None
     node._untimed = False
     unload("hold")
 

@@ -34,8 +34,10 @@ _REPLAY_WINDOW = const(64)
 # An ACK's time is taken only if it arrives at most this long after the first transmission of
 # a frame it names: the gateway wrote it after that frame reached it, so the time is at most
 # this old. A relay that holds an authentic ACK back (and lets the resends through) cannot
-# hand the node an older one; a late ACK still removes its frames.
-TIME_FRESH_MS = const(5000)
+# hand the node an older one; a late ACK still removes its frames. Not tighter: a gateway
+# holds a slow node's frame up to its commit window before the ACK ([queue] commit_window_ms,
+# 8 s, at most 10 s), and a first transmission may be lost (the resend follows 1 s later).
+TIME_FRESH_MS = const(15000)
 # what an ACK that is not authentic or not well formed raises out of open_ack
 BAD_ACK = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
@@ -88,6 +90,7 @@ class Window:
         self.late_acks = 0  # ACKs of frames in flight that came too late to give the time
         # the newest sequence number an ACK took out of the outbox this boot (node/hold.py)
         self.acked_top = -1
+        self.on_late = None  # called after a late ACK (node/hold.py: ask for the time again)
 
     def kick(self):
         """A new frame is in the outbox."""
@@ -206,6 +209,8 @@ class Window:
             if self.late_acks == 1:
                 print("%s: an ACK came over %d ms after its frame first went out: no time "
                       "taken from it (later ones only counted)" % (self._name, TIME_FRESH_MS))
+            if self.on_late is not None:
+                self.on_late()
         if last:
             # the link keeps order: a frame that went out before one the gateway has taken,
             # and is not acknowledged, was lost on the way (or refused). It goes again now,
