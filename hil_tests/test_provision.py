@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shlex
 import stat
@@ -19,82 +18,24 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from lantern.agent.config import load_keys
 from lantern.tools.field import provision_steps as ps
-from lantern.tools.street.sim import FIRMWARE, MP_EXTMOD, Relay, SimNode, gateway_toml
+from lantern.tools.street.sim import Relay, gateway_toml
 from lantern.tools.street.upstream import Upstream
 
-from .harness.qemu import (
-    PROMPT,
-    QEMU_IMAGE,
-    UNAVAILABLE,
-    Console,
-    StreetBridge,
-    missing_tools,
-    qemu_argv,
-)
+from .harness.qemu import Board, Console, require_qemu
 
 pytestmark = pytest.mark.qemu
 CLI = [sys.executable, "-m", "lantern"]
 
 
-@dataclass
-class Board:
-    """One QEMU board: REPL on `console`, the node's link on `link` (its gateway side), its
-    sensor buses on UART2 bridged to a simulated street (firmware/sim) as the harness does."""
-
-    workdir: Path
-    console: Console = field(default_factory=lambda: Console("board-console"))
-    link: Relay = field(default_factory=lambda: Relay("board-link"))
-    proc: subprocess.Popen[bytes] | None = None
-    street: SimNode | None = None
-    bridge: StreetBridge | None = None
-
-    async def power_on(self) -> None:
-        # the chips around the board: the provisioned node.json keeps the HAL's defaults
-        # (sensor buses on UART2, chips at real speed)
-        self.street = SimNode("SL-0042", self.workdir / "street", scenario={"chip_speed": 1})
-        self.street.start_street(self.street.write_config(), {
-            "MICROPYPATH": f"{FIRMWARE}:{MP_EXTMOD}", "PATH": os.environ.get("PATH", "")})
-        self.bridge = StreetBridge(self.street.street_name)
-        self.bridge.start()
-        self.console.start()
-        self.link.start()
-        with open(self.workdir / "qemu.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                qemu_argv(QEMU_IMAGE, self.console.node_port, self.link.node_port,
-                          self.bridge.port),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        await self.console.expect(PROMPT, 60)  # blank flash: main.py finds no node.json
-        self.console.attached = True  # the installer's mpremote talks to the REPL from now on
-
-    def off(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.console.close()
-        self.link.close()
-        if self.bridge is not None:
-            self.bridge.close()
-        if self.street is not None:
-            self.street.close()
-
-    def text(self) -> str:
-        return bytes(self.console.text).decode(errors="replace")
-
-
 @pytest.fixture
 async def board(tmp_path: Path) -> AsyncIterator[Board]:
-    if UNAVAILABLE.exists():  # the Makefile could not install QEMU here: said loudly there
-        pytest.skip(f"QEMU tier unavailable: {UNAVAILABLE.read_text().strip()}")
-    assert not missing_tools(), f"missing {missing_tools()}: run `make qemu-image`"
-    assert QEMU_IMAGE.exists(), f"{QEMU_IMAGE} missing: run `make qemu-image`"
+    require_qemu()
     b = Board(tmp_path)
     await b.power_on()
     try:

@@ -53,6 +53,17 @@ def missing_tools() -> list[str]:
     return [t for t in QEMU_TOOLS if shutil.which(t) is None]
 
 
+def require_qemu() -> None:
+    """Skip where the Makefile could not install QEMU (it says so loudly there); fail where
+    the tools or the image are missing."""
+    import pytest
+
+    if UNAVAILABLE.exists():
+        pytest.skip(f"QEMU tier unavailable: {UNAVAILABLE.read_text().strip()}")
+    assert not missing_tools(), f"missing {missing_tools()}: run `make qemu-image`"
+    assert QEMU_IMAGE.exists(), f"{QEMU_IMAGE} missing: run `make qemu-image`"
+
+
 def qemu_argv(image: Path, console: str, link: str, street: str) -> list[str]:
     """QEMU with UART0-2 on the given ttys: REPL, node link, sensor buses."""
     return ["qemu-system-arm", "-machine", "mps2-an385", "-nographic", "-monitor", "none",
@@ -274,6 +285,55 @@ class QemuNode(SimNode):
         if self.bridge is not None:
             self.bridge.close()
             self.bridge = None
+
+
+@dataclass
+class Board:
+    """One factory-fresh QEMU board as an installer finds it: REPL on `console` (mpremote's
+    port), the node's link on `link` (its gateway side), its sensor buses on UART2 bridged to
+    a simulated street (firmware/sim). Provisioning it is the test's business (QemuNode does
+    it for topologies)."""
+
+    workdir: Path
+    street_id: str = "SL-0042"  # the simulated street's node id (its chips do not care)
+    console: Console = field(default_factory=lambda: Console("board-console"))
+    link: Relay = field(default_factory=lambda: Relay("board-link"))
+    proc: subprocess.Popen[bytes] | None = None
+    street: SimNode | None = None
+    bridge: StreetBridge | None = None
+
+    async def power_on(self) -> None:
+        # the chips around the board: the provisioned node.json keeps the HAL's defaults
+        # (sensor buses on UART2, chips at real speed)
+        self.street = SimNode(self.street_id, self.workdir / "street", scenario={"chip_speed": 1})
+        self.street.start_street(self.street.write_config(), {
+            "MICROPYPATH": f"{FIRMWARE}:{MP_EXTMOD}", "PATH": os.environ.get("PATH", "")})
+        self.bridge = StreetBridge(self.street.street_name)
+        self.bridge.start()
+        self.console.start()
+        self.link.start()
+        with open(self.workdir / "qemu.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                qemu_argv(QEMU_IMAGE, self.console.node_port, self.link.node_port,
+                          self.bridge.port),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        await self.console.expect(PROMPT, 60)  # blank flash: main.py finds no node.json
+        self.console.attached = True  # the installer's mpremote talks to the REPL from now on
+
+    def off(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.console.close()
+        self.link.close()
+        if self.bridge is not None:
+            self.bridge.close()
+        if self.street is not None:
+            self.street.close()
+
+    def text(self) -> str:
+        return bytes(self.console.text).decode(errors="replace")
 
 
 def cp_args(files: list[Path]) -> list[str]:
