@@ -11,16 +11,29 @@ version with the Secondary Units feature (RFC 9100 §4, feature code 4), which s
 needs; the others keep version 10, left out. Per record, not once per batch: each record is
 then complete on its own (RFC 8428 §4.6 wants the version in every resolved record that is not
 version 10) and the same bytes in every batch it is retried in (docs/upstream.md).
+
+A node's firmware version (its STATUS, kept by the rollout manager), once known and whenever it
+changes, goes with the next batch holding its readings as one more record,
+`{"n": "urn:dev:lantern:<node>:firmware", "vs": "<version>", "t": <the batch's first attempt>,
+"id": "<node>:firmware:<version>"}`, the name and id the MQTT sink uses. A regular record with a
+string value is how RFC 8428 carries a device parameter (§4: a name under the device's, `vs`);
+a new field would need the SenML Labels registry (§12), and receivers ignore fields they do not
+know. The records of a batch are frozen at its first attempt, so a retry sends the same bytes;
+the versions delivered are kept in the state folder, so a restart sends none twice
+(docs/updates.md, "Where the version shows").
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
+import json
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +44,7 @@ import aiohttp
 from ..config import check_secret_file, http_url, shown_url
 from ..configfile import Doc, positive
 from ..logsetup import escape_controls
+from ..ngsi import split_name
 from ..plugins import SinkPlugin
 from ..queue.resolve import Batch
 
@@ -52,6 +66,7 @@ SECONDARY_UNITS = frozenset((
     "Wh/km", "KiB", "GB", "Mbit/s", "B/s", "MB/s", "mV", "mA", "dBm", "ug/m3", "mm/h", "m/h",
     "ppm", "/100", "/1000", "hPa", "mm", "cm", "km", "km/h"))
 _UNIT_FIELD = re.compile(r'"u":("(?:[^"\\]|\\.)*")')
+FROZEN_MAX = 64  # batches whose firmware records are kept for their retries (one in flight)
 BODY_MAX = 1 << 20  # bytes of an answer a sink reads at most (a 207 of 500 entities: ~100 KB)
 SHOWN_MAX = 200  # characters of a peer's URL or text a message shows at most
 
@@ -128,9 +143,31 @@ def _versioned(m: re.Match[str]) -> str:
     return m.group(0)
 
 
-def senml_body(batch: Batch) -> bytes:
-    """The batch as a SenML-JSON pack: a record with a secondary unit says its version."""
-    return _UNIT_FIELD.sub(_versioned, "[" + ",".join(batch.json_items) + "]").encode()
+def senml_body(batch: Batch, extra: list[str] | None = None) -> bytes:
+    """The batch as a SenML-JSON pack: a record with a secondary unit says its version;
+    `extra` records (array items) follow the batch's own."""
+    items = batch.json_items + (extra or [])
+    return _UNIT_FIELD.sub(_versioned, "[" + ",".join(items) + "]").encode()
+
+
+def firmware_records(batch: Batch, firmware: Mapping[str, str], t: float,
+                     sent: Mapping[str, str] | None = None) -> dict[str, str]:
+    """node → its firmware record (a JSON array item) for each Lantern node with readings in
+    batch whose firmware version is known and not the one in `sent`."""
+    out: dict[str, str] = {}
+    for record in batch.records():
+        n = record.get("n")
+        if not isinstance(n, str) or not n.startswith("urn:dev:lantern:"):
+            continue
+        try:
+            node, _ = split_name(n)
+        except ValueError:
+            continue
+        fw = firmware.get(node)
+        if fw is not None and node not in out and (sent or {}).get(node) != fw:
+            out[node] = json.dumps({"n": f"urn:dev:lantern:{node}:firmware", "vs": fw, "t": t,
+                                    "id": f"{node}:firmware:{fw}"}, separators=(",", ":"))
+    return out
 
 
 def idempotency_key(batch: Batch) -> str:
@@ -145,8 +182,17 @@ def idempotency_key(batch: Batch) -> str:
 class HttpSink:
     name = "http"
 
-    def __init__(self, cfg: HttpSinkConfig) -> None:
+    def __init__(self, cfg: HttpSinkConfig, firmware: Mapping[str, str] | None = None,
+                 state_dir: Path | None = None) -> None:
         self.cfg = cfg
+        # node → its firmware version (the rollout manager's, kept up to date by it)
+        self.firmware: Mapping[str, str] = {} if firmware is None else firmware
+        # idempotency key → (node → firmware record) of a batch at its first attempt
+        self._frozen: OrderedDict[str, dict[str, str]] = OrderedDict()
+        # node → the version delivered upstream, kept in the state folder (one file per URL)
+        self._sent_file = None if state_dir is None else state_dir / (
+            "http-firmware-" + hashlib.sha256(cfg.url.encode()).hexdigest()[:12] + ".json")
+        self._sent: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "application/senml+json"}
         if cfg.token_file:
@@ -155,6 +201,7 @@ class HttpSink:
         self.redirects: Counter[int] = Counter()  # 3xx answers, by status
 
     async def __aenter__(self) -> HttpSink:
+        self._sent = await asyncio.to_thread(self._load_sent)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
         return self
@@ -163,11 +210,52 @@ class HttpSink:
         if self._session is not None:
             await self._session.close()
 
+    def _load_sent(self) -> dict[str, str]:
+        if self._sent_file is None:
+            return {}
+        try:
+            sent = json.loads(self._sent_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s): firmware versions are sent again", self._sent_file,
+                        e)
+            return {}
+        if not isinstance(sent, dict):
+            return {}
+        return {k: v for k, v in sent.items() if isinstance(k, str) and isinstance(v, str)}
+
+    async def _delivered(self, records: dict[str, str]) -> None:
+        """The firmware records of a delivered batch: their versions are upstream now."""
+        if not records:
+            return
+        for node, item in records.items():
+            self._sent[node] = json.loads(item)["vs"]
+        if self._sent_file is not None:
+            await asyncio.to_thread(self._save_sent, json.dumps(self._sent, sort_keys=True))
+
+    def _save_sent(self, text: str) -> None:
+        assert self._sent_file is not None
+        tmp = self._sent_file.with_name(self._sent_file.name + ".tmp")
+        try:
+            tmp.write_text(text)
+            tmp.replace(self._sent_file)
+        except OSError as e:
+            log.warning("%s: cannot write (%s): firmware versions may be sent again",
+                        self._sent_file, e)
+
     async def send(self, batch: Batch) -> None:
         assert self._session is not None
-        body = senml_body(batch)
+        key = idempotency_key(batch)
+        extra = self._frozen.get(key)
+        if extra is None:
+            extra = self._frozen[key] = firmware_records(batch, self.firmware, time.time(),
+                                                         self._sent)
+            while len(self._frozen) > FROZEN_MAX:
+                self._frozen.popitem(last=False)
+        body = senml_body(batch, [extra[n] for n in sorted(extra)])
         headers = dict(self._headers)
-        headers["Idempotency-Key"] = idempotency_key(batch)
+        headers["Idempotency-Key"] = key
         t0 = time.monotonic()
         try:
             async with self._session.post(self.cfg.url, data=body, headers=headers,
@@ -175,6 +263,7 @@ class HttpSink:
                 await read_bounded(resp, SHOWN_MAX)
                 self.last_latency_s = time.monotonic() - t0
                 if 200 <= resp.status < 300:
+                    await self._delivered(self._frozen.pop(key, {}))
                     return
                 if 300 <= resp.status < 400:
                     self.redirects[resp.status] += 1
@@ -210,5 +299,5 @@ def parse(doc: Doc, h: dict[str, Any], key: str, base: Path) -> HttpSinkConfig:
 
 PLUGIN = SinkPlugin(
     "http", frozenset({"url", "timeout_s", "token_file", "backoff_initial_s", "backoff_max_s"}),
-    parse, open=lambda c, _cfg: HttpSink(c), where=lambda c: c.url,
+    parse, open=lambda c, ctx: HttpSink(c, ctx.firmware, ctx.state_dir), where=lambda c: c.url,
     backoff=lambda c: (c.backoff_initial_s, c.backoff_max_s))

@@ -65,8 +65,9 @@ def write_record(fw, rec):
 _NVS_FLOOR = "ota_floor"  # NVS keys (ESP32): they outlive an erased or reflashed filesystem
 _NVS_KEY = "rel_key"
 _NVS_NEXT = "rel_next"
-_NVS_RETIRED = "rel_retired"  # kids of next keys a later rotation superseded (8 bytes each)
-RETIRED_MAX = const(8)  # superseded next keys remembered (a replay of older ones: docs)
+# rel_next holds the next key, then the kids (8 bytes each) of the last 8 next keys a later
+# rotation superseded: one value, written at once (docs/updates.md "Rotating the release key")
+_RETIRED = const(64)
 
 
 def read_floor(fw, hal=None):
@@ -173,6 +174,7 @@ class Updater:
         self._verifier = None
         self.refused = {}  # reason -> count (the Verifier's own reasons included)
         self.version = None
+        self._old = b""  # kids of superseded next keys (_keys)
         self._img = None  # the HAL's Image (the next OTA partition) of an image entry
 
     # --- refusals ---
@@ -208,13 +210,6 @@ class Updater:
         else:
             _put_file(self.fw + "/" + name, value)
 
-    def _retired(self, kid=None):
-        """The superseded next keys' kids; with kid, whether it is one of them."""
-        old = self._get(_NVS_RETIRED, 8 * RETIRED_MAX) or b""
-        if kid is None:
-            return old
-        return any(old[i:i + 8] == kid for i in range(0, len(old), 8))
-
     def _keys(self):
         """(release key, next key or None). The store wins: a key provisioned in release.pub
         is copied into it at its first use, after which neither an erased filesystem (NVS)
@@ -224,13 +219,9 @@ class Updater:
             key = self._read_key(self.key_path)
             if key is not None and len(key) == 32:
                 self._put(_NVS_KEY, key)
-        nxt = self._get(_NVS_NEXT)
-        if nxt is not None and len(nxt) == 32:
-            from .update import key_id
-
-            if self._retired(key_id(nxt)):
-                nxt = None  # a cut between retiring it and storing its successor
-        return key, nxt
+        nxt = self._get(_NVS_NEXT, 32 + _RETIRED) or b""
+        self._old = nxt[32:]
+        return key, nxt[:32] or None
 
     def _store_keys(self, key, nxt):
         """The release key and the next key (None: none pending), the store first;
@@ -240,9 +231,8 @@ class Updater:
             self._put(_NVS_KEY, key)
         self._put(_NVS_NEXT, nxt)
         if key is not None:
-            self._put(_NVS_RETIRED, None)  # the old key's rotations are refused from now on
             _write_atomic(self.key_path, key)
-        _put_file(self.key_path + ".next", nxt)
+        _put_file(self.key_path + ".next", nxt and nxt[:32])
 
     def _check(self):
         """The Verifier for this node: release key (and a rotation's pending next key),
@@ -282,13 +272,13 @@ class Updater:
         from .update import _hex, key_id
 
         kid = key_id(new)
-        if self._retired(kid):
-            raise self._refuse("bad_rotation", "key %s superseded" % _hex(kid))
+        old = self._old
+        for i in range(0, len(old), 8):
+            if old[i:i + 8] == kid:
+                raise self._refuse("bad_rotation", "key %s superseded" % _hex(kid))
         if v.next is not None and v.next != new:
-            # superseded: its record, replayed, must not bring it back (retired first: a cut
-            # before the new next key is stored leaves no pending key, not the old one)
-            self._put(_NVS_RETIRED, (self._retired() + v.next_kid)[-8 * RETIRED_MAX:])
-        self._store_keys(None, new)
+            old = (old + v.next_kid)[-_RETIRED:]  # its record, replayed, must not bring it back
+        self._store_keys(None, new + old)
         self._verifier = None
         print("update: release key %s accepted as the next key" % _hex(kid))
         return kid
@@ -364,6 +354,8 @@ class Updater:
             _unload_crypto()
         if v.next is not None and v.signer == v.next_kid:
             self._promote(v)
+        # an app image goes to the next OTA partition (hal/esp32.py; ESP32 boards only)
+        self._img = self.hal.Image() if man.image >= 0 else None
         slot = self._target()
         same = _same(slot + _OFFER, head)
         if not same:
@@ -376,12 +368,6 @@ class Updater:
         self._resume()
         return self.have, self.total
 
-    def _image(self):
-        """The next OTA partition (hal/esp32.py Image): only ESP32 boards get an image."""
-        if self._img is None:
-            self._img = self.hal.Image()
-        return self._img
-
     def _space(self, man, slot):
         spare, block = _spare_blocks(self.fw)
         reserve = self.cfg.get("update_reserve_blocks", RESERVE_BLOCKS)
@@ -390,9 +376,8 @@ class Updater:
         for i in range(man.count):
             size = man.file(i)[1]
             if i == man.image:  # into the app partition, not the filesystem
-                if size > self._image().size:
-                    raise self._refuse("space", "image of %d bytes, partition %s holds %d"
-                                       % (size, self._img.label, self._img.size))
+                if size > self._img.size:
+                    raise self._refuse("space", "image of %d bytes > partition" % size)
                 continue
             need += (size + block - 1) // block + 1
         if need > spare - reserve:
@@ -406,7 +391,7 @@ class Updater:
             path, size, _ = self.man.file(i)
             p = self.slot + "/" + path
             if i == self.man.image:
-                got = self._image().resume(self.slot + _IMG, size)
+                got = self._img.resume(self.slot + _IMG, size)
                 if got == size and (self._img.ok or not size):
                     start += size
                     continue
@@ -507,7 +492,7 @@ class Updater:
         rec["tries"] = 0
         rec["state"] = "candidate"
         rec["reason"] = None
-        img = self.man.image >= 0 and self._image()
+        img = self._img
         # the record first, then the switch: main.py on the old image tells a cut between
         # the two (tries 0) from a rollback, and switches once more
         rec["cimg"] = img and img.label
