@@ -42,7 +42,7 @@ T_OLD = 1_700_000_000_000  # the clock a recorded ACK carries (2023)
 
 # The node's side, from boot: key, state, frames, then whatever was recorded is played to it.
 NODE_SCRIPT = r"""
-import json, sys
+import json, sys, time
 from node import app, bthome, start
 from node.outbox import Outbox
 from node.commands import Commands
@@ -77,7 +77,7 @@ class Actions:
 clock = Clock()
 link = UartLink(object(), node_id, key, ob, clock)
 for s in ob.seqs():
-    link._inflight[s] = (0, 1, 0)  # every frame on its way to the gateway
+    link._inflight[s] = (0, 1, 0, time.ticks_ms())  # every frame on its way to the gateway
 acts = Actions()
 cmds = Commands(node_id, key, state, acts)
 for h in rec["acks"]:

@@ -243,8 +243,6 @@ def test_sc_two_nodes_mapped_to_one_registered_id_are_refused(tmp_path: Path) ->
 # ---------------------------------------------------------------- the gateway's clock
 
 
-@pytest.mark.xfail(strict=True, reason="review 6: clock.json with a non-finite step is loaded "
-                   "and raises OverflowError in fix_times")
 def test_clock_json_with_a_non_finite_step_is_forgotten_not_raised(tmp_path: Path) -> None:
     """Attack: clock.json (state folder) poisoned or corrupted: a span with step Infinity
     (json reads `Infinity`/`NaN` as floats). Expected: a span that is not finite is dropped
@@ -288,6 +286,14 @@ _HOLD_SCRIPT = textwrap.dedent("""
         def now(self):
             return 5
 
+    class Outbox(list):  # what the node sealed survives the cut, as the real outbox does
+        def newest(self):
+            try:
+                n = len(open(DIR + "/sealed").read().split())
+            except OSError:
+                return None
+            return n or None
+
     class Node:
         link = None
         seal_errors = 0
@@ -297,7 +303,7 @@ _HOLD_SCRIPT = textwrap.dedent("""
             self.clock = Clock()
             self.boot = {"reset": reset}
             self.boot_ms = time.ticks_ms()
-            self.outbox = []
+            self.outbox = Outbox()
             self.cut_after = cut_after
         def seal(self, at, values):
             with open(DIR + "/sealed", "a") as f:  # the outbox: durable once sealed
@@ -327,8 +333,6 @@ _HOLD_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 6: a power cut between sealing a held sample and "
-                   "removing its file seals it twice (two sequence numbers)")
 def test_power_cut_while_sealing_the_hold_does_not_duplicate_a_sample(tmp_path: Path) -> None:
     """Attack: power lost in node/untimed.py `_seal_oldest` after `node.seal` put the held
     sample in the outbox and before `os.remove` took its file away (a window of one flash

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.micropython
 # Runs on MicroPython: each input line is "<hex of line bytes>"; each output line is
 # "<removed seqs, comma-separated>|<clock set: 0/1>|<exception escaping, or ->".
 HARNESS = r"""
-import sys, binascii
+import sys, binascii, time
 from node import frame
 from node.link_uart import UartLink
 
@@ -67,7 +67,7 @@ for line in sys.stdin:
     link._clock = Clock()
     link._inflight = {}
     for s in range(40, 48):
-        link._inflight[s] = (0, 1, 0)
+        link._inflight[s] = (0, 1, 0, time.ticks_ms())
     exc = "-"
     try:
         for chunk in frame.Deframer().feed(data):
