@@ -210,7 +210,8 @@ async def test_fleet_broken_off_in_row_2_resumes_and_the_gateway_takes_both_node
     progress = json.loads(progress_file.read_text())
     assert sorted(progress["done"]) == list(IDS) and progress["failed"] == {}
     assert progress["running"] is None
-    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
+    # nothing half-written left behind: the fragment, progress and stage files are whole
+    assert not [*tmp_path.glob("*.tmp"), *(tmp_path / "stage").rglob("*.tmp")]
 
     code, out = await fleet(csv)  # a third run: nothing left, no board touched
     assert code == 0 and "2/2 done" in out and out.count("skipped") == 2, out
