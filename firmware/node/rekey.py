@@ -4,8 +4,7 @@ configuration"), and the boot step that finishes a commit a power cut interrupte
 Loaded with those commands (and at boot only when a rotation record exists), given back after:
 most nodes rotate a key once a year.
 
-The record (`<key file>.rk`, or `state_dir/key.rk` where the key sits in NVS) is CBOR, written
-atomically with the key file's mode (0600):
+The record (`state_dir/key.rk`) is CBOR, written atomically with the key file's mode (0600):
   {"v": key version, "k": current key, "prev": the key before it or None,
    "first": the first frame sequence sealed under "k" (None for the provisioned key),
    "p": pending [version, gateway public, node public, new key] or None}
@@ -20,14 +19,13 @@ from .outbox import _write_atomic
 
 INFO = b"lantern rekey v1"
 _urandom = os.urandom  # (a name of this module: the protocol's vector test fixes it)
+RECORD = "/key.rk"
 _ITEMS = 32  # what decoding the record may build (it holds 5 keys and a 4-item list)
 
 
 def journal_path(cfg):
-    """Where the rotation record of this node lives: beside its key."""
-    if cfg.get("key_store") == "nvs":
-        return cfg["state_dir"] + "/key.rk"
-    return cfg["key_file"] + ".rk"
+    """Where the rotation record lives (node/start.py keys looks for RECORD there too)."""
+    return cfg["state_dir"] + RECORD
 
 
 def _umask(mask):
@@ -165,8 +163,26 @@ def commit(node, version):
         # the record is committed: the node seals under the new key now, and its next boot
         # writes the key store again
         print("rekey: key store not written (%r): the next boot does it" % (e,))
+    _mark_used(node.cfg, node.hal, new)
     use_key(node, new, version, old, first)
     return 0, {2: version, 3: first}
+
+
+def _mark_used(cfg, hal, key):
+    """Tie the counters to the new key at once, as node/start.py bind_state does at boot: a
+    state_dir wiped before the next boot must not restart them under it."""
+    import hashlib
+
+    kid = hashlib.sha256(b"lantern key id v1" + key).digest()[:8].hex().encode()
+    mark = getattr(hal, "mark_key_used", None)
+    try:
+        if mark is not None:
+            mark(kid.decode())
+        elif cfg.get("key_store") != "nvs":
+            _write_atomic(cfg["key_file"] + ".used", kid)
+        _write_atomic(cfg["state_dir"] + "/key_id", kid)
+    except OSError as e:  # the next boot's bind_state writes them
+        print("rekey: key id not recorded (%r)" % (e,))
 
 
 def use_key(node, key, version, prev, first):

@@ -94,11 +94,16 @@ def keys(node, cfg, hal):
     A key rotated over the air (node/rekey.py) is the key store's key, its version in the
     rotation record beside it; a commit a power cut interrupted is finished here.
     """
+    global _key_file
+    key = node_key(cfg, hal)
+    node.key, node.key_version, node.key_prev, node.key_first = key, 0, None, None
+    try:
+        os.stat(cfg["state_dir"] + "/key.rk")  # node/rekey.py RECORD
+    except OSError:
+        return  # never rotated: its code is not even loaded
     from . import unload
     from .rekey import boot
 
-    global _key_file
-    key = node_key(cfg, hal)
     node.key, node.key_version, node.key_prev, node.key_first = boot(cfg, hal, key)
     unload("rekey")
     if node.key != key and _key_file is not None:  # rolled forward: the file holds it now

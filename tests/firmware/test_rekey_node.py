@@ -231,7 +231,7 @@ async def test_rekey_commit_moves_every_frame_to_the_new_key(tmp_path: Path) -> 
         # on flash: the new key in the key file, owner-only like the provisioned one
         key_file = n.sim.dir / "node.key"
         assert bytes.fromhex(key_file.read_text()) == key
-        for f in (key_file, Path(str(key_file) + ".rk")):
+        for f in (key_file, n.sim.state_dir / "key.rk"):
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
         # a power cut and a boot: the same key, its version, the old-key commit answered
         n.power_cut()
@@ -281,7 +281,7 @@ async def test_bad_rekey_arguments_are_refused_and_change_nothing(tmp_path: Path
         assert (await line.ask(COMMIT, {}))[1] == E_ARG
         i, st = await n.status()
         assert i == 0 and st["key_version"] == 0
-        assert not Path(str(n.sim.dir / "node.key") + ".rk").exists()
+        assert not (n.sim.state_dir / "key.rk").exists()
 
 
 async def test_config_is_checked_written_applied_and_versioned(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ it; then the rotation is finished from there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import stat
@@ -61,6 +62,7 @@ def show(n):
 
 n = Node()
 start.keys(n, n.cfg, None)  # the boot: finishes an interrupted commit
+start.bind_state(n.cfg["state_dir"], n.key, None)  # and ties the counters to its key
 if mode == "boot":
     show(n)
     sys.exit(0)
@@ -125,7 +127,7 @@ def check_state(d: Path, st: dict[str, Any], old: bytes, gw: X25519PrivateKey,
     on_file = bytes.fromhex((d / "node.key").read_text())
     assert on_file == key, "the key file holds the key the node uses"
     assert stat.S_IMODE((d / "node.key").stat().st_mode) == 0o600
-    rk = d / "node.key.rk"
+    rk = d / "state/key.rk"
     if rk.exists():
         assert stat.S_IMODE(rk.stat().st_mode) == 0o600
     if key == old:
@@ -138,7 +140,7 @@ def check_state(d: Path, st: dict[str, Any], old: bytes, gw: X25519PrivateKey,
         assert (st["v"], st["first"], st["prev"], st["p"]) == (1, FIRST, old.hex(), None), st
 
 
-CASES = [(w, s) for w in (1, 2, 3) for s in ("torn", "tmp", "done")]
+CASES = [(w, s) for w in (1, 2, 3, 4, 5) for s in ("torn", "tmp", "done")]
 
 
 @pytest.mark.parametrize(("cut", "stage"), CASES)
@@ -174,6 +176,10 @@ def test_a_power_cut_at_any_write_leaves_one_usable_key(tmp_path: Path, cut: int
         assert after[0]["rekey"] == 0
         assert final["key"] == derived(gw, after[0]["node_pub"], old).hex()
     assert run(tmp_path, "boot", gw_pub) == [final]
+    # the counters are the new key's at once (node/start.py bind_state's marker and key id)
+    kid = hashlib.sha256(b"lantern key id v1" + bytes.fromhex(final["key"])).hexdigest()[:16]
+    assert (tmp_path / "node.key.used").read_text() == kid
+    assert (tmp_path / "state/key_id").read_text() == kid
 
 
 def test_a_node_provisioned_again_forgets_its_rotations(tmp_path: Path) -> None:
@@ -190,4 +196,4 @@ def test_a_node_provisioned_again_forgets_its_rotations(tmp_path: Path) -> None:
     key_file.write_text(fresh.hex() + "\n")
     (st,) = run(tmp_path, "boot", gw_pub)
     assert (st["key"], st["v"], st["prev"], st["p"]) == (fresh.hex(), 0, None, None)
-    assert not (tmp_path / "node.key.rk").exists()
+    assert not (tmp_path / "state/key.rk").exists()
