@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import datetime
 import hmac
-import importlib.resources
 import io
 import ipaddress
 import logging
@@ -251,6 +249,8 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
 
 def fleet_csv(rows: Any) -> str:
     """Registry rows as CSV (CSV_FIELDS), times as ISO 8601 UTC."""
+    import csv  # (only when asked: idle memory, issue 22)
+
     out = io.StringIO()
     w = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
     w.writeheader()
@@ -459,6 +459,8 @@ class Api:
 
     @staticmethod
     def _file(name: str) -> web.Response:
+        import importlib.resources  # (only when a page is asked for: idle memory, issue 22)
+
         body = importlib.resources.files("lantern.agent").joinpath("status", name).read_bytes()
         kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
         return web.Response(body=body, content_type=kind[name.rsplit(".", 1)[1]],

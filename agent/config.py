@@ -53,7 +53,7 @@ class QueueConfig:
     # a group commit waits this long for the frames of other (slow) nodes (agent/ingest.py)
     commit_window_ms: int = 8000
     # confirmed deliveries are recorded in the queue this often (agent/queue/store.py)
-    deliver_every_s: float = 60.0
+    deliver_every_s: float = 300.0
 
     @property
     def max_bytes(self) -> int:
@@ -257,7 +257,7 @@ def _queue(doc: Doc, d: dict[str, Any]) -> QueueConfig:
             else f"must be 0..{COMMIT_WINDOW_MAX_MS} (milliseconds; 0: commit every frame at "
                  f"once), got {v}"),
         deliver_every_s=float(doc.get(
-            q, "deliver_every_s", "queue.deliver_every_s", (int, float), 60.0,
+            q, "deliver_every_s", "queue.deliver_every_s", (int, float), 300.0,
             lambda v: None if 0 <= v <= DELIVER_EVERY_MAX_S
             else f"must be 0..{DELIVER_EVERY_MAX_S} (seconds; 0: record each delivery at "
                  f"once), got {v}")),

@@ -22,8 +22,6 @@ from . import preflight
 from .api import ApiServer, GatewayView
 from .config import Config, HealthConfig, load_config, load_keys
 from .errors import ConfigError
-from .health.feed import NAME as HEALTH
-from .health.feed import HealthSink
 from .ingest import Ingest
 from .metrics import Metrics, TimedSink
 from .ota.rollout import RolloutManager
@@ -335,7 +333,12 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         links += [link_plugin(name).make(link_cfg, ctx)
                   for name, link_cfgs in cfg.links.items() for link_cfg in link_cfgs]
         # every consumer of the queue: a frame leaves it once each one has it
-        consumers = [s.name for s in sinks] + ([HEALTH] if health is not None else [])
+        consumers = [s.name for s in sinks]
+        if health is not None:  # (loaded only when configured: idle memory, issue 22)
+            from .health.feed import NAME as HEALTH
+            from .health.feed import HealthSink
+
+            consumers.append(HEALTH)
         forwarders = []
         for sink, backoff in zip(sinks, backoffs, strict=True):
             ev = asyncio.Event()

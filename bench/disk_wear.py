@@ -63,6 +63,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "now_without_commit_window": {"queue": {"commit_window_ms": 0}, "modules": {}},
     "now_with_4s_commit_window": {"queue": {"commit_window_ms": 4000}, "modules": {}},
     "now_recording_each_delivery": {"queue": {"deliver_every_s": 0.0}, "modules": {}},
+    "now_recording_deliveries_every_60s": {"queue": {"deliver_every_s": 60.0}, "modules": {}},
     "now_with_4k_pages": {"queue": {},
                           "modules": {"lantern.agent.queue.store": {"PAGE_SIZE": 4096}}},
 }
