@@ -20,6 +20,9 @@ class Upstream:
     listener: Listener | None = None
     readings: dict[str, dict[str, Any]] = field(default_factory=dict)
     arrival: dict[str, float] = field(default_factory=dict)
+    # the gateway's firmware-version records (docs/updates.md "Where the version shows"):
+    # what a node runs, not a reading; kept by id apart from the readings
+    firmware: dict[str, dict[str, Any]] = field(default_factory=dict)
     duplicates: int = 0
     conflicting: int = 0
     batches: int = 0
@@ -47,6 +50,9 @@ class Upstream:
         now = time.time()
         for r in records:
             rid = r.get("id")
+            if str(r.get("n", "")).endswith(":firmware") and "vs" in r:
+                self.firmware[str(rid)] = r
+                continue
             if rid in self.readings:
                 self.duplicates += 1
                 if self.readings[rid] != r:
