@@ -44,12 +44,14 @@ SYNCHRONOUS = "FULL"
 PAGE_SIZE = 1024
 # Deliveries recorded in groups (issue 22; [queue] deliver_every_s): a batch a sink confirmed
 # leaves the queue, with its sink cursor and the history rows of its frames, at most that
-# much later, in one transaction with the batches confirmed meanwhile — not one per batch.
+# much later, in one transaction with the batches confirmed meanwhile — not one per batch, and
+# at once when OWED_FRAMES_MAX frames are owed (a backlog draining).
 # The sink's own cursor (forward.py) moves on at once; only a crash in between sends those
 # batches again (the same reading ids: upstream drops the repeat). 0: each batch is recorded
 # as it is confirmed. This default is for a Store made without configuration (tests, tools);
 # the gateway sets `deliver_every_s`.
 DELIVER_EVERY_S = 0.0
+OWED_FRAMES_MAX = 256
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Store:
         # it: their leases end when it is recorded); deliver_every_s
         self._owed: dict[str, tuple[Batch, tuple[str, ...], list[Batch]]] = {}
         self._owed_since = 0.0
+        self._owed_frames = 0  # frames in the batches owed (OWED_FRAMES_MAX)
         # deliveries recorded every this many seconds ([queue] deliver_every_s); None: the
         # module's DELIVER_EVERY_S
         self.deliver_every_s: float | None = None
@@ -373,7 +376,12 @@ class Store:
         old = self._owed.get(sink)
         folded = [] if old is None else old[2] + ([old[0]] if old[0] is not batch else [])
         self._owed[sink] = (batch, sinks, folded)
-        self._settle()
+        self._owed_frames += len(batch.json_items)
+        # a backlog draining (after an outage, or after a restart that found deliveries
+        # unrecorded) is recorded every OWED_FRAMES_MAX frames. Pacing is for a street's
+        # trickle; a gateway restarting more often than deliver_every_s would otherwise never
+        # record one, and send its whole queue again at every start
+        self._settle(now=self._owed_frames >= OWED_FRAMES_MAX)
 
     def _settle(self, now: bool = False) -> None:
         """Record the deliveries owed, if deliver_every_s has passed (now: whatever the time)."""
@@ -386,6 +394,7 @@ class Store:
             del self._owed[sink]  # (a failure above keeps it owed: tried again next time)
             for b in folded:
                 self.cap.release(b.first_id, b.last_id)
+        self._owed_frames = 0
 
     async def limit(self, max_bytes: int, policy: str) -> None:
         """Cap the queue's bytes on disk (0: no cap); policy pause_intake or evict_oldest."""

@@ -18,7 +18,7 @@ from lantern.agent.config import load_config
 from lantern.agent.errors import ConfigError
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
-from lantern.agent.queue.store import Accepted, Store, Window
+from lantern.agent.queue.store import OWED_FRAMES_MAX, Accepted, Store, Window
 
 KEYS = {b"SL-0001": bytes(range(32)), b"SL-0002": bytes(range(1, 33))}
 
@@ -220,3 +220,26 @@ async def test_deliver_every_s_set_on_the_store_groups_deliveries(tmp_path: Path
         store.deliver_every_s = 0.0  # the next delivery records at once, the owed one with it
         await store.commit([], {})
         assert rows(path) == set() and await store.cursor("http") == batch.last_id
+
+
+async def test_a_backlog_is_recorded_every_owed_frames_max_frames(tmp_path: Path) -> None:
+    """A gateway restarting more often than deliver_every_s still records its deliveries."""
+    path = tmp_path / "queue.sqlite"
+    async with Store(path) as store:
+        store.deliver_every_s = 3600.0
+        n = OWED_FRAMES_MAX + 10
+        frames = [Accepted("SL-0001", s, b"", None, pack=cbor2.dumps(
+            [{-3: 1700000000 + s, 0: "temperature", 2: 21.5}]), n=1) for s in range(1, n + 1)]
+        w = Window()
+        for f in frames:
+            w.mark(f.seq)
+        await store.commit(frames, {"SL-0001": w})
+        cursor = 0
+        while (batch := await store.next_batch(100, cursor)) is not None:
+            await store.delivered_to("http", batch, ["http"])
+            cursor = batch.last_id
+            if len(rows(path)) < n:
+                break
+        # the batch that took the owed frames past the bound was recorded with the others
+        assert OWED_FRAMES_MAX <= n - len(rows(path)) < OWED_FRAMES_MAX + 100
+        assert await store.cursor("http") == cursor
