@@ -39,7 +39,7 @@ from .ngsi import NodeMeta
 from .ota.rollout import BUNDLE_MAX, RolloutError, RolloutManager
 from .queue.history import find_gaps, typical_interval
 from .queue.store import Store
-from .registry import CSV_FIELDS, Registry
+from .registry import API_FIELDS, CSV_FIELDS, Registry
 from .timesync import TimeSync
 
 if TYPE_CHECKING:
@@ -242,8 +242,7 @@ def node_entry(view: GatewayView, ov: dict[str, Any], node: str, now: float) -> 
                      ) or rec.get("firmware"),
         "latest": latest,
         # the fleet registry's record (docs/fleet.md); None where the node has none
-        **{k: rec.get(k) for k in ("pole", "board", "key_id", "key_version",
-                                   "config_version", "state", "revoked", "revoked_why")},
+        **{k: rec.get(k) for k in API_FIELDS},
     }
 
 

@@ -324,14 +324,16 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
         # and relative times are anchored at receipt, corrected by the step it takes on syncing
         clock = TimeSync(mode=cfg.clock.mode, path=cfg.state_dir / CLOCK_FILE)
         ingest.clock = clock
-        store.out.clock = clock
+        store.out.clock = store.history.clock = clock
         clock.state()  # logged now: an unsynchronised clock is the first thing an operator sees
         await ingest.start()
-        ingest.refused = fleet.refused  # asked on every frame: a revocation applies at once
         ctx = LinkContext(ingest, fleet.link_keys, store, cfg.state_dir,
                           backends={"ble": ble_backend})
         links += [link_plugin(name).make(link_cfg, ctx)
                   for name, link_cfgs in cfg.links.items() for link_cfg in link_cfgs]
+        # the registry's verdict on every frame (a revocation applies at once), a rotating
+        # node's other key, and the live fleet operations over the links (docs/fleet.md)
+        stack.callback(fleet.attach(ingest, links, metrics).close)
         # every consumer of the queue: a frame leaves it once each one has it
         consumers = [s.name for s in sinks]
         if health is not None:  # (loaded only when configured: idle memory, issue 22)

@@ -116,6 +116,9 @@ class Ingest:
         # the fleet registry's verdict on a node id, asked on every frame so that a
         # revocation applies at once ("revoked", "retired" or None: agent/registry.py)
         self.refused: Callable[[bytes], str | None] = lambda kid: None
+        # a rotating node's other key (its next one, or the old one below the first sequence
+        # the new key seals): the fleet's live operations set it (agent/fleetops.py)
+        self.other_key: Callable[[protocol.Mac0], protocol.NodeKey | None] = lambda m: None
         self._committing = 0  # frames in the commit under way
         self.intake = asyncio.Event()  # set: links may read; cleared at INTAKE_HIGH
         self.intake.set()
@@ -257,7 +260,13 @@ class Ingest:
         nk = self._node_key(m.kid)
         if nk is None:
             raise AuthError("unknown_node", f"no key for node {m.kid.decode('utf-8', 'replace')!r}")
-        nk.verify(m)
+        try:
+            nk.verify(m)
+        except AuthError:
+            if (other := self.other_key(m)) is None:
+                raise
+            other.verify(m)
+            nk = other
         node = nk.node
         if m.payload[:1] and m.payload[0] >> 5 == 5:
             # A map where a pack (an array) belongs: the shape of the gateway's own ACKs, which
