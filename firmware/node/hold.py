@@ -14,7 +14,8 @@ What can no longer be timed is sealed with a `time.q` flag instead of a wrong ti
 - RELATIVE: the hold is full (`max_untimed`): the oldest sample goes with base time -age,
   relative to when the gateway receives the pack (RFC 8428 §4.5.3): right if it goes at once.
 - BEFORE: sampled in an earlier run of the board's clock (a power cut since): its time is when
-  this run began, and the reading is older by an unknown span.
+  this boot began, and the reading is older by an unknown span; BEFORE | RELATIVE while this
+  boot's start is not known either: base time -uptime, the same bound relative to the receipt.
 """
 
 import asyncio
@@ -78,7 +79,7 @@ class Hold:
             self._run_saved = False
         clock = node.clock
         # when this boot began, in the clock's scale; once known, the bound for BEFORE
-        self._boot_ms = clock.now_ms() - time.ticks_diff(time.ticks_ms(), node.boot_ms)
+        self._boot_ms = clock.now_ms() - self._up_ms()
         self._boot_abs = self._boot_ms if clock.synced or clock.known else None
         clock.on_set = self._on_set
         if node.link is not None:
@@ -90,6 +91,11 @@ class Hold:
 
     def __len__(self):
         return self._next - self._first
+
+    def _up_ms(self):
+        """This boot's uptime, or less: ticks_diff wraps past half the tick period (6.2 days
+        on an ESP32); the mask keeps it at or below the truth, so a bound made of it holds."""
+        return time.ticks_diff(time.ticks_ms(), self.node.boot_ms) & time.ticks_add(0, -1)
 
     def _read_run(self):
         try:
@@ -186,22 +192,11 @@ class Hold:
             self._done()
 
     def _recover(self):
-        """Settle the seal a power cut interrupted: sealed already (its file goes), or not.
-
-        Runs before this boot seals anything: a pack newer than the record's `after` (still in
-        the outbox, or acknowledged since the boot) can only be that seal's."""
+        """Settle the seal a reset interrupted, before this boot seals anything (`_seal_oldest`):
+        every number handed out so far is then at most the seal's own."""
         rec = self._read(self._first)
-        if rec is None or not _sealing(rec):
-            return
-        at, values, after = rec
-        newest = self.node.outbox.newest()
-        acked = getattr(self.node.link, "acked_top", -1)
-        if (newest is not None and newest > after) or acked > after:
-            print("untimed: held sample %d was sealed before a power cut" % self._first)
-            self._drop_first()
-        else:
-            # not sealed: its time (decided before the cut, in the run it was taken) stays
-            _write_atomic(self._path(self._first), cbor.dumps([at, values]))
+        if rec is not None and _sealing(rec):
+            self._seal_oldest(None)
 
     def _path(self, n):
         return "%s/%d" % (self.dir, n)
@@ -210,48 +205,87 @@ class Hold:
         """The record of held sample n, or None (unreadable: counted, printed)."""
         try:
             with open(self._path(n), "rb") as f:
-                return cbor.loads(f.read(), _ITEMS)
+                rec = cbor.loads(f.read(), _ITEMS)
+            if not (isinstance(rec, list) and 2 <= len(rec) <= 3
+                    and dict in (type(rec[1]), type(rec[-1]))):
+                raise ValueError("not a held record")
+            return rec
         except (OSError, ValueError, TypeError) as e:
             # unreadable (a flash error): counted and skipped, never a stuck hold
             print("untimed: held sample %d unreadable: %r" % (n, e))
             self.node.seal_errors += 1
             return None
 
-    def _seal_oldest(self, how):
-        """Seal the oldest held sample exactly once, whenever the power fails.
+    def _time(self, rec, how):
+        """(time, values) of a held record [run, clock s, values]: its time, or a flag."""
+        run, t, values = rec
+        flag = 0
+        if run == self.run and how == RELATIVE:
+            at = t - self.node.clock.now()  # seconds before "now" (negative)
+            if at > 0:
+                at = 0
+            flag = RELATIVE
+        elif run == self.run and self.shift_ms is not None:
+            at = t + self.shift_ms // 1000  # (within a second)
+        elif self._boot_abs is not None:
+            at = self._boot_abs // 1000  # older than this boot, by an unknown span
+            flag = BEFORE
+        else:
+            # an earlier run of the clock, and this one not known either: older than this
+            # boot, which began at least its uptime before the gateway's receipt
+            at = -(self._up_ms() // 1000)
+            flag = BEFORE | RELATIVE
+        if flag:
+            values[TIME_Q] = flag
+        return at, values
 
-        Its file goes through three records: [run, clock s, values] (held), [at, values]
-        (timed) and [at, values, after] (being sealed: `after` is the outbox's newest sequence
-        number before the seal). The last is written before the outbox takes the pack, so a
-        boot finds either the pack or no pack newer than `after` (`_recover`)."""
+    def _seal_oldest(self, how):
+        """Seal the oldest held sample exactly once, whatever resets come.
+
+        Its file goes through two records: [run, clock s, values] (held) and [at, values,
+        seq] (being sealed: its time decided and its sequence number reserved before the
+        record names it). The pack goes to the outbox under that number, then the file goes.
+        A boot that finds the second record (`_recover`) finds the pack in the outbox, or
+        acknowledged since the boot, or seals it again under the same number: the same bytes,
+        which the gateway takes once (its (node, seq) de-duplication) however often they come.
+        """
         rec = self._read(self._first)
-        if rec is not None and len(rec) == 3 and not _sealing(rec):
-            run, t, values = rec
-            flag = 0
-            if how == RELATIVE:
-                at = t - self.node.clock.now()  # seconds before "now" (negative)
-                if at > 0:
-                    at = 0
-                flag = RELATIVE
-            elif run == self.run and self.shift_ms is not None:
-                at = t + self.shift_ms // 1000  # (within a second)
-            else:
-                at = self._boot_abs // 1000 if self._boot_abs is not None else 0
-                flag = BEFORE if self._boot_abs is not None else RELATIVE
-            if flag:
-                values[TIME_Q] = flag
-        elif rec is not None:
-            at, values = rec[0], rec[1]  # timed in an earlier attempt
         if rec is not None:
-            newest = self.node.outbox.newest()
-            _write_atomic(self._path(self._first),
-                          cbor.dumps([at, values, -1 if newest is None else newest]))
-            seq = self.node.seal(at, values)
-            if TIME_Q in values:
-                self.flagged += 1
-            print("sample seq=%d readings=%d outbox=%d (held)" % (
-                seq, len(values), len(self.node.outbox)))
+            node = self.node
+            if _sealing(rec):  # an earlier boot's seal, or this one's that failed
+                at, values, seq = rec
+                if self._taken(seq):
+                    print("untimed: held sample %d sealed already (seq %d)" % (self._first, seq))
+                    seq = None
+            else:
+                # [at, values]: timed by a firmware before this one
+                at, values = self._time(rec, how) if len(rec) == 3 else rec
+                seq = node.outbox.next_seq()  # reserved on flash before the record names it
+                _write_atomic(self._path(self._first), cbor.dumps([at, values, seq]))
+            if seq is not None:
+                box = node.outbox
+                node.outbox = _Reserved(box, seq)  # Node.seal takes its number from it
+                try:
+                    node.seal(at, values)
+                finally:
+                    node.outbox = box
+                if TIME_Q in values:
+                    self.flagged += 1
+                print("sample seq=%d readings=%d outbox=%d (held)" % (
+                    seq, len(values), len(box)))
         self._drop_first()
+
+    def _taken(self, seq):
+        """Whether the pack `seq` went out already: in the outbox, or taken out of it by an
+        ACK (this boot's, or an earlier boot's that node/window.py noted on flash)."""
+        node = self.node
+        if seq in node.outbox or seq <= getattr(node.link, "acked_top", -1):
+            return True
+        try:
+            with open(node.outbox.dir + ".acked") as f:  # (node/window.py writes it)
+                return seq <= int(f.read())
+        except (OSError, ValueError):
+            return False
 
     def _drop_first(self):
         try:
@@ -263,6 +297,21 @@ class Hold:
             self._first = self._next = 0
 
 
+class _Reserved:
+    """The outbox as Node.seal sees it while a held sample is sealed: it hands out the
+    number reserved for that sample (the first time or again after a reset)."""
+
+    def __init__(self, box, seq):
+        self._box = box
+        self._seq = seq
+
+    def next_seq(self):
+        return self._seq
+
+    def put(self, seq, data):
+        self._box.put(seq, data)
+
+
 def _sealing(rec):
-    """A record written just before its seal: [at, values, after] (held: [run, t, values])."""
+    """A record written just before its seal: [at, values, seq] (held: [run, t, values])."""
     return len(rec) == 3 and isinstance(rec[1], dict)

@@ -13,6 +13,7 @@ import random
 import time
 
 from . import cbor, cose
+from .outbox import _write_atomic
 
 try:
     from micropython import const
@@ -70,7 +71,8 @@ class Window:
         self._outbox = outbox
         self._window = window
         self._rto = rto_ms
-        # seq -> (due ticks_ms, attempts, order of its latest send, ticks_ms of its first send)
+        # seq -> (due ticks_ms, attempts, order of its latest send, ticks_ms of its first send,
+        # None once that is over TIME_FRESH_MS ago)
         self._inflight = {}
         self._sends = 0  # transmissions so far: the order frames went out on the link
         self._evicted = outbox.evicted  # the outbox's drop count when _inflight was last pruned
@@ -90,6 +92,12 @@ class Window:
         self.late_acks = 0  # ACKs of frames in flight that came too late to give the time
         # the newest sequence number an ACK took out of the outbox this boot (node/hold.py)
         self.acked_top = -1
+        # The newest frame an earlier boot left in the outbox: the hold may have sealed it just
+        # before a reset, and its ACK, which can come before the hold is loaded again, is then
+        # the only trace that the seal went out. Its ACK is noted on flash beside the outbox's
+        # directory (`<outbox>.acked`, read by node/hold.py; one small write, in a boot that
+        # starts with frames waiting), a trace a second reset keeps.
+        self._carried = outbox.newest() if hasattr(outbox, "dir") else None
         self.on_late = None  # called after a late ACK (node/hold.py: ask for the time again)
 
     def kick(self):
@@ -178,7 +186,11 @@ class Window:
                     self.retransmits += 1
                 left = self._backoff(attempts)
                 self._sends += 1
-                first = e[3] if e is not None and len(e) > 3 else now
+                first = now if e is None else e[3]
+                if first is not None and time.ticks_diff(now, first) > TIME_FRESH_MS:
+                    # stale for good, seen at each resend (at most RTO_MAX_MS and its jitter
+                    # apart): long before the tick counter could wrap back to a young age
+                    first = None
                 self._inflight[seq] = (time.ticks_add(now, left), attempts + 1, self._sends, first)
             if left < wait:
                 wait = left
@@ -196,10 +208,17 @@ class Window:
             e = self._inflight.pop(seq, None)
             if e is not None:
                 named = True
-                if len(e) > 3 and time.ticks_diff(now, e[3]) <= TIME_FRESH_MS:
+                # (a difference below 0 is the counter wrapped: never fresh)
+                if e[3] is not None and 0 <= time.ticks_diff(now, e[3]) <= TIME_FRESH_MS:
                     fresh = True
                 if e[2] > last:
                     last = e[2]
+            if seq == self._carried:
+                self._carried = None
+                try:  # before the frame goes: a reset between leaves both, never neither
+                    _write_atomic(self._outbox.dir + ".acked", b"%d" % seq)
+                except OSError as err:  # flash full: the hold seals it again, at the same seq
+                    self._failed("ack note", err)
             if self._outbox.remove(seq):
                 self.acked += 1
                 if seq > self.acked_top:

@@ -10,17 +10,32 @@ same flash, a clock already set, and the flush. Each k from 1 until a flush runs
 What came out is every pack the outbox held plus, in the second variant, every pack the link
 delivered (acknowledged, removed from the outbox) before the hold was loaded again after the
 boot: the gateway's ACK can overtake the first sample of a boot.
+
+The third variant resets twice: after the cut, a boot in which the link delivers every pack and
+takes the gateway's ACK before the hold is loaded (the ACK of the newest frame an earlier boot
+left is noted on flash, node/window.py), the power failing again at each flash step of that
+too, and a third boot that loads the hold. What the link delivered goes through the gateway's
+real ingest and queue: each sample is taken once, every frame is acknowledged (a frame sent
+twice comes under its own sequence number, with the same bytes, and is a duplicate there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
 
+import cbor2
 import pytest
 
+from lantern.agent import protocol
+from lantern.agent.ingest import Ingest
+from lantern.agent.metrics import Metrics
+from lantern.agent.queue.store import Store
+from lantern.agent.timesync import TimeSync
 from tests.helpers.flash import MICROPYTHON, ROOT
+from tests.helpers.timecheck import KernelClock, packs
 
 pytestmark = pytest.mark.micropython
 
@@ -34,7 +49,8 @@ from node.app import Node
 from node.outbox import Outbox
 from node.window import Window
 
-ROOT_DIR, ACK_FIRST, SHIFT_S = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+ROOT_DIR, MODE, SHIFT_S = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ACK_FIRST = MODE == "1"
 real_open = open
 
 
@@ -76,6 +92,14 @@ class Flash:
         return getattr(os, name)
 
 
+class FullFlash(Flash):
+    # a flash with no room for the window's note of an ACK (ENOSPC); every other step passes
+    def open(self, path, mode="r"):
+        if "w" in mode and path.endswith("outbox.acked.tmp"):
+            raise OSError(28)
+        return real_open(path, mode)
+
+
 class Clock:
     def __init__(self, synced):
         self.synced = synced
@@ -106,6 +130,7 @@ class Board:
 
 
 def wire(flash):
+    # (the window notes an ACK with the outbox module's atomic write)
     for m in (hold, outbox):
         m.os = flash if flash else os
         m.open = flash.open if flash else real_open
@@ -124,8 +149,8 @@ def reading(frame):
     return n, bt, q
 
 
-def run(cut):
-    d = "%s/k%d" % (ROOT_DIR, cut)
+def first_boot(d, cut):
+    # three samples held, the clock set, the flush cut at step `cut`: whether it was
     os.mkdir(d)
     b = Board(d, False)
     h = hold.Hold(b, lambda: None)
@@ -143,6 +168,12 @@ def run(cut):
     except PowerCut:
         cut_hit = True
     wire(None)
+    return cut_hit
+
+
+def run(cut):
+    d = "%s/k%d" % (ROOT_DIR, cut)
+    cut_hit = first_boot(d, cut)
     # the boot after the cut
     b2 = Board(d, True)
     out = []
@@ -161,18 +192,63 @@ def run(cut):
     return cut_hit
 
 
-k = 1
-while run(k):
-    k += 1
-print(json.dumps({"steps": k}))
+def run_twice(cut, cut2):
+    # the cut at `cut`; a boot whose link delivers everything and takes the ACK, cut at
+    # `cut2`; a third boot that loads the hold. Every frame the link delivered, in order
+    d = "%s/k%d-%d" % (ROOT_DIR, cut, cut2)
+    cut_hit = first_boot(d, cut)
+    b2 = Board(d, True)
+    b2.link = Window("t", b2.outbox, 4, 1000)
+    seqs = b2.outbox.seqs()
+    out = [b2.outbox.get(s) for s in seqs]
+    wire(Flash(cut2) if cut2 else FullFlash(0))
+    try:
+        b2.link._acked(seqs)
+        cut2_hit = False
+    except PowerCut:
+        cut2_hit = True
+    wire(None)
+    b3 = Board(d, True)
+    b3.link = Window("t", b3.outbox, 4, 1000)
+    h3 = hold.Hold(b3, lambda: None)
+    asyncio.run(h3.flush())
+    out += [b3.outbox.get(s) for s in b3.outbox.seqs()]
+    left = [x for x in os.listdir(d + "/untimed") if x != "run"]
+    print(json.dumps({"cut": cut, "cut2": cut2, "hit": cut_hit, "hit2": cut2_hit, "left": left,
+                      "frames": [bytes(f).hex() for f in out]}))
+    return cut_hit, cut2_hit
+
+
+if MODE == "full":
+    k = 1
+    while run_twice(k, 0)[0]:
+        k += 1
+    print(json.dumps({"steps": k}))
+elif MODE == "twice":
+    k = 1
+    while True:
+        j = 1
+        while True:
+            hit, hit2 = run_twice(k, j)
+            if not hit2:
+                break
+            j += 1
+        if not hit:
+            break
+        k += 1
+    print(json.dumps({"steps": k}))
+else:
+    k = 1
+    while run(k):
+        k += 1
+    print(json.dumps({"steps": k}))
 """
 
 
-def _run(tmp_path: Path, ack_first: bool) -> list[str]:
+def _run(tmp_path: Path, mode: str) -> list[str]:
     script = tmp_path / "cut.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([str(MICROPYTHON), str(script), str(tmp_path), "1" if ack_first else "0",
-                           str(SHIFT_S)],
+    proc = subprocess.run([str(MICROPYTHON), str(script), str(tmp_path), mode, str(SHIFT_S)],
                           env={"MICROPYPATH": MP_PATH}, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -182,7 +258,8 @@ def _run(tmp_path: Path, ack_first: bool) -> list[str]:
 @pytest.mark.parametrize("ack_first", [False, True], ids=["outbox", "delivered-before-reload"])
 def test_a_power_cut_at_any_step_of_the_seal_neither_loses_nor_duplicates(
         tmp_path: Path, ack_first: bool) -> None:
-    out = [json.loads(ln) for ln in _run(tmp_path, ack_first) if ln.startswith("{")]
+    out = [json.loads(ln) for ln in _run(tmp_path, "1" if ack_first else "0")
+           if ln.startswith("{")]
     cuts, steps = out[:-1], out[-1]["steps"]
     assert [c["cut"] for c in cuts] == list(range(1, steps + 1))
     assert [c["hit"] for c in cuts] == [True] * (steps - 1) + [False]
@@ -197,3 +274,117 @@ def test_a_power_cut_at_any_step_of_the_seal_neither_loses_nor_duplicates(
     # three samples, each: its seal record (write, rename), its pack (write, rename; the first
     # also reserves a block of sequence numbers), its file removed
     assert steps >= 3 * 5, steps
+
+
+KEY, KID = bytes(32), b"SL-0001"  # the script's Board
+
+
+def _reading(frame: bytes) -> tuple[int, int | None, int | None]:
+    """(seq, n, time.q) of a sealed pack."""
+    m = protocol.parse_mac0(frame)
+    n = q = None
+    for r in cbor2.loads(m.payload):
+        if r.get(0) == "n":
+            n = r[2]
+        if r.get(0) == "time.q":
+            q = r[2]
+    return m.seq, n, q
+
+
+class _Line:
+    """The node's line at the gateway: the ACKs ingest sends, each seq it names."""
+
+    name = "uart0"
+
+    def __init__(self) -> None:
+        self.acked: set[int] = set()
+        self.news = asyncio.Event()
+
+    def send(self, data: bytes) -> None:
+        for chunk in protocol.Deframer().feed(data):
+            assert chunk is not None
+            _, body = protocol.decode_frame(chunk)
+            m = protocol.parse_mac0(body)
+            protocol.verify_mac0(KEY, m)
+            self.acked.update(cbor2.loads(m.payload)[1])
+        self.news.set()
+
+
+async def _gateway_takes(db: Path, frames: list[bytes]) -> tuple[Metrics, set[int]]:
+    """Each frame into the gateway's ingest, in the order the link delivered them, each
+    acknowledged before the next comes; what ingest counted and what it acknowledged."""
+    async with Store(db) as store:
+        metrics = Metrics()
+        ingest = Ingest(store, {KID: KEY}, metrics)
+        await ingest.start()
+        task = asyncio.create_task(ingest.run())
+        line = _Line()
+        try:
+            for f in frames:
+                seq = protocol.parse_mac0(f).seq
+                line.news.clear()
+                ingest.on_frame(line, protocol.DATA, f)
+                while seq not in line.acked:
+                    await asyncio.wait_for(line.news.wait(), 10)
+                    line.news.clear()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return metrics, line.acked
+
+
+def test_a_second_reset_after_the_ack_neither_loses_nor_duplicates(tmp_path: Path) -> None:
+    out = [json.loads(ln) for ln in _run(tmp_path, "twice") if ln.startswith("{")]
+    cases, steps = out[:-1], out[-1]["steps"]
+    assert steps >= 3 * 5, steps
+    assert sorted({c["cut"] for c in cases}) == list(range(1, steps + 1))
+    # each first cut followed by a cut at every step of the second boot's ACK (its note: write,
+    # rename; the frames' removal), then by a second boot that runs through
+    assert all(c["hit"] for c in cases if c["cut"] < steps)
+    assert all(max(d["cut2"] for d in cases if d["cut"] == c["cut"]) >= 3 for c in cases)
+    for c in cases:
+        where = (c["cut"], c["cut2"])
+        assert c["left"] == [], (where, c["left"])
+        frames = [bytes.fromhex(h) for h in c["frames"]]
+        by_seq: dict[int, bytes] = {}
+        for f in frames:
+            seq = protocol.parse_mac0(f).seq
+            # a frame sent again is the same frame: the same sequence number, the same bytes
+            assert by_seq.setdefault(seq, f) == f, where
+        got = sorted((n, q) for _, n, q in map(_reading, by_seq.values()) if n is not None)
+        assert [n for n, _ in got] == [1, 2, 3], (where, got)
+        if c["hit2"] is False:
+            # the second reset came after the ACK was noted: nothing went out twice
+            assert len(frames) == len(by_seq), (where, [_reading(f) for f in frames])
+        _at_the_gateway(tmp_path / f"q{c['cut']}-{c['cut2']}.sqlite", frames, by_seq, where)
+
+
+def _at_the_gateway(db: Path, frames: list[bytes], by_seq: dict[int, bytes],
+                    where: object) -> None:
+    """The frames through the gateway's ingest: each sample in its queue once, all acked."""
+    metrics, acked = asyncio.run(_gateway_takes(db, frames))
+    assert not metrics.frames_rejected, (where, dict(metrics.frames_rejected))
+    assert acked == set(by_seq), where  # nothing left for the node to send forever
+    ts = TimeSync(probe=KernelClock(synchronized=True))
+    taken = [p.value("n") for p in packs(db, "SL-0001", ts)]
+    assert sorted(v for v in taken if v is not None) == [1, 2, 3], (where, taken)
+    assert metrics.duplicates["SL-0001"] == len(frames) - len(by_seq), where
+
+
+def test_an_ack_not_noted_brings_the_seal_again_under_its_own_number(tmp_path: Path) -> None:
+    """The second boot's flash is full: the ACK of the sealed sample cannot be noted, the third
+    boot seals it again, with the number and the bytes it had, and the gateway takes it for the
+    duplicate it is (exactly once there, as the DESIGN's (node, seq) de-duplication makes it)."""
+    out = [json.loads(ln) for ln in _run(tmp_path, "full") if ln.startswith("{")]
+    cases = out[:-1]
+    again = 0
+    for c in cases:
+        where = c["cut"]
+        assert c["left"] == [], (where, c["left"])
+        frames = [bytes.fromhex(h) for h in c["frames"]]
+        by_seq: dict[int, bytes] = {}
+        for f in frames:
+            assert by_seq.setdefault(protocol.parse_mac0(f).seq, f) == f, where
+        again += len(frames) - len(by_seq)
+        _at_the_gateway(tmp_path / f"q{where}.sqlite", frames, by_seq, where)
+    assert again >= 1  # (the cut between a pack reaching the outbox and its held file's removal)
