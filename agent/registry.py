@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -166,6 +167,9 @@ class Registry:
         if not path.exists():  # 0600 from the start: it names keys (by id) and places
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         self._db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+        # the gateway's threads (asyncio.to_thread: the fleet task, each node's rotation or
+        # push) share this connection: one of them in it at a time
+        self._lock = threading.RLock()
         self._db.executescript(_SCHEMA)
         have = {r[1] for r in self._db.execute("PRAGMA table_info(nodes)")}
         for col, decl in _ADDED:
@@ -191,17 +195,22 @@ class Registry:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (BEGIN IMMEDIATE: no lost update)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.rollback()
-            raise
-        self._db.commit()
-        self.refresh(force=True)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.rollback()
+                raise
+            self._db.commit()
+            self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> bool:
         """Reload the records if anyone (this process or another) changed the file."""
+        with self._lock:
+            return self._refresh(force)
+
+    def _refresh(self, force: bool) -> bool:
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version == self._version and not force:
             return False
