@@ -84,6 +84,16 @@ class Hold:
         clock.on_set = self._on_set
         if node.link is not None:
             node.link.on_late = self._on_late
+        # the newest frame an ACK took out of the outbox in an earlier boot, as node/window.py
+        # noted it (-1: none)
+        self._noted = -1
+        box_dir = getattr(node.outbox, "dir", None)
+        if box_dir:
+            try:
+                with open(box_dir + ".acked") as f:
+                    self._noted = int(f.read())
+            except (OSError, ValueError):
+                pass  # (none yet)
         self.requests = 0  # time requests sealed (diagnostics)
         self.flagged = 0  # samples sealed with a time.q flag
         if len(self):
@@ -192,11 +202,30 @@ class Hold:
             self._done()
 
     def _recover(self):
-        """Settle the seal a reset interrupted, before this boot seals anything (`_seal_oldest`):
-        every number handed out so far is then at most the seal's own."""
+        """Settle the seal a power cut interrupted: sealed already (its file goes), or not.
+
+        Runs before this boot seals anything: a pack newer than the record's `after` (still in
+        the outbox, or acknowledged: in this boot, or in an earlier one that node/window.py
+        noted) can only be that seal's."""
         rec = self._read(self._first)
-        if rec is not None and _sealing(rec):
-            self._seal_oldest(None)
+        if rec is None or not _sealing(rec):
+            return
+        at, values, after = rec
+        if self._top(self.node) > after:
+            print("untimed: held sample %d was sealed before a power cut" % self._first)
+            self._drop_first()
+        else:
+            # not sealed: its time (decided before the cut, in the run it was taken) stays
+            _write_atomic(self._path(self._first), cbor.dumps([at, values]))
+
+    def _top(self, node):
+        """The newest sequence number known handed out: waiting in the outbox, or taken out of
+        it by an ACK (this boot's, or an earlier boot's node/window.py noted)."""
+        top = getattr(node.link, "acked_top", -1)
+        if self._noted > top:
+            top = self._noted
+        newest = node.outbox.newest()
+        return newest if newest is not None and newest > top else top
 
     def _path(self, n):
         return "%s/%d" % (self.dir, n)
@@ -216,76 +245,46 @@ class Hold:
             self.node.seal_errors += 1
             return None
 
-    def _time(self, rec, how):
-        """(time, values) of a held record [run, clock s, values]: its time, or a flag."""
-        run, t, values = rec
-        flag = 0
-        if run == self.run and how == RELATIVE:
-            at = t - self.node.clock.now()  # seconds before "now" (negative)
-            if at > 0:
-                at = 0
-            flag = RELATIVE
-        elif run == self.run and self.shift_ms is not None:
-            at = t + self.shift_ms // 1000  # (within a second)
-        elif self._boot_abs is not None:
-            at = self._boot_abs // 1000  # older than this boot, by an unknown span
-            flag = BEFORE
-        else:
-            # an earlier run of the clock, and this one not known either: older than this
-            # boot, which began at least its uptime before the gateway's receipt
-            at = -(self._up_ms() // 1000)
-            flag = BEFORE | RELATIVE
-        if flag:
-            values[TIME_Q] = flag
-        return at, values
-
     def _seal_oldest(self, how):
-        """Seal the oldest held sample exactly once, whatever resets come.
+        """Seal the oldest held sample exactly once, whenever the power fails.
 
-        Its file goes through two records: [run, clock s, values] (held) and [at, values,
-        seq] (being sealed: its time decided and its sequence number reserved before the
-        record names it). The pack goes to the outbox under that number, then the file goes.
-        A boot that finds the second record (`_recover`) finds the pack in the outbox, or
-        acknowledged since the boot, or seals it again under the same number: the same bytes,
-        which the gateway takes once (its (node, seq) de-duplication) however often they come.
-        """
+        Its file goes through three records: [run, clock s, values] (held), [at, values]
+        (timed) and [at, values, after] (being sealed: no sequence number handed out before the
+        seal is above `after`). The last is written before the outbox takes the pack, so a
+        boot finds either the pack or no pack newer than `after` (`_recover`)."""
         rec = self._read(self._first)
+        if rec is not None and len(rec) == 3 and not _sealing(rec):
+            run, t, values = rec
+            flag = 0
+            if run == self.run and how == RELATIVE:
+                at = t - self.node.clock.now()  # seconds before "now" (negative)
+                if at > 0:
+                    at = 0
+                flag = RELATIVE
+            elif run == self.run and self.shift_ms is not None:
+                at = t + self.shift_ms // 1000  # (within a second)
+            elif self._boot_abs is not None:
+                at = self._boot_abs // 1000  # older than this boot, by an unknown span
+                flag = BEFORE
+            else:
+                # an earlier run of the clock (its reading means nothing now), and this boot's
+                # start not known either: older than this boot, which began at least its
+                # uptime before the gateway's receipt
+                at = -(self._up_ms() // 1000)
+                flag = BEFORE | RELATIVE
+            if flag:
+                values[TIME_Q] = flag
+        elif rec is not None:
+            at, values = rec[0], rec[1]  # timed in an earlier attempt
         if rec is not None:
             node = self.node
-            if _sealing(rec):  # an earlier boot's seal, or this one's that failed
-                at, values, seq = rec
-                if self._taken(seq):
-                    print("untimed: held sample %d sealed already (seq %d)" % (self._first, seq))
-                    seq = None
-            else:
-                # [at, values]: timed by a firmware before this one
-                at, values = self._time(rec, how) if len(rec) == 3 else rec
-                seq = node.outbox.next_seq()  # reserved on flash before the record names it
-                _write_atomic(self._path(self._first), cbor.dumps([at, values, seq]))
-            if seq is not None:
-                box = node.outbox
-                node.outbox = _Reserved(box, seq)  # Node.seal takes its number from it
-                try:
-                    node.seal(at, values)
-                finally:
-                    node.outbox = box
-                if TIME_Q in values:
-                    self.flagged += 1
-                print("sample seq=%d readings=%d outbox=%d (held)" % (
-                    seq, len(values), len(box)))
+            _write_atomic(self._path(self._first), cbor.dumps([at, values, self._top(node)]))
+            seq = node.seal(at, values)
+            if TIME_Q in values:
+                self.flagged += 1
+            print("sample seq=%d readings=%d outbox=%d (held)" % (
+                seq, len(values), len(self.node.outbox)))
         self._drop_first()
-
-    def _taken(self, seq):
-        """Whether the pack `seq` went out already: in the outbox, or taken out of it by an
-        ACK (this boot's, or an earlier boot's that node/window.py noted on flash)."""
-        node = self.node
-        if seq in node.outbox or seq <= getattr(node.link, "acked_top", -1):
-            return True
-        try:
-            with open(node.outbox.dir + ".acked") as f:  # (node/window.py writes it)
-                return seq <= int(f.read())
-        except (OSError, ValueError):
-            return False
 
     def _drop_first(self):
         try:
@@ -297,21 +296,6 @@ class Hold:
             self._first = self._next = 0
 
 
-class _Reserved:
-    """The outbox as Node.seal sees it while a held sample is sealed: it hands out the
-    number reserved for that sample (the first time or again after a reset)."""
-
-    def __init__(self, box, seq):
-        self._box = box
-        self._seq = seq
-
-    def next_seq(self):
-        return self._seq
-
-    def put(self, seq, data):
-        self._box.put(seq, data)
-
-
 def _sealing(rec):
-    """A record written just before its seal: [at, values, seq] (held: [run, t, values])."""
+    """A record written just before its seal: [at, values, after] (held: [run, t, values])."""
     return len(rec) == 3 and isinstance(rec[1], dict)

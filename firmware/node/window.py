@@ -217,7 +217,7 @@ class Window:
                 self._carried = None
                 try:  # before the frame goes: a reset between leaves both, never neither
                     _write_atomic(self._outbox.dir + ".acked", b"%d" % seq)
-                except OSError as err:  # flash full: the hold seals it again, at the same seq
+                except OSError as err:  # (flash full: a seal it was may go twice, printed)
                     self._failed("ack note", err)
             if self._outbox.remove(seq):
                 self.acked += 1
