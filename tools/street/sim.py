@@ -171,6 +171,32 @@ class Relay:
                 os.close(fd)
 
 
+# where node/netcfg.py writes OP_CONFIG's settings into node.json (its `_put`): the part of
+# the file that is the node's own once it holds a config_version
+NODE_WRITTEN = (("config_version",), ("interval_ms",), ("max_untimed",), ("offsets",),
+                ("corrections", "kappa"), ("link", "window"))
+
+
+def _keep_node_settings(cfg: dict[str, Any], path: Path) -> None:
+    """Carry into `cfg` the settings the node wrote into its node.json at `path`, if it did."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict) or "config_version" not in old:
+        return  # the harness's own file: nothing of the node's in it
+    for where in NODE_WRITTEN:
+        src: Any = old
+        for k in where:
+            src = src.get(k) if isinstance(src, dict) else None
+        if src is None:
+            continue
+        dst = cfg
+        for k in where[:-1]:
+            dst = dst.setdefault(k, {})
+        dst[where[-1]] = src
+
+
 @dataclass
 class SimNode:
     """One node's identity, key and state on disk, and its MicroPython process."""
@@ -207,6 +233,12 @@ class SimNode:
         return self.dir / "state"
 
     def write_config(self) -> Path:
+        """Write node.json (and the key, once) for the next boot.
+
+        The harness owns node.json except what the node wrote into it itself (OP_CONFIG's
+        settings and config version, node/netcfg.py): those are kept, as a board keeps its
+        file across reboots. A test provisions a node afresh by removing node.json (or the
+        node's directory) first."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self._power_faults() and "anchor_ms" not in self.scenario:
             # the street's clock runs on while the node is off: a node that boots again, and
@@ -230,6 +262,7 @@ class SimNode:
             **self.extra,
         }
         path = self.dir / "node.json"
+        _keep_node_settings(cfg, path)
         path.write_text(json.dumps(cfg, indent=2) + "\n")
         if self.release_pub is not None:
             if len(self.release_pub) != 32:
