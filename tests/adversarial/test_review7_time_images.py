@@ -147,8 +147,6 @@ print(json.dumps(got + more))
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 7: a seal ACKed in an earlier boot is sealed "
-                   "again after a second reset (acked_top lives one boot)")
 def test_a_seal_acknowledged_before_a_second_reset_is_not_sealed_twice(tmp_path: Path) -> None:
     """Attack: power fails between the held sample's pack reaching the outbox and its file's
     removal; in the next boot the link delivers the pack and the gateway ACKs it (out of the
@@ -181,8 +179,6 @@ print(json.dumps(got))
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 7: a full hold seals an earlier run's sample "
-                   "relative to a clock reading of another run (dated at receipt)")
 def test_a_full_hold_does_not_date_an_earlier_runs_sample_across_two_clock_runs(
         tmp_path: Path) -> None:
     """Attack: the gateway withholds the time (its clock unsynchronised, or a relay dropping
@@ -246,8 +242,6 @@ print(json.dumps({"fresh": fresh, "late_acks": w.late_acks, "period": PERIOD}))
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 7: an ACK held over half the ticks period "
-                   "counts as fresh (ticks_diff wraps negative)")
 def test_an_ack_held_longer_than_half_the_tick_period_is_not_fresh(tmp_path: Path) -> None:
     """Attack: a relay between node and gateway keeps every ACK of a frame in flight (the node
     resends, the gateway acknowledges each resend, the relay drops them all) for half the
