@@ -378,10 +378,12 @@ class Registry:
         `old` is kept for the frames before, and its key id retired. Called again with the
         exact `first_new` after a promotion by a frame (which only bounds it), it lowers it."""
         now = time.time() if now is None else now
-        rot = self._rotations.get(node)
-        if rot is None:
-            raise RegistryError(f"{node}: no rotation under way")
         with self._tx() as db:
+            # read under the lock: the COMMIT answer (a worker thread) and a frame under the
+            # next key (the event loop) may both switch; the second must see the first's
+            rot = self._rotations.get(node)
+            if rot is None:
+                raise RegistryError(f"{node}: no rotation under way")
             if rot.next is not None and rot.next_version == version:
                 db.execute("INSERT OR IGNORE INTO retired VALUES (?, ?, ?, 'rotated')",
                            (node, key_id(old), now))
