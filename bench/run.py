@@ -34,6 +34,7 @@ from . import (
     node_energy,
     ota,
     throughput,
+    x25519,
 )
 from .peers import NODE_RED_HOME
 
@@ -53,6 +54,7 @@ FULL: dict[str, dict[str, Any]] = {
     "idle": {"seconds": 60.0},
     "disk_wear": {},  # disk_wear.STREETS
     "cpu_budget": {"streets": (20, 200), "minutes": 20.0, "frames_per_s": 40.0},
+    "x25519": {"qemu_runs": 5, "unix_runs": 21},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "gateway_ingest": {"n_frames": 400, "n_nodes": 8},
@@ -67,6 +69,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "idle": {"seconds": 2.0, "settle_s": 0.5},
     "disk_wear": {"streets": ((4, 60.0, 2.0, 8.0),), "levers": ("now_without_commit_window",)},
     "cpu_budget": {"streets": (4,), "minutes": 2.0, "frames_per_s": 40.0},
+    "x25519": {"qemu_runs": 1, "unix_runs": 1},
 }
 
 
@@ -125,6 +128,8 @@ def sections(sizes: dict[str, dict[str, Any]], w: Path) -> dict[str, Callable[[]
         # after node_cycle: it sends the firmware's pack
         "disk_wear": lambda: asyncio.run(disk_wear.run(w, **sizes["disk_wear"])),
         "cpu_budget": lambda: asyncio.run(cpu_budget.run(w, **sizes["cpu_budget"])),
+        # a key rotation's work on the node (issue 17): unix port and the QEMU board
+        "x25519": lambda: x25519.run(w / "x25519", **sizes["x25519"]),
     }
 
 

@@ -46,7 +46,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 SECTIONS = ["gateway_ingest", "vs_node_red", "link_utilisation", "node_cycle", "e2e_latency_ms",
             "node_energy", "ota_verify", "ota_transfer", "ota_transfer_ble", "idle",
-            "cpu_budget", "disk_wear"]
+            "cpu_budget", "disk_wear", "x25519"]
 
 
 def test_every_section_ran(results: dict[str, Any]) -> None:
@@ -55,6 +55,16 @@ def test_every_section_ran(results: dict[str, Any]) -> None:
         assert _number(results[name]["took_s"])
     assert results["machine"]["cores"] >= 1
     assert len(results["load_at_start"]) == 3
+
+
+def test_x25519_on_both_vms(results: dict[str, Any]) -> None:
+    """A key rotation's node work (issue 17), timed on the unix port and the QEMU board."""
+    for vm in ("unix", "qemu"):
+        r = results["x25519"][vm]
+        assert r["runs"] >= 1
+        for k in ("x25519_ms", "public_ms", "rekey_ms", "hkdf_ms"):
+            assert _number(r[k]) and r[k] > 0, (vm, k, r)
+        assert r["rekey_ms"] >= r["x25519_ms"]  # a rekey does the agreement and more
 
 
 def test_gateway_ingest(results: dict[str, Any]) -> None:
