@@ -42,18 +42,18 @@ def _complete(fw, slot):
 
 
 def _leave(fw, rec, reason):
-    """The candidate failed: record why; the previous slot runs from now on (and the previous
-    app image, if the candidate brought one: hal/esp32.py image_leave resets into it)."""
-    print("update: release %s rolled back: %s" % (rec.get("cver"), reason))
-    img = rec.get("cimg")
-    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason,
-                "cimg": None})
-    _save(fw, rec)
-    if img:
+    """The candidate failed: record why; the previous slot runs from now on, and the previous
+    app image if the candidate brought one (hal/esp32.py image_rollback: it sets that image
+    to boot, has the record written by this function, then resets)."""
+    if rec.get("cimg"):
         try:
-            _image_hal().image_leave(img, rec.get("cprev"))
-        except Exception as e:  # noqa: BLE001 - the bootloader's rollback remains
+            _image_hal().image_rollback(fw, rec, reason, _leave)
+        except Exception as e:  # noqa: BLE001 - the record stays: left at the next boot
             print("boot: %r" % (e,))
+        return
+    print("update: release %s rolled back: %s" % (rec.get("cver"), reason))
+    rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason})
+    _save(fw, rec)
 
 
 def _image_hal():
@@ -87,6 +87,8 @@ def choose(config):
             rec["tries"] = tries + 1
             _save(fw, rec)  # counted before it runs: a candidate that hangs or resets uses it up
             return fw, rec, cand, True
+    if rec.get("cprev") and rec.get("state") == "rolled_back":
+        _image_hal().image_kept(fw, rec, _save)  # the old image, set to boot again, stays
     slot = rec.get("active")
     if slot and not _complete(fw, slot):
         print("boot: slot %s incomplete; running the provisioned firmware" % slot)
@@ -121,9 +123,9 @@ def run(config):
     except Exception as e:  # noqa: BLE001 - a candidate that cannot even load is left now
         if not trial:
             raise
-        _leave(fw, rec, "boot_exception: %r" % (e,))
-        _unload()
+        _unload()  # the candidate's modules: main.py leaves it with the provisioned HAL
         sys.path.pop(0)
+        _leave(fw, rec, "boot_exception: %r" % (e,))
         slot, trial = rec.get("active"), False
         if slot and _complete(fw, slot):
             sys.path.insert(0, fw + "/" + slot)
@@ -144,11 +146,6 @@ def run(config):
         _reset()
 
 
-def _warm():
-    """Whether the board's HAL has main.py do its resets (hal/qemu.py WARM_RESET)."""
-    return getattr(sys.modules.get("node.hal.qemu"), "WARM_RESET", False)
-
-
 def boot(config):
     """run(config); on a board whose resets main.py does, again after each one, with the
     node's modules unloaded and sys.path as it was: a reset that keeps the flash."""
@@ -157,7 +154,9 @@ def boot(config):
         try:
             return run(config)
         except SystemExit as e:
-            if e.args[:1] != (REBOOT_EXIT,) or not _warm():
+            # a board whose HAL has main.py do its resets (hal/qemu.py WARM_RESET)
+            if e.args[:1] != (REBOOT_EXIT,) or not getattr(
+                    sys.modules.get("node.hal.qemu"), "WARM_RESET", False):
                 raise
         while len(sys.path) > base:
             sys.path.pop(0)

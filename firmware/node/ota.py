@@ -542,17 +542,19 @@ def confirm(fw, hal=None):
 
 
 def roll_back(fw, reason, hal=None):
-    """Leave the candidate: the next boot runs the previous slot (and the previous app image,
-    if it brought one: hal.image_leave resets into it); STATUS tells why."""
+    """Leave the candidate: the next boot runs the previous slot, and the previous app image
+    if it brought one; STATUS tells why. The caller resets."""
     rec = read_record(fw)
     if not rec.get("cand"):
         return rec
-    img = rec.get("cimg")
+    if rec.get("cimg"):
+        # the old image set to boot before the record says so: a cut between boots it with
+        # the candidate still recorded (main.py: image_rollback), never the failed image
+        # under a record that says rolled_back (review 7, finding 4)
+        hal.image_back(rec["cimg"], rec["cprev"])
     rec.update({"cand": None, "tries": 0, "state": "rolled_back", "reason": reason,
                 "cimg": None})
     write_record(fw, rec)
-    if img:
-        hal.image_leave(img, rec.get("cprev"))
     print("update: release %s rolled back: %s" % (rec.get("cver"), reason))
     return rec
 

@@ -106,6 +106,16 @@ def boot(board: TwinNode, after: str = "") -> Boot:
 
 
 CONFIRM = "from node import ota\nprint('confirmed', ota.confirm(fw, hal))\n"
+# a failed trial as ota.trial ends it: roll_back, then the reset
+ROLL_BACK = ("from node import ota\n"
+             "ota.roll_back(fw, 'no_ack: no pack ACKed within 600 s', hal)\nota.reset(hal)\n")
+# a power cut where `cut` is called: the VM ends at once, as the chip does
+CUT = "import _twin\ndef cut(*a):\n    _twin.down(0)\n"
+
+
+def boot_cut(board: TwinNode, patch: str, after: str = "") -> str:
+    """One boot whose main.py (choose) runs with `patch` applied (CUT defined): its console."""
+    return board.exec(MAIN.replace("fw, rec, slot", CUT + patch + "fw, rec, slot", 1) + after)
 
 
 def record(board: TwinNode) -> dict[str, Any]:
@@ -210,16 +220,19 @@ def test_a_candidate_that_gets_no_ack_returns_to_the_old_image(board: TwinNode) 
     the old image to boot and resets itself (not waiting for the bootloader); the old image
     boots, its record says rolled_back with the reason."""
     staged(board, app_image(5, 5_000))
-    b = boot(board, "from node import ota\n"
-             "ota.roll_back(fw, 'no_ack: no pack ACKed within 600 s', hal)\n"
-             "print('still running')\n")
+    b = boot(board, ROLL_BACK + "print('still running')\n")
     assert b[:3] == ("ota_1", "a", True)
-    assert "still running" not in b.out, b.out  # image_leave reset the board
+    assert "still running" not in b.out, b.out  # ota.trial's reset after roll_back
     assert otadata(board)[0] == "ota_0"
     running, slot, trial, rec, _ = boot(board)
     assert (running, slot, trial) == ("ota_0", None, False)
     assert (rec["state"], rec["cand"], rec["cimg"]) == ("rolled_back", None, None)
     assert rec["reason"].startswith("no_ack"), rec
+    # set_boot made ota_0 a new image to the bootloader: main.py confirmed it at once, so
+    # the resets from now on keep it (without that, the second would return to ota_1)
+    assert otadata(board) == ["ota_0", "ota_1", "valid"] and rec["cprev"] is None, rec
+    for _ in range(2):
+        assert boot(board)[:3] == ("ota_0", None, False)
 
 
 def test_a_reset_before_confirmation_is_rolled_back_by_the_bootloader_and_reported(
@@ -285,3 +298,104 @@ def test_a_cut_at_every_step_leaves_a_board_that_boots_a_signed_image(board: Twi
     b = boot(board, CONFIRM)
     assert b[:3] == ("ota_1", "a", True) and "confirmed True" in b.out, b.out
     assert boot(board)[:3] == ("ota_1", "a", False)
+
+
+def valid_then_on_trial(board: TwinNode, seed: int) -> None:
+    """An image staged, then a first boot cut inside confirm(): valid to the bootloader (as
+    on a firmware without its app rollback), still a candidate to the node."""
+    staged(board, app_image(seed, 5_000))
+    assert boot(board, "hal.image_confirm()\n")[:3] == ("ota_1", "a", True)
+    assert otadata(board) == ["ota_1", "ota_0", "valid"]
+
+
+def settled_on_the_old_image(board: TwinNode, reason: str) -> None:
+    """The boot after a rollback: ota_0 runs, its record says rolled_back, and it stays."""
+    running, slot, trial, rec, out = boot(board)
+    assert (running, slot, trial) == ("ota_0", None, False), out
+    assert (rec["state"], rec["cand"], rec["cprev"]) == ("rolled_back", None, None), rec
+    assert rec["reason"].startswith(reason), rec
+    assert otadata(board)[::2] == ["ota_0", "valid"]
+    assert boot(board)[:3] == ("ota_0", None, False)
+
+
+@pytest.mark.parametrize(("cut", "reason"), [
+    ("hal.image_back = cut\n", "trial_boots"),  # before anything: the candidate boots again
+    ("ota.write_record = cut\n", "image_rollback"),  # switched, not recorded
+    ("ota.reset = cut\n", "no_ack"),  # recorded, the reset is the cut
+], ids=["before_the_switch", "before_the_record", "before_the_reset"])
+def test_a_cut_at_each_step_of_the_nodes_rollback_ends_on_the_old_image(
+        board: TwinNode, cut: str, reason: str) -> None:
+    """review 7, finding 4: ota.roll_back sets the old image to boot, then writes the record,
+    then ota.trial resets. A power cut at each step, on an image already valid to the
+    bootloader (so only the node can go back): the board ends on ota_0, kept there, and the
+    record says rolled_back. A cut before the switch leaves the candidate on trial; its
+    boots run out and main.py leaves it. A cut after the switch boots ota_0 with the
+    candidate still recorded: main.py reports the image rollback."""
+    valid_then_on_trial(board, 10)
+    b = boot(board, "from node import ota\n" + CUT + cut + ROLL_BACK)
+    assert b[:3] == ("ota_1", "a", True)
+    if reason == "trial_boots":
+        assert otadata(board) == ["ota_1", "ota_0", "valid"] and record(board)["cand"] == "a"
+        assert boot(board)[:3] == ("ota_1", "a", True)  # its third boot, the trial's last
+        out = board.exec(MAIN)  # main.py leaves it: old image set to boot, record, reset
+        assert "trial_boots" in out and "boot ota_" not in out, out
+    settled_on_the_old_image(board, reason)
+
+
+def test_a_cut_inside_main_pys_rollback_ends_on_the_old_image(board: TwinNode) -> None:
+    """main.py leaves a candidate whose boots ran out: the old image set to boot, then the
+    record, then the reset. A cut between the switch and the record boots ota_0 with the
+    candidate still recorded, which main.py then leaves as an image rollback."""
+    valid_then_on_trial(board, 11)
+    rec = record(board)
+    rec["tries"] = 3  # its boots used up
+    (board.state_dir / "fw" / "boot.json").write_text(json.dumps(rec))
+    saving = "_save0 = _save\ndef _save(fw, rec):\n    if rec['state'] == 'rolled_back':\n" \
+             "        cut()\n    _save0(fw, rec)\n"
+    out = boot_cut(board, saving)
+    assert "rolled back: trial_boots" in out and "boot ota_" not in out, out
+    assert otadata(board)[0] == "ota_0" and record(board)["cand"] == "a"
+    settled_on_the_old_image(board, "image_rollback")
+
+
+def test_a_cut_in_the_old_images_first_boot_switches_back_to_it_again(board: TwinNode) -> None:
+    """After the node's rollback the old image runs on trial to the bootloader (set_boot
+    makes any image new) until main.py confirms it. A cut before that returns the board to
+    the image just left: main.py there sets ota_0 to boot again and resets; then it stays."""
+    staged(board, app_image(12, 5_000))
+    boot(board, ROLL_BACK)
+    out = boot_cut(board, "from node.hal import esp32 as _h\n_h.image_confirm = cut\n")
+    assert "boot ota_" not in out, out  # cut inside ota_0's first boot, before confirming
+    out = board.exec(MAIN)  # the bootloader went back to ota_1; main.py switches again
+    assert "returned to ota_1: ota_0 set to boot again" in out and "boot ota_" not in out, out
+    assert record(board)["back"] == 1
+    settled_on_the_old_image(board, "no_ack")
+
+
+def test_an_old_image_that_never_boots_is_tried_three_times_then_the_board_says_so(
+        board: TwinNode) -> None:
+    """If every boot of the old image ends before main.py confirms it, the board goes back to
+    it three times, then keeps the new image, and its record's reason says so."""
+    staged(board, app_image(13, 5_000))
+    boot(board, ROLL_BACK)
+    never = "from node.hal import esp32 as _h\n_h.image_confirm = cut\n"
+    for _ in range(3):
+        assert "boot ota_" not in boot_cut(board, never)  # ota_0's boot ends before confirming
+        assert "set to boot again" in board.exec(MAIN)  # ota_1: switched back once more
+    assert "boot ota_" not in boot_cut(board, never)
+    running, _, _, rec, out = boot(board)
+    assert running == "ota_1" and rec["cprev"] is None, out
+    assert rec["reason"].endswith("ota_0 did not boot: ota_1 kept"), rec
+
+
+def test_a_candidate_image_whose_modules_cannot_load_is_left_at_once(board: TwinNode) -> None:
+    """The slot's node package fails to import on the new image's first boot: main.py unloads
+    it, leaves the candidate with the provisioned HAL (the old image set to boot, the record,
+    the reset), and the old image runs from the next boot, kept."""
+    put_bundle(board, app_image(14, 5_000),
+               files=(("main.py", b"# slot\n"), ("node/app.mpy", b"not bytecode")))
+    assert "applied 2.0.0" in transfer(board, apply=True)
+    out = board.exec(MAIN.split("fw, rec, slot")[0] + "run('node.json')\n")  # a whole boot
+    assert "rolled back: boot_exception" in out, out
+    assert otadata(board)[0] == "ota_0" and record(board)["cand"] is None
+    settled_on_the_old_image(board, "boot_exception")

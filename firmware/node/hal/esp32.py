@@ -420,12 +420,66 @@ def image_trial(fw, rec, save, leave):
     return False
 
 
-def image_leave(img, prev):
-    """A candidate with the image img is left: if img runs, boot prev again and reset (the
-    node's own rollback, whether or not the bootloader's is built in)."""
-    if image_running() == img:
-        image_boot(prev)
+def image_back(img, prev):
+    """A candidate with the image img is left (node/ota.py roll_back, image_rollback): if img
+    runs, set prev to boot at the next reset; True if so. Called before the boot record says
+    rolled_back, the reset after it: a cut between the two boots prev with the candidate
+    still recorded, which image_trial reports; never img under a record saying rolled_back."""
+    if image_running() != img:
+        return False
+    image_boot(prev)
+    return True
+
+
+def image_rollback(fw, rec, reason, leave):
+    """main.py leaves a candidate that brought an image: the previous image set to boot
+    (image_back), then leave(fw, rec, reason) writes the record without the image, then the
+    reset. A switch that fails leaves the record as it is: the next boot leaves it again."""
+    try:
+        back = image_back(rec["cimg"], rec["cprev"])
+    except OSError as e:
+        print("boot: %s not set to boot (%r): the candidate is left again at the next boot"
+              % (rec["cprev"], e))
+        return
+    rec["cimg"] = None
+    leave(fw, rec, reason)
+    if back:
         reset()
+
+
+def image_leave(img, prev):
+    """For a main.py provisioned before review 7 (an update never replaces main.py), which
+    calls this after its record: if img runs, boot prev again and reset."""
+    if image_back(img, prev):
+        reset()
+
+
+_BACK_MAX = 3  # switches back to the old image after cuts in its first boots (image_kept)
+
+
+def image_kept(fw, rec, save):
+    """main.py, at each boot while a rollback's record still names the old image (cprev):
+    set_boot made that image new to the bootloader, on trial like any, so it confirms itself
+    at once, or a reset would return to the image just left. If that already happened (a cut
+    in the old image's first boot, before this), it is set to boot again, up to _BACK_MAX
+    times: a board that cannot boot its old image stays on the new one and says so."""
+    prev = rec["cprev"]
+    running = image_running()
+    if running != prev:
+        back = rec.get("back") or 0
+        if back < _BACK_MAX:
+            rec["back"] = back + 1
+            save(fw, rec)
+            print("boot: the bootloader returned to %s: %s set to boot again" % (running, prev))
+            image_boot(prev)
+            reset()
+        rec["reason"] = "%s; %s did not boot: %s kept" % (rec.get("reason"), prev, running)
+        print("boot: %s" % rec["reason"])
+    else:
+        image_confirm()
+    rec["cprev"] = None
+    rec["back"] = 0
+    save(fw, rec)
 
 
 def image_boot(label):
