@@ -12,24 +12,24 @@ needs; the others keep version 10, left out. Per record, not once per batch: eac
 then complete on its own (RFC 8428 §4.6 wants the version in every resolved record that is not
 version 10) and the same bytes in every batch it is retried in (docs/upstream.md).
 
-A node's firmware version (its STATUS, kept by the rollout manager), once known and whenever it
-changes, goes with the next batch holding its readings as one more record,
-`{"n": "urn:dev:lantern:<node>:firmware", "vs": "<version>", "t": <the batch's first attempt>,
-"id": "<node>:firmware:<version>"}`, the name and id the MQTT sink uses. A regular record with a
+A node's firmware version (its STATUS, kept by the rollout manager), once known, goes with every
+batch holding its readings as one more record, `{"n": "urn:dev:lantern:<node>:firmware", "vs":
+"<version>", "t": <the node's newest reading time in the batch>, "id":
+"<node>:firmware:<version>"}`, the name and id the MQTT sink uses. A regular record with a
 string value is how RFC 8428 carries a device parameter (§4: a name under the device's, `vs`);
 a new field would need the SenML Labels registry (§12), and receivers ignore fields they do not
-know. The records of a batch are frozen at its first attempt, so a retry sends the same bytes;
-the versions delivered are kept in the state folder, so a restart sends none twice
-(docs/updates.md, "Where the version shows").
+know. The record is made from the batch alone (and the version): a batch sent again, after a
+restart too, is the same bytes. The Idempotency-Key covers the records added to the readings,
+so a body that differs (a version that changed between two attempts across a restart) goes
+under another key, never under one already used (docs/updates.md, "Where the version shows").
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import hashlib
 import json
-import logging
+import math
 import re
 import time
 from collections import Counter, OrderedDict
@@ -47,8 +47,6 @@ from ..logsetup import escape_controls
 from ..ngsi import split_name
 from ..plugins import SinkPlugin
 from ..queue.resolve import Batch
-
-log = logging.getLogger("lantern.sink.http")
 
 # The longest wait a Retry-After is honoured for (the forwarder never waits less than its own
 # backoff: queue/forward.py). Ten minutes covers an upstream's planned restart; a longer outage
@@ -150,11 +148,11 @@ def senml_body(batch: Batch, extra: list[str] | None = None) -> bytes:
     return _UNIT_FIELD.sub(_versioned, "[" + ",".join(items) + "]").encode()
 
 
-def firmware_records(batch: Batch, firmware: Mapping[str, str], t: float,
-                     sent: Mapping[str, str] | None = None) -> dict[str, str]:
+def firmware_records(batch: Batch, firmware: Mapping[str, str]) -> dict[str, str]:
     """node → its firmware record (a JSON array item) for each Lantern node with readings in
-    batch whose firmware version is known and not the one in `sent`."""
-    out: dict[str, str] = {}
+    batch whose firmware version is known. Made from the batch alone: its time is the node's
+    newest reading time in the batch, so the same batch always gives the same record."""
+    newest: dict[str, float | None] = {}
     for record in batch.records():
         n = record.get("n")
         if not isinstance(n, str) or not n.startswith("urn:dev:lantern:"):
@@ -163,19 +161,36 @@ def firmware_records(batch: Batch, firmware: Mapping[str, str], t: float,
             node, _ = split_name(n)
         except ValueError:
             continue
-        fw = firmware.get(node)
-        if fw is not None and node not in out and (sent or {}).get(node) != fw:
-            out[node] = json.dumps({"n": f"urn:dev:lantern:{node}:firmware", "vs": fw, "t": t,
-                                    "id": f"{node}:firmware:{fw}"}, separators=(",", ":"))
+        if node not in firmware:
+            continue
+        t = record.get("t")
+        if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+            t = None
+        was = newest.get(node)
+        newest[node] = t if was is None or (t is not None and t > was) else was
+    out: dict[str, str] = {}
+    for node, t in newest.items():
+        fw = firmware[node]
+        rec: dict[str, object] = {"n": f"urn:dev:lantern:{node}:firmware", "vs": fw}
+        if t is not None:  # RFC 8428 §4.5.3: a record without a time means "now" on arrival
+            rec["t"] = t
+        rec["id"] = f"{node}:firmware:{fw}"
+        out[node] = json.dumps(rec, separators=(",", ":"))
     return out
 
 
-def idempotency_key(batch: Batch) -> str:
-    """The same readings always give the same key, so a retried POST is recognisable."""
+def idempotency_key(batch: Batch, extra: list[str] | None = None) -> str:
+    """The same readings, with the same `extra` records added, always give the same key, so a
+    retried POST is recognisable; other added records give another key, so a key never goes
+    with two bodies (the Idempotency-Key draft: a key MUST NOT be reused with another
+    payload). Without `extra` the key depends on the readings' ids only."""
     h = hashlib.sha256()
     for rid in batch.rids:
         h.update(rid.encode())
         h.update(b"\n")
+    for item in extra or ():
+        h.update(b"\0")  # never in a reading's id: no ambiguity with them
+        h.update(item.encode())
     return h.hexdigest()[:32]
 
 
@@ -184,15 +199,14 @@ class HttpSink:
 
     def __init__(self, cfg: HttpSinkConfig, firmware: Mapping[str, str] | None = None,
                  state_dir: Path | None = None) -> None:
+        # state_dir: the plug-in's interface; this sink keeps no state there since review 7
+        # (an http-firmware-*.json left by an older gateway is not read)
         self.cfg = cfg
         # node → its firmware version (the rollout manager's, kept up to date by it)
         self.firmware: Mapping[str, str] = {} if firmware is None else firmware
-        # idempotency key → (node → firmware record) of a batch at its first attempt
-        self._frozen: OrderedDict[str, dict[str, str]] = OrderedDict()
-        # node → the version delivered upstream, kept in the state folder (one file per URL)
-        self._sent_file = None if state_dir is None else state_dir / (
-            "http-firmware-" + hashlib.sha256(cfg.url.encode()).hexdigest()[:12] + ".json")
-        self._sent: dict[str, str] = {}
+        # the readings' key → the firmware records of that batch at its first attempt here:
+        # a version learnt between two attempts changes neither body nor key
+        self._frozen: OrderedDict[str, list[str]] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "application/senml+json"}
         if cfg.token_file:
@@ -201,7 +215,6 @@ class HttpSink:
         self.redirects: Counter[int] = Counter()  # 3xx answers, by status
 
     async def __aenter__(self) -> HttpSink:
-        self._sent = await asyncio.to_thread(self._load_sent)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
         return self
@@ -210,50 +223,17 @@ class HttpSink:
         if self._session is not None:
             await self._session.close()
 
-    def _load_sent(self) -> dict[str, str]:
-        if self._sent_file is None:
-            return {}
-        try:
-            sent = json.loads(self._sent_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable (%s): firmware versions are sent again", self._sent_file,
-                        e)
-            return {}
-        if not isinstance(sent, dict):
-            return {}
-        return {k: v for k, v in sent.items() if isinstance(k, str) and isinstance(v, str)}
-
-    async def _delivered(self, records: dict[str, str]) -> None:
-        """The firmware records of a delivered batch: their versions are upstream now."""
-        if not records:
-            return
-        for node, item in records.items():
-            self._sent[node] = json.loads(item)["vs"]
-        if self._sent_file is not None:
-            await asyncio.to_thread(self._save_sent, json.dumps(self._sent, sort_keys=True))
-
-    def _save_sent(self, text: str) -> None:
-        assert self._sent_file is not None
-        tmp = self._sent_file.with_name(self._sent_file.name + ".tmp")
-        try:
-            tmp.write_text(text)
-            tmp.replace(self._sent_file)
-        except OSError as e:
-            log.warning("%s: cannot write (%s): firmware versions may be sent again",
-                        self._sent_file, e)
-
     async def send(self, batch: Batch) -> None:
         assert self._session is not None
-        key = idempotency_key(batch)
-        extra = self._frozen.get(key)
+        readings = idempotency_key(batch)
+        extra = self._frozen.get(readings)
         if extra is None:
-            extra = self._frozen[key] = firmware_records(batch, self.firmware, time.time(),
-                                                         self._sent)
+            records = firmware_records(batch, self.firmware)
+            extra = self._frozen[readings] = [records[n] for n in sorted(records)]
             while len(self._frozen) > FROZEN_MAX:
                 self._frozen.popitem(last=False)
-        body = senml_body(batch, [extra[n] for n in sorted(extra)])
+        body = senml_body(batch, extra)
+        key = idempotency_key(batch, extra)
         headers = dict(self._headers)
         headers["Idempotency-Key"] = key
         t0 = time.monotonic()
@@ -263,7 +243,7 @@ class HttpSink:
                 await read_bounded(resp, SHOWN_MAX)
                 self.last_latency_s = time.monotonic() - t0
                 if 200 <= resp.status < 300:
-                    await self._delivered(self._frozen.pop(key, {}))
+                    self._frozen.pop(readings, None)
                     return
                 if 300 <= resp.status < 400:
                     self.redirects[resp.status] += 1
