@@ -16,7 +16,9 @@ from lantern.tools.field import release
 
 pytestmark = pytest.mark.ota
 
-IMAGE = b"\xe9" + random.Random(16).randbytes(40_000)
+# an app image: image header (24 bytes), first segment header (8), esp_app_desc_t's magic
+HEAD = b"\xe9\x05\x02\x20" + bytes(28)
+IMAGE = HEAD + (0xABCD5432).to_bytes(4, "little") + random.Random(16).randbytes(40_000)
 
 
 @pytest.fixture
@@ -46,7 +48,14 @@ def test_build_carries_the_image_as_a_signed_entry_for_the_esp32_boards(
     ("unix-sim", IMAGE, "ESP32 boards only"),
     ("esp32-devkitc", b"\x00" + IMAGE[1:], "not an ESP32 app image"),
     ("esp32-devkitc", b"", "not an ESP32 app image"),
-])
+    # the bootloader (an image too, 0xE9 first, no app description), a magic on the wrong end
+    # or one byte off, a file that ends before it
+    ("esp32-devkitc", HEAD + bytes(4) + IMAGE[36:], "not the bootloader or a whole-flash dump"),
+    ("esp32-devkitc", HEAD + (0xABCD5432).to_bytes(4, "big") + IMAGE[36:], "offset 32"),
+    ("esp32-devkitc", HEAD[:-1] + IMAGE[32:], "offset 32"),
+    ("esp32-devkitc", IMAGE[:34], "offset 32"),
+], ids=["other-board", "no-0xE9", "empty", "bootloader", "big-endian", "off-by-one",
+        "short"])
 def test_build_refuses_an_image_for_other_boards_or_that_is_no_app_image(
         keys: Path, capsys: pytest.CaptureFixture[str], board: str, image: bytes,
         says: str) -> None:

@@ -309,7 +309,12 @@ def firmware_files(mpy_cross: str, boards: list[str]) -> list[tuple[str, bytes]]
 
 
 IMAGE_PATH = "image/app.bin"  # the manifest entry of kind "image" (node/update.py is_image)
-ESP_IMAGE_MAGIC = 0xE9  # the first byte of every ESP32 app image (esptool's image format)
+ESP_IMAGE_MAGIC = 0xE9  # the first byte of every ESP32 image, app or bootloader (esptool's format)
+# ESP-IDF's esp_app_desc_t opens the first (DROM) segment of every app image, so its magic word
+# ESP_APP_DESC_MAGIC_WORD is at sizeof(esp_image_header_t) + sizeof(esp_image_segment_header_t)
+# = 24 + 8 (docs "App Image Format", "Application Description"), little-endian as the chip is
+APP_DESC_MAGIC = (0xABCD5432).to_bytes(4, "little")
+APP_DESC_AT = 24 + 8
 
 
 def app_image(path: Path, boards: list[str]) -> bytes:
@@ -324,8 +329,12 @@ def app_image(path: Path, boards: list[str]) -> bytes:
         raise ReleaseError(f"--image {path}: {e.strerror}") from None
     if not data or data[0] != ESP_IMAGE_MAGIC:
         raise ReleaseError(f"--image {path}: not an ESP32 app image (it starts with 0xE9: "
-                           "the firmware.bin or micropython.bin of an ESP-IDF build, not the "
-                           "bootloader or a whole-flash dump)")
+                           "the micropython.bin of an ESP-IDF build)")
+    if data[APP_DESC_AT:APP_DESC_AT + 4] != APP_DESC_MAGIC:
+        raise ReleaseError(f"--image {path}: not an ESP32 app image, not the bootloader or a "
+                           "whole-flash dump (no app description, magic 0xABCD5432, at offset "
+                           f"{APP_DESC_AT}): pass the app alone, micropython.bin of the build, "
+                           "not the download page's firmware.bin")
     return data
 
 
@@ -420,8 +429,9 @@ def add_parser(sub: Any) -> None:
                    help="oldest gateway version that may transfer it (default: this one)")
     b.add_argument("--mpy-cross", help="mpy-cross of the nodes' MicroPython version")
     b.add_argument("--image", type=Path, metavar="APP.bin",
-                   help="an ESP32 app image (esptool's .bin) to carry as well, written by the "
-                   "node into its next OTA partition; ESP32 boards only (default: esp32*)")
+                   help="an ESP32 app image (the build's micropython.bin) to carry as well, "
+                   "written by the node into its next OTA partition; ESP32 boards only "
+                   "(default: esp32*)")
     t = rs.add_parser("rotate", help="sign a rotation of the nodes' release key to a new one")
     t.add_argument("--key", type=Path, required=True, help="the current release key (OLD.pem)")
     t.add_argument("--new", type=Path, required=True, help="the new key's public half "
