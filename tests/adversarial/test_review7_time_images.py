@@ -302,8 +302,6 @@ def _boot(node: TwinNode, after: str = "") -> tuple[str, str]:
 
 @pytest.mark.esp32_twin
 @pytest.mark.ota
-@pytest.mark.xfail(strict=True, reason="review 7: roll_back writes 'rolled_back' before it "
-                   "switches the image back: a cut between keeps the failed image for good")
 def test_a_cut_inside_a_rollback_does_not_keep_the_failed_image(twin: TwinNode) -> None:
     """Attack: the new image's trial fails (no pack ACKed within update_trial_s: its link does
     not work) on a board where the image is already valid to the bootloader (a power cut
@@ -367,8 +365,6 @@ async def upstream() -> AsyncIterator[tuple[str, list[tuple[str, bytes]]]]:
         await runner.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason="review 7: after a restart a retried batch carries a "
-                   "new firmware record time: same Idempotency-Key, other bytes")
 async def test_a_batch_retried_after_a_restart_is_byte_identical(
         upstream: tuple[str, list[tuple[str, bytes]]], tmp_path: Path) -> None:
     """Attack: none needed: a batch holding a node whose firmware version is known goes out,
@@ -405,8 +401,6 @@ def _whole_flash_image() -> bytes:
 
 
 @pytest.mark.ota
-@pytest.mark.xfail(strict=True, reason="review 7: release build --image takes a whole-flash "
-                   "firmware.bin for an app image (only its first byte is checked)")
 def test_release_image_refuses_a_whole_flash_firmware_bin(tmp_path: Path) -> None:
     """Attack: a careless release author passes MicroPython's ESP32 `firmware.bin` (the
     download page's file, flashed at 0x1000: bootloader, partition table, then the app) to
