@@ -60,7 +60,7 @@ def test_corrections_are_sub_properties_of_the_raw_attribute() -> None:
 
 
 def test_default_kappa_and_no_corrections() -> None:
-    aq = _by_type(FULL + [("pm2_5_corr", 9.0, "ug/m3")])["AirQualityObserved"]
+    aq = _by_type([*FULL, ("pm2_5_corr", 9.0, "ug/m3")])["AirQualityObserved"]
     assert aq["pm25"]["humidityCorrected"]["kappa"]["value"] == ngsi.KAPPA_DEFAULT
     plain = _by_type(FULL)
     assert not any("humidityCorrected" in a or "calibrationOffset" in a
