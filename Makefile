@@ -29,8 +29,11 @@ demo: venv micropython
 	$(BIN)/lantern demo --nodes $(or $(NODES),3)
 
 ## test: install everything the tests need, then run every tier that can run here
+# Side by side (pytest-xdist): most of the time goes to hil tests waiting on links and timers,
+# so a few more workers than cores pay. TEST_JOBS=0 runs in one process.
+TEST_JOBS ?= 3
 test: venv micropython node-red qemu-image lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist worksteal
 
 VERSION = $(shell sed -n 's/^FIRMWARE_VERSION = "\(.*\)"$$/\1/p' firmware/node/app.py)
 DIST := $(BUILD)/dist
