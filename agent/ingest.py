@@ -53,10 +53,13 @@ _HOLD_MASK = (1 << HOLD_SPAN) - 1
 # window ago: that node is draining a backlog or samples fast, and waiting would cost it the
 # whole window per send window (4 frames on UART) — a backlog would drain at a few frames per
 # window, and a fast node's readings would reach upstream a window later. So the window only
-# holds frames of slow nodes (a street's: one a minute), where it saves the most. 0: commit
-# at once (the frames that came during the previous commit share the next one). This default
-# is for an Ingest made without configuration (tests, tools); the gateway sets
-# `commit_window_s` ([queue] commit_window_ms).
+# holds frames of slow nodes (a street's: one a minute), where it saves the most. It never
+# holds a frame whose node waits awake for the ACK (`on_frame(..., awake=True)`: a BLE
+# session, where a battery node keeps its radio on until the ACK and its wake time is its
+# power): such a frame commits at once, with whatever else waits. 0: commit at once (the
+# frames that came during the previous commit share the next one). This default is for an
+# Ingest made without configuration (tests, tools); the gateway sets `commit_window_s`
+# ([queue] commit_window_ms).
 COMMIT_WINDOW_S = 0.0
 COMMIT_FRAMES = 256
 # Sources logged per kind of rejection; after them, only counted. A BLE session's name holds
@@ -232,14 +235,17 @@ class Ingest:
                       "node sends it again. This is a bug: please report it with this traceback",
                       source, e, exc_info=e)
 
-    def on_frame(self, link: Link, ftype: int, body: bytes) -> str | None:
+    def on_frame(self, link: Link, ftype: int, body: bytes, *, awake: bool = False
+                 ) -> str | None:
         """Feed one frame (type, body) from a link that frames by itself (BLE: no COBS/CRC).
 
+        awake: the node waits for the ACK with its radio on (a BLE session), so the frame is
+        committed at once rather than held for the group-commit window.
         The node whose pack was taken (authentic, new, a pack: on its way to a commit), or
         None (refused, a duplicate, a dead letter): only the former proves who sent it.
         """
         try:
-            return self._on_frame(link, ftype, body)
+            return self._on_frame(link, ftype, body, awake)
         except FrameError as e:  # AuthError included
             self._reject(link.name, e.kind, str(e))
         except Exception as e:
@@ -250,7 +256,8 @@ class Ingest:
         ftype, body = protocol.decode_frame(chunk)
         self._on_frame(link, ftype, body)
 
-    def _on_frame(self, link: Link, ftype: int, body: bytes) -> str | None:
+    def _on_frame(self, link: Link, ftype: int, body: bytes, awake: bool = False
+                  ) -> str | None:
         if ftype != protocol.DATA:
             raise FrameError("unexpected", f"frame type 0x{ftype:02x} from a node")
         m = protocol.parse_mac0(body)
@@ -306,7 +313,7 @@ class Ingest:
         # only a frame taken (authentic and new) says the node is alive: a replayed or
         # repeated one could be anybody's recording (docs/gateway.md, "last seen")
         metrics.seen(node, link.name, seq)
-        self._queue(link, acc)
+        self._queue(link, acc, awake)
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
         return node if acc.pack is not None else None
@@ -326,8 +333,8 @@ class Ingest:
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
 
-    def _queue(self, source: Source, acc: Accepted) -> None:
-        """A frame for the next group commit."""
+    def _queue(self, source: Source, acc: Accepted, awake: bool = False) -> None:
+        """A frame for the next group commit (at once if its node waits awake for it)."""
         now = time.monotonic()
         if not self._pending:
             self._since = now
@@ -336,9 +343,9 @@ class Ingest:
         self._wake.set()
         last = self._taken_at.get(acc.node)
         self._taken_at[acc.node] = now
-        if len(self._pending) >= COMMIT_FRAMES or (last is not None
-                                                   and now - last < self.window_s):
-            self._full.set()  # full, or a node that is not slow: commit now
+        if awake or len(self._pending) >= COMMIT_FRAMES or (last is not None
+                                                            and now - last < self.window_s):
+            self._full.set()  # full, a node that is not slow or awake for it: commit now
 
     @property
     def window_s(self) -> float:

@@ -427,8 +427,9 @@ class BleLink:
             # proof is ingest's verdict: a pack of this node's, authentic and new, taken for
             # the queue. Authentic alone proves nothing: the gateway's own start ACK is MACed
             # under the node key too, and a stranger can play it back as DATA (ingest
-            # refuses that as `reflected`; docs/security.md)
-            if self.ingest.on_frame(link, ftype, body) == node and not proved:
+            # refuses that as `reflected`; docs/security.md). awake: the node keeps its radio
+            # on (and this connection) until the ACK, so the commit does not wait for others
+            if self.ingest.on_frame(link, ftype, body, awake=True) == node and not proved:
                 proved = True
                 self._proven(node, addr, c.device)
 
