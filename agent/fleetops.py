@@ -23,10 +23,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from . import nodecmd, protocol
 from .errors import AuthError, ConfigError, LanternError
 from .nodecmd import OK, OP_CONFIG, OP_REKEY, OP_REKEY_COMMIT
@@ -52,6 +48,10 @@ def derive(shared: bytes, current: bytes, node_id: str, version: int) -> bytes:
     """The next key: HKDF-SHA256 (RFC 5869), IKM the X25519 secret, salt the current key,
     info "lantern rekey v1" ‖ node id ‖ version (4 bytes big-endian), as long as the current
     key. ValueError for an all-zero secret (a low-order public key)."""
+    # `cryptography` (~6 MB resident) loads with the first rotation, not with the gateway
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     if shared == bytes(len(shared)):
         raise ValueError("all-zero X25519 secret (a low-order public key)")
     info = INFO + node_id.encode() + version.to_bytes(4, "big")
@@ -272,6 +272,11 @@ class FleetOps:
     async def _agree(self, node: str, ch: nodecmd.Channel, current: bytes, version: int,
                      base: str) -> bytes | None:
         """REKEY: the next key, kept in the registry; None if the node refused."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import (
+            X25519PrivateKey,
+            X25519PublicKey,
+        )
+
         reg = self.fleet.registry
         priv = X25519PrivateKey.generate()
         pub = priv.public_key().public_bytes_raw()

@@ -26,14 +26,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import load_keys
 from .errors import ConfigError, LanternError
 from .ngsi import NodeMeta
 
 if TYPE_CHECKING:
-    from .fleetops import FleetOps
+    from .protocol import Mac0, NodeKey
 
 log = logging.getLogger("lantern.registry")
 
@@ -508,7 +508,28 @@ class KeyView(dict[bytes, bytes]):
         self.update(keys)
 
 
+# How often the running gateway looks at the key file and the registry file. A look is two
+# stat calls on the event loop; the registry's thread is used only when one of them changed
+# or the gateway has something to write (an idle cabinet wakes for the timer alone: issue 22)
+class LiveOps(Protocol):
+    """The fleet's live operations as the registry's task drives them: agent/fleetops.py
+    `FleetOps`, made by `Fleet.attach` (imported there, so that neither module imports the
+    other when it loads)."""
+
+    metrics: Any
+
+    def heard(self, seen: Mapping[str, float]) -> None: ...
+    def drift(self) -> int: ...
+    def other_key(self, m: Mac0) -> NodeKey | None: ...
+    async def idle(self) -> None: ...
+    def close(self) -> None: ...
+
+
 WATCH_EVERY_S = 2.0
+Place = tuple[str, float | None, float | None, float]  # a node's pole, lat, lon, interval_s
+# A file changed this recently may change again within the same mtime tick with the same
+# size: it is read once more at the next look
+_RECENT_NS = 1_000_000_000
 
 
 class Fleet:
@@ -526,11 +547,14 @@ class Fleet:
         # the links' keys stay whole: a link looks a node's key up where a missing one is a
         # bug (a BLE session, a command's reply); what a revoked node sends is refused at ingest
         self.link_keys: dict[bytes, bytes] = dict(keys)
-        self.ops: FleetOps | None = None  # rotations and group settings, once attached
+        self.ops: LiveOps | None = None  # rotations and group settings, once attached
         self.config_nodes = config_nodes
         self.node_ids = node_ids  # the gateway's list of keyed nodes, extended in place
         self.nodes_meta: dict[str, NodeMeta] = {}  # registry places, [nodes] winning
         self._mtime = self._stat()
+        self._db_stamp: tuple[tuple[int, int] | None, ...] = ()  # what the last read saw
+        self._db_recent = True  # the file was fresh at the last read: read it once more
+        self._observed: tuple[dict[str, float], dict[str, str], dict[str, Place]] | None = None
         self._refusals: dict[str, tuple[str | None, str | None]] = {}
         self._pushed: dict[str, tuple[object, ...]] = {}
         self._failing: set[str] = set()  # what is logged once until it works again
@@ -542,7 +566,7 @@ class Fleet:
         return None if key is None else self.registry.refusal(kid.decode("utf-8", "replace"),
                                                              key)
 
-    def attach(self, ingest: Any, links: list[Any], metrics: Any) -> FleetOps:
+    def attach(self, ingest: Any, links: list[Any], metrics: Any) -> LiveOps:
         """Give ingest the registry's hooks (its `refused` verdict, a rotating node's other
         key) and start the live operations over the links' command channels."""
         from .fleetops import FleetOps
@@ -557,6 +581,20 @@ class Fleet:
             return self.keys_file.stat().st_mtime_ns
         except OSError:
             return None
+
+    def _registry_stamp(self) -> tuple[tuple[int, int] | None, ...]:
+        """(mtime, size) of the registry file and of its WAL: any writer, this process or
+        `lantern gateway nodes ...`, changes one of them."""
+        out: list[tuple[int, int] | None] = []
+        for path in (self.registry.path, self.registry.path.with_name(
+                self.registry.path.name + "-wal")):
+            try:
+                st = path.stat()
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_mtime_ns, st.st_size))
+        return tuple(out)
 
     async def start(self) -> None:
         for line in await asyncio.to_thread(self.registry.sync_keys, dict(self.ingest_keys)):
@@ -597,6 +635,7 @@ class Fleet:
 
     async def tick(self, seen: Mapping[str, float], firmware: Mapping[str, str],
                    forget: Callable[[bytes], None] | None, sinks: list[Any]) -> None:
+        keys_read = False
         mtime = self._stat()
         if mtime != self._mtime:
             try:
@@ -607,18 +646,26 @@ class Fleet:
                 self._once(f"reading {self.keys_file}", e)
             else:
                 self._mtime = mtime
+                keys_read = True
                 self._once(f"reading {self.keys_file}", None)
                 keys = self.registry.overlay(keys)
                 self.ingest_keys.replace_all(keys)
                 self.link_keys.clear()
                 self.link_keys.update(keys)
         meta = {n: (m.pole, m.lat, m.lon, m.interval_s) for n, m in self.config_nodes.items()}
-        try:
-            await asyncio.to_thread(self.registry.observe, seen, dict(firmware), meta)
-            await asyncio.to_thread(self.registry.refresh)
-            self._once(f"writing {self.registry.path}", None)
-        except sqlite3.Error as e:
-            self._once(f"writing {self.registry.path}", e)
+        learnt = (dict(seen), dict(firmware), meta)
+        stamp = self._registry_stamp()
+        if keys_read or learnt != self._observed or stamp != self._db_stamp or self._db_recent:
+            # something to write, or the file changed: one hop to a thread; else none
+            try:
+                await asyncio.to_thread(self._sync, *learnt)
+            except sqlite3.Error as e:
+                self._once(f"writing {self.registry.path}", e)
+            else:
+                self._once(f"writing {self.registry.path}", None)
+                self._observed, self._db_stamp = learnt, stamp
+                newest = max((s[0] for s in stamp if s is not None), default=0)
+                self._db_recent = time.time_ns() - newest < _RECENT_NS
         self._places()
         now_refused = self._now_refused()
         for node, state in now_refused.items():
@@ -639,6 +686,12 @@ class Fleet:
             self.ops.heard(seen)
             self.ops.metrics.config_drift = self.ops.drift()
         await self._push(seen, sinks)
+
+    def _sync(self, seen: Mapping[str, float], firmware: Mapping[str, str],
+              meta: Mapping[str, Place]) -> None:
+        """What the gateway learnt written, then the file read again if anyone changed it."""
+        self.registry.observe(seen, firmware, meta)
+        self.registry.refresh()
 
     async def _push(self, seen: Mapping[str, float], sinks: list[Any]) -> None:
         """Device entities of the records whose state, firmware, key or place changed."""
