@@ -53,8 +53,11 @@ class Node:
         """Read every sensor without blocking the link between oversampled readings."""
         if isinstance(self.sensors, list):
             return self.sample()
-        now = self.clock.now()
-        return now, self._health(await self.sensors.sample())
+        clock = self.clock
+        t, shift = clock.now_ms(), clock.shift_ms
+        values = await self.sensors.sample()
+        # an ACK may set the clock while the sensors warm up: the time read before moves with it
+        return (t + clock.shift_ms - shift) // 1000, self._health(values)
 
     def _health(self, values):
         values["uptime"] = time.ticks_diff(time.ticks_ms(), self.boot_ms) // 1000

@@ -31,6 +31,7 @@ class Clock:
         # first set plus this is the gateway's time of that instant (node/untimed.py)
         self.shift_ms = 0
         self.on_set = None  # called with shift_ms after the first set of this boot
+        self.first_shift_ms = None  # shift_ms then (for a hold loaded after it: node/hold.py)
         self.back_steps = 0  # sets that moved the synced clock back more than STEP_BACK_MS
 
     @property
@@ -67,8 +68,10 @@ class Clock:
 
     def _adopted(self, first):
         self.synced = True
-        if first and self.on_set is not None:
-            self.on_set(self.shift_ms)
+        if first:
+            self.first_shift_ms = self.shift_ms
+            if self.on_set is not None:
+                self.on_set(self.shift_ms)
 
     def now_ms(self):
         return self._local_ms() + self._offset_ms

@@ -81,6 +81,9 @@ class Hold:
         # when this boot began, in the clock's scale; once known, the bound for BEFORE
         self._boot_ms = clock.now_ms() - self._up_ms()
         self._boot_abs = self._boot_ms if clock.synced or clock.known else None
+        first = getattr(clock, "first_shift_ms", None)
+        if first is not None and self.shift_ms is None:
+            self.shift_ms = first  # set in this boot before the hold loaded: as _on_set does
         clock.on_set = self._on_set
         if node.link is not None:
             node.link.on_late = self._on_late
