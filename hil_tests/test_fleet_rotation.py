@@ -199,8 +199,10 @@ async def five_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         world.links.append(self)
 
     def attached(self: registry.Fleet, *args: Any) -> FleetOps:
-        ops.append(attach(self, *args))
-        return ops[-1]
+        got = attach(self, *args)
+        assert isinstance(got, FleetOps)
+        ops.append(got)
+        return got
 
     monkeypatch.setattr(api_mod.ApiServer, "__aenter__", served)
     monkeypatch.setattr(ble_link.BleLink, "__init__", built)
@@ -354,8 +356,8 @@ async def test_five_nodes_rotated_configured_revoked_and_one_reprovisioned(
         assert all(not nodes[n]["config_drift"] and nodes[n]["config_want"] == version
                    and nodes[n]["config_refused"] is None for n in ids), nodes
         rows = await registry_csv(street)
-        assert {n: (rows[n]["config_version"], rows[n]["key_rotation"]) for n in ids} == {
-            n: (str(version), "1") for n in ids}, rows
+        assert {n: (rows[n]["config_version"], rows[n]["key_rotation"], rows[n]["key_version"])
+                for n in ids} == {n: (str(version), "1", "2") for n in ids}, rows
         for n in ids:
             st = await street.status(n)
             assert (st["config_version"], st["cfg"]["interval_ms"]) == (
