@@ -7,7 +7,6 @@ type byte keeps the three kinds apart from each other and from DATA and ACK.
 """
 
 import gc
-import sys
 import time
 
 from . import cbor, cose, frame, probe
@@ -75,51 +74,6 @@ def unseal(key, body, ftype):
     if key is not None:
         cose.mac0_check(key, protected, payload, tag, aad(ftype))
     return kid, counter, payload
-
-
-def _raw(drv):
-    """The bytes a driver last read from its chip, as far as it lets us see them."""
-    raw = getattr(drv, "raw", None)
-    if callable(raw):
-        raw = raw()
-    if raw is None:
-        # the drivers read into preallocated buffers (STYLE.md): their last contents
-        for name in ("_data", "_buf", "_frame"):
-            buf = getattr(drv, name, None)
-            if isinstance(buf, (bytes, bytearray)):
-                return bytes(buf)
-    return raw
-
-
-def check_sensor(name, drv, now):
-    """Self-test of one sensor: read it once; pass if it answers with values inside its ranges."""
-    t0 = time.ticks_ms()
-    r = {"name": name, "ok": False, "values": None, "raw": None, "error": None}
-    try:
-        try:
-            values = drv.read()
-        except TypeError:  # the simulated climate sensor takes the time
-            values = drv.read(now)
-        # no new conversion yet (the sampler took the last one): wait up to one period
-        deadline = time.ticks_add(t0, min(getattr(drv, "PERIOD_MS", 100), 5000) + 200)
-        while values is None and time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            time.sleep_ms(100)
-            values = drv.read()
-        r["values"] = values
-        if values is None:
-            r["error"] = "no data yet (warming up?)"
-        else:
-            ranges = getattr(drv, "RANGES", {})
-            bad = [k for k in sorted(values) if k in ranges
-                   and not ranges[k][0] <= values[k] <= ranges[k][1]]
-            if bad:
-                r["error"] = "out of range: " + ", ".join(bad)
-            r["ok"] = not bad
-    except Exception as e:  # noqa: BLE001 - one failing sensor is a result, not a crash
-        r["error"] = "%s: %s" % (type(e).__name__, e)
-    r["raw"] = _raw(drv)
-    r["ms"] = time.ticks_diff(time.ticks_ms(), t0)
-    return r
 
 
 class Commands:
@@ -325,7 +279,7 @@ class NodeActions:
 
     def __init__(self, node):
         self.n = node
-        self._evicted_seen = 0
+        self.evicted_seen = 0  # evictions already latched as a fault (node/report.py)
         self._updater = None
 
     def updater(self):
@@ -379,70 +333,22 @@ class NodeActions:
         n = self.n
         return {"id": n.node_id, "fw": _fw(), "board": n.board.get("name", "?")}
 
-    def _sensors(self):
-        """(label, driver or None while absent, errors since boot) per sensor."""
-        sensors = self.n.sensors
-        slots = getattr(sensors, "slots", None)
-        if slots is not None:
-            return [(s.label, s.driver, s.errors) for s in slots]
-        return [(getattr(s, "name", None) or type(s).__name__.lower(), s, 0) for s in sensors]
-
     def status(self):
-        n = self.n
-        new = n.outbox.evicted - self._evicted_seen
-        if new > 0:  # evictions lose data: latch them (the total stays in "evicted")
-            self._evicted_seen = n.outbox.evicted
-            n.fault("outbox_full", "%d oldest frames dropped" % new)
-        stats = getattr(n.link, "stats", None)
-        link = {"window": n.cfg["link"].get("window", 4), "baud": n.cfg["link"].get("baud")}
-        for k in ("sent", "retransmits", "acked", "rx_errors", "crc_errors", "bad_acks",
-                  "rx_failures", "tx_failures", "advert_failures", "rssi"):
-            link[k] = getattr(stats, k, None)
-        last_ack = getattr(stats, "last_ack_ms", None)
-        link["last_ack_age_ms"] = (
-            None if last_ack is None else time.ticks_diff(time.ticks_ms(), last_ack))
-        battery = getattr(n.hal, "battery", None)
-        st = self.identity()
-        st.update({
-            "mpy": ".".join(str(v) for v in sys.implementation.version[:3]),
-            "platform": sys.platform,
-            "fw_file": __file__,  # .mpy deployed by `lantern provision`; .py frozen or source
-            "cfg": {"interval_ms": n.interval_ms, "max_frames": n.outbox.max_frames,
-                    "pole": n.cfg.get("pole"), "location": n.cfg.get("location")},
-            "outbox": len(n.outbox), "evicted": n.outbox.evicted,
-            "seal_errors": getattr(n, "seal_errors", 0),  # sample cycles that lost their pack
-            "next_seq": n.outbox._next,
-            "clock": {"now_ms": n.clock.now_ms(), "synced": n.clock.synced},
-            "link": link,
-            "battery": battery() if battery else None,
-            "heap": {"free": n.hal.heap_free(), "peak": n.heap_peak},
-            "uptime_s": time.ticks_diff(time.ticks_ms(), n.boot_ms) // 1000,
-            "cycle_ms": n.cycle_ms,
-            "sensors": [[name, d is not None, e] for name, d, e in self._sensors()],
-            "faults": [[k, v[0], v[1]] for k, v in sorted(n.faults.items())],
-            "boot": _boot(n),
-            "energy": _energy(n),
-            "upd": self.upd(),
-            "config_version": n.cfg.get("config_version", 0),
-            "key_version": getattr(n, "key_version", 0),
-            "held": _held(n),
-        })
-        return st
+        """STATUS (op 1): built by node/report.py, loaded for it and given back."""
+        from . import report, unload
+
+        try:
+            return report.status(self)
+        finally:
+            unload("report")
 
     def self_test(self, index=None):
-        out = []
-        for i, (name, drv, _) in enumerate(self._sensors()):
-            if index is not None and i != index:
-                continue
-            if drv is None:
-                r = {"name": name, "ok": False, "error": "not answering (probed every interval)"}
-            else:
-                r = check_sensor(name, drv, self.n.clock.now())
-            r["i"] = i
-            if not r["ok"]:
-                self.n.fault("sensor:" + name, r["error"])
-            out.append(r)
-        return out
+        from . import report, unload
+
+        try:
+            return report.self_test(self.n, index)
+        finally:
+            unload("report")
 
     def set_interval(self, ms):
         path = self.n.cfg["state_dir"] + "/interval_ms"  # node/app.py reads it at boot
@@ -483,40 +389,6 @@ class NodeActions:
         if reset:
             reset()
         raise SystemExit(REBOOT_EXIT)
-
-
-def _held(n):
-    """Samples the hold keeps unsealed until the time is known (node/untimed.py), 0 if none."""
-    held = getattr(sys.modules.get("node.untimed"), "held", None)
-    if held is not None:
-        return held(n)
-    hold = getattr(n, "_untimed", None)
-    try:
-        return len(hold) if hold else 0
-    except TypeError:  # a hold that does not count itself
-        return 0
-
-
-def _energy(n):
-    """The sampler's energy model (node/sampler.py), rounded for the status; None without it."""
-    energy = getattr(n.sensors, "energy", None)
-    e = energy() if energy is not None else None
-    if not e:
-        return None
-    return {"mj_interval": round(e["mj_interval"], 1), "mj_reading": round(e["mj_reading"], 2),
-            "mah_day": round(e["mah_day"], 2), "days": round(e.get("days", 0), 1),
-            "saving": getattr(n.sensors, "interval_factor", 1) > 1}
-
-
-def _boot(n):
-    """This boot's reset and wake cause, resets by cause (NVS) and the RTC-memory counters."""
-    boot = dict(getattr(n, "boot", None) or {})
-    rtc = getattr(n.hal, "rtc_counters", None)
-    if rtc is not None:
-        wakes, awake_ms, mj = rtc()
-        boot["rtc"] = {"wakes": wakes, "awake_ms": awake_ms, "energy_mj": mj}
-    boot["deep_sleep"] = bool(n.cfg.get("deep_sleep"))
-    return boot
 
 
 def _fw():
