@@ -308,3 +308,27 @@ def test_the_cli_writes_the_registry_and_refuses_bad_settings(
         rot = reg.rotation(A)
         assert rot is not None and rot.outcome == "requested" and reg.rotation(B) is None
         assert [r.group for r in reg.records()] == ["north", "north"]
+
+
+def test_a_rotation_switched_twice_keeps_its_new_key(tmp_path: Path) -> None:
+    """The COMMIT answer (a worker thread) and a frame under the next key (the event loop) may
+    both switch one rotation: the second must find it done, not clear the key (a rotated node
+    then had no key and every frame after the next key-file reload was refused "retired")."""
+    import threading
+
+    kn = bytes(range(100, 132))
+    with Registry(tmp_path / REGISTRY_FILE) as reg:
+        reg.sync_keys({A.encode(): KA})
+        reg.request_rekey([A])
+        reg.rekey_next(A, 1, kn, key_id(KA))
+        threads = [threading.Thread(target=reg.rekey_done, args=(A, 1, KA, first))
+                   for first in (12, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rot = reg.rotation(A)
+        assert rot is not None and rot.key == kn and rot.prev == KA and rot.version == 1
+        assert rot.next is None and rot.first_new == 9  # the exact (lower) bound kept
+        assert reg.overlay({A.encode(): KA}) == {A.encode(): kn}
+        assert reg.refusal(A, kn) is None and reg.refusal(A, KA) == "retired"
