@@ -84,19 +84,6 @@ async def test_a_commit_window_holds_frames_until_it_is_full_then_acks_them_toge
     assert len(link.sent) == 3  # one ACK per node, each sent after the one commit
 
 
-async def test_a_second_frame_from_a_node_within_the_window_closes_it(
-        running: tuple[Ingest, Link, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest_mod, "COMMIT_WINDOW_S", 3600.0)
-    ing, link, path = running
-    ing.on_data(link, frame(1))
-    for _ in range(50):
-        await asyncio.sleep(0)
-    assert ing.metrics.commits == 0 and rows(path) == 0
-    ing.on_data(link, frame(2))  # a backlog draining: it does not wait for the window
-    await asyncio.wait_for(ing.committed.wait(), 10)
-    assert rows(path) == 2 and len(link.sent) == 1
-
-
 async def test_a_frame_whose_node_waits_awake_is_committed_at_once_with_what_waits(
         running: tuple[Ingest, Link, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A BLE session's frame (awake=True): a battery node keeps its radio on until the ACK,
