@@ -456,9 +456,6 @@ async def test_five_nodes_rotated_configured_revoked_and_one_reprovisioned(
             if r.levelno >= logging.ERROR and r.name.startswith("lantern")] == []
 
 
-@pytest.mark.xfail(strict=True, reason="the BTHome bindkey stays the provisioned key's on the "
-                   "node until it reboots and at the gateway until it restarts (docs/fleet.md "
-                   "'Not yet')")
 async def test_a_rotated_radio_nodes_adverts_follow_its_key(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a live rotation, a gateway restarted (its bindkeys derived from the rotated keys)

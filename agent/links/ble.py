@@ -109,7 +109,9 @@ class BleLink:
             if other != node:
                 log.error("nodes %s and %s share an advert tag; %s is reached only when its "
                           "adverts are told apart by address", other, node, node)
-        self._bindkeys = {kid.decode(): bthome.derive_bindkey(k) for kid, k in keys.items()}
+        # node → (its key, the BTHome bindkey made from it): made again when a rotation
+        # (agent/fleetops.py) replaces the key in `keys`, as the node does (node/rekey.py)
+        self._bindkeys: dict[str, tuple[bytes, bytes]] = {}
         self._trial_from = 0  # round robin over the nodes an unknown address may be
         self._last_advert = 0.0
         self._wake = asyncio.Event()
@@ -131,6 +133,14 @@ class BleLink:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
+
+    def _bindkey(self, node: str) -> bytes:
+        """The node's BTHome bindkey, from the key it seals with now."""
+        key = self.keys[node.encode()]
+        have = self._bindkeys.get(node)
+        if have is None or have[0] != key:
+            have = self._bindkeys[node] = (key, bthome.derive_bindkey(key))
+        return have[1]
     def _reject(self, source: str, e: FrameError) -> None:
         self.stats[f"rejected_{e.kind}"] += 1
         # sources are addresses, which a stranger picks at will: a few logged per kind
@@ -196,7 +206,7 @@ class BleLink:
         if c is not None:
             node = c.node
             try:
-                a = bthome.decode(data, bthome.mac_bytes(address), self._bindkeys[node])
+                a = bthome.decode(data, bthome.mac_bytes(address), self._bindkey(node))
             except FrameError:
                 self.book.forget(c)  # claims a node and fails its key: no node does that
                 raise
@@ -248,7 +258,7 @@ class BleLink:
         mac = bthome.mac_bytes(address)
         for node in (need[start:] + need[:start])[:TRIAL_NODES]:
             try:
-                return node, bthome.decode(data, mac, self._bindkeys[node])
+                return node, bthome.decode(data, mac, self._bindkey(node))
             except FrameError:
                 continue
         return None

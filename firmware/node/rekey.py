@@ -198,6 +198,10 @@ def use_key(node, key, version, prev, first):
     node.key_first = first
     if node.link is not None:
         node.link._key = key  # ACKs and the BLE drain are checked under it
+        if getattr(node.link, "_bindkey", None) is not None:  # encrypted BTHome adverts
+            from . import bthome
+
+            node.link._bindkey = bthome.derive_bindkey(key)
     commands = getattr(node, "_commands", None)
     if commands is not None:
         commands._key = key
