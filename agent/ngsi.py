@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import TIME_MAX, TIME_MIN
+from .timesync import TIME_Q
 
 CORE_CONTEXT = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context.jsonld"
 CONTEXTS = [
@@ -73,6 +74,12 @@ KAPPA_DEFAULT = 0.4  # node/drivers/corrections.py KAPPA
 PM_METHOD = ("kappa-Koehler hygroscopic growth correction (Crilley et al. 2018, "
              "doi:10.5194/amt-11-709-2018): raw / (1 + (kappa / 1.65) * aw / (1 - aw)), "
              "aw = relative humidity")
+# a reading's flags: the bits of its "<name>.q" record (docs/measurements.md "Quality flags",
+# firmware/node/sampler.py FLAG_NAMES); a pack's time: the bits of its "time.q" record
+# (docs/protocol.md "Time"; bit 4 is the gateway's, agent/timesync.py)
+QUALITY_FLAGS = ("warmup", "range", "stale", "stuck", "crc", "nack", "timeout", "failed",
+                 "absent", "saving")
+TIME_FLAGS = ("relative", "before", "gateway")
 # the Device model's controlledProperty vocabulary
 CONTROLLED = {"temperature": "temperature", "humidity": "humidity",
               "pressure": "atmosphericPressure", "illuminance": "light", "pm1": "airPollution",
@@ -150,11 +157,20 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
     A record no model can hold is left out: without a number (`vs`, `vb`, `vd`), or of a
     measurement no model has. One whose name is not a device's or whose time is beyond
     what a DateTime can say is left out too, and counted in `skipped` by reason.
+
+    Flags (docs/upstream.md): a `<name>.q` record becomes the `qualityFlags` sub-property of
+    its reading's attribute (of the same pack), a pack's `time.q` the `timeQuality`
+    sub-property of every attribute observed at the pack's time; a flagged pack's entity is
+    never merged with an unflagged one. A `<name>.q` whose reading the pack lacks (`failed`,
+    `absent`, `stale`) is counted as "unpaired", one that is not a bit field as "flag".
     """
-    groups: defaultdict[tuple[str, str, float], dict[str, Any]] = defaultdict(dict)
+    records = list(records)
+    qualities, times = _flags(records, skipped)
+    used: set[tuple[str, str, str]] = set()
+    groups: defaultdict[tuple[str, str, float, int], dict[str, Any]] = defaultdict(dict)
     controlled: defaultdict[str, set[str]] = defaultdict(set)
-    # corrections of one sample: (node, t) → measurement → ("corr" | "offset", value)
-    fixes: defaultdict[tuple[str, float], dict[tuple[str, str], Any]] = defaultdict(dict)
+    # corrections of one sample: (node, t, time.q) → measurement → ("corr" | "offset", value)
+    fixes: defaultdict[tuple[str, float, int], dict[tuple[str, str], Any]] = defaultdict(dict)
     for r in records:
         if "v" not in r:
             continue
@@ -164,6 +180,8 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
             if skipped is not None:
                 skipped["name"] += 1
             continue
+        if measurement.endswith(".q"):
+            continue  # in `qualities` and `times`
         t = float(r["t"])
         if not TIME_MIN <= t <= TIME_MAX:
             if skipped is not None:
@@ -171,23 +189,39 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
             continue
         if measurement in CONTROLLED:
             controlled[node].add(CONTROLLED[measurement])
+        frame = _frame(r)
+        tq = times.get((node, frame), 0)
         fix = _fix(measurement)
         if fix is not None:
-            fixes[(node, t)][fix] = r["v"]
+            fixes[(node, t, tq)][fix] = r["v"]
             continue
         attr = ATTRS.get(measurement)
         if attr is not None:
-            group = groups[(node, attr.model, t)]
+            group = groups[(node, attr.model, t, tq)]
             group[attr.name] = _prop(attr.convert(r["v"]), t, attr.unit_code)
             if lamp_state and attr.model == "Streetlight" and measurement == "lamp_power":
                 group["powerState"] = _prop("on" if r["v"] > LAMP_ON_W else "off", t)
+            flagged = [group[attr.name], group.get("powerState")] if (
+                measurement == "lamp_power") else [group[attr.name]]
         elif measurement in HEALTH:
             name, unit = HEALTH[measurement]
-            groups[(node, "Device", t)][name] = _prop(r["v"], t, unit)
-    for (node, t), found in fixes.items():
-        _attach(groups, node, t, found, skipped)
+            prop = groups[(node, "Device", t, tq)][name] = _prop(r["v"], t, unit)
+            flagged = [prop]
+        else:
+            continue
+        q = qualities.get((node, measurement, frame))
+        if q is not None:
+            used.add((node, measurement, frame))
+            for prop in flagged:
+                if prop is not None:  # a reading's flags hold for what is derived from it
+                    prop["qualityFlags"] = _flagged(q, QUALITY_FLAGS, t)
+    unpaired = sum(1 for key in qualities.keys() - used if key[1] in ATTRS or key[1] in HEALTH)
+    if skipped is not None and unpaired:
+        skipped["unpaired"] += unpaired
+    for (node, t, tq), found in fixes.items():
+        _attach(groups, (node, t, tq), found, skipped)
     out = []
-    for (node, model, t), attrs in sorted(groups.items(), key=lambda kv: kv[0][2]):
+    for (node, model, t, tq), attrs in sorted(groups.items(), key=lambda kv: kv[0][2]):
         meta = nodes.get(node, NodeMeta())
         e: dict[str, Any] = {"id": entity_id(model, node, meta), "type": model, **attrs}
         if meta.lat is not None and meta.lon is not None:
@@ -218,9 +252,56 @@ def entities(records: Iterable[dict[str, Any]], nodes: dict[str, NodeMeta],
             # Streetlight's model takes a list of devices; the observed models take one
             e["refDevice"] = {"type": "Relationship",
                               "object": [device] if model == "Streetlight" else device}
+        if tq:  # the pack's time is not exact: said on everything observed at it
+            stamp = iso(t)
+            for a in e.values():
+                if isinstance(a, dict) and a.get("observedAt") == stamp:
+                    a["timeQuality"] = _flagged(tq, TIME_FLAGS, t)
         e["@context"] = CONTEXTS
         out.append(e)
     return out
+
+
+def _frame(r: dict[str, Any]) -> str:
+    """The pack a record came in: its reading id's `<node>:<seq>`, else (no id) its time."""
+    rid = r.get("id")
+    return rid.rpartition(":")[0] if isinstance(rid, str) else f"t={r.get('t')}"
+
+
+def _flags(records: list[dict[str, Any]], skipped: Counter[str] | None
+           ) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], int]]:
+    """The packs' flag records: (node, measurement, frame) → its `<measurement>.q` bits, and
+    (node, frame) → the pack's `time.q` bits. A flag that is not a bit field is counted."""
+    qualities: dict[tuple[str, str, str], int] = {}
+    times: dict[tuple[str, str], int] = {}
+    for r in records:
+        n = r.get("n")
+        if not isinstance(n, str) or not n.endswith(".q"):
+            continue
+        try:
+            node, measurement = split_name(n)
+        except ValueError:
+            continue  # counted with the records
+        v = r.get("v")
+        if type(v) is not int or v < 0:
+            if skipped is not None:
+                skipped["flag"] += 1
+            continue
+        if v == 0:
+            continue  # nothing flagged (a node never sends one)
+        if measurement == TIME_Q:
+            times[(node, _frame(r))] = v
+        else:
+            qualities[(node, measurement[:-2], _frame(r))] = v
+    return qualities, times
+
+
+def _flagged(bits: int, names: tuple[str, ...], t: float) -> dict[str, Any]:
+    """Flags as a Property: the names of the bits set, with the bit field itself as `bits`
+    (which keeps a bit this gateway has no name for)."""
+    p = _prop([name for i, name in enumerate(names) if bits >> i & 1], t)
+    p["bits"] = _prop(bits, t)
+    return p
 
 
 def _fix(measurement: str) -> tuple[str, str] | None:
@@ -235,8 +316,9 @@ def _fix(measurement: str) -> tuple[str, str] | None:
     return None
 
 
-def _attach(groups: dict[tuple[str, str, float], dict[str, Any]], node: str, t: float,
-            found: dict[tuple[str, str], Any], skipped: Counter[str] | None) -> None:
+def _attach(groups: dict[tuple[str, str, float, int], dict[str, Any]],
+            sample: tuple[str, float, int], found: dict[tuple[str, str], Any],
+            skipped: Counter[str] | None) -> None:
     """One sample's corrections as sub-properties of the attributes they correct.
 
     `<pm>_corr` → the pm attribute's `humidityCorrected` (its value, unit, `method`, `kappa`);
@@ -248,7 +330,8 @@ def _attach(groups: dict[tuple[str, str, float], dict[str, Any]], node: str, t: 
         if kind == "kappa":
             continue
         attr = ATTRS[name]
-        prop = groups.get((node, attr.model, t), {}).get(attr.name)
+        node, t, tq = sample
+        prop = groups.get((node, attr.model, t, tq), {}).get(attr.name)
         if prop is None:
             if skipped is not None:
                 skipped["unpaired"] += 1
