@@ -304,6 +304,9 @@ class TimeSync:
             if flag is None:
                 base = records[0]["n"].rpartition(":")[0]
                 flag = {"n": f"{base}:{TIME_Q}", "t": records[0]["t"], "v": 0}
+                head = records[-1].get("id")
+                if head is not None:  # `<node>:<seq>:<n>` as resolve.py makes them: the next n
+                    flag["id"] = f"{head.rpartition(':')[0]}:{len(records)}"
                 records.append(flag)
             flag["v"] = int(flag.get("v", 0)) | GATEWAY_UNSYNCED
         return records
