@@ -70,10 +70,14 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(v, dict) or not v:
                 raise ConfigError("offsets: expected a map of sensor to offset, e.g. "
                                   "offsets.temperature=-0.4")
+            top = 20  # firmware/node/netcfg.py OFFSET_MAX: what every node takes
             for name, off in v.items():
-                if name not in SENSORS or not _number(off):
+                if name not in SENSORS:
                     raise ConfigError(f"offsets.{name}: expected a number for one of "
                                       f"{', '.join(SENSORS)}, got {off!r}")
+                if not _number(off) or not -top <= off <= top:  # (refuses nan and inf too)
+                    raise ConfigError(f"offsets.{name}: expected a number from {-top} to "
+                                      f"{top}, got {off!r}")
         elif k in RANGES:
             lo, hi, whole = RANGES[k]
             if not _number(v) or (whole and type(v) is not int) or not lo <= v <= hi:
