@@ -214,15 +214,30 @@ class Registry:
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version == self._version and not force:
             return False
-        self._version = version
         retired: dict[str, list[str]] = {}
         for node, kid in self._db.execute("SELECT node, key_id FROM retired ORDER BY at"):
             retired.setdefault(node, []).append(kid)
         rcols = tuple(Rotation.__dataclass_fields__)
         self._rotations = {row[0]: Rotation(*row) for row in self._db.execute(
             f"SELECT {', '.join(rcols)} FROM rotations")}
-        self._groups = {n: Group(n, v, json.loads(js), at) for n, v, js, at in self._db.execute(
-            "SELECT name, version, settings, at FROM groups")}
+        # each group's row alone: one edited by hand into bad JSON is reported once and
+        # skipped (its nodes want no version), and the rest of the registry still reads
+        groups: dict[str, Group] = {}
+        reported: set[tuple[str, str]] = getattr(self, "_bad_groups", set())
+        for n, v, js, at in self._db.execute("SELECT name, version, settings, at FROM groups"):
+            try:
+                settings = json.loads(js)
+                if not isinstance(settings, dict):
+                    raise ValueError(f"not a JSON object: {type(settings).__name__}")
+            except (TypeError, ValueError) as e:
+                if (n, str(js)) not in reported:
+                    reported.add((n, str(js)))
+                    log.error("registry %s: group %r has unreadable settings (%s), skipped "
+                              "until set again (lantern gateway group set)", self.path, n, e)
+                continue
+            groups[n] = Group(n, v, settings, at)
+        self._bad_groups = reported
+        self._groups = groups
         cols = ("id", "pole", "lat", "lon", "board", "firmware", "key_id", "config_version",
                 "interval_s", "provisioned", "last_seen", "revoked", "revoked_why")
         recs = {}
@@ -237,6 +252,7 @@ class Registry:
                                  key_rotation=rot.version if rot else 0,
                                  rekey=rot.outcome if rot else None)
         self._records = recs
+        self._version = version  # (only now: a refresh that raised is tried again)
         return True
 
     # ---- reads (memory)
