@@ -313,8 +313,11 @@ def _row(row: Row, n: int, fragment: Path, progress: Progress, args: argparse.Na
         progress.failed[row.id] = "see the output above"
         progress.save()
         return row.id, f"FAILED after {took}", ""
-    kid = key_id(load_keys(fragment)[row.id.encode()])
-    add_meta(fragment, row, kid, args.interval)
+    # under the key file's lock (as `nodes import` takes it): a run on another CSV with the
+    # same --fragment must not write its key between this read and this write, and lose it
+    with locked(fragment):
+        kid = key_id(load_keys(fragment)[row.id.encode()])
+        add_meta(fragment, row, kid, args.interval)
     progress.done[row.id] = {"key_id": kid, "at": time.time(), "port": port}
     progress.failed.pop(row.id, None)
     progress.save()
