@@ -101,7 +101,9 @@ class Ingest:
         # the windows of a node's other keys (one per key it had: few, an operator's doing)
         self._stored: dict[tuple[str, bytes], Window] = {}
         self._pending: list[tuple[Source, Accepted]] = []
-        self._pending_ids: set[tuple[str, int]] = set()
+        # (node, seq) → the key its frame verified under (protocol.key_id; a maker's: the
+        # key of the node's window, b"" for none): the commit marks that key's window
+        self._pending_ids: dict[tuple[str, int], bytes] = {}
         self._wake = asyncio.Event()
         self._full = asyncio.Event()  # the window closes early (COMMIT_FRAMES, a fast node)
         self._taken_at: dict[str, float] = {}  # node → when its last frame was taken
@@ -178,6 +180,30 @@ class Ingest:
             log.info("node %s: key changed, replay window restarted", node)
         w = self.windows[node] = Window(key=nk.key_id)
         return w
+
+    def _other_window(self, node: str, key: bytes) -> Window:
+        """The node's replay window under `key`, which need not be its configured one (a
+        rotating node's old or next key): found or made, never made the node's current."""
+        w = self._key_window(node, key)
+        if w is None:
+            w = self._stored[(node, key)] = Window(key=key)
+        return w
+
+    def _key_window(self, node: str, key: bytes) -> Window | None:
+        """The node's replay window under `key`, current or kept, if it has one."""
+        w = self.windows.get(node)
+        if w is not None and w.key == key:
+            return w
+        return self._stored.get((node, key))
+
+    def _set_window(self, node: str, w: Window) -> None:
+        """Put a committed copy of the window of `w.key` where that key's window lives: the
+        node's current one if it is that key's (or it has none), else the kept ones."""
+        cur = self.windows.get(node)
+        if cur is None or cur.key == w.key:
+            self.windows[node] = w
+        else:
+            self._stored[(node, w.key)] = w
 
     def _dead_letter(self, node: str, seq: int, kind: str, detail: str) -> None:
         """A committed pack that did not resolve: kept as a dead letter by the store."""
@@ -267,6 +293,7 @@ class Ingest:
         nk = self._node_key(m.kid)
         if nk is None:
             raise AuthError("unknown_node", f"no key for node {m.kid.decode('utf-8', 'replace')!r}")
+        configured = nk
         try:
             nk.verify(m)
         except AuthError:
@@ -289,7 +316,13 @@ class Ingest:
             return None  # its ACK goes out with the commit already under way
         window = self.windows.get(node)
         if window is None or window.key != nk.key_id:
-            window = self._window(node, nk)
+            if nk is configured:
+                window = self._window(node, nk)
+            else:
+                # the rotating node's other key (agent/fleetops.py): its frames are checked
+                # against, and marked in, that key's own window; the node's current window
+                # stays (a replayed old frame must not make the old key's current)
+                window = self._other_window(node, nk.key_id)
         seen = window.seen(seq)
         if seen is None:
             raise FrameError("replay", f"{link.name} node {node}: seq {seq} is older than the "
@@ -313,7 +346,7 @@ class Ingest:
         # only a frame taken (authentic and new) says the node is alive: a replayed or
         # repeated one could be anybody's recording (docs/gateway.md, "last seen")
         metrics.seen(node, link.name, seq)
-        self._queue(link, acc, awake)
+        self._queue(link, acc, awake, nk.key_id)
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
         return node if acc.pack is not None else None
@@ -333,13 +366,18 @@ class Ingest:
         if len(self._pending) + self._committing >= INTAKE_HIGH:
             self.intake.clear()
 
-    def _queue(self, source: Source, acc: Accepted, awake: bool = False) -> None:
-        """A frame for the next group commit (at once if its node waits awake for it)."""
+    def _queue(self, source: Source, acc: Accepted, awake: bool = False,
+               key: bytes | None = None) -> None:
+        """A frame for the next group commit (at once if its node waits awake for it), to be
+        marked in the window of `key` (None: the node's current window's)."""
         now = time.monotonic()
         if not self._pending:
             self._since = now
         self._pending.append((source, acc))
-        self._pending_ids.add((acc.node, acc.seq))
+        if key is None:
+            w = self.windows.get(acc.node)
+            key = b"" if w is None else w.key
+        self._pending_ids[(acc.node, acc.seq)] = key
         self._wake.set()
         last = self._taken_at.get(acc.node)
         self._taken_at[acc.node] = now
@@ -466,7 +504,7 @@ class Ingest:
             by_link: dict[int, Link] = {}
             grouped: defaultdict[tuple[int, str], list[int]] = defaultdict(list)
             for _, acc in batch:
-                self._pending_ids.discard((acc.node, acc.seq))
+                self._pending_ids.pop((acc.node, acc.seq), None)
             made: list[tuple[Maker, Accepted]] = []
             for link, acc in done:
                 self.metrics.readings_stored += acc.readings
@@ -493,40 +531,75 @@ class Ingest:
                       ) -> list[tuple[Source, Accepted]]:
         """Commit a group of frames with their nodes' windows; the frames committed.
 
-        sqlite3.Error (disk full, read-only, I/O): none was, and the nodes resend them. Any
-        other error is ours, tied to some frame (a bug): the frames are then committed one by
-        one, so one frame the gateway fails on never costs the others their ACK.
+        Each frame is marked in the window of the key it verified under. A store commit
+        carries one window per node, so the frames of a node under a second key (a rotating
+        node's old or next one, in the same group as its current key's: seldom) go in a
+        further commit right after.
+        sqlite3.Error (disk full, read-only, I/O): none was (or, in a further commit, those of
+        the commits before are acknowledged and the rest given back), and the nodes resend
+        them. Any other error is ours, tied to some frame (a bug): the frames are then
+        committed one by one, so one frame the gateway fails on never costs the others their
+        ACK.
         """
         # only the windows this commit moves are copied (a street's commit holds a few of its
         # nodes; copying every window made it O(nodes) per frame)
-        windows: dict[str, Window] = {}
-        for _, acc in batch:
+        rounds: list[tuple[list[tuple[Source, Accepted]], dict[str, Window]]] = []
+        for item in batch:
+            acc = item[1]
+            key = self._key_of(acc)
+            # the first commit without a window of this node under another key
+            part, windows = next(((p, ws) for p, ws in rounds
+                                  if (o := ws.get(acc.node)) is None or o.key == key),
+                                 ([], {}))
+            if not part:
+                rounds.append((part, windows))
             w = windows.get(acc.node)
             if w is None:
-                old = self.windows.get(acc.node)
-                w = windows[acc.node] = (Window() if old is None
+                old = self._key_window(acc.node, key)
+                w = windows[acc.node] = (Window(key=key) if old is None
                                          else Window(old.high, old.bits, old.key))
             w.mark(acc.seq)
-        try:
-            await self.store.commit([acc for _, acc in batch], windows)
-        except sqlite3.Error:
-            raise
-        except Exception as e:
-            source = f"store {self.store.path}"
-            if self._first(source, "internal") is not None:
-                log.error("%s: a group commit of %d frames failed on something other than the "
-                          "disk (%r); committing them one by one, so only a frame that fails "
-                          "alone is refused. This is a bug: please report it with this "
-                          "traceback", source, len(batch), e, exc_info=e)
-            return await self._one_by_one(batch)
-        self.windows.update(windows)
-        return batch
-
-    async def _one_by_one(self, batch: list[tuple[Source, Accepted]]
-                          ) -> list[tuple[Source, Accepted]]:
+            part.append(item)
         done: list[tuple[Source, Accepted]] = []
+        for i, (part, windows) in enumerate(rounds):
+            try:
+                await self.store.commit([acc for _, acc in part], windows)
+            except sqlite3.Error as e:
+                if not done:
+                    raise
+                # the disk now: those committed are acknowledged, the rest come back
+                self.metrics.store_errors += 1
+                self._give_back([item for p, _ in rounds[i:] for item in p], e)
+                return done
+            except Exception as e:
+                source = f"store {self.store.path}"
+                if self._first(source, "internal") is not None:
+                    log.error("%s: a group commit of %d frames failed on something other than "
+                              "the disk (%r); committing them one by one, so only a frame that "
+                              "fails alone is refused. This is a bug: please report it with "
+                              "this traceback", source, len(part), e, exc_info=e)
+                return await self._one_by_one([item for p, _ in rounds[i:] for item in p],
+                                              done)
+            for node, w in windows.items():
+                self._set_window(node, w)
+            done += part
+        return done
+
+    def _key_of(self, acc: Accepted) -> bytes:
+        """The key whose window a pending frame is marked in."""
+        key = self._pending_ids.get((acc.node, acc.seq))
+        if key is None:  # (not pending: only a bug of ours) the node's current window's
+            w = self.windows.get(acc.node)
+            key = b"" if w is None else w.key
+        return key
+
+    async def _one_by_one(self, batch: list[tuple[Source, Accepted]],
+                          done: list[tuple[Source, Accepted]]
+                          ) -> list[tuple[Source, Accepted]]:
+        """Commit each frame alone; `done`: those committed before, extended and returned."""
         for i, (link, acc) in enumerate(batch):
-            w = self.windows.get(acc.node) or Window()
+            key = self._key_of(acc)
+            w = self._key_window(acc.node, key) or Window(key=key)
             trial = Window(w.high, w.bits, w.key)
             trial.mark(acc.seq)
             try:
@@ -543,7 +616,7 @@ class Ingest:
                 if isinstance(link, Maker):
                     self._tell([(link, acc)], e)
                 continue
-            self.windows[acc.node] = trial
+            self._set_window(acc.node, trial)
             done.append((link, acc))
         return done
 
@@ -556,7 +629,7 @@ class Ingest:
         if made:
             batch = [(src, acc) for src, acc in batch if not isinstance(src, Maker)]
             for _, acc in made:
-                self._pending_ids.discard((acc.node, acc.seq))
+                self._pending_ids.pop((acc.node, acc.seq), None)
             self._tell(made, e)
         nodes = {acc.node for _, acc in batch}
         later = [(link, acc) for link, acc in self._pending if acc.node in nodes]
@@ -565,7 +638,7 @@ class Ingest:
                              if acc.node not in nodes]
         now = time.monotonic()
         for _, acc in [*batch, *later]:
-            self._pending_ids.discard((acc.node, acc.seq))
+            self._pending_ids.pop((acc.node, acc.seq), None)
             self._refuse(acc.node, acc.seq, now)
 
     @staticmethod
