@@ -90,8 +90,6 @@ def queued(path: Path, node: str) -> list[int]:
                                          (node,))]
 
 
-@pytest.mark.xfail(strict=True, reason="review 8: an old-key frame committed with a new-key "
-                   "frame is marked in the new key's window only: its resend is taken again")
 async def test_an_old_key_frame_committed_beside_a_new_key_frame_is_not_taken_twice(
         tmp_path: Path) -> None:
     """Attack: right after a rotation the node's outbox holds seq 2 (sealed under the old
@@ -148,8 +146,6 @@ print(json.dumps({"thief": thief, "floor": floor, "gateway": gateway}))
     assert out["floor"] < 1 << 62 and out["gateway"] == ["reply"], out  # type: ignore[operator]
 
 
-@pytest.mark.xfail(strict=True, reason="review 8: a replayed old-key frame swaps the node's "
-                   "window while a new-key frame waits: that frame is taken again later")
 async def test_a_replayed_old_frame_does_not_reopen_new_key_frames(tmp_path: Path) -> None:
     """Attack: a radio attacker with no key records any old-key frame (seq 2, below
     first_new = 3) and, long after the rotation, plays it back while a new-key frame (seq 4)
@@ -182,8 +178,6 @@ async def test_a_replayed_old_frame_does_not_reopen_new_key_frames(tmp_path: Pat
         assert (taken, metrics.duplicates[A]) == (False, 2), dict(metrics.frames_rejected)
 
 
-@pytest.mark.xfail(strict=True, reason="review 8: group set takes offsets outside -20..20 "
-                   "(and inf) that every node then refuses")
 def test_group_offsets_out_of_the_nodes_range_are_refused_before_sending() -> None:
     """Careless operator: `lantern gateway group set north offsets.temperature=50` (or
     `=inf`, a typo for a sensor offset).
@@ -196,8 +190,6 @@ def test_group_offsets_out_of_the_nodes_range_are_refused_before_sending() -> No
             check_settings(parse_assignments(bad))
 
 
-@pytest.mark.xfail(strict=True, reason="review 8: one hand-edited group row (bad JSON) makes "
-                   "the registry unreadable: no revocation can be made or applied")
 async def test_one_bad_group_row_does_not_stop_revocations(tmp_path: Path) -> None:
     """Careless operator: a group's settings edited by hand with sqlite3 and left as invalid
     JSON ({interval_ms: 30000}); then node A's key is reported stolen and revoked.
