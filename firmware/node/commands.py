@@ -127,18 +127,24 @@ class Commands:
             # addressed to another node (a shared bus, or the wrong one plugged in): stay quiet
             self.other_node += 1
             return []
+        prev = False
         try:
             cose.mac0_check(self._key, protected, payload, tag, aad(frame.COMMAND))
         except (cose.CoseError, ValueError):
-            if not self._recommit(protected, payload, tag):
+            prev = self._recommit(protected, payload, tag)
+            if not prev:
                 self.refused += 1
                 return self._status(R_BAD_MAC)
-        if counter <= self.floor:
-            self.refused += 1
-            return self._status(R_REPLAY)
-        # Persist before acting: a reboot or power cut right after cannot reopen the window.
-        _write_atomic(self._path, b"%d" % counter)
-        self.floor = counter
+        if not prev:  # a previous-key COMMIT (idempotent) never moves the floor
+            if counter <= self.floor:
+                self.refused += 1
+                return self._status(R_REPLAY)
+            # Persist before acting: a reboot or power cut right after cannot reopen the window.
+            _write_atomic(self._path, b"%d" % counter)
+            self.floor = counter
+            p = getattr(self._actions, "key_prev", None)
+            if p and p():  # the first command under the new key retires the previous one
+                self._actions.fleet(0, None)
         self.accepted += 1
         try:
             msg = cbor.loads(payload, _CMD_ITEMS)
@@ -294,7 +300,7 @@ class NodeActions:
 
     def fleet(self, op, args):
         """A rekey, its commit or a configuration (node/rekey.py, node/netcfg.py): (code,
-        result). Their code is loaded for the command and given back after it."""
+        result); op 0 retires the previous key. Their code is loaded for it, given back after."""
         from . import unload
 
         try:
@@ -302,11 +308,13 @@ class NodeActions:
                 from .netcfg import configure
 
                 return configure(self, args.get(1), args.get(2))
-            from .rekey import commit, rekey
+            from .rekey import commit, rekey, retire
 
             if op == OP_REKEY:
                 return rekey(self.n, args.get(1), args.get(2))
-            return commit(self.n, args.get(2))
+            if op:  # OP_REKEY_COMMIT
+                return commit(self.n, args.get(2))
+            return retire(self.n)
         finally:
             unload("netcfg", "rekey", "x25519")
 

@@ -7,7 +7,8 @@ most nodes rotate a key once a year.
 The record (`state_dir/key.rk`) is CBOR, written atomically with the key file's mode (0600):
   {"v": key version, "k": current key, "prev": the key before it or None,
    "first": the first frame sequence sealed under "k" (None for the provisioned key),
-   "p": pending [version, gateway public, node public, new key] or None}
+   "p": pending [version, gateway public, node public, new key] or None,
+   "x": 1 once a command under "k" retired "prev" (absent until then)}
 A commit is one write of the record (its commit point), then the key store takes the new key.
 A power cut between the two leaves the record ahead of the store: `boot` rolls it forward.
 """
@@ -106,7 +107,7 @@ def boot(cfg, hal, key):
             return key, 0, None, None
         print("rekey: finishing the commit of key version %d" % st["v"])
         _store_key(cfg, hal, cur)
-    return cur, st.get("v", 0), st.get("prev"), st.get("first")
+    return cur, st.get("v", 0), None if st.get("x") else st.get("prev"), st.get("first")
 
 
 def _record(node):
@@ -170,6 +171,20 @@ def commit(node, version):
     _mark_used(node.cfg, node.hal, new)
     use_key(node, new, version, old, first)
     return 0, {2: version, 3: first}
+
+
+def retire(node):
+    """The first command under the current key: the previous key passes no more, not even for a
+    COMMIT. Persisted as "x" in the record, which keeps "prev" (boot may still have to finish
+    the commit with it); a failed write retires it until the next boot, which retires it again
+    at the first command."""
+    st = _record(node)
+    node.key_prev = None
+    st["x"] = 1
+    try:
+        write_private(journal_path(node.cfg), cbor.dumps(st))
+    except OSError as e:
+        print("rekey: previous key retirement not recorded (%r)" % (e,))
 
 
 def _mark_used(cfg, hal, key):

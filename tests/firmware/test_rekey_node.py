@@ -213,14 +213,22 @@ async def test_rekey_commit_moves_every_frame_to_the_new_key(tmp_path: Path) -> 
         line.acking = True
         await line.until(lambda: any(s >= first + 2 for s in line.data), "DATA under the new key")
         assert all(k == (s >= first) for s, k in line.data.items()), line.data
-        # the gateway lost that REPLY: asked again under the old key, the same answer
+        # the gateway lost that REPLY: asked again under the old key, the same answer, and the
+        # floor stays where it was (an old-key counter far ahead, as a thief of the old key
+        # would send, locks nobody out)
+        # (no COMMAND under the new key before it: the first one retires the old key)
+        line.counter += 1 << 40
         assert await line.ask(COMMIT, {2: 1}, key=old) == (1, 0, {2: 1, 3: first})
-        assert await line.ask(COMMIT, {2: 1}) == (1, 0, {2: 1, 3: first})
+        line.counter -= 1 << 40
         # nothing else is obeyed under the old key: refused with a STATUS under the new one
         line.statuses.clear()
         line.command(1, key=old)
         await line.until(lambda: line.statuses, "the refusal")
         assert line.statuses[-1][0] == 1 and line.statuses[-1][1][5] == R_BAD_MAC
+        # the first COMMAND under the new key passes (retiring the old key: see the end)
+        assert await line.ask(COMMIT, {2: 1}) == (1, 0, {2: 1, 3: first})
+        i, st = await n.status()
+        assert st["cmd"]["floor"] == line.counter, st["cmd"]  # this STATUS's, far below 2^40
         # an old version again, or a commit with nothing pending: refused
         assert (await line.ask(REKEY, {1: gw_pub, 2: 1}))[1] == E_ARG
         assert (await line.ask(COMMIT, {2: 2}))[1] == E_ARG
@@ -233,12 +241,17 @@ async def test_rekey_commit_moves_every_frame_to_the_new_key(tmp_path: Path) -> 
         assert bytes.fromhex(key_file.read_text()) == key
         for f in (key_file, n.sim.state_dir / "key.rk"):
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
-        # a power cut and a boot: the same key, its version, the old-key commit answered
+        # a power cut and a boot: the same key, its version, the old key still retired (the
+        # first COMMAND under the new key retired it): not even its COMMIT passes
         n.power_cut()
         n.start()
         i, st = await n.status()
         assert i == 1 and st["key_version"] == 1, st
-        assert await line.ask(COMMIT, {2: 1}, key=old) == (1, 0, {2: 1, 3: first})
+        line.statuses.clear()
+        line.command(COMMIT, {2: 1}, key=old)
+        await line.until(lambda: line.statuses, "the refusal")
+        assert line.statuses[-1][1][5] == R_BAD_MAC
+        assert await line.ask(COMMIT, {2: 1}) == (1, 0, {2: 1, 3: first})
 
 
 async def test_a_second_rotation_forgets_the_first_key(tmp_path: Path) -> None:
