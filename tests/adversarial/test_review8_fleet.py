@@ -125,8 +125,6 @@ async def test_an_old_key_frame_committed_beside_a_new_key_frame_is_not_taken_tw
 
 
 @pytest.mark.micropython
-@pytest.mark.xfail(strict=True, reason="review 8: an old-key COMMIT is taken until the next "
-                   "rotation and its counter raises the floor: the thief locks the gateway out")
 def test_a_stolen_old_key_cannot_lock_the_gateway_out_of_the_node(tmp_path: Path) -> None:
     """Attack: after a rotation (committed, its REPLY heard), the thief of the old key sends
     one COMMIT of the committed version under the old key with counter 2^62 (any time until
