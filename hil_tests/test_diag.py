@@ -330,7 +330,7 @@ async def test_diag_a_qemu_board(tmp_path: Path) -> None:
         code, rep = await diag_json(topo, "status")
         st = rep["status"]
         assert rep["identity"]["board"] == "qemu-mps2-an385" and rep["identity"]["verified"]
-        assert st["fw_file"] == "node/commands.py"  # frozen into the image
+        assert st["fw_file"] == "node/report.py"  # frozen into the image (STATUS is built there)
         assert st["outbox"] >= 1 and st["link"]["acked"] == 0
         assert st["heap"]["free"] > 20000
         code, rep = await diag_json(topo, "self-test")

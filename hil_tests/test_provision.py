@@ -146,7 +146,7 @@ async def test_compiled_firmware_runs_on_the_board(board: Board, tmp_path: Path)
                                    str(tmp_path / "keys.toml"), "--json", "--timeout", "5")
     rep = json.loads(out)
     assert rep["identity"]["verified"] and rep["identity"]["board"] == "qemu-mps2-an385"
-    assert rep["status"]["fw_file"] == "node/commands.mpy"  # not the frozen node/commands.py
+    assert rep["status"]["fw_file"] == "node/report.mpy"  # not the frozen node/report.py
     assert rep["status"]["cfg"]["pole"] == "42"
 
 

@@ -256,9 +256,13 @@ async def test_day_long_upstream_outage_under_a_disk_cap(tmp_path: Path, policy:
         await topo.start(gateway=False)
         assert topo.gw_config is not None
         text = topo.gw_config.read_text()
+        # deliveries recorded as they come: "backlog delivered" is an empty queue here, and
+        # grouped records ([queue] deliver_every_s) keep delivered rows up to 300 s longer
+        assert "[queue]\n" in text
         topo.gw_config.write_text(text.replace(
             "[sinks.http]\n", f"[sinks.http]\nbackoff_initial_s = {0.5 * 60 / k:.4f}\n"
-                              f"backoff_max_s = {60 / k:.4f}\n"))
+                              f"backoff_max_s = {60 / k:.4f}\n").replace(
+            "[queue]\n", "[queue]\ndeliver_every_s = 0\n"))
         port = int(topo.upstream.url.rsplit(":", 1)[1].split("/")[0])
         await topo.upstream.stop()  # down from before the first sample to after the last
         topo.start_gateway()
@@ -615,7 +619,11 @@ async def test_state_dir_full_or_read_only(tmp_path: Path, fault: str) -> None:
     img = tmp_path / "state.ext4"
     _ext4(img, 16)
     packs = size(150, 600)
-    topo = Topology(tmp_path, n_nodes=1, interval_ms=50, sample_limit=packs, gateway_extra=API)
+    # read_only: deliveries recorded as they come ([queue] deliver_every_s = 0), so the record
+    # that meets the read-only store is written inside this test's window; grouped records
+    # take the same path later (tests/gateway/test_queue_pacing.py)
+    extra = API + ("\n[queue]\ndeliver_every_s = 0\n" if fault == "read_only" else "")
+    topo = Topology(tmp_path, n_nodes=1, interval_ms=50, sample_limit=packs, gateway_extra=extra)
     topo.gateway_wrapper = [*MOUNT, str(img), str(state)]
     t0 = time.monotonic()
     try:

@@ -381,7 +381,11 @@ class Store:
         # unrecorded) is recorded every OWED_FRAMES_MAX frames. Pacing is for a street's
         # trickle; a gateway restarting more often than deliver_every_s would otherwise never
         # record one, and send its whole queue again at every start
-        self._settle(now=self._owed_frames >= OWED_FRAMES_MAX)
+        # and at once while the queue is over its cap's low mark: the frames delivered but not
+        # recorded hold the room intake waits for (pause_intake stops the commits that would
+        # otherwise settle them)
+        self._settle(now=self._owed_frames >= OWED_FRAMES_MAX
+                     or bool(self.cap.max_bytes and self.cap.live_bytes > self.cap.low))
 
     def _settle(self, now: bool = False) -> None:
         """Record the deliveries owed, if deliver_every_s has passed (now: whatever the time)."""
