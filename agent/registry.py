@@ -689,8 +689,10 @@ class Fleet:
             if before == state:
                 continue
             why, kid = state
-            log.warning("registry: node %s: %s", node, f"its frames are refused ({why})"
-                        if why else f"key {kid} in use")
+            if why:
+                log.warning("registry: node %s: its frames are refused (%s)", node, why)
+            else:  # a new node, a re-provisioned one or a rotation: expected, not a warning
+                log.info("registry: node %s: key %s in use", node, kid)
             if before is not None and before[1] != kid:  # a new key: ingest reads it again
                 if forget is not None:
                     forget(node.encode())
