@@ -177,6 +177,7 @@ class Registry:
                 self._db.execute(f"ALTER TABLE nodes ADD COLUMN {col} {decl}")
         self._db.commit()
         self._version = -1
+        self._bad_groups: set[tuple[str, str]] = set()  # (name, text) of group rows logged
         self._records: dict[str, NodeRecord] = {}
         self._rotations: dict[str, Rotation] = {}
         self._groups: dict[str, Group] = {}
@@ -223,20 +224,18 @@ class Registry:
         # each group's row alone: one edited by hand into bad JSON is reported once and
         # skipped (its nodes want no version), and the rest of the registry still reads
         groups: dict[str, Group] = {}
-        reported: set[tuple[str, str]] = getattr(self, "_bad_groups", set())
         for n, v, js, at in self._db.execute("SELECT name, version, settings, at FROM groups"):
             try:
                 settings = json.loads(js)
                 if not isinstance(settings, dict):
                     raise ValueError(f"not a JSON object: {type(settings).__name__}")
             except (TypeError, ValueError) as e:
-                if (n, str(js)) not in reported:
-                    reported.add((n, str(js)))
+                if (n, str(js)) not in self._bad_groups:
+                    self._bad_groups.add((n, str(js)))
                     log.error("registry %s: group %r has unreadable settings (%s), skipped "
                               "until set again (lantern gateway group set)", self.path, n, e)
                 continue
             groups[n] = Group(n, v, settings, at)
-        self._bad_groups = reported
         self._groups = groups
         cols = ("id", "pole", "lat", "lon", "board", "firmware", "key_id", "config_version",
                 "interval_s", "provisioned", "last_seen", "revoked", "revoked_why")

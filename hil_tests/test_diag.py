@@ -316,10 +316,9 @@ async def test_diag_gateway_healthy_degraded_unreachable(tmp_path: Path) -> None
 
 @pytest.mark.qemu
 async def test_diag_a_qemu_board(tmp_path: Path) -> None:
-    from .harness.qemu import UNAVAILABLE, QemuTopology
+    from .harness.qemu import QemuTopology, require_qemu
 
-    if UNAVAILABLE.exists():  # the Makefile could not install QEMU here: said loudly there
-        pytest.skip(f"QEMU tier unavailable: {UNAVAILABLE.read_text().strip()}")
+    require_qemu()
     topo = QemuTopology(tmp_path, n_nodes=1, interval_ms=500)
     await topo.start(gateway=False)
     try:
