@@ -16,9 +16,9 @@ import pytest
 from lantern import FIRMWARE
 from lantern.agent.errors import ConfigError
 from lantern.agent.fleetops import FleetOps, check_settings, parse_assignments
-from lantern.agent.registry import Registry, key_id
+from lantern.agent.registry import Registry
 from lantern.tools.street.sim import MICROPYTHON
-from tests.helpers.fleet import Link, frame, gateway, send
+from tests.helpers.fleet import Link, frame, gateway, rotate, send
 
 A = "SL-0001"
 KA, KN = bytes(range(32)), bytes(range(100, 132))
@@ -106,10 +106,7 @@ async def test_an_old_key_frame_committed_beside_a_new_key_frame_is_not_taken_tw
         ops = fleet.attach(ingest, [link], metrics)
         assert isinstance(ops, FleetOps)
         await send(ingest, link, frame(KA, A, 1))
-        reg = fleet.registry
-        await asyncio.to_thread(reg.request_rekey, [A])
-        await asyncio.to_thread(reg.rekey_next, A, 1, KN, key_id(KA))
-        await asyncio.to_thread(ops._switch, A, 1, KN, 3)  # as a COMMIT answer does
+        await rotate(fleet, ops, A, KA, KN, 3)
         ingest.committed.clear()
         ingest.on_data(link, frame(KA, A, 2))
         ingest.on_data(link, frame(KN, A, 3))
@@ -159,10 +156,7 @@ async def test_a_replayed_old_frame_does_not_reopen_new_key_frames(tmp_path: Pat
         assert isinstance(ops, FleetOps)
         for seq in (1, 2):
             await send(ingest, link, frame(KA, A, seq))
-        reg = fleet.registry
-        await asyncio.to_thread(reg.request_rekey, [A])
-        await asyncio.to_thread(reg.rekey_next, A, 1, KN, key_id(KA))
-        await asyncio.to_thread(ops._switch, A, 1, KN, 3)  # as a COMMIT answer does
+        await rotate(fleet, ops, A, KA, KN, 3)
         await send(ingest, link, frame(KN, A, 3))
         ingest.committed.clear()
         ingest.on_data(link, frame(KN, A, 4))

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from lantern.agent import protocol
 from lantern.agent.fleetops import FleetOps
-from lantern.agent.registry import key_id
-from tests.helpers.fleet import Link, frame, gateway, send
+from tests.helpers.fleet import Link, frame, gateway, rotate, send
 
 A = "SL-0001"
 KA, KN = bytes(range(32)), bytes(range(100, 132))
@@ -22,10 +21,7 @@ async def test_old_and_new_key_frames_of_one_group_commit_mark_their_own_windows
         ops = fleet.attach(ingest, [link], metrics)
         assert isinstance(ops, FleetOps)
         await send(ingest, link, frame(KA, A, 1))
-        reg = fleet.registry
-        await asyncio.to_thread(reg.request_rekey, [A])
-        await asyncio.to_thread(reg.rekey_next, A, 1, KN, key_id(KA))
-        await asyncio.to_thread(ops._switch, A, 1, KN, 3)  # as a COMMIT answer does
+        await rotate(fleet, ops, A, KA, KN, 3)
         commits, acks = metrics.commits, len(link.sent)
         ingest.committed.clear()
         ingest.on_data(link, frame(KA, A, 2))  # both taken before the commit task runs:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -16,7 +17,7 @@ from lantern.agent.config import load_keys, write_secret
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
 from lantern.agent.queue.store import Store
-from lantern.agent.registry import REGISTRY_FILE, Fleet, Registry
+from lantern.agent.registry import REGISTRY_FILE, Fleet, Registry, key_id
 from lantern.tools.field.provision_steps import merge_key
 from lantern.tools.street.ngsi_broker import NgsiBroker
 
@@ -81,6 +82,17 @@ async def send(ingest: Ingest, link: Link, data: bytes) -> None:
     ingest.on_data(link, data)
     if sum(ingest.metrics.frames_rejected.values()) == before:
         await asyncio.wait_for(ingest.committed.wait(), 10)
+
+
+async def rotate(fleet: Fleet, ops: Any, node: str, old: bytes, new: bytes, first_new: int
+                 ) -> None:
+    """`node` rotated from `old` to `new` (version 1), the new key sealing from `first_new`
+    on: the registry's steps and the switch a COMMIT answer makes (agent/fleetops.py), with
+    no node on the other side."""
+    reg = fleet.registry
+    await asyncio.to_thread(reg.request_rekey, [node])
+    await asyncio.to_thread(reg.rekey_next, node, 1, new, key_id(old))
+    await asyncio.to_thread(ops._switch, node, 1, new, first_new)
 
 
 @pytest.fixture
