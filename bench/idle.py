@@ -10,24 +10,35 @@ Wake-ups: every thread's voluntary + involuntary context switches (/proc/PID/tas
 over the window; also every thread's run count (/proc/PID/task/*/schedstat, third field).
 A thread that is never scheduled costs nothing; each switch in is a wake-up of the CPU for
 that process (on an idle Pi, a wake-up from a low-power state).
+
+After the window, a live street's first minutes: a few frames from each of 8 nodes are
+delivered to a receiver and the metrics scraped once (what a street loads anyway: the HTTP
+sink's first POST, the exporter), and the RSS is read again (`after_traffic`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
+import re
 import socket
 import subprocess
+import threading
 import time
 import tty
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+from lantern.tools.street.upstream import Upstream
 
 from . import frames
 from .peers import LanternPeer, NodeRedPeer, Peer, cpu_seconds, render_flow, rss_mb
 
 LINKS = 20
+TRAFFIC_NODES, TRAFFIC_FRAMES = 8, 5  # after the window: 5 frames from each of 8 nodes
 WATCHDOG_USEC = 30_000_000  # packaging/systemd/lantern-gateway.service: WatchdogSec=30s
 
 
@@ -43,9 +54,68 @@ class SilentPtys:
             self.fds += [master, slave]
             self.ports.append(os.ttyname(slave))
 
+    def master(self, i: int) -> int:
+        return self.fds[2 * i]
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
+
+
+class Receiver:
+    """The street's upstream (tools/street/upstream.py) on a thread of its own, with its own
+    event loop, so that the bench's waits stay plain."""
+
+    def __init__(self) -> None:
+        self.upstream = Upstream()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="receiver",
+                                       daemon=True)
+        self.thread.start()
+        self.url: str = self._call(self.upstream.start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def readings(self) -> int:
+        async def count() -> int:
+            return len(self.upstream.readings)
+        n: int = self._call(count())
+        return n
+
+    def close(self) -> None:
+        self._call(self.upstream.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def after_traffic(pid: int, ptys: SilentPtys, receiver: Receiver, metrics_url: str | None,
+                  settle_s: float, timeout: float = 60.0) -> dict[str, Any]:
+    """RSS once the idle peer has done a live street's first work: TRAFFIC_FRAMES frames from
+    each of TRAFFIC_NODES nodes (node i on link i) delivered upstream, then one scrape of
+    its metrics (Lantern's /metrics; Node-RED has none)."""
+    nodes = frames.node_ids(TRAFFIC_NODES)
+    for i, node in enumerate(nodes):
+        os.write(ptys.master(i), b"".join(frames.data_frame(node, seq)
+                                          for seq in range(1, TRAFFIC_FRAMES + 1)))
+    want = TRAFFIC_NODES * TRAFFIC_FRAMES * frames.readings_per_frame()
+    t0 = time.monotonic()
+    while (got := receiver.readings()) < want:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"after_traffic: {got} of {want} readings upstream "
+                               f"after {timeout:g}s")
+        time.sleep(0.05)
+    delivered_s = time.monotonic() - t0
+    scraped = 0
+    if metrics_url is not None:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            scraped = len(r.read())
+    time.sleep(settle_s)
+    return {"frames": TRAFFIC_NODES * TRAFFIC_FRAMES, "readings_delivered": got,
+            "delivered_s": round(delivered_s, 2), "metrics_bytes": scraped,
+            "rss_mb": round(rss_mb(pid, "VmRSS"), 1),
+            "peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
 
 
 def thread_counts(pid: int) -> dict[int, tuple[int, int, int]]:
@@ -97,7 +167,8 @@ class NotifySocket:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
 
-    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> str:
+        """The READY=1 datagram (its STATUS= names the status page)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -108,7 +179,7 @@ class NotifySocket:
             except TimeoutError:
                 continue
             if "READY=1" in msg.splitlines():
-                return
+                return msg
         raise RuntimeError(f"no READY=1 within {timeout}s")
 
     def close(self) -> None:
@@ -131,23 +202,27 @@ def _launch(peer: Peer, cmd: list[str], env: dict[str, str]
 
 def gateway_idle(workdir: Path, ptys: SilentPtys, cpu: int, seconds: float, settle_s: float
                  ) -> dict[str, Any]:
-    peer = LanternPeer(workdir, ptys.ports[0], "http://127.0.0.1:9/unused", frames.node_ids(8),
-                       cpu)
+    receiver = Receiver()
+    peer = LanternPeer(workdir, ptys.ports[0], receiver.url, frames.node_ids(TRAFFIC_NODES), cpu)
     peer.more_ports = tuple(ptys.ports[1:])
     notify = NotifySocket(peer.workdir / "notify.sock")
     try:
         cmd, env = peer.command()
         proc, t0 = _launch(peer, cmd, {**env, "NOTIFY_SOCKET": str(notify.path),
                                        "WATCHDOG_USEC": str(WATCHDOG_USEC)})
-        notify.wait_ready(proc, 60.0)
+        msg = notify.wait_ready(proc, 60.0)
         ready_s = time.monotonic() - t0
+        page = re.search(r"status page (http://\S+/)", msg)
         time.sleep(settle_s)
         out = {"links": LINKS, "ready_s": round(ready_s, 3),
                "ready_signal": "sd_notify READY=1 on NOTIFY_SOCKET",
-               **_idle(proc.pid, seconds)}
+               **_idle(proc.pid, seconds),
+               "after_traffic": after_traffic(proc.pid, ptys, receiver,
+                                              page[1] + "metrics" if page else None, settle_s)}
     finally:
         peer.stop()
         notify.close()
+        receiver.close()
     if "open at" not in peer.tail(1 << 20):
         raise RuntimeError(f"the gateway opened no link:\n{peer.tail()}")
     return out
@@ -167,8 +242,8 @@ def node_red_flow(ports: list[str], url: str) -> str:
 
 def node_red_idle(workdir: Path, ptys: SilentPtys, cpu: int, seconds: float, settle_s: float
                   ) -> dict[str, Any]:
-    peer = NodeRedPeer(workdir, ptys.ports[0], "http://127.0.0.1:9/unused", frames.node_ids(8),
-                       cpu)
+    receiver = Receiver()
+    peer = NodeRedPeer(workdir, ptys.ports[0], receiver.url, frames.node_ids(TRAFFIC_NODES), cpu)
     cmd, env = peer.command()  # writes the one-port flow; replaced by the 20-port one below
     Path(env["LANTERN_NR_FLOW"]).write_text(node_red_flow(ptys.ports, peer.url))
     try:
@@ -184,9 +259,11 @@ def node_red_idle(workdir: Path, ptys: SilentPtys, cpu: int, seconds: float, set
         time.sleep(settle_s)
         return {"links": LINKS, "ready_s": round(ready_s, 3),
                 "ready_signal": f"all {LINKS} 'serial port ... opened at' log lines",
-                **_idle(proc.pid, seconds)}
+                **_idle(proc.pid, seconds),
+                "after_traffic": after_traffic(proc.pid, ptys, receiver, None, settle_s)}
     finally:
         peer.stop()
+        receiver.close()
 
 
 def _idle(pid: int, seconds: float) -> dict[str, Any]:
@@ -207,7 +284,12 @@ def run(workdir: Path, seconds: float = 60.0, settle_s: float = 5.0) -> dict[str
         ptys.close()
     return {"lantern": lantern, "node_red": node_red,
             "rss_ratio": round(lantern["rss_mb"] / node_red["rss_mb"], 2),
+            "rss_ratio_after_traffic": round(lantern["after_traffic"]["rss_mb"]
+                                             / node_red["after_traffic"]["rss_mb"], 2),
             "setup": f"{LINKS} silent serial links (ptys) each, {seconds:g} s window after "
-                     f"{settle_s:g} s of rest, both pinned to CPU {cpu}; the gateway with "
+                     f"{settle_s:g} s of rest, both pinned to CPU {cpu}; after_traffic: "
+                     f"{TRAFFIC_FRAMES} frames from each of {TRAFFIC_NODES} nodes delivered "
+                     "upstream, Lantern's /metrics scraped once, RSS read after "
+                     f"{settle_s:g} s more; the gateway with "
                      f"NOTIFY_SOCKET and WATCHDOG_USEC={WATCHDOG_USEC} as under systemd, its "
                      "local API on; Node-RED headless (no editor)"}
