@@ -166,6 +166,9 @@ class NotifySocket:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.messages = self.watchdog_pings = 0
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="notify", daemon=True)
 
     def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> str:
         """The READY=1 datagram (its STATUS= names the status page)."""
@@ -179,10 +182,27 @@ class NotifySocket:
             except TimeoutError:
                 continue
             if "READY=1" in msg.splitlines():
+                self._reader.start()
                 return msg
         raise RuntimeError(f"no READY=1 within {timeout}s")
 
+    def _read(self) -> None:
+        """After READY=1, every STATUS= and WATCHDOG=1 is read as systemd reads them: a
+        queue nobody reads fills, and the gateway's sends then fail with EAGAIN."""
+        while not self._closing.is_set():
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages += 1
+            self.watchdog_pings += "WATCHDOG=1" in msg.splitlines()
+
     def close(self) -> None:
+        self._closing.set()
+        if self._reader.is_alive():
+            self._reader.join(5)
         self.sock.close()
         self.path.unlink(missing_ok=True)
 
@@ -218,7 +238,9 @@ def gateway_idle(workdir: Path, ptys: SilentPtys, cpu: int, seconds: float, sett
                "ready_signal": "sd_notify READY=1 on NOTIFY_SOCKET",
                **_idle(proc.pid, seconds),
                "after_traffic": after_traffic(proc.pid, ptys, receiver,
-                                              page[1] + "metrics" if page else None, settle_s)}
+                                              page[1] + "metrics" if page else None, settle_s),
+               # read from the socket after READY=1, as systemd does (none may fail: EAGAIN)
+               "watchdog_pings": notify.watchdog_pings, "notify_messages": notify.messages}
     finally:
         peer.stop()
         notify.close()
