@@ -11,6 +11,30 @@ WAL, checkpoints and the -shm index), from the first frame to the moment every r
 upstream and the queue has let the frames go. Write amplification is that ÷ the bytes of
 the sealed packs (the COSE payloads the nodes authenticated; the physical floor is 1).
 The ACK delay is measured on the wire, frame written → its ACK read, in street seconds.
+With deliveries recorded in rounds ([queue] deliver_every_s), a round ends at the first commit
+after deliver_every_s, on the street the next frame's; the street's last round would end only
+when the gateway stops, outside the window, and its frames' deliveries (and, with the intake
+log, their rows in SQLite) would go uncounted. So one more frame, node 0's next, comes
+commit_window + deliver_every_s (+ 0.5 wall seconds) after the others and ends it; it is a
+frame of the window like the others (`closing_frame_after_s`).
+
+The kernel's writeback is put on the street's clock too (`Writeback`). `write_bytes` counts a
+page when the process dirties a clean one; a page written without fsync stays dirty until
+the kernel writes it back, `vm.dirty_expire_centisecs` after it was dirtied (30 s by
+default), and writing it again meanwhile costs nothing more. On the street that happens every
+30 s of street time; compressed k-fold, 30 wall seconds would be k times as many street
+seconds, and the gateway's unsynced rewrites (the `-shm` index, the non-durable transactions
+of the history and the deliveries, clock.json) would be undercounted.
+So while a street runs, the bench itself cleans the state directory's dirty pages every
+dirty_expire / k wall seconds (this machine's value, read at run time): it fsyncs each file
+there, which writes the pages back without the gateway dirtying anything, so the gateway's
+`write_bytes` is what a gateway whose pages are written back on the street's clock would
+count. (The kernel writes an inode back between dirty_expire and dirty_expire +
+dirty_writeback_centisecs after it was first dirtied; cleaning everything every dirty_expire
+is that or slightly more often, so it errs, by little, towards counting more.) Before each
+fsync the bench reads the file's dirty pages with cachestat(2): per file, the bytes the
+writeback wrote; the rest of `write_bytes` the gateway fsynced itself (the queue's WAL and
+intake log at each commit) or were in a file replaced before a writeback.
 
 Each street runs with each profile on the same machine in the same run: `before`, the gateway
 as it wrote before issue 22 (a commit per frame as it comes, a transaction per delivered
@@ -25,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import statistics
 import sys
@@ -56,7 +81,7 @@ CARD_SOURCE = "Micron i300 microSDXC datasheet, Features: Endurance (TBW) 128GB:
 # new queue; history.LATEST_EVERY_S: how often the newest values are saved)
 BEFORE: dict[str, Any] = {
     "queue": {"commit_window_ms": 0, "deliver_every_s": 0.0},
-    "modules": {"lantern.agent.queue.store": {"PAGE_SIZE": 4096},
+    "modules": {"lantern.agent.queue.store": {"PAGE_SIZE": 4096, "INTAKE_LOG": False},
                 "lantern.agent.queue.history": {"LATEST_EVERY_S": 30.0}}}
 NOW: dict[str, Any] = {"queue": {}, "modules": {}}  # the defaults
 LEVERS: dict[str, dict[str, Any]] = {
@@ -66,10 +91,15 @@ LEVERS: dict[str, dict[str, Any]] = {
     "now_recording_deliveries_every_60s": {"queue": {"deliver_every_s": 60.0}, "modules": {}},
     "now_with_4k_pages": {"queue": {},
                           "modules": {"lantern.agent.queue.store": {"PAGE_SIZE": 4096}}},
+    # the ACK's commit in SQLite's WAL, not appended to the intake log (queue/intake.py)
+    "now_without_intake_log": {"queue": {},
+                               "modules": {"lantern.agent.queue.store": {"INTAKE_LOG": False}}},
 }
 PROFILES = {"before": BEFORE, "now": NOW, **LEVERS}
 # durations the gateway acts on that have no configuration: scaled by the compression
-SCALED = {"lantern.agent.queue.history": ("TRIM_EVERY_S", "LATEST_EVERY_S")}
+# (whatever value the gateway has: its own, or the profile's)
+SCALED = {"lantern.agent.queue.history": ("TRIM_EVERY_S", "LATEST_EVERY_S"),
+          "lantern.agent.registry": ("SEEN_WRITE_S",)}
 
 
 def queue_settings(profile: str) -> dict[str, float]:
@@ -140,6 +170,82 @@ def write_bytes(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/io has no write_bytes")
 
 
+def dirty_expire_s() -> float:
+    """How long the kernel leaves a page dirty before writing it back (vm.dirty_expire)."""
+    return int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def dirty_bytes(fd: int) -> int | None:
+    """The file's dirty page-cache bytes (cachestat(2)); None where the kernel has no cachestat.
+    Pages already under writeback are left out: here they are nearly always the gateway's own
+    fsync at work."""
+    cs = _Cachestat()
+    whole = _CachestatRange(0, 0)  # len 0: to the end of the file
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(cs), 0) != 0:
+        return None
+    return int(cs.nr_dirty) * _PAGE
+
+
+class Writeback:
+    """The street's kernel writeback on the bench's clock: every `every_s` wall seconds, each
+    file of the gateway's state directory fsynced by this process (its dirty bytes counted
+    first, per file, into `by_file`)."""
+
+    def __init__(self, state_dir: Path, every_s: float) -> None:
+        self.state_dir, self.every_s = state_dir, every_s
+        self.by_file: dict[str, int] = {}
+        self.per_file = True  # False: this kernel has no cachestat(2)
+        self.runs = 0
+
+    def sync(self) -> None:
+        for entry in os.scandir(self.state_dir):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:  # (removed or replaced meanwhile)
+                continue
+            try:
+                dirty = dirty_bytes(fd)
+                if dirty is None:
+                    self.per_file = False
+                elif dirty:
+                    self.by_file[entry.name] = self.by_file.get(entry.name, 0) + dirty
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def reset(self) -> None:
+        self.by_file.clear()
+        self.runs = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sync every `every_s` until `stop` is set; a late sync moves the next one on."""
+        due = time.monotonic()
+        while True:
+            due = max(due + self.every_s, time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), due - time.monotonic())
+            if stop.is_set():
+                return
+            await asyncio.to_thread(self.sync)
+            self.runs += 1
+
+
 async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period_s: float,
                  street_minutes: float, frames_per_s: float, profile: str) -> dict[str, Any]:
     """`nodes` sending one frame each `period_s` street seconds, compressed to frames_per_s."""
@@ -154,6 +260,16 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
     peer.profile = profile
     sends = sorted((seq * period_s / k + i * period_s / k / nodes, i, seq)
                    for seq in range(per_node) for i in range(nodes))
+    q = queue_settings(profile)
+    closing_after_s = None
+    if q["deliver_every_s"] > 0:
+        # the store ends a round (deliveries recorded, the intake log's frames put into
+        # SQLite) at the first commit after deliver_every_s, on the street the next frame's:
+        # one more frame that much later ends the last round inside the window
+        # (0.5 s: the last batch's way upstream and back, the commit's own time)
+        gap = (q["commit_window_ms"] / 1e3 + q["deliver_every_s"]) / k + 0.5
+        sends.append((sends[-1][0] + gap, 0, per_node))
+        closing_after_s = round(gap * k, 1)
     want = {f"{ids[i]}:{seq}:{r}" for _, i, seq in sends
             for r in range(frames.readings_per_frame())}
     payloads = {(i, seq): frames.pack(ids[i], seq) for _, i, seq in sends}
@@ -161,12 +277,19 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
     sent_at: dict[tuple[str, int], float] = {}
     arrived: dict[tuple[str, int], float] = {}  # a frame's first reading upstream: when
     upstream.readings.clear()
-    watch = None
+    expire_s = dirty_expire_s()
+    writeback = Writeback(peer.workdir / "state", expire_s / k)
+    stop_writeback = asyncio.Event()
+    watch = flusher = None
     try:
         await asyncio.to_thread(peer.start)
         await wait_idle(peer.pid, 15.0)
+        # a street's gateway has run for long: nothing it wrote at start is still dirty
+        await asyncio.to_thread(writeback.sync)
+        writeback.reset()
         watch = asyncio.create_task(_watch(upstream, arrived))
         w0, t0 = write_bytes(peer.pid), time.monotonic()
+        flusher = asyncio.create_task(writeback.run(stop_writeback))
         for at, i, seq in sends:
             delay = t0 + at - time.monotonic()
             if delay > 0:
@@ -178,12 +301,19 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
             await asyncio.sleep(0.02)
         # the frames leave the queue after their batch is confirmed: let that transaction run
         await wait_idle(peer.pid, 10.0)
+        stop_writeback.set()
+        await flusher
+        flusher = None
+        # what is still dirty was written in the window too: counted per file like the rest
+        await asyncio.to_thread(writeback.sync)
         written = write_bytes(peer.pid) - w0
         got = len(want & upstream.readings.keys())
     finally:
-        if watch is not None:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+        stop_writeback.set()
+        for task in (watch, flusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(peer.stop)
         for link in links:
             link.close()
@@ -212,6 +342,16 @@ async def street(workdir: Path, upstream: Upstream, cpu: int, nodes: int, period
         "ack_delay_s": _spread(delays),
         "upstream_delay_s": _spread(upstream_delays),
         "frames_acked": len(delays),
+        # the street's kernel writeback (Writeback): how often, in street seconds, and how
+        # many times in the window
+        "writeback_every_s": expire_s, "writebacks": writeback.runs,
+        # the frame that ends the last round of deliveries, this many street s after the
+        # others (in `frames`); None: deliveries recorded as they come, no round to end
+        "closing_frame_after_s": closing_after_s,
+        "written_back_bytes_by_file": (dict(sorted(writeback.by_file.items()))
+                                       if writeback.per_file else None),
+        "synced_by_gateway_bytes": (written - sum(writeback.by_file.values())
+                                    if writeback.per_file else None),
     }
 
 
@@ -272,7 +412,8 @@ async def run(workdir: Path, streets: tuple[tuple[int, float, float, float], ...
     out["setup"] = ("streets of " + ", ".join(
                         f"{n} nodes x 1 frame/{p:g} s for {m:g} street minutes at {f:g} frames/s"
                         for n, p, m, f in streets) +
-                    " (every duration the gateway acts on scaled alike); gateway on "
+                    " (every duration the gateway acts on scaled alike, the kernel's "
+                    f"writeback every {dirty_expire_s():g} street s included); gateway on "
                     f"this machine's disk, pinned to CPU {peer_cpu}; write_bytes of "
                     "/proc/PID/io from the first frame to the queue emptied; profiles "
                     f"{', '.join(profiles)} in the same run, then levers "

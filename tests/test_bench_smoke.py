@@ -183,6 +183,17 @@ def test_disk_wear(results: dict[str, Any]) -> None:
             assert s["write_amplification"] == pytest.approx(
                 s["disk_bytes"] / s["sealed_pack_bytes"], rel=0.01)
             assert s["sealed_pack_bytes"] > 0 and s["sd_life_years"] > 0
+            # the street's kernel writeback ran on its clock, and what it wrote back per
+            # file is part of what the gateway wrote, never more
+            expire = int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100
+            assert s["writeback_every_s"] == expire and s["writebacks"] > 0, s
+            by_file = s["written_back_bytes_by_file"]
+            if by_file is None:  # a kernel without cachestat(2) (before Linux 6.5)
+                assert s["synced_by_gateway_bytes"] is None
+            else:
+                assert all(n > 0 for n in by_file.values()), by_file
+                assert s["synced_by_gateway_bytes"] == (
+                    s["disk_bytes"] - sum(by_file.values())) >= 0, s
     # the levers only take writes away, and the ACK still waits for the disk (<= 10 s)
     assert dw["now"][0]["disk_bytes"] < dw["before"][0]["disk_bytes"]
     assert 0 < dw["ack_delay_max_s"] <= 10
