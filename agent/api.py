@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
-from prometheus_client import exposition
-from prometheus_client.registry import Collector
 
 from lantern import __version__
 
@@ -43,6 +41,8 @@ from .registry import API_FIELDS, CSV_FIELDS, Registry
 from .timesync import TimeSync
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector, CollectorRegistry
+
     from .health.service import HealthService
 
 log = logging.getLogger("lantern.api")
@@ -416,14 +416,7 @@ class Api:
     def __init__(self, view: GatewayView, token: str | None = None,
                  cfg: ApiConfig | None = None) -> None:
         self.view = view
-        extra: list[Collector] = []
-        if view.health is not None:
-            from .health.metrics import HealthCollector
-
-            extra.append(HealthCollector(view.health))
-        if view.clock is not None:
-            extra.append(view.clock.collector())
-        self.registry = registry(view.metrics, self._gauges_for_scrape, __version__, extra)
+        self._registry: CollectorRegistry | None = None  # made by the first scrape
         self._scrape_gauges = Gauges()
         cfg = cfg or ApiConfig()
         rule = HostRule(cfg.host, cfg.allowed_hosts)
@@ -449,6 +442,23 @@ class Api:
 
     def _gauges_for_scrape(self) -> Gauges:
         return self._scrape_gauges
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The exporter's families; built, and prometheus_client loaded, when first asked
+        for (a cabinet nobody scrapes never loads them: idle memory, issue 22)."""
+        if self._registry is None:
+            view = self.view
+            extra: list[Collector] = []
+            if view.health is not None:
+                from .health.metrics import HealthCollector
+
+                extra.append(HealthCollector(view.health))
+            if view.clock is not None:
+                extra.append(view.clock.collector())
+            self._registry = registry(view.metrics, self._gauges_for_scrape, __version__,
+                                      extra)
+        return self._registry
 
     async def page(self, request: web.Request) -> web.Response:
         return self._file("index.html")
@@ -498,6 +508,8 @@ class Api:
         return web.json_response(body, status=200 if ready else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        from prometheus_client import exposition
+
         self._scrape_gauges = self.view.gauges(await self.view.overview())
         encoder, ctype = exposition.choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.registry), headers={"Content-Type": ctype})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -107,6 +108,19 @@ async def _learn_versions(rollout: RolloutManager, links: list[Any], nodes: list
                 probed[link.name] = now
                 channel.probe()
         await asyncio.sleep(VERSIONS_EVERY_S)
+
+
+def release_memory() -> bool:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim(0)): what the
+    imports and the start freed stays resident otherwise, ~1 MB of an idle gateway's RSS
+    (docs/performance.md "Idle memory"). False, and nothing done, without glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # musl, or no C library to ask
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 LOCK_FILE = "gateway.lock"
@@ -376,6 +390,7 @@ async def _serve(cfg: Config, keys: dict[bytes, bytes], metrics: Metrics,
             ("fleet", fleet.run(lambda: {n: s.last_seen for n, s in metrics.nodes.items()},
                                 rollout.firmware, getattr(ingest, "forget", None), opened)),
             *((link.name, link.run()) for link in links))]
+        release_memory()  # start-up is over: its freed memory goes back (issue 22)
         notifier.ready(("status page " + api.url + "; " if api.url else "")
                        + (api.error + "; " if api.error else "") + await _line(view))
         stopper = asyncio.create_task(stop.wait())

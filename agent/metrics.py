@@ -2,6 +2,8 @@
 
 The hot path only bumps plain integers and dicts; Prometheus families are built from them
 at scrape time by a custom collector, so there is one source of truth and no double count.
+prometheus_client itself (~1 MB resident) is imported by the first scrape, not at start: a
+cabinet nobody scrapes never loads it (idle memory, issue 22).
 """
 
 from __future__ import annotations
@@ -11,16 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector, CollectorRegistry
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from prometheus_client.registry import Collector, CollectorRegistry
 
 # Every reason a frame can be refused (agent/protocol.py, agent/ingest.py); exported at 0
 # before the first one so that rate() and alerts work from the start.
@@ -176,8 +173,9 @@ class Gauges:
     fleet_states: dict[str, int] = field(default_factory=dict)
 
 
-class LanternCollector(Collector):
-    """Builds the `lantern_*` families from Metrics and the latest Gauges."""
+class LanternCollector:
+    """Builds the `lantern_*` families from Metrics and the latest Gauges (a
+    prometheus_client Collector)."""
 
     def __init__(self, metrics: Metrics, gauges: Callable[[], Gauges], version: str) -> None:
         self.metrics = metrics
@@ -185,6 +183,12 @@ class LanternCollector(Collector):
         self.version = version
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         m, g = self.metrics, self.gauges()
         yield _gauge("lantern_build_info", "Gateway version", [("version", self.version)], 1)
         yield _gauge("lantern_start_time_seconds", "When the gateway started (unix time)",
@@ -308,6 +312,8 @@ CONFIG_OUTCOMES = ("applied", "refused", "failed")
 
 
 def _fleet_families(m: Metrics) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
     c = CounterMetricFamily("lantern_fleet_key_rotations", "Live key rotations by outcome "
                             "(done; promoted: the node's frames under its next key before the "
                             "COMMIT answer; refused; failed: no answer, tried again)",
@@ -328,6 +334,8 @@ def _fleet_families(m: Metrics) -> Iterator[Metric]:
 
 def _update_families(g: Gauges) -> Iterator[Metric]:
     """lantern_update_* and lantern_node_firmware_info (docs/rollout.md)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
     from .ota.rollout import NODE_STATES
 
     un = GaugeMetricFamily("lantern_update_nodes", "Nodes of the current (or last) rollout, by "
@@ -355,6 +363,8 @@ def _ble_families(links: dict[str, Counter[str]]) -> Iterator[Metric]:
     """lantern_ble_* by link, from each BLE link's own counters (read, never copied)."""
     if not links:
         return
+    from prometheus_client.core import CounterMetricFamily
+
     for key, doc in BLE_COUNTERS:
         c = CounterMetricFamily(f"lantern_ble_{key}", doc, labels=["link"])
         for link, stats in sorted(links.items()):
@@ -370,6 +380,8 @@ def _ble_families(links: dict[str, Counter[str]]) -> Iterator[Metric]:
 
 
 def _gauge(name: str, doc: str, labels: list[tuple[str, str]], value: float) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily
+
     g = GaugeMetricFamily(name, doc, labels=[k for k, _ in labels])
     g.add_metric([v for _, v in labels], value)
     return g
@@ -380,6 +392,7 @@ def registry(metrics: Metrics, gauges: Callable[[], Gauges], version: str,
     """A registry of our own (never the global one): the gateway's families, those of its
     optional parts (`extra`: the health monitor's, agent/health/metrics.py) and process stats."""
     from prometheus_client import ProcessCollector
+    from prometheus_client.registry import CollectorRegistry
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(LanternCollector(metrics, gauges, version))

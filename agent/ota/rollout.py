@@ -24,14 +24,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lantern import __version__
 
 from ..config import UpdatesConfig, write_secret
 from ..errors import ConfigError, LanternError
-from .transfer import Outcome
-from .transfer import push as transfer_push
+
+if TYPE_CHECKING:
+    from .transfer import Outcome
 
 log = logging.getLogger("lantern.rollout")
 
@@ -55,7 +56,7 @@ class RolloutError(LanternError):
         self.kind = kind
 
 
-Push = Callable[..., Awaitable[Outcome]]
+Push = Callable[..., Awaitable["Outcome"]]
 Reach = Callable[[str], Any]  # node id → the command channel that reaches it, or None
 
 
@@ -197,13 +198,13 @@ class RolloutManager:
     """Runs at most one rollout at a time and remembers the nodes' firmware versions."""
 
     def __init__(self, state_dir: Path, cfg: UpdatesConfig | None, reach: Reach,
-                 targets: Callable[[], Sequence[str]], push: Push = transfer_push,
+                 targets: Callable[[], Sequence[str]], push: Push | None = None,
                  gateway_version: str = __version__) -> None:
         self.state_dir = state_dir
         self.cfg = cfg
         self._reach = reach
         self._targets = targets
-        self._push = push
+        self._push = push  # None: agent/ota/transfer.py's, loaded by the first rollout
         self.gateway_version = gateway_version
         self.rollout: Rollout | None = None
         # node → the version it last reported; one dict for the life of the manager (the
@@ -513,6 +514,10 @@ class RolloutManager:
             if channel is None:
                 p.state, p.reason = "unreachable", f"no link heard the node in {timeout:g} s"
             else:
+                if self._push is None:  # imported here: an idle gateway never sends one
+                    from .transfer import push as transfer_push
+
+                    self._push = transfer_push
                 out = await asyncio.wait_for(self._push(channel, p.node, bundle),
                                              max(0.0, deadline - time.monotonic()))
                 p.state = out.status if out.status in DONE else "refused"
