@@ -39,7 +39,7 @@ log = logging.getLogger("lantern.registry")
 
 REGISTRY_FILE = "registry.sqlite"
 SILENT_INTERVALS = 3  # no frame for this many sampling intervals: silent
-SEEN_WRITE_S = 60.0  # a node's last-seen time is written at most this often (SD-card wear)
+SEEN_WRITE_S = 900.0  # a node's last-seen time is written at most this often (SD-card wear)
 STATES = ("provisioned", "active", "silent", "revoked")
 
 _SCHEMA = """
@@ -459,12 +459,16 @@ class Registry:
                 meta: Mapping[str, tuple[str, float | None, float | None, float]] = {}
                 ) -> None:
         """What the gateway learnt: frames taken (last seen, written at most every
-        SEEN_WRITE_S per node), firmware versions, and the [nodes] table's place and interval
-        (pole, lat, lon, interval_s) where the config sets them."""
+        SEEN_WRITE_S, every node's together), firmware versions, and the [nodes] table's
+        place and interval (pole, lat, lon, interval_s) where the config sets them."""
         changes: list[tuple[str, tuple[object, ...]]] = []
-        for node, t in seen.items():
-            r = self._records.get(node)
-            if r is not None and t - self._written.get(node, r.last_seen or 0.0) >= SEEN_WRITE_S:
+        newer = {node: t for node, t in seen.items() if (r := self._records.get(node)) is not None
+                 and t > self._written.get(node, r.last_seen or 0.0)}
+        # once one node's is due, every node's newer time goes in the same transaction: a
+        # street's nodes, each due at its own moment, would otherwise cost one each
+        if any(t - self._written.get(node, self._records[node].last_seen or 0.0) >= SEEN_WRITE_S
+               for node, t in newer.items()):
+            for node, t in newer.items():
                 changes.append(("UPDATE nodes SET last_seen = max(coalesce(last_seen, 0), ?) "
                                 "WHERE id = ?", (t, node)))
                 self._written[node] = t

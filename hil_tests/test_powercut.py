@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from lantern.agent.queue import intake
 from lantern.tools.street.reliability import record, size
 
 from .harness.powercut import materialize
@@ -117,17 +118,20 @@ def holders(topo: PowerCutTopology) -> str:
 
 
 def queued_after_cut(topo: PowerCutTopology, k: int) -> set[tuple[str, int]]:
-    """(node, seq) of every frame in the queue as the disk holds it after cut k."""
+    """(node, seq) of every frame in the queue as the disk holds it after cut k: in SQLite,
+    or on the intake log (read as the gateway reads it when it starts: agent/queue/intake.py)."""
     image = materialize(topo.backing, topo.workdir / f"image-{k}")
     db = image / "queue.sqlite"
     if not db.exists():
         return set()
+    logged = {(r[1], r[2]) for rows, _ in intake.read(db.with_name(db.name + intake.SUFFIX))
+              for r in rows}
     con = sqlite3.connect(db)  # (the copy: WAL recovery may write)
     try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
         if "frames" not in tables:
-            return set()
-        return {(n, s) for n, s in con.execute("SELECT node, seq FROM frames")}
+            return logged
+        return logged | {(n, s) for n, s in con.execute("SELECT node, seq FROM frames")}
     finally:
         con.close()
 

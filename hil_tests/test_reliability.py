@@ -673,7 +673,10 @@ async def test_state_dir_full_or_read_only(tmp_path: Path, fault: str) -> None:
         assert alive, log[-3000:]
         assert acked_during == 0 and kept_during > 0, (acked_during, kept_during)
         assert log.count("commit failed") == 1, "logged once per outage, with what to check"
-        reason = "database or disk is full" if fault == "disk_full" else "disk I/O error"
+        # disk_full: the group commit meets it on the intake log (deliveries recorded in
+        # rounds, the default); read_only: in SQLite ([queue] deliver_every_s = 0 above)
+        reason = (f"intake log {state}/queue.sqlite-intake: No space left on device"
+                  if fault == "disk_full" else "disk I/O error")
         assert f"{state}/queue.sqlite: commit failed ({reason})" in log
         assert t.conflicting_duplicates == 0  # a batch sent again is the same readings
         if fault == "disk_full":

@@ -9,7 +9,9 @@ counted and logged there. Frames leave the queue once every sink has them and th
 them too.
 
 What this side needs of the store is named in `QueueAccess` — the connection, a
-transaction, the history and the disk cap — and nothing else of it is used here.
+transaction, the history, the disk cap and the tail (frames on the intake log, newer than
+every frame in SQLite: intake.py) — and nothing else of it is used here. The tail's frames
+are read like the queue's rows; delivered or buried, they leave it as they leave SQLite.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..errors import FrameError
 from ..timesync import TimeSync, relative_records
 from .diskcap import DiskCap
 from .history import History
+from .intake import Tail
 from .resolve import PACK, Batch, Cache, Resolved, dumps, resolve
 
 log = logging.getLogger("lantern.forward")
@@ -38,6 +41,7 @@ class QueueAccess(Protocol):
 
     history: History
     cap: DiskCap
+    tail: Tail
 
     @property
     def db(self) -> sqlite3.Connection: ...
@@ -99,9 +103,12 @@ class Batches:
         return res
 
     def _frames(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:
-        return self.queue.db.execute(
+        rows: list[tuple[Any, ...]] = self.queue.db.execute(
             "SELECT id, node, seq, received_at, readings, format, body FROM frames"
             " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        if len(rows) < limit and self.queue.tail.rows:
+            rows += self.queue.tail.after(rows[-1][0] if rows else after_id, limit - len(rows))
+        return rows
 
     def catch_up(self, upto: int | None, budget: int = CATCH_UP_MAX) -> None:
         """Resolve frames the history does not have yet (in order), up to `upto`."""
@@ -131,6 +138,8 @@ class Batches:
                 db.execute("DELETE FROM frames WHERE id = ?", (fid,))
 
         self.queue.transaction(work)
+        for fid, *_ in found:
+            self.queue.tail.drop(fid, fid)
         self.reports.extend((node, seq, e.kind, str(e)) for _, node, seq, _, _, e in found)
 
     def write_history(self, force: bool = False) -> None:
@@ -187,6 +196,7 @@ class Batches:
     def delivered(self, batch: Batch) -> None:
         self._delete(lambda db: db.execute("DELETE FROM frames WHERE id BETWEEN ? AND ?",
                                            (batch.first_id, batch.last_id)), batch)
+        self.queue.tail.drop(batch.last_id, batch.first_id)
 
     def _delete(self, delete: Callable[[sqlite3.Connection], Any], batch: Batch) -> None:
         now = time.time()
@@ -220,4 +230,5 @@ class Batches:
             db.execute("DELETE FROM frames WHERE id <= ?", (mark,))
 
         self._delete(delete, batch)
+        self.queue.tail.drop(mark)
         self.cache.drop_upto(mark)

@@ -39,6 +39,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import intake
+
 log = logging.getLogger("lantern.store")
 
 POLICIES = ("pause_intake", "evict_oldest")
@@ -235,9 +237,10 @@ def deliverable(db: sqlite3.Connection) -> bool:
 
 
 def disk_bytes(path: Path) -> int:
-    """Bytes the queue takes on disk: the database, its WAL and its shared-memory index."""
+    """Bytes the queue takes on disk: the database, its WAL, its shared-memory index and
+    its intake log (intake.py)."""
     total = 0
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", intake.SUFFIX):
         with contextlib.suppress(FileNotFoundError):
             total += os.stat(f"{path}{suffix}").st_size
     return total

@@ -21,6 +21,7 @@ import json
 import logging
 import sqlite3
 import statistics
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS recent (
     t REAL NOT NULL,
     received_at REAL NOT NULL,
     format INTEGER NOT NULL,  -- 0: the frame's SenML CBOR pack, every reading at time t;
-    body BLOB NOT NULL        -- 1: JSON [{"n": "temperature", "u": "Cel", "v": 12.5}, ...]
+    body BLOB NOT NULL        -- 1: JSON [{"n": "temperature", "u": "Cel", "v": 12.5}, ...];
+                              -- 2: the pack deflated with ZDICT (PACK_Z_ROW)
 );
 CREATE INDEX IF NOT EXISTS recent_node_t ON recent (node, t);
 -- the newest value of every measurement of every node as of `latest_rows` in history_meta
@@ -52,13 +54,24 @@ CREATE TABLE IF NOT EXISTS recent_unsynced (id INTEGER PRIMARY KEY, received_at 
 CREATE TABLE IF NOT EXISTS history_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-PACK_ROW, JSON_ROW = 0, 1
+PACK_ROW, JSON_ROW, PACK_Z_ROW = 0, 1, 2
+# Format 2 (issue 22, SD-card wear: the history is the one copy of every frame SQLite keeps
+# on a street): the pack as raw DEFLATE (RFC 1951) with a preset dictionary, the names a
+# Lantern node's pack carries, in the order it carries them. A 365-byte pack of 25 readings
+# takes ~150. Rows are read with the dictionary they were written with: never change it; a
+# new one takes a new format number.
+_ZDICT_NAMES = ("LAeq", "LAmax", "battery", "co2", "cycle_ms", "energy", "heap_free",
+                "heap_peak", "humidity", "illuminance", "lamp_current", "lamp_power",
+                "lamp_voltage", "outbox", "pm1", "pm10", "pm10_corr", "pm1_corr", "pm2_5",
+                "pm2_5_corr", "pm4", "pm4_corr", "pressure", "temperature", "uptime")
+ZDICT = b"".join(b"\xa2\x00" + bytes([0x60 + len(n)]) + n.encode() + b"\x02\xf9\x38\x00"
+                 for n in _ZDICT_NAMES)  # CBOR {0: name, 2: 0.5} each
 TRIM_EVERY_S = 30.0
 # The newest values are saved this often (issue 22, SD-card wear: a street's snapshot is a
 # row per node and measurement, 420 rows for 20 nodes, all rewritten each time); at start
 # the rows written after the snapshot are replayed into it, so a longer interval costs a
 # longer replay, never a value.
-LATEST_EVERY_S = 600.0
+LATEST_EVERY_S = 3600.0
 TRIM_CHUNK = 1000  # ids per DELETE while trimming by age
 MAX_LIMIT = 10000
 
@@ -85,8 +98,28 @@ def _view(name: str, r: dict[str, Any]) -> dict[str, Any]:
     return {**_compact("", r), "n": name, "t": r["t"]}
 
 
+def deflate(pack: bytes) -> bytes:
+    z = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=ZDICT)
+    return z.compress(pack) + z.flush()
+
+
+def inflate(body: bytes) -> bytes:
+    """A PACK_Z_ROW's pack (at most a frame's size). ValueError if it is not one."""
+    z = zlib.decompressobj(-15, zdict=ZDICT)
+    try:
+        pack = z.decompress(body, protocol.MAX_FRAME)
+    except zlib.error as e:
+        raise ValueError(f"history row: {e}") from None
+    if not z.eof or z.unconsumed_tail:
+        raise ValueError("history row: not a whole deflated pack")
+    return pack
+
+
 def row_records(node: str, fmt: int, body: bytes | str) -> list[dict[str, Any]]:
     """A history row's readings, compact (a pack is resolved again as it is read)."""
+    if fmt == PACK_Z_ROW:
+        assert isinstance(body, bytes)
+        body, fmt = inflate(body), PACK_ROW
     if fmt == PACK_ROW:
         assert isinstance(body, bytes)
         return [_compact(node, r) for r in protocol.resolve_pack(body, node=node)]
@@ -172,7 +205,7 @@ class History:
             self._keep_all(node, records)
             return
         # the common case: one sample, kept as the pack (resolved again only if it is read)
-        self._pending.append((node, float(t0), received_at, PACK_ROW, pack))
+        self._pending.append((node, float(t0), received_at, PACK_Z_ROW, deflate(pack)))
         if t0 < self._newest.get(node, float("-inf")):
             self._keep_all(node, records)  # an older sample: value by value
             return

@@ -3,7 +3,9 @@
 What an ACK waits for is small: one row per frame (node, sequence, the pack as the node
 sealed it) and the node's replay window, in the same transaction, committed in groups
 (everything that arrived while the previous commit ran) with synchronous=FULL, by one
-writer: ingest (agent/ingest.py), for the nodes' frames and third-party readings alike. Packs
+writer: ingest (agent/ingest.py), for the nodes' frames and third-party readings alike. Where
+deliveries are recorded in rounds (`deliver_every_s`), the group goes to the intake log
+instead, and into SQLite in bulk once a round (intake.py). Packs
 are resolved into SenML-JSON (resolve.py), and enter the history (history.py), when the
 forward stage takes them in a batch for a sink (batches.py) or the local API asks — never
 while a node waits. The file's tables and layouts: layout.py.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -22,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .batches import Batches
 from .diskcap import DiskCap
 from .history import History, typical_interval
+from .intake import SUFFIX as INTAKE_SUFFIX
+from .intake import IntakeLog, Row, Tail, WindowRow, sync_dir
 from .layout import SCHEMA, SCHEMA_VERSION, check_layout, migrate
 from .resolve import PACK, RECORDS, Batch, Cache, dumps
 
@@ -52,6 +56,16 @@ PAGE_SIZE = 1024
 # the gateway sets `deliver_every_s`.
 DELIVER_EVERY_S = 0.0
 OWED_FRAMES_MAX = 256
+# The intake log (intake.py): with deliveries recorded in rounds, a group commit is appended
+# to it and synced, and its frames wait in memory until the round's end records them into
+# SQLite with the deliveries. False: every group commit goes into SQLite, as before issue 22
+# (bench/disk_wear.py measures both). A round also ends at TAIL_MAX frames or LOG_MAX bytes
+# appended; above TAIL_HARD frames (SQLite failing to take them) commits go to SQLite, and
+# fail there, so nothing more is acknowledged than the log and memory hold.
+INTAKE_LOG = True
+TAIL_MAX = 512
+LOG_MAX = 1 << 20
+TAIL_HARD = 4 * TAIL_MAX
 
 
 @dataclass
@@ -101,13 +115,29 @@ class Window:
             self.bits = (self.bits | 1 << (self.high - seq)) & _MASK
 
 
-def _sync_dir(path: Path) -> None:
-    """fsync a directory: the names created in it survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _record_windows(db: sqlite3.Connection, windows: Sequence[WindowRow],
+                    seen: dict[str, tuple[float, int]]) -> None:
+    """Replay windows, each only forward, and the rows of the nodes `seen` (node → last
+    seen, frames taken): their window with the highest sequence, of any key."""
+    # a window only moves forward (WHERE): one made fresh in memory while the store held
+    # this key's can never write over it
+    db.executemany(
+        "INSERT INTO windows VALUES (?, ?, ?, ?) ON CONFLICT(node, key_id) DO UPDATE"
+        " SET high=excluded.high, window=excluded.window WHERE excluded.high >= windows.high",
+        [(node, key, high, _to_sql(bits)) for node, key, high, bits in windows])
+    best: dict[str, WindowRow] = {}
+    for w in windows:
+        if w[0] not in best or w[2] > best[w[0]][2]:
+            best[w[0]] = w
+    # (SET reads the row as it was: every CASE compares with the old high)
+    db.executemany(
+        "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
+        " last_seen=excluded.last_seen, frames=frames + excluded.frames,"
+        " window=CASE WHEN excluded.high >= high THEN excluded.window ELSE window END,"
+        " key_id=CASE WHEN excluded.high >= high THEN excluded.key_id ELSE key_id END,"
+        " high=max(high, excluded.high)",
+        [(node, best[node][2], _to_sql(best[node][3]), last, n, best[node][1] or None)
+         for node, (last, n) in seen.items() if node in best])
 
 
 def _to_sql(bits: int) -> int:
@@ -143,6 +173,10 @@ class Store:
         # module's DELIVER_EVERY_S
         self.deliver_every_s: float | None = None
         self._collided: list[tuple[str, int, str, str]] = []  # reports of the last commit
+        self.tail = Tail()  # frames on the intake log, not yet in SQLite
+        self._log: IntakeLog | None = None  # opened when there is one, else at first use
+        self._tail_since = 0.0
+        self._next_id = 0  # the next frame id the intake log gives (0: read it from SQLite)
 
     async def __aenter__(self) -> Store:
         await self._run(self._open)
@@ -181,11 +215,38 @@ class Store:
                 # database file: without this, a power cut could take the file's name away
                 # with every frame acknowledged in it (the WAL alone is no database)
                 for d in {self.path.parent, *(p.parent for p in made)}:
-                    _sync_dir(d)
+                    sync_dir(d)
         except BaseException:
             db.close()
             raise
         self._db = db
+        log_path = self.path.with_name(self.path.name + INTAKE_SUFFIX)
+        if log_path.exists():
+            try:
+                self._replay(log_path)
+            except BaseException:
+                self._db = None
+                db.close()
+                raise
+
+    def _replay(self, path: Path) -> None:
+        """Frames a power cut or crash left on the intake log go into SQLite before anything
+        reads the queue (the same frames again are ignored, as at intake)."""
+        self._log = IntakeLog(path, sync=SYNCHRONOUS != "OFF")
+        try:
+            records = self._log.open()
+        except OSError as e:
+            raise ConfigError(str(e)) from None
+        except (ValueError, TypeError) as e:  # (a record with a good CRC that is not ours)
+            raise ConfigError(f"{path}: unreadable intake log ({e}); move it away only once "
+                              "you know what wrote it: it may hold acknowledged frames") from None
+        for rows, windows in records:
+            self.tail.add(rows, windows)
+        if records:
+            n = len(self.tail)
+            self._flush_tail()
+            log.info("store %s: %d frames of the intake log recorded (the gateway stopped "
+                     "before it recorded them itself)", self.path, n)
 
     def _check_schema(self, db: sqlite3.Connection) -> None:
         check_layout(self.path, db)
@@ -195,13 +256,16 @@ class Store:
             try:
                 self._settle(now=True)
             except sqlite3.Error as e:  # (disk full): those batches are sent again next time
-                log.warning("store %s: deliveries not recorded at close (%s)", self.path, e)
+                log.warning("store %s: deliveries not recorded at close (%s); the intake "
+                            "log keeps its frames", self.path, e)
             try:
                 self.out.write_history(force=True)
             except sqlite3.Error as e:  # (disk full): the frames are resolved again next time
                 log.warning("store %s: history not saved at close (%s)", self.path, e)
             self._db.close()
             self._db = None
+        if self._log is not None:
+            self._log.close()
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -268,6 +332,13 @@ class Store:
         await self._run(self._commit, frames, windows)
 
     def _commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> None:
+        if self._use_log() and self._log_commit(frames, windows):
+            return
+        # SQLite holds the tail before anything is inserted after it (ids ascend): the
+        # round ends here
+        if self.tail.rows or self.tail.high:
+            self._settle(now=True)
+        self._next_id = 0
         now = time.time()
         self._collided = []
         self.cap.make_room(self.db)  # before inserting, so freed pages are reused, not added
@@ -295,23 +366,9 @@ class Store:
                 db.executemany("INSERT INTO dead_letters (node, seq, reason, received_at, kind,"
                                " body) VALUES (?, ?, ?, ?, ?, ?)", dead)
                 self.cap.trim_dead(db)  # their own bound: never the room of other frames
-            # a window only moves forward (WHERE): one made fresh in memory while the store
-            # held this key's can never write over it
-            db.executemany(
-                "INSERT INTO windows VALUES (?, ?, ?, ?) ON CONFLICT(node, key_id) DO UPDATE"
-                " SET high=excluded.high, window=excluded.window"
-                " WHERE excluded.high >= windows.high",
-                [(node, windows[node].key, windows[node].high, _to_sql(windows[node].bits))
-                 for node in touched])
-            # (SET reads the row as it was: every CASE compares with the old high)
-            db.executemany(
-                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node) DO UPDATE SET"
-                " last_seen=excluded.last_seen, frames=frames + excluded.frames,"
-                " window=CASE WHEN excluded.high >= high THEN excluded.window ELSE window END,"
-                " key_id=CASE WHEN excluded.high >= high THEN excluded.key_id ELSE key_id END,"
-                " high=max(high, excluded.high)",
-                [(node, windows[node].high, _to_sql(windows[node].bits), now, n,
-                  windows[node].key or None) for node, n in touched.items()])
+            _record_windows(db, [(node, windows[node].key, windows[node].high,
+                                  windows[node].bits) for node in touched],
+                            {node: (now, n) for node, n in touched.items()})
 
         self.transaction(work)
         self.out.reports.extend(self._collided)
@@ -326,6 +383,91 @@ class Store:
         except sqlite3.Error as e:
             log.warning("store %s: frames committed, but recording deliveries or making room "
                         "after them failed (%s); tried again after the next commit", self.path, e)
+
+    def _use_log(self) -> bool:
+        return (INTAKE_LOG and self._deliver_every > 0 and len(self.tail) < TAIL_HARD
+                and not (self.cap.max_bytes and self.cap.live_bytes + self.tail.bytes
+                         > self.cap.low))
+
+    def _log_commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> bool:
+        """The group on the intake log (synced) and in the tail; False if it must go into
+        SQLite instead: a dead letter, or a frame the queue already holds (the same frame
+        again, or a collision), which only SQLite's rules settle."""
+        db = self.db
+        now = time.time()
+        if not self._next_id:
+            self._next_id = 1 + max(
+                db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence"
+                           " WHERE name = 'frames'").fetchone()[0],
+                db.execute("SELECT coalesce(max(last_id), 0) FROM sink_cursors").fetchone()[0],
+                db.execute("SELECT coalesce(max(id), 0) FROM frames").fetchone()[0],
+                self.tail.high)
+        rows: list[Row] = []
+        seen: set[tuple[str, int]] = set()
+        for f in frames:
+            key = (f.node, f.seq)
+            if (key in seen or key in self.tail.keys or (f.pack is None and f.records is None)
+                    or db.execute("SELECT 1 FROM frames WHERE node = ? AND seq = ?",
+                                  key).fetchone() is not None):
+                return False
+            seen.add(key)
+            if f.pack is not None:
+                fmt, body = PACK, f.pack
+            else:
+                fmt, body = RECORDS, dumps(f.records)[1:-1].encode()
+            rows.append((self._next_id + len(rows), f.node, f.seq, now, f.readings, fmt, body))
+        wrows: list[WindowRow] = [(node, windows[node].key, windows[node].high,
+                                   windows[node].bits) for node in {f.node for f in frames}]
+        if self._log is None:
+            self._log = IntakeLog(self.path.with_name(self.path.name + INTAKE_SUFFIX),
+                                  sync=SYNCHRONOUS != "OFF")
+        try:
+            if self._log.epoch == 0:
+                self._log.open()
+            self._log.append(rows, wrows)
+        except OSError as e:  # (disk full, I/O error): as a failed SQLite commit is told
+            raise sqlite3.OperationalError(f"intake log {self._log.path}: "
+                                           f"{e.strerror or e}") from e
+        if not self.tail.rows:
+            self._tail_since = time.monotonic()
+        self.tail.add(rows, wrows)
+        self._next_id += len(rows)
+        # committed whatever happens next: a failure must not look like a failed commit
+        try:
+            self._settle()
+        except sqlite3.Error as e:
+            log.warning("store %s: frames committed to the intake log, but recording the "
+                        "round in the queue failed (%s); tried again after the next commit",
+                        self.path, e)
+        return True
+
+    def _flush_tail(self) -> None:
+        """The tail into SQLite in one transaction (synced), then the log starts over."""
+        tail = self.tail
+        if self._log is None or not (tail.rows or tail.windows or tail.high):
+            return
+        rows = list(tail.rows.values())
+        windows = [(node, key, high, bits) for (node, key), (high, bits) in tail.windows.items()]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR IGNORE INTO frames (id, node, seq, received_at, readings,"
+                           " format, body) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            # ids given to frames that left before SQLite saw them: never given again
+            if tail.high and not db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?)"
+                                            " WHERE name = 'frames'", (tail.high,)).rowcount:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('frames', ?)",
+                               (tail.high,))
+            _record_windows(db, windows, tail.seen)
+
+        self.transaction(work)
+        tail.clear()
+        try:
+            self._log.restart()
+        except OSError as e:  # its records are in SQLite now: read again, they change nothing
+            log.warning("store %s: the intake log could not start over (%s)", self.path, e)
+        # the round's pages into the database now, while they are few (and in the figure
+        # bench/disk_wear.py measures), not at SQLite's 1000th WAL page
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _collisions(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]
                     ) -> list[tuple[Any, ...]]:
@@ -388,10 +530,22 @@ class Store:
                      or bool(self.cap.max_bytes and self.cap.live_bytes > self.cap.low))
 
     def _settle(self, now: bool = False) -> None:
-        """Record the deliveries owed, if deliver_every_s has passed (now: whatever the time)."""
-        if not self._owed or not (now or time.monotonic() - self._owed_since
-                                  >= self._deliver_every):
+        """End the round if deliver_every_s has passed since it began (now: whatever the
+        time): record the deliveries owed, then the tail into SQLite (the frames every sink
+        has by then are left out: they only enter the history)."""
+        tail = self.tail.rows or self.tail.high
+        if not (self._owed or tail):
             return
+        since = min(t for t, busy in ((self._owed_since, self._owed), (self._tail_since, tail))
+                    if busy)
+        if not (now or time.monotonic() - since >= self._deliver_every
+                or len(self.tail) >= TAIL_MAX
+                or (self._log is not None and self._log.appended >= LOG_MAX)):
+            return
+        self._record_owed()
+        self._flush_tail()
+
+    def _record_owed(self) -> None:
         for sink in list(self._owed):
             batch, sinks, folded = self._owed[sink]
             self.out.delivered_to(sink, batch, sinks)
@@ -423,8 +577,9 @@ class Store:
         oldest = self.db.execute(
             "SELECT received_at FROM frames WHERE id > ? ORDER BY id LIMIT 1",
             (floor,)).fetchone()
-        oldest = oldest[0] if oldest else None
-        return int(n), (time.time() - oldest) if oldest is not None else None
+        tail_n, _, tail_oldest = self.tail.waiting(floor)
+        oldest = oldest[0] if oldest else tail_oldest  # (the tail is newer than SQLite's)
+        return int(n) + tail_n, (time.time() - oldest) if oldest is not None else None
 
     # ---- read-only views for the local API (history.py holds the SQL of the recent table)
 
@@ -444,11 +599,18 @@ class Store:
     def _overview(self) -> dict[str, Any]:
         self.out.history_now()
         db = self.db
+        floor = self._floor()
         n, size = db.execute("SELECT coalesce(sum(readings), 0), coalesce(sum(length(body)), 0)"
-                             " FROM frames WHERE id > ?", (self._floor(),)).fetchone()
+                             " FROM frames WHERE id > ?", (floor,)).fetchone()
+        tail_n, tail_size, _ = self.tail.waiting(floor)
+        n, size = n + tail_n, size + tail_size
         _, oldest = self._depth()
         nodes = {node: {"last_seen": last, "frames": frames} for node, last, frames in
                  db.execute("SELECT node, last_seen, frames FROM nodes")}
+        for node, (last, taken) in self.tail.seen.items():  # (this round's: not in SQLite yet)
+            had = nodes.get(node, {"last_seen": last, "frames": 0})
+            nodes[node] = {"last_seen": max(had["last_seen"], last),
+                           "frames": had["frames"] + taken}
         return {"queue_readings": n, "queue_bytes": size, "oldest_age_s": oldest,
                 "nodes": nodes, "latest": self.history.latest(),
                 "intervals": {node: typical_interval(self.history.last_times(db, node))

@@ -17,6 +17,7 @@ from lantern.agent import ingest as ingest_mod
 from lantern.agent import protocol
 from lantern.agent.ingest import Ingest
 from lantern.agent.metrics import Metrics
+from lantern.agent.queue import intake
 from lantern.agent.queue import store as store_mod
 from lantern.agent.queue.store import Accepted, Store, Window
 
@@ -50,6 +51,10 @@ def rows(path: Path) -> int:
         return int(con.execute("SELECT count(*) FROM frames").fetchone()[0])
     finally:
         con.close()
+
+
+def log_path(queue: Path) -> Path:
+    return queue.with_name(queue.name + intake.SUFFIX)
 
 
 @pytest.fixture
@@ -130,12 +135,20 @@ async def test_deliveries_are_recorded_together_and_count_as_delivered_meanwhile
         second = await store.next_batch(2, first.last_id)
         assert second is not None
         await store.delivered_to("http", second, ["http"])
-        assert rows(path) == 4  # nothing recorded yet: one transaction later, for both
-        assert (await store.depth())[0] == 0  # but none of them is waiting
+        # nothing recorded in SQLite yet: the frames are on the intake log, and the round's
+        # end records both deliveries in one transaction
+        assert rows(path) == 0
+        assert [r[2] for rs, _ in intake.read(log_path(path)) for r in rs] == [1, 2, 3, 4]
+        assert (await store.depth())[0] == 0  # and none of them is waiting
         assert await store.cursor("http") == 0
         assert len(store.cap.leases) == 2  # both batches stay out of eviction's reach
     # closing records what was owed (nothing is sent again after a clean stop), and both
-    # leases end with it
-    assert not store.cap.leases
+    # leases end with it; the frames every sink had never entered the frames table, and
+    # their ids are never given again
+    assert not store.cap.leases and intake.read(log_path(path)) == []
     async with Store(path) as again:
         assert rows(path) == 0 and await again.cursor("http") == second.last_id
+        await again.commit([Accepted("SL-0001", 5, b"", None, pack=frames[0].pack, n=1)],
+                           {"SL-0001": w})
+        batch = await again.next_batch(10, second.last_id)
+        assert batch is not None and batch.first_id == second.last_id + 1

@@ -17,7 +17,15 @@ import pytest
 from lantern.agent import protocol
 from lantern.agent.errors import ConfigError
 from lantern.agent.queue import resolve as resolved
-from lantern.agent.queue.history import JSON_ROW, PACK_ROW, History, row_records
+from lantern.agent.queue.history import (
+    JSON_ROW,
+    PACK_ROW,
+    PACK_Z_ROW,
+    History,
+    deflate,
+    inflate,
+    row_records,
+)
 from lantern.agent.queue.layout import SCHEMA_VERSION
 from lantern.agent.queue.store import Accepted, Store, Window
 
@@ -182,7 +190,7 @@ async def test_an_older_sample_does_not_replace_a_newer_value(store: Store) -> N
     assert latest["m0"]["t"] == BT + 5 and latest["m0"]["v"] == 25.5
 
 
-def test_a_one_sample_frame_is_kept_as_its_pack_others_as_compact_json() -> None:
+def test_a_one_sample_frame_is_kept_as_its_pack_deflated_others_as_compact_json() -> None:
     recs = expected(7)
     h = History()
     h.add(1, NODE, 100.0, recs, pack_bytes(7))
@@ -192,11 +200,26 @@ def test_a_one_sample_frame_is_kept_as_its_pack_others_as_compact_json() -> None
     h.add(3, NODE, 100.0, recs, None)  # records the gateway made (no pack)
     short = [{"n": f"m{i}", "u": "Cel", "v": 27.5 + i} for i in range(3)]
     assert [(t, fmt) for _, t, _, fmt, _ in h._pending] == [
-        (BT + 7, PACK_ROW), (BT + 7, JSON_ROW), (BT + 8, JSON_ROW), (BT + 7, JSON_ROW)]
-    assert h._pending[0][4] == pack_bytes(7)
+        (BT + 7, PACK_Z_ROW), (BT + 7, JSON_ROW), (BT + 8, JSON_ROW), (BT + 7, JSON_ROW)]
+    assert inflate(h._pending[0][4]) == pack_bytes(7)  # the pack, deflated with ZDICT
     assert [row_records(NODE, fmt, body) for _, _, _, fmt, body in h._pending] == [
         short, short[:2], short[2:], short]
     assert h.upto == 3
+
+
+def test_a_pack_row_of_an_earlier_gateway_still_reads_and_a_bad_deflated_row_is_refused(
+        caplog: pytest.LogCaptureFixture) -> None:
+    short = [{"n": f"m{i}", "u": "Cel", "v": 27.5 + i} for i in range(3)]
+    assert row_records(NODE, PACK_ROW, pack_bytes(7)) == short  # (format 0, before issue 22)
+    assert row_records(NODE, PACK_Z_ROW, deflate(pack_bytes(7))) == short
+    h = History()
+    bomb = deflate(bytes(64 << 10))  # inflates past any frame: never allocated whole
+    for bad in (b"\x00not deflate", deflate(pack_bytes(7))[:-3], bomb):
+        with pytest.raises(ValueError):
+            inflate(bad)
+        assert h._records(NODE, PACK_Z_ROW, bad) == []  # left out, never a traceback
+    assert h._unreadable == 3
+    assert caplog.text.count("no longer resolves") == 1  # logged once
 
 
 async def test_a_name_that_is_only_the_prefix_keeps_its_whole_name(store: Store) -> None:

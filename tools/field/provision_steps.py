@@ -19,6 +19,7 @@ from typing import Any
 
 import lantern
 from lantern.agent.configfile import toml_string
+from lantern.agent.queue import intake
 from lantern.agent.queue.layout import (
     QUEUE_FILE as QUEUE_FILE,  # the gateway queue, read by provision
 )
@@ -221,7 +222,11 @@ def gateway_mark(queue: Path, node_id: str) -> GatewayMark:
             for table in ("frames", "dead_letters"):
                 highs += db.execute(f"SELECT max(seq) FROM {table} WHERE node = ?",
                                     (node_id,)).fetchone()
-    except sqlite3.Error as e:
+        # this round's frames, on the intake log until the gateway records them
+        for rows, windows in intake.read(queue.with_name(queue.name + intake.SUFFIX)):
+            highs += [r[2] for r in rows if r[1] == node_id]
+            highs += [w[2] for w in windows if w[0] == node_id]
+    except (sqlite3.Error, OSError, ValueError, TypeError) as e:
         raise ValueError(f"cannot read the gateway's queue {queue}: {e}") from None
     known = [int(h) for h in highs if h is not None]
     return GatewayMark(queue, max(known) if known else None, row[1] if row else None)
