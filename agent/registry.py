@@ -40,6 +40,9 @@ log = logging.getLogger("lantern.registry")
 REGISTRY_FILE = "registry.sqlite"
 SILENT_INTERVALS = 3  # no frame for this many sampling intervals: silent
 SEEN_WRITE_S = 900.0  # a node's last-seen time is written at most this often (SD-card wear)
+# a node seen for the first time (an installer waits for it to turn active): within this long,
+# together with the others first seen meanwhile
+FIRST_SEEN_WRITE_S = 60.0
 STATES = ("provisioned", "active", "silent", "revoked")
 
 _SCHEMA = """
@@ -182,6 +185,7 @@ class Registry:
         self._rotations: dict[str, Rotation] = {}
         self._groups: dict[str, Group] = {}
         self._written: dict[str, float] = {}  # node → last_seen last written
+        self._seen_write_at: float | None = None  # when last-seen times were last written
         self.refresh()
 
     def close(self) -> None:
@@ -466,12 +470,17 @@ class Registry:
                  and t > self._written.get(node, r.last_seen or 0.0)}
         # once one node's is due, every node's newer time goes in the same transaction: a
         # street's nodes, each due at its own moment, would otherwise cost one each
+        first = {node: t for node, t in newer.items()
+                 if node not in self._written and self._records[node].last_seen is None}
         if any(t - self._written.get(node, self._records[node].last_seen or 0.0) >= SEEN_WRITE_S
-               for node, t in newer.items()):
+               for node, t in newer.items() if node not in first) or (
+                first and (self._seen_write_at is None
+                           or time.monotonic() - self._seen_write_at >= FIRST_SEEN_WRITE_S)):
             for node, t in newer.items():
                 changes.append(("UPDATE nodes SET last_seen = max(coalesce(last_seen, 0), ?) "
                                 "WHERE id = ?", (t, node)))
                 self._written[node] = t
+            self._seen_write_at = time.monotonic()
         for node, fw in firmware.items():
             r = self._records.get(node)
             if r is not None and r.firmware != fw:

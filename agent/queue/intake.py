@@ -22,6 +22,7 @@ records of an earlier round.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -37,7 +38,7 @@ SUFFIX = "-intake"  # the log's name: the queue's, with this after it
 MAGIC = b"LNTINTK1"
 _HEAD = struct.Struct(">8sQI")  # magic, epoch, crc32(magic + epoch)
 _REC = struct.Struct(">IQI")  # payload length, epoch, crc32(epoch + payload)
-RECORD_MAX = 16 << 20  # a length above this is a torn or foreign record, never allocated
+RECORD_MAX = 1 << 20  # a length above this is a torn or foreign record, never allocated
 
 # a frame in the tail, as a frames row: id, node, seq, received_at, readings, format, body
 Row = tuple[int, str, int, float, int, int, bytes]
@@ -55,45 +56,63 @@ class IntakeLog:
         self._fd = -1
         self._end = _HEAD.size
         self.appended = 0  # bytes appended this round
+        # a new epoch's header may be on disk without its sync: appends under the old epoch
+        # would not be read back. Nothing is appended until a restart succeeds
+        self.broken = False
 
     def open(self) -> list[tuple[list[Row], list[WindowRow]]]:
-        """Open (creating it), and the records of the current round, in order."""
+        """Open (creating it), and the records of the current round, in order. OSError if it
+        cannot be read or written; ValueError if it is not an intake log of this store."""
         new = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            return self._open(new)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, new: bool) -> list[tuple[list[Row], list[WindowRow]]]:
         if new:
             self._write_head(1)
             sync_dir(self.path.parent)
             return []
-        data = _read_all(self._fd)
-        if len(data) < _HEAD.size:
+        size = os.fstat(self._fd).st_size
+        if size < _HEAD.size:
             # a log made but never written (power cut at creation): nothing was acknowledged
             self._write_head(1)
             return []
-        magic, epoch, crc = _HEAD.unpack_from(data)
-        if magic != MAGIC or crc != zlib.crc32(data[:16]):
-            raise OSError(f"{self.path}: not an intake log (bad header); move it away only "
-                          "once you know what wrote it: it may hold acknowledged frames")
+        epoch = _epoch(os.pread(self._fd, _HEAD.size, 0))
         self.epoch = epoch
         out = []
-        for payload, end in _records(data, epoch):
+        for payload, end in _records(self._fd, size, epoch):
             out.append(_decode(payload))
             self._end = end
         return out
 
     def append(self, frames: list[Row], windows: list[WindowRow]) -> None:
-        """One record, on disk before this returns (unless sync is off)."""
+        """One record, on disk before this returns (unless sync is off). OSError if not."""
+        if self.broken:
+            raise OSError(errno.EIO, "its last restart did not reach the disk")
         payload = cbor2.dumps([[list(f) for f in frames], [list(w) for w in windows]])
         crc = zlib.crc32(struct.pack(">Q", self.epoch) + payload)
         rec = _REC.pack(len(payload), self.epoch, crc) + payload
-        os.pwrite(self._fd, rec, self._end)
+        if os.pwrite(self._fd, rec, self._end) != len(rec):  # (the disk's last free block)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if self.sync:
             os.fdatasync(self._fd)
         self._end += len(rec)
         self.appended += len(rec)
 
-    def restart(self) -> None:
-        """Everything appended so far is recorded elsewhere: a new round, from the top."""
+    def restart(self, shrink: bool = False) -> None:
+        """Everything appended so far is recorded elsewhere: a new round, from the top.
+        shrink: the file gives its space back (under a disk cap), at the cost of recording
+        its size again as it grows; else it keeps it, and a sync after an append has no size
+        to record."""
+        self.broken = True
+        if shrink:
+            os.ftruncate(self._fd, _HEAD.size)
         self._write_head(self.epoch + 1)
+        self.broken = False
         self._end = _HEAD.size
         self.appended = 0
 
@@ -104,37 +123,36 @@ class IntakeLog:
 
     def _write_head(self, epoch: int) -> None:
         head = MAGIC + struct.pack(">Q", epoch)
-        os.pwrite(self._fd, head + struct.pack(">I", zlib.crc32(head)), 0)
+        data = head + struct.pack(">I", zlib.crc32(head))
+        if os.pwrite(self._fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if self.sync:
             os.fdatasync(self._fd)
         self.epoch = epoch
 
 
-def _records(data: bytes, epoch: int) -> Iterator[tuple[bytes, int]]:
+def _epoch(head: bytes) -> int:
+    if len(head) < _HEAD.size:
+        raise ValueError("not an intake log (short header)")
+    magic, epoch, crc = _HEAD.unpack_from(head)
+    if magic != MAGIC or crc != zlib.crc32(head[:16]):
+        raise ValueError("not an intake log (bad header)")
+    return int(epoch)
+
+
+def _records(fd: int, size: int, epoch: int) -> Iterator[tuple[bytes, int]]:
+    """The round's records, read one at a time (never the whole file at once)."""
     at = _HEAD.size
-    while at + _REC.size <= len(data):
-        n, rec_epoch, crc = _REC.unpack_from(data, at)
+    while at + _REC.size <= size:
+        n, rec_epoch, crc = _REC.unpack_from(os.pread(fd, _REC.size, at))
         start, end = at + _REC.size, at + _REC.size + n
-        if n > RECORD_MAX or end > len(data) or rec_epoch != epoch:
+        if n > RECORD_MAX or end > size or rec_epoch != epoch:
             return
-        payload = data[start:end]
-        if zlib.crc32(struct.pack(">Q", epoch) + payload) != crc:
+        payload = os.pread(fd, n, start)
+        if len(payload) != n or zlib.crc32(struct.pack(">Q", epoch) + payload) != crc:
             return
         yield payload, end
         at = end
-
-
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks = []
-    at = 0
-    while at < size:
-        chunk = os.pread(fd, min(1 << 20, size - at), at)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        at += len(chunk)
-    return b"".join(chunks)
 
 
 def sync_dir(path: Path) -> None:
@@ -151,7 +169,7 @@ class Tail:
 
     def __init__(self) -> None:
         self.rows: dict[int, Row] = {}
-        self.keys: dict[tuple[str, int], int] = {}  # (node, seq) → id
+        self.keys: dict[tuple[str, int], int] = {}  # (node, seq) → id, of the whole round
         self.high = 0  # the highest id given out this round (recorded at the flush)
         self.windows: dict[tuple[str, bytes], tuple[int, int]] = {}  # newest, per (node, key)
         self.seen: dict[str, tuple[float, int]] = {}  # node → last seen, frames this round
@@ -183,11 +201,11 @@ class Tail:
         return out
 
     def drop(self, upto: int, first: int = 0) -> None:
-        """Forget frames first..upto (delivered, or buried as dead letters)."""
+        """Forget frames first..upto (delivered, or buried as dead letters). Their (node,
+        seq) stays known until the round ends: the log holds them, and a frame of the same
+        (node, seq) must not share a round with them (replay would keep only the first)."""
         for fid in [f for f in self.rows if first <= f <= upto]:
-            row = self.rows.pop(fid)
-            self.keys.pop((row[1], row[2]), None)
-            self.bytes -= len(row[6])
+            self.bytes -= len(self.rows.pop(fid)[6])
 
     def waiting(self, floor: int) -> tuple[int, int, float | None]:
         """Readings, bytes and the oldest receipt of the frames after `floor`."""
@@ -206,19 +224,52 @@ class Tail:
 
 def read(path: Path) -> list[tuple[list[Row], list[WindowRow]]]:
     """The current round's records of the log at `path`, read only ([] if there is none):
-    for a tool that looks into a gateway's queue (lantern provision)."""
+    for a tool that looks into a gateway's queue (lantern provision). ValueError if it is not
+    an intake log."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return []
-    if len(data) < _HEAD.size:
-        return []
-    magic, epoch, crc = _HEAD.unpack_from(data)
-    if magic != MAGIC or crc != zlib.crc32(data[:16]):
-        raise OSError(f"{path}: not an intake log (bad header)")
-    return [_decode(payload) for payload, _ in _records(data, epoch)]
+    try:
+        size = os.fstat(fd).st_size
+        if size < _HEAD.size:
+            return []
+        epoch = _epoch(os.pread(fd, _HEAD.size, 0))
+        return [_decode(payload) for payload, _ in _records(fd, size, epoch)]
+    finally:
+        os.close(fd)
 
 
 def _decode(payload: bytes) -> tuple[list[Row], list[WindowRow]]:
-    frames, windows = cbor2.loads(payload)
-    return [tuple(f) for f in frames], [tuple(w) for w in windows]
+    """A record's rows, each checked: ValueError if it is not one this store wrote."""
+    try:
+        frames, windows = cbor2.loads(payload)
+        rows = [_row(f) for f in frames]
+        wrows = [_window(w) for w in windows]
+    except (ValueError, TypeError, IndexError) as e:  # (CBORDecodeError is a ValueError)
+        raise ValueError(f"a record that is not one of this store's ({e})") from None
+    return rows, wrows
+
+
+def _int(x: object, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    if type(x) is not int or not lo <= x <= hi:
+        raise ValueError(f"{x!r} is not a whole number from {lo} to {hi}")
+    return x
+
+
+def _row(f: object) -> Row:
+    if not isinstance(f, list) or len(f) != 7:
+        raise ValueError("a frame row is a list of 7")
+    fid, node, seq, at, n, fmt, body = f
+    if not isinstance(node, str) or not isinstance(body, bytes) or type(at) not in (int, float):
+        raise ValueError("a frame row's node, time or body")
+    return (_int(fid, 1), node, _int(seq), float(at), _int(n), _int(fmt, 0, 1), body)
+
+
+def _window(w: object) -> WindowRow:
+    if not isinstance(w, list) or len(w) != 4:
+        raise ValueError("a window row is a list of 4")
+    node, key, high, bits = w
+    if not isinstance(node, str) or not isinstance(key, bytes):
+        raise ValueError("a window row's node or key")
+    return node, key, _int(high, -1), _int(bits, 0, (1 << 64) - 1)

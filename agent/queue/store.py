@@ -236,17 +236,27 @@ class Store:
         try:
             records = self._log.open()
         except OSError as e:
-            raise ConfigError(str(e)) from None
-        except (ValueError, TypeError) as e:  # (a record with a good CRC that is not ours)
-            raise ConfigError(f"{path}: unreadable intake log ({e}); move it away only once "
-                              "you know what wrote it: it may hold acknowledged frames") from None
+            raise ConfigError(f"intake log {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ConfigError(f"intake log {path}: {e}; move it away only once you know what "
+                              "wrote it: it may hold acknowledged frames") from None
+        if not records:
+            return
+        db = self.db
+        # a round the store recorded before it stopped (its ids are at most the sequence the
+        # flush left) is not taken again: not its frames, not their count
+        recorded = db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence"
+                              " WHERE name = 'frames'").fetchone()[0]
         for rows, windows in records:
-            self.tail.add(rows, windows)
-        if records:
-            n = len(self.tail)
-            self._flush_tail()
-            log.info("store %s: %d frames of the intake log recorded (the gateway stopped "
-                     "before it recorded them itself)", self.path, n)
+            self.tail.add([r for r in rows if r[0] > recorded], windows)
+        # frames every sink had (their deliveries recorded, the round not) do not wait again
+        cursors = [c for (c,) in db.execute("SELECT last_id FROM sink_cursors")]
+        if cursors:
+            self.tail.drop(min(cursors))
+        n = len(self.tail)
+        self._flush_tail()
+        log.info("store %s: %d frames of the intake log recorded (the gateway stopped "
+                 "before it recorded them itself)", self.path, n)
 
     def _check_schema(self, db: sqlite3.Connection) -> None:
         check_layout(self.path, db)
@@ -385,9 +395,17 @@ class Store:
                         "after them failed (%s); tried again after the next commit", self.path, e)
 
     def _use_log(self) -> bool:
-        return (INTAKE_LOG and self._deliver_every > 0 and len(self.tail) < TAIL_HARD
-                and not (self.cap.max_bytes and self.cap.live_bytes + self.tail.bytes
-                         > self.cap.low))
+        # under a disk cap the round's log counts: both hold the frames until it ends
+        logged = 0 if self._log is None else self._log.appended
+        if not (INTAKE_LOG and self._deliver_every > 0 and len(self.tail) < TAIL_HARD
+                and not (self.cap.max_bytes and self.cap.live_bytes + logged > self.cap.low)):
+            return False
+        if self._log is not None and self._log.broken:  # (its tail is in SQLite: empty)
+            try:
+                self._log.restart(shrink=bool(self.cap.max_bytes))
+            except OSError:
+                return False  # SQLite takes the frames meanwhile
+        return True
 
     def _log_commit(self, frames: Sequence[Accepted], windows: dict[str, Window]) -> bool:
         """The group on the intake log (synced) and in the tail; False if it must go into
@@ -462,12 +480,13 @@ class Store:
         self.transaction(work)
         tail.clear()
         try:
-            self._log.restart()
+            self._log.restart(shrink=bool(self.cap.max_bytes))
         except OSError as e:  # its records are in SQLite now: read again, they change nothing
             log.warning("store %s: the intake log could not start over (%s)", self.path, e)
         # the round's pages into the database now, while they are few (and in the figure
         # bench/disk_wear.py measures), not at SQLite's 1000th WAL page
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.cap.make_room(self.db)  # the queue grew by the round: the cap's rules, as ever
 
     def _collisions(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]
                     ) -> list[tuple[Any, ...]]:
