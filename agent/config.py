@@ -51,9 +51,9 @@ class QueueConfig:
     max_mb: float = 1024.0
     policy: str = "pause_intake"  # or "evict_oldest"
     # a group commit waits this long for the frames of other (slow) nodes (agent/ingest.py)
-    commit_window_ms: int = 8000
+    commit_window_ms: int = 9000
     # confirmed deliveries are recorded in the queue this often (agent/queue/store.py)
-    deliver_every_s: float = 300.0
+    deliver_every_s: float = 600.0
 
     @property
     def max_bytes(self) -> int:
@@ -252,12 +252,12 @@ def _queue(doc: Doc, d: dict[str, Any]) -> QueueConfig:
                                         "deliver_every_s"), {})
     return QueueConfig(
         commit_window_ms=doc.get(
-            q, "commit_window_ms", "queue.commit_window_ms", int, 8000,
+            q, "commit_window_ms", "queue.commit_window_ms", int, 9000,
             lambda v: None if 0 <= v <= COMMIT_WINDOW_MAX_MS
             else f"must be 0..{COMMIT_WINDOW_MAX_MS} (milliseconds; 0: commit every frame at "
                  f"once), got {v}"),
         deliver_every_s=float(doc.get(
-            q, "deliver_every_s", "queue.deliver_every_s", (int, float), 300.0,
+            q, "deliver_every_s", "queue.deliver_every_s", (int, float), 600.0,
             lambda v: None if 0 <= v <= DELIVER_EVERY_MAX_S
             else f"must be 0..{DELIVER_EVERY_MAX_S} (seconds; 0: record each delivery at "
                  f"once), got {v}")),

@@ -39,7 +39,9 @@ log = logging.getLogger("lantern.registry")
 
 REGISTRY_FILE = "registry.sqlite"
 SILENT_INTERVALS = 3  # no frame for this many sampling intervals: silent
-SEEN_WRITE_S = 900.0  # a node's last-seen time is written at most this often (SD-card wear)
+# a node's last-seen time is written at most this often (SD-card wear); the gateway's own
+# view is always the newest (Registry.live), this is what another process or a restart reads
+SEEN_WRITE_S = 3600.0
 # a node seen for the first time (an installer waits for it to turn active): within this long,
 # together with the others first seen meanwhile
 FIRST_SEEN_WRITE_S = 60.0

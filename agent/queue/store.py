@@ -66,6 +66,8 @@ INTAKE_LOG = True
 TAIL_MAX = 512
 LOG_MAX = 1 << 20
 TAIL_HARD = 4 * TAIL_MAX
+# under a disk cap smaller than this the log gives its space back at each round's end
+LOG_SHRINK_BELOW = 64 * LOG_MAX
 
 
 @dataclass
@@ -394,6 +396,10 @@ class Store:
             log.warning("store %s: frames committed, but recording deliveries or making room "
                         "after them failed (%s); tried again after the next commit", self.path, e)
 
+    @property
+    def _shrink(self) -> bool:
+        return 0 < self.cap.max_bytes < LOG_SHRINK_BELOW
+
     def _use_log(self) -> bool:
         # under a disk cap the round's log counts: both hold the frames until it ends
         logged = 0 if self._log is None else self._log.appended
@@ -402,7 +408,7 @@ class Store:
             return False
         if self._log is not None and self._log.broken:  # (its tail is in SQLite: empty)
             try:
-                self._log.restart(shrink=bool(self.cap.max_bytes))
+                self._log.restart(shrink=self._shrink)
             except OSError:
                 return False  # SQLite takes the frames meanwhile
         return True
@@ -480,7 +486,7 @@ class Store:
         self.transaction(work)
         tail.clear()
         try:
-            self._log.restart(shrink=bool(self.cap.max_bytes))
+            self._log.restart(shrink=self._shrink)
         except OSError as e:  # its records are in SQLite now: read again, they change nothing
             log.warning("store %s: the intake log could not start over (%s)", self.path, e)
         # the round's pages into the database now, while they are few (and in the figure

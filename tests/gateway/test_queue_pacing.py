@@ -75,7 +75,7 @@ def rows(path: Path) -> set[tuple[str, int]]:
 def test_the_defaults_pace_the_writes(tmp_path: Path) -> None:
     (tmp_path / "gateway.toml").write_text(BASE)
     q = load_config(tmp_path / "gateway.toml").queue
-    assert (q.commit_window_ms, q.deliver_every_s) == (8000, 300.0)
+    assert (q.commit_window_ms, q.deliver_every_s) == (9000, 600.0)
 
 
 def test_both_keys_are_read(tmp_path: Path) -> None:
