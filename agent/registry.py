@@ -42,9 +42,6 @@ SILENT_INTERVALS = 3  # no frame for this many sampling intervals: silent
 # a node's last-seen time is written at most this often (SD-card wear); the gateway's own
 # view is always the newest (Registry.live), this is what another process or a restart reads
 SEEN_WRITE_S = 3600.0
-# a node seen for the first time (an installer waits for it to turn active): within this long,
-# together with the others first seen meanwhile
-FIRST_SEEN_WRITE_S = 60.0
 STATES = ("provisioned", "active", "silent", "revoked")
 
 _SCHEMA = """
@@ -187,7 +184,6 @@ class Registry:
         self._rotations: dict[str, Rotation] = {}
         self._groups: dict[str, Group] = {}
         self._written: dict[str, float] = {}  # node → last_seen last written
-        self._seen_write_at: float | None = None  # when last-seen times were last written
         self.refresh()
 
     def close(self) -> None:
@@ -465,24 +461,21 @@ class Registry:
                 meta: Mapping[str, tuple[str, float | None, float | None, float]] = {}
                 ) -> None:
         """What the gateway learnt: frames taken (last seen, written at most every
-        SEEN_WRITE_S, every node's together), firmware versions, and the [nodes] table's
-        place and interval (pole, lat, lon, interval_s) where the config sets them."""
+        SEEN_WRITE_S, every node's together; a new node's at once), firmware versions, and
+        the [nodes] table's place and interval (pole, lat, lon, interval_s) where the config
+        sets them."""
         changes: list[tuple[str, tuple[object, ...]]] = []
         newer = {node: t for node, t in seen.items() if (r := self._records.get(node)) is not None
                  and t > self._written.get(node, r.last_seen or 0.0)}
         # once one node's is due, every node's newer time goes in the same transaction: a
-        # street's nodes, each due at its own moment, would otherwise cost one each
-        first = {node: t for node, t in newer.items()
-                 if node not in self._written and self._records[node].last_seen is None}
+        # street's nodes, each due at its own moment, would otherwise cost one each. A node
+        # never seen before is due at once (an installer waits for it to turn active)
         if any(t - self._written.get(node, self._records[node].last_seen or 0.0) >= SEEN_WRITE_S
-               for node, t in newer.items() if node not in first) or (
-                first and (self._seen_write_at is None
-                           or time.monotonic() - self._seen_write_at >= FIRST_SEEN_WRITE_S)):
+               for node, t in newer.items()):
             for node, t in newer.items():
                 changes.append(("UPDATE nodes SET last_seen = max(coalesce(last_seen, 0), ?) "
                                 "WHERE id = ?", (t, node)))
                 self._written[node] = t
-            self._seen_write_at = time.monotonic()
         for node, fw in firmware.items():
             r = self._records.get(node)
             if r is not None and r.firmware != fw:

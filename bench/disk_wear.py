@@ -102,7 +102,7 @@ PROFILES = {"before": BEFORE, "now": NOW, **LEVERS}
 # durations the gateway acts on that have no configuration: scaled by the compression
 # (whatever value the gateway has: its own, or the profile's)
 SCALED = {"lantern.agent.queue.history": ("TRIM_EVERY_S", "LATEST_EVERY_S"),
-          "lantern.agent.registry": ("SEEN_WRITE_S", "FIRST_SEEN_WRITE_S")}
+          "lantern.agent.registry": ("SEEN_WRITE_S",)}
 
 
 def queue_settings(profile: str) -> dict[str, float]:
