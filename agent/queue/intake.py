@@ -169,7 +169,7 @@ class Tail:
 
     def __init__(self) -> None:
         self.rows: dict[int, Row] = {}
-        self.keys: dict[tuple[str, int], int] = {}  # (node, seq) → id, of the whole round
+        self.keys: set[tuple[str, int]] = set()  # (node, seq) of the whole round
         self.high = 0  # the highest id given out this round (recorded at the flush)
         self.windows: dict[tuple[str, bytes], tuple[int, int]] = {}  # newest, per (node, key)
         self.seen: dict[str, tuple[float, int]] = {}  # node → last seen, frames this round
@@ -181,7 +181,7 @@ class Tail:
     def add(self, rows: list[Row], windows: list[WindowRow]) -> None:
         for r in rows:
             self.rows[r[0]] = r
-            self.keys[(r[1], r[2])] = r[0]
+            self.keys.add((r[1], r[2]))
             self.high = max(self.high, r[0])
             self.bytes += len(r[6])
             last, n = self.seen.get(r[1], (0.0, 0))
